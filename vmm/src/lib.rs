@@ -1,1 +1,13 @@
-//! See README.md.
+//! carapace-vmm: a small KVM virtual machine monitor for Carapace guests.
+//!
+//! See README.md for what this crate owns and the design choices.
+
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod exit;
+pub mod hostcheck;
+pub mod layout;
+pub mod memory;
+pub mod state;

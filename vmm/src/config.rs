@@ -1,0 +1,327 @@
+//! The VM description: loaded from JSON or TOML (file or stdin), merged with CLI flags,
+//! validated before anything is created.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest guest memory we accept: a minimal kernel plus initramfs needs more than this.
+pub const MIN_MEMORY_MIB: u32 = 32;
+/// Largest guest memory we accept (sanity bound, not a host capacity check).
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+/// Maximum number of vCPUs.
+pub const MAX_VCPUS: u8 = 64;
+/// Maximum number of virtio-mmio devices (bounded by free IOAPIC pins).
+pub const MAX_VIRTIO_DEVICES: usize = 16;
+
+/// Errors loading or validating a VM description.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The description file could not be read.
+    #[error("cannot read VM description {path}")]
+    Read {
+        /// File path (`-` for stdin).
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The description is not valid JSON.
+    #[error("VM description {path} is not valid JSON")]
+    Json {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The description is not valid TOML.
+    #[error("VM description {path} is not valid TOML")]
+    Toml {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A field has an invalid value.
+    #[error("invalid VM description: field `{field}`: {reason}")]
+    Invalid {
+        /// Field name.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file named by the description does not exist or cannot be accessed.
+    #[error("field `{field}`: cannot access {path}")]
+    Path {
+        /// Field name.
+        field: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the 8250 serial console output goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Discard guest console output (the port still works).
+    None,
+    /// Append to a file (created if missing).
+    File(PathBuf),
+    /// An inherited file descriptor.
+    Fd(i32),
+}
+
+/// Hybrid vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context id (>= 3).
+    #[serde(default = "default_cid")]
+    pub guest_cid: u64,
+    /// Host unix socket the VMM listens on (`CONNECT <port>\n`); guest-initiated connections
+    /// to port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+fn default_cid() -> u64 {
+    3
+}
+
+/// virtio-blk device backed by a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// Backing file (raw image).
+    pub path: PathBuf,
+    /// Expose the device read-only (VIRTIO_BLK_F_RO); the file is opened read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A complete VM description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest kernel: PVH ELF `vmlinux` (preferred) or `bzImage`.
+    pub kernel: PathBuf,
+    /// Optional initrd / initramfs.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended after the VMM's own arguments.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Serial console output.
+    #[serde(default)]
+    pub serial: SerialOutput,
+    /// Hybrid vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// virtio-blk devices.
+    #[serde(default)]
+    pub block: Vec<BlockConfig>,
+    /// Attach a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+    /// Control API unix socket.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// Seconds the API `shutdown` waits for the guest before forcing the VM off.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u32,
+}
+
+fn default_memory() -> u32 {
+    256
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_shutdown_timeout() -> u32 {
+    10
+}
+
+impl VmConfig {
+    /// A description with defaults for everything except the kernel.
+    pub fn with_kernel(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            memory_mib: default_memory(),
+            vcpus: default_vcpus(),
+            serial: SerialOutput::default(),
+            vsock: None,
+            block: Vec::new(),
+            rng: false,
+            api_socket: None,
+            shutdown_timeout_secs: default_shutdown_timeout(),
+        }
+    }
+
+    /// Parses a description; TOML when `path` ends in `.toml`, JSON otherwise; `path` is
+    /// only used for errors and to pick the format.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        if path.extension().is_some_and(|e| e == "toml") {
+            toml::from_str(text).map_err(|source| ConfigError::Toml {
+                path: path.to_owned(),
+                source,
+            })
+        } else {
+            serde_json::from_str(text).map_err(|source| ConfigError::Json {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    }
+
+    /// Reads a description from a file, or stdin when `path` is `-` (JSON, or TOML when the
+    /// text starts like TOML is not guessed: stdin is JSON unless `stdin_toml`).
+    pub fn load(path: &Path, stdin_toml: bool) -> Result<Self, ConfigError> {
+        let read_err = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        if path == Path::new("-") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(read_err)?;
+            let fake = if stdin_toml { "stdin.toml" } else { "stdin.json" };
+            Self::parse(&text, Path::new(fake))
+        } else {
+            let text = std::fs::read_to_string(path).map_err(read_err)?;
+            Self::parse(&text, path)
+        }
+    }
+
+    /// Checks values and that the named files exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return invalid(
+                "memory_mib",
+                format!(
+                    "{} MiB is too small; a Linux guest needs at least {MIN_MEMORY_MIB} MiB",
+                    self.memory_mib
+                ),
+            );
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return invalid(
+                "memory_mib",
+                format!("{} MiB exceeds the limit of {MAX_MEMORY_MIB} MiB", self.memory_mib),
+            );
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return invalid("vcpus", format!("{} is not in 1..={MAX_VCPUS}", self.vcpus));
+        }
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return invalid(
+                    "vsock.guest_cid",
+                    format!("{} is reserved or out of range (use 3..=2^32-1)", v.guest_cid),
+                );
+            }
+            if v.uds_path.as_os_str().is_empty() {
+                return invalid("vsock.uds_path", "must not be empty".into());
+            }
+        }
+        for b in &self.block {
+            check_file("block.path", &b.path)?;
+        }
+        let n = self.block.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        if n > MAX_VIRTIO_DEVICES {
+            return invalid(
+                "block",
+                format!("{n} virtio devices requested, at most {MAX_VIRTIO_DEVICES} are supported"),
+            );
+        }
+        if self.cmdline.contains('\0') {
+            return invalid("cmdline", "contains a NUL byte".into());
+        }
+        if let SerialOutput::Fd(fd) = self.serial
+            && fd < 0
+        {
+            return invalid("serial.fd", format!("{fd} is not a file descriptor"));
+        }
+        Ok(())
+    }
+}
+
+fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|source| ConfigError::Path {
+            field,
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_defaults_and_unknown_fields() {
+        let c = VmConfig::parse(r#"{"kernel":"/k"}"#, Path::new("x.json")).unwrap();
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.serial, SerialOutput::Stdout);
+        let e = VmConfig::parse(r#"{"kernel":"/k","bogus":1}"#, Path::new("x.json")).unwrap_err();
+        assert!(format!("{:?}", e).contains("bogus"), "{e:?}");
+    }
+
+    #[test]
+    fn toml_with_devices() {
+        let c = VmConfig::parse(
+            "kernel = \"/k\"\nserial = { file = \"/tmp/s\" }\nrng = true\n\
+             [vsock]\nuds_path = \"/tmp/v.sock\"\n[[block]]\npath = \"/d\"\nread_only = true\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
+        assert_eq!(c.vsock.unwrap().guest_cid, 3);
+        assert!(c.block[0].read_only);
+        assert!(c.rng);
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"x").unwrap();
+        let mut c = VmConfig::with_kernel(&k);
+        c.validate().unwrap();
+        c.memory_mib = 8;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("memory_mib") && e.contains("too small"), "{e}");
+        c.memory_mib = 128;
+        c.kernel = dir.path().join("missing");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("kernel") && e.contains("missing"), "{e}");
+        c.kernel = k;
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/tmp/x".into(),
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("guest_cid"));
+    }
+}
