@@ -42,3 +42,8 @@ if ! "$CARGO_BIN/virtiofsd" --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"
   echo "setup: installing virtiofsd $VIRTIOFSD_VERSION (cargo install, a few minutes)"
   cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION"
 fi
+
+# The KVM lab's kernel and initramfs (tests/lab/run), cached outside the clone.
+if ! ls "${LAB_CACHE:-/var/cache/carapace-lab}"/linux-image-*/ok >/dev/null 2>&1; then
+  bash "$(dirname "$0")/../tests/lab/run" --prepare
+fi
