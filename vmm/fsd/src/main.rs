@@ -1,2 +1,103 @@
-//! See README.md.
-fn main() {}
+//! carapace-fsd: virtio-fs vhost-user backend. See README.md.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use carapace_fsd::config::{CacheMode, FsConfig, SandboxMode};
+use carapace_fsd::daemon::{self, DaemonError, DaemonOptions};
+use clap::Parser;
+
+/// Serve one host directory to a VM over virtio-fs (vhost-user backend).
+///
+/// The daemon listens on --socket-path, serves one VMM connection, and exits when the VMM
+/// disconnects. By default it confines itself (own mount namespace with the shared dir
+/// as its root, seccomp allow-list, no_new_privs, capabilities reduced to file ownership
+/// ones), which needs root; use --sandbox none to run unprivileged.
+///
+/// Exit codes: 0 clean exit, 2 usage, 3 shared dir missing or not a directory,
+/// 4 permission denied, 5 socket error (in use, directory missing), 6 sandbox failure,
+/// 7 cannot open the shared dir for serving, 8 vhost-user failure.
+#[derive(Debug, Parser)]
+#[command(name = "carapace-fsd", version)]
+struct Args {
+    /// vhost-user UNIX socket to listen on (a stale one is replaced, a live one is an error).
+    #[arg(long, alias = "socket", value_name = "PATH")]
+    socket_path: PathBuf,
+
+    /// Directory to share with the guest.
+    #[arg(long, value_name = "DIR")]
+    shared_dir: PathBuf,
+
+    /// Guest caching: never (always ask the host), auto (1 s metadata), always (long-lived).
+    #[arg(long, value_enum, default_value = "auto")]
+    cache: CacheMode,
+
+    /// How the daemon confines itself.
+    #[arg(long, value_enum, default_value = "namespace")]
+    sandbox: SandboxMode,
+
+    /// Export read-only: every modification fails with EROFS.
+    #[arg(long)]
+    readonly: bool,
+
+    /// Worker threads for requests (0: handle requests on the queue thread).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    thread_pool_size: usize,
+
+    /// Log level: error, warn, info, debug, trace or off (or a tracing filter directive).
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    log_level: String,
+
+    /// Disable extended attributes.
+    #[arg(long)]
+    no_xattr: bool,
+
+    /// Let the guest use a writeback cache (only with --cache auto or always).
+    #[arg(long)]
+    writeback: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("carapace-fsd: --log-level {:?}: {e}", args.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("carapace-fsd: error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprint!(": {s}");
+                src = s.source();
+            }
+            eprintln!();
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), DaemonError> {
+    let fs = FsConfig::new(
+        &args.shared_dir,
+        args.cache,
+        args.readonly,
+        !args.no_xattr,
+        args.writeback,
+        args.thread_pool_size,
+    )?;
+    daemon::run(&DaemonOptions {
+        socket_path: args.socket_path.clone(),
+        fs,
+        sandbox: args.sandbox,
+    })
+}

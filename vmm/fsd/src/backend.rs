@@ -1,0 +1,332 @@
+//! The vhost-user device: two virtqueues (hiprio + one request queue) whose descriptor
+//! chains carry FUSE requests, handed to fuse-backend-rs's protocol server.
+//!
+//! Guest memory is only ever referenced, never copied into daemon-owned buffers: requests
+//! are parsed in place (fuse-backend-rs's `Reader`/`VirtioFsWriter` over the chain) and
+//! the server refuses any request longer than its 1 MiB buffer limit. The worker pool (if
+//! any) takes chains through a channel bounded by the queue size, so nothing the guest
+//! sends grows daemon memory without bound.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+
+use fsd_fuse_backend_rs::api::filesystem::FileSystem;
+use fsd_fuse_backend_rs::api::server::Server;
+use fsd_fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use fsd_vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use fsd_vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use fsd_virtio_queue::{DescriptorChain, QueueOwnedT};
+use fsd_vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::epoll::EventSet;
+
+/// Guest memory as the vhost-user library hands it to us.
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+type Chain = DescriptorChain<MemGuard>;
+
+/// hiprio queue + one request queue, as QEMU's vhost-user-fs device and our VMM expect.
+pub const NUM_QUEUES: usize = 2;
+/// Largest queue the driver may configure.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Errors of the vhost-user device.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A queue event arrived before the frontend sent the memory table.
+    #[error("queue {queue}: event before guest memory was set")]
+    NoMemory {
+        /// Queue index.
+        queue: u16,
+    },
+    /// An event for a queue this device does not have.
+    #[error("event for unknown queue {queue}")]
+    UnknownQueue {
+        /// Queue index.
+        queue: u16,
+    },
+    /// Unexpected epoll event set.
+    #[error("queue {queue}: unexpected event set {events:?}")]
+    BadEvent {
+        /// Queue index.
+        queue: u16,
+        /// Event bits.
+        events: EventSet,
+    },
+    /// The available ring could not be read.
+    #[error("queue {queue}: cannot iterate the available ring")]
+    Queue {
+        /// Queue index.
+        queue: u16,
+        /// Underlying error.
+        #[source]
+        source: fsd_virtio_queue::Error,
+    },
+    /// The used ring could not be updated.
+    #[error("queue {queue}: cannot add descriptor {head} to the used ring")]
+    AddUsed {
+        /// Queue index.
+        queue: u16,
+        /// Descriptor head index.
+        head: u16,
+        /// Underlying error.
+        #[source]
+        source: fsd_virtio_queue::Error,
+    },
+    /// The guest could not be notified.
+    #[error("queue {queue}: cannot signal the guest")]
+    Signal {
+        /// Queue index.
+        queue: u16,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A worker thread could not be started.
+    #[error("cannot start request worker thread {index}")]
+    SpawnWorker {
+        /// Worker index.
+        index: usize,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<BackendError> for io::Error {
+    fn from(e: BackendError) -> Self {
+        io::Error::other(e)
+    }
+}
+
+struct Work {
+    queue: u16,
+    mem: MemGuard,
+    chain: Chain,
+    vring: VringRwLock<Mem>,
+}
+
+struct Shared<F: FileSystem + Send + Sync> {
+    server: Server<Arc<F>>,
+    event_idx: AtomicBool,
+}
+
+/// The virtio-fs vhost-user backend over a FUSE filesystem `F`.
+pub struct FsBackend<F: FileSystem + Send + Sync> {
+    shared: Arc<Shared<F>>,
+    mem: RwLock<Option<Mem>>,
+    pool: Option<SyncSender<Work>>,
+}
+
+impl<F: FileSystem + Send + Sync> std::fmt::Debug for FsBackend<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsBackend")
+            .field("pool", &self.pool.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
+    /// A backend serving `fs`; with `thread_pool_size > 0`, requests of the request queue
+    /// are handled by that many worker threads instead of the queue thread.
+    pub fn new(fs: Arc<F>, thread_pool_size: usize) -> Result<Self, BackendError> {
+        let shared = Arc::new(Shared {
+            server: Server::new(fs),
+            event_idx: AtomicBool::new(false),
+        });
+        let pool = if thread_pool_size > 0 {
+            let (tx, rx) = sync_channel::<Work>(MAX_QUEUE_SIZE);
+            let rx = Arc::new(Mutex::new(rx));
+            for index in 0..thread_pool_size {
+                let rx = Arc::clone(&rx);
+                let shared = Arc::clone(&shared);
+                thread::Builder::new()
+                    .name(format!("fsd-worker-{index}"))
+                    .spawn(move || worker(&shared, &rx))
+                    .map_err(|source| BackendError::SpawnWorker { index, source })?;
+            }
+            Some(tx)
+        } else {
+            None
+        };
+        Ok(FsBackend {
+            shared,
+            mem: RwLock::new(None),
+            pool,
+        })
+    }
+
+    fn process_queue(&self, queue: u16, vring: &VringRwLock<Mem>) -> Result<(), BackendError> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or(BackendError::NoMemory { queue })?
+            .memory();
+        let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(|source| BackendError::Queue { queue, source })?;
+            }
+            let chains: Vec<Chain> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(|source| BackendError::Queue { queue, source })?
+                .collect();
+            for chain in chains {
+                // The hiprio queue (FORGET, INTERRUPT) is always served inline.
+                match (&self.pool, queue) {
+                    (Some(tx), q) if q != 0 => {
+                        let work = Work {
+                            queue,
+                            mem: mem.clone(),
+                            chain,
+                            vring: vring.clone(),
+                        };
+                        if let Err(e) = tx.send(work) {
+                            // Workers are gone (cannot happen while self lives): serve inline.
+                            let w = e.0;
+                            self.shared
+                                .handle_chain(w.queue, &w.mem, w.chain, &w.vring)?;
+                        }
+                    }
+                    _ => self.shared.handle_chain(queue, &mem, chain, vring)?,
+                }
+            }
+            if !event_idx {
+                break;
+            }
+            if !vring
+                .enable_notification()
+                .map_err(|source| BackendError::Queue { queue, source })?
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn worker<F: FileSystem + Send + Sync>(shared: &Shared<F>, rx: &Mutex<Receiver<Work>>) {
+    loop {
+        let work = {
+            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+            guard.recv()
+        };
+        let Ok(work) = work else { return };
+        if let Err(e) = shared.handle_chain(work.queue, &work.mem, work.chain, &work.vring) {
+            tracing::error!(error = %e, "request worker failed");
+        }
+    }
+}
+
+impl<F: FileSystem + Send + Sync> Shared<F> {
+    fn handle_chain(
+        &self,
+        queue: u16,
+        mem: &MemGuard,
+        chain: Chain,
+        vring: &VringRwLock<Mem>,
+    ) -> Result<(), BackendError> {
+        let head = chain.head_index();
+        let len = match self.serve(mem, chain) {
+            Ok(n) => n,
+            Err(e) => {
+                // A malformed request gets an empty reply; the guest sees an I/O error.
+                tracing::warn!(queue, head, error = %e, "bad request from the guest");
+                0
+            }
+        };
+        vring
+            .add_used(head, u32::try_from(len).unwrap_or(u32::MAX))
+            .map_err(|source| BackendError::AddUsed {
+                queue,
+                head,
+                source,
+            })?;
+        let notify = vring
+            .needs_notification()
+            .map_err(|source| BackendError::Queue { queue, source })?;
+        if notify {
+            vring
+                .signal_used_queue()
+                .map_err(|source| BackendError::Signal { queue, source })?;
+        }
+        Ok(())
+    }
+
+    fn serve(&self, mem: &MemGuard, chain: Chain) -> Result<usize, String> {
+        let reader =
+            Reader::from_descriptor_chain(&**mem, chain.clone()).map_err(|e| e.to_string())?;
+        let writer = VirtioFsWriter::new(&**mem, chain).map_err(|e| e.to_string())?;
+        self.server
+            .handle_message(reader, writer.into(), None, None)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
+    type Bitmap = ();
+    type Vring = VringRwLock<Mem>;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.shared.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(BackendError::BadEvent {
+                queue: device_event,
+                events: evset,
+            }
+            .into());
+        }
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or(BackendError::UnknownQueue {
+                queue: device_event,
+            })?;
+        self.process_queue(device_event, vring)?;
+        Ok(())
+    }
+}
