@@ -1,1 +1,613 @@
-//! See README.md.
+//! Carapace's typed configuration.
+//!
+//! One TOML file, `/etc/carapace/configuration.toml` unless a flag or the `CARAPACE_CONFIG`
+//! environment variable names another. Every key has a default (the shipped
+//! `config/configuration.toml` documents them and is checked against [`Config::default`] by
+//! a test); unknown keys are rejected, and [`Config::validate`] names the offending key and
+//! file.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where the configuration is read from when nothing else is said.
+pub const DEFAULT_PATH: &str = "/etc/carapace/configuration.toml";
+/// Environment variable naming the configuration file.
+pub const ENV_VAR: &str = "CARAPACE_CONFIG";
+/// The shipped, documented default configuration.
+pub const SHIPPED: &str = include_str!("../configuration.toml");
+
+/// Smallest guest memory a sandbox can boot with (kernel, agent, one small container).
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Largest vCPU count the VMM supports.
+pub const MAX_VCPUS_LIMIT: u32 = 255;
+
+/// Errors from loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema (unknown key, wrong type).
+    #[error("invalid configuration file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line, column and key.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration in {origin}: {key}: {reason}")]
+    Invalid {
+        /// The file, or "built-in defaults".
+        origin: Origin,
+        /// The dotted key, e.g. `hypervisor.default_vcpus`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Where a configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A file.
+    File(PathBuf),
+    /// No file: the built-in defaults.
+    Defaults,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::Defaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The VMM, the guest image and sandbox sizing.
+    pub hypervisor: Hypervisor,
+    /// The virtio-fs daemon.
+    pub fs: Fs,
+    /// The guest agent.
+    pub agent: Agent,
+    /// Logging and the guest console.
+    pub debug: Debug,
+    /// Host-side state.
+    pub runtime: Runtime,
+}
+
+/// `[hypervisor]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hypervisor {
+    /// The VMM binary.
+    pub path: PathBuf,
+    /// Guest kernel (PVH vmlinux).
+    pub kernel: PathBuf,
+    /// Guest initramfs holding the agent.
+    pub initrd: PathBuf,
+    /// Extra guest kernel parameters.
+    pub kernel_params: String,
+    /// vCPUs before container limits.
+    pub default_vcpus: u32,
+    /// Memory (MiB) before container limits.
+    pub default_memory_mib: u32,
+    /// Upper bound on a sandbox's vCPUs.
+    pub max_vcpus: u32,
+    /// Upper bound on a sandbox's memory (MiB).
+    pub max_memory_mib: u32,
+}
+
+impl Default for Hypervisor {
+    fn default() -> Self {
+        Self {
+            path: "/usr/local/bin/carapace-vmm".into(),
+            kernel: "/var/lib/carapace/guest/vmlinux".into(),
+            initrd: "/var/lib/carapace/guest/initramfs.cpio.gz".into(),
+            kernel_params: String::new(),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 16384,
+        }
+    }
+}
+
+/// Which virtio-fs daemon serves the shared directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsDaemon {
+    /// Ours.
+    #[serde(rename = "carapace-fsd")]
+    CarapaceFsd,
+    /// The reference daemon from crates.io.
+    #[serde(rename = "virtiofsd")]
+    Virtiofsd,
+}
+
+/// Guest caching of shared files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// No caching: every access goes to the host.
+    Never,
+    /// Cache with timeouts (close-to-open consistency).
+    Auto,
+    /// Cache without expiry: only for data the host does not change.
+    Always,
+}
+
+impl CacheMode {
+    /// The value of the daemon's `--cache` flag.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            CacheMode::Never => "never",
+            CacheMode::Auto => "auto",
+            CacheMode::Always => "always",
+        }
+    }
+}
+
+/// `[fs]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fs {
+    /// Which daemon.
+    pub daemon: FsDaemon,
+    /// Its binary.
+    pub path: PathBuf,
+    /// Its cache mode.
+    pub cache: CacheMode,
+    /// Extra arguments.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Fs {
+    fn default() -> Self {
+        Self {
+            daemon: FsDaemon::CarapaceFsd,
+            path: "/usr/local/bin/carapace-fsd".into(),
+            cache: CacheMode::Auto,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Agent {
+    /// How long the agent may take to answer after the VMM starts (ms).
+    pub boot_timeout_ms: u64,
+    /// Deadline for one request (ms).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Self {
+            boot_timeout_ms: 30_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Log levels, as `tracing` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// And warnings.
+    Warn,
+    /// And progress.
+    Info,
+    /// And details.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The level's name, as accepted by `tracing`'s filters and our daemons' `--log-level`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// `[debug]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Debug {
+    /// Log level of every component.
+    pub log_level: LogLevel,
+    /// Keep the guest console in the sandbox's `console.log`.
+    pub console: bool,
+}
+
+impl Default for Debug {
+    fn default() -> Self {
+        Self {
+            log_level: LogLevel::Info,
+            console: false,
+        }
+    }
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Runtime {
+    /// Directory holding one state directory per sandbox.
+    pub state_dir: PathBuf,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            state_dir: "/run/carapace".into(),
+        }
+    }
+}
+
+/// A loaded, validated configuration and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// Its origin.
+    pub origin: Origin,
+}
+
+/// Which file to read: the flag's, else the environment variable's, else [`DEFAULT_PATH`].
+/// An explicitly named file must exist; the default file may be absent (then the built-in
+/// defaults apply).
+pub fn locate(flag: Option<&Path>, env: Option<&Path>) -> (PathBuf, bool) {
+    match flag.or(env) {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_PATH), false),
+    }
+}
+
+/// Loads and validates the configuration (see [`locate`] for which file).
+pub fn load(flag: Option<&Path>, env: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let (path, explicit) = locate(flag, env);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let config = Config::parse(&text, &path)?;
+            config.validate(&Origin::File(path.clone()))?;
+            Ok(Loaded {
+                config,
+                origin: Origin::File(path),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            let config = Config::default();
+            config.validate(&Origin::Defaults)?;
+            Ok(Loaded {
+                config,
+                origin: Origin::Defaults,
+            })
+        }
+        Err(source) => Err(ConfigError::Read { path, source }),
+    }
+}
+
+impl Config {
+    /// Parses TOML text read from `path` (named in errors). Does not validate.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Checks ranges and consistency; the error names the key and the origin.
+    pub fn validate(&self, origin: &Origin) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            origin: origin.clone(),
+            key,
+            reason,
+        };
+        let h = &self.hypervisor;
+        for (key, path) in [
+            ("hypervisor.path", &h.path),
+            ("hypervisor.kernel", &h.kernel),
+            ("hypervisor.initrd", &h.initrd),
+            ("fs.path", &self.fs.path),
+            ("runtime.state_dir", &self.runtime.state_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be an absolute path, got {:?}",
+                        path.display().to_string()
+                    ),
+                ));
+            }
+        }
+        if h.max_vcpus == 0 || h.max_vcpus > MAX_VCPUS_LIMIT {
+            return Err(invalid(
+                "hypervisor.max_vcpus",
+                format!(
+                    "must be between 1 and {MAX_VCPUS_LIMIT}, got {}",
+                    h.max_vcpus
+                ),
+            ));
+        }
+        if h.default_vcpus == 0 || h.default_vcpus > h.max_vcpus {
+            return Err(invalid(
+                "hypervisor.default_vcpus",
+                format!(
+                    "must be between 1 and hypervisor.max_vcpus ({}), got {}",
+                    h.max_vcpus, h.default_vcpus
+                ),
+            ));
+        }
+        if h.default_memory_mib < MIN_MEMORY_MIB {
+            return Err(invalid(
+                "hypervisor.default_memory_mib",
+                format!(
+                    "must be at least {MIN_MEMORY_MIB} MiB, got {}",
+                    h.default_memory_mib
+                ),
+            ));
+        }
+        if h.max_memory_mib < h.default_memory_mib {
+            return Err(invalid(
+                "hypervisor.max_memory_mib",
+                format!(
+                    "must be at least hypervisor.default_memory_mib ({}), got {}",
+                    h.default_memory_mib, h.max_memory_mib
+                ),
+            ));
+        }
+        if h.kernel_params.contains('\n') {
+            return Err(invalid(
+                "hypervisor.kernel_params",
+                "must be a single line".into(),
+            ));
+        }
+        for (key, ms) in [
+            ("agent.boot_timeout_ms", self.agent.boot_timeout_ms),
+            ("agent.request_timeout_ms", self.agent.request_timeout_ms),
+        ] {
+            if ms == 0 || ms > 600_000 {
+                return Err(invalid(
+                    key,
+                    format!("must be between 1 and 600000 ms, got {ms}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The size of a sandbox VM holding containers with these limits: the defaults plus
+    /// the containers' CPU quotas (rounded up to whole vCPUs) and memory limits, capped by
+    /// the configured maxima.
+    pub fn vm_resources(&self, limits: &[ContainerLimits]) -> VmResources {
+        let h = &self.hypervisor;
+        let mut millicpus: u64 = 0;
+        let mut memory_bytes: u64 = 0;
+        for l in limits {
+            if let (Some(quota), Some(period)) = (l.cpu_quota_us, l.cpu_period_us) {
+                if quota > 0 && period > 0 {
+                    millicpus += (quota as u64).saturating_mul(1000) / period;
+                }
+            }
+            if let Some(mem) = l.memory_limit_bytes {
+                if mem > 0 {
+                    memory_bytes = memory_bytes.saturating_add(mem as u64);
+                }
+            }
+        }
+        let extra_vcpus = u32::try_from(millicpus.div_ceil(1000)).unwrap_or(u32::MAX);
+        let extra_mib = u32::try_from(memory_bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        VmResources {
+            vcpus: h.default_vcpus.saturating_add(extra_vcpus).min(h.max_vcpus),
+            memory_mib: h
+                .default_memory_mib
+                .saturating_add(extra_mib)
+                .min(h.max_memory_mib),
+        }
+    }
+}
+
+/// The resource limits of one container, as its OCI spec gives them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContainerLimits {
+    /// `linux.resources.cpu.quota` (µs per period).
+    pub cpu_quota_us: Option<i64>,
+    /// `linux.resources.cpu.period` (µs).
+    pub cpu_period_us: Option<u64>,
+    /// `linux.resources.memory.limit` (bytes).
+    pub memory_limit_bytes: Option<i64>,
+}
+
+/// vCPUs and memory of a sandbox VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmResources {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c = Config::parse(text, Path::new("/etc/test.toml"))?;
+        c.validate(&Origin::File("/etc/test.toml".into()))?;
+        Ok(c)
+    }
+
+    #[test]
+    fn shipped_file_documents_exactly_the_defaults() {
+        let shipped = Config::parse(SHIPPED, Path::new("configuration.toml")).expect("parses");
+        assert_eq!(shipped, Config::default());
+        Config::default()
+            .validate(&Origin::Defaults)
+            .expect("valid");
+    }
+
+    #[test]
+    fn empty_file_means_defaults_and_partial_files_override_keys() {
+        assert_eq!(parse("").expect("empty"), Config::default());
+        let c = parse(
+            "[hypervisor]\ndefault_vcpus = 2\n[fs]\ndaemon = \"virtiofsd\"\ncache = \"never\"\n",
+        )
+        .expect("partial");
+        assert_eq!(c.hypervisor.default_vcpus, 2);
+        assert_eq!(c.hypervisor.default_memory_mib, 256);
+        assert_eq!(c.fs.daemon, FsDaemon::Virtiofsd);
+        assert_eq!(c.fs.cache.as_flag(), "never");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_file_and_key() {
+        let err = parse("[hypervisor]\nmemory = 5\n").expect_err("unknown key");
+        let chain = format!(
+            "{err}: {}",
+            std::error::Error::source(&err).expect("source")
+        );
+        assert!(chain.contains("/etc/test.toml"), "{chain}");
+        assert!(chain.contains("memory"), "{chain}");
+        let err = parse("[gpu]\n").expect_err("unknown table");
+        assert!(matches!(err, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn wrong_enum_values_are_rejected() {
+        assert!(parse("[fs]\ncache = \"sometimes\"\n").is_err());
+        assert!(parse("[fs]\ndaemon = \"9p\"\n").is_err());
+        assert!(parse("[debug]\nlog_level = \"loud\"\n").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let cases = [
+            (
+                "[hypervisor]\ndefault_vcpus = 0\n",
+                "hypervisor.default_vcpus",
+            ),
+            (
+                "[hypervisor]\ndefault_vcpus = 9\n",
+                "hypervisor.default_vcpus",
+            ),
+            ("[hypervisor]\nmax_vcpus = 300\n", "hypervisor.max_vcpus"),
+            (
+                "[hypervisor]\ndefault_memory_mib = 16\n",
+                "hypervisor.default_memory_mib",
+            ),
+            (
+                "[hypervisor]\nmax_memory_mib = 128\n",
+                "hypervisor.max_memory_mib",
+            ),
+            ("[hypervisor]\nkernel = \"vmlinux\"\n", "hypervisor.kernel"),
+            ("[runtime]\nstate_dir = \"run\"\n", "runtime.state_dir"),
+            ("[agent]\nboot_timeout_ms = 0\n", "agent.boot_timeout_ms"),
+            (
+                "[hypervisor]\nkernel_params = \"a\\nb\"\n",
+                "hypervisor.kernel_params",
+            ),
+        ];
+        for (text, key) in cases {
+            match parse(text) {
+                Err(ConfigError::Invalid { key: k, origin, .. }) => {
+                    assert_eq!(k, key, "{text}");
+                    assert_eq!(origin, Origin::File("/etc/test.toml".into()));
+                }
+                other => panic!("{text}: expected Invalid({key}), got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn locate_prefers_flag_then_env_then_default() {
+        let (p, explicit) = locate(Some(Path::new("/a")), Some(Path::new("/b")));
+        assert_eq!((p, explicit), (PathBuf::from("/a"), true));
+        let (p, explicit) = locate(None, Some(Path::new("/b")));
+        assert_eq!((p, explicit), (PathBuf::from("/b"), true));
+        let (p, explicit) = locate(None, None);
+        assert_eq!((p, explicit), (PathBuf::from(DEFAULT_PATH), false));
+    }
+
+    #[test]
+    fn load_reads_files_and_refuses_a_missing_explicit_one() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp");
+        writeln!(f, "[debug]\nlog_level = \"debug\"").expect("write");
+        let loaded = load(Some(f.path()), None).expect("load");
+        assert_eq!(loaded.config.debug.log_level, LogLevel::Debug);
+        assert_eq!(loaded.origin, Origin::File(f.path().to_path_buf()));
+
+        let missing = Path::new("/nonexistent/carapace.toml");
+        let err = load(Some(missing), None).expect_err("missing");
+        assert!(matches!(err, ConfigError::Read { ref path, .. } if path == missing));
+        assert!(err.to_string().contains("/nonexistent/carapace.toml"));
+    }
+
+    #[test]
+    fn vm_is_sized_from_container_limits_and_capped() {
+        let c = Config::default();
+        assert_eq!(
+            c.vm_resources(&[]),
+            VmResources {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        let limits = [
+            ContainerLimits {
+                cpu_quota_us: Some(150_000),
+                cpu_period_us: Some(100_000),
+                memory_limit_bytes: Some(512 << 20),
+            },
+            ContainerLimits {
+                cpu_quota_us: Some(-1), // unlimited
+                cpu_period_us: Some(100_000),
+                memory_limit_bytes: Some((100 << 20) + 1),
+            },
+        ];
+        assert_eq!(
+            c.vm_resources(&limits),
+            VmResources {
+                vcpus: 3,
+                memory_mib: 256 + 512 + 101
+            }
+        );
+        let huge = [ContainerLimits {
+            cpu_quota_us: Some(i64::MAX),
+            cpu_period_us: Some(1),
+            memory_limit_bytes: Some(i64::MAX),
+        }];
+        assert_eq!(
+            c.vm_resources(&huge),
+            VmResources {
+                vcpus: 8,
+                memory_mib: 16384
+            }
+        );
+    }
+}
