@@ -409,15 +409,11 @@ impl Config {
         let mut millicpus: u64 = 0;
         let mut memory_bytes: u64 = 0;
         for l in limits {
-            if let (Some(quota), Some(period)) = (l.cpu_quota_us, l.cpu_period_us) {
-                if quota > 0 && period > 0 {
-                    millicpus += (quota as u64).saturating_mul(1000) / period;
-                }
+            if let (Some(quota @ 1..), Some(period @ 1..)) = (l.cpu_quota_us, l.cpu_period_us) {
+                millicpus = millicpus.saturating_add((quota as u64).saturating_mul(1000) / period);
             }
-            if let Some(mem) = l.memory_limit_bytes {
-                if mem > 0 {
-                    memory_bytes = memory_bytes.saturating_add(mem as u64);
-                }
+            if let Some(mem @ 1..) = l.memory_limit_bytes {
+                memory_bytes = memory_bytes.saturating_add(mem as u64);
             }
         }
         let extra_vcpus = u32::try_from(millicpus.div_ceil(1000)).unwrap_or(u32::MAX);
