@@ -11,3 +11,4 @@ pub mod hostcheck;
 pub mod layout;
 pub mod memory;
 pub mod state;
+pub mod virtio;

@@ -1,0 +1,645 @@
+//! The virtio-mmio transport (version 2, "modern"), as the Linux `virtio_mmio` driver sees it.
+//!
+//! Rules enforced here, all against an untrusted driver:
+//! - feature writes only between DRIVER and FEATURES_OK; FEATURES_OK is refused (left clear)
+//!   unless the driver accepted VIRTIO_F_VERSION_1 and only offered bits;
+//! - queue registers are writable only between FEATURES_OK and DRIVER_OK; changes after
+//!   DRIVER_OK are ignored and counted;
+//! - at DRIVER_OK every queue must be ready and valid (sizes, alignment, rings inside guest
+//!   memory) or the device goes to DEVICE_NEEDS_RESET instead of starting;
+//! - status bits can only be added; writing 0 resets the device;
+//! - accesses outside the register file or config space are ignored (reads return zero).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+/// Vendor id reported to the guest ("CRPC").
+const VENDOR_ID: u32 = 0x4350_5243;
+
+/// Offset of the QueueNotify register (ioeventfds are registered there).
+pub const QUEUE_NOTIFY: u64 = 0x50;
+const CONFIG_SPACE: u64 = 0x100;
+/// Size of the register window we decode (config space included).
+pub const WINDOW: u64 = 0x1000;
+
+/// Device status bits.
+pub mod status {
+    /// ACKNOWLEDGE.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// DRIVER.
+    pub const DRIVER: u32 = 2;
+    /// DRIVER_OK.
+    pub const DRIVER_OK: u32 = 4;
+    /// FEATURES_OK.
+    pub const FEATURES_OK: u32 = 8;
+    /// DEVICE_NEEDS_RESET.
+    pub const NEEDS_RESET: u32 = 64;
+    /// FAILED.
+    pub const FAILED: u32 = 128;
+}
+use status::*;
+
+/// Transport counters (exposed through the metrics API).
+#[derive(Debug, Default)]
+pub struct TransportCounters {
+    /// Register reads.
+    pub reads: AtomicU64,
+    /// Register writes.
+    pub writes: AtomicU64,
+    /// Writes refused because of the device status (e.g. queue changes after DRIVER_OK).
+    pub refused_writes: AtomicU64,
+    /// Accesses with a bad size/offset.
+    pub bad_accesses: AtomicU64,
+    /// Activations.
+    pub activations: AtomicU64,
+    /// Activations refused (invalid queues).
+    pub failed_activations: AtomicU64,
+    /// Queue notifications seen by the transport (without ioeventfd).
+    pub notifies: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One virtio-mmio device window.
+#[derive(Debug)]
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    /// (size, ready) of each queue as the driver left it when the device was activated.
+    active_snapshot: Vec<(u16, bool)>,
+    interrupt: Arc<Interrupt>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+    counters: TransportCounters,
+}
+
+/// Errors creating a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// An eventfd could not be created.
+    #[error("cannot create a queue eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The device declared an invalid queue size.
+    #[error("device declares invalid queue max size {0}")]
+    QueueSize(u16),
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `irq` raises the device's interrupt.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: EventFd,
+    ) -> Result<Self, TransportError> {
+        let queues = Self::fresh_queues(device.as_ref())?;
+        let queue_evts = (0..queues.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            queues,
+            queue_evts,
+            active_snapshot: Vec::new(),
+            interrupt: Arc::new(Interrupt::new(irq)),
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+            counters: TransportCounters::default(),
+        })
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, TransportError> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| Queue::new(m).map_err(|_| TransportError::QueueSize(m)))
+            .collect()
+    }
+
+    /// Queue notification eventfds (register them as KVM ioeventfds at QueueNotify with the
+    /// queue index as datamatch).
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The device's interrupt state.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// Device status register value.
+    pub fn status(&self) -> u32 {
+        self.status
+            | if self.interrupt.needs_reset() {
+                NEEDS_RESET
+            } else {
+                0
+            }
+    }
+
+    /// Whether the device was started.
+    pub fn activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The wrapped device.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// Metrics: transport counters plus the device's own.
+    pub fn metrics(&self) -> serde_json::Value {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        serde_json::json!({
+            "device_type": self.device.device_type(),
+            "status": self.status(),
+            "activated": self.activated,
+            "transport": {
+                "reads": l(&c.reads),
+                "writes": l(&c.writes),
+                "refused_writes": l(&c.refused_writes),
+                "bad_accesses": l(&c.bad_accesses),
+                "activations": l(&c.activations),
+                "failed_activations": l(&c.failed_activations),
+                "notifies": l(&c.notifies),
+            },
+            "device": self.device.metrics(),
+        })
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Guest read of `data.len()` bytes at `offset` within the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        bump(&self.counters.reads);
+        if offset >= CONFIG_SPACE {
+            if offset >= WINDOW || data.len() > 8 {
+                bump(&self.counters.bad_accesses);
+                data.fill(0);
+                return;
+            }
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            bump(&self.counters.bad_accesses);
+            data.fill(0);
+            return;
+        }
+        let v: u32 = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => self
+                .device
+                .queue_max_sizes()
+                .get(self.queue_sel as usize)
+                .map_or(0, |&m| u32::from(m)),
+            0x044 => {
+                let i = self.queue_sel as usize;
+                if self.activated {
+                    self.active_snapshot.get(i).is_some_and(|s| s.1).into()
+                } else {
+                    self.queues.get(i).is_some_and(|q| q.ready()).into()
+                }
+            }
+            0x060 => self.interrupt.status(),
+            0x070 => self.status(),
+            0x0fc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Guest write of `data` at `offset` within the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        bump(&self.counters.writes);
+        if offset >= CONFIG_SPACE {
+            if offset >= WINDOW || data.len() > 8 {
+                bump(&self.counters.bad_accesses);
+                return;
+            }
+            if self.status & DRIVER == 0 || self.status & FAILED != 0 {
+                bump(&self.counters.refused_writes);
+                return;
+            }
+            self.device.write_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            bump(&self.counters.bad_accesses);
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let queue_config_ok =
+            self.status & FEATURES_OK != 0 && self.status & (DRIVER_OK | FAILED) == 0;
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x024 => self.driver_features_sel = v,
+            0x020 => {
+                if self.status & DRIVER == 0 || self.status & FEATURES_OK != 0 {
+                    bump(&self.counters.refused_writes);
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {
+                        if v != 0 {
+                            // Bits beyond 64 are never offered: FEATURES_OK will be refused.
+                            self.driver_features |= 1 << 63;
+                        }
+                    }
+                }
+            }
+            0x030 => self.queue_sel = v,
+            0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
+                if !queue_config_ok {
+                    bump(&self.counters.refused_writes);
+                    return;
+                }
+                let Some(q) = self.selected_queue() else {
+                    bump(&self.counters.refused_writes);
+                    return;
+                };
+                match offset {
+                    0x038 => q.set_size(v as u16),
+                    0x044 => q.set_ready(v == 1),
+                    0x080 => q.set_desc_table_address(Some(v), None),
+                    0x084 => q.set_desc_table_address(None, Some(v)),
+                    0x090 => q.set_avail_ring_address(Some(v), None),
+                    0x094 => q.set_avail_ring_address(None, Some(v)),
+                    0x0a0 => q.set_used_ring_address(Some(v), None),
+                    _ => q.set_used_ring_address(None, Some(v)),
+                }
+            }
+            QUEUE_NOTIFY => {
+                bump(&self.counters.notifies);
+                match self.queue_evts.get(v as usize) {
+                    Some(e) if self.activated => {
+                        let _ = e.write(1);
+                    }
+                    _ => bump(&self.counters.refused_writes),
+                }
+            }
+            0x064 => self.interrupt.ack(v),
+            0x070 => self.write_status(v),
+            _ => bump(&self.counters.bad_accesses),
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // Bits may only be added.
+        if v & self.status != self.status {
+            bump(&self.counters.refused_writes);
+            return;
+        }
+        let added = v & !self.status;
+        if added & FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.status & DRIVER == 0
+                || self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                tracing::warn!(
+                    driver = format_args!("{:#x}", self.driver_features),
+                    offered = format_args!("{offered:#x}"),
+                    "refusing FEATURES_OK"
+                );
+                bump(&self.counters.refused_writes);
+                // Accept the other bits, leave FEATURES_OK clear: the driver must check.
+                self.status = v & !(FEATURES_OK | DRIVER_OK);
+                return;
+            }
+        }
+        if added & DRIVER_OK != 0 {
+            if v & FEATURES_OK == 0 || self.activated {
+                bump(&self.counters.refused_writes);
+                return;
+            }
+            self.status = v;
+            self.activate();
+            return;
+        }
+        self.status = v;
+    }
+
+    fn activate(&mut self) {
+        let bad = self
+            .queues
+            .iter()
+            .enumerate()
+            .find(|(_, q)| !q.ready() || !q.is_valid(&self.mem));
+        if let Some((i, q)) = bad {
+            tracing::warn!(
+                queue = i,
+                ready = q.ready(),
+                "virtio-mmio: DRIVER_OK with an unusable queue; device needs reset"
+            );
+            bump(&self.counters.failed_activations);
+            self.interrupt.fail("invalid queue at DRIVER_OK");
+            return;
+        }
+        let fresh = match Self::fresh_queues(self.device.as_ref()) {
+            Ok(f) => f,
+            Err(_) => return,
+        };
+        let queues = std::mem::replace(&mut self.queues, fresh);
+        self.active_snapshot = queues.iter().map(|q| (q.size(), q.ready())).collect();
+        let mut active = Vec::with_capacity(queues.len());
+        for (queue, evt) in queues.into_iter().zip(&self.queue_evts) {
+            let event = match evt.try_clone() {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot clone queue eventfd");
+                    self.interrupt.fail("host resource exhaustion");
+                    return;
+                }
+            };
+            active.push(ActiveQueue { queue, event });
+        }
+        match self.device.activate(
+            self.mem.clone(),
+            self.driver_features,
+            active,
+            self.interrupt.clone(),
+        ) {
+            Ok(()) => {
+                self.activated = true;
+                bump(&self.counters.activations);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "virtio device activation failed");
+                bump(&self.counters.failed_activations);
+                self.interrupt.fail("activation failed");
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.active_snapshot.clear();
+        if let Ok(q) = Self::fresh_queues(self.device.as_ref()) {
+            self.queues = q;
+        }
+        for e in &self.queue_evts {
+            let _ = e.read();
+        }
+        self.interrupt.reset();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::virtio::ActivateError;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    #[derive(Debug, Default)]
+    pub(crate) struct Probe {
+        pub activated: Arc<Mutex<Option<(u64, Vec<u16>)>>>,
+        pub resets: Arc<Mutex<u32>>,
+    }
+
+    impl VirtioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 0b101
+        }
+        fn config_bytes(&self) -> Vec<u8> {
+            vec![1, 2, 3, 4, 5, 6]
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            features: u64,
+            queues: Vec<ActiveQueue>,
+            _interrupt: Arc<Interrupt>,
+        ) -> Result<(), ActivateError> {
+            *self.activated.lock().unwrap() =
+                Some((features, queues.iter().map(|q| q.queue.size()).collect()));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            *self.resets.lock().unwrap() += 1;
+        }
+        fn metrics(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+
+    pub(crate) fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    pub(crate) fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Drives a transport through the Linux driver's init sequence with queues placed at
+    /// `base + i * 0x1000` (descriptor table, avail +0x400, used +0x800).
+    pub(crate) fn driver_init(t: &mut MmioTransport, features: u64, base: u64, sizes: &[u16]) {
+        wr(t, 0x70, ACKNOWLEDGE);
+        wr(t, 0x70, ACKNOWLEDGE | DRIVER);
+        wr(t, 0x24, 0);
+        wr(t, 0x20, features as u32);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, (features >> 32) as u32);
+        wr(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_ne!(rd(t, 0x70) & FEATURES_OK, 0, "FEATURES_OK refused");
+        for (i, s) in sizes.iter().enumerate() {
+            let a = base + i as u64 * 0x1000;
+            wr(t, 0x30, i as u32);
+            wr(t, 0x38, u32::from(*s));
+            wr(t, 0x80, a as u32);
+            wr(t, 0x84, (a >> 32) as u32);
+            wr(t, 0x90, (a + 0x400) as u32);
+            wr(t, 0x94, 0);
+            wr(t, 0xa0, (a + 0x800) as u32);
+            wr(t, 0xa4, 0);
+            wr(t, 0x44, 1);
+        }
+        wr(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    }
+
+    fn transport() -> (MmioTransport, Probe) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let probe = Probe::default();
+        let dev = Probe {
+            activated: probe.activated.clone(),
+            resets: probe.resets.clone(),
+        };
+        let t = MmioTransport::new(Box::new(dev), mem, EventFd::new(0).unwrap()).unwrap();
+        (t, probe)
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(rd(&mut t, 0), MAGIC);
+        assert_eq!(rd(&mut t, 4), 2);
+        assert_eq!(rd(&mut t, 8), 42);
+        wr(&mut t, 0x14, 1);
+        assert_eq!(rd(&mut t, 0x10), 1); // VERSION_1 is bit 32
+        wr(&mut t, 0x14, 0);
+        assert_eq!(rd(&mut t, 0x10), 0b101);
+        wr(&mut t, 0x30, 1);
+        assert_eq!(rd(&mut t, 0x34), 8);
+        wr(&mut t, 0x30, 7);
+        assert_eq!(rd(&mut t, 0x34), 0);
+        // Misaligned / wrong size accesses read as zero.
+        let mut d = [0xffu8; 2];
+        t.read(0, &mut d);
+        assert_eq!(d, [0, 0]);
+    }
+
+    #[test]
+    fn config_space_is_bounded() {
+        let (mut t, _) = transport();
+        let mut d = [0xffu8; 4];
+        t.read(0x104, &mut d);
+        assert_eq!(d, [5, 6, 0, 0]);
+        t.read(0x200, &mut d);
+        assert_eq!(d, [0; 4]);
+        t.read(0xfff_ffff, &mut d);
+        assert_eq!(d, [0; 4]);
+        let mut big = [0xffu8; 16];
+        t.read(0x100, &mut big);
+        assert_eq!(big, [0; 16]);
+    }
+
+    #[test]
+    fn full_init_activates_with_queues() {
+        let (mut t, probe) = transport();
+        driver_init(&mut t, VIRTIO_F_VERSION_1 | 1, 0x10000, &[16, 8]);
+        assert!(t.activated());
+        assert_eq!(
+            *probe.activated.lock().unwrap(),
+            Some((VIRTIO_F_VERSION_1 | 1, vec![16, 8]))
+        );
+        assert_eq!(rd(&mut t, 0x70) & NEEDS_RESET, 0);
+        wr(&mut t, 0x30, 0);
+        assert_eq!(rd(&mut t, 0x44), 1);
+    }
+
+    #[test]
+    fn queue_changes_after_driver_ok_are_refused() {
+        let (mut t, _) = transport();
+        driver_init(&mut t, VIRTIO_F_VERSION_1, 0x10000, &[16, 8]);
+        let refused = t.counters.refused_writes.load(Ordering::Relaxed);
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x38, 4);
+        wr(&mut t, 0x80, 0xdead_0000);
+        wr(&mut t, 0x44, 0);
+        assert_eq!(t.counters.refused_writes.load(Ordering::Relaxed), refused + 3);
+        assert_eq!(rd(&mut t, 0x44), 1);
+        // Features cannot change either, nor can status bits be removed.
+        wr(&mut t, 0x20, 0);
+        wr(&mut t, 0x70, ACKNOWLEDGE);
+        assert_ne!(rd(&mut t, 0x70) & DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn features_ok_requires_version_1_and_offered_bits() {
+        let (mut t, probe) = transport();
+        wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+        wr(&mut t, 0x20, 0b10); // bit 1 not offered, no VERSION_1
+        wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(rd(&mut t, 0x70) & FEATURES_OK, 0);
+        // DRIVER_OK without FEATURES_OK does not activate.
+        wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+        assert!(!t.activated());
+        assert!(probe.activated.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn queue_outside_memory_needs_reset_not_activation() {
+        let (mut t, probe) = transport();
+        driver_init(&mut t, VIRTIO_F_VERSION_1, 0xff000, &[16, 8]); // 2nd queue beyond 1 MiB
+        assert!(!t.activated());
+        assert!(probe.activated.lock().unwrap().is_none());
+        assert_ne!(rd(&mut t, 0x70) & NEEDS_RESET, 0);
+        assert_ne!(rd(&mut t, 0x60) & crate::virtio::INT_CONFIG, 0);
+        // Reset clears everything and allows a fresh, valid init.
+        wr(&mut t, 0x70, 0);
+        assert_eq!(rd(&mut t, 0x70), 0);
+        driver_init(&mut t, VIRTIO_F_VERSION_1, 0x10000, &[16, 8]);
+        assert!(t.activated());
+        wr(&mut t, 0x70, 0);
+        assert_eq!(*probe.resets.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn bad_queue_size_needs_reset() {
+        let (mut t, _) = transport();
+        driver_init(&mut t, VIRTIO_F_VERSION_1, 0x10000, &[16, 3]); // not a power of two
+        assert!(!t.activated());
+        assert_ne!(rd(&mut t, 0x70) & NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn notify_without_ioeventfd_signals_queue_event() {
+        let (mut t, _) = transport();
+        wr(&mut t, QUEUE_NOTIFY, 0); // before activation: refused
+        assert!(t.queue_events()[0].read().is_err());
+        driver_init(&mut t, VIRTIO_F_VERSION_1, 0x10000, &[16, 8]);
+        wr(&mut t, QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        wr(&mut t, QUEUE_NOTIFY, 99); // out of range: ignored
+    }
+}

@@ -1,0 +1,195 @@
+//! virtio devices behind the virtio-mmio transport.
+//!
+//! Each device implements [`VirtioDevice`]. The transport ([`mmio::MmioTransport`]) owns the
+//! register state and the queues until the driver sets DRIVER_OK; it then validates the queues
+//! against guest memory and hands them, with their notification eventfds (KVM ioeventfds in the
+//! VMM), to [`VirtioDevice::activate`]. Devices process their queues on a worker thread of
+//! their own ([`worker`]), so a slow backend never stalls a vCPU.
+//!
+//! Everything in guest memory is untrusted: descriptor chains are walked with bounds
+//! (virtio-queue stops at the queue size, checks addresses against guest memory), request
+//! sizes are capped per device, and a malformed request fails that request or, at worst,
+//! puts the device into DEVICE_NEEDS_RESET. The VMM never panics on guest input.
+
+pub mod blk;
+pub mod mmio;
+pub mod rng;
+pub mod vsock;
+pub mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// VIRTIO_F_VERSION_1: we only offer the modern (1.0+) interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device type ids.
+pub mod device_type {
+    /// virtio-net.
+    pub const NET: u32 = 1;
+    /// virtio-blk.
+    pub const BLOCK: u32 = 2;
+    /// virtio-rng (entropy).
+    pub const RNG: u32 = 4;
+    /// virtio-vsock.
+    pub const VSOCK: u32 = 19;
+    /// virtio-fs.
+    pub const FS: u32 = 26;
+}
+
+/// Interrupt status bit: a used buffer was added.
+pub const INT_VRING: u32 = 0x1;
+/// Interrupt status bit: the configuration changed (or the device needs a reset).
+pub const INT_CONFIG: u32 = 0x2;
+
+/// How a device raises interrupts and reports failure to its transport.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// Wraps the eventfd that raises the device's IRQ (a KVM irqfd in the VMM).
+    pub fn new(irq: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irq,
+        }
+    }
+
+    /// Signals used buffers.
+    pub fn notify_queue(&self) {
+        self.signal(INT_VRING);
+    }
+
+    /// Signals a configuration change.
+    pub fn notify_config(&self) {
+        self.signal(INT_CONFIG);
+    }
+
+    fn signal(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!(error = %e, "cannot raise virtio interrupt");
+        }
+    }
+
+    /// The device hit an unrecoverable guest error: report DEVICE_NEEDS_RESET.
+    pub fn fail(&self, why: &str) {
+        tracing::warn!(reason = why, "virtio device needs reset");
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.notify_config();
+        }
+    }
+
+    /// Interrupt status register value.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Clears state at device reset.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// The irq eventfd (for tests).
+    pub fn irq(&self) -> &EventFd {
+        &self.irq
+    }
+}
+
+/// A queue handed to a device at activation, with its notification eventfd.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// The validated queue.
+    pub queue: Queue,
+    /// Signalled when the driver notifies the queue.
+    pub event: EventFd,
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device needs.
+    #[error("device needs {expected} queues, driver enabled {got}")]
+    QueueCount {
+        /// Needed.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+    /// A host resource for the device could not be created.
+    #[error("cannot start the device backend: {what}")]
+    Backend {
+        /// What failed.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send + std::fmt::Debug {
+    /// virtio device type id.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue (the number of queues is the length).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Offered feature bits (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads device config space at `offset`; bytes outside the config read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_bytes(), offset, data);
+    }
+    /// Writes device config space; the default ignores writes (read-only config).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(offset, len = data.len(), "ignored config-space write");
+    }
+    /// The device's config space image (used by the default `read_config`).
+    fn config_bytes(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Starts the device with the negotiated features and validated queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device (driver reset); it may be activated again afterwards.
+    fn reset(&mut self);
+    /// Per-device counters for the metrics API.
+    fn metrics(&self) -> serde_json::Value;
+}
+
+/// Copies `config[offset..]` into `data`, zero-filling whatever lies outside `config`.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if off >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - off);
+    data[..n].copy_from_slice(&config[off..off + n]);
+}

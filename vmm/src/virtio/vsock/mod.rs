@@ -1,0 +1,197 @@
+//! virtio-vsock with a hybrid (unix socket) host side; see [`muxer`] for the protocol.
+
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+
+use super::worker::{STOP_TOKEN, Worker};
+use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use muxer::{Muxer, MuxerError, VsockCounters};
+
+const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+
+/// Errors creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The host socket could not be bound.
+    #[error("cannot listen on vsock socket {path}")]
+    Bind {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    counters: Arc<VsockCounters>,
+    worker: Option<Worker>,
+}
+
+impl Vsock {
+    /// Binds `uds_path` (a stale socket file there is replaced) for guest `guest_cid`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        if let Ok(m) = std::fs::symlink_metadata(uds_path)
+            && std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
+        {
+            let _ = std::fs::remove_file(uds_path);
+        }
+        let listener = UnixListener::bind(uds_path).map_err(|source| VsockError::Bind {
+            path: uds_path.to_owned(),
+            source,
+        })?;
+        Ok(Vsock {
+            guest_cid,
+            uds_path: uds_path.to_owned(),
+            listener,
+            counters: Arc::default(),
+            worker: None,
+        })
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+fn run(
+    mut mux: Muxer,
+    mut queues: Vec<ActiveQueue>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+) -> Result<(), MuxerError> {
+    for (i, q) in queues.iter().enumerate() {
+        mux.epoll()
+            .add(q.event.as_raw_fd(), i as u64, EventSet::IN)
+            .map_err(MuxerError::Epoll)?;
+    }
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let n = mux.epoll().wait(-1, &mut events).map_err(MuxerError::Epoll)?;
+        let mut notify = false;
+        for e in &events[..n] {
+            match e.data() {
+                STOP_TOKEN => return Ok(()),
+                t if t == RXQ as u64 || t == EVQ as u64 => {
+                    let _ = queues[t as usize].event.read();
+                }
+                t if t == TXQ as u64 => {
+                    let _ = queues[TXQ].event.read();
+                    notify |= mux.process_tx(&mut queues[TXQ].queue, &mem)?;
+                }
+                t => mux.handle_event(t, e.event_set()),
+            }
+        }
+        // TX may have been notified while we were busy; the ring is the truth.
+        notify |= mux.process_tx(&mut queues[TXQ].queue, &mem)?;
+        mux.update_interests();
+        let mut rx_used = mux.fill_rx(&mut queues[RXQ].queue, &mem)?;
+        while rx_used && mux.rx_pending() {
+            // Drain as long as the guest has buffers and we have data (bounded by the ring).
+            if !mux.fill_rx(&mut queues[RXQ].queue, &mem)? {
+                break;
+            }
+            rx_used = true;
+        }
+        mux.update_interests();
+        let q_notify = |q: &mut virtio_queue::Queue| q.needs_notification(&mem).unwrap_or(true);
+        if (notify && q_notify(&mut queues[TXQ].queue))
+            || (rx_used && q_notify(&mut queues[RXQ].queue))
+        {
+            interrupt.notify_queue();
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn config_bytes(&self) -> Vec<u8> {
+        self.guest_cid.to_le_bytes().to_vec()
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: queues.len(),
+            });
+        }
+        let backend = |what: &str| {
+            let what = what.to_string();
+            move |source| ActivateError::Backend { what, source }
+        };
+        let listener = self.listener.try_clone().map_err(backend("listener clone"))?;
+        let (cid, path, counters) = (self.guest_cid, self.uds_path.clone(), self.counters.clone());
+        let worker = Worker::spawn("virtio-vsock", move |ep| {
+            let mux = match Muxer::new(cid, path, listener, ep, counters) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(error = %e, "vsock backend failed to start");
+                    interrupt.fail("backend start");
+                    return;
+                }
+            };
+            if let Err(e) = run(mux, queues, mem, interrupt.clone()) {
+                tracing::warn!(error = %e, "vsock device stopped");
+                interrupt.fail("vsock queue error");
+            }
+        })
+        .map_err(backend("worker thread"))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+    }
+    fn metrics(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "tx_packets": l(&c.tx_packets),
+            "tx_bytes": l(&c.tx_bytes),
+            "rx_packets": l(&c.rx_packets),
+            "rx_bytes": l(&c.rx_bytes),
+            "bad_packets": l(&c.bad_packets),
+            "conns_opened": l(&c.conns_opened),
+            "conns_reset": l(&c.conns_reset),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,96 @@
+//! Device worker threads: an epoll loop per activated device, stopped through an eventfd.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Token reserved for the stop eventfd.
+pub const STOP_TOKEN: u64 = u64::MAX;
+
+/// A running device worker.
+#[derive(Debug)]
+pub struct Worker {
+    stop: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Spawns `body(epoll)`; the epoll already watches the stop eventfd with [`STOP_TOKEN`], and
+    /// `body` must return when it sees that token.
+    pub fn spawn<F>(name: &str, body: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(EpollSet) + Send + 'static,
+    {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let set = EpollSet::new()?;
+        set.add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(set))?;
+        Ok(Worker {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the worker and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = self.stop.write(1);
+            if h.join().is_err() {
+                tracing::error!("device worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A thin epoll wrapper.
+#[derive(Debug)]
+pub struct EpollSet {
+    epoll: Epoll,
+}
+
+impl EpollSet {
+    /// New epoll instance.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(EpollSet {
+            epoll: Epoll::new()?,
+        })
+    }
+
+    /// Watches `fd` for `events`, reporting `token`.
+    pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+    }
+
+    /// Changes the watched events of `fd`.
+    pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
+    /// Waits for events (`timeout_ms` < 0: forever); retries on EINTR.
+    pub fn wait(&self, timeout_ms: i32, out: &mut [EpollEvent]) -> std::io::Result<usize> {
+        loop {
+            match self.epoll.wait(timeout_ms, out) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+}
