@@ -1,0 +1,212 @@
+//! The daemon binary: clear errors with distinct exit codes, and the sandbox really applied
+//! to the running process (seen from outside, through /proc).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_carapace-fsd");
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn status_field(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(&format!("{field}:"))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// Waits until the daemon reports it is listening (its seccomp field turns to 2).
+fn wait_sandboxed(child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("daemon exited early: {st}");
+        }
+        if status_field(child.id(), "Seccomp").as_deref() == Some("2") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("daemon did not install seccomp within 20 s");
+}
+
+fn spawn(socket: &Path, shared: &Path, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .arg("--socket-path")
+        .arg(socket)
+        .arg("--shared-dir")
+        .arg(shared)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn run_err(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn clear_errors_and_exit_codes() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+
+    let (code, err) = run_err(&["--socket-path", sock, "--shared-dir", "/nonexistent/x"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("/nonexistent/x") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let file = d.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let (code, err) = run_err(&[
+        "--socket-path",
+        sock,
+        "--shared-dir",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+
+    let shared = d.path().to_str().unwrap();
+    let (code, err) = run_err(&[
+        "--socket-path",
+        "/nonexistent/dir/s.sock",
+        "--shared-dir",
+        shared,
+    ]);
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("/nonexistent/dir") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let (code, err) = run_err(&[
+        "--socket-path",
+        sock,
+        "--shared-dir",
+        shared,
+        "--cache",
+        "sometimes",
+    ]);
+    assert_eq!(code, 2, "{err}");
+
+    let (code, err) = run_err(&["--help"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn socket_in_use_is_refused_without_disturbing_the_owner() {
+    let d = tempfile::tempdir().unwrap();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let sock = d.path().join("s.sock");
+    let mut first = spawn(&sock, &shared, &["--sandbox", "none"]);
+    wait_sandboxed(&mut first);
+    let (code, err) = run_err(&[
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--shared-dir",
+        shared.to_str().unwrap(),
+        "--sandbox",
+        "none",
+    ]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("in use"), "{err}");
+    // The first daemon is still waiting for its VMM.
+    assert!(first.try_wait().unwrap().is_none());
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+#[test]
+fn namespace_sandbox_is_applied() {
+    if !is_root() {
+        // The namespace sandbox needs root; CI and the lab run as root.
+        eprintln!("skipped: not root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("inside"), b"x").unwrap();
+    let sock = d.path().join("s.sock");
+    let mut child = spawn(&sock, &shared, &["--sandbox", "namespace"]);
+    wait_sandboxed(&mut child);
+    let pid = child.id();
+
+    assert_eq!(status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
+    assert_eq!(status_field(pid, "Seccomp").as_deref(), Some("2"));
+    // Only the file-ownership capabilities are left, in every set.
+    let allowed: u64 = [0u32, 1, 3, 4, 6, 7, 31] // CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID SETFCAP
+        .iter()
+        .map(|b| 1u64 << b)
+        .sum();
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let v = u64::from_str_radix(&status_field(pid, set).unwrap(), 16).unwrap();
+        assert_eq!(v & !allowed, 0, "{set} = {v:x}");
+        assert_ne!(v, 0, "{set}: root keeps the file capabilities");
+    }
+    assert_eq!(
+        status_field(pid, "CapAmb").as_deref(),
+        Some("0000000000000000")
+    );
+
+    // Own mount and network namespaces.
+    for ns in ["mnt", "net", "ipc"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(ours, its, "{ns} namespace is shared with the host");
+    }
+    // Its root is the shared dir: through /proc/<pid>/root we see exactly its contents.
+    let mut names: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["inside"]);
+    // Its mount table has nothing but what is under the shared dir.
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    assert_eq!(mounts.lines().count(), 1, "{mounts}");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn readonly_sandbox_mounts_read_only() {
+    if !is_root() {
+        eprintln!("skipped: not root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let sock = d.path().join("s.sock");
+    let mut child = spawn(&sock, &shared, &["--readonly"]);
+    wait_sandboxed(&mut child);
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", child.id())).unwrap();
+    let opts = mounts
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    assert!(opts.split(',').any(|o| o == "ro"), "{mounts}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
