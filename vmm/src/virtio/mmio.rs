@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
@@ -87,6 +87,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// A queue register got a value the queue refused (size, alignment).
+    bad_queue_config: Vec<bool>,
     counters: TransportCounters,
 }
 
@@ -109,7 +111,8 @@ impl MmioTransport {
         irq: EventFd,
     ) -> Result<Self, TransportError> {
         let queues = Self::fresh_queues(device.as_ref())?;
-        let queue_evts = (0..queues.len())
+        let n_queues = queues.len();
+        let queue_evts: Vec<EventFd> = (0..n_queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MmioTransport {
@@ -126,6 +129,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            bad_queue_config: vec![false; n_queues],
             counters: TransportCounters::default(),
         })
     }
@@ -292,19 +296,35 @@ impl MmioTransport {
                     bump(&self.counters.refused_writes);
                     return;
                 }
+                let sel = self.queue_sel as usize;
                 let Some(q) = self.selected_queue() else {
                     bump(&self.counters.refused_writes);
                     return;
                 };
                 match offset {
-                    0x038 => q.set_size(v as u16),
+                    0x038 => {
+                        // An invalid size must fail activation, not silently keep the old one.
+                        let ok = u16::try_from(v).is_ok_and(|s| q.try_set_size(s).is_ok());
+                        if !ok {
+                            self.bad_queue_config[sel] = true;
+                        }
+                    }
                     0x044 => q.set_ready(v == 1),
-                    0x080 => q.set_desc_table_address(Some(v), None),
-                    0x084 => q.set_desc_table_address(None, Some(v)),
-                    0x090 => q.set_avail_ring_address(Some(v), None),
-                    0x094 => q.set_avail_ring_address(None, Some(v)),
-                    0x0a0 => q.set_used_ring_address(Some(v), None),
-                    _ => q.set_used_ring_address(None, Some(v)),
+                    _ => {
+                        let lo = |cur: u64| (cur & !0xffff_ffff) | u64::from(v);
+                        let hi = |cur: u64| (cur & 0xffff_ffff) | (u64::from(v) << 32);
+                        let r = match offset {
+                            0x080 => q.try_set_desc_table_address(GuestAddress(lo(q.desc_table()))),
+                            0x084 => q.try_set_desc_table_address(GuestAddress(hi(q.desc_table()))),
+                            0x090 => q.try_set_avail_ring_address(GuestAddress(lo(q.avail_ring()))),
+                            0x094 => q.try_set_avail_ring_address(GuestAddress(hi(q.avail_ring()))),
+                            0x0a0 => q.try_set_used_ring_address(GuestAddress(lo(q.used_ring()))),
+                            _ => q.try_set_used_ring_address(GuestAddress(hi(q.used_ring()))),
+                        };
+                        if r.is_err() {
+                            self.bad_queue_config[sel] = true;
+                        }
+                    }
                 }
             }
             QUEUE_NOTIFY => {
@@ -367,7 +387,7 @@ impl MmioTransport {
             .queues
             .iter()
             .enumerate()
-            .find(|(_, q)| !q.ready() || !q.is_valid(&self.mem));
+            .find(|(i, q)| !q.ready() || !q.is_valid(&self.mem) || self.bad_queue_config[*i]);
         if let Some((i, q)) = bad {
             tracing::warn!(
                 queue = i,
@@ -427,6 +447,7 @@ impl MmioTransport {
             let _ = e.read();
         }
         self.interrupt.reset();
+        self.bad_queue_config.fill(false);
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;
@@ -441,7 +462,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::virtio::ActivateError;
     use std::sync::Mutex;
-    use vm_memory::GuestAddress;
 
     #[derive(Debug, Default)]
     pub(crate) struct Probe {
@@ -622,6 +642,14 @@ pub(crate) mod tests {
         assert!(t.activated());
         wr(&mut t, 0x70, 0);
         assert_eq!(*probe.resets.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn misaligned_ring_needs_reset() {
+        let (mut t, _) = transport();
+        driver_init(&mut t, VIRTIO_F_VERSION_1, 0x10001, &[16, 8]); // desc table must be 16-aligned
+        assert!(!t.activated());
+        assert_ne!(rd(&mut t, 0x70) & NEEDS_RESET, 0);
     }
 
     #[test]
