@@ -1,0 +1,311 @@
+//! A private containerd for tests and benchmarks: its own root, state, socket and config,
+//! started on demand and stopped (with everything it mounted) when dropped.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Errors from the private containerd.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    /// containerd or ctr is not installed.
+    #[error("{0} not found: install the Debian package containerd (make setup)")]
+    Missing(&'static str),
+    /// A file operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// containerd did not come up.
+    #[error("containerd did not answer on {socket} within {secs} s; its log:\n{log}")]
+    NotReady {
+        /// Its socket.
+        socket: PathBuf,
+        /// How long we waited.
+        secs: u64,
+        /// The tail of its log.
+        log: String,
+    },
+    /// A `ctr` command failed.
+    #[error("ctr {args} failed (status {status:?}):\n{stderr}")]
+    Ctr {
+        /// Its arguments.
+        args: String,
+        /// Its exit status.
+        status: Option<i32>,
+        /// Its stderr.
+        stderr: String,
+    },
+}
+
+/// An extra runtime to register in containerd's CRI plugin, e.g. Carapace's shim.
+#[derive(Debug, Clone)]
+pub struct RuntimeEntry {
+    /// CRI handler name, e.g. `carapace`.
+    pub handler: String,
+    /// Runtime type, e.g. `io.containerd.carapace.v2`.
+    pub runtime_type: String,
+}
+
+/// A running private containerd. Dropping it stops containerd, kills what it started and
+/// unmounts and removes its directories.
+#[derive(Debug)]
+pub struct Containerd {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts containerd with all its state under `dir` (created; should be on a local
+    /// filesystem that supports overlayfs, e.g. a tmpfs). `runtimes` are registered for CRI
+    /// next to the default runc. `path_prepend` is put in front of containerd's `PATH`, so
+    /// it finds shim binaries there.
+    pub fn start(
+        dir: &Path,
+        runtimes: &[RuntimeEntry],
+        path_prepend: Option<&Path>,
+    ) -> Result<Self, ContainerdError> {
+        for tool in ["containerd", "ctr"] {
+            if which(tool).is_none() {
+                return Err(ContainerdError::Missing(if tool == "ctr" {
+                    "ctr"
+                } else {
+                    "containerd"
+                }));
+            }
+        }
+        fs::create_dir_all(dir).map_err(|source| ContainerdError::Io {
+            what: "cannot create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let config = dir.join("config.toml");
+        fs::write(&config, config_toml(dir, runtimes)).map_err(|source| ContainerdError::Io {
+            what: "cannot write",
+            path: config.clone(),
+            source,
+        })?;
+        let log_path = dir.join("containerd.log");
+        let log = fs::File::create(&log_path).map_err(|source| ContainerdError::Io {
+            what: "cannot create",
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config);
+        if let Some(p) = path_prepend {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", p.display()));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|source| ContainerdError::Io {
+                what: "cannot reopen",
+                path: log_path.clone(),
+                source,
+            })?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| ContainerdError::Io {
+                what: "cannot start containerd with config",
+                path: config.clone(),
+                source,
+            })?;
+        let me = Self {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        };
+        me.wait_ready(Duration::from_secs(60))?;
+        Ok(me)
+    }
+
+    /// containerd's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(self.dir.join("containerd.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<(), ContainerdError> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.socket().exists()
+                && self
+                    .ctr_output(&["version"])
+                    .is_ok_and(|o| o.status.success())
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        Err(ContainerdError::NotReady {
+            socket: self.socket(),
+            secs: timeout.as_secs(),
+            log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        })
+    }
+
+    fn ctr_output(&self, args: &[&str]) -> std::io::Result<Output> {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "carapace-test"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+    }
+
+    /// Runs `ctr` against this containerd (namespace `carapace-test`); returns its output
+    /// when it exits 0.
+    pub fn ctr(&self, args: &[&str]) -> Result<Output, ContainerdError> {
+        let out = self.ctr_output(args).map_err(|e| ContainerdError::Ctr {
+            args: args.join(" "),
+            status: None,
+            stderr: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(ContainerdError::Ctr {
+                args: args.join(" "),
+                status: out.status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Imports an OCI image archive.
+    pub fn import(&self, archive: &Path) -> Result<(), ContainerdError> {
+        let a = archive.to_string_lossy();
+        self.ctr(&["image", "import", "--all-platforms", &a])
+            .map(|_| ())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Remove what tests left, so no shim outlives containerd.
+        if let Ok(out) = self.ctr_output(&["task", "ls", "-q"]) {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.ctr_output(&["task", "kill", "-s", "SIGKILL", id]);
+                let _ = self.ctr_output(&["task", "delete", "--force", id]);
+            }
+        }
+        if let Ok(out) = self.ctr_output(&["container", "ls", "-q"]) {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.ctr_output(&["container", "delete", id]);
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM lets containerd unmount its snapshots; then make sure it is gone.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        unmount_under(&self.dir);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Unmounts every mount point at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| *p == prefix || p.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// containerd's configuration: everything under `dir`, CRI with runc and `runtimes`.
+fn config_toml(dir: &Path, runtimes: &[RuntimeEntry]) -> String {
+    let d = dir.display();
+    let mut s = format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/carapace/pause:latest"
+  disable_cgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+"#
+    );
+    for r in runtimes {
+        s.push_str(&format!(
+            "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{}]\n      runtime_type = \"{}\"\n",
+            r.handler, r.runtime_type
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_registers_extra_runtimes_and_keeps_state_under_dir() {
+        let s = config_toml(
+            Path::new("/t/c"),
+            &[RuntimeEntry {
+                handler: "carapace".into(),
+                runtime_type: "io.containerd.carapace.v2".into(),
+            }],
+        );
+        assert!(s.contains("root = \"/t/c/root\""));
+        assert!(s.contains("address = \"/t/c/containerd.sock\""));
+        assert!(
+            s.contains("runtimes.carapace]\n      runtime_type = \"io.containerd.carapace.v2\"")
+        );
+        assert!(!s.contains("/var/lib/containerd"));
+    }
+}
