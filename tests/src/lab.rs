@@ -194,7 +194,9 @@ fn strip_notice(stderr: &str) -> String {
 
 /// Path of the `tests/lab/run` harness script of this checkout.
 pub fn harness_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("lab").join("run")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("lab")
+        .join("run")
 }
 
 /// Why this host's `/dev/kvm` cannot boot a Linux guest, or `None` if it can.
@@ -336,7 +338,11 @@ mod tests {
             .mode(Mode::Direct)
             .env("LAB_TEST_VALUE", "xyzzy")
             .cwd(&dir)
-            .run(&["bash", "-c", "echo \"$LAB_TEST_VALUE $PWD\"; echo to-err >&2; exit 3"])
+            .run(&[
+                "bash",
+                "-c",
+                "echo \"$LAB_TEST_VALUE $PWD\"; echo to-err >&2; exit 3",
+            ])
             .expect("direct run");
         assert_eq!(out.status, 3);
         assert_eq!(out.stdout, format!("xyzzy {}\n", dir.display()));
