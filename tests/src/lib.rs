@@ -9,3 +9,28 @@
 pub mod containerd;
 pub mod fixtures;
 pub mod lab;
+
+use std::path::PathBuf;
+
+/// The path of a binary built from this workspace (e.g. `carapace-vmm`), next to the
+/// running test executable's profile directory (`target/<profile>/`). Integration tests in
+/// this crate cannot use `CARGO_BIN_EXE_*` for other packages' binaries, so `make test`
+/// builds them first (`cargo build --workspace --bins`).
+///
+/// # Panics
+/// When the binary is not built, with the command that builds it.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
