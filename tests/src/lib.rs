@@ -6,6 +6,7 @@
 //! written with [`kvm_test!`]; on a host that cannot boot guests the test re-runs its own,
 //! already built, executable inside the lab, so cargo never runs under emulation.
 
+pub mod bench;
 pub mod containerd;
 pub mod fixtures;
 pub mod lab;
