@@ -10,7 +10,7 @@ pub const MIN_MEMORY_MIB: u32 = 32;
 /// Largest guest memory we accept (sanity bound, not a host capacity check).
 pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
 /// Maximum number of vCPUs.
-pub const MAX_VCPUS: u8 = 64;
+pub const MAX_VCPUS: u8 = 32;
 /// Maximum number of virtio-mmio devices (bounded by free IOAPIC pins).
 pub const MAX_VIRTIO_DEVICES: usize = 16;
 

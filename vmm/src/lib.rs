@@ -2,13 +2,17 @@
 //!
 //! See README.md for what this crate owns and the design choices.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod exit;
+pub mod fdio;
 pub mod hostcheck;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 pub mod state;
+pub mod vmm;
 pub mod virtio;

@@ -1,7 +1,7 @@
 //! State shared by vCPU threads, devices, the control API and the main thread: how and when
 //! the VM ends, the boot-done time, pause, and exit counters.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,7 @@ pub struct VmState {
     paused: Mutex<bool>,
     pause_cv: Condvar,
     stopping: AtomicBool,
+    running: AtomicUsize,
     /// Exit counters.
     pub exits: ExitCounters,
 }
@@ -110,6 +111,7 @@ impl VmState {
             paused: Mutex::new(false),
             pause_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
             exits: ExitCounters::default(),
         }
     }
@@ -205,12 +207,42 @@ impl VmState {
         *self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Marks a vCPU as running guest code until the guard drops.
+    pub fn vcpu_running(&self) -> RunningGuard<'_> {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        RunningGuard(self)
+    }
+
+    /// vCPUs currently between "about to enter KVM_RUN" and "back in the VMM".
+    pub fn running_vcpus(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// A vCPU executed HLT with interrupts off (KVM_EXIT_HLT): the guest is dead.
+    pub fn guest_halted(&self) {
+        if self.intent.load(Ordering::SeqCst) == INTENT_POWER_OFF {
+            self.request_exit(ExitReason::PowerOff);
+        } else {
+            self.request_exit(ExitReason::GuestCrash("vCPU halted (KVM_EXIT_HLT)".into()));
+        }
+    }
+
     /// Called by a vCPU thread between runs: blocks while paused (returns early on stop).
     pub fn wait_while_paused(&self) {
         let mut p = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         while *p && !self.stopping() {
             p = self.pause_cv.wait(p).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// See [`VmState::vcpu_running`].
+#[derive(Debug)]
+pub struct RunningGuard<'a>(&'a VmState);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

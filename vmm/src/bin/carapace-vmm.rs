@@ -1,2 +1,203 @@
-//! See README.md.
-fn main() {}
+//! carapace-vmm: boots a Carapace guest on KVM. See vmm/README.md.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use carapace_vmm::config::{BlockConfig, SerialOutput, VmConfig, VsockConfig};
+use carapace_vmm::exit::{EXIT_CONFIG, EXIT_VMM};
+use carapace_vmm::vmm::{RunOptions, Vm};
+use clap::Parser;
+
+/// Boot a Carapace microVM (PVH vmlinux or bzImage) on KVM with virtio-mmio devices.
+///
+/// The VM is described by a JSON or TOML file (`--config`, `-` for JSON on stdin); flags
+/// override or extend it. Without `--config`, `--kernel` is required.
+///
+/// Exit codes: 0 guest powered off (or API shutdown), 1 VMM error, 2 invalid configuration,
+/// 3 KVM missing or unable to run Linux (e.g. a software KVM), 4 unusable kernel/initrd,
+/// 32 guest reboot, 33 guest triple fault, 34 guest could not be run.
+#[derive(Debug, Parser)]
+#[command(name = "carapace-vmm", version, about, long_about)]
+struct Cli {
+    /// VM description file (JSON, or TOML when it ends in .toml); `-` reads JSON from stdin.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Read the stdin description as TOML instead of JSON.
+    #[arg(long)]
+    stdin_toml: bool,
+    /// Guest kernel: PVH ELF vmlinux (preferred) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// initrd / initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line (appended to the VMM's own arguments).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Serial console output: `stdout`, `none`, `file:PATH` or `fd:N`.
+    #[arg(long, value_parser = parse_serial)]
+    serial: Option<SerialOutput>,
+    /// Hybrid vsock: the host unix socket (`CONNECT <port>\n`); guest connections to port P
+    /// go to `<PATH>_P`.
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest CID for vsock.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
+    /// virtio-blk device from a raw image: `PATH` or `PATH,ro` (repeatable).
+    #[arg(long, value_parser = parse_block)]
+    block: Vec<BlockConfig>,
+    /// Attach a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// Control API unix socket (JSON lines: info, metrics, pause, resume, shutdown).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Print the effective VM description as JSON and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    match s {
+        "stdout" => Ok(SerialOutput::Stdout),
+        "none" => Ok(SerialOutput::None),
+        _ => {
+            if let Some(p) = s.strip_prefix("file:") {
+                Ok(SerialOutput::File(p.into()))
+            } else if let Some(n) = s.strip_prefix("fd:") {
+                n.parse().map(SerialOutput::Fd).map_err(|e| format!("bad fd: {e}"))
+            } else {
+                Err("expected stdout, none, file:PATH or fd:N".into())
+            }
+        }
+    }
+}
+
+fn parse_block(s: &str) -> Result<BlockConfig, String> {
+    let (path, ro) = match s.strip_suffix(",ro") {
+        Some(p) => (p, true),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("empty path".into());
+    }
+    Ok(BlockConfig {
+        path: path.into(),
+        read_only: ro,
+    })
+}
+
+fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
+    let mut c = match (&cli.config, &cli.kernel) {
+        (Some(p), _) => VmConfig::load(p, cli.stdin_toml)?,
+        (None, Some(k)) => VmConfig::with_kernel(k),
+        (None, None) => anyhow::bail!("no VM description: pass --config FILE or --kernel PATH"),
+    };
+    if let Some(k) = cli.kernel {
+        c.kernel = k;
+    }
+    if cli.initrd.is_some() {
+        c.initrd = cli.initrd;
+    }
+    if let Some(s) = cli.cmdline {
+        c.cmdline = s;
+    }
+    if let Some(m) = cli.memory_mib {
+        c.memory_mib = m;
+    }
+    if let Some(v) = cli.vcpus {
+        c.vcpus = v;
+    }
+    if let Some(s) = cli.serial {
+        c.serial = s;
+    }
+    if let Some(u) = cli.vsock_uds {
+        c.vsock = Some(VsockConfig {
+            guest_cid: cli.vsock_cid,
+            uds_path: u,
+        });
+    }
+    c.block.extend(cli.block);
+    c.rng |= cli.rng;
+    if cli.api_socket.is_some() {
+        c.api_socket = cli.api_socket;
+    }
+    c.validate()?;
+    Ok((c, cli.print_config))
+}
+
+fn print_chain(e: &dyn std::error::Error) {
+    eprintln!("carapace-vmm: error: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        eprintln!("  caused by: {s}");
+        src = s.source();
+    }
+}
+
+fn main() {
+    let start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let (config, print) = match build_config(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            print_chain(e.as_ref());
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    if print {
+        match serde_json::to_string_pretty(&config) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("carapace-vmm: {e}"),
+        }
+        return;
+    }
+    let api = config.api_socket.clone();
+    let mut vm = match Vm::start(
+        config,
+        RunOptions {
+            start,
+            ..Default::default()
+        },
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            print_chain(&e);
+            std::process::exit(e.exit_code());
+        }
+    };
+    if let Some(p) = api {
+        if let Err(e) = carapace_vmm::api::spawn(vm.handle.clone(), &p)
+            .with_context(|| "control API".to_string())
+        {
+            print_chain(e.as_ref());
+            std::process::exit(EXIT_VMM);
+        }
+    }
+    let reason = vm.wait(None).unwrap_or(carapace_vmm::exit::ExitReason::PowerOff);
+    tracing::info!(%reason, code = reason.code(), "VM stopped");
+    if let Some(p) = &vm.config.api_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(v) = &vm.config.vsock {
+        let _ = std::fs::remove_file(&v.uds_path);
+    }
+    // vsock sockets are removed when the devices drop; exit without unwinding vCPU threads.
+    drop(vm);
+    std::process::exit(reason.code());
+}

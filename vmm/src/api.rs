@@ -1,0 +1,173 @@
+//! Control API: newline-delimited JSON over a unix socket.
+//!
+//! Requests (one JSON object per line), each answered by one JSON line:
+//! - `{"cmd":"info"}` → state, vCPUs, memory, command line, boot-done time, devices;
+//! - `{"cmd":"metrics"}` → VM exits by kind, console counters, per-device counters;
+//! - `{"cmd":"pause"}` / `{"cmd":"resume"}` → stop / restart the vCPUs;
+//! - `{"cmd":"shutdown","grace_secs":N}` → give the guest N seconds (default: the VM's
+//!   `shutdown_timeout_secs`) to power off on its own — the runtime asks the agent over vsock
+//!   first, the guest has no ACPI button — then force the VM off. The VMM exits 0.
+//!
+//! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Lines are capped at 4 KiB.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::exit::ExitReason;
+use crate::vmm::VmHandle;
+
+const MAX_LINE: u64 = 4096;
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket could not be bound.
+    #[error("cannot listen on API socket {path}")]
+    Bind {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server thread could not be started.
+    #[error("cannot start the API thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// One request.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// VM facts and status.
+    Info,
+    /// Counters.
+    Metrics,
+    /// Pause vCPUs.
+    Pause,
+    /// Resume vCPUs.
+    Resume,
+    /// Graceful-then-forced shutdown.
+    Shutdown {
+        /// Seconds to wait for the guest before forcing.
+        #[serde(default)]
+        grace_secs: Option<u32>,
+    },
+}
+
+/// Executes a request against the VM.
+pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
+    match req {
+        Request::Info => ok(vm.info()),
+        Request::Metrics => ok(vm.metrics()),
+        Request::Pause => {
+            vm.pause();
+            ok(serde_json::json!({"state": "paused"}))
+        }
+        Request::Resume => {
+            vm.resume();
+            ok(serde_json::json!({"state": "running"}))
+        }
+        Request::Shutdown { grace_secs } => {
+            let grace = grace_secs.unwrap_or(vm.config.shutdown_timeout_secs);
+            vm.resume();
+            let forced = vm
+                .state
+                .wait_exit(Some(Duration::from_secs(u64::from(grace))))
+                .is_none();
+            if forced {
+                tracing::info!(grace_secs = grace, "guest did not stop in time, forcing it off");
+                vm.state.request_exit(ExitReason::PowerOff);
+            }
+            ok(serde_json::json!({"forced": forced}))
+        }
+    }
+}
+
+fn ok(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("ok".into(), true.into());
+        v
+    } else {
+        serde_json::json!({"ok": true, "result": v})
+    }
+}
+
+fn err(msg: String) -> serde_json::Value {
+    serde_json::json!({"ok": false, "error": msg})
+}
+
+fn serve_conn(vm: &VmHandle, stream: UnixStream) {
+    let Ok(w) = stream.try_clone() else {
+        return;
+    };
+    let mut w = w;
+    let mut r = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match (&mut r).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') {
+            let _ = writeln!(w, "{}", err("request line too long or unterminated".into()));
+            return;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(vm, req),
+            Err(e) => err(format!("invalid request: {e}")),
+        };
+        if writeln!(w, "{resp}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Binds `path` (replacing a stale socket) and serves requests on a thread.
+pub fn spawn(vm: VmHandle, path: &Path) -> Result<(), ApiError> {
+    if let Ok(m) = std::fs::symlink_metadata(path)
+        && std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for s in listener.incoming().flatten() {
+                let vm = vm.clone();
+                // One thread per client: a slow client cannot block others.
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || serve_conn(&vm, s));
+            }
+        })
+        .map_err(ApiError::Thread)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests_strictly() {
+        let p = |s: &str| serde_json::from_str::<Request>(s);
+        assert_eq!(p(r#"{"cmd":"info"}"#).unwrap(), Request::Info);
+        assert_eq!(
+            p(r#"{"cmd":"shutdown","grace_secs":3}"#).unwrap(),
+            Request::Shutdown {
+                grace_secs: Some(3)
+            }
+        );
+        assert!(p(r#"{"cmd":"info","x":1}"#).is_err());
+        assert!(p(r#"{"cmd":"explode"}"#).is_err());
+    }
+}

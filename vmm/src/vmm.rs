@@ -1,0 +1,666 @@
+//! Building the VM from a [`VmConfig`] and running it until it stops.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, SerialOutput, VmConfig};
+use crate::cpu::{self, CpuError};
+use crate::devices::legacy::PioBus;
+use crate::devices::output::BoundedOutput;
+use crate::exit::{EXIT_CONFIG, EXIT_IMAGE, EXIT_KVM, EXIT_VMM, ExitReason};
+use crate::hostcheck::{self, HostError, HostFacts};
+use crate::layout::*;
+use crate::memory::{self, MemoryError};
+use crate::mptable;
+use crate::state::{ExitCounters, VmState};
+use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY, TransportError};
+use crate::virtio::{self, VirtioDevice};
+
+/// Kernel command line the VMM always passes (before device entries and the user's part).
+///
+/// - `console=ttyS0`: the 8250 at 0x3f8/IRQ 4 is the console;
+/// - `reboot=k`: reboot through the i8042 reset line (no ACPI in the guest);
+/// - `panic=-1`: reboot immediately on panic, so a dead guest ends the VMM;
+/// - `pci=off`: there is no PCI bus, devices are virtio-mmio;
+/// - `nomodule`: all drivers are built in;
+/// - `i8042.*`: probe only the controller's reset-relevant part, quickly.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Errors building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM unusable on this host.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Kernel / initrd problem.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// A KVM VM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A device could not be created.
+    #[error("cannot create device {device}")]
+    Device {
+        /// Device name.
+        device: String,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An I/O resource (eventfd, thread, output file) could not be created.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+}
+
+impl VmmError {
+    /// Process exit code for this error (see [`crate::exit`]).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmmError::Config(_) => EXIT_CONFIG,
+            VmmError::Host(_) => EXIT_KVM,
+            VmmError::Boot(_) => EXIT_IMAGE,
+            _ => EXIT_VMM,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+    let what = what.into();
+    move |source| VmmError::Io { what, source }
+}
+
+/// One virtio-mmio device on the bus.
+#[derive(Debug)]
+pub struct MmioSlot {
+    /// Window base address.
+    pub base: u64,
+    /// IRQ (IOAPIC pin / GSI).
+    pub irq: u32,
+    /// Device name for metrics.
+    pub name: String,
+    /// The transport.
+    pub transport: Mutex<MmioTransport>,
+}
+
+/// MMIO dispatch.
+#[derive(Debug, Default)]
+pub struct MmioBus {
+    slots: Vec<Arc<MmioSlot>>,
+}
+
+impl MmioBus {
+    fn find(&self, addr: u64) -> Option<(&MmioSlot, u64)> {
+        self.slots
+            .iter()
+            .find(|s| addr >= s.base && addr < s.base + VIRTIO_MMIO_SIZE)
+            .map(|s| (s.as_ref(), addr - s.base))
+    }
+
+    /// Guest MMIO read.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((s, off)) => {
+                s.transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(off, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    /// Guest MMIO write.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((s, off)) => {
+                s.transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The devices.
+    pub fn slots(&self) -> &[Arc<MmioSlot>] {
+        &self.slots
+    }
+}
+
+/// Options that are not part of the VM description.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Reference instant for boot-done times (the VMM's process start).
+    pub start: Instant,
+    /// KVM device path.
+    pub kvm_path: std::path::PathBuf,
+    /// Skip the software-KVM refusal (only for tests that run hand-made code snippets).
+    pub allow_software_kvm: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            start: Instant::now(),
+            kvm_path: "/dev/kvm".into(),
+            allow_software_kvm: false,
+        }
+    }
+}
+
+/// A cheap, cloneable handle on a running VM (for the control API).
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    /// Shared state (exit reason, boot-done, pause, counters).
+    pub state: Arc<VmState>,
+    /// Port I/O devices.
+    pub pio: Arc<PioBus>,
+    /// virtio-mmio devices.
+    pub mmio: Arc<MmioBus>,
+    /// The command line given to the guest.
+    pub cmdline: Arc<str>,
+    /// The configuration.
+    pub config: Arc<VmConfig>,
+    vcpus: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// A built, running VM.
+#[derive(Debug)]
+pub struct Vm {
+    /// Handle shared with the control API.
+    pub handle: VmHandle,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    _vm: VmFd,
+}
+
+impl std::ops::Deref for Vm {
+    type Target = VmHandle;
+    fn deref(&self) -> &VmHandle {
+        &self.handle
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn open_serial(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match out {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(io_err(format!("cannot open serial output {}", p.display())))?,
+        ),
+        SerialOutput::Fd(fd) => Box::new(crate::fdio::file_from_fd(*fd).map_err(io_err(
+            format!("serial output fd {fd} is not an open file descriptor"),
+        ))?),
+    })
+}
+
+impl Vm {
+    /// Checks the host, builds the VM and starts its vCPUs.
+    pub fn start(config: VmConfig, opts: RunOptions) -> Result<Self, VmmError> {
+        config.validate()?;
+        let format = boot::detect_format(&config.kernel)?;
+        tracing::debug!(?format, kernel = %config.kernel.display(), "kernel image");
+        let facts = if opts.allow_software_kvm {
+            HostFacts {
+                cpuinfo: "flags : vmx".into(),
+                kvm_pvm_loaded: false,
+            }
+        } else {
+            HostFacts::read()
+        };
+        hostcheck::check_kvm(&opts.kvm_path, &facts)?;
+        let kvm = Kvm::new_with_path(
+            std::ffi::CString::new(opts.kvm_path.as_os_str().as_encoded_bytes())
+                .unwrap_or_default()
+                .as_c_str(),
+        )
+        .map_err(|source| HostError::Kvm {
+            what: "open KVM",
+            source,
+        })?;
+        hostcheck::check_capabilities(&kvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        // No vhost-user device yet: anonymous memory (memfd when one is attached).
+        let mem = memory::create(u64::from(config.memory_mib) << 20, false)?;
+        memory::register(&vm, &mem)?;
+
+        let state = Arc::new(VmState::new(opts.start));
+        let out = BoundedOutput::spawn(open_serial(&config.serial)?)
+            .map_err(io_err("cannot start the console writer thread"))?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let pio = Arc::new(PioBus::new(serial_irq, out, state.clone()));
+
+        let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+        if let Some(v) = &config.vsock {
+            let d = virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path).map_err(|e| {
+                VmmError::Device {
+                    device: "vsock".into(),
+                    source: Box::new(e),
+                }
+            })?;
+            devices.push(("vsock".into(), Box::new(d)));
+        }
+        for (i, b) in config.block.iter().enumerate() {
+            let d = virtio::blk::Block::open(&b.path, b.read_only).map_err(|e| {
+                VmmError::Device {
+                    device: format!("block{i}"),
+                    source: Box::new(e),
+                }
+            })?;
+            devices.push((format!("block{i}"), Box::new(d)));
+        }
+        if config.rng {
+            devices.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
+        }
+        let mut cmdline = String::from(BASE_CMDLINE);
+        let mut bus = MmioBus::default();
+        for (i, (name, dev)) in devices.into_iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + i as u32;
+            let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+            vm.register_irqfd(&irq_evt, irq)
+                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            let t = MmioTransport::new(dev, mem.clone(), irq_evt).map_err(
+                |e: TransportError| VmmError::Device {
+                    device: name.clone(),
+                    source: Box::new(e),
+                },
+            )?;
+            for (q, evt) in t.queue_events().iter().enumerate() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            }
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            bus.slots.push(Arc::new(MmioSlot {
+                base,
+                irq,
+                name,
+                transport: Mutex::new(t),
+            }));
+        }
+        if !config.cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&config.cmdline);
+        }
+        let loaded = boot::load(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
+        mptable::write(&mem, config.vcpus)?;
+
+        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut fds: Vec<VcpuFd> = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            cpu::setup_common(&fd, &base_cpuid, id, config.vcpus)?;
+            if id == 0 {
+                cpu::setup_boot_vcpu(&fd, &mem, loaded.entry)?;
+            }
+            fds.push(fd);
+        }
+        let _ = register_signal_handler(kick_signal(), kick_handler);
+
+        let mmio = Arc::new(bus);
+        let mut vcpus = Vec::new();
+        for (id, fd) in fds.into_iter().enumerate() {
+            let (state, pio, mmio) = (state.clone(), pio.clone(), mmio.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(id, fd, &state, &pio, &mmio))
+                .map_err(io_err("cannot spawn a vCPU thread"))?;
+            vcpus.push(h);
+        }
+        tracing::info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory_mib,
+            devices = mmio.slots().len(),
+            setup_ms = opts.start.elapsed().as_secs_f64() * 1000.0,
+            "VM started"
+        );
+        Ok(Vm {
+            handle: VmHandle {
+                state,
+                pio,
+                mmio,
+                cmdline: cmdline.into(),
+                config: Arc::new(config),
+                vcpus: Arc::new(Mutex::new(vcpus)),
+            },
+            mem,
+            _vm: vm,
+        })
+    }
+
+    /// Waits until the VM stops (or `timeout`), then stops the vCPUs and flushes the console.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let reason = self.state.wait_exit(timeout)?;
+        self.handle.stop_vcpus();
+        self.pio.console().drain(Duration::from_secs(2));
+        Some(reason)
+    }
+}
+
+impl VmHandle {
+    /// Interrupts every vCPU's KVM_RUN (to pause or stop).
+    pub fn kick_vcpus(&self) {
+        let vcpus = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        for h in vcpus.iter() {
+            if !h.is_finished() {
+                let _ = h.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Pauses the vCPUs (returns when none runs guest code, or after 1 s).
+    pub fn pause(&self) {
+        self.state.set_paused(true);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.state.running_vcpus() > 0 && Instant::now() < deadline {
+            self.kick_vcpus();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Resumes paused vCPUs.
+    pub fn resume(&self) {
+        self.state.set_paused(false);
+    }
+
+    fn stop_vcpus(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let unfinished = || {
+            let v = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+            v.iter().any(|h| !h.is_finished())
+        };
+        while unfinished() && Instant::now() < deadline {
+            self.kick_vcpus();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut v = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        for h in v.drain(..) {
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Static facts and live status for the API's `info`.
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": if self.state.stopping() { "stopping" }
+                     else if self.state.paused() { "paused" } else { "running" },
+            "vcpus": self.config.vcpus,
+            "memory_mib": self.config.memory_mib,
+            "kernel": self.config.kernel,
+            "cmdline": &*self.cmdline,
+            "uptime_ms": self.state.start.elapsed().as_millis() as u64,
+            "boot_done_ms": self.state.boot_done().map(|d| d.as_secs_f64() * 1000.0),
+            "devices": self.mmio.slots().iter().map(|s| serde_json::json!({
+                "name": s.name, "mmio_base": s.base, "irq": s.irq,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Metrics snapshot (exits by kind, devices).
+    pub fn metrics(&self) -> serde_json::Value {
+        let devices: serde_json::Map<String, serde_json::Value> = self
+            .mmio
+            .slots()
+            .iter()
+            .map(|s| {
+                let t = s.transport.lock().unwrap_or_else(|p| p.into_inner());
+                (s.name.clone(), t.metrics())
+            })
+            .collect();
+        serde_json::json!({
+            "exits": self.state.exits.snapshot(),
+            "console": self.pio.console().stats(),
+            "devices": devices,
+        })
+    }
+}
+
+fn vcpu_loop(id: usize, mut fd: VcpuFd, state: &VmState, pio: &PioBus, mmio: &MmioBus) {
+    let c = &state.exits;
+    loop {
+        if state.stopping() {
+            return;
+        }
+        if state.paused() {
+            state.wait_while_paused();
+            continue;
+        }
+        let _running = state.vcpu_running();
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ExitCounters::bump(&c.io_in);
+                pio.read(port, data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ExitCounters::bump(&c.io_out);
+                pio.write(port, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ExitCounters::bump(&c.mmio_read);
+                if !mmio.read(addr, data) {
+                    ExitCounters::bump(&c.unhandled);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ExitCounters::bump(&c.mmio_write);
+                if !mmio.write(addr, data) {
+                    ExitCounters::bump(&c.unhandled);
+                }
+            }
+            Ok(VcpuExit::Hlt) => {
+                ExitCounters::bump(&c.hlt);
+                state.guest_halted();
+                return;
+            }
+            Ok(VcpuExit::Shutdown) => {
+                state.guest_reset(true);
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                        state.request_exit(ExitReason::PowerOff)
+                    }
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => state.guest_reset(false),
+                    other => state.request_exit(ExitReason::GuestCrash(format!(
+                        "vCPU {id}: KVM system event {other}"
+                    ))),
+                }
+                return;
+            }
+            Ok(VcpuExit::InternalError) => {
+                state.request_exit(ExitReason::GuestCrash(format!(
+                    "vCPU {id}: KVM internal error (emulation failure)"
+                )));
+                return;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                state.request_exit(ExitReason::GuestCrash(format!(
+                    "vCPU {id}: VM entry failed on host CPU {cpu}, reason {reason:#x}"
+                )));
+                return;
+            }
+            Ok(VcpuExit::Intr) => ExitCounters::bump(&c.interrupted),
+            Ok(other) => {
+                ExitCounters::bump(&c.other);
+                tracing::debug!(vcpu = id, exit = ?other, "unhandled vCPU exit");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ExitCounters::bump(&c.interrupted);
+            }
+            Err(e) => {
+                state.request_exit(ExitReason::VmmError(format!("vCPU {id}: KVM_RUN: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These run hand-made guest code on whatever /dev/kvm exists (a software KVM is fine
+    //! for a few instructions); they are skipped when /dev/kvm is missing.
+    use super::*;
+    use crate::boot::tests::pvh_elf;
+    use crate::state::MARKER_POWER_OFF;
+
+    fn kvm_usable() -> bool {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+    }
+
+    fn run_snippet(code: &[u8]) -> (ExitReason, Vm, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, pvh_elf(code, 0x100_0000)).unwrap();
+        let serial = dir.path().join("serial.log");
+        let mut c = VmConfig::with_kernel(&k);
+        c.memory_mib = 64;
+        c.serial = SerialOutput::File(serial.clone());
+        let opts = RunOptions {
+            allow_software_kvm: true,
+            ..Default::default()
+        };
+        let mut vm = Vm::start(c, opts).unwrap();
+        assert_eq!(vm.info()["vcpus"], 1);
+        let r = vm.wait(Some(Duration::from_secs(60))).expect("guest did not stop");
+        let out = std::fs::read_to_string(&serial).unwrap();
+        (r, vm, out)
+    }
+
+    #[test]
+    fn pvh_entry_serial_marker_and_poweroff() {
+        if !kvm_usable() {
+            return;
+        }
+        // 32-bit protected mode (PVH entry): ebx must point at the start_info magic.
+        let mut code = vec![
+            0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33, // cmp dword [ebx], 0x336ec578
+            0x75, 0x1d, // jne fail (+29)
+        ];
+        code.extend_from_slice(&[
+            0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb0, b'O', 0xee, // mov al, 'O'; out dx, al
+            0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
+            0xb0, b'\n', 0xee, // newline
+            0x66, 0xba, 0xf0, 0x03, // mov dx, 0x3f0
+            0xb0, 123, 0xee, // boot done
+            0xb0, MARKER_POWER_OFF, 0xee, // power-off intent
+            0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al  (i8042 reset)
+            0xf4, // hlt (not reached)
+            0xeb, 0xfe, // jmp $ (not reached)
+        ]);
+        // fail: triple fault via int3 with an empty IDT
+        code.push(0xcc);
+        let (r, vm, out) = run_snippet(&code);
+        assert_eq!(out, "OK\n");
+        assert_eq!(r, ExitReason::PowerOff);
+        assert!(vm.state.boot_done().is_some());
+        let m = vm.metrics();
+        assert!(m["exits"]["io_out"].as_u64().unwrap() >= 6, "{m}");
+    }
+
+    #[test]
+    fn triple_fault_and_reboot_exit_codes() {
+        if !kvm_usable() {
+            return;
+        }
+        let (r, _, _) = run_snippet(&[0xcc]); // int3, IDT empty -> triple fault
+        if HostFacts::read().software_kvm().is_some() {
+            // kvm_pvm cannot deliver the exception and reports an emulation failure instead.
+            assert!(matches!(r, ExitReason::TripleFault | ExitReason::GuestCrash(_)), "{r:?}");
+        } else {
+            assert_eq!(r, ExitReason::TripleFault);
+            assert_eq!(r.code(), 33);
+        }
+        let (r, _, _) = run_snippet(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]);
+        assert_eq!(r, ExitReason::Reboot);
+        assert_eq!(r.code(), 32);
+    }
+
+    #[test]
+    fn software_kvm_is_refused_with_reason() {
+        if !kvm_usable() || HostFacts::read().software_kvm().is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, pvh_elf(&[0xf4], 0x100_0000)).unwrap();
+        let e = Vm::start(VmConfig::with_kernel(&k), RunOptions::default()).unwrap_err();
+        assert_eq!(e.exit_code(), EXIT_KVM);
+        assert!(e.to_string().contains("software KVM"), "{e}");
+    }
+}
