@@ -1,0 +1,232 @@
+//! carapace-fsd through a real guest: QEMU `-M microvm` (the reference VMM until ours
+//! drives vhost-user) with `vhost-user-fs-device` connected to carapace-fsd, sandboxed as
+//! in production. The guest's /init is carapace-fsd's test-only `fsd-guest-check`, which
+//! runs the conformance checks and the escape attempts and prints one line per check.
+//! The test asserts on those lines and on the host-side directories (the shared dir has
+//! what the guest wrote; the directory beside it is untouched).
+//!
+//! Everything is built on the host (kernel through carapace-image's cache, the two
+//! static executables with cargo); only QEMU and the daemon run in the lab.
+
+use carapace_image::cache::Cache;
+use carapace_image::cpio;
+use carapace_image::image;
+use carapace_image::kernel::{self, KernelBuild, KernelSource};
+use carapace_tests::lab::Lab;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// The guest kernel (carapace-image's default fragment has virtio-fs and virtio-mmio
+/// command-line devices built in), from the content cache.
+fn guest_kernel() -> PathBuf {
+    let source = KernelSource::locate(image::DEFAULT_SOURCE_PACKAGE).expect("linux-source package");
+    let cache = Cache::new(image::DEFAULT_CACHE_DIR);
+    let built = kernel::build(&KernelBuild {
+        source: &source,
+        fragment: carapace_image::DEFAULT_FRAGMENT,
+        fragment_origin: "(built in)",
+        cache: &cache,
+        jobs: 2,
+        force: false,
+    })
+    .expect("building the guest kernel");
+    built.vmlinux
+}
+
+/// Builds carapace-fsd and fsd-guest-check, static, release; returns their paths.
+fn static_bins() -> (PathBuf, PathBuf) {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "carapace-fsd",
+            "--bin",
+            "carapace-fsd",
+            "--bin",
+            "fsd-guest-check",
+            "--target",
+            TARGET,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(workspace_root())
+        .status()
+        .expect("running cargo build");
+    assert!(st.success(), "building carapace-fsd statically failed");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let dir = target_dir.join(TARGET).join("release");
+    (dir.join("carapace-fsd"), dir.join("fsd-guest-check"))
+}
+
+/// An uncompressed initramfs whose /init is `init`.
+fn initramfs(init: &Path, out: &Path) {
+    let bin = std::fs::read(init).expect("reading fsd-guest-check");
+    let mut w = cpio::Writer::new(Vec::new());
+    w.dir("dev", 0o755).unwrap();
+    w.char_dev("dev/console", 0o600, 5, 1).unwrap();
+    w.dir("proc", 0o755).unwrap();
+    w.dir("mnt", 0o755).unwrap();
+    w.file("init", 0o755, &bin).unwrap();
+    let bytes = w.finish().unwrap();
+    std::fs::write(out, bytes).expect("writing the initramfs");
+}
+
+/// Runs in the lab: prepares the dirs, starts the daemon and QEMU, prints the console
+/// (`SERIAL ...`) and host-side facts (`HOST ...`).
+/// Usage: bash -c SCRIPT bash FSD KERNEL INITRD
+const SCRIPT: &str = r#"
+set -u
+fsd=$1 kernel=$2 initrd=$3
+w=$(mktemp -d /tmp/fsd-guest.XXXXXX)
+mkdir "$w/shared" "$w/outside" "$w/outside/sub"
+echo "HOST-SECRET outside the shared dir" > "$w/outside/secret"
+ln -s "$w/outside" "$w/shared/abs"
+ln -s ../outside "$w/shared/rel"
+ln -s /proc/self/fd/3 "$w/shared/pfd"
+snap() { (cd "$w/outside" && find . -printf '%p %y %s %T@ %m %U:%G\n' | sort); }
+before=$(snap)
+"$fsd" --socket-path "$w/fs.sock" --shared-dir "$w/shared" --log-level warn 2>"$w/fsd.log" &
+fsdpid=$!
+for _ in $(seq 1 200); do [[ -S $w/fs.sock ]] && break; sleep 0.1; done
+echo "HOST fsd-status $(grep -E '^(Seccomp|NoNewPrivs):' /proc/$fsdpid/status | tr -s '\t\n' '  ')"
+timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem -accel kvm -cpu host -m 512M -smp 2 \
+  -object memory-backend-memfd,id=mem,size=512M,share=on \
+  -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+  -chardev socket,id=fs0,path="$w/fs.sock" \
+  -device vhost-user-fs-device,chardev=fs0,tag=shared,queue-size=1024 \
+  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 quiet" \
+  </dev/null 2>"$w/qemu.err" | tr -d '\r' | sed 's/^/SERIAL /'
+echo "HOST qemu-exit ${PIPESTATUS[0]}"
+for _ in $(seq 1 100); do kill -0 $fsdpid 2>/dev/null || break; sleep 0.1; done
+if kill -0 $fsdpid 2>/dev/null; then echo "HOST fsd-exit still-running"; kill $fsdpid; else wait $fsdpid; echo "HOST fsd-exit $?"; fi
+sed 's/^/QEMU /' "$w/qemu.err"; sed 's/^/FSD /' "$w/fsd.log"
+after=$(snap)
+if [[ $before == "$after" ]]; then echo "HOST outside-unchanged yes"; else echo "HOST outside-unchanged no"; diff <(echo "$before") <(echo "$after") | sed 's/^/HOST diff /'; fi
+s=$w/shared
+echo "HOST hello $(head -c 20 "$s/hello.txt" 2>&1 | tr '\n' ' ')"
+echo "HOST sparse-size $(stat -c %s "$s/sparse" 2>&1)"
+echo "HOST many-count $(ls "$s/many" 2>/dev/null | wc -l)"
+echo "HOST owned $(stat -c %u:%g "$s/owned" 2>&1)"
+echo "HOST xattr $(getfattr --only-values -n user.carapace "$s/hello.txt" 2>/dev/null || python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.carapace").decode())' "$s/hello.txt" 2>&1)"
+echo "HOST devices $(find "$s" -type b -o -type c | wc -l)"
+echo "HOST planted-in-shared $(find "$s" -name 'planted-by-guest*' | wc -l)"
+rm -rf "$w"
+"#;
+
+#[test]
+fn conformance_and_escapes_through_a_real_guest() {
+    let kernel = guest_kernel();
+    let (fsd, check) = static_bins();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fsd-guest");
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = dir.join("initramfs.cpio");
+    initramfs(&check, &initrd);
+
+    let argv = [
+        "bash".to_string(),
+        "-c".into(),
+        SCRIPT.into(),
+        "bash".into(),
+        fsd.display().to_string(),
+        kernel.display().to_string(),
+        initrd.display().to_string(),
+    ];
+    let out = Lab::new()
+        .mem_mib(3072)
+        .smp(2)
+        .timeout(Duration::from_secs(1800))
+        .run(&argv)
+        .expect("running QEMU where KVM can boot guests");
+    let all = format!("{}\n{}", out.stdout, out.stderr);
+    println!("{all}");
+    let host = |key: &str| -> String {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("HOST {key} ")))
+            .unwrap_or_else(|| panic!("no HOST {key} line:\n{all}"))
+            .trim()
+            .to_string()
+    };
+
+    // The daemon ran sandboxed and exited cleanly when QEMU went away.
+    let status = host("fsd-status");
+    assert!(
+        status.contains("Seccomp: 2") && status.contains("NoNewPrivs: 1"),
+        "{status}"
+    );
+    assert_eq!(host("fsd-exit"), "0", "{all}");
+
+    let serial: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("SERIAL "))
+        .collect();
+    let done = serial
+        .iter()
+        .find(|l| l.starts_with("FSD-GUEST-CHECK DONE"))
+        .unwrap_or_else(|| panic!("the guest did not finish:\n{all}"));
+    let failed: Vec<&&str> = serial
+        .iter()
+        .filter(|l| l.contains(" FAIL ") || l.contains(" ESCAPED "))
+        .collect();
+    assert!(failed.is_empty(), "failed checks: {failed:#?}\n{all}");
+    assert!(done.ends_with("fail=0"), "{done}");
+    for check in [
+        "mount",
+        "create-write-read",
+        "rename",
+        "hardlink",
+        "symlink",
+        "chmod",
+        "chown",
+        "xattr",
+        "locks",
+        "sparse-4g",
+        "readdir-10k",
+        "mmap-read",
+        "mkfifo",
+        "statfs",
+        "fallocate-lseek",
+        "unlink-rmdir",
+    ] {
+        assert!(
+            serial.contains(&format!("CHECK {check} ok").as_str()),
+            "CHECK {check} missing:\n{all}"
+        );
+    }
+    for esc in [
+        "dotdot",
+        "abs-symlink",
+        "rel-symlink",
+        "proc-self-fd",
+        "guest-made-symlinks",
+        "mknod-device",
+        "rename-race",
+    ] {
+        assert!(
+            serial.contains(&format!("ESCAPE {esc} denied").as_str()),
+            "ESCAPE {esc} missing:\n{all}"
+        );
+    }
+
+    // Host side: what the guest did is in the shared dir, nothing outside changed.
+    assert_eq!(host("outside-unchanged"), "yes", "{all}");
+    assert!(host("hello").starts_with("hello from the guest"), "{all}");
+    assert_eq!(host("sparse-size"), ((4u64 << 30) + 1).to_string());
+    assert_eq!(host("many-count"), "10000");
+    assert_eq!(host("owned"), "1234:2345");
+    assert_eq!(host("xattr"), "guest-value");
+    assert_eq!(host("devices"), "0");
+}
