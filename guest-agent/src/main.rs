@@ -1,2 +1,206 @@
-//! See README.md.
-fn main() {}
+//! `carapace-agent`: PID 1 of a Carapace microVM (or, with `--host-mode`, a test
+//! server on the host). See README.md.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use carapace_agent::service::{Config, Mode};
+use carapace_agent::{pid1, process, sys};
+use clap::Parser;
+
+/// Carapace guest agent: the init process of a Carapace microVM and the supervisor of the
+/// containers inside it, serving the carapace-protocol ttrpc API.
+///
+/// As PID 1 (the kernel runs it as /init) it prints a ready line on the console, mounts
+/// proc/sys/dev/devpts/cgroup2/run, reads `carapace.*` kernel parameters, serves on vsock
+/// port 1024 and powers the VM off when the sandbox is destroyed.
+///
+/// With --host-mode it serves on a unix socket and runs containers on this host (root
+/// needed); used by tests so that most of the agent is exercised without a VM.
+#[derive(Debug, Parser)]
+#[command(name = "carapace-agent", version)]
+struct Args {
+    /// Run as a normal process on the host instead of as the VM's init.
+    #[arg(long)]
+    host_mode: bool,
+    /// Address to serve on: unix:///path/agent.sock or vsock://-1:PORT.
+    /// Default: vsock://-1:1024 (guest); required with --host-mode.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Parent cgroup (in a cgroup2 hierarchy) of container cgroups. Default: guest
+    /// /sys/fs/cgroup/carapace; host mode: <cgroup2 mount>/carapace-agent-<pid> if a cgroup2
+    /// mount exists, else no cgroups (limits, stats and pause are then refused).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// Directory that CopyFile writes into. Default: /run/carapace/shared (guest),
+    /// <socket dir>/shared (host mode).
+    #[arg(long)]
+    shared_dir: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax). Guest default: carapace.log= on the kernel
+    /// command line, else "info".
+    #[arg(long)]
+    log: Option<String>,
+}
+
+/// Exit codes.
+const EXIT_USAGE: u8 = 2;
+const EXIT_SERVE: u8 = 3;
+
+fn init_logging(filter: &str, to_console: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    if to_console {
+        builder
+            .with_writer(|| -> Box<dyn std::io::Write> {
+                match std::fs::OpenOptions::new().write(true).open("/dev/console") {
+                    Ok(f) => Box::new(f),
+                    Err(_) => Box::new(std::io::stderr()),
+                }
+            })
+            .init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
+}
+
+fn report(e: &anyhow::Error) {
+    let msg = format!("carapace-agent: error: {e:#}");
+    eprintln!("{msg}");
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    // The container helper: handled before anything else (no runtime, no threads).
+    if argv.get(1).map(String::as_str) == Some("__init") {
+        let fd = |i: usize| argv.get(i).and_then(|s| process::parse_fd(s));
+        match (fd(2), fd(3), fd(4)) {
+            (Some(c), Some(s), Some(st)) => carapace_agent::init::main(c, s, st),
+            _ => {
+                eprintln!("carapace-agent: __init needs three descriptor numbers");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    let is_pid1 = std::process::id() == 1;
+    if is_pid1 {
+        // First thing: tell the host we reached userspace.
+        pid1::console_line(&pid1::ready_line());
+    }
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if is_pid1 => {
+            // PID 1 must not exit on odd arguments from the kernel.
+            pid1::console_line(&format!("carapace-agent: ignoring arguments: {e}"));
+            Args::parse_from(["carapace-agent"])
+        }
+        Err(e) => e.exit(),
+    };
+    let result = if args.host_mode {
+        run_host(args)
+    } else if is_pid1 {
+        run_guest(args)
+    } else {
+        Err(anyhow::anyhow!(
+            "not running as PID 1: pass --host-mode --listen unix:///path to run on the host"
+        ))
+        .map(|()| ExitCode::from(EXIT_USAGE))
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e);
+            if is_pid1 && !args_host_mode() {
+                pid1::console_line(&format!("carapace-agent: fatal: {e:#}; powering off"));
+                let err = pid1::power_off();
+                pid1::console_line(&format!("carapace-agent: power off failed: {err}"));
+                // PID 1 must never exit; park forever.
+                loop {
+                    std::thread::park();
+                }
+            }
+            ExitCode::from(EXIT_SERVE)
+        }
+    }
+}
+
+fn args_host_mode() -> bool {
+    std::env::args().any(|a| a == "--host-mode")
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")
+}
+
+fn run_host(args: Args) -> anyhow::Result<ExitCode> {
+    init_logging(args.log.as_deref().unwrap_or("info"), false);
+    let listen = args.listen.context("--host-mode needs --listen unix:///path/agent.sock")?;
+    let sock = listen
+        .strip_prefix("unix://")
+        .map(PathBuf::from)
+        .context("--listen in host mode must be unix:///path")?;
+    let shared_dir = args.shared_dir.unwrap_or_else(|| {
+        sock.parent()
+            .unwrap_or(std::path::Path::new("/tmp"))
+            .join("shared")
+    });
+    let cgroup_root = args.cgroup_root.or_else(|| {
+        carapace_agent::cgroup::CgroupRoot::detect().map(|p| {
+            p.with_file_name(format!("carapace-agent-{}", std::process::id()))
+        })
+    });
+    // Orphaned container processes must be re-parented to us so we can reap them.
+    nix::sys::prctl::set_child_subreaper(true).context("prctl(PR_SET_CHILD_SUBREAPER)")?;
+    let config = Config {
+        mode: Mode::Host,
+        cgroup_root: cgroup_root.clone(),
+        shared_dir,
+    };
+    let rt = runtime()?;
+    rt.block_on(carapace_agent::serve(&listen, config, || {}))?;
+    if let Some(root) = cgroup_root {
+        let _ = std::fs::remove_dir(root);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
+    pid1::early_mounts().context("mounting the early filesystems")?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (settings, unknown) = pid1::parse_cmdline(&cmdline);
+    let filter = args
+        .log
+        .clone()
+        .or(settings.log.clone())
+        .unwrap_or_else(|| "info".into());
+    init_logging(&filter, true);
+    for u in unknown {
+        tracing::warn!(parameter = %u, "unknown or invalid carapace.* kernel parameter ignored");
+    }
+    let port = settings.port.unwrap_or(carapace_protocol::AGENT_VSOCK_PORT);
+    let listen = args.listen.unwrap_or_else(|| format!("vsock://-1:{port}"));
+    let config = Config {
+        mode: Mode::Guest,
+        cgroup_root: Some(
+            args.cgroup_root
+                .or(settings.cgroup_root.map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/carapace")),
+        ),
+        shared_dir: args.shared_dir.unwrap_or_else(|| PathBuf::from("/run/carapace/shared")),
+    };
+    let rt = runtime()?;
+    rt.block_on(carapace_agent::serve(&listen, config, || {
+        if let Err(e) = sys::write_boot_marker() {
+            tracing::warn!(error = %e, "cannot write the boot-done marker to port 0x3f0");
+        }
+    }))?;
+    tracing::info!("powering off");
+    drop(rt);
+    let err = pid1::power_off();
+    Err(anyhow::anyhow!("reboot(RB_POWER_OFF) failed: {err}"))
+}

@@ -1,1 +1,58 @@
 //! See README.md.
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    missing_debug_implementations,
+    missing_docs,
+    dead_code,
+    unused_imports,
+    unused_mut,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unsafe_code,
+    unknown_lints
+)]
+pub mod agent {
+    //! Protobuf messages generated from `proto/agent.proto`.
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    missing_debug_implementations,
+    missing_docs,
+    dead_code,
+    unused_imports,
+    unused_mut,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unsafe_code,
+    unknown_lints
+)]
+pub mod agent_ttrpc {
+    //! ttrpc client and server trait generated from `proto/agent.proto`.
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub mod client;
+
+/// Version of this API. Bumped on every incompatible change of `proto/agent.proto`
+/// (removed/renumbered fields, changed semantics); the host refuses an agent that
+/// reports a different value.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The guest vsock port the agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Upper bound the agent applies to `ReadStreamRequest.max_len` (the ttrpc message
+/// limit is 4 MiB; one read stays well below it).
+pub const MAX_READ_CHUNK: u32 = 1 << 20;
+
+/// Upper bound on bytes in one `WriteStdin` or `CopyFile` request.
+pub const MAX_WRITE_CHUNK: usize = 2 << 20;

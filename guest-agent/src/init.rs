@@ -1,0 +1,546 @@
+//! The container-side half: `carapace-agent __init`, a fresh single-threaded process the
+//! agent spawns for each container init and each exec. It reads its [`InitConfig`] from a
+//! pipe, enters or creates the namespaces, forks the real process (which the agent, a
+//! (sub)reaper, inherits when this helper exits), and in that child sets up the rootfs,
+//! mounts, identity, capabilities, rlimits and seccomp before exec'ing the workload.
+//!
+//! Status protocol on the status pipe (helper/child -> agent), one line each:
+//! `P<pid>` (the workload pid, from the helper), `R` (set up, waiting for start),
+//! `E<message>` (failure). The status pipe is close-on-exec in the child, so the agent
+//! sees EOF exactly when exec succeeded.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::unistd::{Gid, Pid, Uid};
+use oci_spec::runtime::{LinuxSeccomp, Mount, Process, Spec};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::secure_join;
+
+/// Largest accepted init config (a spec is a few KiB; this bounds the read).
+pub const MAX_CONFIG_LEN: u64 = 4 << 20;
+
+/// What the helper is asked to do.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub kind: InitKind,
+    pub process: Process,
+    /// `cgroup.procs` of the container's cgroup, joined before forking.
+    pub cgroup_procs: Option<PathBuf>,
+    pub seccomp: Option<LinuxSeccomp>,
+    pub tty: bool,
+    /// Wait for a byte on the start pipe before exec.
+    pub wait_start: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum InitKind {
+    /// New container: new pid/mount/ipc/uts namespaces, rootfs from the spec.
+    Create { spec: Box<Spec> },
+    /// Join the namespaces of the running container whose init is `pid`.
+    Exec { pid: i32 },
+}
+
+/// Errors of the container setup (reported to the agent as `E<message>`).
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{op}")]
+    Sys {
+        op: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{op}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Path(#[from] crate::ids::IdError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("capabilities: {0}")]
+    Caps(String),
+}
+
+trait Ctx<T> {
+    fn ctx(self, op: impl FnOnce() -> String) -> Result<T, InitError>;
+}
+impl<T> Ctx<T> for nix::Result<T> {
+    fn ctx(self, op: impl FnOnce() -> String) -> Result<T, InitError> {
+        self.map_err(|source| InitError::Sys { op: op(), source })
+    }
+}
+impl<T> Ctx<T> for std::io::Result<T> {
+    fn ctx(self, op: impl FnOnce() -> String) -> Result<T, InitError> {
+        self.map_err(|source| InitError::Io { op: op(), source })
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// Entry point of `carapace-agent __init`. Never returns.
+pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd) -> ! {
+    // SAFETY: the agent passes these three descriptors, open and owned by nobody else in
+    // this freshly exec'd process; each is wrapped exactly once.
+    let status = unsafe { File::from_raw_fd(status_fd) };
+    let mut status = status;
+    let result = (|| -> Result<(), InitError> {
+        // SAFETY: see above.
+        let config = unsafe { File::from_raw_fd(config_fd) };
+        // SAFETY: see above.
+        let start = unsafe { OwnedFd::from_raw_fd(start_fd) };
+        let mut text = Vec::new();
+        config
+            .take(MAX_CONFIG_LEN + 1)
+            .read_to_end(&mut text)
+            .ctx(|| "reading init config".into())?;
+        if text.len() as u64 > MAX_CONFIG_LEN {
+            return Err(InitError::Config("config larger than 4 MiB".into()));
+        }
+        let cfg: InitConfig =
+            serde_json::from_slice(&text).map_err(|e| InitError::Config(e.to_string()))?;
+        helper(cfg, &mut status, start)
+    })();
+    if let Err(e) = result {
+        let _ = writeln!(status, "E{}", chain(&e));
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), InitError> {
+    if let Some(procs) = &cfg.cgroup_procs {
+        std::fs::write(procs, std::process::id().to_string())
+            .ctx(|| format!("joining cgroup {}", procs.display()))?;
+    }
+    match &cfg.kind {
+        InitKind::Create { .. } => {
+            unshare(
+                CloneFlags::CLONE_NEWNS
+                    | CloneFlags::CLONE_NEWPID
+                    | CloneFlags::CLONE_NEWIPC
+                    | CloneFlags::CLONE_NEWUTS,
+            )
+            .ctx(|| "unshare(pid, mount, ipc, uts)".into())?;
+        }
+        InitKind::Exec { pid } => {
+            // The mount namespace last: after it, /proc/<pid> may no longer be visible.
+            let mut fds = Vec::new();
+            for ns in ["ipc", "uts", "pid", "mnt"] {
+                let path = format!("/proc/{pid}/ns/{ns}");
+                fds.push((ns, File::open(&path).ctx(|| format!("opening {path}"))?));
+            }
+            for (ns, f) in &fds {
+                setns(f.as_fd(), CloneFlags::empty()).ctx(|| format!("setns({ns}) of pid {pid}"))?;
+            }
+        }
+    }
+    match crate::sys::fork_single_threaded().ctx(|| "fork".into())? {
+        nix::unistd::ForkResult::Parent { child } => {
+            writeln!(status, "P{child}").ctx(|| "writing status".into())?;
+            Ok(())
+        }
+        nix::unistd::ForkResult::Child => {
+            let result = child(&cfg, status, start);
+            if let Err(e) = result {
+                let _ = writeln!(status, "E{}", chain(&e));
+                std::process::exit(127);
+            }
+            unreachable!("child() only returns on error");
+        }
+    }
+}
+
+fn child(cfg: &InitConfig, status: &mut File, start: OwnedFd) -> Result<(), InitError> {
+    let p = &cfg.process;
+    nix::unistd::setsid().ctx(|| "setsid".into())?;
+    if cfg.tty {
+        crate::sys::set_controlling_tty(std::io::stdin().as_fd())
+            .ctx(|| "making the pty the controlling terminal".into())?;
+    }
+    if let InitKind::Create { spec } = &cfg.kind {
+        setup_rootfs(spec)?;
+    }
+    for r in p.rlimits().iter().flatten() {
+        let name = serde_json::to_value(r.typ())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let res = rlimit_resource(&name)
+            .ok_or_else(|| InitError::Config(format!("process.rlimits: unknown type {name:?}")))?;
+        nix::sys::resource::setrlimit(res, r.soft(), r.hard()).ctx(|| format!("setrlimit({name})"))?;
+    }
+    if let Some(adj) = p.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).ctx(|| "writing oom_score_adj".into())?;
+    }
+    let cwd = p.cwd();
+    nix::unistd::chdir(cwd).ctx(|| format!("chdir to process.cwd {}", cwd.display()))?;
+    if let Some(mask) = p.user().umask() {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    }
+    let programs = match &cfg.seccomp {
+        Some(s) => crate::seccomp::compile(s)?,
+        None => Vec::new(),
+    };
+    let nnp = p.no_new_privileges().unwrap_or(false);
+    // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it while root.
+    if !nnp {
+        crate::seccomp::install(&programs)?;
+    }
+    set_identity(p)?;
+    if nnp {
+        nix::sys::prctl::set_no_new_privs().ctx(|| "prctl(PR_SET_NO_NEW_PRIVS)".into())?;
+    }
+    let (path, argv, envp) = prepare_exec(p)?;
+    // Hand the remaining descriptors to exec: the status pipe closes on success.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(status),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .ctx(|| "FD_CLOEXEC on status pipe".into())?;
+    if cfg.wait_start {
+        writeln!(status, "R").ctx(|| "writing status".into())?;
+        let mut b = [0u8; 1];
+        let n = File::from(start).read(&mut b).ctx(|| "waiting for start".into())?;
+        if n == 0 {
+            return Err(InitError::Config("start pipe closed: container removed before start".into()));
+        }
+    } else {
+        drop(start);
+    }
+    if nnp {
+        crate::seccomp::install(&programs)?;
+    }
+    let e = nix::unistd::execve(&path, &argv, &envp).unwrap_err();
+    Err(InitError::Sys {
+        op: format!("exec {:?}", path),
+        source: e,
+    })
+}
+
+fn rlimit_resource(name: &str) -> Option<nix::sys::resource::Resource> {
+    use nix::sys::resource::Resource as R;
+    Some(match name {
+        "RLIMIT_AS" => R::RLIMIT_AS,
+        "RLIMIT_CORE" => R::RLIMIT_CORE,
+        "RLIMIT_CPU" => R::RLIMIT_CPU,
+        "RLIMIT_DATA" => R::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => R::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => R::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => R::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => R::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => R::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => R::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => R::RLIMIT_NPROC,
+        "RLIMIT_RSS" => R::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => R::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => R::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => R::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => R::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+fn caps_of(set: Option<&oci_spec::runtime::Capabilities>) -> Result<caps::CapsHashSet, InitError> {
+    let mut out = caps::CapsHashSet::new();
+    for c in set.into_iter().flatten() {
+        let name = serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let cap: caps::Capability = name
+            .parse()
+            .map_err(|_| InitError::Caps(format!("unknown capability {name:?}")))?;
+        out.insert(cap);
+    }
+    Ok(out)
+}
+
+fn set_identity(p: &Process) -> Result<(), InitError> {
+    use caps::CapSet;
+    let user = p.user();
+    let c = p.capabilities().as_ref();
+    let bounding = caps_of(c.and_then(|c| c.bounding().as_ref()))?;
+    let effective = caps_of(c.and_then(|c| c.effective().as_ref()))?;
+    let permitted = caps_of(c.and_then(|c| c.permitted().as_ref()))?;
+    let inheritable = caps_of(c.and_then(|c| c.inheritable().as_ref()))?;
+    let ambient = caps_of(c.and_then(|c| c.ambient().as_ref()))?;
+    let cap_err = |what: &str, e: caps::errors::CapsError| InitError::Caps(format!("{what}: {e}"));
+    // Bounding set first, while we still hold CAP_SETPCAP.
+    for cap in caps::all() {
+        if !bounding.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(|e| cap_err("dropping bounding cap", e))?;
+        }
+    }
+    let gids: Vec<Gid> = user
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&gids).ctx(|| "setgroups(process.user.additionalGids)".into())?;
+    let gid = Gid::from_raw(user.gid());
+    nix::unistd::setresgid(gid, gid, gid).ctx(|| format!("setresgid({gid})"))?;
+    nix::sys::prctl::set_keepcaps(true).ctx(|| "prctl(PR_SET_KEEPCAPS)".into())?;
+    let uid = Uid::from_raw(user.uid());
+    nix::unistd::setresuid(uid, uid, uid).ctx(|| format!("setresuid({uid})"))?;
+    // capset(2) checks each change against the current sets: inheritable first (while
+    // CAP_SETPCAP may still be effective), then effective (must stay within the current
+    // permitted), then permitted (must keep containing effective).
+    caps::set(None, CapSet::Inheritable, &inheritable).map_err(|e| cap_err("setting inheritable", e))?;
+    caps::set(None, CapSet::Effective, &effective).map_err(|e| cap_err("setting effective", e))?;
+    caps::set(None, CapSet::Permitted, &permitted).map_err(|e| cap_err("setting permitted", e))?;
+    caps::set(None, CapSet::Ambient, &ambient).map_err(|e| cap_err("setting ambient", e))?;
+    nix::sys::prctl::set_keepcaps(false).ctx(|| "prctl(PR_SET_KEEPCAPS, 0)".into())?;
+    Ok(())
+}
+
+fn cstr(s: &str, what: &str) -> Result<CString, InitError> {
+    CString::new(s).map_err(|_| InitError::Config(format!("{what} contains a NUL byte")))
+}
+
+fn prepare_exec(p: &Process) -> Result<(CString, Vec<CString>, Vec<CString>), InitError> {
+    let args = p.args().as_ref().filter(|a| !a.is_empty()).ok_or_else(|| InitError::Config("process.args is empty".into()))?;
+    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let path_var = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let prog = &args[0];
+    let resolved = if prog.contains('/') {
+        PathBuf::from(prog)
+    } else {
+        path_var
+            .split(':')
+            .map(|d| Path::new(d).join(prog))
+            .find(|c| {
+                std::fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+            .ok_or_else(|| InitError::Config(format!("executable {prog:?} not found in PATH {path_var:?}")))?
+    };
+    let path = cstr(&resolved.to_string_lossy(), "process.args[0]")?;
+    let argv = args.iter().map(|a| cstr(a, "process.args")).collect::<Result<_, _>>()?;
+    let envp = env.iter().map(|e| cstr(e, "process.env")).collect::<Result<_, _>>()?;
+    Ok((path, argv, envp))
+}
+
+/// Mount options -> (flags, propagation flags, data).
+fn parse_options(opts: &[String]) -> (MsFlags, MsFlags, bool, Vec<String>) {
+    let mut flags = MsFlags::empty();
+    let mut prop = MsFlags::empty();
+    let mut recursive = false;
+    let mut data = Vec::new();
+    for o in opts {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "suid" => flags &= !MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "dev" => flags &= !MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "exec" => flags &= !MsFlags::MS_NOEXEC,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            "async" => flags &= !MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => flags |= MsFlags::MS_DIRSYNC,
+            "remount" => flags |= MsFlags::MS_REMOUNT,
+            "mand" => flags |= MsFlags::MS_MANDLOCK,
+            "nomand" => flags &= !MsFlags::MS_MANDLOCK,
+            "atime" => flags &= !MsFlags::MS_NOATIME,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "diratime" => flags &= !MsFlags::MS_NODIRATIME,
+            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "norelatime" => flags &= !MsFlags::MS_RELATIME,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => {
+                flags |= MsFlags::MS_BIND;
+                recursive = true;
+            }
+            "private" => prop |= MsFlags::MS_PRIVATE,
+            "rprivate" => prop |= MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+            "shared" => prop |= MsFlags::MS_SHARED,
+            "rshared" => prop |= MsFlags::MS_SHARED | MsFlags::MS_REC,
+            "slave" => prop |= MsFlags::MS_SLAVE,
+            "rslave" => prop |= MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            "unbindable" => prop |= MsFlags::MS_UNBINDABLE,
+            "runbindable" => prop |= MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+            other => data.push(other.to_owned()),
+        }
+    }
+    (flags, prop, recursive, data)
+}
+
+fn do_mount(root: &Path, m: &Mount) -> Result<(), InitError> {
+    let dest_s = m.destination().to_string_lossy().into_owned();
+    if !m.destination().is_absolute() {
+        return Err(InitError::Config(format!("mount destination {dest_s:?} is not absolute")));
+    }
+    let dest = secure_join(root, &dest_s)?;
+    let (flags, prop, recursive, data) = parse_options(m.options().as_deref().unwrap_or(&[]));
+    let is_bind = flags.contains(MsFlags::MS_BIND) || m.typ().as_deref() == Some("bind");
+    let mut typ = m.typ().clone().unwrap_or_else(|| "none".into());
+    if typ == "cgroup" {
+        // The guest is cgroup v2 only.
+        typ = "cgroup2".into();
+    }
+    let source = m.source().clone().unwrap_or_else(|| PathBuf::from(&typ));
+    if is_bind {
+        let md = std::fs::metadata(&source).ctx(|| format!("bind mount source {}", source.display()))?;
+        if md.is_dir() {
+            std::fs::create_dir_all(&dest).ctx(|| format!("creating mount point {}", dest.display()))?;
+        } else {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+            }
+            if !dest.exists() {
+                File::create(&dest).ctx(|| format!("creating mount point {}", dest.display()))?;
+            }
+        }
+        let mut bflags = MsFlags::MS_BIND;
+        if recursive {
+            bflags |= MsFlags::MS_REC;
+        }
+        mount(Some(&source), &dest, None::<&str>, bflags, None::<&str>)
+            .ctx(|| format!("bind mounting {} on {dest_s}", source.display()))?;
+        let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
+        if !extra.is_empty() {
+            mount(None::<&str>, &dest, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra, None::<&str>)
+                .ctx(|| format!("remounting {dest_s} with {extra:?}"))?;
+        }
+    } else {
+        std::fs::create_dir_all(&dest).ctx(|| format!("creating mount point {}", dest.display()))?;
+        let data = data.join(",");
+        let r = mount(Some(&source), &dest, Some(typ.as_str()), flags, (!data.is_empty()).then_some(data.as_str()));
+        match r {
+            // sysfs cannot be mounted without owning a network namespace when the VM's
+            // is shared from a non-init userns; fall back to a read-only bind of /sys.
+            Err(nix::Error::EPERM) if typ == "sysfs" => {
+                mount(Some("/sys"), &dest, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                    .ctx(|| format!("bind mounting /sys on {dest_s}"))?;
+                mount(None::<&str>, &dest, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&str>)
+                    .ctx(|| format!("remounting {dest_s} read-only"))?;
+            }
+            r => r.ctx(|| format!("mounting {typ} on {dest_s} (options {data:?})"))?,
+        }
+    }
+    if !prop.is_empty() {
+        mount(None::<&str>, &dest, None::<&str>, prop, None::<&str>)
+            .ctx(|| format!("setting propagation of {dest_s}"))?;
+    }
+    Ok(())
+}
+
+/// Device nodes bind-mounted from the agent's /dev into a tmpfs /dev.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+fn setup_dev(root: &Path) -> Result<(), InitError> {
+    let dev = root.join("dev");
+    for d in DEVICES {
+        let dest = dev.join(d);
+        if !dest.exists() {
+            File::create(&dest).ctx(|| format!("creating {}", dest.display()))?;
+        }
+        let src = Path::new("/dev").join(d);
+        mount(Some(&src), &dest, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .ctx(|| format!("bind mounting {} into the container", src.display()))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        let p = dev.join(link);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink(target, &p).ctx(|| format!("symlink {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .ok_or_else(|| InitError::Config("root.path missing".into()))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .ctx(|| "making / rprivate".into())?;
+    mount(Some(&root), &root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .ctx(|| format!("bind mounting rootfs {}", root.display()))?;
+    let mut dev_is_tmpfs = false;
+    for m in spec.mounts().iter().flatten() {
+        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
+            dev_is_tmpfs = true;
+        }
+        do_mount(&root, m)?;
+    }
+    if dev_is_tmpfs {
+        setup_dev(&root)?;
+    }
+    nix::unistd::chdir(&root).ctx(|| format!("chdir {}", root.display()))?;
+    nix::unistd::pivot_root(".", ".").ctx(|| format!("pivot_root to {}", root.display()))?;
+    umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
+    nix::unistd::chdir("/").ctx(|| "chdir /".into())?;
+    let linux = spec.linux().as_ref();
+    for p in linux.and_then(|l| l.masked_paths().as_ref()).into_iter().flatten() {
+        let target = secure_join(Path::new("/"), p)?;
+        match std::fs::metadata(&target) {
+            Ok(md) if md.is_dir() => mount(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>)
+                .ctx(|| format!("masking {p}"))?,
+            Ok(_) => mount(Some("/dev/null"), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .ctx(|| format!("masking {p}"))?,
+            Err(_) => {}
+        }
+    }
+    for p in linux.and_then(|l| l.readonly_paths().as_ref()).into_iter().flatten() {
+        let target = secure_join(Path::new("/"), p)?;
+        if target.exists() {
+            mount(Some(&target), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .ctx(|| format!("binding read-only path {p}"))?;
+            mount(None::<&str>, &target, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+                .ctx(|| format!("making {p} read-only"))?;
+        }
+    }
+    for (k, v) in linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
+        let rel = k.replace('.', "/");
+        let path = crate::ids::relative_inside(Path::new("/proc/sys"), &rel)?;
+        std::fs::write(&path, v).ctx(|| format!("setting sysctl {k}"))?;
+    }
+    if let Some(h) = spec.hostname() {
+        nix::unistd::sethostname(h).ctx(|| format!("sethostname({h:?})"))?;
+    }
+    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&str>)
+            .ctx(|| "remounting / read-only".into())?;
+    }
+    Ok(())
+}
+
+/// Re-export so the agent can refer to the pid type without nix.
+pub type ChildPid = Pid;

@@ -1,0 +1,45 @@
+//! Carapace guest agent library. See README.md.
+
+pub mod cgroup;
+pub mod ids;
+pub mod sys;
+pub mod seccomp;
+pub mod init;
+pub mod reaper;
+pub mod stream;
+pub mod process;
+pub mod pid1;
+pub mod service;
+
+use std::sync::Arc;
+
+/// Serves the agent API on `addr` (`vsock://-1:1024`, `unix:///path`) until a shutdown
+/// request; returns why it stopped.
+pub async fn serve(
+    addr: &str,
+    config: service::Config,
+    on_listening: impl FnOnce(),
+) -> anyhow::Result<service::ShutdownKind> {
+    use anyhow::Context;
+    if let Some(path) = addr.strip_prefix("unix://") {
+        // A stale socket from a previous run would make bind fail.
+        let _ = std::fs::remove_file(path);
+    }
+    std::fs::create_dir_all(&config.shared_dir)
+        .with_context(|| format!("creating shared dir {}", config.shared_dir.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let svc = service::AgentService::new(config, tx).context("starting the reaper")?;
+    let listener = ttrpc::r#async::transport::Listener::bind(addr)
+        .with_context(|| format!("listening on {addr}"))?;
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener)
+        .register_service(carapace_protocol::agent_ttrpc::create_agent(svc as Arc<_>));
+    server.start().await.context("starting the ttrpc server")?;
+    tracing::info!(%addr, "serving");
+    on_listening();
+    let why = rx.recv().await.unwrap_or(service::ShutdownKind::PowerOff);
+    // Let the reply to the request that asked for shutdown go out first.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let _ = server.shutdown().await;
+    Ok(why)
+}

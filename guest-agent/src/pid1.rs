@@ -1,0 +1,169 @@
+//! PID 1 duties in the guest: console, early mounts, kernel command line, power-off,
+//! virtio-fs shares.
+
+use std::io::Write;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+/// Errors of PID 1 setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Pid1Error {
+    #[error("mounting {fstype} on {target}")]
+    Mount {
+        fstype: String,
+        target: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("creating {path}")]
+    Mkdir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid virtio-fs share: {0}")]
+    Share(String),
+}
+
+/// The first line the agent prints, so the host can tell the guest reached userspace.
+pub fn ready_line() -> String {
+    format!(
+        "carapace-agent: ready version={} protocol={}",
+        env!("CARGO_PKG_VERSION"),
+        carapace_protocol::PROTOCOL_VERSION
+    )
+}
+
+/// Writes `line` to /dev/console, or stdout if the console cannot be opened.
+pub fn console_line(line: &str) {
+    match std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        Ok(mut f) => {
+            let _ = writeln!(f, "{line}");
+        }
+        Err(_) => {
+            let _ = writeln!(std::io::stdout(), "{line}");
+        }
+    }
+}
+
+fn mkdir(path: &str) -> Result<(), Pid1Error> {
+    std::fs::create_dir_all(path).map_err(|source| Pid1Error::Mkdir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<(), Pid1Error> {
+    mkdir(target)?;
+    match mount(Some(fstype), target, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
+        Err(source) => Err(Pid1Error::Mount {
+            fstype: fstype.to_owned(),
+            target: target.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Mounts proc, sys, dev, devpts, shm, cgroup2 and run.
+pub fn early_mounts() -> Result<(), Pid1Error> {
+    let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", common, None)?;
+    mount_fs("sysfs", "/sys", common, None)?;
+    mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs("devpts", "/dev/pts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0620,ptmxmode=0666,gid=5"))?;
+    mount_fs("tmpfs", "/dev/shm", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mount_fs("cgroup2", "/sys/fs/cgroup", common, None)?;
+    mount_fs("tmpfs", "/run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    Ok(())
+}
+
+/// Mounts the virtio-fs share `tag` on `mount_point`.
+pub fn mount_virtiofs(tag: &str, mount_point: &Path, read_only: bool) -> Result<(), Pid1Error> {
+    if tag.is_empty() || tag.len() > 36 || tag.contains(['\0', ',']) {
+        return Err(Pid1Error::Share(format!("bad tag {tag:?} (1..=36 bytes, no ',' or NUL)")));
+    }
+    let mp = mount_point.to_string_lossy();
+    if !mount_point.is_absolute() || mount_point.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(Pid1Error::Share(format!("mount point {mp:?} must be absolute without '..'")));
+    }
+    mkdir(&mp)?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(Some(tag), mount_point, Some("virtiofs"), flags, None::<&str>).map_err(|source| Pid1Error::Mount {
+        fstype: format!("virtiofs tag {tag}"),
+        target: mp.into_owned(),
+        source,
+    })
+}
+
+/// Settings read from the kernel command line (`carapace.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CmdlineSettings {
+    /// `carapace.log=<filter>`: tracing filter (default `info`).
+    pub log: Option<String>,
+    /// `carapace.port=<n>`: vsock port to listen on (default 1024).
+    pub port: Option<u32>,
+    /// `carapace.cgroup_root=<path>`: parent cgroup of containers (default /sys/fs/cgroup/carapace).
+    pub cgroup_root: Option<String>,
+}
+
+/// Parses the `carapace.` parameters of a kernel command line; unknown ones are ignored
+/// with their names returned for logging.
+pub fn parse_cmdline(text: &str) -> (CmdlineSettings, Vec<String>) {
+    let mut s = CmdlineSettings::default();
+    let mut unknown = Vec::new();
+    for word in text.split_whitespace() {
+        let Some(rest) = word.strip_prefix("carapace.") else { continue };
+        let (k, v) = rest.split_once('=').unwrap_or((rest, ""));
+        match k {
+            "log" if !v.is_empty() => s.log = Some(v.to_owned()),
+            "port" => match v.parse() {
+                Ok(p) => s.port = Some(p),
+                Err(_) => unknown.push(word.to_owned()),
+            },
+            "cgroup_root" if v.starts_with('/') => s.cgroup_root = Some(v.to_owned()),
+            _ => unknown.push(word.to_owned()),
+        }
+    }
+    (s, unknown)
+}
+
+/// Syncs and powers the VM off. Returns only on failure.
+pub fn power_off() -> nix::Error {
+    nix::unistd::sync();
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF) {
+        Err(e) => e,
+        Ok(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline() {
+        let (s, unknown) = parse_cmdline("console=ttyS0 carapace.log=debug carapace.port=2000 carapace.bogus=1 carapace.port=x");
+        assert_eq!(s.log.as_deref(), Some("debug"));
+        assert_eq!(s.port, Some(2000));
+        assert_eq!(unknown, vec!["carapace.bogus=1", "carapace.port=x"]);
+    }
+
+    #[test]
+    fn ready_line_format() {
+        assert!(ready_line().starts_with("carapace-agent: ready version="));
+        assert!(ready_line().ends_with(&format!("protocol={}", carapace_protocol::PROTOCOL_VERSION)));
+    }
+
+    #[test]
+    fn bad_shares_rejected_before_mounting() {
+        assert!(mount_virtiofs("", Path::new("/x"), false).is_err());
+        assert!(mount_virtiofs("a,b", Path::new("/x"), false).is_err());
+        assert!(mount_virtiofs("tag", Path::new("rel"), false).is_err());
+        assert!(mount_virtiofs("tag", Path::new("/a/../b"), false).is_err());
+    }
+}

@@ -1,0 +1,225 @@
+//! Spawning the `__init` helper and tracking one process's stdio and exit.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use nix::fcntl::OFlag;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{watch, Mutex};
+
+use crate::init::InitConfig;
+use crate::reaper::{Exit, Reaper};
+use crate::stream::FdStream;
+
+/// Longest status line read from a helper.
+const MAX_STATUS_LINE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("{op}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("container setup failed: {0}")]
+    Setup(String),
+    #[error("helper ended without reporting {expected}")]
+    Protocol { expected: &'static str },
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
+    move |source| SpawnError::Io { op, source }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SpawnError::Io {
+        op: "pipe2",
+        source: e.into(),
+    })
+}
+
+/// Reads status lines from a helper.
+#[derive(Debug)]
+pub struct StatusReader {
+    rx: tokio::net::unix::pipe::Receiver,
+    buf: Vec<u8>,
+}
+
+impl StatusReader {
+    /// Next line, or None at EOF.
+    pub async fn next(&mut self) -> Result<Option<String>, SpawnError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(Some(String::from_utf8_lossy(&line[..i]).into_owned()));
+            }
+            if self.buf.len() > MAX_STATUS_LINE {
+                return Err(SpawnError::Setup("helper status line too long".into()));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.rx.read(&mut chunk).await.map_err(io("reading helper status"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Waits until the helper reports `R` (ready) or an error.
+    pub async fn expect_ready(&mut self) -> Result<(), SpawnError> {
+        match self.next().await? {
+            Some(l) if l == "R" => Ok(()),
+            Some(l) if l.starts_with('E') => Err(SpawnError::Setup(l[1..].to_owned())),
+            _ => Err(SpawnError::Protocol { expected: "ready" }),
+        }
+    }
+
+    /// Waits for EOF (exec succeeded) or an error line.
+    pub async fn expect_exec(&mut self) -> Result<(), SpawnError> {
+        match self.next().await? {
+            None => Ok(()),
+            Some(l) if l.starts_with('E') => Err(SpawnError::Setup(l[1..].to_owned())),
+            Some(_) => Err(SpawnError::Protocol { expected: "exec" }),
+        }
+    }
+}
+
+/// Stdio of a process as the agent sees it.
+#[derive(Debug)]
+pub struct Stdio3 {
+    pub stdin: Option<FdStream>,
+    pub stdout: Option<FdStream>,
+    pub stderr: Option<FdStream>,
+    pub tty: Option<OwnedFd>,
+}
+
+/// A running (or exited) container process.
+#[derive(Debug)]
+pub struct Proc {
+    pub pid: i32,
+    pub exit: watch::Receiver<Option<Exit>>,
+    pub stdin: Mutex<Option<FdStream>>,
+    pub stdout: Mutex<Option<FdStream>>,
+    pub stderr: Mutex<Option<FdStream>>,
+    pub tty: Option<OwnedFd>,
+}
+
+impl Proc {
+    pub async fn wait(&self) -> Exit {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(e) = *rx.borrow_and_update() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                // Sender dropped without a value cannot happen (the reaper sends before
+                // dropping); treat as killed.
+                return Exit { code: 0, signal: 9 };
+            }
+        }
+    }
+
+    pub fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+}
+
+/// A helper spawned and reported the workload pid; not yet started.
+#[derive(Debug)]
+pub struct Spawned {
+    pub proc: Arc<Proc>,
+    pub status: StatusReader,
+    pub start: Option<OwnedFd>,
+}
+
+/// Spawns `carapace-agent __init` with `cfg`; returns once the workload pid is known and
+/// setup finished (the process then waits for start when `cfg.wait_start`).
+pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnError> {
+    let (cfg_r, cfg_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    let (start_r, start_w) = pipe()?;
+    let (child_stdio, mut ours) = if cfg.tty {
+        let pty = nix::pty::openpty(None, None).map_err(|e| SpawnError::Io {
+            op: "openpty",
+            source: e.into(),
+        })?;
+        for fd in [&pty.master, &pty.slave] {
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+                .map_err(|e| SpawnError::Io { op: "FD_CLOEXEC on pty", source: e.into() })?;
+        }
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("dup pty"));
+        let child = [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave];
+        let ours = Stdio3 {
+            stdin: Some(FdStream::new(dup(&pty.master)?).map_err(io("registering pty"))?),
+            stdout: Some(FdStream::new(dup(&pty.master)?).map_err(io("registering pty"))?),
+            stderr: None,
+            tty: Some(pty.master),
+        };
+        (child, ours)
+    } else {
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let ours = Stdio3 {
+            stdin: Some(FdStream::new(in_w).map_err(io("registering pipe"))?),
+            stdout: Some(FdStream::new(out_r).map_err(io("registering pipe"))?),
+            stderr: Some(FdStream::new(err_r).map_err(io("registering pipe"))?),
+            tty: None,
+        };
+        ([in_r, out_w, err_w], ours)
+    };
+    let [c_in, c_out, c_err] = child_stdio;
+    let fds = [cfg_r.as_raw_fd(), status_w.as_raw_fd(), start_r.as_raw_fd()];
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg("__init")
+        .arg(fds[0].to_string())
+        .arg(fds[1].to_string())
+        .arg(fds[2].to_string())
+        .stdin(Stdio::from(c_in))
+        .stdout(Stdio::from(c_out))
+        .stderr(Stdio::from(c_err))
+        .env_clear();
+    crate::sys::keep_fds_on_exec(&mut cmd, fds);
+    cmd.spawn().map_err(io("spawning carapace-agent __init"))?;
+    drop((cfg_r, status_w, start_r));
+    let text = serde_json::to_vec(cfg).map_err(|e| SpawnError::Setup(format!("encoding init config: {e}")))?;
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::from(cfg_w);
+        f.write_all(&text)
+    });
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r).map_err(io("registering status pipe"))?;
+    let mut status = StatusReader { rx, buf: Vec::new() };
+    let line = status.next().await?;
+    // A write error means the helper died early; its status line says why.
+    let _ = writer.await;
+    let pid: i32 = match line {
+        Some(l) if l.starts_with('P') => l[1..]
+            .parse()
+            .map_err(|_| SpawnError::Setup(format!("bad pid line {l:?}")))?,
+        Some(l) if l.starts_with('E') => return Err(SpawnError::Setup(l[1..].to_owned())),
+        _ => return Err(SpawnError::Protocol { expected: "pid" }),
+    };
+    let exit = reaper.register(pid);
+    let proc = Arc::new(Proc {
+        pid,
+        exit,
+        stdin: Mutex::new(ours.stdin.take()),
+        stdout: Mutex::new(ours.stdout.take()),
+        stderr: Mutex::new(ours.stderr.take()),
+        tty: ours.tty.take(),
+    });
+    Ok(Spawned {
+        proc,
+        status,
+        start: Some(start_w),
+    })
+}
+
+/// Parses the helper's fd arguments.
+pub fn parse_fd(s: &str) -> Option<i32> {
+    s.parse().ok().filter(|fd| *fd > 2)
+}
+

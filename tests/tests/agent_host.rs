@@ -1,0 +1,948 @@
+//! carapace-agent in host mode: the real agent binary serving on a unix socket and
+//! running busybox containers on this host (as root), driven through carapace-protocol's
+//! client. Covers the RPCs that need no cgroup v2 controllers; cgroup limits, stats and
+//! OOM events are in agent_cgroups.rs (they run in the lab, where cgroup v2 controllers
+//! are available).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use carapace_protocol::agent::*;
+use carapace_protocol::agent_ttrpc::AgentClient;
+use carapace_protocol::client;
+use carapace_tests::fixtures;
+use serde_json::{Value, json};
+use ttrpc::context;
+
+#[allow(missing_debug_implementations)]
+pub struct Agent {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub client: AgentClient,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ctx() -> context::Context {
+    context::with_timeout(120_000_000_000)
+}
+
+pub async fn start_agent(extra: &[&str]) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let child = Command::new(carapace_tests::workspace_bin("carapace-agent"))
+        .arg("--host-mode")
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--log")
+        .arg("debug")
+        .args(extra)
+        .spawn()
+        .expect("spawning carapace-agent");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (client, info) = client::connect_unix(&sock, Duration::from_secs(10))
+        .await
+        .expect("connecting to the agent");
+    assert_eq!(info.protocol_version, carapace_protocol::PROTOCOL_VERSION);
+    Agent { child, dir, client }
+}
+
+/// A busybox rootfs and a default spec running `args` in it.
+pub fn spec(dir: &Path, args: &[&str]) -> Value {
+    let rootfs = dir.join(format!("rootfs-{}", args.join("_").len() + rand_suffix()));
+    fixtures::busybox_rootfs(&rootfs).expect("busybox rootfs");
+    let mut spec = fixtures::default_spec(args);
+    spec["root"]["path"] = json!(rootfs);
+    spec
+}
+
+fn rand_suffix() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed) * 1000
+}
+
+pub async fn create(a: &Agent, id: &str, spec: &Value) -> ttrpc::Result<Empty> {
+    a.client
+        .create_container(
+            ctx(),
+            &CreateContainerRequest {
+                container_id: id.into(),
+                spec_json: serde_json::to_vec(spec).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+}
+
+pub async fn start(a: &Agent, id: &str) -> u32 {
+    a.client
+        .start_container(ctx(), &creq(id))
+        .await
+        .expect("start")
+        .pid
+}
+
+pub fn creq(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    }
+}
+
+pub fn preq(id: &str, exec: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: id.into(),
+        exec_id: exec.into(),
+        ..Default::default()
+    }
+}
+
+pub async fn wait(a: &Agent, id: &str, exec: &str) -> WaitResponse {
+    a.client
+        .wait_process(ctx(), &preq(id, exec))
+        .await
+        .expect("wait")
+}
+
+/// Reads a stream to EOF.
+pub async fn read_all(a: &Agent, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let req = ReadStreamRequest {
+            container_id: id.into(),
+            exec_id: exec.into(),
+            max_len: 1 << 20,
+            ..Default::default()
+        };
+        let r = if stderr {
+            a.client.read_stderr(ctx(), &req).await
+        } else {
+            a.client.read_stdout(ctx(), &req).await
+        }
+        .expect("read");
+        if r.eof {
+            return out;
+        }
+        out.extend_from_slice(&r.data);
+    }
+}
+
+fn code(e: &ttrpc::Error) -> ttrpc::Code {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        other => panic!("not an RPC status: {other:?}"),
+    }
+}
+
+fn msg(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message().to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Runs `args` to completion; returns (stdout, stderr, wait).
+async fn run(a: &Agent, id: &str, args: &[&str]) -> (String, String, WaitResponse) {
+    let s = spec(a.dir.path(), args);
+    create(a, id, &s).await.expect("create");
+    start(a, id).await;
+    let out = read_all(a, id, "", false).await;
+    let err = read_all(a, id, "", true).await;
+    let w = wait(a, id, "").await;
+    a.client
+        .remove_container(ctx(), &creq(id))
+        .await
+        .expect("remove");
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        w,
+    )
+}
+
+#[tokio::test]
+async fn version_health_and_sandbox_lifecycle() {
+    let a = start_agent(&[]).await;
+    let v = a
+        .client
+        .version(ctx(), &VersionRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(v.protocol_version, carapace_protocol::PROTOCOL_VERSION);
+    assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+    let h = a.client.health(ctx(), &Empty::new()).await.unwrap();
+    assert_eq!(h.status, "SERVING");
+
+    let sb = |id: &str| CreateSandboxRequest {
+        sandbox_id: id.into(),
+        ..Default::default()
+    };
+    a.client.create_sandbox(ctx(), &sb("pod1")).await.unwrap();
+    let e = a
+        .client
+        .create_sandbox(ctx(), &sb("pod2"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::ALREADY_EXISTS, "{}", msg(&e));
+    // A container in the sandbox is removed when the sandbox is destroyed.
+    let s = spec(a.dir.path(), &["sleep", "1000"]);
+    create(&a, "c1", &s).await.unwrap();
+    start(&a, "c1").await;
+    let destroy = |id: &str| DestroySandboxRequest {
+        sandbox_id: id.into(),
+        ..Default::default()
+    };
+    let e = a
+        .client
+        .destroy_sandbox(ctx(), &destroy("other"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+    a.client
+        .destroy_sandbox(ctx(), &destroy("pod1"))
+        .await
+        .unwrap();
+    let e = a
+        .client
+        .wait_process(ctx(), &preq("c1", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+    // Host mode refuses guest-only work with a typed error.
+    let e = a
+        .client
+        .set_guest_time(
+            ctx(),
+            &SetTimeRequest {
+                sec: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{}", msg(&e));
+}
+
+#[tokio::test]
+async fn exit_codes_stdout_and_stderr() {
+    let a = start_agent(&[]).await;
+    let (out, err, w) = run(
+        &a,
+        "exit7",
+        &["sh", "-c", "echo to-out; echo to-err >&2; exit 7"],
+    )
+    .await;
+    assert_eq!(out, "to-out\n");
+    assert_eq!(err, "to-err\n");
+    assert_eq!((w.exit_code, w.signal, w.exit_status), (7, 0, 7));
+    let (out, _, w) = run(&a, "ok", &["true"]).await;
+    assert_eq!((out.as_str(), w.exit_status), ("", 0));
+}
+
+#[tokio::test]
+async fn container_sees_its_own_namespaces_rootfs_and_identity() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "echo pid=$$; hostname; id -u; id -g; id -G; umask; pwd; echo $FOO; \
+         ls /bin/busybox; test -e /etc/hostname && echo rootfs-ok; \
+         cat /proc/1/cmdline | tr '\\0' ' '; echo; \
+         grep -c . /proc/kcore 2>/dev/null; echo kcore=$(wc -c < /proc/kcore); \
+         touch /proc/sys/kernel/x 2>/dev/null || echo procsys-ro; \
+         ulimit -n; grep CapEff /proc/self/status; grep NoNewPrivs /proc/self/status; \
+         touch /ro/x 2>/dev/null || echo ro-bind; cat /ro/file",
+        ],
+    );
+    let shared = a.dir.path().join("volume");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("file"), "from-volume\n").unwrap();
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5, 7], "umask": 63});
+    s["process"]["cwd"] = json!("/tmp");
+    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
+    s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 321}]);
+    s["process"]["capabilities"] = json!({
+        "bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"],
+        "permitted": ["CAP_KILL"], "inheritable": [], "ambient": []
+    });
+    s["hostname"] = json!("box1");
+    s["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/ro", "type": "bind", "source": shared, "options": ["rbind", "ro"]
+    }));
+    create(&a, "ns", &s).await.expect("create");
+    start(&a, "ns").await;
+    let out = String::from_utf8(read_all(&a, "ns", "", false).await).unwrap();
+    let err = String::from_utf8(read_all(&a, "ns", "", true).await).unwrap();
+    let w = wait(&a, "ns", "").await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(w.exit_status, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(lines[0], "pid=1", "{out}");
+    assert_eq!(lines[1], "box1");
+    assert_eq!(lines[2], "1000");
+    assert_eq!(lines[3], "1000");
+    assert_eq!(lines[4], "1000 5 7");
+    assert_eq!(lines[5], "0077");
+    assert_eq!(lines[6], "/tmp");
+    assert_eq!(lines[7], "bar");
+    assert_eq!(lines[8], "/bin/busybox");
+    assert_eq!(lines[9], "rootfs-ok");
+    assert!(lines[10].starts_with("sh -c"), "{out}");
+    assert!(out.contains("kcore=0"), "masked /proc/kcore: {out}");
+    assert!(out.contains("procsys-ro"), "{out}");
+    assert!(out.contains("\n321\n"), "{out}");
+    // CAP_KILL is bit 5.
+    assert!(out.contains("CapEff:\t0000000000000020"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("ro-bind"), "{out}");
+    assert!(out.contains("from-volume"), "{out}");
+    a.client.remove_container(ctx(), &creq("ns")).await.unwrap();
+}
+
+#[tokio::test]
+async fn signals_are_delivered_and_reported() {
+    let a = start_agent(&[]).await;
+    let s = spec(a.dir.path(), &["sleep", "1000"]);
+    create(&a, "k", &s).await.unwrap();
+    start(&a, "k").await;
+    a.client
+        .signal_process(
+            ctx(),
+            &SignalRequest {
+                container_id: "k".into(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let w = wait(&a, "k", "").await;
+    assert_eq!((w.exit_code, w.signal, w.exit_status), (0, 9, 137));
+    // A signal the workload handles.
+    let s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 3' TERM; echo armed; while :; do sleep 0.05; done",
+        ],
+    );
+    create(&a, "t", &s).await.unwrap();
+    start(&a, "t").await;
+    let first = a
+        .client
+        .read_stdout(
+            ctx(),
+            &ReadStreamRequest {
+                container_id: "t".into(),
+                max_len: 64,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.data, b"armed\n");
+    a.client
+        .signal_process(
+            ctx(),
+            &SignalRequest {
+                container_id: "t".into(),
+                signal: 15,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let w = wait(&a, "t", "").await;
+    assert_eq!((w.exit_code, w.signal), (3, 0));
+    // Signalling a finished process is a typed error.
+    let e = a
+        .client
+        .signal_process(
+            ctx(),
+            &SignalRequest {
+                container_id: "t".into(),
+                signal: 15,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION);
+}
+
+#[tokio::test]
+async fn stdin_is_forwarded_and_closed() {
+    let a = start_agent(&[]).await;
+    let s = spec(a.dir.path(), &["sh", "-c", "cat; echo after-eof"]);
+    create(&a, "in", &s).await.unwrap();
+    start(&a, "in").await;
+    let w = a
+        .client
+        .write_stdin(
+            ctx(),
+            &WriteStdinRequest {
+                container_id: "in".into(),
+                data: b"hello\nworld\n".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(w.len, 12);
+    a.client.close_stdin(ctx(), &preq("in", "")).await.unwrap();
+    let out = read_all(&a, "in", "", false).await;
+    assert_eq!(out, b"hello\nworld\nafter-eof\n");
+    assert_eq!(wait(&a, "in", "").await.exit_status, 0);
+    let e = a
+        .client
+        .write_stdin(
+            ctx(),
+            &WriteStdinRequest {
+                container_id: "in".into(),
+                data: b"x".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION);
+}
+
+#[tokio::test]
+async fn tty_with_resize() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo is-a-tty; stty size",
+        ],
+    );
+    s["process"]["terminal"] = json!(true);
+    create(&a, "tty", &s).await.unwrap();
+    // The process waits for start: the size set now is what it sees.
+    a.client
+        .resize_tty(
+            ctx(),
+            &ResizeTtyRequest {
+                container_id: "tty".into(),
+                rows: 42,
+                cols: 123,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    start(&a, "tty").await;
+    let out = String::from_utf8(read_all(&a, "tty", "", false).await).unwrap();
+    assert_eq!(out, "is-a-tty\r\n42 123\r\n");
+    // A tty has no separate stderr.
+    assert!(read_all(&a, "tty", "", true).await.is_empty());
+    assert_eq!(wait(&a, "tty", "").await.exit_status, 0);
+    // Resizing a pipe process is a typed error.
+    let s = spec(a.dir.path(), &["true"]);
+    create(&a, "notty", &s).await.unwrap();
+    let e = a
+        .client
+        .resize_tty(
+            ctx(),
+            &ResizeTtyRequest {
+                container_id: "notty".into(),
+                rows: 1,
+                cols: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+}
+
+/// Expected output of `seq 1 n`, generated in chunks.
+fn seq_stream(n: u64) -> impl Iterator<Item = Vec<u8>> {
+    let mut i = 1;
+    std::iter::from_fn(move || {
+        if i > n {
+            return None;
+        }
+        let mut chunk = Vec::with_capacity(1 << 16);
+        while i <= n && chunk.len() < (1 << 16) - 16 {
+            chunk.extend_from_slice(i.to_string().as_bytes());
+            chunk.push(b'\n');
+            i += 1;
+        }
+        Some(chunk)
+    })
+}
+
+#[tokio::test]
+async fn hundred_mib_of_output_without_loss() {
+    let a = start_agent(&[]).await;
+    const N: u64 = 13_000_000;
+    let expected_len: usize = seq_stream(N).map(|c| c.len()).sum();
+    assert!(expected_len >= 100 << 20);
+    let s = spec(a.dir.path(), &["seq", "1", "13000000"]);
+    create(&a, "big", &s).await.unwrap();
+    start(&a, "big").await;
+    let mut expected = seq_stream(N).flatten();
+    let mut got = 0usize;
+    loop {
+        let r = a
+            .client
+            .read_stdout(
+                ctx(),
+                &ReadStreamRequest {
+                    container_id: "big".into(),
+                    max_len: 1 << 20,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        if r.eof {
+            break;
+        }
+        for (k, b) in r.data.iter().enumerate() {
+            assert_eq!(Some(*b), expected.next(), "byte {} differs", got + k);
+        }
+        got += r.data.len();
+    }
+    assert_eq!(got, expected_len);
+    assert_eq!(wait(&a, "big", "").await.exit_status, 0);
+}
+
+#[tokio::test]
+async fn output_written_just_before_exit_is_not_lost() {
+    let a = start_agent(&[]).await;
+    // The process exits before anything is read; what it wrote stays readable.
+    let s = spec(a.dir.path(), &["sh", "-c", "seq 1 5000; echo last >&2"]);
+    create(&a, "late", &s).await.unwrap();
+    start(&a, "late").await;
+    let w = wait(&a, "late", "").await;
+    assert_eq!(w.exit_status, 0);
+    let out = read_all(&a, "late", "", false).await;
+    let expected: Vec<u8> = seq_stream(5000).flatten().collect();
+    assert_eq!(out, expected);
+    assert_eq!(read_all(&a, "late", "", true).await, b"last\n");
+}
+
+#[tokio::test]
+async fn exec_into_a_running_container() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(a.dir.path(), &["sleep", "1000"]);
+    s["hostname"] = json!("execbox");
+    create(&a, "e", &s).await.unwrap();
+    let init_pid = start(&a, "e").await;
+    let process = json!({
+        "args": ["sh", "-c", "hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; cat; exit 5"],
+        "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+    });
+    let r = a
+        .client
+        .exec_process(
+            ctx(),
+            &ExecProcessRequest {
+                container_id: "e".into(),
+                exec_id: "x1".into(),
+                process_json: serde_json::to_vec(&process).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec");
+    assert_ne!(r.pid, init_pid);
+    a.client
+        .write_stdin(
+            ctx(),
+            &WriteStdinRequest {
+                container_id: "e".into(),
+                exec_id: "x1".into(),
+                data: b"piped\n".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    a.client.close_stdin(ctx(), &preq("e", "x1")).await.unwrap();
+    let out = String::from_utf8(read_all(&a, "e", "x1", false).await).unwrap();
+    assert_eq!(out, "execbox\nsleep 1000 \npiped\n");
+    assert_eq!(wait(&a, "e", "x1").await.exit_code, 5);
+    // The exec is part of the container: ListProcesses sees init (and saw the exec).
+    let pids = a
+        .client
+        .list_processes(ctx(), &creq("e"))
+        .await
+        .unwrap()
+        .pids;
+    assert!(pids.contains(&init_pid), "{pids:?} lacks {init_pid}");
+    // Duplicate exec id, unknown exec id.
+    let e = a
+        .client
+        .exec_process(
+            ctx(),
+            &ExecProcessRequest {
+                container_id: "e".into(),
+                exec_id: "x1".into(),
+                process_json: serde_json::to_vec(&process).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::ALREADY_EXISTS);
+    let e = a
+        .client
+        .wait_process(ctx(), &preq("e", "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+    a.client.remove_container(ctx(), &creq("e")).await.unwrap();
+}
+
+#[tokio::test]
+async fn list_processes_and_remove_running_container() {
+    let a = start_agent(&[]).await;
+    let s = spec(
+        a.dir.path(),
+        &["sh", "-c", "sleep 1000 & sleep 1000 & echo started; wait"],
+    );
+    create(&a, "ps", &s).await.unwrap();
+    let pid = start(&a, "ps").await;
+    let r = a
+        .client
+        .read_stdout(
+            ctx(),
+            &ReadStreamRequest {
+                container_id: "ps".into(),
+                max_len: 64,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.data, b"started\n");
+    let pids = a
+        .client
+        .list_processes(ctx(), &creq("ps"))
+        .await
+        .unwrap()
+        .pids;
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    assert!(pids.contains(&pid));
+    a.client.remove_container(ctx(), &creq("ps")).await.unwrap();
+    for p in pids {
+        assert!(
+            !Path::new(&format!("/proc/{p}")).exists(),
+            "pid {p} survived remove"
+        );
+    }
+    let e = a
+        .client
+        .list_processes(ctx(), &creq("ps"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_input_gets_typed_errors_and_the_agent_survives() {
+    let a = start_agent(&[]).await;
+    let e = a
+        .client
+        .start_container(ctx(), &creq("missing"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+    for bad in ["../x", "a/b", "", ".."] {
+        let e = a
+            .client
+            .wait_process(ctx(), &preq(bad, ""))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            code(&e),
+            ttrpc::Code::INVALID_ARGUMENT,
+            "{bad:?}: {}",
+            msg(&e)
+        );
+    }
+    let e = a
+        .client
+        .create_container(
+            ctx(),
+            &CreateContainerRequest {
+                container_id: "j".into(),
+                spec_json: b"{not json".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg(&e).contains("spec_json"), "{}", msg(&e));
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["process"]["args"] = json!([]);
+    let e = create(&a, "noargs", &s).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["root"]["path"] = json!("relative/rootfs");
+    let e = create(&a, "relroot", &s).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "rel", "type": "tmpfs", "source": "tmpfs"}));
+    let e = create(&a, "relmnt", &s).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+    // A mount destination that tries to climb out of the rootfs lands inside it.
+    let mut s = spec(
+        a.dir.path(),
+        &["sh", "-c", "test -d /escaped && echo inside"],
+    );
+    let outside = a.dir.path().join("escaped");
+    s["mounts"].as_array_mut().unwrap().push(
+        json!({"destination": "/../../../../../escaped", "type": "tmpfs", "source": "tmpfs"}),
+    );
+    create(&a, "climb", &s).await.unwrap();
+    start(&a, "climb").await;
+    assert_eq!(read_all(&a, "climb", "", false).await, b"inside\n");
+    assert!(!outside.exists());
+    // A missing executable fails at start with the reason.
+    let s = spec(a.dir.path(), &["/no/such/binary"]);
+    create(&a, "noexe", &s).await.unwrap();
+    let e = a
+        .client
+        .start_container(ctx(), &creq("noexe"))
+        .await
+        .unwrap_err();
+    assert!(msg(&e).contains("/no/such/binary"), "{}", msg(&e));
+    // A bad seccomp profile is refused at create.
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_NOTIFY"});
+    let e = create(&a, "sec", &s).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{}", msg(&e));
+    // An oversized frame (header claims 64 MiB) is refused before allocation.
+    {
+        use std::io::{Read, Write};
+        let mut raw =
+            std::os::unix::net::UnixStream::connect(a.dir.path().join("agent.sock")).unwrap();
+        let mut header = Vec::new();
+        header.extend_from_slice(&(64u32 << 20).to_be_bytes());
+        header.extend_from_slice(&1u32.to_be_bytes());
+        header.extend_from_slice(&[1, 0]);
+        raw.write_all(&header).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut resp = [0u8; 10];
+        let _ = raw.read(&mut resp);
+    }
+    // CopyFile outside the shared dir.
+    let e = a
+        .client
+        .copy_file(
+            ctx(),
+            &CopyFileRequest {
+                path: "../evil".into(),
+                data: b"x".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT);
+    // Still alive and serving.
+    let h = a.client.health(ctx(), &Empty::new()).await.unwrap();
+    assert_eq!(h.status, "SERVING");
+}
+
+#[tokio::test]
+async fn seccomp_profile_from_the_spec_is_enforced() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "mkdir /tmp/d 2>/dev/null && echo made || echo denied; echo alive",
+        ],
+    );
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    create(&a, "sc", &s).await.unwrap();
+    start(&a, "sc").await;
+    assert_eq!(read_all(&a, "sc", "", false).await, b"denied\nalive\n");
+}
+
+#[tokio::test]
+async fn copy_file_into_the_shared_dir() {
+    let a = start_agent(&[]).await;
+    let req = CopyFileRequest {
+        path: "sub/dir/file.txt".into(),
+        data: b"hello ".to_vec(),
+        mode: 0o600,
+        uid: 1234,
+        gid: 4321,
+        ..Default::default()
+    };
+    a.client.copy_file(ctx(), &req).await.unwrap();
+    let more = CopyFileRequest {
+        data: b"world".to_vec(),
+        offset: 6,
+        ..req.clone()
+    };
+    a.client.copy_file(ctx(), &more).await.unwrap();
+    let path: PathBuf = a.dir.path().join("shared/sub/dir/file.txt");
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o600, 1234, 4321)
+    );
+    // A symlink planted in the shared dir is not followed.
+    std::os::unix::fs::symlink("/etc", a.dir.path().join("shared/link")).unwrap();
+    let e = a
+        .client
+        .copy_file(
+            ctx(),
+            &CopyFileRequest {
+                path: "link/x".into(),
+                data: b"x".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{}", msg(&e));
+    assert!(!Path::new("/etc/x").exists());
+}
+
+#[tokio::test]
+async fn pause_and_resume_freeze_the_container() {
+    let cg_root = carapace_agent_cgroup_root();
+    let Some(cg_root) = cg_root else {
+        panic!("no cgroup2 hierarchy on this host: pause needs cgroup.freeze");
+    };
+    let a = start_agent(&["--cgroup-root", cg_root.to_str().unwrap()]).await;
+    let s = spec(
+        a.dir.path(),
+        &["sh", "-c", "while :; do echo tick; sleep 0.05; done"],
+    );
+    create(&a, "p", &s).await.unwrap();
+    start(&a, "p").await;
+    let r = a
+        .client
+        .read_stdout(
+            ctx(),
+            &ReadStreamRequest {
+                container_id: "p".into(),
+                max_len: 5,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.data, b"tick\n");
+    a.client.pause_container(ctx(), &creq("p")).await.unwrap();
+    let frozen = std::fs::read_to_string(cg_root.join("p/cgroup.events")).unwrap();
+    assert!(frozen.contains("frozen 1"), "{frozen}");
+    // Drain what was written before the freeze, then nothing more arrives.
+    let drain = async {
+        loop {
+            let _ = a
+                .client
+                .read_stdout(
+                    ctx(),
+                    &ReadStreamRequest {
+                        container_id: "p".into(),
+                        max_len: 1 << 16,
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(300), drain).await;
+    let quiet = tokio::time::timeout(
+        Duration::from_millis(500),
+        a.client.read_stdout(
+            ctx(),
+            &ReadStreamRequest {
+                container_id: "p".into(),
+                max_len: 5,
+                ..Default::default()
+            },
+        ),
+    )
+    .await;
+    assert!(quiet.is_err(), "a frozen container produced output");
+    let e = a
+        .client
+        .pause_container(ctx(), &creq("p"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION);
+    a.client.resume_container(ctx(), &creq("p")).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.client.read_stdout(
+            ctx(),
+            &ReadStreamRequest {
+                container_id: "p".into(),
+                max_len: 5,
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("output after resume")
+    .unwrap();
+    assert!(!r.data.is_empty());
+    a.client.remove_container(ctx(), &creq("p")).await.unwrap();
+    assert!(!cg_root.join("p").exists());
+}
+
+/// A fresh directory in this host's cgroup2 hierarchy, if there is one.
+fn carapace_agent_cgroup_root() -> Option<PathBuf> {
+    let base = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.join("cgroup.controllers").exists())?;
+    Some(base.join(format!(
+        "carapace-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    )))
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_host_mode_agent() {
+    let mut a = start_agent(&[]).await;
+    a.client.shutdown(ctx(), &Empty::new()).await.unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = a.child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(status.expect("agent exited").success());
+}
