@@ -44,13 +44,13 @@ pub enum ApiError {
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     /// VM facts and status.
-    Info,
+    Info {},
     /// Counters.
-    Metrics,
+    Metrics {},
     /// Pause vCPUs.
-    Pause,
+    Pause {},
     /// Resume vCPUs.
-    Resume,
+    Resume {},
     /// Graceful-then-forced shutdown.
     Shutdown {
         /// Seconds to wait for the guest before forcing.
@@ -62,13 +62,13 @@ pub enum Request {
 /// Executes a request against the VM.
 pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
     match req {
-        Request::Info => ok(vm.info()),
-        Request::Metrics => ok(vm.metrics()),
-        Request::Pause => {
+        Request::Info {} => ok(vm.info()),
+        Request::Metrics {} => ok(vm.metrics()),
+        Request::Pause {} => {
             vm.pause();
             ok(serde_json::json!({"state": "paused"}))
         }
-        Request::Resume => {
+        Request::Resume {} => {
             vm.resume();
             ok(serde_json::json!({"state": "running"}))
         }
@@ -160,7 +160,7 @@ mod tests {
     #[test]
     fn parses_requests_strictly() {
         let p = |s: &str| serde_json::from_str::<Request>(s);
-        assert_eq!(p(r#"{"cmd":"info"}"#).unwrap(), Request::Info);
+        assert_eq!(p(r#"{"cmd":"info"}"#).unwrap(), Request::Info {});
         assert_eq!(
             p(r#"{"cmd":"shutdown","grace_secs":3}"#).unwrap(),
             Request::Shutdown {
