@@ -230,3 +230,136 @@ fn conformance_and_escapes_through_a_real_guest() {
     assert_eq!(host("xattr"), "guest-value");
     assert_eq!(host("devices"), "0");
 }
+
+/// Runs in the lab: for each daemon, a fresh (same) shared dir, the daemon with
+/// `--cache never` (so the guest page cache does not hide the daemon), QEMU booting the
+/// guest in bench mode, PSS of the daemon's processes sampled while the guest runs.
+/// Usage: bash -c SCRIPT bash ROUNDS KERNEL INITRD LABEL DAEMON [LABEL DAEMON...]
+const BENCH_SCRIPT: &str = r#"
+set -u
+rounds=$1 kernel=$2 initrd=$3; shift 3
+w=$(mktemp -d /tmp/fsd-bench.XXXXXX)
+pss() { # sum of Pss (kB) over the daemon and its children
+  local total=0 p v
+  for p in $1 $(pgrep -P "$1" 2>/dev/null); do
+    v=$(awk '/^Pss:/{print $2}' /proc/$p/smaps_rollup 2>/dev/null); total=$(( total + ${v:-0} ))
+  done; echo $total
+}
+run() { # label daemon-cmd...
+  local label=$1; shift
+  rm -rf "$w/shared"; mkdir "$w/shared"; rm -f "$w/fs.sock"
+  "$@" --socket-path "$w/fs.sock" --shared-dir "$w/shared" --cache never >"$w/d.log" 2>&1 &
+  local d=$! max=0 v
+  for _ in $(seq 1 200); do [[ -S $w/fs.sock ]] && break; sleep 0.1; done
+  timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem -accel kvm -cpu host -m 512M -smp 2 \
+    -object memory-backend-memfd,id=mem,size=512M,share=on \
+    -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+    -chardev socket,id=fs0,path="$w/fs.sock" \
+    -device vhost-user-fs-device,chardev=fs0,tag=shared,queue-size=1024 \
+    -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 quiet fsdcheck=bench" \
+    </dev/null 2>"$w/q.err" | tr -d '\r' | sed "s/^/SERIAL $label /" &
+  local q=$!
+  while kill -0 $q 2>/dev/null; do
+    v=$(pss $d); (( v > max )) && max=$v; sleep 0.2
+  done
+  wait $q
+  echo "PSS $label $max kB"
+  kill $d 2>/dev/null; wait $d 2>/dev/null
+  sed "s/^/QEMU $label /" "$w/q.err"; tail -n 5 "$w/d.log" | sed "s/^/DAEMON $label /"
+}
+for r in $(seq 1 "$rounds"); do
+  args=("$@")
+  for ((i = 0; i < ${#args[@]}; i += 2)); do
+    read -r -a cmd <<<"${args[i+1]}"
+    run "${args[i]}" "${cmd[@]}"
+  done
+done
+rm -rf "$w"
+"#;
+
+/// The crates.io virtiofsd (installed by `make setup` into ~/.cargo/bin).
+fn virtiofsd() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let p = home.join(".cargo/bin/virtiofsd");
+    assert!(
+        p.is_file(),
+        "virtiofsd not found at {} (run make setup)",
+        p.display()
+    );
+    p
+}
+
+/// Median of the values of `row` for `label` in BENCH lines.
+fn bench_value(stdout: &str, label: &str, row: &str) -> Option<f64> {
+    let mut v: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("SERIAL {label} BENCH {row} ")))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Benchmark for vmm/fsd/README.md: carapace-fsd vs the crates.io virtiofsd, same lab
+/// run, same directory, same guest workload; throughput rows and daemon PSS.
+#[test]
+#[ignore = "measurement (several minutes in the lab); numbers go in vmm/fsd/README.md"]
+fn bench_vs_virtiofsd() {
+    let kernel = guest_kernel();
+    let (fsd, check) = static_bins();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fsd-guest");
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = dir.join("initramfs.cpio");
+    initramfs(&check, &initrd);
+    let rounds = std::env::var("FSD_BENCH_ROUNDS").unwrap_or_else(|_| "2".into());
+    let argv = [
+        "bash".to_string(),
+        "-c".into(),
+        BENCH_SCRIPT.into(),
+        "bash".into(),
+        rounds,
+        kernel.display().to_string(),
+        initrd.display().to_string(),
+        "carapace-fsd".into(),
+        fsd.display().to_string(),
+        "virtiofsd".into(),
+        format!("{} --sandbox namespace", virtiofsd().display()),
+    ];
+    let out = Lab::new()
+        .mem_mib(3072)
+        .smp(2)
+        .timeout(Duration::from_secs(3000))
+        .run(&argv)
+        .expect("running the benchmark in the lab");
+    let all = format!("{}\n{}", out.stdout, out.stderr);
+    println!("{all}");
+    println!("| row | carapace-fsd | virtiofsd | ratio |\n|---|---|---|---|");
+    for row in [
+        "seq-write",
+        "seq-read",
+        "rand-write-4k",
+        "rand-read-4k",
+        "create-10k",
+        "stat-10k",
+        "unlink-10k",
+    ] {
+        let a = bench_value(&out.stdout, "carapace-fsd", row);
+        let b = bench_value(&out.stdout, "virtiofsd", row);
+        let ratio = match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
+        };
+        println!("| {row} | {a:?} | {b:?} | {ratio} |");
+    }
+    for label in ["carapace-fsd", "virtiofsd"] {
+        let pss: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("PSS {label} ")))
+            .collect();
+        println!("{pss:?}");
+    }
+}

@@ -6,6 +6,9 @@
 //! `FSD-GUEST-CHECK DONE pass=<n> fail=<m>` and powers the VM off. The host-side test
 //! asserts on those lines and on the shared and outside directories.
 //!
+//! With `fsdcheck=bench` on the kernel command line it runs the benchmark instead and
+//! prints `BENCH <row> <value> <unit>` lines (the same workload for every daemon).
+//!
 //! It expects the host to have prepared, in the shared dir: `abs` (symlink to the absolute
 //! host path of a directory outside the shared dir holding `secret`), `rel` (relative
 //! symlink to it), `pfd` (symlink to /proc/self/fd/3). The secret's content starts with
@@ -476,12 +479,121 @@ fn rename_race() -> R {
     result
 }
 
+const BENCH_FILE_MIB: usize = 64;
+const BENCH_RANDOM_OPS: u32 = 2048;
+const BENCH_FILES: u32 = 10_000;
+
+fn drop_caches() {
+    let _ = fs::write("/proc/sys/vm/drop_caches", b"3");
+}
+
+fn report(row: &str, amount: f64, unit: &str, start: std::time::Instant) {
+    let secs = start.elapsed().as_secs_f64();
+    println!("BENCH {row} {:.1} {unit}", amount / secs);
+}
+
+/// A small deterministic generator for random offsets (same sequence for every daemon).
+fn next_rand(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    *state >> 33
+}
+
+fn bench() -> R {
+    use std::os::unix::fs::FileExt;
+    use std::time::Instant;
+    let path = p("bench.dat");
+    let chunk = vec![0xa5u8; 1 << 20];
+    let t = Instant::now();
+    let mut f = File::create(&path).map_err(e("create"))?;
+    for _ in 0..BENCH_FILE_MIB {
+        f.write_all(&chunk).map_err(e("write"))?;
+    }
+    f.sync_all().map_err(e("fsync"))?;
+    drop(f);
+    report("seq-write", BENCH_FILE_MIB as f64, "MiB/s", t);
+
+    drop_caches();
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut f = File::open(&path).map_err(e("open"))?;
+    let mut total = 0usize;
+    loop {
+        let n = f.read(&mut buf).map_err(e("read"))?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    ensure(total == BENCH_FILE_MIB << 20, format!("read {total} bytes"))?;
+    report("seq-read", BENCH_FILE_MIB as f64, "MiB/s", t);
+
+    let blocks = (BENCH_FILE_MIB << 20) as u64 / 4096;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(e("open rw"))?;
+    let page = [0x5au8; 4096];
+    let mut rng = 42u64;
+    let t = Instant::now();
+    for _ in 0..BENCH_RANDOM_OPS {
+        let off = (next_rand(&mut rng) % blocks) * 4096;
+        f.write_all_at(&page, off).map_err(e("pwrite"))?;
+    }
+    f.sync_all().map_err(e("fsync"))?;
+    report("rand-write-4k", f64::from(BENCH_RANDOM_OPS), "IOPS", t);
+
+    drop_caches();
+    let mut page = [0u8; 4096];
+    let t = Instant::now();
+    for _ in 0..BENCH_RANDOM_OPS {
+        let off = (next_rand(&mut rng) % blocks) * 4096;
+        f.read_exact_at(&mut page, off).map_err(e("pread"))?;
+    }
+    report("rand-read-4k", f64::from(BENCH_RANDOM_OPS), "IOPS", t);
+    drop(f);
+
+    let dir = p("bench-files");
+    fs::create_dir(&dir).map_err(e("mkdir"))?;
+    let t = Instant::now();
+    for i in 0..BENCH_FILES {
+        File::create(format!("{dir}/{i}")).map_err(e("create"))?;
+    }
+    report("create-10k", f64::from(BENCH_FILES), "ops/s", t);
+    drop_caches();
+    let t = Instant::now();
+    for i in 0..BENCH_FILES {
+        fs::metadata(format!("{dir}/{i}")).map_err(e("stat"))?;
+    }
+    report("stat-10k", f64::from(BENCH_FILES), "ops/s", t);
+    let t = Instant::now();
+    for i in 0..BENCH_FILES {
+        fs::remove_file(format!("{dir}/{i}")).map_err(e("unlink"))?;
+    }
+    report("unlink-10k", f64::from(BENCH_FILES), "ops/s", t);
+    Ok(())
+}
+
+fn is_bench() -> bool {
+    fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "fsdcheck=bench"))
+}
+
 fn main() {
     let _ = mount("proc", "/proc", "proc");
     let _ = mount("devtmpfs", "/dev", "devtmpfs");
     let mut pass = 0;
     let mut fail = 0;
     match mount("shared", MNT, "virtiofs") {
+        Ok(()) if is_bench() => match bench() {
+            Ok(()) => pass += 1,
+            Err(why) => {
+                fail += 1;
+                println!("BENCH FAIL {why}");
+            }
+        },
         Ok(()) => {
             println!("CHECK mount ok");
             pass += 1;

@@ -495,3 +495,4 @@ fn bad_names_are_refused_everywhere() {
 
 mod escape;
 mod seccomp_allowlist;
+mod submounts;
