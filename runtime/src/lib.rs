@@ -1,1 +1,19 @@
-//! See README.md.
+//! Carapace runtime: sandboxes (one microVM each) from OCI bundles. See README.md.
+//!
+//! Modules, from the bottom up: [`state`] (persisted state, OCI state JSON), [`process`]
+//! (helper daemons identified across pid reuse), [`mounts`] (binds into the shared
+//! directory), [`oci`] (bundle spec checks and guest translation), [`launcher`] (fs daemon
+//! and VMM), [`agent`] (the guest agent over ttrpc), [`sandbox`] (the lifecycle),
+//! [`stdio`] (streaming a process's IO), [`check`] (can this host run sandboxes),
+//! [`features`] (the runc `features` document).
+
+pub mod agent;
+pub mod check;
+pub mod features;
+pub mod launcher;
+pub mod mounts;
+pub mod oci;
+pub mod process;
+pub mod sandbox;
+pub mod state;
+pub mod stdio;

@@ -1,2 +1,1 @@
-//! See README.md.
 fn main() {}

@@ -1,0 +1,441 @@
+//! The OCI bundle: loading and checking `config.json`, translating it for the guest, and
+//! the default spec `carapace spec` writes.
+//!
+//! In the guest the sandbox's shared directory is a virtio-fs mount at
+//! [`GUEST_SHARED_DIR`]; inside it, container `<cid>` has its rootfs at `<cid>/rootfs` and
+//! its bind-mount sources at `<cid>/mounts/<n>`. The host makes those paths real with bind
+//! mounts into the shared directory (see [`crate::mounts`]); the spec sent to the agent has
+//! every host path replaced by its guest path. The spec is validated by deserialising it
+//! into `oci_spec`'s types, but edited as JSON so fields we do not know pass through.
+
+use std::path::{Path, PathBuf};
+
+use carapace_config::ContainerLimits;
+use serde_json::Value;
+
+/// Where the guest agent mounts the sandbox's virtio-fs share.
+pub const GUEST_SHARED_DIR: &str = "/run/carapace/shared";
+/// The virtio-fs tag of the sandbox's share.
+pub const SHARED_FS_TAG: &str = "carapace";
+/// Largest config.json accepted.
+const MAX_SPEC_BYTES: u64 = 4 << 20;
+
+/// Errors about the bundle and its spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// config.json could not be read.
+    #[error("cannot read OCI spec {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// config.json is too big to be a spec.
+    #[error("OCI spec {path} is {size} bytes, more than the {MAX_SPEC_BYTES} accepted")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// config.json is not a valid spec.
+    #[error("invalid OCI spec {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (field and position).
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A field is missing or unusable.
+    #[error("invalid OCI spec {path}: {field}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The JSON path of the field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `spec` would overwrite an existing file.
+    #[error("{path} exists; remove it first")]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Writing the default spec failed.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A host directory or file to bind into the shared directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindPlan {
+    /// Absolute host source.
+    pub source: PathBuf,
+    /// Target relative to the shared directory.
+    pub target: PathBuf,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// A bundle's spec, checked and translated for the guest.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    /// The spec to send to the agent (guest paths).
+    pub json: Value,
+    /// Host binds to make, rootfs first.
+    pub binds: Vec<BindPlan>,
+    /// The spec's annotations.
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Resource limits, to size the VM.
+    pub limits: ContainerLimits,
+    /// Hostname, if the spec sets one.
+    pub hostname: Option<String>,
+    /// Whether the process wants a terminal.
+    pub terminal: bool,
+}
+
+/// Reads `<bundle>/config.json`, bounded in size, and checks it against the OCI schema.
+pub fn load_bundle_spec(bundle: &Path) -> Result<(PathBuf, Value), SpecError> {
+    let path = bundle.join("config.json");
+    let read = |source| SpecError::Read {
+        path: path.clone(),
+        source,
+    };
+    let size = std::fs::metadata(&path).map_err(read)?.len();
+    if size > MAX_SPEC_BYTES {
+        return Err(SpecError::TooLarge { path, size });
+    }
+    let text = std::fs::read(&path).map_err(read)?;
+    let value: Value = serde_json::from_slice(&text).map_err(|source| SpecError::Parse {
+        path: path.clone(),
+        source,
+    })?;
+    // Schema check: every field we forward must have the type the spec defines.
+    serde_json::from_value::<oci_spec::runtime::Spec>(value.clone()).map_err(|source| {
+        SpecError::Parse {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok((path, value))
+}
+
+fn is_bind(mount: &Value) -> bool {
+    mount.get("type").and_then(Value::as_str) == Some("bind")
+        || options(mount).any(|o| o == "bind" || o == "rbind")
+}
+
+fn options(mount: &Value) -> impl Iterator<Item = &str> {
+    mount
+        .get("options")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
+/// Translates the spec of container `cid` from `bundle` for the guest.
+pub fn translate(bundle: &Path, cid: &str) -> Result<GuestSpec, SpecError> {
+    let (path, mut spec) = load_bundle_spec(bundle)?;
+    let invalid = |field: &str, reason: String| SpecError::Invalid {
+        path: path.clone(),
+        field: field.to_owned(),
+        reason,
+    };
+
+    let args_ok = spec
+        .pointer("/process/args")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    if !args_ok {
+        return Err(invalid(
+            "process.args",
+            "missing or empty: the container needs a command".into(),
+        ));
+    }
+    let terminal = spec
+        .pointer("/process/terminal")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+
+    let root = spec
+        .pointer("/root/path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("root.path", "missing".into()))?;
+    let root_host = if Path::new(root).is_absolute() {
+        PathBuf::from(root)
+    } else {
+        bundle.join(root)
+    };
+    if !root_host.is_dir() {
+        return Err(invalid(
+            "root.path",
+            format!("{} is not a directory", root_host.display()),
+        ));
+    }
+    let root_ro = spec
+        .pointer("/root/readonly")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let guest_base = Path::new(GUEST_SHARED_DIR).join(cid);
+    let mut binds = vec![BindPlan {
+        source: root_host,
+        target: Path::new(cid).join("rootfs"),
+        read_only: root_ro,
+    }];
+    spec["root"]["path"] = Value::String(guest_base.join("rootfs").display().to_string());
+
+    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        for (i, m) in mounts.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            let field = format!("mounts[{i}].source");
+            let source = m
+                .get("source")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid(&field, "a bind mount needs a source".into()))?;
+            let source = if Path::new(source).is_absolute() {
+                PathBuf::from(source)
+            } else {
+                bundle.join(source)
+            };
+            if !source.exists() {
+                return Err(invalid(
+                    &field,
+                    format!("{} does not exist", source.display()),
+                ));
+            }
+            let rel = Path::new(cid).join("mounts").join(i.to_string());
+            let read_only = options(m).any(|o| o == "ro");
+            m["source"] = Value::String(
+                guest_base
+                    .join("mounts")
+                    .join(i.to_string())
+                    .display()
+                    .to_string(),
+            );
+            binds.push(BindPlan {
+                source,
+                target: rel,
+                read_only,
+            });
+        }
+    }
+
+    // Host-side things that mean nothing in the guest.
+    if spec.get("hooks").is_some() {
+        tracing::warn!(
+            cid,
+            "OCI hooks are not supported in the guest; ignoring them"
+        );
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("hooks");
+        }
+    }
+    if let Some(ns) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+    {
+        for n in ns.iter_mut() {
+            if let Some(o) = n.as_object_mut()
+                && o.remove("path").is_some()
+            {
+                tracing::warn!(
+                    cid,
+                    "namespace paths are host paths; the guest creates fresh namespaces"
+                );
+            }
+        }
+    }
+
+    let annotations = spec
+        .get("annotations")
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let limits = ContainerLimits {
+        cpu_quota_us: spec
+            .pointer("/linux/resources/cpu/quota")
+            .and_then(Value::as_i64),
+        cpu_period_us: spec
+            .pointer("/linux/resources/cpu/period")
+            .and_then(Value::as_u64),
+        memory_limit_bytes: spec
+            .pointer("/linux/resources/memory/limit")
+            .and_then(Value::as_i64),
+    };
+    let hostname = spec
+        .get("hostname")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Ok(GuestSpec {
+        json: spec,
+        binds,
+        annotations,
+        limits,
+        hostname,
+        terminal,
+    })
+}
+
+/// The default spec `carapace spec` writes: runc's shape (a `sh` with a terminal, rootfs
+/// `rootfs`), with our hostname.
+pub fn default_spec() -> Value {
+    let mut spec = oci_spec::runtime::Spec::default();
+    spec.set_hostname(Some("carapace".to_owned()));
+    if let Some(p) = spec.process_mut() {
+        p.set_terminal(Some(true));
+    }
+    if let Some(r) = spec.root_mut() {
+        r.set_readonly(Some(true));
+    }
+    let mut v = serde_json::to_value(&spec).unwrap_or(Value::Null);
+    v["ociVersion"] = Value::String(crate::state::OCI_VERSION.to_owned());
+    v
+}
+
+/// Writes the default spec to `<bundle>/config.json`, refusing to overwrite.
+pub fn write_default_spec(bundle: &Path) -> Result<PathBuf, SpecError> {
+    let path = bundle.join("config.json");
+    if path.exists() {
+        return Err(SpecError::Exists { path });
+    }
+    let text = serde_json::to_string_pretty(&default_spec()).unwrap_or_default();
+    std::fs::write(&path, text + "\n").map_err(|source| SpecError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bundle(spec: &Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        dir
+    }
+
+    fn base() -> Value {
+        let mut v = default_spec();
+        v["process"]["args"] = json!(["echo", "hi"]);
+        v
+    }
+
+    #[test]
+    fn default_spec_is_a_valid_bundle_spec_and_spec_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        let p = write_default_spec(dir.path()).unwrap();
+        let (_, v) = load_bundle_spec(dir.path()).unwrap();
+        assert_eq!(v["root"]["path"], "rootfs");
+        assert_eq!(v["process"]["args"], json!(["sh"]));
+        assert_eq!(v["process"]["terminal"], true);
+        let err = write_default_spec(dir.path()).unwrap_err();
+        assert!(err.to_string().contains(&p.display().to_string()));
+        translate(dir.path(), "c").unwrap();
+    }
+
+    #[test]
+    fn rootfs_and_bind_mounts_are_rewritten_to_guest_paths() {
+        let vol = tempfile::tempdir().unwrap();
+        let mut spec = base();
+        spec["mounts"] = json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": vol.path(), "options": ["rbind", "ro"]},
+            {"destination": "/rw", "source": vol.path(), "options": ["bind", "rw"]}
+        ]);
+        spec["annotations"] = json!({"k": "v"});
+        spec["linux"]["resources"] =
+            json!({"cpu": {"quota": 50000, "period": 100000}, "memory": {"limit": 1048576}});
+        spec["linux"]["namespaces"] =
+            json!([{"type": "network", "path": "/proc/1/ns/net"}, {"type": "pid"}]);
+        spec["hooks"] = json!({"prestart": [{"path": "/bin/true"}]});
+        let b = bundle(&spec);
+        let g = translate(b.path(), "c1").unwrap();
+        assert_eq!(g.json["root"]["path"], "/run/carapace/shared/c1/rootfs");
+        assert_eq!(g.json["mounts"][0]["source"], "proc");
+        assert_eq!(
+            g.json["mounts"][1]["source"],
+            "/run/carapace/shared/c1/mounts/1"
+        );
+        assert_eq!(
+            g.json["mounts"][2]["source"],
+            "/run/carapace/shared/c1/mounts/2"
+        );
+        assert_eq!(
+            g.binds,
+            vec![
+                BindPlan {
+                    source: b.path().join("rootfs"),
+                    target: "c1/rootfs".into(),
+                    read_only: true
+                },
+                BindPlan {
+                    source: vol.path().into(),
+                    target: "c1/mounts/1".into(),
+                    read_only: true
+                },
+                BindPlan {
+                    source: vol.path().into(),
+                    target: "c1/mounts/2".into(),
+                    read_only: false
+                },
+            ]
+        );
+        assert_eq!(g.annotations.get("k").map(String::as_str), Some("v"));
+        assert_eq!(g.limits.cpu_quota_us, Some(50000));
+        assert_eq!(g.limits.memory_limit_bytes, Some(1048576));
+        assert!(g.json.get("hooks").is_none());
+        assert_eq!(g.json["linux"]["namespaces"][0], json!({"type": "network"}));
+        assert_eq!(g.hostname.as_deref(), Some("carapace"));
+        assert!(g.terminal);
+    }
+
+    #[test]
+    fn bad_specs_name_file_and_field() {
+        let b = bundle(&json!({"ociVersion": "1.0.2", "process": {"args": "echo"}}));
+        let err = translate(b.path(), "c").unwrap_err();
+        assert!(matches!(err, SpecError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("config.json"));
+
+        let mut spec = base();
+        spec["process"]["args"] = json!([]);
+        let err = translate(bundle(&spec).path(), "c").unwrap_err();
+        assert!(err.to_string().contains("process.args"), "{err}");
+
+        let mut spec = base();
+        spec["root"]["path"] = json!("nope");
+        let err = translate(bundle(&spec).path(), "c").unwrap_err();
+        assert!(err.to_string().contains("root.path"), "{err}");
+
+        let mut spec = base();
+        spec["mounts"] =
+            json!([{"destination": "/x", "type": "bind", "source": "/nonexistent/vol"}]);
+        let err = translate(bundle(&spec).path(), "c").unwrap_err();
+        assert!(err.to_string().contains("mounts[0].source"), "{err}");
+
+        let empty = tempfile::tempdir().unwrap();
+        let err = translate(empty.path(), "c").unwrap_err();
+        assert!(matches!(err, SpecError::Read { .. }), "{err}");
+    }
+}

@@ -1,0 +1,374 @@
+//! Helper processes (fs daemon, VMM, IO relay): spawning them detached with their own log,
+//! identifying them across pid reuse, waiting for their sockets, and stopping them.
+//!
+//! A process is identified by its pid *and* its start time (field 22 of `/proc/<pid>/stat`,
+//! clock ticks since boot): a later CLI call that finds a recorded pid whose start time
+//! differs knows the original process is gone and never signals the stranger.
+
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// Poll interval while waiting for a socket or an exit.
+const POLL: Duration = Duration::from_millis(10);
+/// Bytes of a log's end quoted in errors.
+const LOG_TAIL: u64 = 2048;
+
+/// Errors about helper processes.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The program could not be started.
+    #[error("cannot start {what} ({program})")]
+    Spawn {
+        /// Which helper.
+        what: &'static str,
+        /// Its binary.
+        program: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its log file could not be opened.
+    #[error("cannot open log file {path} for {what}")]
+    Log {
+        /// Which helper.
+        what: &'static str,
+        /// The log.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process exited before its socket appeared.
+    #[error("{what} (pid {pid}) exited before creating {socket}; its log {log} ends with:\n{tail}")]
+    ExitedEarly {
+        /// Which helper.
+        what: &'static str,
+        /// Its pid.
+        pid: i32,
+        /// The socket waited for.
+        socket: PathBuf,
+        /// Its log.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// The socket did not appear in time.
+    #[error("{what} (pid {pid}) did not create {socket} within {timeout:?}; see {log}")]
+    SocketTimeout {
+        /// Which helper.
+        what: &'static str,
+        /// Its pid.
+        pid: i32,
+        /// The socket waited for.
+        socket: PathBuf,
+        /// How long.
+        timeout: Duration,
+        /// Its log.
+        log: PathBuf,
+    },
+    /// The process did not die even after SIGKILL.
+    #[error("{what} (pid {pid}) did not exit after SIGKILL")]
+    Unkillable {
+        /// Which helper.
+        what: &'static str,
+        /// Its pid.
+        pid: i32,
+    },
+    /// Signalling failed for another reason than the process being gone.
+    #[error("cannot signal {what} (pid {pid})")]
+    Signal {
+        /// Which helper.
+        what: &'static str,
+        /// Its pid.
+        pid: i32,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// A process as recorded in the state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessRecord {
+    /// Its pid.
+    pub pid: i32,
+    /// Its start time (clock ticks after boot), from `/proc/<pid>/stat`.
+    pub start_time: u64,
+}
+
+/// State letter and start time of `pid`, from `/proc/<pid>/stat`; None if no such process.
+fn stat(pid: i32) -> Option<(char, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Parses a `/proc/<pid>/stat` line: the command is in parentheses and may itself contain
+/// spaces and parentheses, so fields are counted after the last `)`.
+fn parse_stat(text: &str) -> Option<(char, u64)> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state (field 3), starttime is field 22: 18 fields further.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+impl ProcessRecord {
+    /// Records the running process `pid`.
+    pub fn of(pid: i32) -> Option<Self> {
+        stat(pid).map(|(_, start_time)| Self { pid, start_time })
+    }
+
+    /// Whether this very process still runs (not a zombie, not a reused pid). Reaps it if
+    /// it is our zombie child.
+    pub fn is_alive(&self) -> bool {
+        match stat(self.pid) {
+            Some((state, start)) if start == self.start_time => {
+                if state == 'Z' || state == 'X' {
+                    // Our own child (e.g. in `run` or a test): collect it.
+                    let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG));
+                    false
+                } else {
+                    true
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends `sig` if the process is still this one; a vanished process is not an error.
+    pub fn signal(&self, what: &'static str, sig: Signal) -> Result<(), ProcessError> {
+        if !self.is_alive() {
+            return Ok(());
+        }
+        match kill(Pid::from_raw(self.pid), sig) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+            Err(source) => Err(ProcessError::Signal {
+                what,
+                pid: self.pid,
+                source,
+            }),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to be gone; true if it is.
+    pub fn wait_gone(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.is_alive() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// SIGTERM, `grace` to exit, then SIGKILL. Idempotent: a gone process is fine.
+    pub fn terminate(&self, what: &'static str, grace: Duration) -> Result<(), ProcessError> {
+        self.signal(what, Signal::SIGTERM)?;
+        if self.wait_gone(grace) {
+            return Ok(());
+        }
+        tracing::warn!(what, pid = self.pid, "did not exit after SIGTERM, killing");
+        self.signal(what, Signal::SIGKILL)?;
+        if self.wait_gone(Duration::from_secs(5)) {
+            Ok(())
+        } else {
+            Err(ProcessError::Unkillable {
+                what,
+                pid: self.pid,
+            })
+        }
+    }
+}
+
+/// Starts `cmd` detached from the caller: its own process group, stdin from /dev/null,
+/// stdout and stderr appended to `log`. The process outlives the CLI call that started it.
+pub fn spawn_detached(
+    what: &'static str,
+    mut cmd: Command,
+    log: &Path,
+) -> Result<ProcessRecord, ProcessError> {
+    let log_err = |source| ProcessError::Log {
+        what,
+        path: log.to_path_buf(),
+        source,
+    };
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(log_err)?;
+    let err = out.try_clone().map_err(log_err)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let program = PathBuf::from(cmd.get_program());
+    tracing::debug!(what, ?cmd, "spawning");
+    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        what,
+        program,
+        source,
+    })?;
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    // The child is deliberately not waited on here: it outlives this handle.
+    // `is_alive` reaps it if it becomes our zombie.
+    drop(child);
+    Ok(ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 }))
+}
+
+/// Waits until `socket` exists as a unix socket, failing early when `proc_` exits.
+pub fn wait_for_socket(
+    what: &'static str,
+    proc_: &ProcessRecord,
+    socket: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(), ProcessError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+            return Ok(());
+        }
+        if !proc_.is_alive() {
+            return Err(ProcessError::ExitedEarly {
+                what,
+                pid: proc_.pid,
+                socket: socket.to_path_buf(),
+                log: log.to_path_buf(),
+                tail: log_tail(log),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(ProcessError::SocketTimeout {
+                what,
+                pid: proc_.pid,
+                socket: socket.to_path_buf(),
+                timeout,
+                log: log.to_path_buf(),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The last bytes of a log file, for error messages.
+pub fn log_tail(log: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = fs::File::open(log) else {
+        return "(no log)".to_owned();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).trim_end().to_owned();
+    if text.is_empty() {
+        "(empty log)".to_owned()
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing_counts_fields_after_the_command() {
+        let line =
+            "123 (a) b) c) S 1 123 123 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_stat(line), Some(('S', 98765)));
+        assert_eq!(parse_stat("123 (x"), None);
+        assert_eq!(parse_stat("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn records_identify_live_processes_and_survive_pid_reuse() {
+        let me = ProcessRecord::of(std::process::id() as i32).expect("self");
+        assert!(me.is_alive());
+        let reused = ProcessRecord {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!reused.is_alive());
+        // Signalling the "reused" record must not touch us.
+        reused.terminate("test", Duration::from_millis(10)).unwrap();
+        assert!(me.is_alive());
+    }
+
+    #[test]
+    fn detached_process_is_terminated_and_reaped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("sleep.log");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo started; exec sleep 600"]);
+        let rec = spawn_detached("sleeper", cmd, &log).unwrap();
+        assert!(rec.is_alive());
+        rec.terminate("sleeper", Duration::from_secs(5)).unwrap();
+        assert!(!rec.is_alive());
+        assert!(!Path::new(&format!("/proc/{}", rec.pid)).exists());
+        // Idempotent.
+        rec.terminate("sleeper", Duration::from_secs(1)).unwrap();
+    }
+
+    #[test]
+    fn socket_wait_reports_early_exit_with_the_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("d.log");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo 'bad flag --frob' >&2; exit 3"]);
+        let rec = spawn_detached("daemon", cmd, &log).unwrap();
+        let err = wait_for_socket(
+            "daemon",
+            &rec,
+            &tmp.path().join("s.sock"),
+            &log,
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("exited before creating"), "{msg}");
+        assert!(msg.contains("bad flag --frob"), "{msg}");
+    }
+
+    #[test]
+    fn socket_wait_times_out_and_finds_sockets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("d.log");
+        let rec = spawn_detached(
+            "daemon",
+            {
+                let mut c = Command::new("sleep");
+                c.arg("600");
+                c
+            },
+            &log,
+        )
+        .unwrap();
+        let sock = tmp.path().join("s.sock");
+        let err =
+            wait_for_socket("daemon", &rec, &sock, &log, Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(err, ProcessError::SocketTimeout { .. }), "{err}");
+        // A regular file is not a socket.
+        fs::write(&sock, b"").unwrap();
+        assert!(wait_for_socket("daemon", &rec, &sock, &log, Duration::from_millis(50)).is_err());
+        fs::remove_file(&sock).unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        wait_for_socket("daemon", &rec, &sock, &log, Duration::from_secs(1)).unwrap();
+        rec.terminate("daemon", Duration::from_secs(5)).unwrap();
+    }
+}

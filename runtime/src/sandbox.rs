@@ -1,0 +1,547 @@
+//! The sandbox lifecycle: one VM holding one container, driven through the seams
+//! [`Launcher`], [`AgentConnector`] and [`Mounter`].
+//!
+//! `create` goes: validate the bundle and the guest image, make the state directory, bind
+//! the rootfs and volumes into `shared/`, start the fs daemon and wait for its socket,
+//! write `vm.json` and start the VMM, wait (bounded by `agent.boot_timeout_ms`) for the
+//! agent to answer, then create the sandbox and the container in the guest. Every step is
+//! recorded in `state.json` before the next one starts, and any failure tears down what
+//! was recorded (VMM, fs daemon, mounts, the directory) before the error is returned.
+//! `delete` runs the same teardown, which is idempotent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use carapace_config::Config;
+
+use crate::agent::{AgentApi, AgentConnector, AgentError, ExitInfo, Share};
+use crate::launcher::{
+    FsRequest, ImageError, Launcher, VmPaths, VmRequest, check_image, vm_description,
+};
+use crate::mounts::{MountError, Mounter};
+use crate::oci::{self, GUEST_SHARED_DIR, SHARED_FS_TAG, SpecError};
+use crate::process::{ProcessError, ProcessRecord, log_tail, wait_for_socket};
+use crate::state::{ExitRecord, MountRecord, SandboxState, StateError, StateStore, Status};
+
+/// How long the fs daemon may take to create its socket.
+const FSD_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a helper gets to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Pause between attempts to reach the agent while the guest boots.
+const AGENT_RETRY: Duration = Duration::from_millis(20);
+/// Deadline for reaching the agent of an already running sandbox.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of sandbox operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// State store.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The bundle or its spec.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The guest image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Host mounts.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// A helper process (fs daemon, VMM).
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// An agent request.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The VMM exited while the sandbox was being set up or used.
+    #[error("the VMM (pid {pid}) exited; its log {log} ends with:\n{tail}")]
+    VmmExited {
+        /// Its pid.
+        pid: i32,
+        /// Its log.
+        log: PathBuf,
+        /// The end of the log.
+        tail: String,
+    },
+    /// The agent did not answer in time.
+    #[error("the guest agent did not answer on {socket} within {timeout:?}; see {log}")]
+    AgentTimeout {
+        /// The socket tried.
+        socket: PathBuf,
+        /// The deadline.
+        timeout: Duration,
+        /// Where the guest console / VMM log is.
+        log: PathBuf,
+        /// The last connection error.
+        #[source]
+        last: Box<AgentError>,
+    },
+    /// The operation does not fit the container's status.
+    #[error("container {id} is {status}: cannot {op}")]
+    WrongStatus {
+        /// The container.
+        id: String,
+        /// Its status.
+        status: &'static str,
+        /// The operation.
+        op: &'static str,
+    },
+    /// A file operation in the sandbox directory failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Teardown could not undo everything; the state directory is kept so that
+    /// `delete --force` can retry.
+    #[error("teardown of {id} incomplete: {problems}")]
+    Teardown {
+        /// The sandbox.
+        id: String,
+        /// What is left and why.
+        problems: String,
+    },
+    /// The sandbox failed and tearing it down failed too.
+    #[error("{error} (and teardown failed: {teardown})")]
+    WithTeardown {
+        /// The original failure.
+        #[source]
+        error: Box<SandboxError>,
+        /// The teardown failure.
+        teardown: Box<SandboxError>,
+    },
+}
+
+/// Files of one sandbox directory.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Exported to the guest over virtio-fs.
+    pub shared: PathBuf,
+    /// fs daemon socket and log.
+    pub fsd_socket: PathBuf,
+    /// fs daemon log.
+    pub fsd_log: PathBuf,
+    /// VMM hybrid-vsock socket.
+    pub vsock: PathBuf,
+    /// VMM control API socket.
+    pub api: PathBuf,
+    /// VMM log.
+    pub vmm_log: PathBuf,
+    /// Guest console.
+    pub console: PathBuf,
+    /// VM description.
+    pub vm_json: PathBuf,
+    /// The translated spec as sent to the agent.
+    pub guest_spec: PathBuf,
+}
+
+impl SandboxPaths {
+    /// The layout under `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            shared: dir.join("shared"),
+            fsd_socket: dir.join("fsd.sock"),
+            fsd_log: dir.join("fsd.log"),
+            vsock: dir.join("vsock.sock"),
+            api: dir.join("api.sock"),
+            vmm_log: dir.join("vmm.log"),
+            console: dir.join("console.log"),
+            vm_json: dir.join("vm.json"),
+            guest_spec: dir.join("config.json"),
+        }
+    }
+}
+
+/// The runtime: configuration, state store and the seams.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Effective configuration.
+    pub config: Config,
+    /// Where state lives.
+    pub store: StateStore,
+    /// Starts fs daemon and VMM.
+    pub launcher: Arc<dyn Launcher>,
+    /// Reaches the agent.
+    pub connector: Arc<dyn AgentConnector>,
+    /// Makes host mounts.
+    pub mounter: Arc<dyn Mounter>,
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let path = path.to_path_buf();
+    move |source| SandboxError::Io { op, path, source }
+}
+
+impl Runtime {
+    /// The paths of sandbox `id`.
+    pub fn paths(&self, id: &str) -> Result<SandboxPaths, SandboxError> {
+        Ok(SandboxPaths::new(&self.store.dir(id)?))
+    }
+
+    /// Creates sandbox and container `id` from `bundle`; on error nothing is left behind.
+    pub fn create(&self, id: &str, bundle: &Path) -> Result<SandboxState, SandboxError> {
+        crate::state::validate_id(id)?;
+        let bundle = std::fs::canonicalize(bundle).map_err(io_err("resolving bundle", bundle))?;
+        let guest = oci::translate(&bundle, id)?;
+        check_image(&self.config)?;
+        let dir = self.store.create_dir(id)?;
+        let paths = SandboxPaths::new(&dir);
+        let mut st = SandboxState::new(id, &bundle, guest.annotations.clone());
+        match self.create_steps(&mut st, &guest, &paths) {
+            Ok(()) => Ok(st),
+            Err(error) => {
+                tracing::error!(id, %error, "create failed, tearing down");
+                match self.teardown(&st) {
+                    Ok(()) => Err(error),
+                    Err(teardown) => Err(SandboxError::WithTeardown {
+                        error: Box::new(error),
+                        teardown: Box::new(teardown),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn create_steps(
+        &self,
+        st: &mut SandboxState,
+        guest: &oci::GuestSpec,
+        paths: &SandboxPaths,
+    ) -> Result<(), SandboxError> {
+        let id = st.id.clone();
+        self.store.save(st)?;
+        std::fs::create_dir(&paths.shared).map_err(io_err("creating", &paths.shared))?;
+        for bind in &guest.binds {
+            let target = paths.shared.join(&bind.target);
+            st.mounts.push(MountRecord {
+                source: bind.source.clone(),
+                target: target.clone(),
+                read_only: bind.read_only,
+            });
+            self.store.save(st)?;
+            self.mounter.bind(&bind.source, &target, bind.read_only)?;
+        }
+        let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
+        std::fs::write(&paths.guest_spec, &spec_bytes)
+            .map_err(io_err("writing", &paths.guest_spec))?;
+
+        tracing::info!(id, "starting fs daemon");
+        let fsd = self.launcher.start_fs_daemon(&FsRequest {
+            shared_dir: paths.shared.clone(),
+            socket: paths.fsd_socket.clone(),
+            log: paths.fsd_log.clone(),
+        })?;
+        st.fsd = Some(fsd);
+        self.store.save(st)?;
+        wait_for_socket(
+            "fs daemon",
+            &fsd,
+            &paths.fsd_socket,
+            &paths.fsd_log,
+            FSD_SOCKET_TIMEOUT,
+        )?;
+
+        let resources = self.config.vm_resources(&[guest.limits]);
+        let desc = vm_description(
+            &self.config,
+            resources,
+            &VmPaths {
+                vsock: paths.vsock.clone(),
+                api: paths.api.clone(),
+                fs_socket: paths.fsd_socket.clone(),
+                console: self.config.debug.console.then(|| paths.console.clone()),
+            },
+        );
+        std::fs::write(
+            &paths.vm_json,
+            serde_json::to_vec_pretty(&desc).unwrap_or_default(),
+        )
+        .map_err(io_err("writing", &paths.vm_json))?;
+        tracing::info!(id, ?resources, "starting VMM");
+        let vmm = self.launcher.start_vmm(&VmRequest {
+            description: paths.vm_json.clone(),
+            log: paths.vmm_log.clone(),
+        })?;
+        st.vmm = Some(vmm);
+        self.store.save(st)?;
+
+        let agent = self.wait_for_agent(&vmm, paths)?;
+        let hostname = guest.hostname.clone().unwrap_or_else(|| id.clone());
+        agent.create_sandbox(
+            &id,
+            &hostname,
+            &[Share {
+                tag: SHARED_FS_TAG.to_owned(),
+                mount_point: GUEST_SHARED_DIR.to_owned(),
+                read_only: false,
+            }],
+        )?;
+        agent.create_container(&id, &spec_bytes)?;
+        st.status = Status::Created;
+        self.store.save(st)?;
+        tracing::info!(id, "created");
+        Ok(())
+    }
+
+    /// Retries connecting until the agent answers, the VMM dies or the boot deadline passes.
+    fn wait_for_agent(
+        &self,
+        vmm: &ProcessRecord,
+        paths: &SandboxPaths,
+    ) -> Result<Arc<dyn AgentApi>, SandboxError> {
+        let timeout = Duration::from_millis(self.config.agent.boot_timeout_ms);
+        self.connect_until(vmm, paths, timeout)
+    }
+
+    fn connect_until(
+        &self,
+        vmm: &ProcessRecord,
+        paths: &SandboxPaths,
+        timeout: Duration,
+    ) -> Result<Arc<dyn AgentApi>, SandboxError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !vmm.is_alive() {
+                return Err(self.vmm_exited(vmm, paths));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let attempt = remaining.min(Duration::from_secs(1));
+            let last = match self.connector.connect(&paths.vsock, attempt) {
+                Ok(agent) => return Ok(agent),
+                Err(AgentError::Connect {
+                    source:
+                        source @ carapace_protocol::client::ClientError::IncompatibleAgent { .. },
+                    socket,
+                }) => return Err(AgentError::Connect { socket, source }.into()),
+                Err(e) => e,
+            };
+            if Instant::now() + AGENT_RETRY >= deadline {
+                if !vmm.is_alive() {
+                    return Err(self.vmm_exited(vmm, paths));
+                }
+                return Err(SandboxError::AgentTimeout {
+                    socket: paths.vsock.clone(),
+                    timeout,
+                    log: if self.config.debug.console {
+                        paths.console.clone()
+                    } else {
+                        paths.vmm_log.clone()
+                    },
+                    last: Box::new(last),
+                });
+            }
+            tracing::trace!(error = %last, "agent not answering yet");
+            std::thread::sleep(AGENT_RETRY);
+        }
+    }
+
+    fn vmm_exited(&self, vmm: &ProcessRecord, paths: &SandboxPaths) -> SandboxError {
+        SandboxError::VmmExited {
+            pid: vmm.pid,
+            log: paths.vmm_log.clone(),
+            tail: log_tail(&paths.vmm_log),
+        }
+    }
+
+    /// The status as it is now: the recorded one, corrected by what is observable (a gone
+    /// VMM means stopped).
+    pub fn live_status(&self, st: &SandboxState) -> Status {
+        match st.status {
+            Status::Creating | Status::Stopped => st.status,
+            Status::Created | Status::Running => {
+                if st.exit.is_some() || !st.vmm.is_some_and(|v| v.is_alive()) {
+                    Status::Stopped
+                } else {
+                    st.status
+                }
+            }
+        }
+    }
+
+    /// The OCI state of `id`.
+    pub fn state(&self, id: &str) -> Result<crate::state::OciState, SandboxError> {
+        let st = self.store.load(id)?;
+        let status = self.live_status(&st);
+        let alive = st.vmm.is_some_and(|v| v.is_alive());
+        Ok(st.oci(status, alive))
+    }
+
+    /// Connects to the agent of a running sandbox.
+    pub fn agent(&self, st: &SandboxState) -> Result<Arc<dyn AgentApi>, SandboxError> {
+        let paths = self.paths(&st.id)?;
+        let vmm = st.vmm.ok_or(SandboxError::WrongStatus {
+            id: st.id.clone(),
+            status: "without a VM",
+            op: "reach its agent",
+        })?;
+        self.connect_until(&vmm, &paths, RECONNECT_TIMEOUT)
+    }
+
+    fn require(
+        &self,
+        st: &SandboxState,
+        allowed: &[Status],
+        op: &'static str,
+    ) -> Result<Status, SandboxError> {
+        let status = self.live_status(st);
+        if allowed.contains(&status) {
+            Ok(status)
+        } else {
+            Err(SandboxError::WrongStatus {
+                id: st.id.clone(),
+                status: status.as_str(),
+                op,
+            })
+        }
+    }
+
+    /// Starts the container's process.
+    pub fn start(&self, id: &str) -> Result<u32, SandboxError> {
+        let _lock = self.store.lock(id)?;
+        let mut st = self.store.load(id)?;
+        self.require(&st, &[Status::Created], "start")?;
+        let agent = self.agent(&st)?;
+        let pid = agent.start_container(id)?;
+        st.status = Status::Running;
+        st.guest_pid = Some(pid);
+        self.store.save(&st)?;
+        tracing::info!(id, guest_pid = pid, "started");
+        Ok(pid)
+    }
+
+    /// Signals the container's init (or every process with `all`).
+    pub fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), SandboxError> {
+        let st = self.store.load(id)?;
+        self.require(&st, &[Status::Created, Status::Running], "be signalled")?;
+        self.agent(&st)?.signal(id, "", signal, all)?;
+        Ok(())
+    }
+
+    /// Guest pids of the container's processes.
+    pub fn ps(&self, id: &str) -> Result<Vec<u32>, SandboxError> {
+        let st = self.store.load(id)?;
+        self.require(&st, &[Status::Created, Status::Running], "list processes")?;
+        Ok(self.agent(&st)?.list_processes(id)?)
+    }
+
+    /// Records how the container's init ended.
+    pub fn record_exit(&self, id: &str, exit: ExitInfo) -> Result<(), SandboxError> {
+        self.store.update(id, |st| {
+            st.exit = Some(ExitRecord {
+                status: exit.exit_status,
+                signal: exit.signal,
+            });
+            st.status = Status::Stopped;
+        })?;
+        Ok(())
+    }
+
+    /// Deletes the sandbox: stops the guest, the VMM and the fs daemon, undoes the mounts
+    /// and removes the state directory. A running container needs `force`. Without
+    /// `force` a missing container is an error (as runc); with it, success.
+    pub fn delete(&self, id: &str, force: bool) -> Result<(), SandboxError> {
+        let dir = self.store.dir(id)?;
+        let st = match self.store.load(id) {
+            Ok(st) => st,
+            Err(StateError::NotFound { .. }) if force => {
+                // A directory without state (a crash right after mkdir): clean it anyway.
+                if dir.exists() {
+                    self.remove_dir(id, &dir)?;
+                }
+                return Ok(());
+            }
+            Err(StateError::Corrupt { .. }) if force => {
+                self.remove_dir(id, &dir)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let status = self.live_status(&st);
+        if status == Status::Running && !force {
+            return Err(SandboxError::WrongStatus {
+                id: id.to_owned(),
+                status: status.as_str(),
+                op: "delete it without --force",
+            });
+        }
+        if let Some(vmm) = st.vmm
+            && vmm.is_alive()
+        {
+            let paths = self.paths(id)?;
+            match self.connect_until(&vmm, &paths, Duration::from_secs(2)) {
+                Ok(agent) => {
+                    if let Err(e) = agent.destroy_sandbox(id) {
+                        tracing::warn!(id, error = %e, "DestroySandbox failed; stopping the VMM");
+                    }
+                }
+                Err(e) => tracing::warn!(id, error = %e, "agent unreachable; stopping the VMM"),
+            }
+        }
+        self.teardown(&st)
+    }
+
+    /// Stops every recorded process, undoes the mounts and removes the directory.
+    /// Idempotent; errors are collected so one failure does not stop the rest.
+    pub fn teardown(&self, st: &SandboxState) -> Result<(), SandboxError> {
+        let mut problems = Vec::new();
+        for (what, rec) in [
+            ("IO relay", st.io_relay),
+            ("VMM", st.vmm),
+            ("fs daemon", st.fsd),
+        ] {
+            if let Some(rec) = rec
+                && let Err(e) = rec.terminate(what, STOP_GRACE)
+            {
+                problems.push(e.to_string());
+            }
+        }
+        for m in st.mounts.iter().rev() {
+            if let Err(e) = self.mounter.unmount(&m.target) {
+                problems.push(e.to_string());
+            }
+        }
+        let dir = self.store.dir(&st.id)?;
+        if !problems.is_empty() {
+            return Err(SandboxError::Teardown {
+                id: st.id.clone(),
+                problems: problems.join("; "),
+            });
+        }
+        self.remove_dir(&st.id, &dir)
+    }
+
+    /// Unmounts whatever is still mounted under `dir`, then removes it — never while a
+    /// mount remains, since removing through a bind mount would delete the bundle's files.
+    fn remove_dir(&self, id: &str, dir: &Path) -> Result<(), SandboxError> {
+        let mut problems = Vec::new();
+        for p in self.mounter.mounts_under(dir) {
+            if let Err(e) = self.mounter.unmount(&p) {
+                problems.push(e.to_string());
+            }
+        }
+        let left = self.mounter.mounts_under(dir);
+        if !left.is_empty() {
+            problems.push(format!("still mounted: {left:?}"));
+        }
+        if !problems.is_empty() {
+            return Err(SandboxError::Teardown {
+                id: id.to_owned(),
+                problems: problems.join("; "),
+            });
+        }
+        self.store.remove(id)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

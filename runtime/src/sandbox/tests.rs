@@ -1,0 +1,584 @@
+//! Lifecycle tests with fakes at the seams. The fake daemons are real processes (`sleep`,
+//! or a shell that fails), so starting, detecting death and stopping them is the real code;
+//! the fake agent and mounter record calls and inject failures.
+
+use super::*;
+use crate::agent::{Chunk, Stream};
+use crate::mounts::make_mount_point;
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixListener;
+use std::process::Command;
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Daemon {
+    Ok,
+    SpawnFails,
+    ExitsAtOnce,
+}
+
+#[derive(Debug)]
+struct FakeLauncher {
+    fsd: Daemon,
+    vmm: Daemon,
+    events: Arc<Mutex<Vec<String>>>,
+    started: Mutex<Vec<ProcessRecord>>,
+    sockets: Mutex<Vec<UnixListener>>,
+}
+
+impl FakeLauncher {
+    fn spawn(
+        &self,
+        what: &'static str,
+        how: Daemon,
+        log: &Path,
+    ) -> Result<ProcessRecord, ProcessError> {
+        let mut cmd = Command::new("sh");
+        match how {
+            Daemon::Ok => cmd.args(["-c", "exec sleep 600"]),
+            Daemon::ExitsAtOnce => cmd.args([
+                "-c",
+                &format!("echo '{what}: fatal: injected failure' >&2; exit 1"),
+            ]),
+            Daemon::SpawnFails => {
+                cmd = Command::new("/nonexistent/daemon");
+                &mut cmd
+            }
+        };
+        let rec = crate::process::spawn_detached(what, cmd, log)?;
+        self.started.lock().unwrap().push(rec);
+        Ok(rec)
+    }
+
+    fn listen(&self, path: &Path) {
+        self.sockets
+            .lock()
+            .unwrap()
+            .push(UnixListener::bind(path).unwrap());
+    }
+}
+
+impl Launcher for FakeLauncher {
+    fn start_fs_daemon(&self, req: &FsRequest) -> Result<ProcessRecord, ProcessError> {
+        self.events.lock().unwrap().push("fsd".into());
+        assert!(
+            req.shared_dir.join("c1/rootfs").exists(),
+            "rootfs bound before fsd starts"
+        );
+        let rec = self.spawn("fs daemon", self.fsd, &req.log)?;
+        if self.fsd == Daemon::Ok {
+            self.listen(&req.socket);
+        }
+        Ok(rec)
+    }
+
+    fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError> {
+        self.events.lock().unwrap().push("vmm".into());
+        let desc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&req.description).unwrap()).unwrap();
+        let fs_sock = PathBuf::from(desc["fs"][0]["socket_path"].as_str().unwrap());
+        assert!(
+            fs_sock.exists(),
+            "fs daemon socket exists before the VMM starts"
+        );
+        let rec = self.spawn("VMM", self.vmm, &req.log)?;
+        if self.vmm == Daemon::Ok {
+            self.listen(Path::new(desc["vsock"]["uds_path"].as_str().unwrap()));
+        }
+        Ok(rec)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentMode {
+    Answers,
+    NeverAnswers,
+    Incompatible,
+}
+
+#[derive(Debug)]
+struct FakeConnector {
+    mode: AgentMode,
+    fail_on: Option<&'static str>,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+struct FakeAgent {
+    fail_on: Option<&'static str>,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeAgent {
+    fn call(&self, name: &'static str) -> Result<(), AgentError> {
+        self.events.lock().unwrap().push(name.into());
+        if self.fail_on == Some(name) {
+            return Err(AgentError::Other(format!("injected failure of {name}")));
+        }
+        Ok(())
+    }
+}
+
+impl AgentApi for FakeAgent {
+    fn create_sandbox(&self, _: &str, _: &str, shares: &[Share]) -> Result<(), AgentError> {
+        assert_eq!(shares[0].tag, SHARED_FS_TAG);
+        self.call("create_sandbox")
+    }
+    fn create_container(&self, _: &str, spec: &[u8]) -> Result<(), AgentError> {
+        let v: serde_json::Value = serde_json::from_slice(spec).unwrap();
+        assert_eq!(v["root"]["path"], "/run/carapace/shared/c1/rootfs");
+        self.call("create_container")
+    }
+    fn start_container(&self, _: &str) -> Result<u32, AgentError> {
+        self.call("start_container").map(|()| 7)
+    }
+    fn exec_process(&self, _: &str, _: &str, _: &[u8]) -> Result<u32, AgentError> {
+        self.call("exec_process").map(|()| 8)
+    }
+    fn signal(&self, _: &str, _: &str, sig: u32, _: bool) -> Result<(), AgentError> {
+        assert_eq!(sig, 15);
+        self.call("signal")
+    }
+    fn wait(&self, _: &str, _: &str) -> Result<ExitInfo, AgentError> {
+        self.call("wait").map(|()| ExitInfo {
+            exit_code: 0,
+            signal: 15,
+            exit_status: 143,
+        })
+    }
+    fn write_stdin(&self, _: &str, _: &str, d: &[u8]) -> Result<usize, AgentError> {
+        self.call("write_stdin").map(|()| d.len())
+    }
+    fn close_stdin(&self, _: &str, _: &str) -> Result<(), AgentError> {
+        self.call("close_stdin")
+    }
+    fn read(&self, _: &str, _: &str, _: Stream) -> Result<Chunk, AgentError> {
+        self.call("read").map(|()| Chunk {
+            data: Vec::new(),
+            eof: true,
+        })
+    }
+    fn resize(&self, _: &str, _: &str, _: u32, _: u32) -> Result<(), AgentError> {
+        self.call("resize")
+    }
+    fn list_processes(&self, _: &str) -> Result<Vec<u32>, AgentError> {
+        self.call("list_processes").map(|()| vec![1, 7])
+    }
+    fn remove_container(&self, _: &str) -> Result<(), AgentError> {
+        self.call("remove_container")
+    }
+    fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
+        self.call("destroy_sandbox")
+    }
+}
+
+impl AgentConnector for FakeConnector {
+    fn connect(&self, socket: &Path, _: Duration) -> Result<Arc<dyn AgentApi>, AgentError> {
+        assert!(socket.ends_with("vsock.sock"));
+        match self.mode {
+            AgentMode::Answers => Ok(Arc::new(FakeAgent {
+                fail_on: self.fail_on,
+                events: self.events.clone(),
+            })),
+            AgentMode::NeverAnswers => Err(AgentError::Other("connection refused (fake)".into())),
+            AgentMode::Incompatible => Err(AgentError::Connect {
+                socket: socket.to_path_buf(),
+                source: carapace_protocol::client::ClientError::IncompatibleAgent {
+                    agent_version: "0.0.1".into(),
+                    agent_protocol: 99,
+                    host_protocol: carapace_protocol::PROTOCOL_VERSION,
+                },
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct FakeMounter {
+    mounted: Mutex<BTreeSet<PathBuf>>,
+    fail_bind_of: Option<&'static str>,
+    stuck: bool,
+}
+
+impl Mounter for FakeMounter {
+    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError> {
+        make_mount_point(source, target)?;
+        if self.fail_bind_of.is_some_and(|s| target.ends_with(s)) {
+            return Err(MountError::Bind {
+                source_path: source.to_path_buf(),
+                target: target.to_path_buf(),
+                read_only,
+                source: nix::Error::EPERM,
+            });
+        }
+        self.mounted.lock().unwrap().insert(target.to_path_buf());
+        Ok(())
+    }
+    fn unmount(&self, target: &Path) -> Result<(), MountError> {
+        if self.stuck {
+            return Err(MountError::Unmount {
+                target: target.to_path_buf(),
+                source: nix::Error::EBUSY,
+            });
+        }
+        self.mounted.lock().unwrap().remove(target);
+        Ok(())
+    }
+    fn mounts_under(&self, dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<_> = self
+            .mounted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.starts_with(dir))
+            .cloned()
+            .collect();
+        v.reverse();
+        v
+    }
+}
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    rt: Runtime,
+    launcher: Arc<FakeLauncher>,
+    mounter: Arc<FakeMounter>,
+    events: Arc<Mutex<Vec<String>>>,
+    bundle: PathBuf,
+}
+
+struct Setup {
+    fsd: Daemon,
+    vmm: Daemon,
+    agent: AgentMode,
+    fail_on: Option<&'static str>,
+    mounter: FakeMounter,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            fsd: Daemon::Ok,
+            vmm: Daemon::Ok,
+            agent: AgentMode::Answers,
+            fail_on: None,
+            mounter: FakeMounter::default(),
+        }
+    }
+}
+
+fn fixture(s: Setup) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+    std::fs::write(bundle.join("rootfs/bin/precious"), b"keep me").unwrap();
+    let vol = tmp.path().join("vol");
+    std::fs::create_dir(&vol).unwrap();
+    let mut spec = crate::oci::default_spec();
+    spec["process"]["args"] = serde_json::json!(["true"]);
+    spec["mounts"] = serde_json::json!([{"destination": "/vol", "type": "bind", "source": vol, "options": ["rbind", "ro"]}]);
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    let mut config = Config::default();
+    for (name, field) in [
+        ("vmlinux", &mut config.hypervisor.kernel),
+        ("initrd", &mut config.hypervisor.initrd),
+    ] {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, b"image").unwrap();
+        *field = p;
+    }
+    config.agent.boot_timeout_ms = 300;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let launcher = Arc::new(FakeLauncher {
+        fsd: s.fsd,
+        vmm: s.vmm,
+        events: events.clone(),
+        started: Mutex::new(Vec::new()),
+        sockets: Mutex::new(Vec::new()),
+    });
+    let mounter = Arc::new(s.mounter);
+    let rt = Runtime {
+        config,
+        store: StateStore::new(tmp.path().join("run")),
+        launcher: launcher.clone(),
+        connector: Arc::new(FakeConnector {
+            mode: s.agent,
+            fail_on: s.fail_on,
+            events: events.clone(),
+        }),
+        mounter: mounter.clone(),
+    };
+    Fixture {
+        tmp,
+        rt,
+        launcher,
+        mounter,
+        events,
+        bundle,
+    }
+}
+
+impl Fixture {
+    fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Nothing left: no live process, no mount, no state directory.
+    fn assert_clean(&self) {
+        for p in self.launcher.started.lock().unwrap().iter() {
+            assert!(!p.is_alive(), "process {} leaked", p.pid);
+        }
+        assert!(
+            self.mounter.mounted.lock().unwrap().is_empty(),
+            "mount leaked"
+        );
+        assert_eq!(self.rt.store.ids().unwrap(), Vec::<String>::new());
+        assert!(!self.tmp.path().join("run/c1").exists());
+        assert_eq!(
+            std::fs::read(self.bundle.join("rootfs/bin/precious")).unwrap(),
+            b"keep me"
+        );
+    }
+}
+
+#[test]
+fn create_start_kill_delete_in_order_and_nothing_left() {
+    let f = fixture(Setup::default());
+    let st = f.rt.create("c1", &f.bundle).unwrap();
+    assert_eq!(st.status, Status::Created);
+    assert_eq!(
+        f.events(),
+        ["fsd", "vmm", "create_sandbox", "create_container"]
+    );
+    let dir = f.tmp.path().join("run/c1");
+    assert!(dir.join("vm.json").exists() && dir.join("config.json").exists());
+    let saved = f.rt.store.load("c1").unwrap();
+    assert_eq!(saved.mounts.len(), 2);
+    assert!(saved.mounts[1].read_only);
+    assert!(saved.fsd.unwrap().is_alive() && saved.vmm.unwrap().is_alive());
+
+    let oci = f.rt.state("c1").unwrap();
+    assert_eq!(oci.status, "created");
+    assert_eq!(oci.pid, saved.vmm.unwrap().pid);
+    assert_eq!(
+        oci.bundle,
+        f.bundle.canonicalize().unwrap().display().to_string()
+    );
+
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+
+    assert_eq!(f.rt.start("c1").unwrap(), 7);
+    assert_eq!(f.rt.state("c1").unwrap().status, "running");
+    let err = f.rt.start("c1").unwrap_err();
+    assert!(
+        err.to_string().contains("is running: cannot start"),
+        "{err}"
+    );
+    f.rt.kill("c1", 15, false).unwrap();
+    assert_eq!(f.rt.ps("c1").unwrap(), [1, 7]);
+
+    let err = f.rt.delete("c1", false).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    f.rt.delete("c1", true).unwrap();
+    assert_eq!(f.events().last().unwrap(), "destroy_sandbox");
+    f.assert_clean();
+
+    // Idempotent: deleting again is "does not exist", or success with --force.
+    let err = f.rt.delete("c1", false).unwrap_err();
+    assert!(
+        matches!(err, SandboxError::State(StateError::NotFound { .. })),
+        "{err}"
+    );
+    f.rt.delete("c1", true).unwrap();
+}
+
+#[test]
+fn exited_container_is_stopped_and_deletes_without_force() {
+    let f = fixture(Setup::default());
+    f.rt.create("c1", &f.bundle).unwrap();
+    f.rt.start("c1").unwrap();
+    f.rt.record_exit(
+        "c1",
+        ExitInfo {
+            exit_code: 0,
+            signal: 9,
+            exit_status: 137,
+        },
+    )
+    .unwrap();
+    let oci = f.rt.state("c1").unwrap();
+    assert_eq!((oci.status.as_str(), oci.pid), ("stopped", 0));
+    let err = f.rt.kill("c1", 15, false).unwrap_err();
+    assert!(err.to_string().contains("is stopped"), "{err}");
+    f.rt.delete("c1", false).unwrap();
+    f.assert_clean();
+}
+
+#[test]
+fn vmm_killed_midway_shows_stopped_and_delete_cleans_up() {
+    let f = fixture(Setup::default());
+    let st = f.rt.create("c1", &f.bundle).unwrap();
+    f.rt.start("c1").unwrap();
+    st.vmm
+        .unwrap()
+        .terminate("VMM", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(f.rt.state("c1").unwrap().status, "stopped");
+    let err = f.rt.kill("c1", 15, false).unwrap_err();
+    assert!(err.to_string().contains("stopped"), "{err}");
+    f.rt.delete("c1", false).unwrap();
+    f.assert_clean();
+}
+
+fn create_fails(s: Setup, expect: &[&str]) -> Fixture {
+    let f = fixture(s);
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    let mut chain = err.to_string();
+    let mut src = std::error::Error::source(&err);
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    for e in expect {
+        assert!(chain.contains(e), "expected {e:?} in: {chain}");
+    }
+    f.assert_clean();
+    f
+}
+
+#[test]
+fn failing_bind_leaves_nothing() {
+    let f = create_fails(
+        Setup {
+            mounter: FakeMounter {
+                fail_bind_of: Some("mounts/0"),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        &["cannot bind-mount", "mounts/0", "read-only"],
+    );
+    assert!(f.events().is_empty(), "no daemon started: {:?}", f.events());
+}
+
+#[test]
+fn fs_daemon_that_cannot_start_or_dies_leaves_nothing() {
+    create_fails(
+        Setup {
+            fsd: Daemon::SpawnFails,
+            ..Default::default()
+        },
+        &["cannot start fs daemon", "/nonexistent/daemon"],
+    );
+    let f = create_fails(
+        Setup {
+            fsd: Daemon::ExitsAtOnce,
+            ..Default::default()
+        },
+        &["fs daemon", "exited before creating", "injected failure"],
+    );
+    assert_eq!(f.events(), ["fsd"]);
+}
+
+#[test]
+fn vmm_dying_at_boot_is_reported_with_its_log_and_leaves_nothing() {
+    let f = create_fails(
+        Setup {
+            vmm: Daemon::ExitsAtOnce,
+            ..Default::default()
+        },
+        &["the VMM", "exited", "VMM: fatal: injected failure"],
+    );
+    assert_eq!(f.events(), ["fsd", "vmm"]);
+}
+
+#[test]
+fn agent_never_answering_times_out_and_leaves_nothing() {
+    create_fails(
+        Setup {
+            agent: AgentMode::NeverAnswers,
+            ..Default::default()
+        },
+        &[
+            "did not answer",
+            "vsock.sock",
+            "300ms",
+            "connection refused (fake)",
+        ],
+    );
+}
+
+#[test]
+fn incompatible_agent_fails_fast() {
+    let started = Instant::now();
+    create_fails(
+        Setup {
+            agent: AgentMode::Incompatible,
+            ..Default::default()
+        },
+        &["incompatible guest agent", "protocol 99"],
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn agent_refusing_the_container_leaves_nothing() {
+    create_fails(
+        Setup {
+            fail_on: Some("create_container"),
+            ..Default::default()
+        },
+        &["injected failure of create_container"],
+    );
+}
+
+#[test]
+fn bad_spec_and_missing_kernel_fail_before_anything_starts() {
+    let f = fixture(Setup::default());
+    std::fs::write(f.bundle.join("config.json"), b"{\"process\": 5}").unwrap();
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    assert!(err.to_string().contains("invalid OCI spec"), "{err}");
+    f.assert_clean();
+
+    let mut f = fixture(Setup::default());
+    f.rt.config.hypervisor.kernel = f.tmp.path().join("missing-vmlinux");
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    assert!(err.to_string().contains("missing-vmlinux"), "{err}");
+    assert!(f.events().is_empty());
+    f.assert_clean();
+}
+
+#[test]
+fn stuck_mount_keeps_the_directory_and_never_deletes_through_it() {
+    let f = fixture(Setup::default());
+    f.rt.create("c1", &f.bundle).unwrap();
+    let stuck = Runtime {
+        mounter: Arc::new(FakeMounter {
+            mounted: Mutex::new(f.mounter.mounted.lock().unwrap().clone()),
+            stuck: true,
+            ..Default::default()
+        }),
+        ..f.rt.clone()
+    };
+    let err = stuck.delete("c1", true).unwrap_err();
+    assert!(
+        err.to_string().contains("teardown of c1 incomplete"),
+        "{err}"
+    );
+    assert!(f.tmp.path().join("run/c1/state.json").exists());
+    assert!(f.bundle.join("rootfs/bin/precious").exists());
+    // Once unmounting works again, delete --force finishes the job.
+    f.rt.delete("c1", true).unwrap();
+    f.assert_clean();
+}
+
+#[test]
+fn delete_force_cleans_a_directory_without_state() {
+    let f = fixture(Setup::default());
+    let dir = f.rt.store.create_dir("c1").unwrap();
+    std::fs::write(dir.join(crate::state::STATE_FILE), b"garbage").unwrap();
+    assert!(f.rt.delete("c1", false).is_err());
+    f.rt.delete("c1", true).unwrap();
+    f.assert_clean();
+}

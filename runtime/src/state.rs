@@ -1,0 +1,556 @@
+//! Persisted sandbox state: `<root>/<id>/state.json`.
+//!
+//! Every CLI call is a new process, and a restarted shim must take over a sandbox it did
+//! not start, so everything needed to find and control a sandbox lives in this file: the
+//! pids of the helper processes together with their start times (a pid alone could have
+//! been reused by an unrelated process by the time it is read back), the socket paths, the
+//! bundle and the lifecycle status. Writes go to a temporary file that is renamed over
+//! `state.json`, so a reader never sees a half-written file.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::process::ProcessRecord;
+
+/// Name of the state file inside a sandbox directory.
+pub const STATE_FILE: &str = "state.json";
+/// The OCI runtime-spec version our `state` output and `features` speak.
+pub const OCI_VERSION: &str = "1.2.0";
+/// Longest accepted sandbox / container id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The id cannot name a sandbox.
+    #[error(
+        "invalid container id {id:?}: {reason} (allowed: 1-{MAX_ID_LEN} characters of \
+         A-Z a-z 0-9 _ . + -, not starting with . or -)"
+    )]
+    InvalidId {
+        /// The id as given.
+        id: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A sandbox with this id already exists.
+    #[error("container {id} already exists (state directory {dir})")]
+    Exists {
+        /// The id.
+        id: String,
+        /// Its state directory.
+        dir: PathBuf,
+    },
+    /// No sandbox with this id.
+    #[error("container {id} does not exist (no {path})")]
+    NotFound {
+        /// The id.
+        id: String,
+        /// The state file looked for.
+        path: PathBuf,
+    },
+    /// Reading or writing state failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is not what this version writes.
+    #[error("corrupt state file {path}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// An exclusive lock on one sandbox's state.
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+/// Lifecycle status, as the OCI runtime spec names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The sandbox is being set up (`create` has not finished).
+    Creating,
+    /// The container exists in the guest but its process has not been started.
+    Created,
+    /// The container's process was started and has not been seen to exit.
+    Running,
+    /// The container's process exited, or the sandbox VM is gone.
+    Stopped,
+}
+
+impl Status {
+    /// The OCI name of the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+/// A host mount the runtime made for the sandbox (undone on delete).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountRecord {
+    /// The bind-mount source on the host.
+    pub source: PathBuf,
+    /// The mount point inside the sandbox's shared directory.
+    pub target: PathBuf,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// How the container's init process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitRecord {
+    /// Exit code, or 128 + signal.
+    pub status: u32,
+    /// The signal that killed it, 0 when it exited.
+    pub signal: i32,
+}
+
+/// Everything persisted about one sandbox (one VM holding one container).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxState {
+    /// Sandbox id, which is also the container id.
+    pub id: String,
+    /// Absolute bundle path.
+    pub bundle: PathBuf,
+    /// Lifecycle status as last recorded (see [`crate::sandbox`] for the live view).
+    pub status: Status,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The spec's annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// The fs daemon.
+    #[serde(default)]
+    pub fsd: Option<ProcessRecord>,
+    /// The VMM.
+    #[serde(default)]
+    pub vmm: Option<ProcessRecord>,
+    /// The process relaying the container's stdio for detached `create`.
+    #[serde(default)]
+    pub io_relay: Option<ProcessRecord>,
+    /// Host bind mounts made into the shared directory, in the order made.
+    #[serde(default)]
+    pub mounts: Vec<MountRecord>,
+    /// The container init's pid inside the guest, once started.
+    #[serde(default)]
+    pub guest_pid: Option<u32>,
+    /// How the container's init ended, once known.
+    #[serde(default)]
+    pub exit: Option<ExitRecord>,
+}
+
+/// The JSON `state` prints, exactly the OCI runtime spec's state object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OciState {
+    /// Spec version.
+    #[serde(rename = "ociVersion")]
+    pub oci_version: String,
+    /// Container id.
+    pub id: String,
+    /// created, running, stopped (creating while `create` runs).
+    pub status: String,
+    /// The host pid representing the container (the VMM's): 0 once stopped.
+    pub pid: i32,
+    /// Absolute bundle path.
+    pub bundle: String,
+    /// The spec's annotations (omitted when empty, as runc does).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Checks an id that will name a directory.
+pub fn validate_id(id: &str) -> Result<(), StateError> {
+    let invalid = |reason| StateError::InvalidId {
+        id: id.to_owned(),
+        reason,
+    };
+    if id.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(invalid("too long"));
+    }
+    if id.starts_with('.') || id.starts_with('-') {
+        return Err(invalid("starts with . or -"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'+' | b'-'))
+    {
+        return Err(invalid("contains a character outside the allowed set"));
+    }
+    Ok(())
+}
+
+/// The directory holding every sandbox's state directory.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    root: PathBuf,
+}
+
+impl StateStore {
+    /// A store under `root` (created on first use).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The state directory of `id` (not checked for existence).
+    pub fn dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        validate_id(id)?;
+        Ok(self.root.join(id))
+    }
+
+    /// Creates the state directory of a new sandbox; fails if it exists.
+    pub fn create_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        let dir = self.dir(id)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.root)
+            .map_err(|source| StateError::Io {
+                op: "creating state root",
+                path: self.root.clone(),
+                source,
+            })?;
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StateError::Exists {
+                id: id.to_owned(),
+                dir,
+            }),
+            Err(source) => Err(StateError::Io {
+                op: "creating state directory",
+                path: dir,
+                source,
+            }),
+        }
+    }
+
+    /// Writes `state` atomically (temporary file, fsync, rename).
+    pub fn save(&self, state: &SandboxState) -> Result<(), StateError> {
+        let dir = self.dir(&state.id)?;
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(".state.json.tmp");
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { op, path, source }
+        };
+        let json = serde_json::to_vec_pretty(state).map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("writing", &tmp))?;
+        f.write_all(&json).map_err(io("writing", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
+        Ok(())
+    }
+
+    /// Reads the state of `id`.
+    pub fn load(&self, id: &str) -> Result<SandboxState, StateError> {
+        let path = self.dir(id)?.join(STATE_FILE);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StateError::NotFound {
+                    id: id.to_owned(),
+                    path,
+                });
+            }
+            Err(source) => {
+                return Err(StateError::Io {
+                    op: "reading",
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_slice(&text).map_err(|source| StateError::Corrupt { path, source })
+    }
+
+    /// Ids of every sandbox directory under the root, sorted (an absent root is empty).
+    pub fn ids(&self) -> Result<Vec<String>, StateError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    op: "listing",
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| StateError::Io {
+                op: "listing",
+                path: self.root.clone(),
+                source,
+            })?;
+            if let Some(name) = entry.file_name().to_str()
+                && validate_id(name).is_ok()
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                ids.push(name.to_owned());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Takes the sandbox's exclusive lock (released when the guard drops): every
+    /// read-modify-write of a sandbox's state holds it, so concurrent CLI calls and the IO
+    /// relay do not lose each other's updates.
+    pub fn lock(&self, id: &str) -> Result<StateLock, StateError> {
+        let path = self.dir(id)?.join(".lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    return StateError::NotFound {
+                        id: id.to_owned(),
+                        path: path.clone(),
+                    };
+                }
+                StateError::Io {
+                    op: "opening lock",
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        let lock =
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+                StateError::Io {
+                    op: "locking",
+                    path: path.clone(),
+                    source: std::io::Error::from(e),
+                }
+            })?;
+        Ok(StateLock { _lock: lock })
+    }
+
+    /// Loads, changes and saves the state of `id` under its lock.
+    pub fn update<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SandboxState) -> R,
+    ) -> Result<(SandboxState, R), StateError> {
+        let _guard = self.lock(id)?;
+        let mut st = self.load(id)?;
+        let r = f(&mut st);
+        self.save(&st)?;
+        Ok((st, r))
+    }
+
+    /// Removes the state directory of `id`; an absent directory is not an error.
+    pub fn remove(&self, id: &str) -> Result<(), StateError> {
+        let dir = self.dir(id)?;
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io {
+                op: "removing state directory",
+                path: dir,
+                source,
+            }),
+        }
+    }
+}
+
+impl SandboxState {
+    /// A fresh state in [`Status::Creating`].
+    pub fn new(id: &str, bundle: &Path, annotations: BTreeMap<String, String>) -> Self {
+        let created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Self {
+            id: id.to_owned(),
+            bundle: bundle.to_path_buf(),
+            status: Status::Creating,
+            created_unix,
+            annotations,
+            fsd: None,
+            vmm: None,
+            io_relay: None,
+            mounts: Vec::new(),
+            guest_pid: None,
+            exit: None,
+        }
+    }
+
+    /// The OCI state object for a sandbox whose live status is `status` and whose VMM is
+    /// alive (`vmm_alive`): pid is the VMM's while it runs, 0 once stopped (as runc reports
+    /// 0 for a stopped container).
+    pub fn oci(&self, status: Status, vmm_alive: bool) -> OciState {
+        let pid = match (&self.vmm, status, vmm_alive) {
+            (Some(p), s, true) if s != Status::Stopped => p.pid,
+            _ => 0,
+        };
+        OciState {
+            oci_version: OCI_VERSION.to_owned(),
+            id: self.id.clone(),
+            status: status.as_str().to_owned(),
+            pid,
+            bundle: self.bundle.display().to_string(),
+            annotations: self.annotations.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        for ok in ["a", "abc-1", "A.b_c+d", &"x".repeat(MAX_ID_LEN)] {
+            validate_id(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-x",
+            "a/b",
+            "a b",
+            "a\0",
+            "é",
+            &"x".repeat(MAX_ID_LEN + 1),
+        ] {
+            let err = validate_id(bad).expect_err(bad);
+            assert!(err.to_string().contains("invalid container id"), "{err}");
+        }
+    }
+
+    #[test]
+    fn save_load_list_remove_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path().join("root"));
+        assert_eq!(store.ids().unwrap(), Vec::<String>::new());
+        let dir = store.create_dir("c1").unwrap();
+        assert_eq!(dir, tmp.path().join("root/c1"));
+        let err = store.create_dir("c1").unwrap_err();
+        assert!(matches!(err, StateError::Exists { .. }), "{err}");
+
+        let mut st = SandboxState::new("c1", Path::new("/b"), BTreeMap::new());
+        st.vmm = Some(ProcessRecord {
+            pid: 42,
+            start_time: 7,
+        });
+        st.mounts.push(MountRecord {
+            source: "/b/rootfs".into(),
+            target: dir.join("shared/c1/rootfs"),
+            read_only: true,
+        });
+        store.save(&st).unwrap();
+        assert_eq!(store.load("c1").unwrap(), st);
+        st.status = Status::Running;
+        store.save(&st).unwrap();
+        assert_eq!(store.load("c1").unwrap().status, Status::Running);
+        assert!(!dir.join(".state.json.tmp").exists());
+
+        store.create_dir("c0").unwrap();
+        fs::create_dir(tmp.path().join("root/.hidden")).unwrap();
+        assert_eq!(store.ids().unwrap(), vec!["c0", "c1"]);
+
+        store.remove("c1").unwrap();
+        store.remove("c1").unwrap();
+        let err = store.load("c1").unwrap_err();
+        assert!(matches!(err, StateError::NotFound { .. }), "{err}");
+        assert!(err.to_string().contains("c1"));
+    }
+
+    #[test]
+    fn corrupt_and_foreign_state_is_refused_with_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path());
+        let dir = store.create_dir("c").unwrap();
+        fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
+        let err = store.load("c").unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }));
+        assert!(err.to_string().contains("state.json"), "{err}");
+        let mut v =
+            serde_json::to_value(SandboxState::new("c", Path::new("/b"), BTreeMap::new())).unwrap();
+        v["surprise"] = serde_json::json!(1);
+        fs::write(dir.join(STATE_FILE), v.to_string()).unwrap();
+        assert!(matches!(
+            store.load("c").unwrap_err(),
+            StateError::Corrupt { .. }
+        ));
+    }
+
+    #[test]
+    fn oci_state_json_has_runc_shape() {
+        let mut st = SandboxState::new(
+            "c1",
+            Path::new("/bundles/c1"),
+            BTreeMap::from([("a".to_owned(), "b".to_owned())]),
+        );
+        st.vmm = Some(ProcessRecord {
+            pid: 1234,
+            start_time: 1,
+        });
+        let v = serde_json::to_value(st.oci(Status::Running, true)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "ociVersion": OCI_VERSION,
+                "id": "c1",
+                "status": "running",
+                "pid": 1234,
+                "bundle": "/bundles/c1",
+                "annotations": {"a": "b"}
+            })
+        );
+        st.annotations.clear();
+        let v = serde_json::to_value(st.oci(Status::Stopped, true)).unwrap();
+        assert_eq!(v["pid"], 0);
+        assert_eq!(v["status"], "stopped");
+        assert!(v.get("annotations").is_none());
+        let v = serde_json::to_value(st.oci(Status::Created, false)).unwrap();
+        assert_eq!(v["pid"], 0);
+    }
+}
