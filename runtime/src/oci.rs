@@ -144,8 +144,13 @@ fn options(mount: &Value) -> impl Iterator<Item = &str> {
         .filter_map(Value::as_str)
 }
 
-/// Translates the spec of container `cid` from `bundle` for the guest.
-pub fn translate(bundle: &Path, cid: &str) -> Result<GuestSpec, SpecError> {
+/// Translates the spec of container `cid` from `bundle` for a guest that sees the shared
+/// directory at `guest_shared_dir` (normally [`GUEST_SHARED_DIR`]).
+pub fn translate(
+    bundle: &Path,
+    cid: &str,
+    guest_shared_dir: &Path,
+) -> Result<GuestSpec, SpecError> {
     let (path, mut spec) = load_bundle_spec(bundle)?;
     let invalid = |field: &str, reason: String| SpecError::Invalid {
         path: path.clone(),
@@ -187,7 +192,7 @@ pub fn translate(bundle: &Path, cid: &str) -> Result<GuestSpec, SpecError> {
         .pointer("/root/readonly")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let guest_base = Path::new(GUEST_SHARED_DIR).join(cid);
+    let guest_base = guest_shared_dir.join(cid);
     let mut binds = vec![BindPlan {
         source: root_host,
         target: Path::new(cid).join("rootfs"),
@@ -352,7 +357,7 @@ mod tests {
         assert_eq!(v["process"]["terminal"], true);
         let err = write_default_spec(dir.path()).unwrap_err();
         assert!(err.to_string().contains(&p.display().to_string()));
-        translate(dir.path(), "c").unwrap();
+        translate(dir.path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap();
     }
 
     #[test]
@@ -371,7 +376,7 @@ mod tests {
             json!([{"type": "network", "path": "/proc/1/ns/net"}, {"type": "pid"}]);
         spec["hooks"] = json!({"prestart": [{"path": "/bin/true"}]});
         let b = bundle(&spec);
-        let g = translate(b.path(), "c1").unwrap();
+        let g = translate(b.path(), "c1", Path::new(GUEST_SHARED_DIR)).unwrap();
         assert_eq!(g.json["root"]["path"], "/run/carapace/shared/c1/rootfs");
         assert_eq!(g.json["mounts"][0]["source"], "proc");
         assert_eq!(
@@ -414,28 +419,28 @@ mod tests {
     #[test]
     fn bad_specs_name_file_and_field() {
         let b = bundle(&json!({"ociVersion": "1.0.2", "process": {"args": "echo"}}));
-        let err = translate(b.path(), "c").unwrap_err();
+        let err = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
         assert!(matches!(err, SpecError::Parse { .. }), "{err}");
         assert!(err.to_string().contains("config.json"));
 
         let mut spec = base();
         spec["process"]["args"] = json!([]);
-        let err = translate(bundle(&spec).path(), "c").unwrap_err();
+        let err = translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
         assert!(err.to_string().contains("process.args"), "{err}");
 
         let mut spec = base();
         spec["root"]["path"] = json!("nope");
-        let err = translate(bundle(&spec).path(), "c").unwrap_err();
+        let err = translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
         assert!(err.to_string().contains("root.path"), "{err}");
 
         let mut spec = base();
         spec["mounts"] =
             json!([{"destination": "/x", "type": "bind", "source": "/nonexistent/vol"}]);
-        let err = translate(bundle(&spec).path(), "c").unwrap_err();
+        let err = translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
         assert!(err.to_string().contains("mounts[0].source"), "{err}");
 
         let empty = tempfile::tempdir().unwrap();
-        let err = translate(empty.path(), "c").unwrap_err();
+        let err = translate(empty.path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
         assert!(matches!(err, SpecError::Read { .. }), "{err}");
     }
 }

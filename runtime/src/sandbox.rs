@@ -161,9 +161,22 @@ impl SandboxPaths {
     }
 }
 
+/// Where the agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the sandbox VM: the shared directory is a virtio-fs mount at
+    /// [`GUEST_SHARED_DIR`], the agent mounts it and sets the hostname.
+    Vm,
+    /// On the host (`carapace-agent --host-mode`, for tests without KVM): the agent sees
+    /// the shared directory at its host path and gets no shares or hostname.
+    HostAgent,
+}
+
 /// The runtime: configuration, state store and the seams.
 #[derive(Debug, Clone)]
 pub struct Runtime {
+    /// Where the agent runs.
+    pub placement: Placement,
     /// Effective configuration.
     pub config: Config,
     /// Where state lives.
@@ -191,10 +204,16 @@ impl Runtime {
     pub fn create(&self, id: &str, bundle: &Path) -> Result<SandboxState, SandboxError> {
         crate::state::validate_id(id)?;
         let bundle = std::fs::canonicalize(bundle).map_err(io_err("resolving bundle", bundle))?;
-        let guest = oci::translate(&bundle, id)?;
-        check_image(&self.config)?;
-        let dir = self.store.create_dir(id)?;
-        let paths = SandboxPaths::new(&dir);
+        let paths = self.paths(id)?;
+        let guest_shared = match self.placement {
+            Placement::Vm => PathBuf::from(GUEST_SHARED_DIR),
+            Placement::HostAgent => paths.shared.clone(),
+        };
+        let guest = oci::translate(&bundle, id, &guest_shared)?;
+        if self.placement == Placement::Vm {
+            check_image(&self.config)?;
+        }
+        self.store.create_dir(id)?;
         let mut st = SandboxState::new(id, &bundle, guest.annotations.clone());
         match self.create_steps(&mut st, &guest, &paths) {
             Ok(()) => Ok(st),
@@ -275,16 +294,18 @@ impl Runtime {
         self.store.save(st)?;
 
         let agent = self.wait_for_agent(&vmm, paths)?;
-        let hostname = guest.hostname.clone().unwrap_or_else(|| id.clone());
-        agent.create_sandbox(
-            &id,
-            &hostname,
-            &[Share {
-                tag: SHARED_FS_TAG.to_owned(),
-                mount_point: GUEST_SHARED_DIR.to_owned(),
-                read_only: false,
-            }],
-        )?;
+        match self.placement {
+            Placement::Vm => {
+                let hostname = guest.hostname.clone().unwrap_or_else(|| id.clone());
+                let share = Share {
+                    tag: SHARED_FS_TAG.to_owned(),
+                    mount_point: GUEST_SHARED_DIR.to_owned(),
+                    read_only: false,
+                };
+                agent.create_sandbox(&id, &hostname, &[share])?;
+            }
+            Placement::HostAgent => agent.create_sandbox(&id, "", &[])?,
+        }
         agent.create_container(&id, &spec_bytes)?;
         st.status = Status::Created;
         self.store.save(st)?;

@@ -297,6 +297,7 @@ fn fixture(s: Setup) -> Fixture {
     });
     let mounter = Arc::new(s.mounter);
     let rt = Runtime {
+        placement: Placement::Vm,
         config,
         store: StateStore::new(tmp.path().join("run")),
         launcher: launcher.clone(),
