@@ -338,6 +338,72 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>, ImageError> {
 mod tests {
     use super::*;
 
+    /// The whole build with a pre-seeded kernel cache entry: nothing is compiled, the
+    /// initramfs is built once, then reused; an agent change rebuilds only the initramfs.
+    #[test]
+    fn build_uses_the_cache_and_installs_with_a_manifest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache_dir = tmp.path().join("cache");
+        let source = KernelSource::locate(DEFAULT_SOURCE_PACKAGE).unwrap();
+        let key = KernelKey::new(
+            &source.package,
+            &source.version,
+            crate::DEFAULT_FRAGMENT.as_bytes(),
+        );
+        let kdir = Cache::new(&cache_dir).kernel_dir(&key);
+        fs::create_dir_all(&kdir).unwrap();
+        fs::write(kdir.join(KERNEL_FILE), b"pretend vmlinux").unwrap();
+        let agent = tmp.path().join("agent");
+        fs::copy("/bin/busybox", &agent).unwrap();
+        let opts = BuildOptions {
+            out_dir: tmp.path().join("out"),
+            cache_dir: cache_dir.clone(),
+            agent: Some(agent.clone()),
+            workspace: None,
+            source_package: DEFAULT_SOURCE_PACKAGE.into(),
+            fragment: None,
+            jobs: 1,
+            force: false,
+        };
+        let first = build(&opts).unwrap();
+        assert!(first.kernel_cached);
+        assert!(!first.initramfs_cached);
+        assert_eq!(fs::read(&first.kernel).unwrap(), b"pretend vmlinux");
+        let contents = initramfs::inspect(&fs::read(&first.initramfs).unwrap()).unwrap();
+        assert_eq!(
+            contents.init_sha256,
+            cache::sha256_hex(&fs::read("/bin/busybox").unwrap())
+        );
+        assert_eq!(
+            read_manifest(&opts.out_dir).unwrap().as_ref(),
+            Some(&first.manifest)
+        );
+        assert_eq!(first.manifest.kernel_key, key);
+
+        let second = build(&opts).unwrap();
+        assert!(second.kernel_cached && second.initramfs_cached);
+        assert_eq!(second.manifest, first.manifest);
+
+        // A different agent: new initramfs, same kernel.
+        let mut other = fs::read(&agent).unwrap();
+        other.extend_from_slice(b"trailing bytes change the hash");
+        fs::write(&agent, other).unwrap();
+        let third = build(&opts).unwrap();
+        assert!(third.kernel_cached && !third.initramfs_cached);
+        assert_eq!(third.manifest.kernel_id, first.manifest.kernel_id);
+        assert_ne!(third.manifest.initramfs_id, first.manifest.initramfs_id);
+
+        // A dynamic agent is refused before any build work.
+        let bad = BuildOptions {
+            agent: Some("/bin/ls".into()),
+            ..opts
+        };
+        assert!(matches!(
+            build(&bad),
+            Err(ImageError::Agent(AgentError::NotStatic { .. }))
+        ));
+    }
+
     #[test]
     fn banner_is_found_and_bounded() {
         let mut b = vec![0u8; 100];
