@@ -112,11 +112,19 @@ impl Cgroup {
     pub fn apply(&self, res: &LinuxResources) -> Result<(), CgroupError> {
         if let Some(mem) = res.memory() {
             if let Some(limit) = mem.limit() {
-                let v = if limit < 0 { "max".to_owned() } else { limit.to_string() };
+                let v = if limit < 0 {
+                    "max".to_owned()
+                } else {
+                    limit.to_string()
+                };
                 write(&self.path.join("memory.max"), &v)?;
             }
             if let Some(res) = mem.reservation() {
-                let v = if res < 0 { "max".to_owned() } else { res.to_string() };
+                let v = if res < 0 {
+                    "max".to_owned()
+                } else {
+                    res.to_string()
+                };
                 write(&self.path.join("memory.low"), &v)?;
             }
             if let (Some(swap), Some(limit)) = (mem.swap(), mem.limit()) {
@@ -138,13 +146,11 @@ impl Cgroup {
             }
         }
         if let Some(cpu) = res.cpu() {
-            if let Some(shares) = cpu.shares() {
-                if shares > 0 {
-                    // The conversion runc/crun use: [2, 262144] -> [1, 10000].
-                    let shares = shares.clamp(2, 262_144);
-                    let weight = 1 + ((shares - 2) * 9999) / 262_142;
-                    write(&self.path.join("cpu.weight"), &weight.to_string())?;
-                }
+            if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
+                // The conversion runc/crun use: [2, 262144] -> [1, 10000].
+                let shares = shares.clamp(2, 262_144);
+                let weight = 1 + ((shares - 2) * 9999) / 262_142;
+                write(&self.path.join("cpu.weight"), &weight.to_string())?;
             }
             if cpu.quota().is_some() || cpu.period().is_some() {
                 let period = cpu.period().unwrap_or(100_000);
@@ -192,7 +198,10 @@ impl Cgroup {
 
     /// Freezes or thaws the cgroup and waits (up to 5 s) until the kernel reports it.
     pub async fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        write(&self.path.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+        write(
+            &self.path.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )?;
         let events = self.path.join("cgroup.events");
         let want = if frozen { "frozen 1" } else { "frozen 0" };
         for _ in 0..500 {
@@ -351,7 +360,9 @@ fn parse_io(text: &str) -> Vec<IoEntry> {
                 ..Default::default()
             };
             for kv in it {
-                let Some((k, v)) = kv.split_once('=') else { continue };
+                let Some((k, v)) = kv.split_once('=') else {
+                    continue;
+                };
                 let v = v.parse().unwrap_or(0);
                 match k {
                     "rbytes" => e.rbytes = v,
@@ -374,25 +385,57 @@ mod tests {
     fn io_stat_parsing() {
         let v = parse_io("8:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0 dios=0\nbad\n");
         assert_eq!(v.len(), 1);
-        assert_eq!((v[0].major, v[0].minor, v[0].rbytes, v[0].wbytes, v[0].rios, v[0].wios), (8, 0, 10, 20, 1, 2));
+        assert_eq!(
+            (
+                v[0].major,
+                v[0].minor,
+                v[0].rbytes,
+                v[0].wbytes,
+                v[0].rios,
+                v[0].wios
+            ),
+            (8, 0, 10, 20, 1, 2)
+        );
     }
 
     #[test]
     fn stats_and_apply_on_plain_files() {
         // A plain directory stands in for a cgroup: apply writes, stats reads.
         let dir = tempfile::tempdir().unwrap();
-        let cg = Cgroup { path: dir.path().to_owned() };
+        let cg = Cgroup {
+            path: dir.path().to_owned(),
+        };
         let res: LinuxResources = serde_json::from_str(
             r#"{"memory":{"limit":1048576},"cpu":{"quota":50000,"period":100000,"shares":1024},"pids":{"limit":7}}"#,
         )
         .unwrap();
         cg.apply(&res).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.path().join("memory.max")).unwrap(), "1048576");
-        assert_eq!(std::fs::read_to_string(dir.path().join("cpu.max")).unwrap(), "50000 100000");
-        assert_eq!(std::fs::read_to_string(dir.path().join("cpu.weight")).unwrap(), "39");
-        assert_eq!(std::fs::read_to_string(dir.path().join("pids.max")).unwrap(), "7");
-        std::fs::write(dir.path().join("memory.events"), "low 0\nhigh 0\nmax 3\noom 2\noom_kill 1\n").unwrap();
-        std::fs::write(dir.path().join("cpu.stat"), "usage_usec 5\nuser_usec 3\nsystem_usec 2\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("memory.max")).unwrap(),
+            "1048576"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cpu.max")).unwrap(),
+            "50000 100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cpu.weight")).unwrap(),
+            "39"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("pids.max")).unwrap(),
+            "7"
+        );
+        std::fs::write(
+            dir.path().join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 2\noom_kill 1\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("cpu.stat"),
+            "usage_usec 5\nuser_usec 3\nsystem_usec 2\n",
+        )
+        .unwrap();
         let s = cg.stats();
         assert_eq!(s.memory.usage_limit, 1_048_576);
         assert_eq!(s.pids.limit, 7);

@@ -114,12 +114,11 @@ pub fn secure_join(root: &Path, path: &str) -> Result<PathBuf, IdError> {
                         root: root.to_owned(),
                     });
                 }
-                let target =
-                    std::fs::read_link(&candidate).map_err(|source| IdError::Resolve {
-                        path: path.to_owned(),
-                        root: root.to_owned(),
-                        source,
-                    })?;
+                let target = std::fs::read_link(&candidate).map_err(|source| IdError::Resolve {
+                    path: path.to_owned(),
+                    root: root.to_owned(),
+                    source,
+                })?;
                 if target.is_absolute() {
                     resolved.clear();
                 }
@@ -146,7 +145,16 @@ mod tests {
     #[test]
     fn ids() {
         assert!(validate_id("container id", "abc-1_2.3").is_ok());
-        for bad in ["", ".", "..", "a/b", "../x", "a b", "x\0y", &"a".repeat(129)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../x",
+            "a b",
+            "x\0y",
+            &"a".repeat(129),
+        ] {
             assert!(validate_id("container id", bad).is_err(), "{bad:?}");
         }
     }
@@ -167,7 +175,10 @@ mod tests {
         std::fs::create_dir(root.join("etc")).unwrap();
         std::os::unix::fs::symlink("/../../../../etc", root.join("evil")).unwrap();
         std::os::unix::fs::symlink("../../..", root.join("etc/up")).unwrap();
-        assert_eq!(secure_join(root, "/evil/passwd").unwrap(), root.join("etc/passwd"));
+        assert_eq!(
+            secure_join(root, "/evil/passwd").unwrap(),
+            root.join("etc/passwd")
+        );
         assert_eq!(secure_join(root, "/etc/up/x").unwrap(), root.join("x"));
         assert_eq!(secure_join(root, "../../x").unwrap(), root.join("x"));
         assert_eq!(secure_join(root, "/new/dir").unwrap(), root.join("new/dir"));

@@ -16,8 +16,8 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{setns, unshare, CloneFlags};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
 use nix::unistd::{Gid, Pid, Uid};
 use oci_spec::runtime::{LinuxSeccomp, Mount, Process, Spec};
 use serde::{Deserialize, Serialize};
@@ -153,7 +153,8 @@ fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
                 fds.push((ns, File::open(&path).ctx(|| format!("opening {path}"))?));
             }
             for (ns, f) in &fds {
-                setns(f.as_fd(), CloneFlags::empty()).ctx(|| format!("setns({ns}) of pid {pid}"))?;
+                setns(f.as_fd(), CloneFlags::empty())
+                    .ctx(|| format!("setns({ns}) of pid {pid}"))?;
             }
         }
     }
@@ -190,10 +191,12 @@ fn child(cfg: &InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
             .unwrap_or_default();
         let res = rlimit_resource(&name)
             .ok_or_else(|| InitError::Config(format!("process.rlimits: unknown type {name:?}")))?;
-        nix::sys::resource::setrlimit(res, r.soft(), r.hard()).ctx(|| format!("setrlimit({name})"))?;
+        nix::sys::resource::setrlimit(res, r.soft(), r.hard())
+            .ctx(|| format!("setrlimit({name})"))?;
     }
     if let Some(adj) = p.oom_score_adj() {
-        std::fs::write("/proc/self/oom_score_adj", adj.to_string()).ctx(|| "writing oom_score_adj".into())?;
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .ctx(|| "writing oom_score_adj".into())?;
     }
     let cwd = p.cwd();
     nix::unistd::chdir(cwd).ctx(|| format!("chdir to process.cwd {}", cwd.display()))?;
@@ -223,9 +226,13 @@ fn child(cfg: &InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
     if cfg.wait_start {
         writeln!(status, "R").ctx(|| "writing status".into())?;
         let mut b = [0u8; 1];
-        let n = File::from(start).read(&mut b).ctx(|| "waiting for start".into())?;
+        let n = File::from(start)
+            .read(&mut b)
+            .ctx(|| "waiting for start".into())?;
         if n == 0 {
-            return Err(InitError::Config("start pipe closed: container removed before start".into()));
+            return Err(InitError::Config(
+                "start pipe closed: container removed before start".into(),
+            ));
         }
     } else {
         drop(start);
@@ -291,7 +298,8 @@ fn set_identity(p: &Process) -> Result<(), InitError> {
     // Bounding set first, while we still hold CAP_SETPCAP.
     for cap in caps::all() {
         if !bounding.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
-            caps::drop(None, CapSet::Bounding, cap).map_err(|e| cap_err("dropping bounding cap", e))?;
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(|e| cap_err("dropping bounding cap", e))?;
         }
     }
     let gids: Vec<Gid> = user
@@ -309,7 +317,8 @@ fn set_identity(p: &Process) -> Result<(), InitError> {
     // capset(2) checks each change against the current sets: inheritable first (while
     // CAP_SETPCAP may still be effective), then effective (must stay within the current
     // permitted), then permitted (must keep containing effective).
-    caps::set(None, CapSet::Inheritable, &inheritable).map_err(|e| cap_err("setting inheritable", e))?;
+    caps::set(None, CapSet::Inheritable, &inheritable)
+        .map_err(|e| cap_err("setting inheritable", e))?;
     caps::set(None, CapSet::Effective, &effective).map_err(|e| cap_err("setting effective", e))?;
     caps::set(None, CapSet::Permitted, &permitted).map_err(|e| cap_err("setting permitted", e))?;
     caps::set(None, CapSet::Ambient, &ambient).map_err(|e| cap_err("setting ambient", e))?;
@@ -322,7 +331,11 @@ fn cstr(s: &str, what: &str) -> Result<CString, InitError> {
 }
 
 fn prepare_exec(p: &Process) -> Result<(CString, Vec<CString>, Vec<CString>), InitError> {
-    let args = p.args().as_ref().filter(|a| !a.is_empty()).ok_or_else(|| InitError::Config("process.args is empty".into()))?;
+    let args = p
+        .args()
+        .as_ref()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| InitError::Config("process.args is empty".into()))?;
     let env: Vec<String> = p.env().clone().unwrap_or_default();
     let path_var = env
         .iter()
@@ -336,13 +349,24 @@ fn prepare_exec(p: &Process) -> Result<(CString, Vec<CString>, Vec<CString>), In
             .split(':')
             .map(|d| Path::new(d).join(prog))
             .find(|c| {
-                std::fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                std::fs::metadata(c)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
             })
-            .ok_or_else(|| InitError::Config(format!("executable {prog:?} not found in PATH {path_var:?}")))?
+            .ok_or_else(|| {
+                InitError::Config(format!(
+                    "executable {prog:?} not found in PATH {path_var:?}"
+                ))
+            })?
     };
     let path = cstr(&resolved.to_string_lossy(), "process.args[0]")?;
-    let argv = args.iter().map(|a| cstr(a, "process.args")).collect::<Result<_, _>>()?;
-    let envp = env.iter().map(|e| cstr(e, "process.env")).collect::<Result<_, _>>()?;
+    let argv = args
+        .iter()
+        .map(|a| cstr(a, "process.args"))
+        .collect::<Result<_, _>>()?;
+    let envp = env
+        .iter()
+        .map(|e| cstr(e, "process.env"))
+        .collect::<Result<_, _>>()?;
     Ok((path, argv, envp))
 }
 
@@ -397,7 +421,9 @@ fn parse_options(opts: &[String]) -> (MsFlags, MsFlags, bool, Vec<String>) {
 fn do_mount(root: &Path, m: &Mount) -> Result<(), InitError> {
     let dest_s = m.destination().to_string_lossy().into_owned();
     if !m.destination().is_absolute() {
-        return Err(InitError::Config(format!("mount destination {dest_s:?} is not absolute")));
+        return Err(InitError::Config(format!(
+            "mount destination {dest_s:?} is not absolute"
+        )));
     }
     let dest = secure_join(root, &dest_s)?;
     let (flags, prop, recursive, data) = parse_options(m.options().as_deref().unwrap_or(&[]));
@@ -409,9 +435,11 @@ fn do_mount(root: &Path, m: &Mount) -> Result<(), InitError> {
     }
     let source = m.source().clone().unwrap_or_else(|| PathBuf::from(&typ));
     if is_bind {
-        let md = std::fs::metadata(&source).ctx(|| format!("bind mount source {}", source.display()))?;
+        let md =
+            std::fs::metadata(&source).ctx(|| format!("bind mount source {}", source.display()))?;
         if md.is_dir() {
-            std::fs::create_dir_all(&dest).ctx(|| format!("creating mount point {}", dest.display()))?;
+            std::fs::create_dir_all(&dest)
+                .ctx(|| format!("creating mount point {}", dest.display()))?;
         } else {
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
@@ -428,21 +456,46 @@ fn do_mount(root: &Path, m: &Mount) -> Result<(), InitError> {
             .ctx(|| format!("bind mounting {} on {dest_s}", source.display()))?;
         let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         if !extra.is_empty() {
-            mount(None::<&str>, &dest, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra, None::<&str>)
-                .ctx(|| format!("remounting {dest_s} with {extra:?}"))?;
+            mount(
+                None::<&str>,
+                &dest,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra,
+                None::<&str>,
+            )
+            .ctx(|| format!("remounting {dest_s} with {extra:?}"))?;
         }
     } else {
-        std::fs::create_dir_all(&dest).ctx(|| format!("creating mount point {}", dest.display()))?;
+        std::fs::create_dir_all(&dest)
+            .ctx(|| format!("creating mount point {}", dest.display()))?;
         let data = data.join(",");
-        let r = mount(Some(&source), &dest, Some(typ.as_str()), flags, (!data.is_empty()).then_some(data.as_str()));
+        let r = mount(
+            Some(&source),
+            &dest,
+            Some(typ.as_str()),
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        );
         match r {
             // sysfs cannot be mounted without owning a network namespace when the VM's
             // is shared from a non-init userns; fall back to a read-only bind of /sys.
             Err(nix::Error::EPERM) if typ == "sysfs" => {
-                mount(Some("/sys"), &dest, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-                    .ctx(|| format!("bind mounting /sys on {dest_s}"))?;
-                mount(None::<&str>, &dest, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&str>)
-                    .ctx(|| format!("remounting {dest_s} read-only"))?;
+                mount(
+                    Some("/sys"),
+                    &dest,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .ctx(|| format!("bind mounting /sys on {dest_s}"))?;
+                mount(
+                    None::<&str>,
+                    &dest,
+                    None::<&str>,
+                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .ctx(|| format!("remounting {dest_s} read-only"))?;
             }
             r => r.ctx(|| format!("mounting {typ} on {dest_s} (options {data:?})"))?,
         }
@@ -465,8 +518,14 @@ fn setup_dev(root: &Path) -> Result<(), InitError> {
             File::create(&dest).ctx(|| format!("creating {}", dest.display()))?;
         }
         let src = Path::new("/dev").join(d);
-        mount(Some(&src), &dest, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .ctx(|| format!("bind mounting {} into the container", src.display()))?;
+        mount(
+            Some(&src),
+            &dest,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .ctx(|| format!("bind mounting {} into the container", src.display()))?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -489,10 +548,22 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
         .as_ref()
         .map(|r| r.path().clone())
         .ok_or_else(|| InitError::Config("root.path missing".into()))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .ctx(|| "making / rprivate".into())?;
-    mount(Some(&root), &root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .ctx(|| format!("bind mounting rootfs {}", root.display()))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .ctx(|| "making / rprivate".into())?;
+    mount(
+        Some(&root),
+        &root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| format!("bind mounting rootfs {}", root.display()))?;
     let mut dev_is_tmpfs = false;
     for m in spec.mounts().iter().flatten() {
         if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
@@ -508,26 +579,67 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
     nix::unistd::chdir("/").ctx(|| "chdir /".into())?;
     let linux = spec.linux().as_ref();
-    for p in linux.and_then(|l| l.masked_paths().as_ref()).into_iter().flatten() {
+    for p in linux
+        .and_then(|l| l.masked_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let target = secure_join(Path::new("/"), p)?;
         match std::fs::metadata(&target) {
-            Ok(md) if md.is_dir() => mount(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>)
-                .ctx(|| format!("masking {p}"))?,
-            Ok(_) => mount(Some("/dev/null"), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .ctx(|| format!("masking {p}"))?,
+            Ok(md) if md.is_dir() => mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .ctx(|| format!("masking {p}"))?,
+            Ok(_) => mount(
+                Some("/dev/null"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .ctx(|| format!("masking {p}"))?,
             Err(_) => {}
         }
     }
-    for p in linux.and_then(|l| l.readonly_paths().as_ref()).into_iter().flatten() {
+    for p in linux
+        .and_then(|l| l.readonly_paths().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let target = secure_join(Path::new("/"), p)?;
         if target.exists() {
-            mount(Some(&target), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-                .ctx(|| format!("binding read-only path {p}"))?;
-            mount(None::<&str>, &target, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-                .ctx(|| format!("making {p} read-only"))?;
+            mount(
+                Some(&target),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .ctx(|| format!("binding read-only path {p}"))?;
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_REMOUNT
+                    | MsFlags::MS_BIND
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )
+            .ctx(|| format!("making {p} read-only"))?;
         }
     }
-    for (k, v) in linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
+    for (k, v) in linux
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let rel = k.replace('.', "/");
         let path = crate::ids::relative_inside(Path::new("/proc/sys"), &rel)?;
         std::fs::write(&path, v).ctx(|| format!("setting sysctl {k}"))?;
@@ -535,9 +647,20 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
     if let Some(h) = spec.hostname() {
         nix::unistd::sethostname(h).ctx(|| format!("sethostname({h:?})"))?;
     }
-    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
-        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&str>)
-            .ctx(|| "remounting / read-only".into())?;
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .ctx(|| "remounting / read-only".into())?;
     }
     Ok(())
 }

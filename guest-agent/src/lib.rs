@@ -2,14 +2,14 @@
 
 pub mod cgroup;
 pub mod ids;
-pub mod sys;
-pub mod seccomp;
 pub mod init;
-pub mod reaper;
-pub mod stream;
-pub mod process;
 pub mod pid1;
+pub mod process;
+pub mod reaper;
+pub mod seccomp;
 pub mod service;
+pub mod stream;
+pub mod sys;
 
 use std::sync::Arc;
 

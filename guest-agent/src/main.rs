@@ -50,7 +50,9 @@ const EXIT_SERVE: u8 = 3;
 fn init_logging(filter: &str, to_console: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     if to_console {
         builder
             .with_writer(|| -> Box<dyn std::io::Write> {
@@ -139,7 +141,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_host(args: Args) -> anyhow::Result<ExitCode> {
     init_logging(args.log.as_deref().unwrap_or("info"), false);
-    let listen = args.listen.context("--host-mode needs --listen unix:///path/agent.sock")?;
+    let listen = args
+        .listen
+        .context("--host-mode needs --listen unix:///path/agent.sock")?;
     let sock = listen
         .strip_prefix("unix://")
         .map(PathBuf::from)
@@ -150,9 +154,8 @@ fn run_host(args: Args) -> anyhow::Result<ExitCode> {
             .join("shared")
     });
     let cgroup_root = args.cgroup_root.or_else(|| {
-        carapace_agent::cgroup::CgroupRoot::detect().map(|p| {
-            p.with_file_name(format!("carapace-agent-{}", std::process::id()))
-        })
+        carapace_agent::cgroup::CgroupRoot::detect()
+            .map(|p| p.with_file_name(format!("carapace-agent-{}", std::process::id())))
     });
     // Orphaned container processes must be re-parented to us so we can reap them.
     nix::sys::prctl::set_child_subreaper(true).context("prctl(PR_SET_CHILD_SUBREAPER)")?;
@@ -191,7 +194,9 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
                 .or(settings.cgroup_root.map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/carapace")),
         ),
-        shared_dir: args.shared_dir.unwrap_or_else(|| PathBuf::from("/run/carapace/shared")),
+        shared_dir: args
+            .shared_dir
+            .unwrap_or_else(|| PathBuf::from("/run/carapace/shared")),
     };
     let rt = runtime()?;
     rt.block_on(carapace_agent::serve(&listen, config, || {

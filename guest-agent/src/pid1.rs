@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use nix::mount::{mount, MsFlags};
+use nix::mount::{MsFlags, mount};
 
 /// Errors of PID 1 setup.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,12 @@ fn mkdir(path: &str) -> Result<(), Pid1Error> {
     })
 }
 
-fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<(), Pid1Error> {
+fn mount_fs(
+    fstype: &str,
+    target: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), Pid1Error> {
     mkdir(target)?;
     match mount(Some(fstype), target, Some(fstype), flags, data) {
         Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
@@ -72,28 +77,58 @@ pub fn early_mounts() -> Result<(), Pid1Error> {
     mount_fs("proc", "/proc", common, None)?;
     mount_fs("sysfs", "/sys", common, None)?;
     mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    mount_fs("devpts", "/dev/pts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0620,ptmxmode=0666,gid=5"))?;
-    mount_fs("tmpfs", "/dev/shm", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0620,ptmxmode=0666,gid=5"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     mount_fs("cgroup2", "/sys/fs/cgroup", common, None)?;
-    mount_fs("tmpfs", "/run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     Ok(())
 }
 
 /// Mounts the virtio-fs share `tag` on `mount_point`.
 pub fn mount_virtiofs(tag: &str, mount_point: &Path, read_only: bool) -> Result<(), Pid1Error> {
     if tag.is_empty() || tag.len() > 36 || tag.contains(['\0', ',']) {
-        return Err(Pid1Error::Share(format!("bad tag {tag:?} (1..=36 bytes, no ',' or NUL)")));
+        return Err(Pid1Error::Share(format!(
+            "bad tag {tag:?} (1..=36 bytes, no ',' or NUL)"
+        )));
     }
     let mp = mount_point.to_string_lossy();
-    if !mount_point.is_absolute() || mount_point.components().any(|c| c == std::path::Component::ParentDir) {
-        return Err(Pid1Error::Share(format!("mount point {mp:?} must be absolute without '..'")));
+    if !mount_point.is_absolute()
+        || mount_point
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(Pid1Error::Share(format!(
+            "mount point {mp:?} must be absolute without '..'"
+        )));
     }
     mkdir(&mp)?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if read_only {
         flags |= MsFlags::MS_RDONLY;
     }
-    mount(Some(tag), mount_point, Some("virtiofs"), flags, None::<&str>).map_err(|source| Pid1Error::Mount {
+    mount(
+        Some(tag),
+        mount_point,
+        Some("virtiofs"),
+        flags,
+        None::<&str>,
+    )
+    .map_err(|source| Pid1Error::Mount {
         fstype: format!("virtiofs tag {tag}"),
         target: mp.into_owned(),
         source,
@@ -117,7 +152,9 @@ pub fn parse_cmdline(text: &str) -> (CmdlineSettings, Vec<String>) {
     let mut s = CmdlineSettings::default();
     let mut unknown = Vec::new();
     for word in text.split_whitespace() {
-        let Some(rest) = word.strip_prefix("carapace.") else { continue };
+        let Some(rest) = word.strip_prefix("carapace.") else {
+            continue;
+        };
         let (k, v) = rest.split_once('=').unwrap_or((rest, ""));
         match k {
             "log" if !v.is_empty() => s.log = Some(v.to_owned()),
@@ -147,7 +184,9 @@ mod tests {
 
     #[test]
     fn cmdline() {
-        let (s, unknown) = parse_cmdline("console=ttyS0 carapace.log=debug carapace.port=2000 carapace.bogus=1 carapace.port=x");
+        let (s, unknown) = parse_cmdline(
+            "console=ttyS0 carapace.log=debug carapace.port=2000 carapace.bogus=1 carapace.port=x",
+        );
         assert_eq!(s.log.as_deref(), Some("debug"));
         assert_eq!(s.port, Some(2000));
         assert_eq!(unknown, vec!["carapace.bogus=1", "carapace.port=x"]);
@@ -156,7 +195,9 @@ mod tests {
     #[test]
     fn ready_line_format() {
         assert!(ready_line().starts_with("carapace-agent: ready version="));
-        assert!(ready_line().ends_with(&format!("protocol={}", carapace_protocol::PROTOCOL_VERSION)));
+        assert!(
+            ready_line().ends_with(&format!("protocol={}", carapace_protocol::PROTOCOL_VERSION))
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use nix::fcntl::OFlag;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{Mutex, watch};
 
 use crate::init::InitConfig;
 use crate::reaper::{Exit, Reaper};
@@ -60,7 +60,11 @@ impl StatusReader {
                 return Err(SpawnError::Setup("helper status line too long".into()));
             }
             let mut chunk = [0u8; 4096];
-            let n = self.rx.read(&mut chunk).await.map_err(io("reading helper status"))?;
+            let n = self
+                .rx
+                .read(&mut chunk)
+                .await
+                .map_err(io("reading helper status"))?;
             if n == 0 {
                 return Ok(None);
             }
@@ -147,8 +151,14 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
             source: e.into(),
         })?;
         for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-                .map_err(|e| SpawnError::Io { op: "FD_CLOEXEC on pty", source: e.into() })?;
+            nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(|e| SpawnError::Io {
+                op: "FD_CLOEXEC on pty",
+                source: e.into(),
+            })?;
         }
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("dup pty"));
         let child = [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave];
@@ -185,13 +195,18 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
     crate::sys::keep_fds_on_exec(&mut cmd, fds);
     cmd.spawn().map_err(io("spawning carapace-agent __init"))?;
     drop((cfg_r, status_w, start_r));
-    let text = serde_json::to_vec(cfg).map_err(|e| SpawnError::Setup(format!("encoding init config: {e}")))?;
+    let text = serde_json::to_vec(cfg)
+        .map_err(|e| SpawnError::Setup(format!("encoding init config: {e}")))?;
     let writer = tokio::task::spawn_blocking(move || {
         let mut f = std::fs::File::from(cfg_w);
         f.write_all(&text)
     });
-    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r).map_err(io("registering status pipe"))?;
-    let mut status = StatusReader { rx, buf: Vec::new() };
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)
+        .map_err(io("registering status pipe"))?;
+    let mut status = StatusReader {
+        rx,
+        buf: Vec::new(),
+    };
     let line = status.next().await?;
     // A write error means the helper died early; its status line says why.
     let _ = writer.await;
@@ -222,4 +237,3 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
 pub fn parse_fd(s: &str) -> Option<i32> {
     s.parse().ok().filter(|fd| *fd > 2)
 }
-

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
@@ -62,7 +62,9 @@ impl Reaper {
     fn reap_all(&self) {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => self.record(pid.as_raw(), Exit { code, signal: 0 }),
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.record(pid.as_raw(), Exit { code, signal: 0 })
+                }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => self.record(
                     pid.as_raw(),
                     Exit {

@@ -12,13 +12,16 @@
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator, LinuxSyscall};
 use seccompiler::{BpfProgram, TargetArch};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// Errors compiling or installing a seccomp profile.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     #[error("seccomp action {action:?} is not supported{where_}")]
-    UnsupportedAction { action: LinuxSeccompAction, where_: String },
+    UnsupportedAction {
+        action: LinuxSeccompAction,
+        where_: String,
+    },
     #[error("seccomp rule for {syscall}: argument index {index} is out of range 0..6")]
     ArgIndex { syscall: String, index: usize },
     #[error("compiling seccomp filter")]
@@ -32,11 +35,17 @@ const ARCH: TargetArch = TargetArch::x86_64;
 #[cfg(target_arch = "aarch64")]
 const ARCH: TargetArch = TargetArch::aarch64;
 
-fn action_json(action: LinuxSeccompAction, errno: Option<u32>, where_: &str) -> Result<Value, SeccompError> {
+fn action_json(
+    action: LinuxSeccompAction,
+    errno: Option<u32>,
+    where_: &str,
+) -> Result<Value, SeccompError> {
     Ok(match action {
         LinuxSeccompAction::ScmpActAllow => json!("allow"),
         LinuxSeccompAction::ScmpActErrno => json!({ "errno": errno.unwrap_or(libc::EPERM as u32) }),
-        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => json!("kill_thread"),
+        LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => {
+            json!("kill_thread")
+        }
         LinuxSeccompAction::ScmpActKillProcess => json!("kill_process"),
         LinuxSeccompAction::ScmpActTrap => json!("trap"),
         LinuxSeccompAction::ScmpActLog => json!("log"),
@@ -72,9 +81,10 @@ fn rule_json(name: &str, rule: &LinuxSyscall) -> Result<Value, SeccompError> {
             LinuxSeccompOperator::ScmpCmpEq => (json!("eq"), a.value()),
             LinuxSeccompOperator::ScmpCmpGe => (json!("ge"), a.value()),
             LinuxSeccompOperator::ScmpCmpGt => (json!("gt"), a.value()),
-            LinuxSeccompOperator::ScmpCmpMaskedEq => {
-                (json!({ "masked_eq": a.value() }), a.value_two().unwrap_or(0))
-            }
+            LinuxSeccompOperator::ScmpCmpMaskedEq => (
+                json!({ "masked_eq": a.value() }),
+                a.value_two().unwrap_or(0),
+            ),
         };
         args.push(json!({ "index": a.index(), "type": "qword", "op": op, "val": val }));
     }
@@ -87,12 +97,20 @@ fn rule_json(name: &str, rule: &LinuxSyscall) -> Result<Value, SeccompError> {
 
 /// Compiles the profile into the BPF programs to install (in order).
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> {
-    let default = action_json(profile.default_action(), profile.default_errno_ret(), " as defaultAction")?;
+    let default = action_json(
+        profile.default_action(),
+        profile.default_errno_ret(),
+        " as defaultAction",
+    )?;
     let mut base_rules = Vec::new();
     // (action json, rules) for non-allow actions, in first-seen order.
     let mut by_action: Vec<(Value, Vec<Value>)> = Vec::new();
     for rule in profile.syscalls().iter().flatten() {
-        let action = action_json(rule.action(), rule.errno_ret(), &format!(" for {:?}", rule.names()))?;
+        let action = action_json(
+            rule.action(),
+            rule.errno_ret(),
+            &format!(" for {:?}", rule.names()),
+        )?;
         for name in rule.names() {
             if !known_syscall(name) {
                 tracing::debug!(syscall = %name, "seccomp: unknown syscall skipped");
@@ -126,7 +144,8 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> 
         order.push(name);
     }
     let text = Value::Object(filters).to_string();
-    let mut map = seccompiler::compile_from_json(text.as_bytes(), ARCH).map_err(SeccompError::Compile)?;
+    let mut map =
+        seccompiler::compile_from_json(text.as_bytes(), ARCH).map_err(SeccompError::Compile)?;
     Ok(order.into_iter().filter_map(|n| map.remove(&n)).collect())
 }
 
@@ -161,15 +180,22 @@ mod tests {
 
     #[test]
     fn allow_default_needs_only_action_filters() {
-        let p = profile(r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_ERRNO"}]}"#);
+        let p = profile(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"],"action":"SCMP_ACT_ERRNO"}]}"#,
+        );
         assert_eq!(compile(&p).unwrap().len(), 1);
     }
 
     #[test]
     fn notify_is_refused() {
         let p = profile(r#"{"defaultAction":"SCMP_ACT_NOTIFY"}"#);
-        assert!(matches!(compile(&p), Err(SeccompError::UnsupportedAction { .. })));
-        let p = profile(r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["read"],"action":"SCMP_ACT_ERRNO","args":[{"index":9,"value":1,"op":"SCMP_CMP_EQ"}]}]}"#);
+        assert!(matches!(
+            compile(&p),
+            Err(SeccompError::UnsupportedAction { .. })
+        ));
+        let p = profile(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["read"],"action":"SCMP_ACT_ERRNO","args":[{"index":9,"value":1,"op":"SCMP_CMP_EQ"}]}]}"#,
+        );
         assert!(matches!(compile(&p), Err(SeccompError::ArgIndex { .. })));
     }
 }

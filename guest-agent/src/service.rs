@@ -13,7 +13,7 @@ use oci_spec::runtime::{LinuxResources, Process, Spec};
 use ttrpc::r#async::TtrpcContext;
 
 use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
-use crate::ids::{validate_id, IdError};
+use crate::ids::{IdError, validate_id};
 use crate::init::{InitConfig, InitKind};
 use crate::process::{Proc, SpawnError, StatusReader};
 use crate::reaper::Reaper;
@@ -26,7 +26,10 @@ pub enum AgentError {
     #[error("container {0:?} not found")]
     NoContainer(String),
     #[error("process {exec_id:?} not found in container {container_id:?}")]
-    NoProcess { container_id: String, exec_id: String },
+    NoProcess {
+        container_id: String,
+        exec_id: String,
+    },
     #[error("{what} {id:?} already exists")]
     Exists { what: &'static str, id: String },
     #[error("invalid {field}: {reason}")]
@@ -266,7 +269,9 @@ impl AgentService {
     }
 
     fn cgroup_of<'a>(&self, c: &'a Container) -> Result<&'a Cgroup> {
-        c.cgroup.as_ref().ok_or(AgentError::Cgroup(CgroupError::Unavailable))
+        c.cgroup
+            .as_ref()
+            .ok_or(AgentError::Cgroup(CgroupError::Unavailable))
     }
 
     /// Every pid in the container: from its cgroup, else by pid namespace.
@@ -274,13 +279,24 @@ impl AgentService {
         if let Some(cg) = &c.cgroup {
             return Ok(cg.pids()?);
         }
-        let target = std::fs::read_link(format!("/proc/{}/ns/pid", c.init.pid)).map_err(|source| AgentError::Io {
-            op: format!("reading pid namespace of {}", c.init.pid),
-            source,
-        })?;
+        let target =
+            std::fs::read_link(format!("/proc/{}/ns/pid", c.init.pid)).map_err(|source| {
+                AgentError::Io {
+                    op: format!("reading pid namespace of {}", c.init.pid),
+                    source,
+                }
+            })?;
         let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").map_err(|source| AgentError::Io { op: "listing /proc".into(), source })?.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        for e in std::fs::read_dir("/proc")
+            .map_err(|source| AgentError::Io {
+                op: "listing /proc".into(),
+                source,
+            })?
+            .flatten()
+        {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
             if std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() == Some(&target) {
                 out.push(pid);
             }
@@ -290,10 +306,11 @@ impl AgentService {
 
     async fn do_create(&self, req: CreateContainerRequest) -> Result<()> {
         validate_id("container id", &req.container_id)?;
-        let spec: Spec = serde_json::from_slice(&req.spec_json).map_err(|e| AgentError::Invalid {
-            field: "spec_json",
-            reason: e.to_string(),
-        })?;
+        let spec: Spec =
+            serde_json::from_slice(&req.spec_json).map_err(|e| AgentError::Invalid {
+                field: "spec_json",
+                reason: e.to_string(),
+            })?;
         let process = spec.process().clone().ok_or(AgentError::Invalid {
             field: "spec.process",
             reason: "missing".into(),
@@ -306,7 +323,10 @@ impl AgentService {
         if !root.path().is_absolute() || !root.path().is_dir() {
             return Err(AgentError::Invalid {
                 field: "spec.root.path",
-                reason: format!("{} is not an absolute path to a directory", root.path().display()),
+                reason: format!(
+                    "{} is not an absolute path to a directory",
+                    root.path().display()
+                ),
             });
         }
         for m in spec.mounts().iter().flatten() {
@@ -333,7 +353,11 @@ impl AgentService {
                     id: req.container_id.clone(),
                     init: Arc::new(Proc {
                         pid: 0,
-                        exit: tokio::sync::watch::channel(Some(crate::reaper::Exit { code: 0, signal: 0 })).1,
+                        exit: tokio::sync::watch::channel(Some(crate::reaper::Exit {
+                            code: 0,
+                            signal: 0,
+                        }))
+                        .1,
                         stdin: Default::default(),
                         stdout: Default::default(),
                         stderr: Default::default(),
@@ -366,11 +390,9 @@ impl AgentService {
         let cgroup = match &self.cgroups {
             Some(root) => {
                 let cg = root.create(id)?;
-                if let Some(r) = &resources {
-                    if let Err(e) = cg.apply(r) {
-                        let _ = cg.remove().await;
-                        return Err(e.into());
-                    }
+                if let Some(Err(e)) = resources.as_ref().map(|r| cg.apply(r)) {
+                    let _ = cg.remove().await;
+                    return Err(e.into());
                 }
                 Some(cg)
             }
@@ -393,7 +415,9 @@ impl AgentService {
             cgroup_procs: cgroup.as_ref().map(Cgroup::procs_file),
             seccomp,
             wait_start: true,
-            kind: InitKind::Create { spec: Box::new(spec) },
+            kind: InitKind::Create {
+                spec: Box::new(spec),
+            },
         };
         let spawned = match crate::process::spawn(&cfg, &self.reaper).await {
             Ok(s) => s,
@@ -406,7 +430,10 @@ impl AgentService {
         };
         let mut status = spawned.status;
         if let Err(e) = status.expect_ready().await {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.proc.pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(spawned.proc.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             spawned.proc.wait().await;
             if let Some(cg) = &cgroup {
                 let _ = cg.remove().await;
@@ -458,12 +485,17 @@ impl AgentService {
                 needed: "running",
             });
         }
-        let process: Process = serde_json::from_slice(&req.process_json).map_err(|e| AgentError::Invalid {
-            field: "process_json",
-            reason: e.to_string(),
-        })?;
+        let process: Process =
+            serde_json::from_slice(&req.process_json).map_err(|e| AgentError::Invalid {
+                field: "process_json",
+                reason: e.to_string(),
+            })?;
         validate_process(&process, "process_json")?;
-        if c.execs.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&req.exec_id) {
+        if c.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&req.exec_id)
+        {
             return Err(AgentError::Exists {
                 what: "exec",
                 id: req.exec_id,
@@ -514,12 +546,19 @@ impl AgentService {
             cg.kill_all()?;
         } else {
             // Killing the pid-namespace init kills everything in it.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.init.pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.init.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         Ok(())
     }
 
-    async fn read_stream(&self, req: &ReadStreamRequest, stderr: bool) -> Result<ReadStreamResponse> {
+    async fn read_stream(
+        &self,
+        req: &ReadStreamRequest,
+        stderr: bool,
+    ) -> Result<ReadStreamResponse> {
         let (_c, p) = self.process(&req.container_id, &req.exec_id)?;
         let max = req.max_len.clamp(1, MAX_READ_CHUNK) as usize;
         let lock = if stderr { &p.stderr } else { &p.stdout };
@@ -531,10 +570,13 @@ impl AgentService {
             });
         };
         let mut buf = vec![0u8; max];
-        let n = stream.read(&mut buf).await.map_err(|source| AgentError::Io {
-            op: "reading process output".into(),
-            source,
-        })?;
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|source| AgentError::Io {
+                op: "reading process output".into(),
+                source,
+            })?;
         if n == 0 {
             *guard = None;
             return Ok(ReadStreamResponse {
@@ -560,8 +602,12 @@ impl AgentService {
 }
 
 fn has_limits(r: &LinuxResources) -> bool {
-    r.memory().as_ref().is_some_and(|m| m.limit().is_some() || m.reservation().is_some())
-        || r.cpu().as_ref().is_some_and(|c| c.quota().is_some() || c.shares().is_some() || c.cpus().is_some())
+    r.memory()
+        .as_ref()
+        .is_some_and(|m| m.limit().is_some() || m.reservation().is_some())
+        || r.cpu()
+            .as_ref()
+            .is_some_and(|c| c.quota().is_some() || c.shares().is_some() || c.cpus().is_some())
         || r.pids().is_some()
         || r.unified().as_ref().is_some_and(|u| !u.is_empty())
 }
@@ -573,7 +619,10 @@ fn validate_process(p: &Process, field: &'static str) -> Result<()> {
         _ => return Err(invalid("args is empty".into())),
     }
     if !p.cwd().is_absolute() {
-        return Err(invalid(format!("cwd {} is not absolute", p.cwd().display())));
+        return Err(invalid(format!(
+            "cwd {} is not absolute",
+            p.cwd().display()
+        )));
     }
     for e in p.env().iter().flatten() {
         if !e.contains('=') {
@@ -593,9 +642,17 @@ fn uptime_ms(since: Instant) -> u64 {
 
 #[async_trait::async_trait]
 impl Agent for AgentService {
-    async fn version(&self, _ctx: &TtrpcContext, req: VersionRequest) -> ttrpc::Result<VersionResponse> {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        req: VersionRequest,
+    ) -> ttrpc::Result<VersionResponse> {
         if req.host_protocol_version != PROTOCOL_VERSION {
-            tracing::warn!(host = req.host_protocol_version, agent = PROTOCOL_VERSION, "protocol version mismatch");
+            tracing::warn!(
+                host = req.host_protocol_version,
+                agent = PROTOCOL_VERSION,
+                "protocol version mismatch"
+            );
         }
         Ok(VersionResponse {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -612,7 +669,11 @@ impl Agent for AgentService {
         })
     }
 
-    async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         validate_id("sandbox id", &req.sandbox_id).map_err(AgentError::from)?;
         {
             let mut sb = self.sandbox.lock().unwrap_or_else(|p| p.into_inner());
@@ -628,7 +689,9 @@ impl Agent for AgentService {
         let r = (|| -> Result<()> {
             if self.config.mode == Mode::Host {
                 if !req.shares.is_empty() || !req.sysctls.is_empty() || !req.hostname.is_empty() {
-                    return Err(AgentError::HostMode("CreateSandbox with shares, sysctls or hostname"));
+                    return Err(AgentError::HostMode(
+                        "CreateSandbox with shares, sysctls or hostname",
+                    ));
                 }
                 return Ok(());
             }
@@ -639,13 +702,15 @@ impl Agent for AgentService {
                 })?;
             }
             for s in &req.shares {
-                crate::pid1::mount_virtiofs(&s.tag, Path::new(&s.mount_point), s.read_only).map_err(|e| AgentError::Invalid {
-                    field: "shares",
-                    reason: chain(&e),
-                })?;
+                crate::pid1::mount_virtiofs(&s.tag, Path::new(&s.mount_point), s.read_only)
+                    .map_err(|e| AgentError::Invalid {
+                        field: "shares",
+                        reason: chain(&e),
+                    })?;
             }
             for (k, v) in &req.sysctls {
-                let path = crate::ids::relative_inside(Path::new("/proc/sys"), &k.replace('.', "/"))?;
+                let path =
+                    crate::ids::relative_inside(Path::new("/proc/sys"), &k.replace('.', "/"))?;
                 std::fs::write(&path, v).map_err(|source| AgentError::Io {
                     op: format!("setting sysctl {k}"),
                     source,
@@ -661,9 +726,17 @@ impl Agent for AgentService {
         Ok(empty())
     }
 
-    async fn destroy_sandbox(&self, _ctx: &TtrpcContext, req: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+    async fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         validate_id("sandbox id", &req.sandbox_id).map_err(AgentError::from)?;
-        let current = self.sandbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = self
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if current.as_deref() != Some(req.sandbox_id.as_str()) {
             return Err(AgentError::NoContainer(format!("sandbox {}", req.sandbox_id)).into());
         }
@@ -676,12 +749,20 @@ impl Agent for AgentService {
         Ok(empty())
     }
 
-    async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.do_create(req).await?;
         Ok(empty())
     }
 
-    async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StartResponse> {
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StartResponse> {
         let pid = self.do_start(&req.container_id).await?;
         Ok(StartResponse {
             pid,
@@ -689,12 +770,20 @@ impl Agent for AgentService {
         })
     }
 
-    async fn remove_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.do_remove(&req.container_id).await?;
         Ok(empty())
     }
 
-    async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let c = self.container(&req.container_id)?;
         if c.state() != CState::Running {
             return Err(AgentError::State {
@@ -705,12 +794,19 @@ impl Agent for AgentService {
             }
             .into());
         }
-        self.cgroup_of(&c)?.freeze(true).await.map_err(AgentError::from)?;
+        self.cgroup_of(&c)?
+            .freeze(true)
+            .await
+            .map_err(AgentError::from)?;
         c.set_state(CState::Paused);
         Ok(empty())
     }
 
-    async fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let c = self.container(&req.container_id)?;
         if c.state() != CState::Paused {
             return Err(AgentError::State {
@@ -721,27 +817,43 @@ impl Agent for AgentService {
             }
             .into());
         }
-        self.cgroup_of(&c)?.freeze(false).await.map_err(AgentError::from)?;
+        self.cgroup_of(&c)?
+            .freeze(false)
+            .await
+            .map_err(AgentError::from)?;
         c.set_state(CState::Running);
         Ok(empty())
     }
 
-    async fn update_resources(&self, _ctx: &TtrpcContext, req: UpdateResourcesRequest) -> ttrpc::Result<Empty> {
+    async fn update_resources(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateResourcesRequest,
+    ) -> ttrpc::Result<Empty> {
         let c = self.container(&req.container_id)?;
-        let res: LinuxResources = serde_json::from_slice(&req.resources_json).map_err(|e| AgentError::Invalid {
-            field: "resources_json",
-            reason: e.to_string(),
-        })?;
+        let res: LinuxResources =
+            serde_json::from_slice(&req.resources_json).map_err(|e| AgentError::Invalid {
+                field: "resources_json",
+                reason: e.to_string(),
+            })?;
         self.cgroup_of(&c)?.apply(&res).map_err(AgentError::from)?;
         Ok(empty())
     }
 
-    async fn stats(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StatsResponse> {
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsResponse> {
         let c = self.container(&req.container_id)?;
         Ok(self.cgroup_of(&c)?.stats())
     }
 
-    async fn list_processes(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
         let c = self.container(&req.container_id)?;
         let mut pids = self.container_pids(&c)?;
         pids.sort_unstable();
@@ -754,7 +866,13 @@ impl Agent for AgentService {
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
         loop {
             let notified = self.oom.notify.notified();
-            if let Some(id) = self.oom.events.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+            if let Some(id) = self
+                .oom
+                .events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+            {
                 return Ok(OomEvent {
                     container_id: id,
                     ..Default::default()
@@ -764,7 +882,11 @@ impl Agent for AgentService {
         }
     }
 
-    async fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<StartResponse> {
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<StartResponse> {
         let pid = self.do_exec(req).await?;
         Ok(StartResponse {
             pid,
@@ -772,11 +894,17 @@ impl Agent for AgentService {
         })
     }
 
-    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalRequest) -> ttrpc::Result<Empty> {
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalRequest,
+    ) -> ttrpc::Result<Empty> {
         let (c, p) = self.process(&req.container_id, &req.exec_id)?;
-        let sig = nix::sys::signal::Signal::try_from(req.signal as i32).map_err(|_| AgentError::Invalid {
-            field: "signal",
-            reason: format!("{} is not a signal number", req.signal),
+        let sig = nix::sys::signal::Signal::try_from(req.signal as i32).map_err(|_| {
+            AgentError::Invalid {
+                field: "signal",
+                reason: format!("{} is not a signal number", req.signal),
+            }
         })?;
         if p.exited().is_some() || p.pid <= 0 {
             return Err(AgentError::State {
@@ -792,15 +920,21 @@ impl Agent for AgentService {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
             }
         } else {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig).map_err(|e| AgentError::Io {
-                op: format!("kill({}, {sig})", p.pid),
-                source: e.into(),
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig).map_err(|e| {
+                AgentError::Io {
+                    op: format!("kill({}, {sig})", p.pid),
+                    source: e.into(),
+                }
             })?;
         }
         Ok(empty())
     }
 
-    async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<WaitResponse> {
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitResponse> {
         let (c, p) = self.process(&req.container_id, &req.exec_id)?;
         if req.exec_id.is_empty() && c.state() == CState::Created {
             return Err(AgentError::State {
@@ -820,11 +954,18 @@ impl Agent for AgentService {
         })
     }
 
-    async fn write_stdin(&self, _ctx: &TtrpcContext, req: WriteStdinRequest) -> ttrpc::Result<WriteStdinResponse> {
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteStdinRequest,
+    ) -> ttrpc::Result<WriteStdinResponse> {
         if req.data.len() > MAX_WRITE_CHUNK {
             return Err(AgentError::Invalid {
                 field: "data",
-                reason: format!("{} bytes exceed the {MAX_WRITE_CHUNK}-byte limit", req.data.len()),
+                reason: format!(
+                    "{} bytes exceed the {MAX_WRITE_CHUNK}-byte limit",
+                    req.data.len()
+                ),
             }
             .into());
         }
@@ -841,10 +982,13 @@ impl Agent for AgentService {
         };
         let mut done = 0;
         while done < req.data.len() {
-            let n = stdin.write(&req.data[done..]).await.map_err(|source| AgentError::Io {
-                op: "writing stdin".into(),
-                source,
-            })?;
+            let n = stdin
+                .write(&req.data[done..])
+                .await
+                .map_err(|source| AgentError::Io {
+                    op: "writing stdin".into(),
+                    source,
+                })?;
             done += n;
         }
         Ok(WriteStdinResponse {
@@ -864,11 +1008,19 @@ impl Agent for AgentService {
         Ok(empty())
     }
 
-    async fn read_stdout(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
         Ok(self.read_stream(&req, false).await?)
     }
 
-    async fn read_stderr(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
         Ok(self.read_stream(&req, true).await?)
     }
 
@@ -878,8 +1030,14 @@ impl Agent for AgentService {
             field: "exec_id",
             reason: "the process has no terminal".into(),
         })?;
-        let rows = u16::try_from(req.rows).map_err(|_| AgentError::Invalid { field: "rows", reason: "above 65535".into() })?;
-        let cols = u16::try_from(req.cols).map_err(|_| AgentError::Invalid { field: "cols", reason: "above 65535".into() })?;
+        let rows = u16::try_from(req.rows).map_err(|_| AgentError::Invalid {
+            field: "rows",
+            reason: "above 65535".into(),
+        })?;
+        let cols = u16::try_from(req.cols).map_err(|_| AgentError::Invalid {
+            field: "cols",
+            reason: "above 65535".into(),
+        })?;
         crate::sys::set_winsize(tty.as_fd(), rows, cols).map_err(|source| AgentError::Io {
             op: "TIOCSWINSZ".into(),
             source,
@@ -887,7 +1045,11 @@ impl Agent for AgentService {
         Ok(empty())
     }
 
-    async fn set_guest_time(&self, _ctx: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
+    async fn set_guest_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetTimeRequest,
+    ) -> ttrpc::Result<Empty> {
         if self.config.mode == Mode::Host {
             return Err(AgentError::HostMode("SetGuestTime").into());
         }
@@ -899,9 +1061,11 @@ impl Agent for AgentService {
             .into());
         }
         let ts = nix::sys::time::TimeSpec::new(req.sec, i64::from(req.nsec));
-        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| AgentError::Io {
-            op: "clock_settime(CLOCK_REALTIME)".into(),
-            source: e.into(),
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| {
+            AgentError::Io {
+                op: "clock_settime(CLOCK_REALTIME)".into(),
+                source: e.into(),
+            }
         })?;
         Ok(empty())
     }
@@ -925,7 +1089,10 @@ pub fn copy_file(shared_dir: &Path, req: &CopyFileRequest) -> Result<Empty> {
     if req.data.len() > MAX_WRITE_CHUNK {
         return Err(AgentError::Invalid {
             field: "data",
-            reason: format!("{} bytes exceed the {MAX_WRITE_CHUNK}-byte limit", req.data.len()),
+            reason: format!(
+                "{} bytes exceed the {MAX_WRITE_CHUNK}-byte limit",
+                req.data.len()
+            ),
         });
     }
     let dest = crate::ids::relative_inside(shared_dir, &req.path)?;
@@ -937,7 +1104,9 @@ pub fn copy_file(shared_dir: &Path, req: &CopyFileRequest) -> Result<Empty> {
         std::fs::create_dir_all(parent).map_err(io_err("creating parent of"))?;
         // A symlinked directory on the way could lead outside: refuse.
         let canon = parent.canonicalize().map_err(io_err("resolving"))?;
-        let base = shared_dir.canonicalize().map_err(io_err("resolving shared dir for"))?;
+        let base = shared_dir
+            .canonicalize()
+            .map_err(io_err("resolving shared dir for"))?;
         if !canon.starts_with(&base) {
             return Err(AgentError::Id(IdError::Escapes {
                 path: req.path.clone(),
@@ -945,7 +1114,11 @@ pub fn copy_file(shared_dir: &Path, req: &CopyFileRequest) -> Result<Empty> {
             }));
         }
     }
-    let mode = if req.mode == 0 { 0o644 } else { req.mode & 0o7777 };
+    let mode = if req.mode == 0 {
+        0o644
+    } else {
+        req.mode & 0o7777
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -954,9 +1127,11 @@ pub fn copy_file(shared_dir: &Path, req: &CopyFileRequest) -> Result<Empty> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&dest)
         .map_err(io_err("opening"))?;
-    f.seek(SeekFrom::Start(req.offset)).map_err(io_err("seeking in"))?;
+    f.seek(SeekFrom::Start(req.offset))
+        .map_err(io_err("seeking in"))?;
     f.write_all(&req.data).map_err(io_err("writing"))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err("chmod"))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("chmod"))?;
     nix::unistd::fchown(
         std::os::fd::AsRawFd::as_raw_fd(&f),
         Some(nix::unistd::Uid::from_raw(req.uid)),

@@ -42,7 +42,9 @@ impl FdStream {
     pub async fn write(&self, buf: &[u8]) -> std::io::Result<usize> {
         loop {
             let mut guard = self.fd.writable().await?;
-            match guard.try_io(|inner| nix::unistd::write(inner.get_ref().as_fd(), buf).map_err(std::io::Error::from)) {
+            match guard.try_io(|inner| {
+                nix::unistd::write(inner.get_ref().as_fd(), buf).map_err(std::io::Error::from)
+            }) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }

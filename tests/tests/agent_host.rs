@@ -4,154 +4,14 @@
 //! OOM events are in agent_cgroups.rs (they run in the lab, where cgroup v2 controllers
 //! are available).
 
+mod agent_support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::Duration;
 
+use agent_support::*;
 use carapace_protocol::agent::*;
-use carapace_protocol::agent_ttrpc::AgentClient;
-use carapace_protocol::client;
-use carapace_tests::fixtures;
-use serde_json::{Value, json};
-use ttrpc::context;
-
-#[allow(missing_debug_implementations)]
-pub struct Agent {
-    pub child: Child,
-    pub dir: tempfile::TempDir,
-    pub client: AgentClient,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ctx() -> context::Context {
-    context::with_timeout(120_000_000_000)
-}
-
-pub async fn start_agent(extra: &[&str]) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let child = Command::new(carapace_tests::workspace_bin("carapace-agent"))
-        .arg("--host-mode")
-        .arg("--listen")
-        .arg(format!("unix://{}", sock.display()))
-        .arg("--log")
-        .arg("debug")
-        .args(extra)
-        .spawn()
-        .expect("spawning carapace-agent");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (client, info) = client::connect_unix(&sock, Duration::from_secs(10))
-        .await
-        .expect("connecting to the agent");
-    assert_eq!(info.protocol_version, carapace_protocol::PROTOCOL_VERSION);
-    Agent { child, dir, client }
-}
-
-/// A busybox rootfs and a default spec running `args` in it.
-pub fn spec(dir: &Path, args: &[&str]) -> Value {
-    let rootfs = dir.join(format!("rootfs-{}", args.join("_").len() + rand_suffix()));
-    fixtures::busybox_rootfs(&rootfs).expect("busybox rootfs");
-    let mut spec = fixtures::default_spec(args);
-    spec["root"]["path"] = json!(rootfs);
-    spec
-}
-
-fn rand_suffix() -> usize {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    N.fetch_add(1, Ordering::Relaxed) * 1000
-}
-
-pub async fn create(a: &Agent, id: &str, spec: &Value) -> ttrpc::Result<Empty> {
-    a.client
-        .create_container(
-            ctx(),
-            &CreateContainerRequest {
-                container_id: id.into(),
-                spec_json: serde_json::to_vec(spec).unwrap(),
-                ..Default::default()
-            },
-        )
-        .await
-}
-
-pub async fn start(a: &Agent, id: &str) -> u32 {
-    a.client
-        .start_container(ctx(), &creq(id))
-        .await
-        .expect("start")
-        .pid
-}
-
-pub fn creq(id: &str) -> ContainerRequest {
-    ContainerRequest {
-        container_id: id.into(),
-        ..Default::default()
-    }
-}
-
-pub fn preq(id: &str, exec: &str) -> ProcessRequest {
-    ProcessRequest {
-        container_id: id.into(),
-        exec_id: exec.into(),
-        ..Default::default()
-    }
-}
-
-pub async fn wait(a: &Agent, id: &str, exec: &str) -> WaitResponse {
-    a.client
-        .wait_process(ctx(), &preq(id, exec))
-        .await
-        .expect("wait")
-}
-
-/// Reads a stream to EOF.
-pub async fn read_all(a: &Agent, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let req = ReadStreamRequest {
-            container_id: id.into(),
-            exec_id: exec.into(),
-            max_len: 1 << 20,
-            ..Default::default()
-        };
-        let r = if stderr {
-            a.client.read_stderr(ctx(), &req).await
-        } else {
-            a.client.read_stdout(ctx(), &req).await
-        }
-        .expect("read");
-        if r.eof {
-            return out;
-        }
-        out.extend_from_slice(&r.data);
-    }
-}
-
-fn code(e: &ttrpc::Error) -> ttrpc::Code {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.code(),
-        other => panic!("not an RPC status: {other:?}"),
-    }
-}
-
-fn msg(e: &ttrpc::Error) -> String {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_owned(),
-        other => format!("{other:?}"),
-    }
-}
+use serde_json::json;
 
 /// Runs `args` to completion; returns (stdout, stderr, wait).
 async fn run(a: &Agent, id: &str, args: &[&str]) -> (String, String, WaitResponse) {
@@ -262,7 +122,7 @@ async fn container_sees_its_own_namespaces_rootfs_and_identity() {
             "echo pid=$$; hostname; id -u; id -g; id -G; umask; pwd; echo $FOO; \
          ls /bin/busybox; test -e /etc/hostname && echo rootfs-ok; \
          cat /proc/1/cmdline | tr '\\0' ' '; echo; \
-         grep -c . /proc/kcore 2>/dev/null; echo kcore=$(wc -c < /proc/kcore); \
+         echo secret=$(cat /etc/secret); echo secretdir=$(ls /etc/secretdir); \
          touch /proc/sys/kernel/x 2>/dev/null || echo procsys-ro; \
          ulimit -n; grep CapEff /proc/self/status; grep NoNewPrivs /proc/self/status; \
          touch /ro/x 2>/dev/null || echo ro-bind; cat /ro/file",
@@ -277,9 +137,14 @@ async fn container_sees_its_own_namespaces_rootfs_and_identity() {
     s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 321}]);
     s["process"]["capabilities"] = json!({
         "bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"],
-        "permitted": ["CAP_KILL"], "inheritable": [], "ambient": []
+        "permitted": ["CAP_KILL"], "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]
     });
     s["hostname"] = json!("box1");
+    let rootfs = PathBuf::from(s["root"]["path"].as_str().unwrap());
+    std::fs::write(rootfs.join("etc/secret"), "hidden").unwrap();
+    std::fs::create_dir(rootfs.join("etc/secretdir")).unwrap();
+    std::fs::write(rootfs.join("etc/secretdir/f"), "hidden").unwrap();
+    s["linux"]["maskedPaths"] = json!(["/etc/secret", "/etc/secretdir", "/proc/kcore"]);
     s["mounts"].as_array_mut().unwrap().push(json!({
         "destination": "/ro", "type": "bind", "source": shared, "options": ["rbind", "ro"]
     }));
@@ -301,10 +166,11 @@ async fn container_sees_its_own_namespaces_rootfs_and_identity() {
     assert_eq!(lines[8], "/bin/busybox");
     assert_eq!(lines[9], "rootfs-ok");
     assert!(lines[10].starts_with("sh -c"), "{out}");
-    assert!(out.contains("kcore=0"), "masked /proc/kcore: {out}");
+    assert!(out.contains("\nsecret=\n"), "masked file: {out}");
+    assert!(out.contains("\nsecretdir=\n"), "masked dir: {out}");
     assert!(out.contains("procsys-ro"), "{out}");
     assert!(out.contains("\n321\n"), "{out}");
-    // CAP_KILL is bit 5.
+    // CAP_KILL is bit 5; as uid 1000 it survives exec only through the ambient set.
     assert!(out.contains("CapEff:\t0000000000000020"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(out.contains("ro-bind"), "{out}");
