@@ -36,8 +36,8 @@ pub struct HostFiles {
     pub kvm: PathBuf,
     /// CPU flags.
     pub cpuinfo: PathBuf,
-    /// Loaded modules.
-    pub modules: PathBuf,
+    /// Loaded (and built-in) kernel modules: `/sys/module`.
+    pub sys_module: PathBuf,
 }
 
 impl Default for HostFiles {
@@ -45,7 +45,7 @@ impl Default for HostFiles {
         Self {
             kvm: "/dev/kvm".into(),
             cpuinfo: "/proc/cpuinfo".into(),
-            modules: "/proc/modules".into(),
+            sys_module: "/sys/module".into(),
         }
     }
 }
@@ -118,10 +118,9 @@ fn read_small(path: &Path) -> std::io::Result<String> {
     Ok(s)
 }
 
-fn check_hw_virt(cpuinfo: &Path, modules: &Path) -> Check {
+fn check_hw_virt(cpuinfo: &Path, sys_module: &Path) -> Check {
     const NAME: &str = "hardware virtualization";
-    let modules_text = read_small(modules).unwrap_or_default();
-    if modules_text.lines().any(|l| l.starts_with("kvm_pvm ")) {
+    if sys_module.join("kvm_pvm").exists() {
         return fail(
             NAME,
             "KVM is provided by kvm_pvm, a software KVM that cannot boot Linux guests".into(),
@@ -204,7 +203,7 @@ pub fn run(config: &Config, host: &HostFiles) -> Vec<Check> {
     };
     vec![
         check_kvm_device(&host.kvm),
-        check_hw_virt(&host.cpuinfo, &host.modules),
+        check_hw_virt(&host.cpuinfo, &host.sys_module),
         check_image_file(
             "guest kernel",
             "hypervisor.kernel",
@@ -237,7 +236,7 @@ mod tests {
         config: Config,
     }
 
-    fn host(cpu_flags: &str, modules: &str) -> Host {
+    fn host(cpu_flags: &str, modules: &[&str]) -> Host {
         let tmp = tempfile::tempdir().unwrap();
         let p = |n: &str| tmp.path().join(n);
         std::fs::write(
@@ -245,7 +244,9 @@ mod tests {
             format!("processor\t: 0\nflags\t\t: fpu {cpu_flags} sse\n"),
         )
         .unwrap();
-        std::fs::write(p("modules"), modules).unwrap();
+        for m in modules {
+            std::fs::create_dir_all(p("module").join(m)).unwrap();
+        }
         std::fs::write(p("vmlinux"), b"\x7fELF\x02\x01rest").unwrap();
         std::fs::write(p("initrd"), b"\x1f\x8b\x08rest").unwrap();
         for bin in ["vmm", "fsd"] {
@@ -261,7 +262,7 @@ mod tests {
         let files = HostFiles {
             kvm: p("kvm"),
             cpuinfo: p("cpuinfo"),
-            modules: p("modules"),
+            sys_module: p("module"),
         };
         Host { tmp, files, config }
     }
@@ -272,7 +273,7 @@ mod tests {
 
     #[test]
     fn good_files_pass_and_each_failure_has_a_hint() {
-        let h = host("vmx", "kvm_intel 1 0 - Live\n");
+        let h = host("vmx", &["kvm_intel"]);
         let checks = run(&h.config, &h.files);
         for name in [
             "hardware virtualization",
@@ -301,14 +302,14 @@ mod tests {
 
     #[test]
     fn software_kvm_and_missing_flags_and_files_fail_with_fixes() {
-        let h = host("vmx", "kvm_pvm 1 0 - Live\nkvm 2 1 kvm_pvm, Live\n");
-        let c = check_hw_virt(&h.files.cpuinfo, &h.files.modules);
+        let h = host("vmx", &["kvm", "kvm_pvm"]);
+        let c = check_hw_virt(&h.files.cpuinfo, &h.files.sys_module);
         assert!(!c.ok && c.detail.contains("kvm_pvm"), "{c:?}");
-        let h = host("pae", "");
-        let c = check_hw_virt(&h.files.cpuinfo, &h.files.modules);
+        let h = host("pae", &[]);
+        let c = check_hw_virt(&h.files.cpuinfo, &h.files.sys_module);
         assert!(!c.ok && c.detail.contains("neither vmx nor svm"), "{c:?}");
 
-        let mut h = host("svm", "");
+        let mut h = host("svm", &[]);
         h.config.hypervisor.kernel = h.tmp.path().join("none");
         std::fs::write(&h.config.hypervisor.initrd, b"garbage").unwrap();
         std::fs::remove_file(&h.config.fs.path).unwrap();

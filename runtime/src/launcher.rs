@@ -29,6 +29,8 @@ pub struct FsRequest {
 pub struct VmRequest {
     /// The VM description file.
     pub description: PathBuf,
+    /// The hybrid-vsock socket the description names (where the agent is reached).
+    pub vsock: PathBuf,
     /// Its log.
     pub log: PathBuf,
 }
@@ -81,6 +83,37 @@ impl Launcher for BinaryLauncher {
 
     fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError> {
         spawn_detached("VMM", self.vmm_command(req), &req.log)
+    }
+}
+
+/// Runs the agent on the host instead of a VM (`carapace-agent --host-mode`): the "VMM"
+/// is the agent itself, listening on the sandbox's vsock socket path as a plain unix
+/// socket. The fs daemon is still the configured one. For testing the runtime end to end
+/// on hosts that cannot boot guests; containers then run on the host, not in a VM.
+#[derive(Debug, Clone)]
+pub struct HostAgentLauncher {
+    /// The carapace-agent binary.
+    pub agent: PathBuf,
+    /// Starts the fs daemon.
+    pub inner: BinaryLauncher,
+}
+
+impl Launcher for HostAgentLauncher {
+    fn start_fs_daemon(&self, req: &FsRequest) -> Result<ProcessRecord, ProcessError> {
+        self.inner.start_fs_daemon(req)
+    }
+
+    fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError> {
+        let dir = req.vsock.parent().unwrap_or(Path::new("/"));
+        let mut cmd = Command::new(&self.agent);
+        cmd.arg("--host-mode")
+            .arg("--listen")
+            .arg(format!("unix://{}", req.vsock.display()))
+            .arg("--shared-dir")
+            .arg(dir.join("agent-files"))
+            .arg("--log")
+            .arg(self.inner.config.debug.log_level.as_str());
+        spawn_detached("host-mode agent", cmd, &req.log)
     }
 }
 

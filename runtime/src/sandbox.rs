@@ -118,6 +118,19 @@ pub enum SandboxError {
     },
 }
 
+/// What `exec` runs when no process file is given.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// Command and arguments.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` additions (replacing the container's value of KEY).
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: Option<String>,
+    /// Allocate a terminal.
+    pub tty: bool,
+}
+
 /// Files of one sandbox directory.
 #[derive(Debug, Clone)]
 pub struct SandboxPaths {
@@ -288,6 +301,7 @@ impl Runtime {
         tracing::info!(id, ?resources, "starting VMM");
         let vmm = self.launcher.start_vmm(&VmRequest {
             description: paths.vm_json.clone(),
+            vsock: paths.vsock.clone(),
             log: paths.vmm_log.clone(),
         })?;
         st.vmm = Some(vmm);
@@ -452,6 +466,64 @@ impl Runtime {
         let st = self.store.load(id)?;
         self.require(&st, &[Status::Created, Status::Running], "list processes")?;
         Ok(self.agent(&st)?.list_processes(id)?)
+    }
+
+    /// The OCI `process` for an exec: the container's own process (user, env, cwd,
+    /// capabilities, rlimits...) with `opts` applied.
+    pub fn exec_process(
+        &self,
+        id: &str,
+        opts: &ExecOptions,
+    ) -> Result<serde_json::Value, SandboxError> {
+        let path = self.paths(id)?.guest_spec;
+        let text = std::fs::read(&path).map_err(io_err("reading", &path))?;
+        let spec: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| SandboxError::Io {
+                op: "parsing",
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?;
+        let mut process = spec
+            .get("process")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        process["args"] = serde_json::json!(opts.args);
+        process["terminal"] = serde_json::json!(opts.tty);
+        if let Some(cwd) = &opts.cwd {
+            process["cwd"] = serde_json::json!(cwd);
+        }
+        if !opts.env.is_empty() {
+            let mut env: Vec<String> = process
+                .get("env")
+                .and_then(|e| serde_json::from_value(e.clone()).ok())
+                .unwrap_or_default();
+            for kv in &opts.env {
+                let key = kv.split('=').next().unwrap_or(kv);
+                env.retain(|e| e.split('=').next() != Some(key));
+                env.push(kv.clone());
+            }
+            process["env"] = serde_json::json!(env);
+        }
+        if let Some(o) = process.as_object_mut() {
+            o.remove("consoleSize");
+        }
+        Ok(process)
+    }
+
+    /// Starts an extra process in the running container; returns the agent (to stream
+    /// its IO and wait) and its guest pid.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+    ) -> Result<(Arc<dyn AgentApi>, u32), SandboxError> {
+        let st = self.store.load(id)?;
+        self.require(&st, &[Status::Running], "exec a process")?;
+        let agent = self.agent(&st)?;
+        let bytes = serde_json::to_vec(process).unwrap_or_default();
+        let pid = agent.exec_process(id, exec_id, &bytes)?;
+        Ok((agent, pid))
     }
 
     /// Records how the container's init ended.

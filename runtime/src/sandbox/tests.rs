@@ -583,3 +583,34 @@ fn delete_force_cleans_a_directory_without_state() {
     f.rt.delete("c1", true).unwrap();
     f.assert_clean();
 }
+
+#[test]
+fn exec_inherits_the_container_process_and_applies_options() {
+    let f = fixture(Setup::default());
+    f.rt.create("c1", &f.bundle).unwrap();
+    let opts = ExecOptions {
+        args: vec!["ls".into(), "-l".into()],
+        env: vec!["TERM=dumb".into(), "X=1".into()],
+        cwd: Some("/tmp".into()),
+        tty: false,
+    };
+    let p = f.rt.exec_process("c1", &opts).unwrap();
+    assert_eq!(p["args"], serde_json::json!(["ls", "-l"]));
+    assert_eq!(p["cwd"], "/tmp");
+    assert_eq!(p["terminal"], false);
+    let env: Vec<String> = serde_json::from_value(p["env"].clone()).unwrap();
+    assert!(env.contains(&"TERM=dumb".to_owned()) && env.contains(&"X=1".to_owned()));
+    assert!(!env.contains(&"TERM=xterm".to_owned()));
+    assert!(env.iter().any(|e| e.starts_with("PATH=")));
+    assert!(p.get("user").is_some());
+    // Not running yet: exec is refused.
+    let Err(err) = f.rt.exec("c1", "e1", &p) else {
+        panic!("exec before start succeeded")
+    };
+    assert!(err.to_string().contains("is created: cannot exec"), "{err}");
+    f.rt.start("c1").unwrap();
+    let (_agent, pid) = f.rt.exec("c1", "e1", &p).unwrap();
+    assert_eq!(pid, 8);
+    f.rt.delete("c1", true).unwrap();
+    f.assert_clean();
+}
