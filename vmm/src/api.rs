@@ -114,14 +114,15 @@ fn serve_conn(vm: &VmHandle, stream: UnixStream) {
             Ok(_) => {}
         }
         if !line.ends_with('\n') {
-            let _ = writeln!(w, "{}", err("request line too long or unterminated".into()));
+            let _ = w.write_all(format!("{}\n", err("request line too long or unterminated".into())).as_bytes());
             return;
         }
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => handle(vm, req),
             Err(e) => err(format!("invalid request: {e}")),
         };
-        if writeln!(w, "{resp}").is_err() {
+        // One write per answer: clients may read a whole line with a single recv.
+        if w.write_all(format!("{resp}\n").as_bytes()).is_err() {
             return;
         }
     }

@@ -1,0 +1,353 @@
+//! carapace-vmm end to end: boot the project's guest kernel with a test /init
+//! (`carapace-vmm-guest-test`, not the agent) where KVM can boot guests (the lab on hosts
+//! without hardware virtualization), then exercise the devices from both sides.
+//!
+//! The fixture is built on the host: the static test program with cargo, the kernel and
+//! initramfs through `carapace-image` (cached kernel, our program as /init), the VMM binary.
+//! Paths reach the lab run through environment variables.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use carapace_image::image::{self, BuildOptions};
+use carapace_tests::lab::{Lab, in_kvm};
+
+const ENV_VMM: &str = "CARAPACE_VMM_E2E_VMM";
+const ENV_KERNEL: &str = "CARAPACE_VMM_E2E_KERNEL";
+const ENV_INITRD: &str = "CARAPACE_VMM_E2E_INITRD";
+/// Guest boots under TCG-emulated SVM take tens of seconds.
+const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+
+#[derive(Debug, Clone)]
+struct Fixture {
+    vmm: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+fn cargo(args: &[&str], rustflags: Option<&str>) {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args).current_dir(workspace_root());
+    if let Some(f) = rustflags {
+        c.env("RUSTFLAGS", f);
+    }
+    let st = c.status().expect("run cargo");
+    assert!(st.success(), "cargo {} failed: {st}", args.join(" "));
+}
+
+impl Fixture {
+    /// From the environment (inside the lab), or built now (on the host).
+    fn get() -> Self {
+        if let (Some(v), Some(k), Some(i)) = (
+            std::env::var_os(ENV_VMM),
+            std::env::var_os(ENV_KERNEL),
+            std::env::var_os(ENV_INITRD),
+        ) {
+            return Fixture {
+                vmm: v.into(),
+                kernel: k.into(),
+                initrd: i.into(),
+            };
+        }
+        let root = workspace_root();
+        cargo(&["build", "-q", "-p", "carapace-vmm", "--bin", "carapace-vmm"], None);
+        cargo(
+            &[
+                "build",
+                "-q",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "-p",
+                "carapace-vmm",
+                "--bin",
+                "carapace-vmm-guest-test",
+            ],
+            Some("-C target-feature=+crt-static"),
+        );
+        let guest_test =
+            root.join("target/x86_64-unknown-linux-gnu/release/carapace-vmm-guest-test");
+        let opts = BuildOptions {
+            out_dir: Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmm-e2e-image"),
+            cache_dir: image::DEFAULT_CACHE_DIR.into(),
+            agent: Some(guest_test),
+            workspace: Some(root.clone()),
+            source_package: image::DEFAULT_SOURCE_PACKAGE.into(),
+            fragment: None,
+            jobs: 2,
+            force: false,
+        };
+        let report = image::build(&opts).unwrap_or_else(|e| panic!("guest image: {e:?}"));
+        Fixture {
+            vmm: carapace_tests::workspace_bin("carapace-vmm"),
+            kernel: report.kernel,
+            initrd: report.initramfs,
+        }
+    }
+
+    fn lab(&self) -> Lab {
+        Lab::new()
+            .mem_mib(2048)
+            .timeout(Duration::from_secs(900))
+            .env(ENV_VMM, self.vmm.display().to_string())
+            .env(ENV_KERNEL, self.kernel.display().to_string())
+            .env(ENV_INITRD, self.initrd.display().to_string())
+    }
+}
+
+/// A running carapace-vmm with its serial log, vsock and API sockets in a temp dir.
+struct Vmm {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Vmm {
+    fn start(f: &Fixture, dir: tempfile::TempDir, items: &str, extra: &[&str]) -> Self {
+        let d = dir.path();
+        let mut c = Command::new(&f.vmm);
+        c.arg("--kernel")
+            .arg(&f.kernel)
+            .arg("--initrd")
+            .arg(&f.initrd)
+            .args(["--memory-mib", "256"])
+            .arg("--serial")
+            .arg(format!("file:{}", d.join("serial.log").display()))
+            .arg("--vsock-uds")
+            .arg(d.join("v.sock"))
+            .arg("--api-socket")
+            .arg(d.join("api.sock"))
+            .arg("--cmdline")
+            .arg(format!("quiet vmmtest={items}"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("vmm.log")).expect("vmm log"));
+        Vmm {
+            child: c.spawn().expect("spawn carapace-vmm"),
+            dir,
+        }
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serial.log")).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vmm.log")).unwrap_or_default()
+    }
+
+    fn wait_serial(&mut self, needle: &str) {
+        let t = Instant::now();
+        while t.elapsed() < BOOT_DEADLINE {
+            if self.serial().contains(needle) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "VMM exited ({st}) before {needle:?}\nserial:\n{}\nvmm:\n{}",
+                    self.serial(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no {needle:?} in time\nserial:\n{}\nvmm:\n{}", self.serial(), self.log());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> i32 {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("VMM did not exit\nserial:\n{}\nvmm:\n{}", self.serial(), self.log());
+    }
+
+    fn api(&self, req: &str) -> serde_json::Value {
+        let mut s = UnixStream::connect(self.dir.path().join("api.sock")).expect("api connect");
+        s.write_all(format!("{req}\n").as_bytes()).expect("api write");
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("api read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("api answer {line:?}: {e}"))
+    }
+
+    /// Host-initiated hybrid vsock stream to guest `port`.
+    fn connect(&self, port: u32) -> UnixStream {
+        let mut s = UnixStream::connect(self.dir.path().join("v.sock")).expect("vsock connect");
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .expect("CONNECT");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while b[0] != b'\n' {
+            assert_eq!(s.read(&mut b).expect("handshake read"), 1, "closed in handshake");
+            line.push(b[0]);
+        }
+        let line = String::from_utf8(line).expect("utf8");
+        assert!(line.starts_with("OK "), "handshake answer {line:?}");
+        s
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `data` on one thread while reading the echo on this one.
+fn echo(mut s: UnixStream, data: Vec<u8>) -> bool {
+    let mut w = s.try_clone().expect("clone");
+    let n = data.len();
+    let expect = fnv1a(&data);
+    let writer = std::thread::spawn(move || w.write_all(&data).is_ok());
+    let mut got = vec![0u8; n];
+    s.set_read_timeout(Some(Duration::from_secs(300))).expect("timeout");
+    let ok = s.read_exact(&mut got).is_ok();
+    writer.join().expect("writer") && ok && fnv1a(&got) == expect
+}
+
+fn devices_and_vsock(f: &Fixture) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.img");
+    let content = pattern(1 << 20, 42);
+    std::fs::write(&disk, &content).expect("disk image");
+    // Guest-initiated stream target: <uds>_5000.
+    let host = UnixListener::bind(dir.path().join("v.sock_5000")).expect("bind _5000");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = host.accept().expect("guest dial");
+        let mut line = String::new();
+        BufReader::new(s.try_clone().expect("clone"))
+            .read_line(&mut line)
+            .expect("hello");
+        s.write_all(b"hi guest\n").expect("reply");
+        line
+    });
+    let disk_arg = format!("{},ro", disk.display());
+    let mut vm = Vmm::start(f, dir, "blk,rng,dial=5000,echo", &["--block", &disk_arg, "--rng"]);
+    vm.wait_serial("echo server on vsock");
+    let serial = vm.serial();
+    assert!(serial.contains("vmm-guest-test: ready"), "{serial}");
+    assert!(
+        serial.contains(&format!("blk len={} fnv={:016x}", content.len(), fnv1a(&content))),
+        "block device content differs:\n{serial}"
+    );
+    assert!(serial.contains("blk write failed"), "read-only disk was writable:\n{serial}");
+    assert!(serial.contains("rng ok nonzero=true"), "{serial}");
+    assert!(serial.contains("dial reply hi guest"), "{serial}");
+    assert_eq!(server.join().expect("server"), "hello 5000\n");
+
+    let info = vm.api(r#"{"cmd":"info"}"#);
+    assert_eq!(info["ok"], true, "{info}");
+    assert!(info["boot_done_ms"].as_f64().is_some(), "no boot-done time: {info}");
+
+    // 64 concurrent streams, 256 KiB each, both directions at once.
+    let streams: Vec<_> = (0..64)
+        .map(|i| {
+            let s = vm.connect(1024);
+            std::thread::spawn(move || echo(s, pattern(256 << 10, i + 1)))
+        })
+        .collect();
+    for (i, t) in streams.into_iter().enumerate() {
+        assert!(t.join().expect("stream thread"), "stream {i} echo mismatch");
+    }
+    // One 16 MiB payload.
+    assert!(echo(vm.connect(1024), pattern(16 << 20, 7)), "16 MiB echo mismatch");
+
+    let m = vm.api(r#"{"cmd":"metrics"}"#);
+    let vs = &m["devices"]["vsock"]["device"];
+    assert!(vs["rx_bytes"].as_u64().unwrap_or(0) >= (32 << 20), "{m}");
+    assert_eq!(vs["bad_packets"], 0, "{m}");
+
+    let mut c = vm.connect(1025);
+    c.write_all(b"poweroff\n").expect("poweroff");
+    let code = vm.wait_exit(Duration::from_secs(120));
+    assert_eq!(code, 0, "power-off exit code\nvmm:\n{}", vm.log());
+}
+
+#[test]
+fn vmm_devices_vsock_and_poweroff() {
+    let f = Fixture::get();
+    in_kvm(module_path!(), "vmm_devices_vsock_and_poweroff", f.lab(), || {
+        devices_and_vsock(&f)
+    });
+}
+
+fn reboot_and_api(f: &Fixture) {
+    // Guest reboot: exit code 32.
+    let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "reboot", &[]);
+    assert_eq!(vm.wait_exit(BOOT_DEADLINE), 32, "reboot exit code\n{}", vm.log());
+    assert!(vm.log().contains("guest reported boot done"), "{}", vm.log());
+
+    // API: pause, resume, shutdown with no grace forces the VM off with exit code 0.
+    let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "echo", &[]);
+    vm.wait_serial("echo server on vsock");
+    assert_eq!(vm.api(r#"{"cmd":"pause"}"#)["state"], "paused");
+    assert_eq!(vm.api(r#"{"cmd":"info"}"#)["state"], "paused");
+    assert_eq!(vm.api(r#"{"cmd":"resume"}"#)["state"], "running");
+    assert!(echo(vm.connect(1024), pattern(1000, 3)), "echo after resume");
+    let bad = vm.api(r#"{"cmd":"launch-missiles"}"#);
+    assert_eq!(bad["ok"], false, "{bad}");
+    let r = vm.api(r#"{"cmd":"shutdown","grace_secs":0}"#);
+    assert_eq!(r["forced"], true, "{r}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0);
+}
+
+#[test]
+fn vmm_reboot_exit_code_and_control_api() {
+    let f = Fixture::get();
+    in_kvm(module_path!(), "vmm_reboot_exit_code_and_control_api", f.lab(), || {
+        reboot_and_api(&f)
+    });
+}
+
+/// On a host whose KVM cannot boot Linux the VMM refuses clearly (exit code 3).
+#[test]
+fn vmm_refuses_software_kvm() {
+    if carapace_tests::lab::host_can_boot_guests() || std::env::var_os(ENV_VMM).is_some() {
+        return;
+    }
+    let f = Fixture::get();
+    let out = Command::new(&f.vmm)
+        .arg("--kernel")
+        .arg(&f.kernel)
+        .output()
+        .expect("run carapace-vmm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !Path::new("/dev/kvm").exists() {
+        assert!(err.contains("/dev/kvm does not exist"), "{err}");
+    } else {
+        assert!(err.contains("cannot run a Linux guest"), "{err}");
+    }
+    assert_eq!(out.status.code(), Some(3), "{err}");
+}

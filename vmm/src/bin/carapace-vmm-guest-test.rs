@@ -1,0 +1,251 @@
+//! carapace-vmm-guest-test: a tiny /init for end-to-end tests of carapace-vmm (not the agent).
+//!
+//! Built statically on the host (`RUSTFLAGS="-C target-feature=+crt-static" cargo build
+//! --release --target x86_64-unknown-linux-gnu -p carapace-vmm --bin carapace-vmm-guest-test`)
+//! and packed as /init of a test initramfs. Behaviour is chosen on the kernel command line
+//! with `vmmtest=<item>,<item>...`:
+//! - `blk`: read /dev/vda fully, print its length and FNV-1a hash, try a write (read-only test);
+//! - `rng`: read 64 bytes from /dev/hwrng;
+//! - `echo`: vsock echo server on port 1024 (one thread per stream) and a control server on
+//!   port 1025 accepting `poweroff`, `reboot` or `panic` lines;
+//! - `dial=<port>`: connect to the host (CID 2) port, send `hello <port>\n`, print the reply;
+//! - `poweroff` / `reboot`: when everything else is done.
+//!
+//! It prints `vmm-guest-test: ready` first, then writes the boot-done marker (123) to port
+//! 0x3f0, and announces power-off (124) / reboot (125) there before reboot(RB_AUTOBOOT).
+
+#[cfg(target_os = "linux")]
+mod sys {
+    use std::ffi::CString;
+    use std::io;
+
+    fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    pub fn mount(src: &str, target: &str, fstype: &str) -> io::Result<()> {
+        let (s, t, f) = (
+            CString::new(src)?,
+            CString::new(target)?,
+            CString::new(fstype)?,
+        );
+        let _ = std::fs::create_dir_all(target);
+        // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+        check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) })
+            .map(drop)
+    }
+
+    /// Writes `value` to I/O port `port` (after ioperm).
+    pub fn outb(port: u16, value: u8) -> io::Result<()> {
+        // SAFETY: ioperm only changes this process's I/O permission bitmap.
+        check(unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) })?;
+        // SAFETY: the port was granted above; writing a byte to it has no memory effects.
+        unsafe { std::arch::asm!("out dx, al", in("dx") port, in("al") value) };
+        Ok(())
+    }
+
+    pub fn reboot(cmd: libc::c_int) -> io::Error {
+        // SAFETY: sync and reboot take no pointers.
+        unsafe { libc::sync() };
+        // SAFETY: as above.
+        unsafe { libc::reboot(cmd) };
+        io::Error::last_os_error()
+    }
+
+    fn addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+        // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+        let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        a.svm_cid = cid;
+        a.svm_port = port;
+        a
+    }
+
+    fn socket() -> io::Result<std::os::fd::OwnedFd> {
+        // SAFETY: plain syscall; the result is checked and owned below.
+        let fd = check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) })?;
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    }
+
+    /// A listening vsock stream socket on `port`.
+    pub fn listen(port: u32) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsRawFd;
+        let s = socket()?;
+        let a = addr(libc::VMADDR_CID_ANY, port);
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: `a` is a valid sockaddr_vm of `len` bytes.
+        check(unsafe { libc::bind(s.as_raw_fd(), (&raw const a).cast(), len) })?;
+        // SAFETY: plain syscall on an owned descriptor.
+        check(unsafe { libc::listen(s.as_raw_fd(), 128) })?;
+        Ok(s)
+    }
+
+    /// Accepts one connection.
+    pub fn accept(l: &std::os::fd::OwnedFd) -> io::Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: null address pointers are allowed by accept(2).
+        let fd = check(unsafe {
+            libc::accept(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut())
+        })?;
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    }
+
+    /// Connects to `cid:port`.
+    pub fn connect(cid: u32, port: u32) -> io::Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let s = socket()?;
+        let a = addr(cid, port);
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: `a` is a valid sockaddr_vm of `len` bytes.
+        check(unsafe { libc::connect(s.as_raw_fd(), (&raw const a).cast(), len) })?;
+        Ok(std::fs::File::from(s))
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn say(msg: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "vmm-guest-test: {msg}");
+    let _ = o.flush();
+}
+
+#[cfg(target_os = "linux")]
+fn end(how: &str) -> ! {
+    // The guest has no ACPI: RB_POWER_OFF would only halt the CPU. Announce the intent on the
+    // marker port, then reset (reboot=k): the VMM tells power-off from reboot by the marker.
+    let marker = if how == "reboot" { 125 } else { 124 };
+    say(how);
+    let _ = sys::outb(0x3f0, marker);
+    let e = sys::reboot(libc::RB_AUTOBOOT);
+    say(&format!("reboot(2) failed: {e}"));
+    std::process::exit(1)
+}
+
+#[cfg(target_os = "linux")]
+fn echo_server() {
+    use std::io::{Read, Write};
+    let l = match sys::listen(1024) {
+        Ok(l) => l,
+        Err(e) => return say(&format!("listen 1024: {e}")),
+    };
+    std::thread::spawn(move || {
+        while let Ok(mut s) = sys::accept(&l) {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let c = match sys::listen(1025) {
+        Ok(c) => c,
+        Err(e) => return say(&format!("listen 1025: {e}")),
+    };
+    std::thread::spawn(move || {
+        while let Ok(mut s) = sys::accept(&c) {
+            let mut line = String::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).map(|n| n == 1).unwrap_or(false) && b[0] != b'\n' {
+                line.push(b[0] as char);
+            }
+            let _ = s.write_all(b"bye\n");
+            match line.trim() {
+                "panic" => {
+                    // Killing PID 1 panics the kernel; with panic=-1 it resets at once.
+                    say("exiting init to panic the kernel");
+                    std::process::exit(3);
+                }
+                other => end(other),
+            }
+        }
+    });
+    say("echo server on vsock ports 1024 (echo) and 1025 (control)");
+}
+
+#[cfg(target_os = "linux")]
+fn main() {
+    use std::io::{Read, Write};
+    let _ = sys::mount("devtmpfs", "/dev", "devtmpfs");
+    let _ = sys::mount("proc", "/proc", "proc");
+    let _ = sys::mount("sysfs", "/sys", "sysfs");
+    say("ready");
+    if let Err(e) = sys::outb(0x3f0, 123) {
+        say(&format!("cannot write the boot-done marker: {e}"));
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let items: Vec<String> = cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("vmmtest="))
+        .flat_map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    let mut finish = None;
+    for item in &items {
+        match item.as_str() {
+            "blk" => match std::fs::read("/dev/vda") {
+                Ok(d) => {
+                    say(&format!("blk len={} fnv={:016x}", d.len(), fnv1a(&d)));
+                    let w = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open("/dev/vda")
+                        .and_then(|mut f| f.write_all(&[0u8; 512]).and_then(|()| f.sync_all()));
+                    say(&format!("blk write {}", if w.is_ok() { "ok" } else { "failed" }));
+                }
+                Err(e) => say(&format!("blk error {e}")),
+            },
+            "rng" => {
+                let mut b = [0u8; 64];
+                match std::fs::File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut b)) {
+                    Ok(()) => say(&format!("rng ok nonzero={}", b.iter().any(|&x| x != 0))),
+                    Err(e) => say(&format!("rng error {e}")),
+                }
+            }
+            "echo" => echo_server(),
+            "poweroff" | "reboot" => finish = Some(item.clone()),
+            d if d.starts_with("dial=") => {
+                let port: u32 = d[5..].parse().unwrap_or(0);
+                let r = sys::connect(2, port).and_then(|mut s| {
+                    s.write_all(format!("hello {port}\n").as_bytes())?;
+                    let mut reply = String::new();
+                    s.read_to_string(&mut reply)?;
+                    Ok(reply)
+                });
+                match r {
+                    Ok(reply) => say(&format!("dial reply {}", reply.trim())),
+                    Err(e) => say(&format!("dial error {e}")),
+                }
+            }
+            other => say(&format!("unknown item {other}")),
+        }
+    }
+    if let Some(how) = finish {
+        end(&how);
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {}
