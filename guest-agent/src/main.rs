@@ -104,10 +104,10 @@ fn main() -> ExitCode {
     } else if is_pid1 {
         run_guest(args)
     } else {
-        Err(anyhow::anyhow!(
-            "not running as PID 1: pass --host-mode --listen unix:///path to run on the host"
-        ))
-        .map(|()| ExitCode::from(EXIT_USAGE))
+        eprintln!(
+            "carapace-agent: error: not running as PID 1: pass --host-mode --listen unix:///path to run on the host"
+        );
+        return ExitCode::from(EXIT_USAGE);
     };
     match result {
         Ok(code) => code,
@@ -173,6 +173,11 @@ fn run_host(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
+    if let Err(e) = pid1::leave_initramfs() {
+        pid1::console_line(&format!(
+            "carapace-agent: warning: cannot leave the initramfs root ({e:#}); containers will fail to pivot_root"
+        ));
+    }
     pid1::early_mounts().context("mounting the early filesystems")?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (settings, unknown) = pid1::parse_cmdline(&cmdline);

@@ -71,6 +71,37 @@ fn mount_fs(
     }
 }
 
+/// Moves the process root off the initramfs: pivot_root(2) refuses to pivot away from
+/// the initial rootfs, so containers could not use it. A recursive bind of `/` onto a
+/// directory, moved over `/` and chroot'ed into, is an ordinary mount with a parent, and
+/// pivot_root works from there (the same trick as switch_root, without copying).
+pub fn leave_initramfs() -> Result<(), Pid1Error> {
+    const DIR: &str = "/.carapace-root";
+    mkdir(DIR)?;
+    let err = |what: &str| {
+        let target = what.to_owned();
+        move |source| Pid1Error::Mount {
+            fstype: "bind of /".into(),
+            target,
+            source,
+        }
+    };
+    mount(
+        Some("/"),
+        DIR,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err(DIR))?;
+    nix::unistd::chdir(DIR).map_err(err("chdir"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(err("move to /"))?;
+    nix::unistd::chroot(".").map_err(err("chroot"))?;
+    nix::unistd::chdir("/").map_err(err("chdir /"))?;
+    Ok(())
+}
+
 /// Mounts proc, sys, dev, devpts, shm, cgroup2 and run.
 pub fn early_mounts() -> Result<(), Pid1Error> {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;

@@ -118,30 +118,32 @@ fn pids_limit_is_enforced() {
         rt().block_on(async {
             let root = cgroup_root("pids");
             let a = start_agent(&["--cgroup-root", root.to_str().unwrap()]).await;
-            let mut s = spec(
-                a.dir.path(),
-                &[
-                    "sh",
-                    "-c",
-                    "for i in 1 2 3 4 5 6 7 8; do sleep 1000 & done; echo spawned; sleep 1000",
-                ],
-            );
+            let mut s = spec(a.dir.path(), &["sleep", "1000"]);
             s["linux"]["resources"] = json!({"pids": {"limit": 4}});
             create(&a, "pids", &s).await.expect("create");
             start(&a, "pids").await;
-            let r = a
-                .client
-                .read_stdout(
+            // An exec that tries to start 8 more processes hits the limit.
+            let process = json!({
+                "args": ["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 1000 & done; echo all-forked"],
+                "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+            });
+            a.client
+                .exec_process(
                     ctx(),
-                    &ReadStreamRequest {
+                    &ExecProcessRequest {
                         container_id: "pids".into(),
-                        max_len: 64,
+                        exec_id: "forker".into(),
+                        process_json: serde_json::to_vec(&process).unwrap(),
                         ..Default::default()
                     },
                 )
                 .await
                 .unwrap();
-            assert_eq!(r.data, b"spawned\n");
+            let out = read_all(&a, "pids", "forker", false).await;
+            let err = String::from_utf8_lossy(&read_all(&a, "pids", "forker", true).await).into_owned();
+            assert!(out.is_empty(), "all forks succeeded despite pids.max 4");
+            assert!(err.contains("fork"), "{err}");
+            assert_ne!(wait(&a, "pids", "forker").await.exit_status, 0);
             let pids = a
                 .client
                 .list_processes(ctx(), &creq("pids"))
@@ -198,7 +200,7 @@ fn stats_and_update_resources() {
             assert!(st.cpu.usage_usec > 0, "{:?}", st.cpu);
             assert!(st.memory.usage > 0, "{:?}", st.memory);
             assert_eq!(st.memory.usage_limit, u64::MAX, "no limit reads as max");
-            assert_eq!(st.pids.current, 2, "sh and sleep");
+            assert_eq!(st.pids.current, 1, "sh execs its last command: only sleep");
             let update = json!({"memory": {"limit": 67108864}, "cpu": {"quota": 20000, "period": 100000}, "pids": {"limit": 10}});
             a.client
                 .update_resources(

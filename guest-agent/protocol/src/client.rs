@@ -266,3 +266,61 @@ mod tests {
         assert!(matches!(err, ClientError::HandshakeReply { .. }), "{err}");
     }
 }
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+    use crate::agent::VersionResponse;
+    use crate::agent_ttrpc::{Agent, create_agent};
+    use std::sync::Arc;
+
+    /// A ttrpc server answering Version with a fixed protocol number.
+    struct FakeAgent(u32);
+
+    #[async_trait::async_trait]
+    impl Agent for FakeAgent {
+        async fn version(
+            &self,
+            _ctx: &ttrpc::r#async::TtrpcContext,
+            _req: VersionRequest,
+        ) -> ttrpc::Result<VersionResponse> {
+            Ok(VersionResponse {
+                agent_version: "0.0.0-fake".into(),
+                protocol_version: self.0,
+                ..Default::default()
+            })
+        }
+    }
+
+    async fn serve(protocol: u32) -> (tempfile::TempDir, PathBuf, ttrpc::r#async::Server) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let mut server = ttrpc::r#async::Server::new()
+            .bind(&format!("unix://{}", path.display()))
+            .unwrap()
+            .register_service(create_agent(Arc::new(FakeAgent(protocol))));
+        server.start().await.unwrap();
+        (dir, path, server)
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_an_agent_speaking_another_protocol() {
+        let (_dir, path, _server) = serve(PROTOCOL_VERSION + 41).await;
+        let err = connect_unix(&path, Duration::from_secs(5))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, ClientError::IncompatibleAgent { agent_protocol, .. } if agent_protocol == PROTOCOL_VERSION + 41),
+            "{err}"
+        );
+        assert!(err.to_string().contains("0.0.0-fake"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connect_accepts_a_matching_agent() {
+        let (_dir, path, _server) = serve(PROTOCOL_VERSION).await;
+        let (_client, info) = connect_unix(&path, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(info.agent_version, "0.0.0-fake");
+    }
+}

@@ -1,0 +1,358 @@
+//! carapace-agent as PID 1 of a real microVM: QEMU `-M microvm` (the reference VMM) with
+//! our guest kernel, an initramfs whose /init is the static agent (plus a busybox
+//! container rootfs at /rootfs), and vhost-vsock. The host side talks ttrpc over
+//! AF_VSOCK to guest port 1024. Checks: the ready line on the console, version check and
+//! health, sandbox with hostname, guest clock setting, CopyFile, a container with a
+//! memory limit (cgroup v2 in the guest, pivot_root off the initramfs), and power-off
+//! when the sandbox is destroyed.
+//!
+//! Everything is built on the host; the inner test (ignored on its own) runs in the lab.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use carapace_image::cache::Cache;
+use carapace_image::cpio;
+use carapace_image::image;
+use carapace_image::kernel::{self, KernelBuild, KernelSource};
+use carapace_protocol::agent::*;
+use carapace_protocol::agent_ttrpc::AgentClient;
+use carapace_tests::lab::{IN_LAB_ENV, Lab};
+use serde_json::json;
+
+const KERNEL_ENV: &str = "CARAPACE_AGENT_GUEST_KERNEL";
+const INITRD_ENV: &str = "CARAPACE_AGENT_GUEST_INITRD";
+const GUEST_CID: u32 = 3;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn guest_kernel() -> PathBuf {
+    let source = KernelSource::locate(image::DEFAULT_SOURCE_PACKAGE).expect("linux-source package");
+    let cache = Cache::new(image::DEFAULT_CACHE_DIR);
+    kernel::build(&KernelBuild {
+        source: &source,
+        fragment: carapace_image::DEFAULT_FRAGMENT,
+        fragment_origin: "(built in)",
+        cache: &cache,
+        jobs: 2,
+        force: false,
+    })
+    .expect("building the guest kernel")
+    .vmlinux
+}
+
+fn static_agent() -> PathBuf {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "carapace-agent",
+            "--target",
+            TARGET,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(workspace_root())
+        .status()
+        .expect("running cargo build");
+    assert!(st.success(), "building carapace-agent statically failed");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target_dir.join(TARGET).join("release/carapace-agent")
+}
+
+fn initramfs(agent: &Path, out: &Path) {
+    let bin = std::fs::read(agent).unwrap();
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let mut w = cpio::Writer::new(Vec::new());
+    w.dir("dev", 0o755).unwrap();
+    w.char_dev("dev/console", 0o600, 5, 1).unwrap();
+    w.file("init", 0o755, &bin).unwrap();
+    for d in [
+        "rootfs",
+        "rootfs/bin",
+        "rootfs/proc",
+        "rootfs/sys",
+        "rootfs/dev",
+        "rootfs/tmp",
+        "rootfs/etc",
+    ] {
+        w.dir(d, 0o755).unwrap();
+    }
+    w.file("rootfs/bin/busybox", 0o755, &busybox).unwrap();
+    for applet in ["sh", "date", "hostname", "cat", "echo", "sleep", "grep"] {
+        w.symlink(&format!("rootfs/bin/{applet}"), "busybox")
+            .unwrap();
+    }
+    std::fs::write(out, w.finish().unwrap()).unwrap();
+}
+
+#[test]
+fn agent_is_pid1_of_a_real_vm() {
+    let kernel = guest_kernel();
+    let agent = static_agent();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-guest");
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = dir.join("initramfs.cpio");
+    initramfs(&agent, &initrd);
+    let exe = std::env::current_exe().unwrap();
+    let out = Lab::new()
+        .mem_mib(3072)
+        .smp(2)
+        .timeout(Duration::from_secs(1200))
+        .env(IN_LAB_ENV, "1")
+        .env(KERNEL_ENV, kernel.display().to_string())
+        .env(INITRD_ENV, initrd.display().to_string())
+        .run(&[
+            exe.to_str().unwrap(),
+            "inner_agent_in_vm",
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .expect("running in the lab");
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    assert_eq!(out.status, 0, "the in-VM test failed");
+    assert!(
+        out.stdout.contains("1 passed"),
+        "the in-VM test did not run"
+    );
+}
+
+async fn connect(deadline: Instant) -> AgentClient {
+    loop {
+        let attempt = async {
+            let c = ttrpc::r#async::Client::connect(&format!("vsock://{GUEST_CID}:1024")).await?;
+            let client = AgentClient::new(c);
+            carapace_protocol::client::check_version(&client, Duration::from_secs(10))
+                .await
+                .map_err(|e| ttrpc::Error::Others(e.to_string()))?;
+            Ok::<_, ttrpc::Error>(client)
+        };
+        match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+            Ok(Ok(c)) => return c,
+            Ok(Err(e)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "agent never answered on vsock: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(other) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "agent never answered on vsock: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(120_000_000_000)
+}
+
+#[test]
+#[ignore = "runs inside the lab, started by agent_is_pid1_of_a_real_vm"]
+fn inner_agent_in_vm() {
+    assert!(
+        std::env::var_os(IN_LAB_ENV).is_some(),
+        "only meaningful inside the lab"
+    );
+    let kernel = std::env::var(KERNEL_ENV).unwrap();
+    let initrd = std::env::var(INITRD_ENV).unwrap();
+    let w = tempfile::tempdir().unwrap();
+    let console = w.path().join("console.log");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "512M", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args([
+            "-device",
+            &format!("vhost-vsock-device,guest-cid={GUEST_CID}"),
+        ])
+        .args(["-kernel", &kernel, "-initrd", &initrd])
+        .args(["-append", "console=ttyS0 panic=-1 quiet carapace.log=debug"])
+        .spawn()
+        .expect("starting qemu");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async {
+            let client = connect(Instant::now() + Duration::from_secs(300)).await;
+            let log = std::fs::read_to_string(&console).unwrap();
+            let ready = log
+                .lines()
+                .position(|l| l.starts_with("carapace-agent: ready version="));
+            let first_other = log.lines().position(|l| {
+                l.contains("carapace_agent")
+                    || l.contains("carapace-agent:") && !l.contains("ready")
+            });
+            assert!(ready.is_some(), "no ready line:\n{log}");
+            assert!(
+                first_other.is_none_or(|o| o > ready.unwrap()),
+                "ready line is not first:\n{log}"
+            );
+            let h = client.health(ctx(), &Empty::new()).await.unwrap();
+            assert_eq!(h.status, "SERVING");
+            client
+                .create_sandbox(
+                    ctx(),
+                    &CreateSandboxRequest {
+                        sandbox_id: "vm1".into(),
+                        hostname: "guestbox".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            // 2030-01-01T00:00:00Z
+            client
+                .set_guest_time(
+                    ctx(),
+                    &SetTimeRequest {
+                        sec: 1_893_456_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            client
+                .copy_file(
+                    ctx(),
+                    &CopyFileRequest {
+                        path: "hello.txt".into(),
+                        data: b"hi".to_vec(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let mut spec = carapace_tests::fixtures::default_spec(&[
+                "sh",
+                "-c",
+                "date -u +%Y; hostname; grep -c . /proc/self/cgroup",
+            ]);
+            spec["root"]["path"] = json!("/rootfs");
+            spec["hostname"] = json!("ctr");
+            spec["linux"]["resources"] = json!({"memory": {"limit": 67108864}});
+            client
+                .create_container(
+                    ctx(),
+                    &CreateContainerRequest {
+                        container_id: "c1".into(),
+                        spec_json: serde_json::to_vec(&spec).unwrap(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("create container in the VM");
+            let st = client
+                .stats(
+                    ctx(),
+                    &ContainerRequest {
+                        container_id: "c1".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(st.memory.usage_limit, 67_108_864);
+            client
+                .start_container(
+                    ctx(),
+                    &ContainerRequest {
+                        container_id: "c1".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("start");
+            let mut out = Vec::new();
+            loop {
+                let r = client
+                    .read_stdout(
+                        ctx(),
+                        &ReadStreamRequest {
+                            container_id: "c1".into(),
+                            max_len: 4096,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                if r.eof {
+                    break;
+                }
+                out.extend_from_slice(&r.data);
+            }
+            let wr = client
+                .wait_process(
+                    ctx(),
+                    &ProcessRequest {
+                        container_id: "c1".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out), "2030\nctr\n1\n");
+            assert_eq!(wr.exit_status, 0);
+            client
+                .destroy_sandbox(
+                    ctx(),
+                    &DestroySandboxRequest {
+                        sandbox_id: "vm1".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+        });
+    }));
+    // The VM powers off after DestroySandbox.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut status = None;
+    while Instant::now() < deadline {
+        if let Some(s) = qemu.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    println!("---- guest console ----\n{log}\n----");
+    if status.is_none() {
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+    }
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+    let status = status.expect("the VM did not power off after DestroySandbox");
+    assert!(status.success(), "qemu exit {status:?}");
+    assert!(log.contains("powering off"), "{log}");
+}
