@@ -1,0 +1,744 @@
+//! The shim's task logic, free of containerd's wire types: the containers and processes
+//! this shim runs, their states, their stdio streams and their events. One exit event per
+//! process, sent after its output is drained, so `ctr run` sees all output before the exit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use carapace_runtime::agent::{AgentApi, AgentError};
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::{Backend, BackendError, RootfsMount};
+use crate::pod::{PodError, Role};
+use crate::stdio::{StdioError, StdioPaths};
+
+/// Exit status reported when the agent could not tell how a process ended (the VM died).
+pub const LOST_EXIT_STATUS: u32 = 255;
+
+/// Errors of task operations.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// No such container or process.
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// "container" or "process".
+        kind: &'static str,
+        /// Its id (`container/exec`).
+        id: String,
+    },
+    /// The id is taken.
+    #[error("{kind} {id} already exists")]
+    AlreadyExists {
+        /// "container" or "process".
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The operation does not fit the process's state.
+    #[error("cannot {op} {id}: it is {state}")]
+    WrongState {
+        /// What was asked.
+        op: &'static str,
+        /// Which process.
+        id: String,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The bundle's pod annotations.
+    #[error("bundle of {id}")]
+    Pod {
+        /// The container.
+        id: String,
+        /// Why.
+        #[source]
+        source: PodError,
+    },
+    /// Opening stdio.
+    #[error("stdio of {id}")]
+    Stdio {
+        /// The process.
+        id: String,
+        /// Why.
+        #[source]
+        source: StdioError,
+    },
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The guest agent failed.
+    #[error("agent request for {id} failed")]
+    Agent {
+        /// The process.
+        id: String,
+        /// Why.
+        #[source]
+        source: Box<AgentError>,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("internal task for {id} failed: {reason}")]
+    Join {
+        /// The process.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A process's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcState {
+    /// Created (or, for an exec, registered), not started.
+    Created,
+    /// Running.
+    Running,
+    /// Exited.
+    Stopped,
+}
+
+impl ProcState {
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcState::Created => "created",
+            ProcState::Running => "running",
+            ProcState::Stopped => "stopped",
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit status (128 + signal when killed).
+    pub status: u32,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// A snapshot of one process, for `state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Container id.
+    pub id: String,
+    /// Exec id, empty for the init.
+    pub exec_id: String,
+    /// The container's bundle.
+    pub bundle: PathBuf,
+    /// Pid (0 until started).
+    pub pid: u32,
+    /// State.
+    pub state: ProcState,
+    /// Stdio.
+    pub stdio: StdioPaths,
+    /// Exit, once stopped.
+    pub exit: Option<Exit>,
+}
+
+/// Events for containerd, in the order they happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A container was created.
+    Create {
+        /// Container.
+        id: String,
+        /// Bundle.
+        bundle: PathBuf,
+        /// Stdio.
+        stdio: StdioPaths,
+        /// Pid.
+        pid: u32,
+    },
+    /// A container's init started.
+    Start {
+        /// Container.
+        id: String,
+        /// Pid.
+        pid: u32,
+    },
+    /// An exec was registered.
+    ExecAdded {
+        /// Container.
+        id: String,
+        /// Exec.
+        exec_id: String,
+    },
+    /// An exec started.
+    ExecStarted {
+        /// Container.
+        id: String,
+        /// Exec.
+        exec_id: String,
+        /// Pid.
+        pid: u32,
+    },
+    /// A process exited (exactly once per started process).
+    Exit {
+        /// Container.
+        id: String,
+        /// Exec, empty for the init (containerd wants the container id there then).
+        exec_id: String,
+        /// Pid.
+        pid: u32,
+        /// How.
+        exit: Exit,
+    },
+    /// A container was deleted.
+    Delete {
+        /// Container.
+        id: String,
+        /// Pid.
+        pid: u32,
+        /// How it had ended.
+        exit: Exit,
+    },
+}
+
+struct Proc {
+    stdio: StdioPaths,
+    /// The OCI process JSON of an exec, sent to the agent at start.
+    spec: Option<Vec<u8>>,
+    pid: u32,
+    state: ProcState,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl Proc {
+    fn new(stdio: StdioPaths, spec: Option<Vec<u8>>) -> Self {
+        Self {
+            stdio,
+            spec,
+            pid: 0,
+            state: ProcState::Created,
+            exit: watch::channel(None).0,
+        }
+    }
+}
+
+struct Container {
+    bundle: PathBuf,
+    role: Role,
+    agent: Arc<dyn AgentApi>,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+}
+
+impl Container {
+    fn proc(&self, id: &str, exec_id: &str) -> Result<&Proc, TaskError> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs.get(exec_id).ok_or_else(|| TaskError::NotFound {
+            kind: "process",
+            id: format!("{id}/{exec_id}"),
+        })
+    }
+
+    fn proc_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Proc, TaskError> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| TaskError::NotFound {
+                kind: "process",
+                id: format!("{id}/{exec_id}"),
+            })
+    }
+}
+
+/// What `create` needs.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// Container id.
+    pub id: String,
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// Rootfs mounts to make at `<bundle>/rootfs`.
+    pub rootfs: Vec<RootfsMount>,
+    /// The init's stdio.
+    pub stdio: StdioPaths,
+}
+
+/// The containers of this shim.
+pub struct Tasks {
+    backend: Arc<dyn Backend>,
+    events: mpsc::UnboundedSender<Event>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks").finish_non_exhaustive()
+    }
+}
+
+fn proc_name(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        id.to_owned()
+    } else {
+        format!("{id}/{exec_id}")
+    }
+}
+
+fn agent_err(id: &str, exec_id: &str) -> impl FnOnce(AgentError) -> TaskError {
+    let id = proc_name(id, exec_id);
+    move |source| TaskError::Agent {
+        id,
+        source: Box::new(source),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    id: &str,
+    f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
+) -> Result<T, TaskError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TaskError::Join {
+            id: id.to_owned(),
+            reason: e.to_string(),
+        })?
+}
+
+impl Tasks {
+    /// An empty task table sending its events to `events`.
+    pub fn new(backend: Arc<dyn Backend>, events: mpsc::UnboundedSender<Event>) -> Self {
+        Self {
+            backend,
+            events,
+            containers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Container>> {
+        // a panic while holding the lock leaves consistent data: every update is one assignment
+        self.containers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: Event) {
+        tracing::debug!(?event, "event");
+        let _ = self.events.send(event);
+    }
+
+    /// Whether no container is left (the shim may exit).
+    pub fn is_empty(&self) -> bool {
+        self.table().is_empty()
+    }
+
+    /// Creates a container: reads its pod role, creates it through the backend.
+    pub async fn create(&self, req: CreateRequest) -> Result<u32, TaskError> {
+        if self.table().contains_key(&req.id) {
+            return Err(TaskError::AlreadyExists {
+                kind: "container",
+                id: req.id,
+            });
+        }
+        let role = Role::from_bundle(&req.bundle).map_err(|source| TaskError::Pod {
+            id: req.id.clone(),
+            source,
+        })?;
+        let backend = self.backend.clone();
+        let (id, bundle, rootfs, r) =
+            (req.id.clone(), req.bundle.clone(), req.rootfs, role.clone());
+        let agent = blocking(&req.id, move || {
+            backend
+                .create(&id, &bundle, &rootfs, &r)
+                .map_err(TaskError::from)
+        })
+        .await?;
+        tracing::info!(id = %req.id, ?role, "created");
+        let container = Container {
+            bundle: req.bundle.clone(),
+            role,
+            agent,
+            init: Proc::new(req.stdio.clone(), None),
+            execs: HashMap::new(),
+        };
+        self.table().insert(req.id.clone(), container);
+        self.emit(Event::Create {
+            id: req.id,
+            bundle: req.bundle,
+            stdio: req.stdio,
+            pid: 0,
+        });
+        Ok(0)
+    }
+
+    /// Registers an exec (started by [`Tasks::start`]).
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        spec_json: Vec<u8>,
+        stdio: StdioPaths,
+    ) -> Result<(), TaskError> {
+        if exec_id.is_empty() {
+            return Err(TaskError::WrongState {
+                op: "exec with an empty exec id in",
+                id: id.to_owned(),
+                state: "a container",
+            });
+        }
+        let mut table = self.table();
+        let c = table.get_mut(id).ok_or_else(|| TaskError::NotFound {
+            kind: "container",
+            id: id.to_owned(),
+        })?;
+        if c.init.state != ProcState::Running {
+            return Err(TaskError::WrongState {
+                op: "exec in",
+                id: id.to_owned(),
+                state: c.init.state.as_str(),
+            });
+        }
+        if c.execs.contains_key(exec_id) {
+            return Err(TaskError::AlreadyExists {
+                kind: "process",
+                id: proc_name(id, exec_id),
+            });
+        }
+        c.execs
+            .insert(exec_id.to_owned(), Proc::new(stdio, Some(spec_json)));
+        drop(table);
+        self.emit(Event::ExecAdded {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Starts the init (`exec_id` empty) or a registered exec; streams its stdio and
+    /// watches for its exit. Returns its pid.
+    pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32, TaskError> {
+        let name = proc_name(id, exec_id);
+        let (agent, role, stdio, spec) = {
+            let table = self.table();
+            let c = table.get(id).ok_or_else(|| TaskError::NotFound {
+                kind: "container",
+                id: id.to_owned(),
+            })?;
+            let p = c.proc(id, exec_id)?;
+            if p.state != ProcState::Created {
+                return Err(TaskError::WrongState {
+                    op: "start",
+                    id: name,
+                    state: p.state.as_str(),
+                });
+            }
+            (
+                c.agent.clone(),
+                c.role.clone(),
+                p.stdio.clone(),
+                p.spec.clone(),
+            )
+        };
+        // Open stdio before starting, so no output is produced with nowhere to go.
+        let io = stdio.open().map_err(|source| TaskError::Stdio {
+            id: name.clone(),
+            source,
+        })?;
+        let (backend, cid, eid, a) = (
+            self.backend.clone(),
+            id.to_owned(),
+            exec_id.to_owned(),
+            agent.clone(),
+        );
+        let pid = blocking(&name, move || match spec {
+            None => backend.start(&cid, &role).map_err(TaskError::from),
+            Some(spec) => a
+                .exec_process(&cid, &eid, &spec)
+                .map_err(agent_err(&cid, &eid)),
+        })
+        .await?;
+        {
+            let mut table = self.table();
+            if let Some(p) = table.get_mut(id).and_then(|c| c.proc_mut(id, exec_id).ok()) {
+                p.pid = pid;
+                p.state = ProcState::Running;
+            }
+        }
+        self.emit(if exec_id.is_empty() {
+            Event::Start {
+                id: id.to_owned(),
+                pid,
+            }
+        } else {
+            Event::ExecStarted {
+                id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                pid,
+            }
+        });
+        self.watch(agent, id, exec_id, pid, io);
+        tracing::info!(process = %name, pid, "started");
+        Ok(pid)
+    }
+
+    /// Streams a started process's stdio until it exits, then records the exit and sends
+    /// the one exit event.
+    fn watch(
+        self: &Arc<Self>,
+        agent: Arc<dyn AgentApi>,
+        id: &str,
+        exec_id: &str,
+        pid: u32,
+        io: carapace_runtime::stdio::HostIo,
+    ) {
+        let me = self.clone();
+        let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
+        std::thread::spawn(move || {
+            let status = match carapace_runtime::stdio::stream_until_exit(&agent, &id, &exec_id, io)
+            {
+                Ok(info) => {
+                    if exec_id.is_empty() {
+                        let role = me.table().get(&id).map(|c| c.role.clone());
+                        if let Some(role) = role {
+                            me.backend.record_exit(&id, &role, info);
+                        }
+                    }
+                    info.exit_status
+                }
+                Err(e) => {
+                    tracing::warn!(process = %proc_name(&id, &exec_id), error = %e, "lost the process; reporting it exited");
+                    LOST_EXIT_STATUS
+                }
+            };
+            me.exited(&id, &exec_id, pid, status);
+        });
+    }
+
+    fn exited(&self, id: &str, exec_id: &str, pid: u32, status: u32) {
+        let exit = Exit {
+            status,
+            at: SystemTime::now(),
+        };
+        {
+            let mut table = self.table();
+            let Some(p) = table.get_mut(id).and_then(|c| c.proc_mut(id, exec_id).ok()) else {
+                return;
+            };
+            if p.state == ProcState::Stopped {
+                return; // already reported
+            }
+            p.state = ProcState::Stopped;
+            p.exit.send_replace(Some(exit));
+        }
+        tracing::info!(process = %proc_name(id, exec_id), status, "exited");
+        self.emit(Event::Exit {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            pid,
+            exit,
+        });
+    }
+
+    /// Waits until the process exits.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, TaskError> {
+        let mut rx = {
+            let table = self.table();
+            let c = table.get(id).ok_or_else(|| TaskError::NotFound {
+                kind: "container",
+                id: id.to_owned(),
+            })?;
+            c.proc(id, exec_id)?.exit.subscribe()
+        };
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| TaskError::NotFound {
+                kind: "process",
+                id: proc_name(id, exec_id),
+            })?;
+        Ok(exit.expect("waited for Some"))
+    }
+
+    /// Signals a process (with `all`, every process of the container).
+    pub async fn kill(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), TaskError> {
+        let agent = {
+            let table = self.table();
+            let c = table.get(id).ok_or_else(|| TaskError::NotFound {
+                kind: "container",
+                id: id.to_owned(),
+            })?;
+            let p = c.proc(id, exec_id)?;
+            if p.state == ProcState::Stopped {
+                return Err(TaskError::WrongState {
+                    op: "signal",
+                    id: proc_name(id, exec_id),
+                    state: "stopped",
+                });
+            }
+            if p.state == ProcState::Created && !exec_id.is_empty() {
+                return Err(TaskError::WrongState {
+                    op: "signal",
+                    id: proc_name(id, exec_id),
+                    state: "not started",
+                });
+            }
+            c.agent.clone()
+        };
+        let (cid, eid) = (id.to_owned(), exec_id.to_owned());
+        blocking(id, move || {
+            agent
+                .signal(&cid, &eid, signal, all)
+                .map_err(agent_err(&cid, &eid))
+        })
+        .await
+    }
+
+    /// Deletes an exec, or the container (stopping its VM when it owns one). A running
+    /// process cannot be deleted. Returns its pid and exit.
+    pub async fn delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit), TaskError> {
+        let never_started = Exit {
+            status: 0,
+            at: SystemTime::now(),
+        };
+        if !exec_id.is_empty() {
+            let mut table = self.table();
+            let c = table.get_mut(id).ok_or_else(|| TaskError::NotFound {
+                kind: "container",
+                id: id.to_owned(),
+            })?;
+            let p = c.proc(id, exec_id)?;
+            if p.state == ProcState::Running {
+                return Err(TaskError::WrongState {
+                    op: "delete",
+                    id: proc_name(id, exec_id),
+                    state: "running",
+                });
+            }
+            let p = c.execs.remove(exec_id).expect("present");
+            let exit = *p.exit.borrow();
+            return Ok((p.pid, exit.unwrap_or(never_started)));
+        }
+        let (bundle, role, pid, exit) = {
+            let table = self.table();
+            let c = table.get(id).ok_or_else(|| TaskError::NotFound {
+                kind: "container",
+                id: id.to_owned(),
+            })?;
+            if c.init.state == ProcState::Running {
+                return Err(TaskError::WrongState {
+                    op: "delete",
+                    id: id.to_owned(),
+                    state: "running",
+                });
+            }
+            let exit = *c.init.exit.borrow();
+            (c.bundle.clone(), c.role.clone(), c.init.pid, exit)
+        };
+        let backend = self.backend.clone();
+        let cid = id.to_owned();
+        blocking(id, move || {
+            backend
+                .delete(&cid, &bundle, &role)
+                .map_err(TaskError::from)
+        })
+        .await?;
+        self.table().remove(id);
+        let exit = exit.unwrap_or(never_started);
+        self.emit(Event::Delete {
+            id: id.to_owned(),
+            pid,
+            exit,
+        });
+        tracing::info!(id, "deleted");
+        Ok((pid, exit))
+    }
+
+    /// The state of a process.
+    pub fn state(&self, id: &str, exec_id: &str) -> Result<ProcInfo, TaskError> {
+        let table = self.table();
+        let c = table.get(id).ok_or_else(|| TaskError::NotFound {
+            kind: "container",
+            id: id.to_owned(),
+        })?;
+        let p = c.proc(id, exec_id)?;
+        let exit = *p.exit.borrow();
+        Ok(ProcInfo {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            bundle: c.bundle.clone(),
+            pid: p.pid,
+            state: p.state,
+            stdio: p.stdio.clone(),
+            exit,
+        })
+    }
+
+    fn agent(&self, id: &str) -> Result<Arc<dyn AgentApi>, TaskError> {
+        self.table()
+            .get(id)
+            .map(|c| c.agent.clone())
+            .ok_or_else(|| TaskError::NotFound {
+                kind: "container",
+                id: id.to_owned(),
+            })
+    }
+
+    /// Pids of the container's processes, as the guest sees them.
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>, TaskError> {
+        let agent = self.agent(id)?;
+        let cid = id.to_owned();
+        blocking(id, move || {
+            agent.list_processes(&cid).map_err(agent_err(&cid, ""))
+        })
+        .await
+    }
+
+    /// Resizes a process's terminal.
+    pub async fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), TaskError> {
+        self.state(id, exec_id)?;
+        let agent = self.agent(id)?;
+        let (cid, eid) = (id.to_owned(), exec_id.to_owned());
+        blocking(id, move || {
+            agent
+                .resize(&cid, &eid, height, width)
+                .map_err(agent_err(&cid, &eid))
+        })
+        .await
+    }
+
+    /// Closes a process's stdin.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
+        let info = self.state(id, exec_id)?;
+        if info.state != ProcState::Running {
+            return Ok(());
+        }
+        let agent = self.agent(id)?;
+        let (cid, eid) = (id.to_owned(), exec_id.to_owned());
+        blocking(id, move || {
+            agent.close_stdin(&cid, &eid).map_err(agent_err(&cid, &eid))
+        })
+        .await
+    }
+
+    /// The bundle of a container.
+    pub fn bundle(&self, id: &str) -> Option<PathBuf> {
+        self.table().get(id).map(|c| c.bundle.clone())
+    }
+}
+
+/// Reads the pod role of a bundle (for `shim delete`, which has no task table).
+pub fn role_of(bundle: &Path) -> Option<Role> {
+    Role::from_bundle(bundle).ok()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,568 @@
+//! The task logic against a scripted in-memory agent and a recording backend.
+
+use super::*;
+use carapace_runtime::agent::{Chunk, ExitInfo, Share, Stream};
+use std::collections::VecDeque;
+use std::sync::Condvar;
+use std::time::Duration;
+
+/// How a fake process behaves.
+#[derive(Debug, Clone)]
+enum Script {
+    /// Prints `out` and exits with `code`.
+    Print { out: Vec<u8>, code: i32 },
+    /// Runs until signalled.
+    UntilSignal,
+    /// Echoes stdin to stdout, exits 0 when stdin closes.
+    Echo,
+}
+
+#[derive(Debug, Default)]
+struct FakeProc {
+    stdout: VecDeque<u8>,
+    exit: Option<ExitInfo>,
+    echo: bool,
+}
+
+#[derive(Default)]
+struct FakeAgent {
+    scripts: Mutex<HashMap<String, Script>>,
+    procs: Mutex<HashMap<String, FakeProc>>,
+    changed: Condvar,
+    next_pid: Mutex<u32>,
+}
+
+fn key(cid: &str, exec_id: &str) -> String {
+    format!("{cid}/{exec_id}")
+}
+
+fn exited(code: i32, signal: i32) -> ExitInfo {
+    ExitInfo {
+        exit_code: code,
+        signal,
+        exit_status: if signal != 0 {
+            128 + signal as u32
+        } else {
+            code as u32
+        },
+    }
+}
+
+impl FakeAgent {
+    fn script(&self, cid: &str, exec_id: &str, s: Script) {
+        self.scripts
+            .lock()
+            .expect("lock")
+            .insert(key(cid, exec_id), s);
+    }
+
+    fn launch(&self, cid: &str, exec_id: &str) -> u32 {
+        let script = self
+            .scripts
+            .lock()
+            .expect("lock")
+            .get(&key(cid, exec_id))
+            .cloned()
+            .unwrap_or(Script::UntilSignal);
+        let mut p = FakeProc::default();
+        match script {
+            Script::Print { out, code } => {
+                p.stdout.extend(out);
+                p.exit = Some(exited(code, 0));
+            }
+            Script::UntilSignal => {}
+            Script::Echo => p.echo = true,
+        }
+        self.procs
+            .lock()
+            .expect("lock")
+            .insert(key(cid, exec_id), p);
+        self.changed.notify_all();
+        let mut pid = self.next_pid.lock().expect("lock");
+        *pid += 1;
+        100 + *pid
+    }
+
+    fn with<T>(&self, k: &str, f: impl FnOnce(&mut FakeProc) -> T) -> Result<T, AgentError> {
+        let mut procs = self.procs.lock().expect("lock");
+        let p = procs
+            .get_mut(k)
+            .ok_or_else(|| AgentError::Other(format!("no process {k}")))?;
+        let r = f(p);
+        self.changed.notify_all();
+        Ok(r)
+    }
+}
+
+impl AgentApi for FakeAgent {
+    fn create_sandbox(&self, _: &str, _: &str, _: &[Share]) -> Result<(), AgentError> {
+        Ok(())
+    }
+    fn create_container(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
+        Ok(())
+    }
+    fn start_container(&self, cid: &str) -> Result<u32, AgentError> {
+        Ok(self.launch(cid, ""))
+    }
+    fn exec_process(&self, cid: &str, exec_id: &str, process: &[u8]) -> Result<u32, AgentError> {
+        serde_json::from_slice::<serde_json::Value>(process)
+            .map_err(|e| AgentError::Other(e.to_string()))?;
+        Ok(self.launch(cid, exec_id))
+    }
+    fn signal(&self, cid: &str, exec_id: &str, signal: u32, _all: bool) -> Result<(), AgentError> {
+        self.with(&key(cid, exec_id), |p| {
+            p.exit.get_or_insert(exited(0, signal as i32));
+        })
+    }
+    fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError> {
+        let k = key(cid, exec_id);
+        let mut procs = self.procs.lock().expect("lock");
+        loop {
+            if let Some(e) = procs.get(&k).and_then(|p| p.exit) {
+                return Ok(e);
+            }
+            procs = self.changed.wait(procs).expect("wait");
+        }
+    }
+    fn write_stdin(&self, cid: &str, exec_id: &str, data: &[u8]) -> Result<usize, AgentError> {
+        self.with(&key(cid, exec_id), |p| {
+            if p.echo {
+                p.stdout.extend(data);
+            }
+            data.len()
+        })
+    }
+    fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), AgentError> {
+        self.with(&key(cid, exec_id), |p| {
+            if p.echo {
+                p.exit.get_or_insert(exited(0, 0));
+            }
+        })
+    }
+    fn read(&self, cid: &str, exec_id: &str, stream: Stream) -> Result<Chunk, AgentError> {
+        let k = key(cid, exec_id);
+        let mut procs = self.procs.lock().expect("lock");
+        loop {
+            let p = procs
+                .get_mut(&k)
+                .ok_or_else(|| AgentError::Other("gone".into()))?;
+            if stream == Stream::Stderr {
+                if p.exit.is_some() {
+                    return Ok(Chunk {
+                        data: vec![],
+                        eof: true,
+                    });
+                }
+            } else if !p.stdout.is_empty() {
+                return Ok(Chunk {
+                    data: p.stdout.drain(..).collect(),
+                    eof: false,
+                });
+            } else if p.exit.is_some() {
+                return Ok(Chunk {
+                    data: vec![],
+                    eof: true,
+                });
+            }
+            procs = self.changed.wait(procs).expect("wait");
+        }
+    }
+    fn resize(&self, cid: &str, exec_id: &str, _: u32, _: u32) -> Result<(), AgentError> {
+        self.with(&key(cid, exec_id), |_| ())
+    }
+    fn list_processes(&self, cid: &str) -> Result<Vec<u32>, AgentError> {
+        let n = self
+            .procs
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(k, p)| k.starts_with(&format!("{cid}/")) && p.exit.is_none())
+            .count();
+        Ok((1..=n as u32).collect())
+    }
+    fn remove_container(&self, _: &str) -> Result<(), AgentError> {
+        Ok(())
+    }
+    fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct FakeBackend {
+    agent: Arc<FakeAgent>,
+    calls: Mutex<Vec<String>>,
+    fail_create: bool,
+}
+
+impl Backend for FakeBackend {
+    fn create(
+        &self,
+        id: &str,
+        _bundle: &Path,
+        rootfs: &[RootfsMount],
+        role: &Role,
+    ) -> Result<Arc<dyn AgentApi>, BackendError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("create {id} {role:?} mounts={}", rootfs.len()));
+        if self.fail_create {
+            return Err(BackendError::new(
+                "booting the VM of",
+                id,
+                "VMM exited with status 3",
+            ));
+        }
+        Ok(self.agent.clone())
+    }
+    fn start(&self, id: &str, _role: &Role) -> Result<u32, BackendError> {
+        self.calls.lock().expect("lock").push(format!("start {id}"));
+        Ok(self.agent.launch(id, ""))
+    }
+    fn record_exit(&self, id: &str, _role: &Role, exit: ExitInfo) {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("exit {id} {}", exit.exit_status));
+    }
+    fn delete(&self, id: &str, _bundle: &Path, role: &Role) -> Result<(), BackendError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("delete {id} {role:?}"));
+        Ok(())
+    }
+    fn cleanup(&self, id: &str, _bundle: &Path) -> Result<(), BackendError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("cleanup {id}"));
+        Ok(())
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    backend: Arc<FakeBackend>,
+    tasks: Arc<Tasks>,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+fn fixture_with(backend: FakeBackend, annotations: serde_json::Value) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::json!({"annotations": annotations}).to_string(),
+    )
+    .expect("config.json");
+    let backend = Arc::new(backend);
+    let (tx, events) = mpsc::unbounded_channel();
+    let tasks = Arc::new(Tasks::new(backend.clone(), tx));
+    Fixture {
+        dir,
+        backend,
+        tasks,
+        events,
+    }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(FakeBackend::default(), serde_json::json!({}))
+}
+
+impl Fixture {
+    fn fifo(&self, name: &str) -> String {
+        let p = self.dir.path().join(name);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        p.display().to_string()
+    }
+
+    /// A reader of a FIFO, as containerd would hold it; yields what was written.
+    fn read_fifo(path: &str) -> std::thread::JoinHandle<Vec<u8>> {
+        let p = path.to_owned();
+        std::thread::spawn(move || std::fs::read(p).expect("read fifo"))
+    }
+
+    fn request(&self, id: &str, stdio: StdioPaths) -> CreateRequest {
+        CreateRequest {
+            id: id.into(),
+            bundle: self.dir.path().to_path_buf(),
+            rootfs: vec![],
+            stdio,
+        }
+    }
+
+    async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("channel open")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_to_exit_delivers_output_before_the_one_exit_event() {
+    let mut f = fixture();
+    f.backend.agent.script(
+        "c1",
+        "",
+        Script::Print {
+            out: b"hello\n".to_vec(),
+            code: 3,
+        },
+    );
+    let out = f.fifo("out");
+    let reader = Fixture::read_fifo(&out);
+    let stdio = StdioPaths {
+        stdout: out,
+        ..Default::default()
+    };
+    assert_eq!(
+        f.tasks
+            .create(f.request("c1", stdio.clone()))
+            .await
+            .expect("create"),
+        0
+    );
+    assert_eq!(
+        f.tasks.state("c1", "").expect("state").state,
+        ProcState::Created
+    );
+    let pid = f.tasks.start("c1", "").await.expect("start");
+    let exit = f.tasks.wait("c1", "").await.expect("wait");
+    assert_eq!(exit.status, 3);
+    assert_eq!(reader.join().expect("reader"), b"hello\n");
+
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(f.next_event().await);
+    }
+    assert!(matches!(&seen[0], Event::Create { id, stdio: s, .. } if id == "c1" && *s == stdio));
+    assert_eq!(
+        seen[1],
+        Event::Start {
+            id: "c1".into(),
+            pid
+        }
+    );
+    assert!(
+        matches!(&seen[2], Event::Exit { id, exec_id, exit, .. } if id == "c1" && exec_id.is_empty() && exit.status == 3)
+    );
+
+    let info = f.tasks.state("c1", "").expect("state");
+    assert_eq!(
+        (info.state, info.exit.map(|e| e.status)),
+        (ProcState::Stopped, Some(3))
+    );
+    let (dpid, dexit) = f.tasks.delete("c1", "").await.expect("delete");
+    assert_eq!((dpid, dexit.status), (pid, 3));
+    assert!(matches!(f.next_event().await, Event::Delete { id, .. } if id == "c1"));
+    // exactly one exit event: nothing else was sent
+    assert!(f.events.try_recv().is_err());
+    assert!(f.tasks.is_empty());
+    assert!(matches!(
+        f.tasks.state("c1", ""),
+        Err(TaskError::NotFound { .. })
+    ));
+    let calls = f.backend.calls.lock().expect("lock").clone();
+    assert_eq!(
+        calls,
+        [
+            "create c1 Standalone mounts=0",
+            "start c1",
+            "exit c1 3",
+            "delete c1 Standalone"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_stops_a_running_init_with_128_plus_signal_and_delete_waits_for_it() {
+    let mut f = fixture();
+    f.tasks
+        .create(f.request("c2", StdioPaths::default()))
+        .await
+        .expect("create");
+    f.tasks.start("c2", "").await.expect("start");
+    let err = f.tasks.delete("c2", "").await.expect_err("running");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "running",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(f.tasks.pids("c2").await.expect("pids").len(), 1);
+    f.tasks.kill("c2", "", 9, false).await.expect("kill");
+    assert_eq!(f.tasks.wait("c2", "").await.expect("wait").status, 137);
+    let err = f.tasks.kill("c2", "", 9, false).await.expect_err("stopped");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "stopped",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    f.tasks.delete("c2", "").await.expect("delete");
+    let mut exits = 0;
+    while let Ok(ev) = f.events.try_recv() {
+        exits += usize::from(matches!(ev, Event::Exit { .. }));
+    }
+    assert_eq!(exits, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_is_registered_then_started_with_stdin_echoed_until_eof() {
+    let mut f = fixture();
+    f.tasks
+        .create(f.request("c3", StdioPaths::default()))
+        .await
+        .expect("create");
+    let spec = br#"{"args":["cat"]}"#.to_vec();
+    let err = f
+        .tasks
+        .exec("c3", "e1", spec.clone(), StdioPaths::default())
+        .expect_err("not running");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "created",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    f.tasks.start("c3", "").await.expect("start");
+
+    f.backend.agent.script("c3", "e1", Script::Echo);
+    let (inp, out) = (f.fifo("in"), f.fifo("out"));
+    let reader = Fixture::read_fifo(&out);
+    let stdio = StdioPaths {
+        stdin: inp.clone(),
+        stdout: out,
+        ..Default::default()
+    };
+    f.tasks.exec("c3", "e1", spec.clone(), stdio).expect("exec");
+    let err = f
+        .tasks
+        .exec("c3", "e1", spec, StdioPaths::default())
+        .expect_err("dup");
+    assert!(matches!(err, TaskError::AlreadyExists { .. }), "{err}");
+    let err = f
+        .tasks
+        .kill("c3", "e1", 15, false)
+        .await
+        .expect_err("not started");
+    assert!(matches!(err, TaskError::WrongState { .. }), "{err}");
+    let pid = f.tasks.start("c3", "e1").await.expect("start exec");
+    std::fs::write(&inp, b"ping\n").expect("write stdin"); // opens, writes, closes: EOF
+    let exit = f.tasks.wait("c3", "e1").await.expect("wait exec");
+    assert_eq!(exit.status, 0);
+    assert_eq!(reader.join().expect("reader"), b"ping\n");
+    let (dpid, _) = f.tasks.delete("c3", "e1").await.expect("delete exec");
+    assert_eq!(dpid, pid);
+    assert!(matches!(
+        f.tasks.state("c3", "e1"),
+        Err(TaskError::NotFound { .. })
+    ));
+    // the init is still running
+    assert_eq!(
+        f.tasks.state("c3", "").expect("init").state,
+        ProcState::Running
+    );
+
+    let mut kinds = Vec::new();
+    while let Ok(ev) = f.events.try_recv() {
+        kinds.push(match ev {
+            Event::Create { .. } => "create",
+            Event::Start { .. } => "start",
+            Event::ExecAdded { .. } => "exec-added",
+            Event::ExecStarted { .. } => "exec-started",
+            Event::Exit { .. } => "exit",
+            Event::Delete { .. } => "delete",
+        });
+    }
+    assert_eq!(
+        kinds,
+        ["create", "start", "exec-added", "exec-started", "exit"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_roles_reach_the_backend_and_create_failures_leave_no_task() {
+    let mut f = fixture_with(
+        FakeBackend {
+            fail_create: true,
+            ..Default::default()
+        },
+        serde_json::json!({crate::pod::CONTAINER_TYPE: "container", crate::pod::SANDBOX_ID: "pod1"}),
+    );
+    let err = f
+        .tasks
+        .create(f.request("c4", StdioPaths::default()))
+        .await
+        .expect_err("fails");
+    let chain = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    assert!(
+        chain.contains("booting the VM of c4") && chain.contains("VMM exited with status 3"),
+        "{chain}"
+    );
+    assert!(f.tasks.is_empty());
+    assert!(f.events.try_recv().is_err(), "no event for a failed create");
+    let calls = f.backend.calls.lock().expect("lock").clone();
+    assert_eq!(
+        calls,
+        ["create c4 Container { sandbox_id: \"pod1\" } mounts=0"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_ids_and_duplicates_are_typed_errors() {
+    let f = fixture();
+    assert!(matches!(
+        f.tasks.start("nope", "").await,
+        Err(TaskError::NotFound {
+            kind: "container",
+            ..
+        })
+    ));
+    assert!(matches!(
+        f.tasks.wait("nope", "").await,
+        Err(TaskError::NotFound { .. })
+    ));
+    assert!(matches!(
+        f.tasks.delete("nope", "").await,
+        Err(TaskError::NotFound { .. })
+    ));
+    f.tasks
+        .create(f.request("c5", StdioPaths::default()))
+        .await
+        .expect("create");
+    assert!(matches!(
+        f.tasks.create(f.request("c5", StdioPaths::default())).await,
+        Err(TaskError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        f.tasks.state("c5", "ghost"),
+        Err(TaskError::NotFound {
+            kind: "process",
+            ..
+        })
+    ));
+    // a created, never started container deletes cleanly
+    let (pid, exit) = f.tasks.delete("c5", "").await.expect("delete created");
+    assert_eq!((pid, exit.status), (0, 0));
+}
