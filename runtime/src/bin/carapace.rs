@@ -629,10 +629,13 @@ fn checks(loaded: &carapace_config::Loaded, format: Format) -> anyhow::Result<()
 fn main_inner(cli: Cli) -> anyhow::Result<u8> {
     let g = &cli.global;
     let loaded = load_config(g)?;
-    let level = if g.debug {
-        "debug"
-    } else {
-        loaded.config.debug.log_level.as_str()
+    // On stderr the default level (info) is lowered to warnings, so that the container's
+    // own output is not interleaved with progress lines; a log file gets the configured
+    // level, and an explicit debug/trace level is kept.
+    let level = match (g.debug, &g.log, loaded.config.debug.log_level) {
+        (true, _, _) => "debug",
+        (false, None, carapace_config::LogLevel::Info) => "warn",
+        (false, _, l) => l.as_str(),
     };
     init_logging(g, level)?;
     let rt = runtime(g, &loaded);

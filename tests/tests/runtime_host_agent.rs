@@ -1,0 +1,507 @@
+//! The `carapace` CLI end to end without a VM: the real binary, the real carapace-fsd, real
+//! bind mounts and the real carapace-agent in host mode standing in for the VMM + guest
+//! (`--host-agent`, a hidden testing flag). Everything but the VM itself is exercised:
+//! state files, process start/stop order, the ttrpc client, stdio relay, exit codes,
+//! teardown. Needs root (mounts, the agent's host mode). After each test nothing may be
+//! left: processes, mounts, state entries, sockets.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use carapace_tests::{fixtures, workspace_bin};
+use serde_json::{Value, json};
+
+struct Env {
+    tmp: tempfile::TempDir,
+    root: PathBuf,
+    config: PathBuf,
+    host_agent: Option<PathBuf>,
+}
+
+fn is_root() -> bool {
+    // SAFETY-free check through /proc: uid line "Uid: real effective ...".
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}
+
+fn env_with(config_extra: &str) -> Option<Env> {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return None;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("carapace-rt-")
+        .tempdir()
+        .unwrap();
+    let config = tmp.path().join("configuration.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fs]\npath = {:?}\n[agent]\nboot_timeout_ms = 20000\n{config_extra}",
+            workspace_bin("carapace-fsd").display().to_string()
+        ),
+    )
+    .unwrap();
+    Some(Env {
+        root: tmp.path().join("run"),
+        config,
+        host_agent: Some(workspace_bin("carapace-agent")),
+        tmp,
+    })
+}
+
+fn env() -> Option<Env> {
+    env_with("")
+}
+
+impl Env {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(workspace_bin("carapace"));
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--config")
+            .arg(&self.config);
+        if let Some(a) = &self.host_agent {
+            c.arg("--host-agent").arg(a);
+        }
+        c.args(args).stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).output().expect("running carapace");
+        eprintln!(
+            "carapace {args:?} -> {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `carapace ARGS` whose stdout/stderr (and a created container's relayed stdio) go
+    /// to files, so that a background relay does not hold a pipe of ours open.
+    fn run_to_files(&self, args: &[&str], name: &str) -> (i32, PathBuf) {
+        let out = self.tmp.path().join(format!("{name}.out"));
+        let err = self.tmp.path().join(format!("{name}.err"));
+        let status = self
+            .cmd(args)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .status()
+            .unwrap();
+        eprintln!(
+            "carapace {args:?} -> {:?}; stderr: {}",
+            status.code(),
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        (status.code().unwrap_or(-1), out)
+    }
+
+    fn bundle(&self, name: &str, spec: &Value) -> PathBuf {
+        fixtures::busybox_bundle(&self.tmp.path().join(name), spec).unwrap()
+    }
+
+    fn state(&self, id: &str) -> Value {
+        let out = self.run(&["state", id]);
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn wait_status(&self, id: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.state(id)["status"] != want {
+            assert!(Instant::now() < deadline, "{id} never became {want}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything of this test still on the system: processes, mounts, state entries,
+    /// sockets (by the test's unique directory in their command lines and paths).
+    fn leftovers(&self) -> Vec<String> {
+        let tag = self.tmp.path().display().to_string();
+        let mut left = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.parse::<u32>().is_err() || name == std::process::id().to_string() {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'));
+            if cmdline.contains(&tag) && !zombie {
+                left.push(format!("process {name}: {cmdline}"));
+            }
+        }
+        for l in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+        {
+            if l.contains(&tag) {
+                left.push(format!("mount: {l}"));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                left.push(format!("state entry: {}", e.path().display()));
+            }
+        }
+        for l in std::fs::read_to_string("/proc/net/unix").unwrap().lines() {
+            if l.contains(&tag) {
+                left.push(format!("socket: {l}"));
+            }
+        }
+        left
+    }
+
+    fn assert_clean(&self) {
+        let left = self.leftovers();
+        assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn run_prints_output_and_exits_with_the_containers_status() {
+    let Some(env) = env() else { return };
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let b = env.bundle(
+        "b",
+        &fixtures::default_spec(&[
+            "sh",
+            "-c",
+            "echo hello from $(uname -r); echo oops >&2; exit 3",
+        ]),
+    );
+    let out = env.run(&["run", "--bundle", b.to_str().unwrap(), "r1"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(stdout(&out), format!("hello from {}", host_release));
+    assert!(stderr(&out).contains("oops"));
+    env.assert_clean();
+}
+
+#[test]
+fn create_start_exec_kill_delete() {
+    let Some(env) = env() else { return };
+    let b = env.bundle(
+        "b",
+        &fixtures::default_spec(&[
+            "sh",
+            "-c",
+            "echo started; trap 'echo got TERM; exit 7' TERM; while true; do sleep 0.1; done",
+        ]),
+    );
+    let pid_file = env.tmp.path().join("pid");
+    let (rc, out) = env.run_to_files(
+        &[
+            "create",
+            "-b",
+            b.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "c1",
+        ],
+        "create",
+    );
+    assert_eq!(rc, 0);
+    let st = env.state("c1");
+    assert_eq!(st["status"], "created");
+    assert_eq!(st["id"], "c1");
+    assert_eq!(st["bundle"], b.canonicalize().unwrap().to_str().unwrap());
+    assert_eq!(st["ociVersion"], "1.2.0");
+    let pid = st["pid"].as_i64().unwrap();
+    assert!(pid > 0);
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), pid.to_string());
+    let list = env.run(&["list", "--format", "json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list[0]["id"], "c1");
+
+    // Start twice: the second is refused (conflict).
+    assert!(env.run(&["start", "c1"]).status.success());
+    assert_eq!(env.run(&["start", "c1"]).status.code(), Some(5));
+    assert_eq!(env.state("c1")["status"], "running");
+
+    let e = env.run(&[
+        "exec",
+        "-e",
+        "FOO=bar",
+        "--cwd",
+        "/bin",
+        "c1",
+        "sh",
+        "-c",
+        "echo $FOO $(pwd); exit 5",
+    ]);
+    assert_eq!(e.status.code(), Some(5));
+    assert_eq!(stdout(&e), "bar /bin\n");
+    let ps = env.run(&["ps", "--format", "json", "c1"]);
+    let pids: Vec<u32> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert!(!pids.is_empty());
+
+    // Running: delete needs --force.
+    assert_eq!(env.run(&["delete", "c1"]).status.code(), Some(5));
+    assert!(env.run(&["kill", "c1", "TERM"]).status.success());
+    env.wait_status("c1", "stopped");
+    assert_eq!(env.state("c1")["pid"], 0);
+    let relayed = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(relayed, "started\ngot TERM\n");
+    let state_json: Value =
+        serde_json::from_slice(&std::fs::read(env.root.join("c1/state.json")).unwrap()).unwrap();
+    assert_eq!(state_json["exit"]["status"], 7);
+
+    assert!(env.run(&["delete", "c1"]).status.success());
+    // Idempotent delete: "does not exist" (4) without --force, success with it.
+    let again = env.run(&["delete", "c1"]);
+    assert_eq!(again.status.code(), Some(4));
+    assert!(stderr(&again).contains("does not exist"));
+    assert!(env.run(&["delete", "--force", "c1"]).status.success());
+    env.assert_clean();
+}
+
+#[test]
+fn signals_propagate_as_128_plus_signal() {
+    let Some(env) = env() else { return };
+    // A foreground `run` killed from another CLI call exits with 128 + 9.
+    let b = env.bundle("b", &fixtures::default_spec(&["sleep", "30"]));
+    let mut fg = env
+        .cmd(&["run", "-b", b.to_str().unwrap(), "s1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !env.root.join("s1/state.json").exists()
+        || env.run(&["state", "s1"]).stdout.is_empty()
+        || env.state("s1")["status"] != "running"
+    {
+        assert!(Instant::now() < deadline, "s1 never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(env.run(&["kill", "s1", "KILL"]).status.success());
+    assert_eq!(fg.wait().unwrap().code(), Some(137));
+
+    let b2 = env.bundle("b2", &fixtures::default_spec(&["sleep", "30"]));
+    let (rc, _) = env.run_to_files(&["run", "-d", "-b", b2.to_str().unwrap(), "s2"], "s2");
+    assert_eq!(rc, 0);
+    assert_eq!(env.state("s2")["status"], "running");
+    assert!(env.run(&["kill", "s2", "9"]).status.success());
+    env.wait_status("s2", "stopped");
+    let st: Value =
+        serde_json::from_slice(&std::fs::read(env.root.join("s2/state.json")).unwrap()).unwrap();
+    assert_eq!(st["exit"]["status"], 137);
+    assert_eq!(st["exit"]["signal"], 9);
+    assert!(env.run(&["delete", "s2"]).status.success());
+    env.assert_clean();
+}
+
+#[test]
+fn read_only_bind_mount_is_read_only_inside() {
+    let Some(env) = env() else { return };
+    let ro = env.tmp.path().join("ro-vol");
+    let rw = env.tmp.path().join("rw-vol");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::write(ro.join("data"), "from the host\n").unwrap();
+    let mut spec = fixtures::default_spec(&[
+        "sh",
+        "-c",
+        "cat /ro/data; if echo x > /ro/new 2>/dev/null; then echo WROTE; else echo READONLY; fi; \
+         echo y > /rw/new && echo RW-OK",
+    ]);
+    spec["mounts"].as_array_mut().unwrap().extend([
+        json!({"destination": "/ro", "type": "bind", "source": ro, "options": ["rbind", "ro"]}),
+        json!({"destination": "/rw", "type": "bind", "source": rw, "options": ["rbind", "rw"]}),
+    ]);
+    let b = env.bundle("b", &spec);
+    let out = env.run(&["run", "-b", b.to_str().unwrap(), "m1"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "from the host\nREADONLY\nRW-OK\n");
+    assert!(!ro.join("new").exists());
+    assert_eq!(std::fs::read_to_string(rw.join("new")).unwrap(), "y\n");
+    env.assert_clean();
+}
+
+#[test]
+fn two_sandboxes_side_by_side() {
+    let Some(env) = env() else { return };
+    for id in ["a", "b"] {
+        let b = env.bundle(id, &fixtures::default_spec(&["sleep", "30"]));
+        std::fs::write(b.join("rootfs/who"), id).unwrap();
+        let (rc, _) = env.run_to_files(&["run", "-d", "-b", b.to_str().unwrap(), id], id);
+        assert_eq!(rc, 0);
+    }
+    let list = env.run(&["list", "-q"]);
+    assert_eq!(stdout(&list), "a\nb\n");
+    for id in ["a", "b"] {
+        assert_eq!(env.state(id)["status"], "running");
+        let out = env.run(&["exec", id, "cat", "/who"]);
+        assert_eq!(stdout(&out), id);
+    }
+    assert_ne!(env.state("a")["pid"], env.state("b")["pid"]);
+    for id in ["a", "b"] {
+        assert!(env.run(&["delete", "-f", id]).status.success());
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn bad_spec_fails_clearly_and_leaves_nothing() {
+    let Some(env) = env() else { return };
+    let mut spec = fixtures::default_spec(&["true"]);
+    spec["process"]["args"] = json!([]);
+    let b = env.bundle("b", &spec);
+    let out = env.run(&["create", "-b", b.to_str().unwrap(), "x"]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(stderr(&out).contains("process.args"), "{}", stderr(&out));
+    std::fs::write(b.join("config.json"), "{\"ociVersion\": 1}").unwrap();
+    let out = env.run(&["create", "-b", b.to_str().unwrap(), "x"]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(
+        stderr(&out).contains("invalid OCI spec"),
+        "{}",
+        stderr(&out)
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn missing_kernel_fails_before_anything_starts() {
+    let Some(mut env) = env_with("[hypervisor]\nkernel = \"/nonexistent/carapace/vmlinux\"\n")
+    else {
+        return;
+    };
+    env.host_agent = None;
+    let b = env.bundle("b", &fixtures::default_spec(&["true"]));
+    let out = env.run(&["run", "-b", b.to_str().unwrap(), "k"]);
+    assert_eq!(out.status.code(), Some(7));
+    let err = stderr(&out);
+    assert!(
+        err.contains("/nonexistent/carapace/vmlinux") && err.contains("carapace-image build"),
+        "{err}"
+    );
+    env.assert_clean();
+}
+
+fn script(env: &Env, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = env.tmp.path().join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn agent_not_answering_times_out_and_leaves_nothing() {
+    let Some(mut env) = env_with("") else { return };
+    std::fs::write(
+        &env.config,
+        format!(
+            "[fs]\npath = {:?}\n[agent]\nboot_timeout_ms = 1500\n",
+            workspace_bin("carapace-fsd").display().to_string()
+        ),
+    )
+    .unwrap();
+    // A "guest" that boots forever: alive, never listening.
+    env.host_agent = Some(script(&env, "silent-agent", "exec sleep 600"));
+    let b = env.bundle("b", &fixtures::default_spec(&["true"]));
+    let started = Instant::now();
+    let out = env.run(&["create", "-b", b.to_str().unwrap(), "t"]);
+    assert_eq!(out.status.code(), Some(9));
+    assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    env.assert_clean();
+}
+
+#[test]
+fn vmm_dying_at_boot_is_reported_with_its_log() {
+    let Some(mut env) = env() else { return };
+    env.host_agent = Some(script(
+        &env,
+        "dying-vmm",
+        "echo 'kvm: guest exploded' >&2; exit 4",
+    ));
+    let b = env.bundle("b", &fixtures::default_spec(&["true"]));
+    let out = env.run(&["create", "-b", b.to_str().unwrap(), "d"]);
+    assert_eq!(out.status.code(), Some(8));
+    assert!(stderr(&out).contains("guest exploded"), "{}", stderr(&out));
+    env.assert_clean();
+}
+
+#[test]
+fn missing_fs_daemon_fails_clearly() {
+    let Some(env) = env() else { return };
+    std::fs::write(&env.config, "[fs]\npath = \"/nonexistent/carapace-fsd\"\n").unwrap();
+    let b = env.bundle("b", &fixtures::default_spec(&["true"]));
+    let out = env.run(&["create", "-b", b.to_str().unwrap(), "f"]);
+    assert_eq!(out.status.code(), Some(8));
+    assert!(
+        stderr(&out).contains("cannot start fs daemon"),
+        "{}",
+        stderr(&out)
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn vmm_killed_midway_means_stopped_and_delete_cleans_up() {
+    let Some(env) = env() else { return };
+    let b = env.bundle("b", &fixtures::default_spec(&["sleep", "2"]));
+    let (rc, _) = env.run_to_files(&["run", "-d", "-b", b.to_str().unwrap(), "v"], "v");
+    assert_eq!(rc, 0);
+    let pid = env.state("v")["pid"].as_i64().unwrap();
+    // SIGKILL the "VMM" behind the runtime's back.
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    env.wait_status("v", "stopped");
+    assert_eq!(env.run(&["kill", "v"]).status.code(), Some(5));
+    assert!(env.run(&["delete", "v"]).status.success());
+    // The host-mode container (sleep 2) outlives its killed agent briefly; a VM's would not.
+    std::thread::sleep(Duration::from_secs(3));
+    env.assert_clean();
+}
+
+#[test]
+fn features_spec_check_and_env() {
+    let Some(env) = env() else { return };
+    let f = env.run(&["features"]);
+    let v: Value = serde_json::from_slice(&f.stdout).unwrap();
+    assert_eq!(v["ociVersionMax"], "1.2.0");
+    let dir = env.tmp.path().join("spec");
+    std::fs::create_dir(&dir).unwrap();
+    assert!(
+        env.run(&["spec", "-b", dir.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(spec["root"]["path"], "rootfs");
+    let e = env.run(&["env"]);
+    assert!(stdout(&e).contains(&env.config.display().to_string()));
+    assert!(stdout(&e).contains("carapace-fsd"));
+    let c = env.run(&["check", "--format", "json"]);
+    let checks: Value = serde_json::from_slice(&c.stdout).unwrap();
+    let all_ok = checks.as_array().unwrap().iter().all(|c| c["ok"] == true);
+    assert_eq!(c.status.success(), all_ok);
+    assert!(Path::new(&env.root).read_dir().is_err());
+}
