@@ -60,7 +60,10 @@ impl Fixture {
             };
         }
         let root = workspace_root();
-        cargo(&["build", "-q", "-p", "carapace-vmm", "--bin", "carapace-vmm"], None);
+        cargo(
+            &["build", "-q", "-p", "carapace-vmm", "--bin", "carapace-vmm"],
+            None,
+        );
         cargo(
             &[
                 "build",
@@ -160,7 +163,11 @@ impl Vmm {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("no {needle:?} in time\nserial:\n{}\nvmm:\n{}", self.serial(), self.log());
+        panic!(
+            "no {needle:?} in time\nserial:\n{}\nvmm:\n{}",
+            self.serial(),
+            self.log()
+        );
     }
 
     fn wait_exit(&mut self, within: Duration) -> i32 {
@@ -172,12 +179,17 @@ impl Vmm {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
-        panic!("VMM did not exit\nserial:\n{}\nvmm:\n{}", self.serial(), self.log());
+        panic!(
+            "VMM did not exit\nserial:\n{}\nvmm:\n{}",
+            self.serial(),
+            self.log()
+        );
     }
 
     fn api(&self, req: &str) -> serde_json::Value {
         let mut s = UnixStream::connect(self.dir.path().join("api.sock")).expect("api connect");
-        s.write_all(format!("{req}\n").as_bytes()).expect("api write");
+        s.write_all(format!("{req}\n").as_bytes())
+            .expect("api write");
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("api read");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("api answer {line:?}: {e}"))
@@ -191,7 +203,11 @@ impl Vmm {
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         while b[0] != b'\n' {
-            assert_eq!(s.read(&mut b).expect("handshake read"), 1, "closed in handshake");
+            assert_eq!(
+                s.read(&mut b).expect("handshake read"),
+                1,
+                "closed in handshake"
+            );
             line.push(b[0]);
         }
         let line = String::from_utf8(line).expect("utf8");
@@ -232,7 +248,8 @@ fn echo(mut s: UnixStream, data: Vec<u8>) -> bool {
     let expect = fnv1a(&data);
     let writer = std::thread::spawn(move || w.write_all(&data).is_ok());
     let mut got = vec![0u8; n];
-    s.set_read_timeout(Some(Duration::from_secs(300))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(300)))
+        .expect("timeout");
     let ok = s.read_exact(&mut got).is_ok();
     writer.join().expect("writer") && ok && fnv1a(&got) == expect
 }
@@ -254,22 +271,37 @@ fn devices_and_vsock(f: &Fixture) {
         line
     });
     let disk_arg = format!("{},ro", disk.display());
-    let mut vm = Vmm::start(f, dir, "blk,rng,dial=5000,echo", &["--block", &disk_arg, "--rng"]);
+    let mut vm = Vmm::start(
+        f,
+        dir,
+        "blk,rng,dial=5000,echo",
+        &["--block", &disk_arg, "--rng"],
+    );
     vm.wait_serial("echo server on vsock");
     let serial = vm.serial();
     assert!(serial.contains("vmm-guest-test: ready"), "{serial}");
     assert!(
-        serial.contains(&format!("blk len={} fnv={:016x}", content.len(), fnv1a(&content))),
+        serial.contains(&format!(
+            "blk len={} fnv={:016x}",
+            content.len(),
+            fnv1a(&content)
+        )),
         "block device content differs:\n{serial}"
     );
-    assert!(serial.contains("blk write failed"), "read-only disk was writable:\n{serial}");
+    assert!(
+        serial.contains("blk write failed"),
+        "read-only disk was writable:\n{serial}"
+    );
     assert!(serial.contains("rng ok nonzero=true"), "{serial}");
     assert!(serial.contains("dial reply hi guest"), "{serial}");
     assert_eq!(server.join().expect("server"), "hello 5000\n");
 
     let info = vm.api(r#"{"cmd":"info"}"#);
     assert_eq!(info["ok"], true, "{info}");
-    assert!(info["boot_done_ms"].as_f64().is_some(), "no boot-done time: {info}");
+    assert!(
+        info["boot_done_ms"].as_f64().is_some(),
+        "no boot-done time: {info}"
+    );
 
     // 64 concurrent streams, 256 KiB each, both directions at once.
     let streams: Vec<_> = (0..64)
@@ -282,7 +314,10 @@ fn devices_and_vsock(f: &Fixture) {
         assert!(t.join().expect("stream thread"), "stream {i} echo mismatch");
     }
     // One 16 MiB payload.
-    assert!(echo(vm.connect(1024), pattern(16 << 20, 7)), "16 MiB echo mismatch");
+    assert!(
+        echo(vm.connect(1024), pattern(16 << 20, 7)),
+        "16 MiB echo mismatch"
+    );
 
     let m = vm.api(r#"{"cmd":"metrics"}"#);
     let vs = &m["devices"]["vsock"]["device"];
@@ -298,16 +333,28 @@ fn devices_and_vsock(f: &Fixture) {
 #[test]
 fn vmm_devices_vsock_and_poweroff() {
     let f = Fixture::get();
-    in_kvm(module_path!(), "vmm_devices_vsock_and_poweroff", f.lab(), || {
-        devices_and_vsock(&f)
-    });
+    in_kvm(
+        module_path!(),
+        "vmm_devices_vsock_and_poweroff",
+        f.lab(),
+        || devices_and_vsock(&f),
+    );
 }
 
 fn reboot_and_api(f: &Fixture) {
     // Guest reboot: exit code 32.
     let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "reboot", &[]);
-    assert_eq!(vm.wait_exit(BOOT_DEADLINE), 32, "reboot exit code\n{}", vm.log());
-    assert!(vm.log().contains("guest reported boot done"), "{}", vm.log());
+    assert_eq!(
+        vm.wait_exit(BOOT_DEADLINE),
+        32,
+        "reboot exit code\n{}",
+        vm.log()
+    );
+    assert!(
+        vm.log().contains("guest reported boot done"),
+        "{}",
+        vm.log()
+    );
 
     // API: pause, resume, shutdown with no grace forces the VM off with exit code 0.
     let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "echo", &[]);
@@ -315,7 +362,10 @@ fn reboot_and_api(f: &Fixture) {
     assert_eq!(vm.api(r#"{"cmd":"pause"}"#)["state"], "paused");
     assert_eq!(vm.api(r#"{"cmd":"info"}"#)["state"], "paused");
     assert_eq!(vm.api(r#"{"cmd":"resume"}"#)["state"], "running");
-    assert!(echo(vm.connect(1024), pattern(1000, 3)), "echo after resume");
+    assert!(
+        echo(vm.connect(1024), pattern(1000, 3)),
+        "echo after resume"
+    );
     let bad = vm.api(r#"{"cmd":"launch-missiles"}"#);
     assert_eq!(bad["ok"], false, "{bad}");
     let r = vm.api(r#"{"cmd":"shutdown","grace_secs":0}"#);
@@ -326,9 +376,12 @@ fn reboot_and_api(f: &Fixture) {
 #[test]
 fn vmm_reboot_exit_code_and_control_api() {
     let f = Fixture::get();
-    in_kvm(module_path!(), "vmm_reboot_exit_code_and_control_api", f.lab(), || {
-        reboot_and_api(&f)
-    });
+    in_kvm(
+        module_path!(),
+        "vmm_reboot_exit_code_and_control_api",
+        f.lab(),
+        || reboot_and_api(&f),
+    );
 }
 
 /// On a host whose KVM cannot boot Linux the VMM refuses clearly (exit code 3).

@@ -80,7 +80,10 @@ pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
                 .wait_exit(Some(Duration::from_secs(u64::from(grace))))
                 .is_none();
             if forced {
-                tracing::info!(grace_secs = grace, "guest did not stop in time, forcing it off");
+                tracing::info!(
+                    grace_secs = grace,
+                    "guest did not stop in time, forcing it off"
+                );
                 vm.state.request_exit(ExitReason::PowerOff);
             }
             ok(serde_json::json!({"forced": forced}))
@@ -114,7 +117,9 @@ fn serve_conn(vm: &VmHandle, stream: UnixStream) {
             Ok(_) => {}
         }
         if !line.ends_with('\n') {
-            let _ = w.write_all(format!("{}\n", err("request line too long or unterminated".into())).as_bytes());
+            let _ = w.write_all(
+                format!("{}\n", err("request line too long or unterminated".into())).as_bytes(),
+            );
             return;
         }
         let resp = match serde_json::from_str::<Request>(&line) {

@@ -470,7 +470,10 @@ pub(crate) mod tests {
         let k = dir.path().join("vmlinux");
         std::fs::write(&k, pvh_elf(&[0xf4; 16], 0x100_0000)).unwrap();
         let i = dir.path().join("initrd");
-        std::fs::File::create(&i).unwrap().set_len(80 << 20).unwrap();
+        std::fs::File::create(&i)
+            .unwrap()
+            .set_len(80 << 20)
+            .unwrap();
         let mem = crate::memory::create(64 << 20, false).unwrap();
         let e = load(&mem, &k, Some(&i), "").unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");

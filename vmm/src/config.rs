@@ -199,7 +199,11 @@ impl VmConfig {
         if path == Path::new("-") {
             let mut text = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(read_err)?;
-            let fake = if stdin_toml { "stdin.toml" } else { "stdin.json" };
+            let fake = if stdin_toml {
+                "stdin.toml"
+            } else {
+                "stdin.json"
+            };
             Self::parse(&text, Path::new(fake))
         } else {
             let text = std::fs::read_to_string(path).map_err(read_err)?;
@@ -222,7 +226,10 @@ impl VmConfig {
         if self.memory_mib > MAX_MEMORY_MIB {
             return invalid(
                 "memory_mib",
-                format!("{} MiB exceeds the limit of {MAX_MEMORY_MIB} MiB", self.memory_mib),
+                format!(
+                    "{} MiB exceeds the limit of {MAX_MEMORY_MIB} MiB",
+                    self.memory_mib
+                ),
             );
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -236,7 +243,10 @@ impl VmConfig {
             if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
                 return invalid(
                     "vsock.guest_cid",
-                    format!("{} is reserved or out of range (use 3..=2^32-1)", v.guest_cid),
+                    format!(
+                        "{} is reserved or out of range (use 3..=2^32-1)",
+                        v.guest_cid
+                    ),
                 );
             }
             if v.uds_path.as_os_str().is_empty() {

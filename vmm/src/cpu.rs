@@ -103,15 +103,11 @@ fn kvm_err(id: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuE
 }
 
 /// Sets CPUID, MSRs, FPU and LAPIC of vCPU `id` (all vCPUs).
-pub fn setup_common(
-    vcpu: &VcpuFd,
-    base_cpuid: &CpuId,
-    id: u8,
-    count: u8,
-) -> Result<(), CpuError> {
+pub fn setup_common(vcpu: &VcpuFd, base_cpuid: &CpuId, id: u8, count: u8) -> Result<(), CpuError> {
     let mut cpuid = base_cpuid.clone();
     patch_cpuid(&mut cpuid, id, count);
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
 
     let entries = [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -160,7 +156,8 @@ pub fn setup_common(
         let v = get_apic_reg(&lapic.regs, reg);
         set_apic_reg(&mut lapic.regs, reg, (v & !0x700) | (mode << 8));
     }
-    vcpu.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
     Ok(())
 }
 
@@ -281,7 +278,8 @@ pub fn setup_boot_vcpu(
             regs.rbp = BOOT_STACK;
         }
     }
-    vcpu.set_sregs(&sregs).map_err(kvm_err(0, "KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err(0, "KVM_SET_SREGS"))?;
     vcpu.set_regs(&regs).map_err(kvm_err(0, "KVM_SET_REGS"))?;
     Ok(())
 }

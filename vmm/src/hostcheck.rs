@@ -159,7 +159,10 @@ mod tests {
     #[test]
     fn missing_device_is_named() {
         let e = check_kvm(Path::new("/nonexistent/kvm"), &HostFacts::default()).unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/kvm does not exist"), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/kvm does not exist"),
+            "{e}"
+        );
     }
 
     #[test]

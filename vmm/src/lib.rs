@@ -14,5 +14,5 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod state;
-pub mod vmm;
 pub mod virtio;
+pub mod vmm;

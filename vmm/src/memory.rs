@@ -51,7 +51,10 @@ pub fn ram_ranges(size_bytes: u64) -> Vec<(GuestAddress, usize)> {
     let low = size_bytes.min(MMIO_GAP_START);
     let mut v = vec![(GuestAddress(0), low as usize)];
     if size_bytes > MMIO_GAP_START {
-        v.push((GuestAddress(MMIO_GAP_END), (size_bytes - MMIO_GAP_START) as usize));
+        v.push((
+            GuestAddress(MMIO_GAP_END),
+            (size_bytes - MMIO_GAP_START) as usize,
+        ));
     }
     v
 }
@@ -84,11 +87,7 @@ pub fn create(size_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryEr
         let mut offset = 0u64;
         let mut with_files = Vec::new();
         for (addr, len) in ranges {
-            with_files.push((
-                addr,
-                len,
-                Some(FileOffset::from_arc(file.clone(), offset)),
-            ));
+            with_files.push((addr, len, Some(FileOffset::from_arc(file.clone(), offset))));
             offset += len as u64;
         }
         GuestMemoryMmap::from_ranges_with_files(with_files)
@@ -159,8 +158,14 @@ mod tests {
         let m = create(64 << 20, true).unwrap();
         assert!(m.iter().next().unwrap().file_offset().is_some());
         m.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(m.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            m.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         let e = e820_ram(&m);
-        assert_eq!(e, vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]);
+        assert_eq!(
+            e,
+            vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]
+        );
     }
 }

@@ -34,8 +34,7 @@ use crate::virtio::{self, VirtioDevice};
 /// - `pci=off`: there is no PCI bus, devices are virtio-mmio;
 /// - `nomodule`: all drivers are built in;
 /// - `i8042.*`: probe only the controller's reset-relevant part, quickly.
-pub const BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +276,8 @@ impl Vm {
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         vm.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -307,12 +307,11 @@ impl Vm {
             devices.push(("vsock".into(), Box::new(d)));
         }
         for (i, b) in config.block.iter().enumerate() {
-            let d = virtio::blk::Block::open(&b.path, b.read_only).map_err(|e| {
-                VmmError::Device {
+            let d =
+                virtio::blk::Block::open(&b.path, b.read_only).map_err(|e| VmmError::Device {
                     device: format!("block{i}"),
                     source: Box::new(e),
-                }
-            })?;
+                })?;
             devices.push((format!("block{i}"), Box::new(d)));
         }
         if config.rng {
@@ -326,12 +325,13 @@ impl Vm {
             let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
             vm.register_irqfd(&irq_evt, irq)
                 .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-            let t = MmioTransport::new(dev, mem.clone(), irq_evt).map_err(
-                |e: TransportError| VmmError::Device {
-                    device: name.clone(),
-                    source: Box::new(e),
-                },
-            )?;
+            let t =
+                MmioTransport::new(dev, mem.clone(), irq_evt).map_err(|e: TransportError| {
+                    VmmError::Device {
+                        device: name.clone(),
+                        source: Box::new(e),
+                    }
+                })?;
             for (q, evt) in t.queue_events().iter().enumerate() {
                 vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
                     .map_err(kvm_err("KVM_IOEVENTFD"))?;
@@ -596,7 +596,9 @@ mod tests {
         };
         let mut vm = Vm::start(c, opts).unwrap();
         assert_eq!(vm.info()["vcpus"], 1);
-        let r = vm.wait(Some(Duration::from_secs(60))).expect("guest did not stop");
+        let r = vm
+            .wait(Some(Duration::from_secs(60)))
+            .expect("guest did not stop");
         let out = std::fs::read_to_string(&serial).unwrap();
         (r, vm, out)
     }
@@ -612,16 +614,36 @@ mod tests {
             0x75, 0x1d, // jne fail (+29)
         ];
         code.extend_from_slice(&[
-            0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-            0xb0, b'O', 0xee, // mov al, 'O'; out dx, al
-            0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
-            0xb0, b'\n', 0xee, // newline
-            0x66, 0xba, 0xf0, 0x03, // mov dx, 0x3f0
-            0xb0, 123, 0xee, // boot done
-            0xb0, MARKER_POWER_OFF, 0xee, // power-off intent
-            0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al  (i8042 reset)
+            0x66,
+            0xba,
+            0xf8,
+            0x03, // mov dx, 0x3f8
+            0xb0,
+            b'O',
+            0xee, // mov al, 'O'; out dx, al
+            0xb0,
+            b'K',
+            0xee, // mov al, 'K'; out dx, al
+            0xb0,
+            b'\n',
+            0xee, // newline
+            0x66,
+            0xba,
+            0xf0,
+            0x03, // mov dx, 0x3f0
+            0xb0,
+            123,
+            0xee, // boot done
+            0xb0,
+            MARKER_POWER_OFF,
+            0xee, // power-off intent
+            0xb0,
+            0xfe,
+            0xe6,
+            0x64, // mov al, 0xfe; out 0x64, al  (i8042 reset)
             0xf4, // hlt (not reached)
-            0xeb, 0xfe, // jmp $ (not reached)
+            0xeb,
+            0xfe, // jmp $ (not reached)
         ]);
         // fail: triple fault via int3 with an empty IDT
         code.push(0xcc);
@@ -641,7 +663,10 @@ mod tests {
         let (r, _, _) = run_snippet(&[0xcc]); // int3, IDT empty -> triple fault
         if HostFacts::read().software_kvm().is_some() {
             // kvm_pvm cannot deliver the exception and reports an emulation failure instead.
-            assert!(matches!(r, ExitReason::TripleFault | ExitReason::GuestCrash(_)), "{r:?}");
+            assert!(
+                matches!(r, ExitReason::TripleFault | ExitReason::GuestCrash(_)),
+                "{r:?}"
+            );
         } else {
             assert_eq!(r, ExitReason::TripleFault);
             assert_eq!(r.code(), 33);

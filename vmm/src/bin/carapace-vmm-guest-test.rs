@@ -164,7 +164,7 @@ fn echo_server() {
         Err(e) => return say(&format!("listen 1025: {e}")),
     };
     std::thread::spawn(move || {
-        while let Ok(mut s) = sys::accept(&c) {
+        if let Ok(mut s) = sys::accept(&c) {
             let mut line = String::new();
             let mut b = [0u8; 1];
             while s.read(&mut b).map(|n| n == 1).unwrap_or(false) && b[0] != b'\n' {
@@ -210,7 +210,10 @@ fn main() {
                         .write(true)
                         .open("/dev/vda")
                         .and_then(|mut f| f.write_all(&[0u8; 512]).and_then(|()| f.sync_all()));
-                    say(&format!("blk write {}", if w.is_ok() { "ok" } else { "failed" }));
+                    say(&format!(
+                        "blk write {}",
+                        if w.is_ok() { "ok" } else { "failed" }
+                    ));
                 }
                 Err(e) => say(&format!("blk error {e}")),
             },

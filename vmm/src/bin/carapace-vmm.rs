@@ -73,7 +73,9 @@ fn parse_serial(s: &str) -> Result<SerialOutput, String> {
             if let Some(p) = s.strip_prefix("file:") {
                 Ok(SerialOutput::File(p.into()))
             } else if let Some(n) = s.strip_prefix("fd:") {
-                n.parse().map(SerialOutput::Fd).map_err(|e| format!("bad fd: {e}"))
+                n.parse()
+                    .map(SerialOutput::Fd)
+                    .map_err(|e| format!("bad fd: {e}"))
             } else {
                 Err("expected stdout, none, file:PATH or fd:N".into())
             }
@@ -181,15 +183,16 @@ fn main() {
             std::process::exit(e.exit_code());
         }
     };
-    if let Some(p) = api {
-        if let Err(e) = carapace_vmm::api::spawn(vm.handle.clone(), &p)
+    if let Some(p) = api
+        && let Err(e) = carapace_vmm::api::spawn(vm.handle.clone(), &p)
             .with_context(|| "control API".to_string())
-        {
-            print_chain(e.as_ref());
-            std::process::exit(EXIT_VMM);
-        }
+    {
+        print_chain(e.as_ref());
+        std::process::exit(EXIT_VMM);
     }
-    let reason = vm.wait(None).unwrap_or(carapace_vmm::exit::ExitReason::PowerOff);
+    let reason = vm
+        .wait(None)
+        .unwrap_or(carapace_vmm::exit::ExitReason::PowerOff);
     tracing::info!(%reason, code = reason.code(), "VM stopped");
     if let Some(p) = &vm.config.api_socket {
         let _ = std::fs::remove_file(p);

@@ -86,7 +86,10 @@ impl Block {
             .map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
         let mut id = [0u8; ID_LEN];
-        let name = path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b"disk");
+        let name = path
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or(b"disk");
         let n = name.len().min(ID_LEN);
         id[..n].copy_from_slice(&name[..n]);
         Ok(Block {
@@ -134,14 +137,15 @@ impl BlockBackend {
         match kind {
             T_IN => {
                 let len = data_w.available_bytes();
-                if len > MAX_REQUEST || len as u64 % SECTOR != 0 {
+                if len > MAX_REQUEST || !(len as u64).is_multiple_of(SECTOR) {
                     return (S_IOERR, 0);
                 }
                 let Some(off) = self.range_ok(sector, len) else {
                     return (S_IOERR, 0);
                 };
                 let mut buf = vec![0u8; len];
-                if self.file.read_exact_at(&mut buf, off).is_err() || data_w.write_all(&buf).is_err()
+                if self.file.read_exact_at(&mut buf, off).is_err()
+                    || data_w.write_all(&buf).is_err()
                 {
                     return (S_IOERR, 0);
                 }
@@ -154,7 +158,7 @@ impl BlockBackend {
                     return (S_IOERR, 0);
                 }
                 let len = r.available_bytes();
-                if len > MAX_REQUEST || len as u64 % SECTOR != 0 {
+                if len > MAX_REQUEST || !(len as u64).is_multiple_of(SECTOR) {
                     return (S_IOERR, 0);
                 }
                 let Some(off) = self.range_ok(sector, len) else {
@@ -371,7 +375,8 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 32);
         req(&m, 0x10_0000, T_IN, 3); // read sector 3
         req(&m, 0x11_0000, T_OUT, 1); // write sector 1
-        m.write_slice(&[0xaa; 512], GuestAddress(0x11_1000)).unwrap();
+        m.write_slice(&[0xaa; 512], GuestAddress(0x11_1000))
+            .unwrap();
         req(&m, 0x12_0000, T_IN, 8); // past the end
         req(&m, 0x13_0000, T_GET_ID, 0);
         req(&m, 0x14_0000, 99, 0); // unsupported

@@ -210,7 +210,7 @@ impl MmioTransport {
             self.device.read_config(offset - CONFIG_SPACE, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             bump(&self.counters.bad_accesses);
             data.fill(0);
             return;
@@ -261,7 +261,7 @@ impl MmioTransport {
             self.device.write_config(offset - CONFIG_SPACE, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             bump(&self.counters.bad_accesses);
             return;
         }
@@ -277,7 +277,9 @@ impl MmioTransport {
                     return;
                 }
                 match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
                     1 => {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
@@ -463,9 +465,12 @@ pub(crate) mod tests {
     use crate::virtio::ActivateError;
     use std::sync::Mutex;
 
+    /// (negotiated features, queue sizes) seen at activation.
+    type Activation = Arc<Mutex<Option<(u64, Vec<u16>)>>>;
+
     #[derive(Debug, Default)]
     pub(crate) struct Probe {
-        pub activated: Arc<Mutex<Option<(u64, Vec<u16>)>>>,
+        pub activated: Activation,
         pub resets: Arc<Mutex<u32>>,
     }
 
@@ -606,7 +611,10 @@ pub(crate) mod tests {
         wr(&mut t, 0x38, 4);
         wr(&mut t, 0x80, 0xdead_0000);
         wr(&mut t, 0x44, 0);
-        assert_eq!(t.counters.refused_writes.load(Ordering::Relaxed), refused + 3);
+        assert_eq!(
+            t.counters.refused_writes.load(Ordering::Relaxed),
+            refused + 3
+        );
         assert_eq!(rd(&mut t, 0x44), 1);
         // Features cannot change either, nor can status bits be removed.
         wr(&mut t, 0x20, 0);

@@ -179,10 +179,10 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
@@ -193,8 +193,18 @@ mod tests {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
         let descs = [
-            RawDescriptor::from(Descriptor::new(0x10_0000, 100, VRING_DESC_F_WRITE as u16, 0)),
-            RawDescriptor::from(Descriptor::new(0x20_0000, 200, VRING_DESC_F_WRITE as u16, 0)),
+            RawDescriptor::from(Descriptor::new(
+                0x10_0000,
+                100,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+            RawDescriptor::from(Descriptor::new(
+                0x20_0000,
+                200,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
         ];
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
@@ -216,9 +226,19 @@ mod tests {
             // read-only buffer: nothing to fill
             RawDescriptor::from(Descriptor::new(0x10_0000, 100, 0, 0)),
             // outside guest memory
-            RawDescriptor::from(Descriptor::new(0xffff_0000, 100, VRING_DESC_F_WRITE as u16, 0)),
+            RawDescriptor::from(Descriptor::new(
+                0xffff_0000,
+                100,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
             // huge length, capped
-            RawDescriptor::from(Descriptor::new(0x10_0000, 3 << 20, VRING_DESC_F_WRITE as u16, 0)),
+            RawDescriptor::from(Descriptor::new(
+                0x10_0000,
+                3 << 20,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
         ];
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();

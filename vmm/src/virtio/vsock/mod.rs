@@ -87,7 +87,10 @@ fn run(
     }
     let mut events = vec![EpollEvent::default(); 64];
     loop {
-        let n = mux.epoll().wait(-1, &mut events).map_err(MuxerError::Epoll)?;
+        let n = mux
+            .epoll()
+            .wait(-1, &mut events)
+            .map_err(MuxerError::Epoll)?;
         let mut notify = false;
         for e in &events[..n] {
             match e.data() {
@@ -153,7 +156,10 @@ impl VirtioDevice for Vsock {
             let what = what.to_string();
             move |source| ActivateError::Backend { what, source }
         };
-        let listener = self.listener.try_clone().map_err(backend("listener clone"))?;
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(backend("listener clone"))?;
         let (cid, path, counters) = (self.guest_cid, self.uds_path.clone(), self.counters.clone());
         let worker = Worker::spawn("virtio-vsock", move |ep| {
             let mux = match Muxer::new(cid, path, listener, ep, counters) {

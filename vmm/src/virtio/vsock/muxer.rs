@@ -383,7 +383,11 @@ impl Muxer {
         let t = self.alloc_token();
         let c = Conn::new(p.stream, local, port, ConnState::Connecting);
         let h = self.header(&c, op::REQUEST, 0, 0);
-        if self.epoll.add(c.stream.as_raw_fd(), t, EventSet::empty()).is_err() {
+        if self
+            .epoll
+            .add(c.stream.as_raw_fd(), t, EventSet::empty())
+            .is_err()
+        {
             return;
         }
         self.by_ports.insert((local, port), t);
@@ -527,7 +531,11 @@ impl Muxer {
         let mut c = Conn::new(stream, h.dst_port, h.src_port, ConnState::Established);
         c.peer_buf_alloc = h.buf_alloc;
         c.peer_fwd_cnt = Wrapping(h.fwd_cnt);
-        if self.epoll.add(c.stream.as_raw_fd(), t, EventSet::empty()).is_err() {
+        if self
+            .epoll
+            .add(c.stream.as_raw_fd(), t, EventSet::empty())
+            .is_err()
+        {
             let rst = self.rst_for(h);
             self.rx_ctrl.push_back(rst);
             return;
@@ -661,7 +669,13 @@ impl Muxer {
                     c.host_eof = true;
                     let (h, state) = if c.state == ConnState::Established {
                         (
-                            header(self.guest_cid, c, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0),
+                            header(
+                                self.guest_cid,
+                                c,
+                                op::SHUTDOWN,
+                                SHUTDOWN_RCV | SHUTDOWN_SEND,
+                                0,
+                            ),
                             ConnState::Closing,
                         )
                     } else {
@@ -713,10 +727,9 @@ impl Muxer {
                 continue;
             }
             let want = c.desired_interest();
-            if c.interest != Some(want) {
-                if self.epoll.modify(c.stream.as_raw_fd(), *t, want).is_ok() {
-                    c.interest = Some(want);
-                }
+            if c.interest != Some(want) && self.epoll.modify(c.stream.as_raw_fd(), *t, want).is_ok()
+            {
+                c.interest = Some(want);
             }
         }
     }
@@ -776,5 +789,7 @@ pub fn parse_connect(line: &[u8]) -> Result<u32, &'static str> {
     let port = s
         .strip_prefix("CONNECT ")
         .ok_or("expected `CONNECT <port>`")?;
-    port.trim().parse::<u32>().map_err(|_| "invalid port number")
+    port.trim()
+        .parse::<u32>()
+        .map_err(|_| "invalid port number")
 }

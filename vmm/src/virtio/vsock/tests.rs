@@ -80,7 +80,12 @@ impl<'a> Rig<'a> {
         self.mem.write_obj(h, GuestAddress(ha)).unwrap();
         let mut descs = vec![];
         if payload.is_empty() {
-            descs.push(RawDescriptor::from(Descriptor::new(ha, HDR_SIZE as u32, 0, 0)));
+            descs.push(RawDescriptor::from(Descriptor::new(
+                ha,
+                HDR_SIZE as u32,
+                0,
+                0,
+            )));
         } else {
             let da = self.alloc(payload.len() as u64);
             self.mem.write_slice(payload, GuestAddress(da)).unwrap();
@@ -90,7 +95,12 @@ impl<'a> Rig<'a> {
                 VRING_DESC_F_NEXT as u16,
                 self.tx_descs + 1,
             )));
-            descs.push(RawDescriptor::from(Descriptor::new(da, payload.len() as u32, 0, 0)));
+            descs.push(RawDescriptor::from(Descriptor::new(
+                da,
+                payload.len() as u32,
+                0,
+                0,
+            )));
         }
         let n = descs.len() as u16;
         self.txq.add_desc_chains(&descs, self.tx_descs).unwrap();
@@ -141,7 +151,13 @@ impl<'a> Rig<'a> {
         let mut out = vec![];
         let mut i = before;
         while i != after {
-            let elem = self.rxq.used().ring().ref_at(usize::from(i % 256)).unwrap().load();
+            let elem = self
+                .rxq
+                .used()
+                .ring()
+                .ref_at(usize::from(i % 256))
+                .unwrap()
+                .load();
             i = i.wrapping_add(1);
             let (ha, da) = self.rx_bufs[&(elem.id() as u16)];
             let h: Header = self.mem.read_obj(GuestAddress(ha)).unwrap();
@@ -185,7 +201,10 @@ fn guest_initiated_stream_both_ways() {
     assert_eq!(got.len(), 1);
     let (h, _) = &got[0];
     assert_eq!({ h.op }, op::RESPONSE);
-    assert_eq!(({ h.src_port }, { h.dst_port }, { h.dst_cid }), (5000, 1234, CID));
+    assert_eq!(
+        ({ h.src_port }, { h.dst_port }, { h.dst_cid }),
+        (5000, 1234, CID)
+    );
     assert_eq!({ h.buf_alloc }, BUF_ALLOC);
 
     r.send(hdr(1234, 5000, op::RW, 5), b"hello");
@@ -229,7 +248,10 @@ fn host_initiated_connect_ok_and_refused() {
     let got = r.pump();
     assert_eq!(got.len(), 1);
     let req = got[0].0;
-    assert_eq!(({ req.op }, { req.dst_port }, { req.dst_cid }), (op::REQUEST, 1024, CID));
+    assert_eq!(
+        ({ req.op }, { req.dst_port }, { req.dst_cid }),
+        (op::REQUEST, 1024, CID)
+    );
     let local = req.src_port;
     r.send(hdr(1024, local, op::RESPONSE, 0), &[]);
     let mut line = [0u8; 14];
@@ -304,18 +326,29 @@ fn malformed_packets_are_contained() {
     // unknown op on an unknown stream
     r.send(hdr(1, 2, 77, 0), &[]);
     // payload larger than the maximum packet
-    r.send(hdr(1234, 5000, op::RW, (MAX_PKT_PAYLOAD + 1) as u32), &[0u8; 16]);
+    r.send(
+        hdr(1234, 5000, op::RW, (MAX_PKT_PAYLOAD + 1) as u32),
+        &[0u8; 16],
+    );
     // header truncated: a 10-byte chain
     let a = r.alloc(16);
     r.txq
-        .add_desc_chains(&[RawDescriptor::from(Descriptor::new(a, 10, 0, 0))], r.tx_descs)
+        .add_desc_chains(
+            &[RawDescriptor::from(Descriptor::new(a, 10, 0, 0))],
+            r.tx_descs,
+        )
         .unwrap();
     r.tx_descs += 1;
     r.mux.process_tx(&mut r.tx, &m).unwrap();
     // descriptor outside guest memory
     r.txq
         .add_desc_chains(
-            &[RawDescriptor::from(Descriptor::new(0xffff_ff00_0000, 44, 0, 0))],
+            &[RawDescriptor::from(Descriptor::new(
+                0xffff_ff00_0000,
+                44,
+                0,
+                0,
+            ))],
             r.tx_descs,
         )
         .unwrap();
@@ -323,7 +356,10 @@ fn malformed_packets_are_contained() {
     r.mux.process_tx(&mut r.tx, &m).unwrap();
     let _bufs = r.offer_rx(16, 4096);
     let got = r.pump();
-    assert!(got.iter().all(|g| g.0.op == op::RST || g.0.op == op::RESPONSE));
+    assert!(
+        got.iter()
+            .all(|g| g.0.op == op::RST || g.0.op == op::RESPONSE)
+    );
     assert!(got.iter().filter(|g| g.0.op == op::RST).count() >= 2);
 }
 
@@ -342,7 +378,11 @@ fn guest_overrunning_credit_is_reset() {
             break;
         }
     }
-    assert_eq!(r.mux.connections(), 0, "stream must be reset after credit overrun");
+    assert_eq!(
+        r.mux.connections(),
+        0,
+        "stream must be reset after credit overrun"
+    );
 }
 
 #[test]
