@@ -5,177 +5,15 @@
 //! teardown. Needs root (mounts, the agent's host mode). After each test nothing may be
 //! left: processes, mounts, state entries, sockets.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod runtime_common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use carapace_tests::{fixtures, workspace_bin};
+use runtime_common::{env, env_with, script, stderr, stdout};
 use serde_json::{Value, json};
-
-struct Env {
-    tmp: tempfile::TempDir,
-    root: PathBuf,
-    config: PathBuf,
-    host_agent: Option<PathBuf>,
-}
-
-fn is_root() -> bool {
-    // SAFETY-free check through /proc: uid line "Uid: real effective ...".
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0")
-}
-
-fn env_with(config_extra: &str) -> Option<Env> {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return None;
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("carapace-rt-")
-        .tempdir()
-        .unwrap();
-    let config = tmp.path().join("configuration.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[fs]\npath = {:?}\n[agent]\nboot_timeout_ms = 20000\n{config_extra}",
-            workspace_bin("carapace-fsd").display().to_string()
-        ),
-    )
-    .unwrap();
-    Some(Env {
-        root: tmp.path().join("run"),
-        config,
-        host_agent: Some(workspace_bin("carapace-agent")),
-        tmp,
-    })
-}
-
-fn env() -> Option<Env> {
-    env_with("")
-}
-
-impl Env {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(workspace_bin("carapace"));
-        c.arg("--root")
-            .arg(&self.root)
-            .arg("--config")
-            .arg(&self.config);
-        if let Some(a) = &self.host_agent {
-            c.arg("--host-agent").arg(a);
-        }
-        c.args(args).stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).output().expect("running carapace");
-        eprintln!(
-            "carapace {args:?} -> {:?}\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// `carapace ARGS` whose stdout/stderr (and a created container's relayed stdio) go
-    /// to files, so that a background relay does not hold a pipe of ours open.
-    fn run_to_files(&self, args: &[&str], name: &str) -> (i32, PathBuf) {
-        let out = self.tmp.path().join(format!("{name}.out"));
-        let err = self.tmp.path().join(format!("{name}.err"));
-        let status = self
-            .cmd(args)
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .status()
-            .unwrap();
-        eprintln!(
-            "carapace {args:?} -> {:?}; stderr: {}",
-            status.code(),
-            std::fs::read_to_string(&err).unwrap_or_default()
-        );
-        (status.code().unwrap_or(-1), out)
-    }
-
-    fn bundle(&self, name: &str, spec: &Value) -> PathBuf {
-        fixtures::busybox_bundle(&self.tmp.path().join(name), spec).unwrap()
-    }
-
-    fn state(&self, id: &str) -> Value {
-        let out = self.run(&["state", id]);
-        assert!(out.status.success());
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn wait_status(&self, id: &str, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.state(id)["status"] != want {
-            assert!(Instant::now() < deadline, "{id} never became {want}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Everything of this test still on the system: processes, mounts, state entries,
-    /// sockets (by the test's unique directory in their command lines and paths).
-    fn leftovers(&self) -> Vec<String> {
-        let tag = self.tmp.path().display().to_string();
-        let mut left = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.parse::<u32>().is_err() || name == std::process::id().to_string() {
-                continue;
-            }
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|s| s.trim_start().starts_with('Z'));
-            if cmdline.contains(&tag) && !zombie {
-                left.push(format!("process {name}: {cmdline}"));
-            }
-        }
-        for l in std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-        {
-            if l.contains(&tag) {
-                left.push(format!("mount: {l}"));
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(&self.root) {
-            for e in entries.flatten() {
-                left.push(format!("state entry: {}", e.path().display()));
-            }
-        }
-        for l in std::fs::read_to_string("/proc/net/unix").unwrap().lines() {
-            if l.contains(&tag) {
-                left.push(format!("socket: {l}"));
-            }
-        }
-        left
-    }
-
-    fn assert_clean(&self) {
-        let left = self.leftovers();
-        assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[test]
 fn run_prints_output_and_exits_with_the_containers_status() {
@@ -395,14 +233,6 @@ fn missing_kernel_fails_before_anything_starts() {
         "{err}"
     );
     env.assert_clean();
-}
-
-fn script(env: &Env, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = env.tmp.path().join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
 }
 
 #[test]
