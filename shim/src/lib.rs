@@ -7,5 +7,7 @@
 
 pub mod backend;
 pub mod pod;
+pub mod runtime_backend;
+pub mod service;
 pub mod stdio;
 pub mod tasks;

@@ -1,0 +1,147 @@
+//! The real backend: sandboxes from `carapace-runtime` (fs daemon + VMM + guest agent),
+//! configured by Carapace's configuration file.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use carapace_runtime::agent::{AgentApi, ExitInfo, Transport, TtrpcConnector};
+use carapace_runtime::launcher::{BinaryLauncher, HostAgentLauncher, Launcher};
+use carapace_runtime::mounts::{Mounter, SysMounter};
+use carapace_runtime::sandbox::{Placement, Runtime};
+use carapace_runtime::state::StateStore;
+
+use crate::backend::{Backend, BackendError, RootfsMount, rootfs_dir};
+use crate::pod::Role;
+
+/// Environment variable naming a `carapace-agent` binary to run in host mode instead of
+/// booting VMs (containers then run on the host): for testing the shim with a real
+/// containerd on hosts that cannot boot guests. Never set in production.
+pub const HOST_AGENT_ENV: &str = "CARAPACE_SHIM_HOST_AGENT";
+
+/// Sandboxes through `carapace-runtime`.
+#[derive(Debug)]
+pub struct RuntimeBackend {
+    runtime: Runtime,
+}
+
+impl RuntimeBackend {
+    /// Loads the configuration (`CARAPACE_CONFIG` or `/etc/carapace/configuration.toml`)
+    /// and builds the runtime.
+    pub fn from_env() -> Result<Self, String> {
+        let env = std::env::var_os(carapace_config::ENV_VAR).map(std::path::PathBuf::from);
+        let loaded = carapace_config::load(None, env.as_deref()).map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        })?;
+        let config = loaded.config;
+        let binary = BinaryLauncher {
+            config: config.clone(),
+        };
+        let host_agent = std::env::var_os(HOST_AGENT_ENV).map(std::path::PathBuf::from);
+        let (placement, launcher, transport): (Placement, Arc<dyn Launcher>, Transport) =
+            match host_agent {
+                None => (Placement::Vm, Arc::new(binary), Transport::HybridVsock),
+                Some(agent) => (
+                    Placement::HostAgent,
+                    Arc::new(HostAgentLauncher {
+                        agent,
+                        inner: binary,
+                    }),
+                    Transport::Unix,
+                ),
+            };
+        Ok(Self {
+            runtime: Runtime {
+                placement,
+                store: StateStore::new(config.runtime.state_dir.clone()),
+                launcher,
+                connector: Arc::new(TtrpcConnector {
+                    transport,
+                    request_timeout: Duration::from_millis(config.agent.request_timeout_ms),
+                }),
+                mounter: Arc::new(SysMounter),
+                config,
+            },
+        })
+    }
+
+    fn unmount_rootfs(&self, bundle: &Path) {
+        let rootfs = rootfs_dir(bundle);
+        if SysMounter
+            .mounts_under(&rootfs)
+            .iter()
+            .any(|m| m == &rootfs)
+            && let Err(e) = SysMounter.unmount(&rootfs)
+        {
+            tracing::warn!(rootfs = %rootfs.display(), error = %e, "cannot unmount the rootfs");
+        }
+    }
+}
+
+impl Backend for RuntimeBackend {
+    fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        rootfs: &[RootfsMount],
+        role: &Role,
+    ) -> Result<Arc<dyn AgentApi>, BackendError> {
+        if let Role::Container { sandbox_id } = role {
+            return Err(BackendError::new(
+                "creating",
+                id,
+                format!(
+                    "joining the VM of pod sandbox {sandbox_id} is not implemented yet: \
+                     carapace-runtime runs one container per VM"
+                ),
+            ));
+        }
+        let target = rootfs_dir(bundle);
+        for m in rootfs {
+            let fstype = Some(m.fstype.as_str()).filter(|s| !s.is_empty());
+            let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
+            containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target)
+                .map_err(|e| BackendError::new("mounting the rootfs of", id, e.to_string()))?;
+        }
+        let created = self
+            .runtime
+            .create(id, bundle)
+            .and_then(|st| self.runtime.agent(&st));
+        match created {
+            Ok(agent) => Ok(agent),
+            Err(e) => {
+                let _ = self.runtime.delete(id, true);
+                self.unmount_rootfs(bundle);
+                Err(BackendError::new("creating the sandbox of", id, e))
+            }
+        }
+    }
+
+    fn start(&self, id: &str, _role: &Role) -> Result<u32, BackendError> {
+        self.runtime
+            .start(id)
+            .map_err(|e| BackendError::new("starting", id, e))
+    }
+
+    fn record_exit(&self, id: &str, _role: &Role, exit: ExitInfo) {
+        if let Err(e) = self.runtime.record_exit(id, exit) {
+            tracing::warn!(id, error = %e, "cannot record the exit");
+        }
+    }
+
+    fn delete(&self, id: &str, bundle: &Path, _role: &Role) -> Result<(), BackendError> {
+        let result = self.runtime.delete(id, true);
+        self.unmount_rootfs(bundle);
+        result.map_err(|e| BackendError::new("deleting", id, e))
+    }
+
+    fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError> {
+        self.delete(id, bundle, &Role::Standalone)
+    }
+}

@@ -1,0 +1,574 @@
+//! containerd's side: the shim v2 lifecycle (`start`, `delete`, serving) and the Task
+//! service, mapped onto [`Tasks`]; events forwarded to containerd's event service.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use containerd_shim::api;
+use containerd_shim::asynchronous::{ExitSignal, Shim, spawn};
+use containerd_shim::event::Event as ShimEvent;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim::protos::ttrpc::{Code, get_status};
+
+fn get_rpc_status(code: Code, msg: impl ToString) -> containerd_shim::protos::ttrpc::Error {
+    containerd_shim::protos::ttrpc::Error::RpcStatus(get_status(code, msg))
+}
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, Context, DeleteResponse, Error, Flags, StartOpts, TtrpcResult};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::backend::{Backend, RootfsMount};
+use crate::pod::Role;
+use crate::stdio::StdioPaths;
+use crate::tasks::{CreateRequest, Event, Exit, ProcState, TaskError, Tasks};
+
+/// The runtime type containerd knows this shim by.
+pub const RUNTIME_ID: &str = "io.containerd.carapace.v2";
+
+/// Exit status `shim delete` reports for a task whose shim was killed.
+const KILLED_STATUS: u32 = 128 + 9;
+
+/// Builds the backend; the binary passes the real one.
+pub type BackendFactory = fn() -> Result<Arc<dyn Backend>, String>;
+
+/// The shim: lifecycle and Task service.
+#[derive(Clone)]
+pub struct Service {
+    id: String,
+    namespace: String,
+    bundle: PathBuf,
+    tasks: Arc<Tasks>,
+    backend: Arc<dyn Backend>,
+    events: Arc<Mutex<Option<mpsc::UnboundedReceiver<Event>>>>,
+    exit: Arc<ExitSignal>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+static FACTORY: std::sync::OnceLock<BackendFactory> = std::sync::OnceLock::new();
+
+/// Sets how the shim builds its backend; call before [`containerd_shim::asynchronous::run`].
+pub fn set_backend_factory(f: BackendFactory) {
+    let _ = FACTORY.set(f);
+}
+
+fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    MessageField::some(Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+        ..Default::default()
+    })
+}
+
+/// containerd's error for a task error: the code it understands, the whole chain as text.
+fn status(e: TaskError) -> containerd_shim::protos::ttrpc::Error {
+    let code = match &e {
+        TaskError::NotFound { .. } => Code::NOT_FOUND,
+        TaskError::AlreadyExists { .. } => Code::ALREADY_EXISTS,
+        TaskError::WrongState { .. } => Code::FAILED_PRECONDITION,
+        TaskError::Pod { .. } | TaskError::Stdio { .. } => Code::INVALID_ARGUMENT,
+        _ => Code::INTERNAL,
+    };
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    tracing::warn!(error = %msg, "request failed");
+    get_rpc_status(code, msg)
+}
+
+/// Converts a task event into containerd's event message.
+pub fn to_shim_event(ev: Event) -> Box<dyn ShimEvent + Send + Sync> {
+    match ev {
+        Event::Create {
+            id,
+            bundle,
+            stdio,
+            pid,
+        } => Box::new(TaskCreate {
+            container_id: id,
+            bundle: bundle.display().to_string(),
+            io: MessageField::some(TaskIO {
+                stdin: stdio.stdin,
+                stdout: stdio.stdout,
+                stderr: stdio.stderr,
+                terminal: stdio.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        }),
+        Event::Start { id, pid } => Box::new(TaskStart {
+            container_id: id,
+            pid,
+            ..Default::default()
+        }),
+        Event::ExecAdded { id, exec_id } => Box::new(TaskExecAdded {
+            container_id: id,
+            exec_id,
+            ..Default::default()
+        }),
+        Event::ExecStarted { id, exec_id, pid } => Box::new(TaskExecStarted {
+            container_id: id,
+            exec_id,
+            pid,
+            ..Default::default()
+        }),
+        Event::Exit {
+            id,
+            exec_id,
+            pid,
+            exit,
+        } => Box::new(TaskExit {
+            // containerd wants the container id as the process id of an init's exit
+            id: if exec_id.is_empty() {
+                id.clone()
+            } else {
+                exec_id
+            },
+            container_id: id,
+            pid,
+            exit_status: exit.status,
+            exited_at: timestamp(exit.at),
+            ..Default::default()
+        }),
+        Event::Delete { id, pid, exit } => Box::new(TaskDelete {
+            container_id: id.clone(),
+            id,
+            pid,
+            exit_status: exit.status,
+            exited_at: timestamp(exit.at),
+            ..Default::default()
+        }),
+    }
+}
+
+fn stdio(stdin: String, stdout: String, stderr: String, terminal: bool) -> StdioPaths {
+    StdioPaths {
+        stdin,
+        stdout,
+        stderr,
+        terminal,
+    }
+}
+
+fn exit_fields(exit: Exit) -> (u32, MessageField<Timestamp>) {
+    (exit.status, timestamp(exit.at))
+}
+
+#[async_trait]
+impl Shim for Service {
+    type T = Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        let backend = match FACTORY.get().map(|f| f()) {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                eprintln!("containerd-shim-carapace-v2: {e}");
+                std::process::exit(2);
+            }
+            None => {
+                eprintln!("containerd-shim-carapace-v2: no backend configured");
+                std::process::exit(2);
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        Service {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(&args.bundle)),
+            tasks: Arc::new(Tasks::new(backend.clone(), tx)),
+            backend,
+            events: Arc::new(Mutex::new(Some(rx))),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        // One shim (and one VM) per pod: containers of a pod group under its sandbox id.
+        let role = Role::from_bundle(&self.bundle).unwrap_or(Role::Standalone);
+        let grouping = role.vm_id(&opts.id).to_owned();
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let (backend, id, bundle) = (self.backend.clone(), self.id.clone(), self.bundle.clone());
+        let cleaned = tokio::task::spawn_blocking(move || backend.cleanup(&id, &bundle))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))?;
+        if let Err(e) = cleaned {
+            return Err(Error::Other(format!("{e}: {}", e.source)));
+        }
+        Ok(DeleteResponse {
+            exit_status: KILLED_STATUS,
+            exited_at: timestamp(SystemTime::now()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        if let Some(mut rx) = self.events.lock().await.take() {
+            let namespace = self.namespace.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    let ev = to_shim_event(ev);
+                    let topic = ev.topic();
+                    if let Err(e) = publisher
+                        .publish(Context::default(), &topic, &namespace, ev)
+                        .await
+                    {
+                        tracing::warn!(%topic, error = %e, "cannot publish event");
+                    }
+                }
+            });
+        }
+        self.clone()
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        if !req.checkpoint.is_empty() {
+            return Err(get_rpc_status(
+                Code::UNIMPLEMENTED,
+                "checkpoint/restore is not supported by Carapace",
+            ));
+        }
+        let rootfs = req
+            .rootfs
+            .iter()
+            .map(|m| RootfsMount {
+                fstype: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let pid = self
+            .tasks
+            .create(CreateRequest {
+                id: req.id.clone(),
+                bundle: PathBuf::from(&req.bundle),
+                rootfs,
+                stdio: stdio(req.stdin, req.stdout, req.stderr, req.terminal),
+            })
+            .await
+            .map_err(status)?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = self
+            .tasks
+            .start(&req.id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let (pid, exit) = self
+            .tasks
+            .delete(&req.id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        let (exit_status, exited_at) = exit_fields(exit);
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        // The spec is the OCI process as JSON inside an Any.
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        if serde_json::from_slice::<serde_json::Value>(&spec).is_err() {
+            return Err(get_rpc_status(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "exec {}: the process spec is not OCI process JSON",
+                    req.exec_id
+                ),
+            ));
+        }
+        self.tasks
+            .exec(
+                &req.id,
+                &req.exec_id,
+                spec,
+                stdio(req.stdin, req.stdout, req.stderr, req.terminal),
+            )
+            .map_err(status)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        self.tasks
+            .kill(&req.id, &req.exec_id, req.signal, req.all)
+            .await
+            .map_err(status)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let exit = self
+            .tasks
+            .wait(&req.id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        let (exit_status, exited_at) = exit_fields(exit);
+        Ok(api::WaitResponse {
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let p = self.tasks.state(&req.id, &req.exec_id).map_err(status)?;
+        let state = match p.state {
+            ProcState::Created => api::Status::CREATED,
+            ProcState::Running => api::Status::RUNNING,
+            ProcState::Stopped => api::Status::STOPPED,
+        };
+        let (exit_status, exited_at) = p.exit.map(exit_fields).unwrap_or_default();
+        Ok(api::StateResponse {
+            id: p.id,
+            exec_id: p.exec_id,
+            bundle: p.bundle.display().to_string(),
+            pid: p.pid,
+            status: state.into(),
+            stdin: p.stdio.stdin,
+            stdout: p.stdio.stdout,
+            stderr: p.stdio.stderr,
+            terminal: p.stdio.terminal,
+            exit_status,
+            exited_at,
+            ..Default::default()
+        })
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let pids = self.tasks.pids(&req.id).await.map_err(status)?;
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| containerd_shim::protos::types::task::ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.tasks
+            .resize(&req.id, &req.exec_id, req.width, req.height)
+            .await
+            .map_err(status)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        if req.stdin {
+            self.tasks
+                .close_stdin(&req.id, &req.exec_id)
+                .await
+                .map_err(status)?;
+        }
+        Ok(api::Empty::default())
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self.tasks.state(&req.id, "").map(|p| p.pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        // containerd asks after each delete; the shim stays while its pod has containers.
+        if req.now || self.tasks.is_empty() {
+            tracing::info!(id = %req.id, "shutting down");
+            self.exit.signal();
+        }
+        Ok(api::Empty::default())
+    }
+}
+
+/// The bundle a `shim start`/`shim delete` runs in (containerd sets the working directory).
+pub fn bundle_dir(flags_bundle: &str) -> PathBuf {
+    if flags_bundle.is_empty() {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+    } else {
+        Path::new(flags_bundle).to_path_buf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn downcast<M: containerd_shim::protos::protobuf::MessageFull>(
+        ev: &(dyn ShimEvent + Send + Sync),
+    ) -> &M {
+        let m: &dyn containerd_shim::protos::protobuf::MessageDyn = ev;
+        m.downcast_ref::<M>().expect("the expected message type")
+    }
+
+    #[test]
+    fn events_map_to_containerd_messages_and_topics() {
+        let at = UNIX_EPOCH + std::time::Duration::from_millis(1_500);
+        let exit = Exit { status: 3, at };
+        let ev = to_shim_event(Event::Exit {
+            id: "c1".into(),
+            exec_id: String::new(),
+            pid: 7,
+            exit,
+        });
+        assert_eq!(ev.topic(), "/tasks/exit");
+        let m = downcast::<TaskExit>(&*ev);
+        assert_eq!((m.container_id.as_str(), m.id.as_str()), ("c1", "c1"));
+        assert_eq!((m.pid, m.exit_status), (7, 3));
+        assert_eq!((m.exited_at.seconds, m.exited_at.nanos), (1, 500_000_000));
+
+        let ev = to_shim_event(Event::Exit {
+            id: "c1".into(),
+            exec_id: "e1".into(),
+            pid: 8,
+            exit,
+        });
+        let m = downcast::<TaskExit>(&*ev);
+        assert_eq!(m.id, "e1");
+        for (ev, topic) in [
+            (
+                Event::Start {
+                    id: "c".into(),
+                    pid: 1,
+                },
+                "/tasks/start",
+            ),
+            (
+                Event::ExecAdded {
+                    id: "c".into(),
+                    exec_id: "e".into(),
+                },
+                "/tasks/exec-added",
+            ),
+            (
+                Event::ExecStarted {
+                    id: "c".into(),
+                    exec_id: "e".into(),
+                    pid: 2,
+                },
+                "/tasks/exec-started",
+            ),
+            (
+                Event::Delete {
+                    id: "c".into(),
+                    pid: 1,
+                    exit,
+                },
+                "/tasks/delete",
+            ),
+        ] {
+            assert_eq!(to_shim_event(ev).topic(), topic);
+        }
+    }
+
+    #[test]
+    fn task_errors_become_the_codes_containerd_understands() {
+        let e = status(TaskError::NotFound {
+            kind: "container",
+            id: "x".into(),
+        });
+        let containerd_shim::protos::ttrpc::Error::RpcStatus(s) = e else {
+            panic!("an RPC status");
+        };
+        assert_eq!(s.code(), Code::NOT_FOUND);
+        assert_eq!(s.message(), "container x not found");
+    }
+}
