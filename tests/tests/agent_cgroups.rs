@@ -124,7 +124,7 @@ fn pids_limit_is_enforced() {
             start(&a, "pids").await;
             // An exec that tries to start 8 more processes hits the limit.
             let process = json!({
-                "args": ["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 1000 & done; echo all-forked"],
+                "args": ["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 1000 >/dev/null 2>&1 & done; echo all-forked"],
                 "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
             });
             a.client
