@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 /// Bump when the kernel build steps change in a way that changes the output.
-pub const KERNEL_RECIPE: u32 = 1;
+pub const KERNEL_RECIPE: u32 = 2;
 /// Bump when the initramfs layout changes.
 pub const INITRAMFS_RECIPE: u32 = 1;
 

@@ -371,7 +371,8 @@ fn clean_env(cmd: &mut Command) {
     cmd.env("LC_ALL", "C")
         .env("KBUILD_BUILD_USER", "carapace")
         .env("KBUILD_BUILD_HOST", "carapace")
-        .env("KBUILD_BUILD_TIMESTAMP", "1970-01-01");
+        .env("KBUILD_BUILD_TIMESTAMP", "1970-01-01")
+        .env("KBUILD_BUILD_VERSION", "1");
 }
 
 fn make(src: &Path, args: &[&str]) -> Command {

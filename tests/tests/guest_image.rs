@@ -121,7 +121,8 @@ fn build_image() -> BuildReport {
 }
 
 fn boot(initrd: &Path, runs: u32, kernels: &[(&str, &Path)]) -> (Vec<Boot>, String) {
-    let deadline = 120u32;
+    // Generous: the lab is emulated and shared; a boot normally takes seconds.
+    let deadline = 300u32;
     let mut argv: Vec<String> = vec![
         "bash".into(),
         "-c".into(),
@@ -136,7 +137,7 @@ fn boot(initrd: &Path, runs: u32, kernels: &[(&str, &Path)]) -> (Vec<Boot>, Stri
         argv.push(k.display().to_string());
     }
     let lab = Lab::new().mem_mib(2048).timeout(Duration::from_secs(
-        60 + u64::from(deadline) * u64::from(runs) * kernels.len() as u64,
+        600 + u64::from(deadline) * u64::from(runs) * kernels.len() as u64,
     ));
     let out = lab
         .run(&argv)
@@ -193,11 +194,11 @@ fn median(mut v: Vec<u64>) -> u64 {
 /// Measurement for guest-image/README.md: time from starting QEMU to the agent's ready
 /// line, our kernel vs Debian's cloud kernel, same initramfs, same lab run, alternating.
 #[test]
-#[ignore = "measurement (about 2 minutes in the lab); numbers go in guest-image/README.md"]
+#[ignore = "measurement (a few minutes in the lab); numbers go in guest-image/README.md"]
 fn boot_time_vs_debian_cloud_kernel() {
     let img = build_image();
     let debian = debian_cloud_kernel();
-    let runs = 5;
+    let runs = 3;
     let (results, output) = boot(
         &img.initramfs,
         runs,
@@ -229,7 +230,7 @@ fn boot_time_vs_debian_cloud_kernel() {
             .unwrap_or(0)
     );
     println!(
-        "QEMU start -> `{READY}` (ms), {runs} runs each: carapace {ours:?}, debian-cloud {theirs:?}"
+        "time from starting QEMU to `{READY}` (ms), {runs} runs each: carapace {ours:?}, debian-cloud {theirs:?}"
     );
     println!(
         "median: carapace {mo} ms, debian-cloud {md} ms, ratio carapace/debian = {:.2}",
