@@ -101,12 +101,12 @@ before=$(snap)
 fsdpid=$!
 for _ in $(seq 1 200); do [[ -S $w/fs.sock ]] && break; sleep 0.1; done
 echo "HOST fsd-status $(grep -E '^(Seccomp|NoNewPrivs):' /proc/$fsdpid/status | tr -s '\t\n' '  ')"
-timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem -accel kvm -cpu host -m 512M -smp 2 \
+timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem,acpi=off -accel kvm -cpu host -m 512M -smp 2 \
   -object memory-backend-memfd,id=mem,size=512M,share=on \
   -nodefaults -no-user-config -display none -serial stdio -no-reboot \
   -chardev socket,id=fs0,path="$w/fs.sock" \
   -device vhost-user-fs-device,chardev=fs0,tag=shared,queue-size=1024 \
-  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 quiet" \
+  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 reboot=t quiet" \
   </dev/null 2>"$w/qemu.err" | tr -d '\r' | sed 's/^/SERIAL /'
 echo "HOST qemu-exit ${PIPESTATUS[0]}"
 for _ in $(seq 1 100); do kill -0 $fsdpid 2>/dev/null || break; sleep 0.1; done
@@ -251,12 +251,12 @@ run() { # label daemon-cmd...
   "$@" --socket-path "$w/fs.sock" --shared-dir "$w/shared" --cache never >"$w/d.log" 2>&1 &
   local d=$! max=0 v
   for _ in $(seq 1 200); do [[ -S $w/fs.sock ]] && break; sleep 0.1; done
-  timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem -accel kvm -cpu host -m 512M -smp 2 \
+  timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem,acpi=off -accel kvm -cpu host -m 512M -smp 2 \
     -object memory-backend-memfd,id=mem,size=512M,share=on \
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -chardev socket,id=fs0,path="$w/fs.sock" \
     -device vhost-user-fs-device,chardev=fs0,tag=shared,queue-size=1024 \
-    -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 quiet fsdcheck=bench" \
+    -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 reboot=t quiet fsdcheck=bench" \
     </dev/null 2>"$w/q.err" | tr -d '\r' | sed "s/^/SERIAL $label /" &
   local q=$!
   while kill -0 $q 2>/dev/null; do

@@ -97,10 +97,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         lock: _socket_lock,
     } = socket::listen(&opts.socket_path)?;
     let namespace = opts.sandbox == SandboxMode::Namespace;
-    if namespace {
-        sandbox::enter_namespaces(&cfg.shared_dir, cfg.readonly).map_err(DaemonError::Sandbox)?;
-    }
-    let fs = open_fs(cfg, &cfg.shared_dir).map_err(|source| DaemonError::Fs {
+    let export = if namespace {
+        sandbox::enter_namespaces(&cfg.shared_dir, cfg.readonly).map_err(DaemonError::Sandbox)?
+    } else {
+        cfg.shared_dir.clone()
+    };
+    let fs = open_fs(cfg, &export).map_err(|source| DaemonError::Fs {
         path: cfg.shared_dir.clone(),
         source,
     })?;

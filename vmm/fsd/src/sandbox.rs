@@ -2,15 +2,17 @@
 //!
 //! Namespace mode, in two phases around opening the export root:
 //! 1. [`enter_namespaces`]: own mount, IPC and network namespaces; every mount becomes a
-//!    slave (nothing we do propagates to the host, new host submounts still appear); the
-//!    shared dir is bind-mounted onto itself recursively (read-only when the export is).
+//!    slave (nothing we do propagates to the host, new host submounts still appear); an
+//!    empty tmpfs (the future root) holds the shared dir bind-mounted recursively at
+//!    `/shared` (read-only when the export is) and `/proc`.
 //! 2. (the caller opens the shared dir and `/proc/self/fd`, which stay valid), then
-//!    [`pivot_into`]: `pivot_root` into the shared dir and detach the old root, so no
-//!    path outside the shared dir exists in the daemon's view of the world.
+//!    [`pivot_into`]: `pivot_root` into that tmpfs (made read-only) and detach the old
+//!    root, so no host path but the shared dir exists in the daemon's view of the world.
 //!
 //! Then [`restrict`] (both modes): no_new_privs, drop every capability except those a
 //! file server acting for the guest's users needs, and the seccomp allow-list.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability, CapsHashSet};
@@ -76,8 +78,13 @@ fn mount_err<'a>(
     }
 }
 
-/// Phase 1 of the namespace sandbox (see the module documentation).
-pub fn enter_namespaces(shared_dir: &Path, readonly: bool) -> Result<(), SandboxError> {
+/// Name of the shared dir inside the daemon's own root.
+pub const SHARED_IN_ROOT: &str = "shared";
+
+/// Phase 1 of the namespace sandbox (see the module documentation). Returns the path
+/// under which the export is mounted in the new namespace; the caller opens it as the
+/// export root before [`pivot_into`].
+pub fn enter_namespaces(shared_dir: &Path, readonly: bool) -> Result<PathBuf, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWNET)
         .map_err(SandboxError::Unshare)?;
     let root = Path::new("/");
@@ -89,38 +96,115 @@ pub fn enter_namespaces(shared_dir: &Path, readonly: bool) -> Result<(), Sandbox
         None::<&str>,
     )
     .map_err(mount_err("make / a recursive slave", root))?;
+    // Opened in the new namespace, so the bind below copies our namespace's mount.
+    let host_dir = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(shared_dir)
+            .map_err(|e| SandboxError::Mount {
+                step: "open the shared dir",
+                path: shared_dir.to_path_buf(),
+                source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?
+    };
+    // The staging root: an empty tmpfs over the shared dir path (in our namespace only).
+    let plain = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(
-        Some(shared_dir),
+        Some("tmpfs"),
         shared_dir,
+        Some("tmpfs"),
+        plain,
+        Some("size=64k,mode=0755"),
+    )
+    .map_err(mount_err(
+        "mount the staging tmpfs over the shared dir",
+        shared_dir,
+    ))?;
+    let export = shared_dir.join(SHARED_IN_ROOT);
+    let proc_dir = shared_dir.join("proc");
+    for d in [&export, &proc_dir] {
+        nix::unistd::mkdir(d.as_path(), nix::sys::stat::Mode::from_bits_truncate(0o755))
+            .map_err(mount_err("create a directory in the staging tmpfs", d))?;
+    }
+    // The shared dir (now covered) is bound in through the descriptor opened above,
+    // recursively, so its submounts stay visible.
+    let source = PathBuf::from(format!("/proc/self/fd/{}", host_dir.as_raw_fd()));
+    mount(
+        Some(&source),
+        &export,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(mount_err("bind the shared dir onto itself", shared_dir))?;
+    .map_err(mount_err(
+        "bind the shared dir into the staging root",
+        &export,
+    ))?;
+    drop(host_dir);
+    // The recursive bind also copied the staging tmpfs itself (it is mounted on the very
+    // directory being bound); that copy now covers the export: take it off.
+    let dev = |p: &Path| nix::sys::stat::stat(p).map(|st| st.st_dev);
+    let staging_dev = dev(shared_dir).map_err(mount_err("stat the staging root", shared_dir))?;
+    if dev(&export).map_err(mount_err("stat the export", &export))? == staging_dev {
+        umount2(&export, MntFlags::MNT_DETACH).map_err(mount_err(
+            "remove the staging copy over the export",
+            &export,
+        ))?;
+    }
     if readonly {
         mount(
             None::<&str>,
-            shared_dir,
+            &export,
             None::<&str>,
             MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
             None::<&str>,
         )
-        .map_err(mount_err("remount the shared dir read-only", shared_dir))?;
+        .map_err(mount_err("remount the shared dir read-only", &export))?;
     }
-    Ok(())
+    // fuse-backend-rs reaches inodes for xattr calls through absolute /proc/self/fd/N
+    // paths, so the daemon keeps a /proc (process entries only where supported).
+    if mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        plain,
+        Some("subset=pid"),
+    )
+    .is_err()
+    {
+        mount(Some("proc"), &proc_dir, Some("proc"), plain, None::<&str>)
+            .map_err(mount_err("mount proc in the staging root", &proc_dir))?;
+    }
+    Ok(export)
 }
 
-/// Phase 2 of the namespace sandbox: the shared dir becomes `/`, the old root is gone.
-pub fn pivot_into(shared_dir: &Path) -> Result<(), SandboxError> {
-    chdir(shared_dir).map_err(mount_err("chdir into the shared dir", shared_dir))?;
-    // Stacking the old root under the new one with "." "." avoids needing a writable
-    // directory inside the shared dir; the old root is then detached from our view.
+/// Phase 2 of the namespace sandbox, after the export root was opened: the staging
+/// tmpfs is made read-only, becomes `/` (`pivot_root`), and the old root is detached.
+/// The daemon's whole view of the filesystem is then `/shared` (the export) and `/proc`.
+pub fn pivot_into(staging: &Path) -> Result<(), SandboxError> {
+    mount(
+        None::<&str>,
+        staging,
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(mount_err("make the staging tmpfs read-only", staging))?;
+    chdir(staging).map_err(mount_err("chdir into the staging root", staging))?;
+    // Stacking the old root under the new one with "." "." needs no directory for it;
+    // the old root is then detached from our view.
     pivot_root(".", ".").map_err(|source| SandboxError::PivotRoot {
-        path: shared_dir.to_path_buf(),
+        path: staging.to_path_buf(),
         source,
     })?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(mount_err("detach the old root", shared_dir))?;
-    chdir("/").map_err(mount_err("chdir to the new root", shared_dir))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(mount_err("detach the old root", staging))?;
+    chdir("/").map_err(mount_err("chdir to the new root", staging))?;
     Ok(())
 }
 

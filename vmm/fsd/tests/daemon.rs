@@ -170,16 +170,31 @@ fn namespace_sandbox_is_applied() {
         let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         assert_ne!(ours, its, "{ns} namespace is shared with the host");
     }
-    // Its root is the shared dir: through /proc/<pid>/root we see exactly its contents.
-    let mut names: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+    // Its root is an empty read-only tmpfs holding the export at /shared and /proc:
+    // through /proc/<pid>/root we see exactly that.
+    let root = format!("/proc/{pid}/root");
+    let mut names: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["inside"]);
-    // Its mount table has nothing but what is under the shared dir.
+    assert_eq!(names, ["proc", "shared"]);
+    assert!(std::path::Path::new(&format!("{root}/shared/inside")).exists());
+    // Its mount table has nothing else.
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
-    assert_eq!(mounts.lines().count(), 1, "{mounts}");
+    let points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(points, ["/", "/shared", "/proc"], "{mounts}");
+    let root_opts = mounts
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(3)
+        .unwrap();
+    assert!(root_opts.split(',').any(|o| o == "ro"), "{mounts}");
 
     child.kill().unwrap();
     child.wait().unwrap();

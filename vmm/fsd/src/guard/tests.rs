@@ -496,3 +496,22 @@ fn bad_names_are_refused_everywhere() {
 mod escape;
 mod seccomp_allowlist;
 mod submounts;
+
+#[test]
+fn lseek_on_a_created_handle() {
+    let f = fixture();
+    let args = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u32,
+        mode: 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (e, h, _, _) = f.fs.create(&f.ctx, ROOT, &c("sk"), args).unwrap();
+    let h = h.unwrap();
+    f.fs.fallocate(&f.ctx, e.inode, h, 0, 0, 1 << 20).unwrap();
+    assert_eq!(f.write(e.inode, h, b"end", 2 << 20).unwrap(), 3);
+    let hole =
+        f.fs.lseek(&f.ctx, e.inode, h, 0, libc::SEEK_HOLE as u32)
+            .unwrap();
+    assert!(hole <= (2 << 20) + 3);
+}
