@@ -67,11 +67,12 @@ impl Containerd {
     /// Starts containerd with all its state under `dir` (created; should be on a local
     /// filesystem that supports overlayfs, e.g. a tmpfs). `runtimes` are registered for CRI
     /// next to the default runc. `path_prepend` is put in front of containerd's `PATH`, so
-    /// it finds shim binaries there.
+    /// it finds shim binaries there; `env` is added to its environment (shims inherit it).
     pub fn start(
         dir: &Path,
         runtimes: &[RuntimeEntry],
         path_prepend: Option<&Path>,
+        env: &[(&str, &Path)],
     ) -> Result<Self, ContainerdError> {
         for tool in ["containerd", "ctr"] {
             if which(tool).is_none() {
@@ -100,7 +101,7 @@ impl Containerd {
             source,
         })?;
         let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(&config);
+        cmd.arg("--config").arg(&config).envs(env.iter().copied());
         if let Some(p) = path_prepend {
             let path = std::env::var("PATH").unwrap_or_default();
             cmd.env("PATH", format!("{}:{path}", p.display()));

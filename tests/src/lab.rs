@@ -237,7 +237,28 @@ pub fn host_can_boot_guests() -> bool {
 /// current test executable inside the lab, filtered to exactly this test, and panics
 /// with the lab's output if it fails there.
 pub fn in_kvm(module_path: &str, name: &str, lab: Lab, body: impl FnOnce()) {
-    if std::env::var_os(IN_LAB_ENV).is_some() || host_can_boot_guests() {
+    in_lab_unless(host_can_boot_guests(), module_path, name, lab, body);
+}
+
+/// Runs a test body where cgroup v2 has the cpu and memory controllers (container
+/// resource limits). Called by [`cgroup2_test!`]; like [`in_kvm`], it uses the lab (which
+/// mounts a full cgroup2 hierarchy) when this host has only cgroup v1 or a hybrid tree.
+pub fn in_cgroup2(module_path: &str, name: &str, lab: Lab, body: impl FnOnce()) {
+    in_lab_unless(host_has_cgroup2(), module_path, name, lab, body);
+}
+
+/// Whether `/sys/fs/cgroup` is a cgroup2 hierarchy offering the cpu and memory controllers.
+pub fn host_has_cgroup2() -> bool {
+    let controllers =
+        std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let list: Vec<&str> = controllers.split_whitespace().collect();
+    list.contains(&"cpu") && list.contains(&"memory")
+}
+
+/// Runs `body` here when `host_ok` (or when already inside the lab), otherwise re-runs this
+/// test inside the lab.
+pub fn in_lab_unless(host_ok: bool, module_path: &str, name: &str, lab: Lab, body: impl FnOnce()) {
+    if std::env::var_os(IN_LAB_ENV).is_some() || host_ok {
         body();
         return;
     }
@@ -251,7 +272,7 @@ pub fn in_kvm(module_path: &str, name: &str, lab: Lab, body: impl FnOnce()) {
         OsStr::new("--nocapture"),
         OsStr::new("--test-threads=1"),
     ];
-    let out = match lab.env(IN_LAB_ENV, "1").run(&argv) {
+    let out = match lab.mode(Mode::Lab).env(IN_LAB_ENV, "1").run(&argv) {
         Ok(out) => out,
         Err(e) => panic!("{test_path}: {e}"),
     };
@@ -303,6 +324,27 @@ macro_rules! kvm_test {
         #[test]
         fn $name() {
             $crate::lab::in_kvm(module_path!(), stringify!($name), $crate::lab::Lab::new(), || $body);
+        }
+    };
+}
+
+/// Declares an end-to-end test whose body needs cgroup v2 with the cpu and memory
+/// controllers; on a host without them it runs inside the lab. Same forms as [`kvm_test!`].
+#[macro_export]
+macro_rules! cgroup2_test {
+    ($(#[doc = $doc:literal])* #[lab($lab:expr)] $(#[$m:meta])* fn $name:ident() $body:block) => {
+        $(#[doc = $doc])*
+        $(#[$m])*
+        #[test]
+        fn $name() {
+            $crate::lab::in_cgroup2(module_path!(), stringify!($name), $lab, || $body);
+        }
+    };
+    ($(#[$m:meta])* fn $name:ident() $body:block) => {
+        $(#[$m])*
+        #[test]
+        fn $name() {
+            $crate::lab::in_cgroup2(module_path!(), stringify!($name), $crate::lab::Lab::new(), || $body);
         }
     };
 }

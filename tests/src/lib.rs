@@ -35,3 +35,13 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// Whether this process runs as root (effective uid 0), which most end-to-end tests need.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}

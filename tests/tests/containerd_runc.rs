@@ -13,7 +13,8 @@ fn busybox_image_imports_and_runs_under_runc() {
     let name = "docker.io/carapace/busybox:test";
     oci_image_archive(&rootfs, name, &["sh"], dir.path(), &archive).expect("image");
 
-    let ctrd = Containerd::start(&dir.path().join("containerd"), &[], None).expect("containerd");
+    let ctrd =
+        Containerd::start(&dir.path().join("containerd"), &[], None, &[]).expect("containerd");
     ctrd.import(&archive).expect("import");
     let images = ctrd.ctr(&["image", "ls", "-q"]).expect("image ls");
     assert!(String::from_utf8_lossy(&images.stdout).contains(name));
