@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build lint unit lab-test test demo
+.PHONY: setup build lint unit image lab-test test demo
 
 setup:
 	@bash scripts/setup.sh
@@ -20,8 +20,15 @@ lint: setup
 unit: setup
 	$(CARGO) test --workspace --exclude carapace-tests
 
-# end-to-end tests: run on the host when its KVM can boot guests, otherwise inside the lab
-lab-test: setup
+# the guest kernel and initramfs (cached by content outside the clone; a warm run is a few
+# hash checks, a cold kernel build about 5 minutes on 2 cores)
+image: setup
+	$(CARGO) run -p carapace-image -- build
+
+# end-to-end tests: run on the host when its KVM can boot guests, otherwise inside the lab.
+# They run the workspace's binaries, so those are built first.
+lab-test: setup image
+	$(CARGO) build --workspace --bins
 	$(CARGO) test -p carapace-tests -- --test-threads=1
 
 test: setup lint unit lab-test
