@@ -404,3 +404,64 @@ fn vmm_refuses_software_kvm() {
     }
     assert_eq!(out.status.code(), Some(3), "{err}");
 }
+
+fn virtiofsd() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    [
+        home.join(".cargo/bin/virtiofsd"),
+        "/usr/libexec/virtiofsd".into(),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+fn fs_with_virtiofsd(f: &Fixture) {
+    let Some(daemon) = virtiofsd() else {
+        panic!("virtiofsd is not installed (scripts/setup.sh installs it with cargo install)");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("shared dir");
+    std::fs::write(shared.join("hello.txt"), "hello from the host\n").expect("file");
+    let sock = dir.path().join("fs.sock");
+    let mut fsd = Command::new(daemon)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .args(["--sandbox", "none", "--cache", "never"])
+        .stderr(std::fs::File::create(dir.path().join("virtiofsd.log")).expect("log"))
+        .spawn()
+        .expect("spawn virtiofsd");
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fs_arg = format!("myfs={}", sock.display());
+    let vm_dir = tempfile::tempdir().expect("tempdir");
+    let mut vm = Vmm::start(f, vm_dir, "fs=myfs,poweroff", &["--fs", &fs_arg]);
+    let code = vm.wait_exit(BOOT_DEADLINE);
+    let _ = fsd.kill();
+    let _ = fsd.wait();
+    let serial = vm.serial();
+    assert!(
+        serial.contains("fs read hello from the host"),
+        "virtio-fs read failed:\n{serial}\nvmm:\n{}\nvirtiofsd:\n{}",
+        vm.log(),
+        std::fs::read_to_string(dir.path().join("virtiofsd.log")).unwrap_or_default()
+    );
+    assert_eq!(code, 0, "{}", vm.log());
+}
+
+#[test]
+fn vmm_virtio_fs_with_virtiofsd() {
+    let f = Fixture::get();
+    in_kvm(
+        module_path!(),
+        "vmm_virtio_fs_with_virtiofsd",
+        f.lab(),
+        || fs_with_virtiofsd(&f),
+    );
+}

@@ -107,6 +107,23 @@ pub struct BlockConfig {
     pub read_only: bool,
 }
 
+/// virtio-fs device served by a vhost-user backend (carapace-fsd or virtiofsd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The backend's vhost-user unix socket.
+    pub socket: PathBuf,
+    /// Mount tag seen by the guest (`mount -t virtiofs <tag> /mnt`), 1..=36 bytes.
+    pub tag: String,
+    /// Request queues (1..=8).
+    #[serde(default = "default_request_queues")]
+    pub request_queues: usize,
+}
+
+fn default_request_queues() -> usize {
+    1
+}
+
 /// A complete VM description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +151,9 @@ pub struct VmConfig {
     /// virtio-blk devices.
     #[serde(default)]
     pub block: Vec<BlockConfig>,
+    /// virtio-fs devices (vhost-user); guest memory becomes memfd-backed and shared.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// Attach a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
@@ -167,6 +187,7 @@ impl VmConfig {
             serial: SerialOutput::default(),
             vsock: None,
             block: Vec::new(),
+            fs: Vec::new(),
             rng: false,
             api_socket: None,
             shutdown_timeout_secs: default_shutdown_timeout(),
@@ -256,7 +277,21 @@ impl VmConfig {
         for b in &self.block {
             check_file("block.path", &b.path)?;
         }
-        let n = self.block.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        for f in &self.fs {
+            if f.tag.is_empty() || f.tag.len() > 36 {
+                return invalid("fs.tag", format!("{:?} must be 1..=36 bytes", f.tag));
+            }
+            if !(1..=8).contains(&f.request_queues) {
+                return invalid(
+                    "fs.request_queues",
+                    format!("{} is not in 1..=8", f.request_queues),
+                );
+            }
+        }
+        let n = self.block.len()
+            + self.fs.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng);
         if n > MAX_VIRTIO_DEVICES {
             return invalid(
                 "block",

@@ -81,10 +81,16 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
         })
 }
 
-fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
+fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) {
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
+                if tsc_deadline {
+                    // KVM emulates the TSC-deadline timer with the in-kernel LAPIC but does not
+                    // report it in KVM_GET_SUPPORTED_CPUID; without it Linux calibrates the
+                    // LAPIC timer against the PIT, slowly and (under emulation) unreliably.
+                    e.ecx |= 1 << 24;
+                }
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 e.ecx |= 1 << 31; // running under a hypervisor
                 if count > 1 {
@@ -103,9 +109,16 @@ fn kvm_err(id: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CpuE
 }
 
 /// Sets CPUID, MSRs, FPU and LAPIC of vCPU `id` (all vCPUs).
-pub fn setup_common(vcpu: &VcpuFd, base_cpuid: &CpuId, id: u8, count: u8) -> Result<(), CpuError> {
+/// `tsc_deadline`: advertise the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER).
+pub fn setup_common(
+    vcpu: &VcpuFd,
+    base_cpuid: &CpuId,
+    id: u8,
+    count: u8,
+    tsc_deadline: bool,
+) -> Result<(), CpuError> {
     let mut cpuid = base_cpuid.clone();
-    patch_cpuid(&mut cpuid, id, count);
+    patch_cpuid(&mut cpuid, id, count, tsc_deadline);
     vcpu.set_cpuid2(&cpuid)
         .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
 

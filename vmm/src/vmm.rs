@@ -284,8 +284,8 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        // No vhost-user device yet: anonymous memory (memfd when one is attached).
-        let mem = memory::create(u64::from(config.memory_mib) << 20, false)?;
+        // A vhost-user backend maps guest RAM: memfd-backed and shared only then.
+        let mem = memory::create(u64::from(config.memory_mib) << 20, !config.fs.is_empty())?;
         memory::register(&vm, &mem)?;
 
         let state = Arc::new(VmState::new(opts.start));
@@ -313,6 +313,15 @@ impl Vm {
                     source: Box::new(e),
                 })?;
             devices.push((format!("block{i}"), Box::new(d)));
+        }
+        for (i, f) in config.fs.iter().enumerate() {
+            let d = virtio::fs::VhostUserFs::connect(&f.socket, &f.tag, f.request_queues).map_err(
+                |e| VmmError::Device {
+                    device: format!("fs{i}"),
+                    source: Box::new(e),
+                },
+            )?;
+            devices.push((format!("fs{i}"), Box::new(d)));
         }
         if config.rng {
             devices.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
@@ -352,12 +361,13 @@ impl Vm {
         mptable::write(&mem, config.vcpus)?;
 
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut fds: Vec<VcpuFd> = Vec::new();
         for id in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            cpu::setup_common(&fd, &base_cpuid, id, config.vcpus)?;
+            cpu::setup_common(&fd, &base_cpuid, id, config.vcpus, tsc_deadline)?;
             if id == 0 {
                 cpu::setup_boot_vcpu(&fd, &mem, loaded.entry)?;
             }

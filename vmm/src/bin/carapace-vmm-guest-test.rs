@@ -8,6 +8,7 @@
 //! - `rng`: read 64 bytes from /dev/hwrng;
 //! - `echo`: vsock echo server on port 1024 (one thread per stream) and a control server on
 //!   port 1025 accepting `poweroff`, `reboot` or `panic` lines;
+//! - `fs=<tag>`: mount virtio-fs `<tag>` on /mnt and print /mnt/hello.txt;
 //! - `dial=<port>`: connect to the host (CID 2) port, send `hello <port>\n`, print the reply;
 //! - `poweroff` / `reboot`: when everything else is done.
 //!
@@ -226,6 +227,15 @@ fn main() {
             }
             "echo" => echo_server(),
             "poweroff" | "reboot" => finish = Some(item.clone()),
+            f if f.starts_with("fs=") => {
+                let tag = &f[3..];
+                let r = sys::mount(tag, "/mnt", "virtiofs")
+                    .and_then(|()| std::fs::read_to_string("/mnt/hello.txt"));
+                match r {
+                    Ok(text) => say(&format!("fs read {}", text.trim())),
+                    Err(e) => say(&format!("fs error {e}")),
+                }
+            }
             d if d.starts_with("dial=") => {
                 let port: u32 = d[5..].parse().unwrap_or(0);
                 let r = sys::connect(2, port).and_then(|mut s| {

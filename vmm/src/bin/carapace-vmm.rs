@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use carapace_vmm::config::{BlockConfig, SerialOutput, VmConfig, VsockConfig};
+use carapace_vmm::config::{BlockConfig, FsConfig, SerialOutput, VmConfig, VsockConfig};
 use carapace_vmm::exit::{EXIT_CONFIG, EXIT_VMM};
 use carapace_vmm::vmm::{RunOptions, Vm};
 use clap::Parser;
@@ -54,6 +54,10 @@ struct Cli {
     /// virtio-blk device from a raw image: `PATH` or `PATH,ro` (repeatable).
     #[arg(long, value_parser = parse_block)]
     block: Vec<BlockConfig>,
+    /// virtio-fs through a vhost-user backend: `TAG=SOCKET` (repeatable); guest memory is
+    /// then memfd-backed and shared with the backend.
+    #[arg(long, value_parser = parse_fs)]
+    fs: Vec<FsConfig>,
     /// Attach a virtio-rng device.
     #[arg(long)]
     rng: bool,
@@ -97,6 +101,15 @@ fn parse_block(s: &str) -> Result<BlockConfig, String> {
     })
 }
 
+fn parse_fs(s: &str) -> Result<FsConfig, String> {
+    let (tag, sock) = s.split_once('=').ok_or("expected TAG=SOCKET")?;
+    Ok(FsConfig {
+        socket: sock.into(),
+        tag: tag.into(),
+        request_queues: 1,
+    })
+}
+
 fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     let mut c = match (&cli.config, &cli.kernel) {
         (Some(p), _) => VmConfig::load(p, cli.stdin_toml)?,
@@ -128,6 +141,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
         });
     }
     c.block.extend(cli.block);
+    c.fs.extend(cli.fs);
     c.rng |= cli.rng;
     if cli.api_socket.is_some() {
         c.api_socket = cli.api_socket;
@@ -149,6 +163,7 @@ fn main() {
     let start = Instant::now();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

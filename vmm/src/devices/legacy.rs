@@ -34,6 +34,9 @@ impl Trigger for ResetTrigger {
     }
 }
 
+const I8042_STATUS: u16 = I8042_PORT + 4;
+const I8042_STATUS_OBF: u8 = 0x01;
+
 /// The 8250 UART type we use.
 pub type SerialDevice = Serial<IrqTrigger, NoEvents, BoundedOutput>;
 
@@ -67,6 +70,13 @@ impl PioBus {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
                 let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
                 data[0] = s.read((p - SERIAL_PORT) as u8);
+            }
+            I8042_STATUS if data.len() == 1 => {
+                // "Output buffer full", forever: Linux's i8042 probe flushes 16 bytes, decides
+                // there is no controller and moves on in about a millisecond, instead of
+                // timing out on commands this reset-only controller cannot answer. The
+                // reboot path only waits for "input buffer full" (bit 1) to clear.
+                data[0] = I8042_STATUS_OBF;
             }
             p if (I8042_PORT..=I8042_PORT + 4).contains(&p) && data.len() == 1 => {
                 let mut k = self.i8042.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,6 +125,14 @@ mod tests {
         let bus = PioBus::new(EventFd::new(0).unwrap(), out, state.clone());
         bus.write(MARKER_PORT, &[123]);
         assert!(state.boot_done().is_some());
+        let mut st = [0u8; 1];
+        bus.read(I8042_STATUS, &mut st);
+        assert_eq!(
+            st[0] & 0x02,
+            0,
+            "input buffer must read empty for the reboot path"
+        );
+        assert_eq!(st[0] & I8042_STATUS_OBF, I8042_STATUS_OBF);
         bus.write(MARKER_PORT, &[crate::state::MARKER_POWER_OFF]);
         bus.write(I8042_PORT + 4, &[0xfe]);
         assert_eq!(

@@ -12,6 +12,7 @@
 //! puts the device into DEVICE_NEEDS_RESET. The VMM never panics on guest input.
 
 pub mod blk;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
