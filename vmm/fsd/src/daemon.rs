@@ -82,7 +82,7 @@ impl DaemonError {
 pub fn open_fs(cfg: &FsConfig, root: &Path) -> io::Result<ServedFs> {
     let fs = PassthroughFs::<()>::new(cfg.passthrough_config(root))?;
     fs.import()?;
-    Ok(GuardedFs::new(fs, cfg.readonly))
+    Ok(GuardedFs::new(fs, cfg.readonly, cfg.writeback))
 }
 
 /// Serves one vhost-user connection, then returns.

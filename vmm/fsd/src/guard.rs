@@ -49,12 +49,18 @@ fn erofs() -> io::Error {
 pub struct GuardedFs<F> {
     inner: F,
     readonly: bool,
+    writeback: bool,
 }
 
 impl<F> GuardedFs<F> {
-    /// Wraps `inner`; with `readonly`, every modifying request fails with `EROFS`.
-    pub fn new(inner: F, readonly: bool) -> Self {
-        GuardedFs { inner, readonly }
+    /// Wraps `inner`; with `readonly`, every modifying request fails with `EROFS`;
+    /// `writeback` lets the guest use a writeback cache (never with `readonly`).
+    pub fn new(inner: F, readonly: bool, writeback: bool) -> Self {
+        GuardedFs {
+            inner,
+            readonly,
+            writeback: writeback && !readonly,
+        }
     }
 
     /// The wrapped filesystem.
@@ -90,11 +96,16 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let mut opts = self.inner.init(capable)?;
-        if self.readonly {
-            opts.remove(FsOptions::WRITEBACK_CACHE);
+        // fuse-backend-rs's passthrough, when it does not import its root itself (we
+        // import before the sandbox), assumes it runs under its VFS layer and turns on
+        // whatever the guest offers: zero-message open/opendir (no handles, so e.g.
+        // lseek fails) and the writeback cache. Offer only what we want.
+        let mut capable = capable;
+        capable.remove(FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR);
+        if !self.writeback {
+            capable.remove(FsOptions::WRITEBACK_CACHE);
         }
-        Ok(opts)
+        self.inner.init(capable)
     }
 
     fn destroy(&self) {

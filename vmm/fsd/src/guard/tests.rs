@@ -100,7 +100,11 @@ pub(crate) fn fixture_with(cache: CacheMode, readonly: bool) -> Fixture {
 pub(crate) fn fixture_in(dir: tempfile::TempDir, cache: CacheMode, readonly: bool) -> Fixture {
     let cfg = FsConfig::new(dir.path(), cache, readonly, true, false, 0).unwrap();
     let fs = open_fs(&cfg, &cfg.shared_dir).unwrap();
-    fs.init(FsOptions::empty()).unwrap();
+    // A guest offering everything, as Linux does.
+    let opts = fs.init(FsOptions::all()).unwrap();
+    assert!(!opts.contains(FsOptions::ZERO_MESSAGE_OPEN), "{opts:?}");
+    assert!(!opts.contains(FsOptions::ZERO_MESSAGE_OPENDIR), "{opts:?}");
+    assert!(!opts.contains(FsOptions::WRITEBACK_CACHE), "{opts:?}");
     // SAFETY: geteuid/getegid have no preconditions.
     let uid = unsafe { libc::geteuid() };
     // SAFETY: as above.
