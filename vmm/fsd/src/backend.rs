@@ -23,6 +23,9 @@ use fsd_vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 
 /// Guest memory as the vhost-user library hands it to us.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -86,6 +89,9 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
+    /// The exit event could not be created.
+    #[error("cannot create the queue thread's exit event")]
+    ExitEvent(#[source] io::Error),
     /// A worker thread could not be started.
     #[error("cannot start request worker thread {index}")]
     SpawnWorker {
@@ -120,6 +126,9 @@ pub struct FsBackend<F: FileSystem + Send + Sync> {
     shared: Arc<Shared<F>>,
     mem: RwLock<Option<Mem>>,
     pool: Option<SyncSender<Work>>,
+    /// Tells the queue thread to stop; the library signals it when the frontend is gone
+    /// and joins the thread (without it the daemon would hang on exit).
+    exit: (EventConsumer, EventNotifier),
 }
 
 impl<F: FileSystem + Send + Sync> std::fmt::Debug for FsBackend<F> {
@@ -153,10 +162,13 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
         } else {
             None
         };
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+            .map_err(BackendError::ExitEvent)?;
         Ok(FsBackend {
             shared,
             mem: RwLock::new(None),
             pool,
+            exit,
         })
     }
 
@@ -300,6 +312,12 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
 
     fn set_event_idx(&self, enabled: bool) {
         self.shared.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let consumer = self.exit.0.try_clone().ok()?;
+        let notifier = self.exit.1.try_clone().ok()?;
+        Some((consumer, notifier))
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {

@@ -225,3 +225,28 @@ fn readonly_sandbox_mounts_read_only() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn exits_cleanly_when_the_frontend_goes_away() {
+    let d = tempfile::tempdir().unwrap();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let sock = d.path().join("s.sock");
+    let mode = if is_root() { "namespace" } else { "none" };
+    let mut child = spawn(&sock, &shared, &["--sandbox", mode]);
+    wait_sandboxed(&mut child);
+    let conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "daemon exit status {st}");
+            break;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("daemon still running 20 s after the frontend disconnected");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
