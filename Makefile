@@ -33,6 +33,6 @@ lab-test: setup image
 
 test: setup lint unit lab-test
 
-demo: setup
+demo: setup image
 	@bash scripts/demo.sh
 
