@@ -24,7 +24,10 @@ fn step(msg: &str) {
 /// The directory holding this binary and its sibling workspace binaries.
 fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating carapace-demo")?;
-    Ok(exe.parent().context("carapace-demo has no directory")?.to_path_buf())
+    Ok(exe
+        .parent()
+        .context("carapace-demo has no directory")?
+        .to_path_buf())
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -45,9 +48,16 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let bins = bin_dir()?;
-    for b in ["containerd-shim-carapace-v2", "carapace-vmm", "carapace-fsd"] {
+    for b in [
+        "containerd-shim-carapace-v2",
+        "carapace-vmm",
+        "carapace-fsd",
+    ] {
         if !bins.join(b).is_file() {
-            bail!("{} is not built (cargo build --workspace --bins)", bins.join(b).display());
+            bail!(
+                "{} is not built (cargo build --workspace --bins)",
+                bins.join(b).display()
+            );
         }
     }
     for f in ["vmlinux", "initramfs.cpio.gz"] {
@@ -92,12 +102,18 @@ fn run() -> Result<()> {
     )?;
     ctrd.import(&archive)?;
 
-    step(&format!("ctr run --rm --runtime {RUNTIME} {IMAGE} demo ..."));
+    step(&format!(
+        "ctr run --rm --runtime {RUNTIME} {IMAGE} demo ..."
+    ));
     let script = "echo \"Hello from a container in a Carapace microVM\"; \
                   echo \"kernel: $(uname -sr) (host: $HOST_KERNEL)\"; \
                   echo \"cpus: $(nproc), memory: $(free -m | awk '/Mem:/{print $2}') MiB\"";
     let host_kernel = String::from_utf8_lossy(
-        &Command::new("uname").arg("-r").output().context("uname")?.stdout,
+        &Command::new("uname")
+            .arg("-r")
+            .output()
+            .context("uname")?
+            .stdout,
     )
     .trim()
     .to_owned();
@@ -105,8 +121,20 @@ fn run() -> Result<()> {
     let mut child = Command::new("ctr")
         .arg("--address")
         .arg(ctrd.socket())
-        .args(["--namespace", "carapace-test", "run", "--rm", "--runtime", RUNTIME])
-        .args(["--env", &format!("HOST_KERNEL={host_kernel}"), IMAGE, "demo"])
+        .args([
+            "--namespace",
+            "carapace-test",
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+        ])
+        .args([
+            "--env",
+            &format!("HOST_KERNEL={host_kernel}"),
+            IMAGE,
+            "demo",
+        ])
         .args(["sh", "-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -129,7 +157,10 @@ fn run() -> Result<()> {
     let status = child.wait().context("waiting for ctr")?;
     if !status.success() || output.is_empty() {
         eprintln!("demo: ctr said: {}", err.trim());
-        eprintln!("demo: containerd log (tail):\n{}", tail(&ctrd.socket().with_file_name("containerd.log"), 15));
+        eprintln!(
+            "demo: containerd log (tail):\n{}",
+            tail(&ctrd.socket().with_file_name("containerd.log"), 15)
+        );
         for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
             for log in ["vmm.log", "console.log", "fsd.log"] {
                 let p = entry.path().join(log);
