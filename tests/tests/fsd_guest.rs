@@ -25,8 +25,12 @@ fn workspace_root() -> PathBuf {
 }
 
 /// The guest kernel (carapace-image's default fragment has virtio-fs and virtio-mmio
-/// command-line devices built in), from the content cache.
+/// command-line devices built in), from the content cache; `CARAPACE_TEST_KERNEL` names
+/// a prebuilt one instead (any PVH vmlinux with virtio-mmio cmdline devices and virtio-fs).
 fn guest_kernel() -> PathBuf {
+    if let Some(k) = std::env::var_os("CARAPACE_TEST_KERNEL") {
+        return PathBuf::from(k);
+    }
     let source = KernelSource::locate(image::DEFAULT_SOURCE_PACKAGE).expect("linux-source package");
     let cache = Cache::new(image::DEFAULT_CACHE_DIR);
     let built = kernel::build(&KernelBuild {
@@ -42,8 +46,13 @@ fn guest_kernel() -> PathBuf {
 }
 
 /// Builds carapace-fsd and fsd-guest-check, static, release; returns their paths.
+/// `CARAPACE_FSD_STATIC_DIR` names a directory holding both, prebuilt, instead.
 fn static_bins() -> (PathBuf, PathBuf) {
     const TARGET: &str = "x86_64-unknown-linux-gnu";
+    if let Some(dir) = std::env::var_os("CARAPACE_FSD_STATIC_DIR") {
+        let dir = PathBuf::from(dir);
+        return (dir.join("carapace-fsd"), dir.join("fsd-guest-check"));
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = Command::new(cargo)
         .args([
