@@ -13,9 +13,16 @@ use carapace_tests::{fixtures, kvm_test};
 use runtime_common::{env_vm, stderr, stdout};
 use serde_json::json;
 
+/// The guest image to boot: `$CARAPACE_GUEST_DIR`, else the installed one.
+fn guest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARAPACE_GUEST_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| "/var/lib/carapace/guest".into())
+}
+
 /// The release string the guest kernel reports (`uname -r`), read from its banner.
 fn guest_kernel_release() -> String {
-    let vmlinux = std::fs::read("/var/lib/carapace/guest/vmlinux").expect("guest kernel installed");
+    let vmlinux = std::fs::read(guest_dir().join("vmlinux")).expect("guest kernel installed");
     let needle = b"Linux version ";
     let at = vmlinux
         .windows(needle.len())
@@ -104,5 +111,79 @@ kvm_test! {
         assert!(env.run(&["delete", "a"]).status.success());
         assert!(env.run(&["delete", "-f", "b"]).status.success());
         env.assert_clean();
+    }
+}
+
+kvm_test! {
+    /// The runtime's own pieces against the real VMM and guest agent, without virtio-fs:
+    /// BinaryLauncher starts carapace-vmm from a VM description, the hybrid-vsock
+    /// TtrpcConnector reaches the agent in the guest (protocol version checked), the
+    /// sandbox is created without shares and destroyed, and the VMM is stopped.
+    fn launcher_and_agent_client_reach_the_guest_agent() {
+        use carapace_runtime::agent::{AgentConnector, Transport, TtrpcConnector};
+        use carapace_runtime::launcher::{BinaryLauncher, Launcher, VmPaths, VmRequest, vm_description};
+        use std::time::{Duration, Instant};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = carapace_config::Config::default();
+        config.hypervisor.path = carapace_tests::workspace_bin("carapace-vmm");
+        let guest = guest_dir();
+        config.hypervisor.kernel = guest.join("vmlinux");
+        config.hypervisor.initrd = guest.join("initramfs.cpio.gz");
+        let paths = VmPaths {
+            vsock: tmp.path().join("vsock.sock"),
+            api: tmp.path().join("api.sock"),
+            fs_socket: tmp.path().join("fsd.sock"),
+            console: Some(tmp.path().join("console.log")),
+        };
+        let mut desc = vm_description(&config, config.vm_resources(&[]), &paths);
+        // No virtio-fs device in carapace-vmm yet: boot without the share.
+        desc.as_object_mut().unwrap().remove("fs");
+        let desc_path = tmp.path().join("vm.json");
+        std::fs::write(&desc_path, desc.to_string()).unwrap();
+        let log = tmp.path().join("vmm.log");
+        let vmm = BinaryLauncher { config: config.clone() }
+            .start_vmm(&VmRequest { description: desc_path, vsock: paths.vsock.clone(), log: log.clone() })
+            .expect("starting carapace-vmm");
+        let connector = TtrpcConnector {
+            transport: Transport::HybridVsock,
+            request_timeout: Duration::from_secs(60),
+        };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let logs = || {
+            format!(
+                "vmm log:\n{}\nconsole:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                std::fs::read_to_string(tmp.path().join("console.log")).unwrap_or_default()
+            )
+        };
+        let chain = |e: &dyn std::error::Error| {
+            let mut s = e.to_string();
+            let mut src = e.source();
+            while let Some(c) = src {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                src = c.source();
+            }
+            s
+        };
+        let agent = loop {
+            assert!(vmm.is_alive(), "VMM exited\n{}", logs());
+            match connector.connect(&paths.vsock, Duration::from_secs(5)) {
+                Ok(a) => break a,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("agent never answered: {}\n{}", chain(&e), logs()),
+            }
+        };
+        agent.create_sandbox("s1", "carapace", &[]).expect("CreateSandbox");
+        agent.destroy_sandbox("s1").expect("DestroySandbox");
+        // The agent powers the VM off after DestroySandbox; the runtime's teardown then
+        // stops whatever is left (SIGTERM, then SIGKILL).
+        let by_itself = vmm.wait_gone(Duration::from_secs(30));
+        eprintln!("VMM exited by itself after DestroySandbox: {by_itself}");
+        vmm.terminate("VMM", Duration::from_secs(3)).expect("stopping the VMM");
+        assert!(!vmm.is_alive());
     }
 }
