@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build lint unit image lab-test test demo
+.PHONY: setup build lint unit image fuzz lab-test test demo
 
 setup:
 	@bash scripts/setup.sh
@@ -31,7 +31,11 @@ lab-test: setup image
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p carapace-tests -- --test-threads=1
 
-test: setup lint unit lab-test
+# the cargo-fuzz targets of guest-facing device code: built and run briefly
+fuzz: setup
+	@bash scripts/fuzz-smoke.sh
+
+test: setup lint unit fuzz lab-test
 
 demo: setup image
 	@bash scripts/demo.sh
