@@ -94,10 +94,32 @@ pub fn create(size_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryEr
     } else {
         GuestMemoryMmap::from_ranges(&ranges)
     };
-    result.map_err(|source| MemoryError::Mmap {
+    let mem = result.map_err(|source| MemoryError::Mmap {
         size: size_bytes,
         source,
-    })
+    })?;
+    advise_hugepages(&mem);
+    Ok(mem)
+}
+
+/// Asks for transparent huge pages on guest RAM: every first touch of guest memory is a
+/// nested page fault, and 2 MiB pages make a booting guest take 512 times fewer of them.
+/// Best effort (THP may be disabled on the host).
+fn advise_hugepages(mem: &GuestMemoryMmap) {
+    for r in mem.iter() {
+        let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+            continue;
+        };
+        // SAFETY: [host, host+len) is exactly one mapping owned by `mem`; MADV_HUGEPAGE only
+        // changes how the kernel backs it, never its contents or validity.
+        let rc = unsafe { libc::madvise(host.cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "MADV_HUGEPAGE refused for guest memory"
+            );
+        }
+    }
 }
 
 fn memfd(size: u64) -> Result<File, MemoryError> {

@@ -240,6 +240,9 @@ impl MmioTransport {
             }
             0x060 => self.interrupt.status(),
             0x070 => self.status(),
+            // SHMLen / SHMBase: we expose no shared memory regions; per the spec a missing
+            // region reads as all ones (a zero length would make drivers map nothing).
+            0x0b0 | 0x0b4 | 0x0b8 | 0x0bc => 0xffff_ffff,
             0x0fc => self.config_generation,
             _ => 0,
         };
@@ -567,6 +570,11 @@ pub(crate) mod tests {
         assert_eq!(rd(&mut t, 0x34), 8);
         wr(&mut t, 0x30, 7);
         assert_eq!(rd(&mut t, 0x34), 0);
+        wr(&mut t, 0xac, 0); // SHMSel
+        assert_eq!(
+            (rd(&mut t, 0xb0), rd(&mut t, 0xb4)),
+            (0xffff_ffff, 0xffff_ffff)
+        );
         // Misaligned / wrong size accesses read as zero.
         let mut d = [0xffu8; 2];
         t.read(0, &mut d);
