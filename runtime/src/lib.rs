@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod check;
+pub mod console;
 pub mod features;
 pub mod launcher;
 pub mod mounts;

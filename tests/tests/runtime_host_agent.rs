@@ -335,3 +335,95 @@ fn features_spec_check_and_env() {
     assert_eq!(c.status.success(), all_ok);
     assert!(Path::new(&env.root).read_dir().is_err());
 }
+
+/// Receives the terminal master fd a runtime sends to a console socket.
+fn receive_terminal(listener: std::os::unix::net::UnixListener) -> std::fs::File {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (s, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+    let fd = msg
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmRights(f) => f.first().copied(),
+            _ => None,
+        })
+        .expect("SCM_RIGHTS with the terminal");
+    // SAFETY: the fd was just received through SCM_RIGHTS; this process owns it alone.
+    unsafe { std::fs::File::from_raw_fd(fd) }
+}
+
+#[test]
+fn console_socket_receives_a_working_terminal() {
+    use std::io::{Read, Write};
+    let Some(env) = env() else { return };
+    let mut spec = fixtures::default_spec(&[
+        "sh",
+        "-c",
+        "read line; if [ -t 0 ]; then t=yes; else t=no; fi; echo got $line tty=$t",
+    ]);
+    spec["process"]["terminal"] = json!(true);
+    let b = env.bundle("b", &spec);
+    let sock = env.tmp.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let receiver = std::thread::spawn(move || receive_terminal(listener));
+    let (rc, _) = env.run_to_files(
+        &[
+            "create",
+            "-b",
+            b.to_str().unwrap(),
+            "--console-socket",
+            sock.to_str().unwrap(),
+            "t1",
+        ],
+        "create",
+    );
+    assert_eq!(rc, 0);
+    let mut master = receiver.join().unwrap();
+    assert!(env.run(&["start", "t1"]).status.success());
+    master.write_all(b"hello\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("tty=") {
+        let n = master.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "terminal read: {e}; log:\n{}",
+                std::fs::read_to_string(env.tmp.path().join("carapace.log")).unwrap_or_default()
+            )
+        });
+        assert!(
+            n > 0,
+            "terminal closed early: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("got hello tty=yes"), "{text}");
+    env.wait_status("t1", "stopped");
+    drop(master);
+    assert!(env.run(&["delete", "t1"]).status.success());
+    env.assert_clean();
+
+    // Without process.terminal the console socket is refused before anything starts.
+    let b2 = env.bundle("b2", &fixtures::default_spec(&["true"]));
+    let out = env.run(&[
+        "create",
+        "-b",
+        b2.to_str().unwrap(),
+        "--console-socket",
+        sock.to_str().unwrap(),
+        "t2",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("process.terminal"),
+        "{}",
+        stderr(&out)
+    );
+    env.assert_clean();
+}

@@ -16,7 +16,7 @@ use carapace_runtime::process::ProcessRecord;
 use carapace_runtime::sandbox::{ExecOptions, Placement, Runtime, SandboxError};
 use carapace_runtime::state::{StateError, Status};
 use carapace_runtime::stdio::{HostIo, RawMode, stream_until_exit, terminal_size};
-use carapace_runtime::{check, features, oci};
+use carapace_runtime::{check, console, features, oci};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Carapace: run OCI containers, each inside its own lightweight KVM virtual machine.
@@ -172,7 +172,8 @@ struct CreateArgs {
     /// Write the container's pid (the VMM's host pid) to FILE.
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
-    /// runc's terminal hand-off socket; not supported yet (refused if given).
+    /// Unix socket to send the container terminal's master fd to (runc's protocol, used
+    /// by podman/conmon for `-t`); the spec must have process.terminal = true.
     #[arg(long, value_name = "SOCKET")]
     console_socket: Option<PathBuf>,
     /// Accepted for runc compatibility; ignored (the guest agent sets up the rootfs).
@@ -187,7 +188,8 @@ struct CreateArgs {
 struct RunArgs {
     #[command(flatten)]
     create: CreateArgs,
-    /// Return once the container started; its stdio is relayed in the background.
+    /// Return once the container started; its stdio is relayed in the background (or
+    /// through --console-socket's terminal).
     #[arg(long, short = 'd')]
     detach: bool,
 }
@@ -408,8 +410,14 @@ fn global_args(g: &Global, root: &Path) -> Vec<std::ffi::OsString> {
     a
 }
 
-/// Starts the stdio relay for a created container, inheriting this process's stdio.
-fn spawn_relay(g: &Global, rt: &Runtime, id: &str) -> anyhow::Result<ProcessRecord> {
+/// Starts the stdio relay for a created container: on `terminal` (the console socket's
+/// pty slave) if given, else on this process's stdio.
+fn spawn_relay(
+    g: &Global,
+    rt: &Runtime,
+    id: &str,
+    terminal: Option<std::os::fd::OwnedFd>,
+) -> anyhow::Result<ProcessRecord> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("locating the carapace binary")?;
     let mut cmd = std::process::Command::new(exe);
@@ -417,6 +425,10 @@ fn spawn_relay(g: &Global, rt: &Runtime, id: &str) -> anyhow::Result<ProcessReco
         .arg("__relay")
         .arg(id)
         .process_group(0);
+    if let Some(t) = terminal {
+        let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().context("duplicating the terminal");
+        cmd.stdin(dup(&t)?).stdout(dup(&t)?).stderr(t);
+    }
     let child = cmd.spawn().context("starting the stdio relay")?;
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     drop(child);
@@ -426,23 +438,37 @@ fn spawn_relay(g: &Global, rt: &Runtime, id: &str) -> anyhow::Result<ProcessReco
 }
 
 fn create(g: &Global, rt: &Runtime, a: &CreateArgs, relay: bool) -> anyhow::Result<()> {
-    if a.console_socket.is_some() {
-        bail!(
-            "--console-socket is not supported yet: carapace cannot hand a terminal to the caller; \
-             run without a terminal or use `carapace run` in the foreground"
-        );
+    if let Some(sock) = &a.console_socket {
+        let bundle = std::fs::canonicalize(&a.bundle)
+            .with_context(|| format!("resolving bundle {}", a.bundle.display()))?;
+        let (path, spec) = oci::load_bundle_spec(&bundle)?;
+        if spec.pointer("/process/terminal").and_then(|t| t.as_bool()) != Some(true) {
+            bail!(
+                "--console-socket {} given but process.terminal is not true in {}",
+                sock.display(),
+                path.display()
+            );
+        }
     }
     let st = rt.create(&a.id, &a.bundle)?;
-    if relay && let Err(e) = spawn_relay(g, rt, &a.id) {
-        let _ = rt.delete(&a.id, true);
-        return Err(e);
-    }
-    if let Some(p) = &a.pid_file {
-        let pid = st.vmm.map(|v| v.pid).unwrap_or(0);
-        if let Err(e) = write_pid_file(p, pid) {
-            let _ = rt.delete(&a.id, true);
-            return Err(e);
+    let finish = || -> anyhow::Result<()> {
+        if relay {
+            let terminal = match &a.console_socket {
+                Some(sock) => Some(console::hand_off(sock)?),
+                None => None,
+            };
+            spawn_relay(g, rt, &a.id, terminal)?;
         }
+        if let Some(p) = &a.pid_file {
+            write_pid_file(p, st.vmm.map(|v| v.pid).unwrap_or(0))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = finish() {
+        if let Err(d) = rt.delete(&a.id, true) {
+            return Err(e.context(format!("cleanup after the failure also failed: {d}")));
+        }
+        return Err(e);
     }
     Ok(())
 }
@@ -460,27 +486,48 @@ fn relay(rt: &Runtime, id: &str) -> anyhow::Result<()> {
     loop {
         match rt.store.load(id) {
             Ok(st) if st.status == Status::Running => break,
-            Ok(st) if rt.live_status(&st) == Status::Stopped => return Ok(()),
+            Ok(st) if rt.live_status(&st) == Status::Stopped => {
+                tracing::info!(id, "container stopped before it started; relay exits");
+                return Ok(());
+            }
             Ok(_) => std::thread::sleep(Duration::from_millis(20)),
-            Err(StateError::NotFound { .. }) => return Ok(()),
+            Err(StateError::NotFound { .. }) => {
+                tracing::info!(id, "container deleted; relay exits");
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         }
     }
     let st = rt.store.load(id)?;
     let agent = rt.agent(&st)?;
+    tracing::info!(id, "relaying stdio");
     let exit = stream_until_exit(&agent, id, "", host_io())?;
+    tracing::info!(id, status = exit.exit_status, "container exited");
     rt.record_exit(id, exit)?;
     Ok(())
 }
 
 fn run(g: &Global, rt: &Runtime, a: &RunArgs) -> anyhow::Result<u8> {
-    if a.detach {
+    if a.detach || a.create.console_socket.is_some() {
+        // The relay carries the stdio (or the console socket's terminal).
+        let id = &a.create.id;
         create(g, rt, &a.create, true)?;
-        if let Err(e) = rt.start(&a.create.id) {
-            let _ = rt.delete(&a.create.id, true);
+        if let Err(e) = rt.start(id) {
+            let _ = rt.delete(id, true);
             return Err(e.into());
         }
-        return Ok(0);
+        if a.detach {
+            return Ok(0);
+        }
+        let exit = loop {
+            let st = rt.store.load(id)?;
+            if rt.live_status(&st) == Status::Stopped {
+                break st.exit.map(|e| e.status).unwrap_or(255);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        rt.delete(id, true)?;
+        return Ok(u8::try_from(exit).unwrap_or(255));
     }
     create(g, rt, &a.create, false)?;
     let id = &a.create.id;
@@ -688,6 +735,7 @@ fn main() -> ExitCode {
     match main_inner(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            tracing::error!("{e:#}");
             eprintln!("carapace: error: {e:#}");
             ExitCode::from(exit_code(&e))
         }

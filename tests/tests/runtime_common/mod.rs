@@ -79,7 +79,9 @@ impl Env {
         c.arg("--root")
             .arg(&self.root)
             .arg("--config")
-            .arg(&self.config);
+            .arg(&self.config)
+            .arg("--log")
+            .arg(self.tmp.path().join("carapace.log"));
         if let Some(a) = &self.host_agent {
             c.arg("--host-agent").arg(a);
         }
