@@ -18,12 +18,14 @@ use carapace_tests::lab::{Lab, in_kvm};
 const ENV_VMM: &str = "CARAPACE_VMM_E2E_VMM";
 const ENV_KERNEL: &str = "CARAPACE_VMM_E2E_KERNEL";
 const ENV_INITRD: &str = "CARAPACE_VMM_E2E_INITRD";
+const ENV_FSD: &str = "CARAPACE_VMM_E2E_FSD";
 /// Guest boots under TCG-emulated SVM take tens of seconds.
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 
 #[derive(Debug, Clone)]
 struct Fixture {
     vmm: PathBuf,
+    fsd: PathBuf,
     kernel: PathBuf,
     initrd: PathBuf,
 }
@@ -48,13 +50,15 @@ fn cargo(args: &[&str], rustflags: Option<&str>) {
 impl Fixture {
     /// From the environment (inside the lab), or built now (on the host).
     fn get() -> Self {
-        if let (Some(v), Some(k), Some(i)) = (
+        if let (Some(v), Some(k), Some(i), Some(d)) = (
             std::env::var_os(ENV_VMM),
             std::env::var_os(ENV_KERNEL),
             std::env::var_os(ENV_INITRD),
+            std::env::var_os(ENV_FSD),
         ) {
             return Fixture {
                 vmm: v.into(),
+                fsd: d.into(),
                 kernel: k.into(),
                 initrd: i.into(),
             };
@@ -93,6 +97,7 @@ impl Fixture {
         let report = image::build(&opts).unwrap_or_else(|e| panic!("guest image: {e:?}"));
         Fixture {
             vmm: carapace_tests::workspace_bin("carapace-vmm"),
+            fsd: carapace_tests::workspace_bin("carapace-fsd"),
             kernel: report.kernel,
             initrd: report.initramfs,
         }
@@ -105,6 +110,7 @@ impl Fixture {
             .env(ENV_VMM, self.vmm.display().to_string())
             .env(ENV_KERNEL, self.kernel.display().to_string())
             .env(ENV_INITRD, self.initrd.display().to_string())
+            .env(ENV_FSD, self.fsd.display().to_string())
     }
 }
 
@@ -417,10 +423,8 @@ fn virtiofsd() -> Option<PathBuf> {
     .find(|p| p.is_file())
 }
 
-fn fs_with_virtiofsd(f: &Fixture) {
-    let Some(daemon) = virtiofsd() else {
-        panic!("virtiofsd is not installed (scripts/setup.sh installs it with cargo install)");
-    };
+/// Reads a file through virtio-fs served by `daemon` (vhost-user backend).
+fn fs_read_through(f: &Fixture, daemon: &Path, extra: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).expect("shared dir");
@@ -431,10 +435,10 @@ fn fs_with_virtiofsd(f: &Fixture) {
         .arg(&sock)
         .arg("--shared-dir")
         .arg(&shared)
-        .args(["--sandbox", "none", "--cache", "never"])
-        .stderr(std::fs::File::create(dir.path().join("virtiofsd.log")).expect("log"))
+        .args(extra)
+        .stderr(std::fs::File::create(dir.path().join("backend.log")).expect("log"))
         .spawn()
-        .expect("spawn virtiofsd");
+        .expect("spawn the vhost-user backend");
     let t = Instant::now();
     while !sock.exists() && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
@@ -448,9 +452,9 @@ fn fs_with_virtiofsd(f: &Fixture) {
     let serial = vm.serial();
     assert!(
         serial.contains("fs read hello from the host"),
-        "virtio-fs read failed:\n{serial}\nvmm:\n{}\nvirtiofsd:\n{}",
+        "virtio-fs read failed:\n{serial}\nvmm:\n{}\nbackend:\n{}",
         vm.log(),
-        std::fs::read_to_string(dir.path().join("virtiofsd.log")).unwrap_or_default()
+        std::fs::read_to_string(dir.path().join("backend.log")).unwrap_or_default()
     );
     assert_eq!(code, 0, "{}", vm.log());
 }
@@ -462,6 +466,23 @@ fn vmm_virtio_fs_with_virtiofsd() {
         module_path!(),
         "vmm_virtio_fs_with_virtiofsd",
         f.lab(),
-        || fs_with_virtiofsd(&f),
+        || {
+            let daemon = virtiofsd()
+                .expect("virtiofsd is not installed (scripts/setup.sh installs it with cargo)");
+            fs_read_through(&f, &daemon, &["--sandbox", "none", "--cache", "never"]);
+        },
+    );
+}
+
+#[test]
+fn vmm_virtio_fs_with_carapace_fsd() {
+    let f = Fixture::get();
+    in_kvm(
+        module_path!(),
+        "vmm_virtio_fs_with_carapace_fsd",
+        f.lab(),
+        || {
+            fs_read_through(&f, &f.fsd, &[]);
+        },
     );
 }

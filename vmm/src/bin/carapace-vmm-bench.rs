@@ -290,6 +290,9 @@ fn run_qemu(cli: &Cli, cid: u32) -> anyhow::Result<Sample> {
     result
 }
 
+/// (name, unit, extractor) of one table row.
+type Metric = (&'static str, &'static str, fn(&Sample) -> f64);
+
 /// Nearest-rank percentile.
 fn pct(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
@@ -332,7 +335,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let col = |v: &[Sample], f: fn(&Sample) -> f64| v.iter().map(f).collect::<Vec<f64>>();
-    let metrics: [(&str, &str, fn(&Sample) -> f64); 3] = [
+    let metrics: [Metric; 3] = [
         ("start -> guest ready line", "ms", |s| s.ready_ms),
         ("start -> first vsock reply", "ms", |s| s.vsock_reply_ms),
         ("VMM PSS beyond guest RAM", "KiB", |s| {
