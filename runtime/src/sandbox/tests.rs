@@ -174,6 +174,13 @@ impl AgentApi for FakeAgent {
 impl AgentConnector for FakeConnector {
     fn connect(&self, socket: &Path, _: Duration) -> Result<Arc<dyn AgentApi>, AgentError> {
         assert!(socket.ends_with("vsock.sock"));
+        // Like a real connect: nothing answers where the VMM made no socket.
+        if !socket.exists() {
+            return Err(AgentError::Other(format!(
+                "{}: no such socket",
+                socket.display()
+            )));
+        }
         match self.mode {
             AgentMode::Answers => Ok(Arc::new(FakeAgent {
                 fail_on: self.fail_on,
