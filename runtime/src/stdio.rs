@@ -199,6 +199,30 @@ pub fn terminal_size() -> Option<(u32, u32)> {
     (ws.ws_row > 0 && ws.ws_col > 0).then(|| (u32::from(ws.ws_row), u32::from(ws.ws_col)))
 }
 
+/// Blocks SIGWINCH in the calling thread and the threads it starts later, so that
+/// [`forward_resizes`] can collect it with `sigwait`. Call first thing in `main`.
+pub fn block_sigwinch() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGWINCH);
+    let _ = set.thread_block();
+}
+
+/// Forwards the host terminal's size to process `exec_id` of `cid` on every SIGWINCH
+/// (which [`block_sigwinch`] must have blocked), from a detached thread.
+pub fn forward_resizes(agent: Arc<dyn AgentApi>, cid: String, exec_id: String) {
+    std::thread::spawn(move || {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGWINCH);
+        while set.wait().is_ok() {
+            if let Some((rows, cols)) = terminal_size()
+                && agent.resize(&cid, &exec_id, rows, cols).is_err()
+            {
+                break;
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

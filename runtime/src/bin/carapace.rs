@@ -15,7 +15,9 @@ use carapace_runtime::mounts::SysMounter;
 use carapace_runtime::process::ProcessRecord;
 use carapace_runtime::sandbox::{ExecOptions, Placement, Runtime, SandboxError};
 use carapace_runtime::state::{StateError, Status};
-use carapace_runtime::stdio::{HostIo, RawMode, stream_until_exit, terminal_size};
+use carapace_runtime::stdio::{
+    HostIo, RawMode, block_sigwinch, forward_resizes, stream_until_exit, terminal_size,
+};
 use carapace_runtime::{check, console, features, oci};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -544,6 +546,7 @@ fn run(g: &Global, rt: &Runtime, a: &RunArgs) -> anyhow::Result<u8> {
         let _raw = if tty { RawMode::stdin() } else { None };
         if tty && let Some((rows, cols)) = terminal_size() {
             let _ = agent.resize(id, "", rows, cols);
+            forward_resizes(agent.clone(), id.clone(), String::new());
         }
         let exit = stream_until_exit(&agent, id, "", host_io())?;
         rt.record_exit(id, exit)?;
@@ -597,6 +600,7 @@ fn exec(rt: &Runtime, a: &ExecArgs) -> anyhow::Result<u8> {
     let _raw = if tty { RawMode::stdin() } else { None };
     if tty && let Some((rows, cols)) = terminal_size() {
         let _ = agent.resize(&a.id, &exec_id, rows, cols);
+        forward_resizes(agent.clone(), a.id.clone(), exec_id.clone());
     }
     let exit = stream_until_exit(&agent, &a.id, &exec_id, host_io())?;
     Ok(u8::try_from(exit.exit_status).unwrap_or(255))
@@ -732,6 +736,12 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
         }
     };
+    // `run` and `exec` may forward terminal resizes: block SIGWINCH before any thread
+    // exists, so that every thread inherits the mask and only `forward_resizes` collects it
+    // (the VMM and fs daemon `run` starts inherit it too; they do not use it).
+    if matches!(cli.cmd, Cmd::Run(_) | Cmd::Exec(_)) {
+        block_sigwinch();
+    }
     match main_inner(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
