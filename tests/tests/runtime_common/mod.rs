@@ -185,6 +185,23 @@ impl Env {
     }
 }
 
+/// A failed test still deletes its sandboxes (processes, mounts) before its temporary
+/// directory goes: removing that directory through a live bind mount would be wrong.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let _ = self
+                    .cmd(&["delete", "--force", &id])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
