@@ -153,7 +153,7 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> Val
         "vcpus": res.vcpus.min(u32::from(u8::MAX)),
         "serial": serial,
         "vsock": { "guest_cid": 3, "uds_path": paths.vsock },
-        "fs": [{ "tag": crate::oci::SHARED_FS_TAG, "socket_path": paths.fs_socket }],
+        "fs": [{ "tag": crate::oci::SHARED_FS_TAG, "socket": paths.fs_socket }],
         "rng": true,
         "api_socket": paths.api,
     })

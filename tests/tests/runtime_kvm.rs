@@ -13,6 +13,38 @@ use carapace_tests::{fixtures, kvm_test};
 use runtime_common::{env_vm, stderr, stdout};
 use serde_json::json;
 
+/// The VM description the runtime writes is one carapace-vmm accepts (no KVM needed:
+/// `--print-config` parses and validates it).
+#[test]
+fn vm_description_is_accepted_by_carapace_vmm() {
+    use carapace_runtime::launcher::{VmPaths, vm_description};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = carapace_config::Config::default();
+    let paths = VmPaths {
+        vsock: tmp.path().join("vsock.sock"),
+        api: tmp.path().join("api.sock"),
+        fs_socket: tmp.path().join("fsd.sock"),
+        console: Some(tmp.path().join("console.log")),
+    };
+    let desc = vm_description(&config, config.vm_resources(&[]), &paths);
+    let file = tmp.path().join("vm.json");
+    std::fs::write(&file, desc.to_string()).unwrap();
+    let out = std::process::Command::new(carapace_tests::workspace_bin("carapace-vmm"))
+        .arg("--config")
+        .arg(&file)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "carapace-vmm refused the runtime's VM description: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echoed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(echoed["fs"][0]["tag"], "carapace");
+    assert_eq!(echoed["vsock"]["uds_path"], desc["vsock"]["uds_path"]);
+}
+
 /// The guest image to boot: `$CARAPACE_GUEST_DIR`, else the installed one.
 fn guest_dir() -> std::path::PathBuf {
     std::env::var_os("CARAPACE_GUEST_DIR")

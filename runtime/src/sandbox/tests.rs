@@ -76,7 +76,7 @@ impl Launcher for FakeLauncher {
         self.events.lock().unwrap().push("vmm".into());
         let desc: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&req.description).unwrap()).unwrap();
-        let fs_sock = PathBuf::from(desc["fs"][0]["socket_path"].as_str().unwrap());
+        let fs_sock = PathBuf::from(desc["fs"][0]["socket"].as_str().unwrap());
         assert!(
             fs_sock.exists(),
             "fs daemon socket exists before the VMM starts"
