@@ -24,7 +24,8 @@ enum Cmd {
     ///
     /// The kernel is cached by (source package version, fragment hash) and the initramfs
     /// by the agent binary's hash, so unchanged inputs rebuild nothing and an agent change
-    /// rebuilds only the initramfs. A cold kernel build takes about 5 minutes on 2 cores.
+    /// rebuilds only the initramfs. A cold kernel build takes 5 to 20 minutes on 2 cores,
+    /// depending on load.
     /// Exit codes: 3 kernel source package missing, 4 disk full, 5 kernel build failed,
     /// 6 agent build or agent binary invalid, 1 anything else.
     Build {
