@@ -290,6 +290,20 @@ fn agent_err(id: &str, exec_id: &str) -> impl FnOnce(AgentError) -> TaskError {
     }
 }
 
+/// Runs one request to the agent about process `exec_id` of container `id`, off the executor.
+async fn agent_call<T: Send + 'static>(
+    agent: Arc<dyn AgentApi>,
+    id: &str,
+    exec_id: &str,
+    f: impl FnOnce(&dyn AgentApi, &str, &str) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, TaskError> {
+    let (cid, eid) = (id.to_owned(), exec_id.to_owned());
+    blocking(id, move || {
+        f(agent.as_ref(), &cid, &eid).map_err(agent_err(&cid, &eid))
+    })
+    .await
+}
+
 async fn blocking<T: Send + 'static>(
     id: &str,
     f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
@@ -587,11 +601,8 @@ impl Tasks {
             }
             c.agent.clone()
         };
-        let (cid, eid) = (id.to_owned(), exec_id.to_owned());
-        blocking(id, move || {
-            agent
-                .signal(&cid, &eid, signal, all)
-                .map_err(agent_err(&cid, &eid))
+        agent_call(agent, id, exec_id, move |a, c, e| {
+            a.signal(c, e, signal, all)
         })
         .await
     }
@@ -688,12 +699,7 @@ impl Tasks {
 
     /// Pids of the container's processes, as the guest sees them.
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>, TaskError> {
-        let agent = self.agent(id)?;
-        let cid = id.to_owned();
-        blocking(id, move || {
-            agent.list_processes(&cid).map_err(agent_err(&cid, ""))
-        })
-        .await
+        agent_call(self.agent(id)?, id, "", |a, c, _| a.list_processes(c)).await
     }
 
     /// Resizes a process's terminal.
@@ -705,12 +711,8 @@ impl Tasks {
         height: u32,
     ) -> Result<(), TaskError> {
         self.state(id, exec_id)?;
-        let agent = self.agent(id)?;
-        let (cid, eid) = (id.to_owned(), exec_id.to_owned());
-        blocking(id, move || {
-            agent
-                .resize(&cid, &eid, height, width)
-                .map_err(agent_err(&cid, &eid))
+        agent_call(self.agent(id)?, id, exec_id, move |a, c, e| {
+            a.resize(c, e, height, width)
         })
         .await
     }
@@ -721,12 +723,7 @@ impl Tasks {
         if info.state != ProcState::Running {
             return Ok(());
         }
-        let agent = self.agent(id)?;
-        let (cid, eid) = (id.to_owned(), exec_id.to_owned());
-        blocking(id, move || {
-            agent.close_stdin(&cid, &eid).map_err(agent_err(&cid, &eid))
-        })
-        .await
+        agent_call(self.agent(id)?, id, exec_id, |a, c, e| a.close_stdin(c, e)).await
     }
 
     /// The bundle of a container.
