@@ -264,12 +264,25 @@ fn drop_caps() -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Raises the soft open-file limit to the hard limit: the passthrough keeps one `O_PATH`
-/// descriptor per inode the guest holds. The hard limit is what bounds the daemon's
-/// descriptors (and the kernel memory behind them) whatever the guest does.
+/// Upper bound on the daemon's open files (one `O_PATH` descriptor per inode the guest
+/// holds, plus open handles): a container rootfs walk easily needs tens of thousands.
+pub const MAX_NOFILE: u64 = 1 << 20;
+
+/// Raises the open-file limit: with CAP_SYS_RESOURCE (root, before capabilities are
+/// dropped) both limits go to min(`fs.nr_open`, [`MAX_NOFILE`]); otherwise the soft limit
+/// goes to the hard one. This limit is what bounds the daemon's descriptors (and the
+/// kernel memory behind them) whatever the guest does. Returns the new limit.
 pub fn raise_nofile_limit() -> Result<u64, nix::Error> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let want = nr_open.min(MAX_NOFILE).max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return Ok(want);
+    }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     Ok(hard)
 }

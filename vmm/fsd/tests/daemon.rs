@@ -164,6 +164,18 @@ fn namespace_sandbox_is_applied() {
         Some("0000000000000000")
     );
 
+    // Room for one descriptor per inode of a large rootfs: at least our hard limit
+    // (raised further where CAP_SYS_RESOURCE allows).
+    let nofile = |who: &str, col: usize| -> u64 {
+        std::fs::read_to_string(format!("/proc/{who}/limits"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(col))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    assert!(nofile(&pid.to_string(), 3) >= nofile("self", 4));
     // Own mount and network namespaces.
     for ns in ["mnt", "net", "ipc"] {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
