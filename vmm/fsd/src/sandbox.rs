@@ -209,9 +209,13 @@ pub fn pivot_into(staging: &Path) -> Result<(), SandboxError> {
 }
 
 /// Capabilities the file server keeps: acting as the guest's users on their files.
+/// CAP_DAC_READ_SEARCH is needed by fuse-backend-rs's `link` (`linkat(fd, "",
+/// AT_EMPTY_PATH)`, which kernels before 6.10 allow only with it); its dangerous use,
+/// `open_by_handle_at`, is not in the seccomp allow-list.
 pub const KEPT_CAPS: &[Capability] = &[
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_DAC_READ_SEARCH,
     Capability::CAP_FOWNER,
     Capability::CAP_FSETID,
     Capability::CAP_SETGID,

@@ -71,7 +71,9 @@ mod vsock {
     use std::io;
     use std::os::fd::FromRawFd;
 
-    pub fn connect(cid: u32, port: u32) -> io::Result<File> {
+    /// Returns the socket as a `UnixStream` only for its generic socket methods (read, write,
+    /// SO_RCVTIMEO); the address family is AF_VSOCK.
+    pub fn connect(cid: u32, port: u32) -> io::Result<std::os::unix::net::UnixStream> {
         // SAFETY: plain syscall; the result is checked before use.
         let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) };
         if fd < 0 {
@@ -90,7 +92,7 @@ mod vsock {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(f)
+        Ok(std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(f)))
     }
 }
 
@@ -206,6 +208,7 @@ fn run_ours(cli: &Cli, vmm: &Path, dir: &Path) -> anyhow::Result<Sample> {
         let ready = wait_ready(&rx, deadline)?;
         retry(deadline, || {
             let mut s = std::os::unix::net::UnixStream::connect(&uds)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(b"CONNECT 1024\n")?;
             let mut line = [0u8; 1];
             let mut got = Vec::new();
@@ -274,7 +277,11 @@ fn run_qemu(cli: &Cli, cid: u32) -> anyhow::Result<Sample> {
     let rx = watch_lines(&mut child);
     let result = (|| -> anyhow::Result<Sample> {
         let ready = wait_ready(&rx, deadline)?;
-        retry(deadline, || echo_once(vsock::connect(cid, 1024)?))?;
+        retry(deadline, || {
+            let s = vsock::connect(cid, 1024)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            echo_once(s)
+        })?;
         let reply = Instant::now();
         let (total, guest) = pss(child.id())?;
         Ok(Sample {
