@@ -14,7 +14,8 @@ pub const QUEUE_SIZE: u16 = 16;
 pub fn guest(data: &[u8]) -> GuestMemoryMmap {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
     let n = data.len().min(MEM_SIZE);
-    mem.write_slice(&data[..n], GuestAddress(0)).expect("copy input");
+    mem.write_slice(&data[..n], GuestAddress(0))
+        .expect("copy input");
     mem
 }
 

@@ -92,7 +92,9 @@ mod vsock {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(f)))
+        Ok(std::os::unix::net::UnixStream::from(
+            std::os::fd::OwnedFd::from(f),
+        ))
     }
 }
 
