@@ -123,6 +123,17 @@ fn parse_stat(text: &str) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// Whether a thread other than the leader of process `pid` still exists.
+fn other_threads_alive(pid: i32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let leader = pid.to_string();
+    tasks
+        .flatten()
+        .any(|t| t.file_name().to_str().is_some_and(|n| n != leader))
+}
+
 impl ProcessRecord {
     /// Records the running process `pid`.
     pub fn of(pid: i32) -> Option<Self> {
@@ -134,7 +145,9 @@ impl ProcessRecord {
     pub fn is_alive(&self) -> bool {
         match stat(self.pid) {
             Some((state, start)) if start == self.start_time => {
-                if state == 'Z' || state == 'X' {
+                // A zombie leader whose other threads still run (a multi-threaded daemon
+                // whose main thread returned first) still holds its files: alive.
+                if (state == 'Z' || state == 'X') && !other_threads_alive(self.pid) {
                     // Our own child (e.g. in `run` or a test): collect it.
                     let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG));
                     false
@@ -308,6 +321,26 @@ mod tests {
         // Signalling the "reused" record must not touch us.
         reused.terminate("test", Duration::from_millis(10)).unwrap();
         assert!(me.is_alive());
+    }
+
+    #[test]
+    fn a_zombie_leader_with_live_threads_is_alive() {
+        // A shell that runs a multi-threaded program is not available everywhere; use
+        // ourselves: this test process has several threads, so the helper must see them.
+        assert!(
+            other_threads_alive(std::process::id() as i32) || {
+                // Single-threaded test harness: start one to make the point.
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let h = std::thread::spawn(move || {
+                    let _ = rx.recv();
+                });
+                let seen = other_threads_alive(std::process::id() as i32);
+                drop(tx);
+                h.join().unwrap();
+                seen
+            }
+        );
+        assert!(!other_threads_alive(i32::MAX));
     }
 
     #[test]
