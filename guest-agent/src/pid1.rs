@@ -201,9 +201,19 @@ pub fn parse_cmdline(text: &str) -> (CmdlineSettings, Vec<String>) {
 }
 
 /// Syncs and powers the VM off. Returns only on failure.
+///
+/// The guest has no ACPI, where `RB_POWER_OFF` would only halt the CPU: the agent writes
+/// the power-off marker (124) to port 0x3f0, then resets the machine (`RB_AUTOBOOT`; the
+/// kernel's `reboot=k` uses the i8042 reset line). Our VMM treats a reset announced this
+/// way as power-off; QEMU with `-no-reboot` exits on the reset.
 pub fn power_off() -> nix::Error {
     nix::unistd::sync();
-    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF) {
+    if let Err(e) = crate::sys::write_marker(crate::sys::POWER_OFF_MARKER_VALUE) {
+        console_line(&format!(
+            "carapace-agent: cannot write the power-off marker: {e}"
+        ));
+    }
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT) {
         Err(e) => e,
         Ok(never) => match never {},
     }

@@ -6,10 +6,18 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 pub const BOOT_MARKER_PORT: u16 = 0x3f0;
 /// Value written to [`BOOT_MARKER_PORT`] once the agent serves requests.
 pub const BOOT_MARKER_VALUE: u8 = 123;
+/// Value written before the reset that powers the VM off (our VMM's convention: the guest
+/// has no ACPI, so power-off is "announce on the marker port, then reset").
+pub const POWER_OFF_MARKER_VALUE: u8 = 124;
 
 /// Writes the boot-done marker byte to I/O port 0x3f0. Errors when `ioperm` is refused
 /// (not root, or not on x86_64); callers ignore that outside a VM.
 pub fn write_boot_marker() -> std::io::Result<()> {
+    write_marker(BOOT_MARKER_VALUE)
+}
+
+/// Writes `value` to the marker port 0x3f0.
+pub fn write_marker(value: u8) -> std::io::Result<()> {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: ioperm only changes this thread's I/O permission bitmap; the arguments
@@ -24,7 +32,7 @@ pub fn write_boot_marker() -> std::io::Result<()> {
             std::arch::asm!(
                 "out dx, al",
                 in("dx") BOOT_MARKER_PORT,
-                in("al") BOOT_MARKER_VALUE,
+                in("al") value,
                 options(nomem, nostack, preserves_flags)
             );
         }
@@ -32,6 +40,7 @@ pub fn write_boot_marker() -> std::io::Result<()> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = value;
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
 }

@@ -97,7 +97,7 @@ fn initramfs(agent: &Path, out: &Path) {
 }
 
 #[test]
-#[ignore = "host->guest AF_VSOCK connect to QEMU's vhost-vsock-device times out in the lab (under investigation); run with --ignored"]
+#[ignore = "the VM does not exit after the agent's reset under QEMU microvm in the lab yet; everything before power-off passes"]
 fn agent_is_pid1_of_a_real_vm() {
     let kernel = guest_kernel();
     let agent = static_agent();
@@ -178,7 +178,16 @@ fn inner_agent_in_vm() {
     let console = w.path().join("console.log");
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
-            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "512M", "-smp", "1",
+            "-M",
+            "microvm,acpi=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "512M",
+            "-smp",
+            "1",
         ])
         .args([
             "-nodefaults",
@@ -194,7 +203,10 @@ fn inner_agent_in_vm() {
             &format!("vhost-vsock-device,guest-cid={GUEST_CID}"),
         ])
         .args(["-kernel", &kernel, "-initrd", &initrd])
-        .args(["-append", "console=ttyS0 panic=-1 carapace.log=debug"])
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 carapace.log=debug",
+        ])
         .spawn()
         .expect("starting qemu");
     let rt = tokio::runtime::Builder::new_current_thread()
