@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build lint unit image fuzz lab-test test demo
+.PHONY: setup build lint unit image fuzz lab-test test demo bench
 
 setup:
 	@bash scripts/setup.sh
@@ -40,3 +40,8 @@ test: setup lint unit fuzz lab-test
 demo: setup image
 	@bash scripts/demo.sh
 
+
+# benchmarks side by side with the peers, written to bench/results/ (see bench/README.md);
+# `bash scripts/bench.sh --quick` is a short smoke run
+bench: setup image
+	@bash scripts/bench.sh
