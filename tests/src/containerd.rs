@@ -34,6 +34,9 @@ pub enum ContainerdError {
         /// The tail of its log.
         log: String,
     },
+    /// Building the test image failed.
+    #[error("cannot build the test image")]
+    Fixture(#[from] crate::fixtures::FixtureError),
     /// A `ctr` command failed.
     #[error("ctr {args} failed (status {status:?}):\n{stderr}")]
     Ctr {
@@ -163,14 +166,19 @@ impl Containerd {
         })
     }
 
-    fn ctr_output(&self, args: &[&str]) -> std::io::Result<Output> {
-        Command::new("ctr")
-            .arg("--address")
+    /// A `ctr` command against this containerd (namespace `carapace-test`), to be given
+    /// its subcommand and run by the caller (e.g. to stream its output).
+    pub fn ctr_command(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
             .arg(self.socket())
             .args(["--namespace", "carapace-test"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn ctr_output(&self, args: &[&str]) -> std::io::Result<Output> {
+        self.ctr_command().args(args).output()
     }
 
     /// Runs `ctr` against this containerd (namespace `carapace-test`); returns its output
@@ -197,6 +205,37 @@ impl Containerd {
         self.ctr(&["image", "import", "--all-platforms", &a])
             .map(|_| ())
     }
+}
+
+/// The runtime type of Carapace's shim.
+pub const CARAPACE_RUNTIME: &str = "io.containerd.carapace.v2";
+/// The name under which [`with_carapace`] imports the busybox fixture image.
+pub const BUSYBOX_IMAGE: &str = "docker.io/carapace/busybox:latest";
+
+/// A private containerd under `work/containerd` with Carapace's shim registered (runtime
+/// type [`CARAPACE_RUNTIME`], CRI handler `carapace`, the shim found in `bin_dir`), `env`
+/// in its environment (and so the shim's, e.g. `CARAPACE_CONFIG`), and the busybox fixture
+/// image imported as [`BUSYBOX_IMAGE`].
+pub fn with_carapace(
+    work: &Path,
+    bin_dir: &Path,
+    env: &[(&str, &Path)],
+) -> Result<Containerd, ContainerdError> {
+    let rootfs = work.join("image-rootfs");
+    crate::fixtures::busybox_rootfs(&rootfs)?;
+    let archive = work.join("busybox.tar");
+    crate::fixtures::oci_image_archive(&rootfs, BUSYBOX_IMAGE, &["sh"], work, &archive)?;
+    let ctrd = Containerd::start(
+        &work.join("containerd"),
+        &[RuntimeEntry {
+            handler: "carapace".into(),
+            runtime_type: CARAPACE_RUNTIME.into(),
+        }],
+        Some(bin_dir),
+        env,
+    )?;
+    ctrd.import(&archive)?;
+    Ok(ctrd)
 }
 
 impl Drop for Containerd {

@@ -6,12 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use carapace_tests::containerd::{Containerd, ContainerdError, RuntimeEntry};
-use carapace_tests::fixtures::{busybox_rootfs, oci_image_archive};
+use carapace_tests::containerd::{
+    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, Containerd, ContainerdError, with_carapace,
+};
 use carapace_tests::workspace_bin;
-
-const IMAGE: &str = "docker.io/carapace/busybox:test";
-const RUNTIME: &str = "io.containerd.carapace.v2";
 
 struct World {
     _tmp: tempfile::TempDir,
@@ -36,29 +34,19 @@ impl World {
             ),
         )
         .expect("config");
-        let rootfs = tmp.path().join("image-rootfs");
-        busybox_rootfs(&rootfs).expect("rootfs");
-        let archive = tmp.path().join("busybox.tar");
-        oci_image_archive(&rootfs, IMAGE, &["sh"], tmp.path(), &archive).expect("image");
-
         let shim = workspace_bin("containerd-shim-carapace-v2");
         let agent = workspace_bin("carapace-agent");
         let bin_dir = shim.parent().expect("bin dir").to_path_buf();
-        let ctrd = Containerd::start(
-            &tmp.path().join("containerd"),
-            &[RuntimeEntry {
-                handler: "carapace".into(),
-                runtime_type: RUNTIME.into(),
-            }],
-            Some(&bin_dir),
+        let ctrd = with_carapace(
+            tmp.path(),
+            &bin_dir,
             &[
                 ("CARAPACE_CONFIG", config.as_path()),
                 ("CARAPACE_SHIM_HOST_AGENT", agent.as_path()),
                 ("RUST_LOG", Path::new("debug")),
             ],
         )
-        .expect("containerd");
-        ctrd.import(&archive).expect("import");
+        .expect("containerd with Carapace");
         Self {
             _tmp: tmp,
             state,

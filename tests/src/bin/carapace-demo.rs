@@ -10,11 +10,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use carapace_tests::containerd::{Containerd, RuntimeEntry};
-use carapace_tests::fixtures::{busybox_rootfs, oci_image_archive};
-
-const IMAGE: &str = "docker.io/carapace/busybox:demo";
-const RUNTIME: &str = "io.containerd.carapace.v2";
+use carapace_tests::containerd::{
+    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, with_carapace,
+};
 const GUEST_DIR: &str = "/var/lib/carapace/guest";
 
 fn step(msg: &str) {
@@ -84,23 +82,10 @@ fn run() -> Result<()> {
     )
     .context("writing the Carapace configuration")?;
 
-    step("building a busybox image locally (no registry needed)");
-    let rootfs = work.path().join("image-rootfs");
-    busybox_rootfs(&rootfs)?;
-    let archive = work.path().join("busybox.tar");
-    oci_image_archive(&rootfs, IMAGE, &["sh"], work.path(), &archive)?;
-
-    step("starting a private containerd with the Carapace runtime registered");
-    let ctrd = Containerd::start(
-        &work.path().join("containerd"),
-        &[RuntimeEntry {
-            handler: "carapace".into(),
-            runtime_type: RUNTIME.into(),
-        }],
-        Some(&bins),
-        &[("CARAPACE_CONFIG", config.as_path())],
-    )?;
-    ctrd.import(&archive)?;
+    step(
+        "starting a private containerd with the Carapace runtime registered, importing a busybox image built locally",
+    );
+    let ctrd = with_carapace(work.path(), &bins, &[("CARAPACE_CONFIG", config.as_path())])?;
 
     step(&format!(
         "ctr run --rm --runtime {RUNTIME} {IMAGE} demo ..."
@@ -136,7 +121,6 @@ fn run() -> Result<()> {
             "demo",
         ])
         .args(["sh", "-c", script])
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
