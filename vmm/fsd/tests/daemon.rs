@@ -35,8 +35,33 @@ fn wait_sandboxed(child: &mut Child) {
     panic!("daemon did not install seccomp within 20 s");
 }
 
-fn spawn(socket: &Path, shared: &Path, extra: &[&str]) -> Child {
-    Command::new(BIN)
+/// The daemon child; killed when dropped, so a failing assertion leaves nothing running.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(socket: &Path, shared: &Path, extra: &[&str]) -> Daemon {
+    let child = Command::new(BIN)
         .arg("--socket-path")
         .arg(socket)
         .arg("--shared-dir")
@@ -45,7 +70,8 @@ fn spawn(socket: &Path, shared: &Path, extra: &[&str]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Daemon(child)
 }
 
 fn run_err(args: &[&str]) -> (i32, String) {
