@@ -119,7 +119,7 @@ timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem,acpi=off -accel kv
   -nodefaults -no-user-config -display none -serial stdio -no-reboot \
   -chardev socket,id=fs0,path="$w/fs.sock" \
   -device vhost-user-fs-device,chardev=fs0,tag=shared,queue-size=1024 \
-  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 reboot=t quiet $extra" \
+  -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 reboot=t $extra" \
   </dev/null 2>"$w/qemu.err" | tr -d '\r' | sed 's/^/SERIAL /'
 echo "HOST qemu-exit ${PIPESTATUS[0]}"
 for _ in $(seq 1 100); do kill -0 $fsdpid 2>/dev/null || break; sleep 0.1; done
