@@ -146,17 +146,25 @@ pub fn largest_mapping_pss_kib(text: &str) -> Result<u64, ParseError> {
     })
 }
 
+/// How many start latencies form the density baseline (the first ones; their median).
+pub const DENSITY_BASELINE_STARTS: usize = 3;
+
 /// The density rule: how many sandboxes started before the start latency reached
-/// `factor` times the first one's. `latencies[i]` is the start time of sandbox `i + 1`;
-/// the whole run counts when no start crossed the line (the run was bounded).
+/// `factor` times the baseline, the median (nearest rank) of the first
+/// [`DENSITY_BASELINE_STARTS`] starts, which are not themselves judged (one cold or lucky
+/// first start does not decide it).
+/// `latencies[i]` is the start time of sandbox `i + 1`; the whole run counts when no start
+/// crossed the line (the run was bounded).
 pub fn started_before_slowdown(latencies: &[f64], factor: f64) -> usize {
-    let Some(&first) = latencies.first() else {
+    let head = &latencies[..latencies.len().min(DENSITY_BASELINE_STARTS)];
+    let Ok(baseline) = Samples::new("density baseline", "ms", head.to_vec()).percentile(50.0)
+    else {
         return 0;
     };
-    latencies
+    latencies[head.len()..]
         .iter()
-        .position(|&t| t >= factor * first)
-        .unwrap_or(latencies.len())
+        .position(|&t| t >= factor * baseline)
+        .map_or(latencies.len(), |i| head.len() + i)
 }
 
 #[cfg(test)]
@@ -242,7 +250,18 @@ mod tests {
     fn density_counts_starts_before_the_latency_doubles() {
         assert_eq!(started_before_slowdown(&[], 2.0), 0);
         assert_eq!(started_before_slowdown(&[10.0, 12.0, 15.0], 2.0), 3);
-        assert_eq!(started_before_slowdown(&[10.0, 12.0, 20.0, 11.0], 2.0), 2);
+        // baseline = median of the first three (10), so 20 is the first doubled start
+        assert_eq!(
+            started_before_slowdown(&[10.0, 12.0, 9.0, 20.0, 11.0], 2.0),
+            3
+        );
+        // a fast first start alone does not stop the run
+        assert_eq!(started_before_slowdown(&[4.0, 10.0, 10.0, 12.0], 2.0), 4);
+        // a cold first start does not hide a later doubling
+        assert_eq!(
+            started_before_slowdown(&[60.0, 10.0, 11.0, 19.0, 22.0], 2.0),
+            4
+        );
         assert_eq!(started_before_slowdown(&[10.0], 2.0), 1);
     }
 }

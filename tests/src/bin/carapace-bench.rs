@@ -369,7 +369,7 @@ fn containers(
                 }
             }
         }
-        let peer = Samples::new("runc container_start", "ms", peer);
+        let peer = Samples::new("runc (io.containerd.runc.v2)", "ms", peer);
         match failure {
             Some(e) => {
                 carapace_ok = false;
@@ -571,7 +571,7 @@ fn sandboxes(ctrd: &Containerd, max: usize, report: &mut Report) -> Result<()> {
     ));
     report.notes.push(format!(
         "density: idle sandboxes started (via ctr, one Carapace VM each) before the start latency \
-         reached 2x the first one's or MemAvailable fell below {} MiB, bounded at {max}; Carapace \
+         reached 2x the median of the first 3 or MemAvailable fell below {} MiB, bounded at {max}; Carapace \
          stopped: {stop_reason}; runc under the same rule and bound is the peer",
         MIN_AVAILABLE_KIB / 1024
     ));
