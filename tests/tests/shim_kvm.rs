@@ -1,0 +1,104 @@
+//! `ctr` -> containerd -> containerd-shim-carapace-v2 -> carapace-vmm + carapace-fsd -> the
+//! guest agent in a real microVM: the container runs on the guest kernel, not the host's.
+//! Where this host cannot boot guests the test runs inside the lab.
+
+use std::path::Path;
+use std::time::Duration;
+
+use carapace_tests::containerd::{
+    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, ContainerdError, with_carapace,
+};
+use carapace_tests::{kvm_test, workspace_bin};
+
+const GUEST_DIR: &str = "/var/lib/carapace/guest";
+
+kvm_test! {
+    #[lab(carapace_tests::lab::Lab::new().timeout(Duration::from_secs(1200)))]
+    fn ctr_runs_a_container_in_a_carapace_microvm() {
+        assert!(carapace_tests::is_root(), "needs root (containerd, mounts)");
+        assert!(
+            Path::new(GUEST_DIR).join("vmlinux").is_file(),
+            "guest image missing: make image"
+        );
+        let tmp = tempfile::Builder::new().prefix("carapace-shimvm-").tempdir().expect("tempdir");
+        let state = tmp.path().join("run");
+        let config = tmp.path().join("configuration.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
+                 [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
+                workspace_bin("carapace-vmm").display().to_string(),
+                workspace_bin("carapace-fsd").display().to_string(),
+                state.display().to_string()
+            ),
+        )
+        .expect("config");
+        let shim = workspace_bin("containerd-shim-carapace-v2");
+        let bins = shim.parent().expect("bin dir");
+        let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
+            .expect("containerd with Carapace");
+        let ctr = |args: &[&str]| -> Result<String, ContainerdError> {
+            ctrd.ctr(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
+                for log in ["vmm.log", "console.log", "fsd.log"] {
+                    let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
+                    logs.push_str(&format!("--- {log}\n{text}\n"));
+                }
+            }
+            panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
+        };
+
+        // the guest's kernel, not the host's
+        let host = String::from_utf8_lossy(
+            &std::process::Command::new("uname").arg("-r").output().expect("uname").stdout,
+        )
+        .trim()
+        .to_owned();
+        let out = ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "vm1", "uname", "-r"])
+            .unwrap_or_else(|e| fail("ctr run", &e));
+        let guest = out.trim();
+        assert!(!guest.is_empty() && guest != host, "guest kernel {guest:?} vs host {host:?}");
+        let image = std::fs::read_to_string(Path::new(GUEST_DIR).join("image.json"))
+            .unwrap_or_default();
+        assert!(image.contains(guest.split('-').next().unwrap_or(guest)), "{guest} not in {image}");
+
+        // exit codes come back
+        match ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "vm2", "sh", "-c", "exit 7"]) {
+            Err(ContainerdError::Ctr { status: Some(7), .. }) => {}
+            other => fail("exit status 7 expected", &format!("{other:?}")),
+        }
+
+        // exec into a running VM container, then kill and delete it
+        ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "vm3", "sleep", "600"])
+            .unwrap_or_else(|e| fail("ctr run -d", &e));
+        let out = ctr(&["task", "exec", "--exec-id", "e1", "vm3", "sh", "-c", "echo in-vm $(hostname)"])
+            .unwrap_or_else(|e| fail("ctr task exec", &e));
+        assert!(out.starts_with("in-vm "), "{out}");
+        ctr(&["task", "kill", "-s", "SIGKILL", "vm3"]).unwrap_or_else(|e| fail("kill", &e));
+        let mut stopped = false;
+        for _ in 0..300 {
+            if ctr(&["task", "ls"]).unwrap_or_default().contains("STOPPED") {
+                stopped = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(stopped, "the killed task never showed as STOPPED");
+        ctr(&["task", "delete", "vm3"]).unwrap_or_else(|e| fail("task delete", &e));
+        ctr(&["container", "delete", "vm3"]).unwrap_or_else(|e| fail("container delete", &e));
+
+        // every sandbox is gone: no state, no VMM, no fs daemon
+        let left: Vec<_> = std::fs::read_dir(&state)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "sandbox state left: {left:?}");
+        for name in ["carapace-vmm", "carapace-fsd"] {
+            let out = std::process::Command::new("pgrep").args(["-f", name]).output().expect("pgrep");
+            assert!(out.stdout.is_empty(), "{name} still running: {}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+}
