@@ -2,6 +2,7 @@
 //! and the report is written as JSON (latest and a dated copy), a markdown table and an SVG
 //! chart of the sampled distributions.
 
+pub mod fsio;
 pub mod parse;
 
 use serde_json::{Value, json};
