@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use carapace_config::Config;
 
-use crate::agent::{AgentApi, AgentConnector, AgentError, ExitInfo, Share};
+use crate::agent::{AgentApi, AgentConnector, AgentError, ExitInfo, Share, Transport};
 use crate::launcher::{
     FsRequest, ImageError, Launcher, VmPaths, VmRequest, check_image, vm_description,
 };
@@ -208,6 +208,39 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Sandb
 }
 
 impl Runtime {
+    /// The production runtime for `config`: state under `root`, the configured fs daemon
+    /// and VMM, the agent over hybrid vsock. With `host_agent` (tests on hosts that cannot
+    /// boot guests) that agent binary runs in host mode in place of the VM, reached over a
+    /// plain unix socket.
+    pub fn from_config(config: Config, root: PathBuf, host_agent: Option<PathBuf>) -> Self {
+        let binary = crate::launcher::BinaryLauncher {
+            config: config.clone(),
+        };
+        let (placement, launcher, transport): (Placement, Arc<dyn Launcher>, Transport) =
+            match host_agent {
+                None => (Placement::Vm, Arc::new(binary), Transport::HybridVsock),
+                Some(agent) => (
+                    Placement::HostAgent,
+                    Arc::new(crate::launcher::HostAgentLauncher {
+                        agent,
+                        inner: binary,
+                    }),
+                    Transport::Unix,
+                ),
+            };
+        Runtime {
+            placement,
+            store: StateStore::new(root),
+            launcher,
+            connector: Arc::new(crate::agent::TtrpcConnector {
+                transport,
+                request_timeout: Duration::from_millis(config.agent.request_timeout_ms),
+            }),
+            mounter: Arc::new(crate::mounts::SysMounter),
+            config,
+        }
+    }
+
     /// The paths of sandbox `id`.
     pub fn paths(&self, id: &str) -> Result<SandboxPaths, SandboxError> {
         Ok(SandboxPaths::new(&self.store.dir(id)?))

@@ -3,13 +3,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use carapace_runtime::agent::{AgentApi, ExitInfo, Transport, TtrpcConnector};
-use carapace_runtime::launcher::{BinaryLauncher, HostAgentLauncher, Launcher};
+use carapace_runtime::agent::{AgentApi, ExitInfo};
 use carapace_runtime::mounts::{Mounter, SysMounter};
-use carapace_runtime::sandbox::{Placement, Runtime};
-use carapace_runtime::state::StateStore;
+use carapace_runtime::sandbox::Runtime;
 
 use crate::backend::{Backend, BackendError, RootfsMount, rootfs_dir};
 use crate::pod::Role;
@@ -40,34 +37,10 @@ impl RuntimeBackend {
             msg
         })?;
         let config = loaded.config;
-        let binary = BinaryLauncher {
-            config: config.clone(),
-        };
+        let root = config.runtime.state_dir.clone();
         let host_agent = std::env::var_os(HOST_AGENT_ENV).map(std::path::PathBuf::from);
-        let (placement, launcher, transport): (Placement, Arc<dyn Launcher>, Transport) =
-            match host_agent {
-                None => (Placement::Vm, Arc::new(binary), Transport::HybridVsock),
-                Some(agent) => (
-                    Placement::HostAgent,
-                    Arc::new(HostAgentLauncher {
-                        agent,
-                        inner: binary,
-                    }),
-                    Transport::Unix,
-                ),
-            };
         Ok(Self {
-            runtime: Runtime {
-                placement,
-                store: StateStore::new(config.runtime.state_dir.clone()),
-                launcher,
-                connector: Arc::new(TtrpcConnector {
-                    transport,
-                    request_timeout: Duration::from_millis(config.agent.request_timeout_ms),
-                }),
-                mounter: Arc::new(SysMounter),
-                config,
-            },
+            runtime: Runtime::from_config(config, root, host_agent),
         })
     }
 

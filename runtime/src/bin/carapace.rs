@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use carapace_config::ConfigError;
-use carapace_runtime::agent::{AgentError, Transport, TtrpcConnector};
-use carapace_runtime::launcher::{BinaryLauncher, HostAgentLauncher, Launcher};
-use carapace_runtime::mounts::SysMounter;
+use carapace_runtime::agent::AgentError;
 use carapace_runtime::process::ProcessRecord;
-use carapace_runtime::sandbox::{ExecOptions, Placement, Runtime, SandboxError};
+use carapace_runtime::sandbox::{ExecOptions, Runtime, SandboxError};
 use carapace_runtime::state::{StateError, Status};
 use carapace_runtime::stdio::{
     HostIo, RawMode, block_sigwinch, forward_resizes, stream_until_exit, terminal_size,
@@ -329,32 +327,7 @@ fn runtime(g: &Global, loaded: &carapace_config::Loaded) -> Runtime {
         .root
         .clone()
         .unwrap_or_else(|| config.runtime.state_dir.clone());
-    let binary = BinaryLauncher {
-        config: config.clone(),
-    };
-    let (placement, launcher, transport): (Placement, Arc<dyn Launcher>, Transport) =
-        match &g.host_agent {
-            None => (Placement::Vm, Arc::new(binary), Transport::HybridVsock),
-            Some(agent) => (
-                Placement::HostAgent,
-                Arc::new(HostAgentLauncher {
-                    agent: agent.clone(),
-                    inner: binary,
-                }),
-                Transport::Unix,
-            ),
-        };
-    Runtime {
-        placement,
-        store: carapace_runtime::state::StateStore::new(root),
-        launcher,
-        connector: Arc::new(TtrpcConnector {
-            transport,
-            request_timeout: Duration::from_millis(config.agent.request_timeout_ms),
-        }),
-        mounter: Arc::new(SysMounter),
-        config,
-    }
+    Runtime::from_config(config, root, g.host_agent.clone())
 }
 
 fn parse_signal(s: &str) -> anyhow::Result<u32> {

@@ -17,15 +17,7 @@ pub struct Env {
     pub host_agent: Option<PathBuf>,
 }
 
-pub fn is_root() -> bool {
-    // The effective uid, from /proc ("Uid: real effective saved fs").
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0")
-}
+pub use carapace_tests::is_root;
 
 pub fn env_with(config_extra: &str) -> Option<Env> {
     if !is_root() {
