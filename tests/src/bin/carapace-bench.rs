@@ -38,6 +38,8 @@ const SANDBOX_PROCS: [&str; 3] = [
     "carapace-vmm",
     "carapace-fsd",
 ];
+/// Deadline of one fs workload run (s).
+const FS_RUN_TIMEOUT_S: u64 = 300;
 /// Density stops when MemAvailable falls below this.
 const MIN_AVAILABLE_KIB: u64 = 512 * 1024;
 
@@ -613,19 +615,36 @@ type FsMetric = (&'static str, &'static str, fn(&FsResult) -> f64);
 /// Runs the fs workload once in a container; its root file system is what is measured.
 fn fs_run(ctrd: &Containerd, runtime: &str, id: &str) -> Result<FsResult> {
     let script = fsbench::script();
-    let out = ctrd
-        .ctr(&[
+    // bounded: a hung run must not stall the whole benchmark
+    let out = Command::new("timeout")
+        .arg(FS_RUN_TIMEOUT_S.to_string())
+        .arg("ctr")
+        .arg("--address")
+        .arg(ctrd.socket())
+        .args([
+            "--namespace",
+            "carapace-test",
             "run",
             "--rm",
             "--runtime",
             runtime,
-            IMAGE,
-            id,
-            "sh",
-            "-c",
-            &script,
         ])
-        .with_context(|| format!("fs workload in {id} ({runtime})"))?;
+        .args([IMAGE, id, "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .context("running timeout ctr")?;
+    if !out.status.success() {
+        bail!(
+            "fs workload in {id} ({runtime}) failed ({}{}): {}",
+            out.status,
+            if out.status.code() == Some(124) {
+                format!(", timed out after {FS_RUN_TIMEOUT_S} s")
+            } else {
+                String::new()
+            },
+            last_lines(&String::from_utf8_lossy(&out.stderr), 6)
+        );
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     fsbench::parse(&stdout).with_context(|| format!("fs workload output of {id}: {stdout}"))
 }
