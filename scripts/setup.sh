@@ -14,8 +14,8 @@ PACKAGES=(
   libseccomp-dev libcap-ng-dev pkg-config
   # agent protocol code generation
   protobuf-compiler
-  # container peers and tooling for end-to-end tests and benchmarks
-  containerd runc iproute2 e2fsprogs
+  # container peers and tooling for end-to-end tests and benchmarks (pgrep: procps)
+  containerd runc iproute2 e2fsprogs procps
 )
 
 SUDO=""
