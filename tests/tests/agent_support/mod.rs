@@ -43,15 +43,18 @@ pub async fn start_agent(extra: &[&str]) -> Agent {
         .args(extra)
         .spawn()
         .expect("spawning carapace-agent");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
+    // The socket file appears at bind(), a moment before the server listens: retry
+    // refused or missing connections until a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (client, info) = loop {
+        match client::connect_unix(&sock, Duration::from_secs(10)).await {
+            Ok(connected) => break connected,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("connecting to the agent: {e:?}"),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (client, info) = client::connect_unix(&sock, Duration::from_secs(10))
-        .await
-        .expect("connecting to the agent");
+    };
     assert_eq!(info.protocol_version, carapace_protocol::PROTOCOL_VERSION);
     Agent { child, dir, client }
 }
