@@ -139,6 +139,8 @@ rm -rf "$w"
 "#;
 
 #[test]
+#[ignore = "stalls intermittently in the lab (guest idle, daemon in epoll_wait; seen twice, issue 5); \
+            run by hand: cargo test -p carapace-tests --test fsd_guest -- --ignored"]
 fn conformance_and_escapes_through_a_real_guest() {
     let kernel = guest_kernel();
     let (fsd, check) = static_bins();
