@@ -45,3 +45,12 @@ pub fn is_root() -> bool {
         .and_then(|l| l.split_whitespace().nth(2))
         == Some("0")
 }
+
+/// The directory holding the running binary: for `carapace-demo` and `carapace-bench`,
+/// built next to the workspace's other binaries, the place to find them.
+pub fn own_bin_dir() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(std::path::Path::to_path_buf)
+        .ok_or_else(|| std::io::Error::other(format!("{} has no directory", exe.display())))
+}

@@ -94,12 +94,9 @@ fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
+/// The directory holding this binary and its sibling workspace binaries.
 fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating carapace-bench")?;
-    Ok(exe
-        .parent()
-        .context("carapace-bench has no directory")?
-        .to_path_buf())
+    carapace_tests::own_bin_dir().context("locating carapace-bench")
 }
 
 fn main() -> ExitCode {

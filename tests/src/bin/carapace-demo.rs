@@ -21,11 +21,7 @@ fn step(msg: &str) {
 
 /// The directory holding this binary and its sibling workspace binaries.
 fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating carapace-demo")?;
-    Ok(exe
-        .parent()
-        .context("carapace-demo has no directory")?
-        .to_path_buf())
+    carapace_tests::own_bin_dir().context("locating carapace-demo")
 }
 
 fn tail(path: &Path, lines: usize) -> String {
