@@ -539,15 +539,17 @@ impl Tasks {
                 return; // already reported
             }
             p.state = ProcState::Stopped;
+            tracing::info!(process = %proc_name(id, exec_id), status, "exited");
+            // The event goes out before waiters wake, so whoever saw `wait` return
+            // also finds the exit among the published events (emit never blocks).
+            self.emit(Event::Exit {
+                id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                pid,
+                exit,
+            });
             p.exit.send_replace(Some(exit));
         }
-        tracing::info!(process = %proc_name(id, exec_id), status, "exited");
-        self.emit(Event::Exit {
-            id: id.to_owned(),
-            exec_id: exec_id.to_owned(),
-            pid,
-            exit,
-        });
     }
 
     /// Waits until the process exits.
