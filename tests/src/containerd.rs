@@ -169,10 +169,15 @@ impl Containerd {
     /// A `ctr` command against this containerd (namespace `carapace-test`), to be given
     /// its subcommand and run by the caller (e.g. to stream its output).
     pub fn ctr_command(&self) -> Command {
+        self.ctr_command_in(TEST_NAMESPACE)
+    }
+
+    /// A `ctr` command against this containerd in `namespace` (e.g. [`CRI_NAMESPACE`]).
+    pub fn ctr_command_in(&self, namespace: &str) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address")
             .arg(self.socket())
-            .args(["--namespace", "carapace-test"])
+            .args(["--namespace", namespace])
             .stdin(Stdio::null());
         c
     }
@@ -205,7 +210,73 @@ impl Containerd {
         self.ctr(&["image", "import", "--all-platforms", &a])
             .map(|_| ())
     }
+
+    /// Imports an OCI image archive into the CRI plugin's namespace, where pods find it.
+    pub fn import_for_cri(&self, archive: &Path) -> Result<(), ContainerdError> {
+        let args = [
+            "image",
+            "import",
+            "--all-platforms",
+            &archive.to_string_lossy(),
+        ];
+        let out = self
+            .ctr_command_in(CRI_NAMESPACE)
+            .args(args)
+            .output()
+            .map_err(|e| ContainerdError::Ctr {
+                args: args.join(" "),
+                status: None,
+                stderr: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(ContainerdError::Ctr {
+                args: args.join(" "),
+                status: out.status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds the busybox and pause fixture images under `work` and imports them for CRI
+    /// as [`BUSYBOX_IMAGE`] and [`PAUSE_IMAGE`] (the `sandbox_image` of the config).
+    pub fn import_cri_images(&self, work: &Path) -> Result<(), ContainerdError> {
+        let rootfs = work.join("cri-image-rootfs");
+        crate::fixtures::busybox_rootfs(&rootfs)?;
+        for (name, cmd) in [
+            (BUSYBOX_IMAGE, &["sh"][..]),
+            // A pod's pause container: sleeps until asked to stop, and does stop on
+            // SIGTERM although it is its namespace's init.
+            (PAUSE_IMAGE, &["sh", "-c", PAUSE_SCRIPT][..]),
+        ] {
+            let dir = work.join(format!(
+                "cri-image-{}",
+                if name == PAUSE_IMAGE {
+                    "pause"
+                } else {
+                    "busybox"
+                }
+            ));
+            fs::create_dir_all(&dir).map_err(|source| ContainerdError::Io {
+                what: "cannot create",
+                path: dir.clone(),
+                source,
+            })?;
+            let archive = dir.join("image.tar");
+            crate::fixtures::oci_image_archive(&rootfs, name, cmd, &dir, &archive)?;
+            self.import_for_cri(&archive)?;
+        }
+        Ok(())
+    }
 }
+
+/// The namespace of `ctr` commands of the tests.
+pub const TEST_NAMESPACE: &str = "carapace-test";
+/// The namespace containerd's CRI plugin keeps its images and containers in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The pod sandbox image configured for CRI (built from busybox by [`Containerd::import_cri_images`]).
+pub const PAUSE_IMAGE: &str = "docker.io/carapace/pause:latest";
+const PAUSE_SCRIPT: &str = "trap 'exit 0' TERM INT; sleep 2147483647 & wait";
 
 /// The runtime type of Carapace's shim.
 pub const CARAPACE_RUNTIME: &str = "io.containerd.carapace.v2";
@@ -240,16 +311,21 @@ pub fn with_carapace(
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // Remove what tests left, so no shim outlives containerd.
-        if let Ok(out) = self.ctr_output(&["task", "ls", "-q"]) {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self.ctr_output(&["task", "kill", "-s", "SIGKILL", id]);
-                let _ = self.ctr_output(&["task", "delete", "--force", id]);
+        // Remove what tests left, so no shim outlives containerd: the tests' namespace and
+        // CRI's (pods), containers before their pod's sandbox container would not matter
+        // here since every task is killed first.
+        for ns in [TEST_NAMESPACE, CRI_NAMESPACE] {
+            let ctr = |args: &[&str]| self.ctr_command_in(ns).args(args).output();
+            if let Ok(out) = ctr(&["task", "ls", "-q"]) {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+                    let _ = ctr(&["task", "delete", "--force", id]);
+                }
             }
-        }
-        if let Ok(out) = self.ctr_output(&["container", "ls", "-q"]) {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self.ctr_output(&["container", "delete", id]);
+            if let Ok(out) = ctr(&["container", "ls", "-q"]) {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = ctr(&["container", "delete", id]);
+                }
             }
         }
         if let Some(mut child) = self.child.take() {
@@ -307,8 +383,11 @@ state = "{d}/state"
 [ttrpc]
   address = "{d}/containerd.sock.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "docker.io/carapace/pause:latest"
+  sandbox_image = "{PAUSE_IMAGE}"
   disable_cgroup = false
+  # keep pods' oom_score_adj at or above containerd's own: lowering it needs
+  # CAP_SYS_RESOURCE, which CI containers may not grant
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{d}/cni/bin"
     conf_dir = "{d}/cni/conf"

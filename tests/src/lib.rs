@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod containerd;
+pub mod cri;
 pub mod fixtures;
 pub mod lab;
 
