@@ -55,6 +55,11 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
     /// Mount points at or below `dir`, deepest first.
     fn mounts_under(&self, dir: &Path) -> Vec<PathBuf>;
+    /// Makes the directory `dir` a mount of its own (a bind on itself) in a new shared peer
+    /// group. The fs daemon's mount namespace holds a slave copy of the shared directory,
+    /// so binds made beneath `dir` after the daemon started (the containers joining a
+    /// pod's VM) still reach the daemon, whatever the propagation of `dir`'s parent mount.
+    fn share_subtree(&self, dir: &Path) -> Result<(), MountError>;
 }
 
 /// Creates `target` as an empty directory or file, matching `source`.
@@ -143,6 +148,25 @@ impl Mounter for SysMounter {
     fn mounts_under(&self, dir: &Path) -> Vec<PathBuf> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         mount_points_under(&text, dir)
+    }
+
+    fn share_subtree(&self, dir: &Path) -> Result<(), MountError> {
+        let err = |e| MountError::Bind {
+            source_path: dir.to_path_buf(),
+            target: dir.to_path_buf(),
+            read_only: false,
+            source: e,
+        };
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
+        // Private first: leave whatever peer group the parent mount is in, then start a
+        // peer group of our own.
+        for flags in [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
+            if let Err(e) = mount(None::<&str>, dir, None::<&str>, flags, None::<&str>) {
+                let _ = umount2(dir, MntFlags::MNT_DETACH);
+                return Err(err(e));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -285,6 +285,13 @@ impl Runtime {
         let id = st.id.clone();
         self.store.save(st)?;
         std::fs::create_dir(&paths.shared).map_err(io_err("creating", &paths.shared))?;
+        st.mounts.push(MountRecord {
+            source: paths.shared.clone(),
+            target: paths.shared.clone(),
+            read_only: false,
+        });
+        self.store.save(st)?;
+        self.mounter.share_subtree(&paths.shared)?;
         for bind in &guest.binds {
             let target = paths.shared.join(&bind.target);
             st.mounts.push(MountRecord {
@@ -426,7 +433,7 @@ impl Runtime {
         match st.status {
             Status::Creating | Status::Stopped => st.status,
             Status::Created | Status::Running => {
-                if st.exit.is_some() || !st.vmm.is_some_and(|v| v.is_alive()) {
+                if st.exit.is_some() || !self.vm_of(st).is_some_and(|v| v.is_alive()) {
                     Status::Stopped
                 } else {
                     st.status
@@ -439,14 +446,30 @@ impl Runtime {
     pub fn state(&self, id: &str) -> Result<crate::state::OciState, SandboxError> {
         let st = self.store.load(id)?;
         let status = self.live_status(&st);
-        let alive = st.vmm.is_some_and(|v| v.is_alive());
-        Ok(st.oci(status, alive))
+        let vm = self.vm_of(&st);
+        let alive = vm.is_some_and(|v| v.is_alive());
+        let mut oci = st.oci(status, alive);
+        if st.sandbox_id.is_some() && alive && status != Status::Stopped {
+            // a pod's container is represented by the VMM of the pod's VM
+            oci.pid = vm.map(|v| v.pid).unwrap_or(0);
+        }
+        Ok(oci)
     }
 
-    /// Connects to the agent of a running sandbox.
+    /// The VMM running `st`'s container: its own, or for a container of a pod, the VMM of
+    /// the pod's sandbox (`None` when that sandbox's state is gone).
+    pub fn vm_of(&self, st: &SandboxState) -> Option<ProcessRecord> {
+        match &st.sandbox_id {
+            None => st.vmm,
+            Some(sandbox) => self.store.load(sandbox).ok().and_then(|s| s.vmm),
+        }
+    }
+
+    /// Connects to the agent of a running sandbox (for a container of a pod: the agent of
+    /// the pod's VM).
     pub fn agent(&self, st: &SandboxState) -> Result<Arc<dyn AgentApi>, SandboxError> {
-        let paths = self.paths(&st.id)?;
-        let vmm = st.vmm.ok_or(SandboxError::WrongStatus {
+        let paths = self.paths(st.sandbox_id.as_deref().unwrap_or(&st.id))?;
+        let vmm = self.vm_of(st).ok_or(SandboxError::WrongStatus {
             id: st.id.clone(),
             status: "without a VM",
             op: "reach its agent",
@@ -591,12 +614,23 @@ impl Runtime {
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some(sandbox) = st.sandbox_id.clone() {
+            return self.delete_member(&st, &sandbox, force);
+        }
         let status = self.live_status(&st);
         if status == Status::Running && !force {
             return Err(SandboxError::WrongStatus {
                 id: id.to_owned(),
                 status: status.as_str(),
                 op: "delete it without --force",
+            });
+        }
+        let members = self.members(id)?;
+        if !members.is_empty() && !force {
+            return Err(SandboxError::WrongStatus {
+                id: id.to_owned(),
+                status: "hosting other containers",
+                op: "delete it before them without --force",
             });
         }
         if let Some(vmm) = st.vmm
@@ -612,7 +646,192 @@ impl Runtime {
                 Err(e) => tracing::warn!(id, error = %e, "agent unreachable; stopping the VMM"),
             }
         }
+        // The guest is gone with its containers: undo what the pod's other containers left
+        // on the host before the sandbox itself.
+        let mut problems = Vec::new();
+        for member in members {
+            match self.store.load(&member) {
+                Ok(m) => {
+                    if let Err(e) = self.teardown_member(&m, id) {
+                        problems.push(e.to_string());
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(SandboxError::Teardown {
+                id: id.to_owned(),
+                problems: problems.join("; "),
+            });
+        }
         self.teardown(&st)
+    }
+
+    /// Ids of the containers living in the VM of sandbox `sandbox_id` (besides its own).
+    pub fn members(&self, sandbox_id: &str) -> Result<Vec<String>, SandboxError> {
+        let mut members = Vec::new();
+        for id in self.store.ids()? {
+            if let Ok(st) = self.store.load(&id)
+                && st.sandbox_id.as_deref() == Some(sandbox_id)
+            {
+                members.push(id);
+            }
+        }
+        Ok(members)
+    }
+
+    /// Creates container `cid` from `bundle` inside the running VM of pod sandbox
+    /// `sandbox_id` (a sandbox made by [`Runtime::create`]): its rootfs and bind-mount
+    /// sources are bound under `<sandbox>/shared/<cid>/`, which the sandbox's fs daemon
+    /// already exports, and the agent of that VM creates the container. The container gets
+    /// a state directory of its own (`sandbox_id` set, no fs daemon or VMM). On error
+    /// nothing of it is left behind; the sandbox is untouched.
+    pub fn create_in_sandbox(
+        &self,
+        sandbox_id: &str,
+        cid: &str,
+        bundle: &Path,
+    ) -> Result<SandboxState, SandboxError> {
+        crate::state::validate_id(cid)?;
+        let bundle = std::fs::canonicalize(bundle).map_err(io_err("resolving bundle", bundle))?;
+        let sandbox = self.store.load(sandbox_id)?;
+        let vm_alive = sandbox.vmm.is_some_and(|v| v.is_alive());
+        if sandbox.sandbox_id.is_some() || sandbox.status == Status::Creating || !vm_alive {
+            return Err(SandboxError::WrongStatus {
+                id: sandbox_id.to_owned(),
+                status: if sandbox.sandbox_id.is_some() {
+                    "a container of another sandbox"
+                } else if vm_alive {
+                    "still being created"
+                } else {
+                    "without a running VM"
+                },
+                op: "host another container",
+            });
+        }
+        let sandbox_paths = self.paths(sandbox_id)?;
+        let guest_shared = match self.placement {
+            Placement::Vm => PathBuf::from(GUEST_SHARED_DIR),
+            Placement::HostAgent => sandbox_paths.shared.clone(),
+        };
+        let guest = oci::translate(&bundle, cid, &guest_shared)?;
+        self.store.create_dir(cid)?;
+        let mut st = SandboxState::new(cid, &bundle, guest.annotations.clone());
+        st.sandbox_id = Some(sandbox_id.to_owned());
+        match self.join_steps(&mut st, &guest, &sandbox_paths) {
+            Ok(()) => Ok(st),
+            Err(error) => {
+                tracing::error!(cid, sandbox_id, %error, "create in sandbox failed, tearing down");
+                match self.teardown_member(&st, sandbox_id) {
+                    Ok(()) => Err(error),
+                    Err(teardown) => Err(SandboxError::WithTeardown {
+                        error: Box::new(error),
+                        teardown: Box::new(teardown),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn join_steps(
+        &self,
+        st: &mut SandboxState,
+        guest: &oci::GuestSpec,
+        sandbox_paths: &SandboxPaths,
+    ) -> Result<(), SandboxError> {
+        self.store.save(st)?;
+        for bind in &guest.binds {
+            let target = sandbox_paths.shared.join(&bind.target);
+            st.mounts.push(MountRecord {
+                source: bind.source.clone(),
+                target: target.clone(),
+                read_only: bind.read_only,
+            });
+            self.store.save(st)?;
+            self.mounter.bind(&bind.source, &target, bind.read_only)?;
+        }
+        let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
+        let spec_path = self.paths(&st.id)?.guest_spec;
+        std::fs::write(&spec_path, &spec_bytes).map_err(io_err("writing", &spec_path))?;
+        let agent = self.agent(st)?;
+        agent.create_container(&st.id, &spec_bytes)?;
+        st.status = Status::Created;
+        self.store.save(st)?;
+        tracing::info!(id = st.id, sandbox = ?st.sandbox_id, "created in the pod's VM");
+        Ok(())
+    }
+
+    /// Deletes a container of a pod: removes it from the guest (the agent kills what still
+    /// runs), undoes its binds and removes its state; the VM keeps running.
+    fn delete_member(
+        &self,
+        st: &SandboxState,
+        sandbox_id: &str,
+        force: bool,
+    ) -> Result<(), SandboxError> {
+        let status = self.live_status(st);
+        if status == Status::Running && !force {
+            return Err(SandboxError::WrongStatus {
+                id: st.id.clone(),
+                status: status.as_str(),
+                op: "delete it without --force",
+            });
+        }
+        if let Some(vmm) = self.vm_of(st)
+            && vmm.is_alive()
+        {
+            let paths = self.paths(sandbox_id)?;
+            match self.connect_until(&vmm, &paths, Duration::from_secs(2)) {
+                Ok(agent) => {
+                    if let Err(e) = agent.remove_container(&st.id) {
+                        tracing::warn!(id = st.id, error = %e, "RemoveContainer failed");
+                    }
+                }
+                Err(e) => tracing::warn!(id = st.id, error = %e, "agent unreachable"),
+            }
+        }
+        self.teardown_member(st, sandbox_id)
+    }
+
+    /// The host side of a pod's container: its IO relay, its binds in the sandbox's shared
+    /// directory (and that per-container directory), its state directory. Idempotent.
+    fn teardown_member(&self, st: &SandboxState, sandbox_id: &str) -> Result<(), SandboxError> {
+        let mut problems = Vec::new();
+        if let Some(rec) = st.io_relay
+            && let Err(e) = rec.terminate("IO relay", STOP_GRACE)
+        {
+            problems.push(e.to_string());
+        }
+        for m in st.mounts.iter().rev() {
+            if let Err(e) = self.mounter.unmount(&m.target) {
+                problems.push(e.to_string());
+            }
+        }
+        let base = self.paths(sandbox_id)?.shared.join(&st.id);
+        for p in self.mounter.mounts_under(&base) {
+            if let Err(e) = self.mounter.unmount(&p) {
+                problems.push(e.to_string());
+            }
+        }
+        let left = self.mounter.mounts_under(&base);
+        if !left.is_empty() {
+            problems.push(format!("still mounted: {left:?}"));
+        } else {
+            match std::fs::remove_dir_all(&base) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => problems.push(format!("removing {}: {e}", base.display())),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(SandboxError::Teardown {
+                id: st.id.clone(),
+                problems: problems.join("; "),
+            });
+        }
+        let dir = self.store.dir(&st.id)?;
+        self.remove_dir(&st.id, &dir)
     }
 
     /// Stops every recorded process, undoes the mounts and removes the directory.

@@ -163,6 +163,10 @@ pub struct SandboxState {
     /// How the container's init ended, once known.
     #[serde(default)]
     pub exit: Option<ExitRecord>,
+    /// For a container of a pod: the sandbox whose VM runs it (this state then has no fs
+    /// daemon or VMM of its own, and its mounts are in that sandbox's shared directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
 }
 
 /// The JSON `state` prints, exactly the OCI runtime spec's state object.
@@ -418,6 +422,7 @@ impl SandboxState {
             mounts: Vec::new(),
             guest_pid: None,
             exit: None,
+            sandbox_id: None,
         }
     }
 

@@ -65,16 +65,6 @@ impl Backend for RuntimeBackend {
         rootfs: &[RootfsMount],
         role: &Role,
     ) -> Result<Arc<dyn AgentApi>, BackendError> {
-        if let Role::Container { sandbox_id } = role {
-            return Err(BackendError::new(
-                "creating",
-                id,
-                format!(
-                    "joining the VM of pod sandbox {sandbox_id} is not implemented yet: \
-                     carapace-runtime runs one container per VM"
-                ),
-            ));
-        }
         let target = rootfs_dir(bundle);
         for m in rootfs {
             let fstype = Some(m.fstype.as_str()).filter(|s| !s.is_empty());
@@ -82,16 +72,24 @@ impl Backend for RuntimeBackend {
             containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target)
                 .map_err(|e| BackendError::new("mounting the rootfs of", id, e.to_string()))?;
         }
-        let created = self
-            .runtime
-            .create(id, bundle)
-            .and_then(|st| self.runtime.agent(&st));
+        let created = match role {
+            Role::Container { sandbox_id } => {
+                self.runtime.create_in_sandbox(sandbox_id, id, bundle)
+            }
+            Role::Sandbox | Role::Standalone => self.runtime.create(id, bundle),
+        }
+        .and_then(|st| self.runtime.agent(&st));
         match created {
             Ok(agent) => Ok(agent),
             Err(e) => {
                 let _ = self.runtime.delete(id, true);
                 self.unmount_rootfs(bundle);
-                Err(BackendError::new("creating the sandbox of", id, e))
+                let op = if role.owns_vm() {
+                    "creating the sandbox of"
+                } else {
+                    "creating in its pod's VM"
+                };
+                Err(BackendError::new(op, id, e))
             }
         }
     }

@@ -266,6 +266,9 @@ pub struct Tasks {
     backend: Arc<dyn Backend>,
     events: mpsc::UnboundedSender<Event>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Pod sandboxes deleted while containers of their pod were still in the table: their
+    /// VM is stopped when the last of those is deleted (sandbox id → its bundle).
+    deferred: Mutex<HashMap<String, PathBuf>>,
 }
 
 impl std::fmt::Debug for Tasks {
@@ -323,6 +326,7 @@ impl Tasks {
             backend,
             events,
             containers: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(HashMap::new()),
         }
     }
 
@@ -338,9 +342,9 @@ impl Tasks {
         let _ = self.events.send(event);
     }
 
-    /// Whether no container is left (the shim may exit).
+    /// Whether no container is left and no VM waits to be stopped (the shim may exit).
     pub fn is_empty(&self) -> bool {
-        self.table().is_empty()
+        self.table().is_empty() && self.deferred_vms().is_empty()
     }
 
     /// Creates a container: reads its pod role, creates it through the backend.
@@ -650,15 +654,35 @@ impl Tasks {
             let exit = *c.init.exit.borrow();
             (c.bundle.clone(), c.role.clone(), c.init.pid, exit)
         };
-        let backend = self.backend.clone();
-        let cid = id.to_owned();
-        blocking(id, move || {
-            backend
-                .delete(&cid, &bundle, &role)
-                .map_err(TaskError::from)
-        })
-        .await?;
+        // A pod's sandbox goes before containers of its pod (its pause process died): the
+        // VM stays until the last of them is deleted.
+        let defer = role == Role::Sandbox && {
+            // decided and recorded under the table's lock, so a container deleted meanwhile
+            // either is still counted here or finds the record
+            let table = self.table();
+            let members = has_members(&table, id);
+            if members {
+                self.deferred_vms().insert(id.to_owned(), bundle.clone());
+            }
+            members
+        };
+        if defer {
+            tracing::info!(
+                id,
+                "sandbox deleted before its pod's containers: keeping the VM"
+            );
+        } else {
+            let backend = self.backend.clone();
+            let (cid, r) = (id.to_owned(), role.clone());
+            blocking(id, move || {
+                backend.delete(&cid, &bundle, &r).map_err(TaskError::from)
+            })
+            .await?;
+        }
         self.table().remove(id);
+        if let Role::Container { sandbox_id } = &role {
+            self.stop_deferred_vm(sandbox_id).await;
+        }
         let exit = exit.unwrap_or(never_started);
         self.emit(Event::Delete {
             id: id.to_owned(),
@@ -667,6 +691,41 @@ impl Tasks {
         });
         tracing::info!(id, "deleted");
         Ok((pid, exit))
+    }
+
+    fn deferred_vms(&self) -> MutexGuard<'_, HashMap<String, PathBuf>> {
+        self.deferred
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops the VM of a sandbox deleted earlier once its last container is gone.
+    async fn stop_deferred_vm(&self, sandbox_id: &str) {
+        let bundle = {
+            let table = self.table();
+            if has_members(&table, sandbox_id) {
+                return;
+            }
+            match self.deferred_vms().remove(sandbox_id) {
+                Some(b) => b,
+                None => return,
+            }
+        };
+        let backend = self.backend.clone();
+        let id = sandbox_id.to_owned();
+        let result = blocking(sandbox_id, move || {
+            backend
+                .delete(&id, &bundle, &Role::Sandbox)
+                .map_err(TaskError::from)
+        })
+        .await;
+        match result {
+            Ok(()) => tracing::info!(
+                id = sandbox_id,
+                "last container of the pod deleted: VM stopped"
+            ),
+            Err(e) => tracing::warn!(id = sandbox_id, error = %e, "cannot stop the pod's VM"),
+        }
     }
 
     /// The state of a process.
@@ -732,6 +791,13 @@ impl Tasks {
     pub fn bundle(&self, id: &str) -> Option<PathBuf> {
         self.table().get(id).map(|c| c.bundle.clone())
     }
+}
+
+/// Whether containers of pod sandbox `sandbox_id` are in `table`.
+fn has_members(table: &HashMap<String, Container>, sandbox_id: &str) -> bool {
+    table
+        .values()
+        .any(|c| matches!(&c.role, Role::Container { sandbox_id: s } if s == sandbox_id))
 }
 
 /// Reads the pod role of a bundle (for `shim delete`, which has no task table).

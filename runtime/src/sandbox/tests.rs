@@ -123,9 +123,12 @@ impl AgentApi for FakeAgent {
         assert_eq!(shares[0].tag, SHARED_FS_TAG);
         self.call("create_sandbox")
     }
-    fn create_container(&self, _: &str, spec: &[u8]) -> Result<(), AgentError> {
+    fn create_container(&self, cid: &str, spec: &[u8]) -> Result<(), AgentError> {
         let v: serde_json::Value = serde_json::from_slice(spec).unwrap();
-        assert_eq!(v["root"]["path"], "/run/carapace/shared/c1/rootfs");
+        assert_eq!(
+            v["root"]["path"],
+            format!("/run/carapace/shared/{cid}/rootfs")
+        );
         self.call("create_container")
     }
     fn start_container(&self, _: &str) -> Result<u32, AgentError> {
@@ -230,6 +233,11 @@ impl Mounter for FakeMounter {
         self.mounted.lock().unwrap().remove(target);
         Ok(())
     }
+    fn share_subtree(&self, dir: &Path) -> Result<(), MountError> {
+        self.mounted.lock().unwrap().insert(dir.to_path_buf());
+        Ok(())
+    }
+
     fn mounts_under(&self, dir: &Path) -> Vec<PathBuf> {
         let mut v: Vec<_> = self
             .mounted
@@ -360,8 +368,10 @@ fn create_start_kill_delete_in_order_and_nothing_left() {
     let dir = f.tmp.path().join("run/c1");
     assert!(dir.join("vm.json").exists() && dir.join("config.json").exists());
     let saved = f.rt.store.load("c1").unwrap();
-    assert_eq!(saved.mounts.len(), 2);
-    assert!(saved.mounts[1].read_only);
+    // the shared directory made a mount of its own, the rootfs, the read-only volume
+    assert_eq!(saved.mounts.len(), 3);
+    assert_eq!(saved.mounts[0].target, dir.join("shared"));
+    assert!(saved.mounts[2].read_only);
     assert!(saved.fsd.unwrap().is_alive() && saved.vmm.unwrap().is_alive());
 
     let oci = f.rt.state("c1").unwrap();
@@ -618,6 +628,113 @@ fn exec_inherits_the_container_process_and_applies_options() {
     f.rt.start("c1").unwrap();
     let (_agent, pid) = f.rt.exec("c1", "e1", &p).unwrap();
     assert_eq!(pid, 8);
+    f.rt.delete("c1", true).unwrap();
+    f.assert_clean();
+}
+
+#[test]
+fn a_pod_container_joins_the_sandbox_vm_and_leaves_it_running() {
+    let f = fixture(Setup::default());
+    f.rt.create("c1", &f.bundle).unwrap();
+    f.rt.start("c1").unwrap();
+    let st = f.rt.create_in_sandbox("c1", "c2", &f.bundle).unwrap();
+    assert_eq!(st.status, Status::Created);
+    assert_eq!(st.sandbox_id.as_deref(), Some("c1"));
+    assert!(st.fsd.is_none() && st.vmm.is_none());
+    // no second fs daemon or VMM; the agent of the pod's VM created the container
+    assert_eq!(f.launcher.started.lock().unwrap().len(), 2);
+    assert_eq!(f.events().last().unwrap(), "create_container");
+    // its binds are in the sandbox's shared directory, under its own id
+    let shared = f.tmp.path().join("run/c1/shared");
+    let mounted = f.mounter.mounts_under(&shared.join("c2"));
+    assert_eq!(mounted.len(), 2, "{mounted:?}");
+    assert!(shared.join("c2/rootfs/bin").exists() || shared.join("c2/rootfs").exists());
+    assert!(f.tmp.path().join("run/c2/config.json").exists());
+    assert_eq!(f.rt.members("c1").unwrap(), ["c2"]);
+
+    // it lives as long as the sandbox's VM
+    assert_eq!(f.rt.state("c2").unwrap().status, "created");
+    assert_eq!(f.rt.start("c2").unwrap(), 7);
+    assert_eq!(f.rt.state("c2").unwrap().status, "running");
+    assert_eq!(
+        f.rt.state("c2").unwrap().pid,
+        f.rt.store.load("c1").unwrap().vmm.unwrap().pid
+    );
+
+    // the sandbox cannot go first without force
+    f.rt.record_exit(
+        "c1",
+        ExitInfo {
+            exit_code: 0,
+            signal: 0,
+            exit_status: 0,
+        },
+    )
+    .unwrap();
+    let err = f.rt.delete("c1", false).unwrap_err();
+    assert!(
+        err.to_string().contains("hosting other containers"),
+        "{err}"
+    );
+
+    // deleting the container removes it from the guest and undoes its binds only
+    let err = f.rt.delete("c2", false).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    f.rt.delete("c2", true).unwrap();
+    assert_eq!(f.events().last().unwrap(), "remove_container");
+    assert!(f.mounter.mounts_under(&shared.join("c2")).is_empty());
+    assert!(!shared.join("c2").exists());
+    assert!(!f.tmp.path().join("run/c2").exists());
+    assert!(f.rt.store.load("c1").unwrap().vmm.unwrap().is_alive());
+    assert!(f.rt.members("c1").unwrap().is_empty());
+
+    f.rt.delete("c1", false).unwrap();
+    f.assert_clean();
+}
+
+#[test]
+fn force_deleting_a_sandbox_takes_its_containers_along() {
+    let f = fixture(Setup::default());
+    f.rt.create("c1", &f.bundle).unwrap();
+    f.rt.create_in_sandbox("c1", "c2", &f.bundle).unwrap();
+    f.rt.create_in_sandbox("c1", "c3", &f.bundle).unwrap();
+    f.rt.delete("c1", true).unwrap();
+    assert_eq!(f.events().last().unwrap(), "destroy_sandbox");
+    f.assert_clean();
+}
+
+#[test]
+fn joining_fails_cleanly_and_leaves_the_sandbox_alone() {
+    let f = fixture(Setup {
+        mounter: FakeMounter {
+            fail_bind_of: Some("c2/mounts/0"),
+            ..Default::default()
+        },
+        ..Setup::default()
+    });
+    // no such sandbox
+    let err = f.rt.create_in_sandbox("nope", "c2", &f.bundle).unwrap_err();
+    assert!(
+        matches!(err, SandboxError::State(StateError::NotFound { .. })),
+        "{err}"
+    );
+    assert!(!f.tmp.path().join("run/c2").exists());
+
+    f.rt.create("c1", &f.bundle).unwrap();
+    // a bind fails midway: the rootfs bind made before it is undone
+    let err = f.rt.create_in_sandbox("c1", "c2", &f.bundle).unwrap_err();
+    assert!(err.to_string().contains("c2/mounts/0"), "{err}");
+    let shared = f.tmp.path().join("run/c1/shared");
+    assert!(f.mounter.mounts_under(&shared.join("c2")).is_empty());
+    assert!(!shared.join("c2").exists());
+    assert_eq!(f.rt.store.ids().unwrap(), ["c1"]);
+    assert!(f.rt.store.load("c1").unwrap().vmm.unwrap().is_alive());
+
+    // a member cannot host containers, a dead VM cannot either
+    let vmm = f.rt.store.load("c1").unwrap().vmm.unwrap();
+    vmm.terminate("VMM", Duration::from_secs(3)).unwrap();
+    let err = f.rt.create_in_sandbox("c1", "c3", &f.bundle).unwrap_err();
+    assert!(err.to_string().contains("without a running VM"), "{err}");
     f.rt.delete("c1", true).unwrap();
     f.assert_clean();
 }

@@ -566,3 +566,98 @@ async fn unknown_ids_and_duplicates_are_typed_errors() {
     let (pid, exit) = f.tasks.delete("c5", "").await.expect("delete created");
     assert_eq!((pid, exit.status), (0, 0));
 }
+
+/// A bundle directory with these annotations, beside the fixture's.
+fn pod_bundle(f: &Fixture, name: &str, annotations: serde_json::Value) -> PathBuf {
+    let dir = f.dir.path().join(name);
+    std::fs::create_dir(&dir).expect("bundle dir");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::json!({"annotations": annotations}).to_string(),
+    )
+    .expect("config.json");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_vm_outlives_its_sandbox_until_the_last_container_is_deleted() {
+    use crate::pod::{CONTAINER_TYPE, SANDBOX_ID};
+    let f = fixture();
+    let sandbox = pod_bundle(
+        &f,
+        "p1",
+        serde_json::json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p1"}),
+    );
+    let member = serde_json::json!({CONTAINER_TYPE: "container", SANDBOX_ID: "p1"});
+    for (id, bundle) in [
+        ("p1", sandbox),
+        ("c1", pod_bundle(&f, "c1", member.clone())),
+        ("c2", pod_bundle(&f, "c2", member)),
+    ] {
+        f.tasks
+            .create(CreateRequest {
+                id: id.into(),
+                bundle,
+                rootfs: vec![],
+                stdio: StdioPaths::default(),
+            })
+            .await
+            .expect("create");
+        f.tasks.start(id, "").await.expect("start");
+    }
+    // the pause process dies first: deleting the sandbox keeps the VM
+    f.tasks.kill("p1", "", 9, false).await.expect("kill p1");
+    f.tasks.wait("p1", "").await.expect("wait p1");
+    f.tasks.delete("p1", "").await.expect("delete p1");
+    assert!(!f.tasks.is_empty(), "the pod's containers remain");
+    let calls = || f.backend.calls.lock().expect("lock").clone();
+    assert!(
+        !calls().iter().any(|c| c.starts_with("delete p1")),
+        "{:?}",
+        calls()
+    );
+    for id in ["c1", "c2"] {
+        f.tasks.kill(id, "", 9, false).await.expect("kill");
+        f.tasks.wait(id, "").await.expect("wait");
+    }
+    f.tasks.delete("c1", "").await.expect("delete c1");
+    assert!(!calls().iter().any(|c| c.starts_with("delete p1")));
+    f.tasks.delete("c2", "").await.expect("delete c2");
+    let deletes: Vec<String> = calls()
+        .into_iter()
+        .filter(|c| c.starts_with("delete"))
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "delete c1 Container { sandbox_id: \"p1\" }",
+            "delete c2 Container { sandbox_id: \"p1\" }",
+            "delete p1 Sandbox",
+        ]
+    );
+    assert!(f.tasks.is_empty(), "the shim may exit now");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_without_containers_left_stops_its_vm_at_once() {
+    use crate::pod::{CONTAINER_TYPE, SANDBOX_ID};
+    let f = fixture();
+    let sandbox = pod_bundle(
+        &f,
+        "p2",
+        serde_json::json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p2"}),
+    );
+    f.tasks
+        .create(CreateRequest {
+            id: "p2".into(),
+            bundle: sandbox,
+            rootfs: vec![],
+            stdio: StdioPaths::default(),
+        })
+        .await
+        .expect("create");
+    f.tasks.delete("p2", "").await.expect("delete");
+    assert!(f.tasks.is_empty());
+    let calls = f.backend.calls.lock().expect("lock").clone();
+    assert_eq!(calls.last().map(String::as_str), Some("delete p2 Sandbox"));
+}
