@@ -4,6 +4,7 @@
 
 pub mod fsio;
 pub mod parse;
+pub mod pods;
 
 use serde_json::{Value, json};
 use std::fmt::Write as _;

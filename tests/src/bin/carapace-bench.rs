@@ -9,7 +9,9 @@
 //! - sandbox: idle Carapace sandboxes started one by one (`ctr run -d`), start latency of
 //!   each, PSS of shim + VMM + fsd per sandbox at 1 and at the last count, guest memory
 //!   touched; density = sandboxes started before the start latency doubles or memory runs
-//!   short, bounded; runc under the same rule is the peer.
+//!   short, bounded; runc under the same rule is the peer;
+//! - pod: CRI RunPodSandbox -> the container's first log line, one pod at a time and
+//!   `--pod-parallel` pods at once, Carapace's handler vs runc's, in one private containerd.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use carapace_tests::bench::fsio::{self as fsbench, FsResult};
 use carapace_tests::bench::parse::{
     largest_mapping_pss_kib, smaps_rollup_pss_kib, started_before_slowdown, vmm_bench,
 };
+use carapace_tests::bench::pods::{self, PodRun};
 use carapace_tests::bench::{Report, Row, Samples, percentile_rows};
 use carapace_tests::containerd::{Containerd, RuntimeEntry};
 use carapace_tests::fixtures::{busybox_rootfs, oci_image_archive};
@@ -48,6 +51,7 @@ enum Phase {
     Boot,
     Container,
     Sandbox,
+    Pod,
     Fs,
 }
 
@@ -85,6 +89,9 @@ struct Cli {
     /// virtiofsd, the peer of carapace-fsd (default: ~/.cargo/bin/virtiofsd, then PATH).
     #[arg(long)]
     virtiofsd: Option<PathBuf>,
+    /// Pods started at once in the parallel pod_start row (ignored with --quick: 3).
+    #[arg(long, default_value_t = 10)]
+    pod_parallel: usize,
     /// Phases to skip.
     #[arg(long, value_enum)]
     skip: Vec<Phase>,
@@ -157,11 +164,16 @@ fn run(cli: &Cli) -> Result<()> {
         containers(cli, &bins, runs, density_max, &mut report)?;
     }
 
-    report.notes.push(
-        "pod_start: not measured: needs a CRI client (RunPodSandbox); none is packaged here \
-         (no crictl in Debian 12) and none is in the workspace yet"
-            .into(),
-    );
+    if cli.skip.contains(&Phase::Pod) {
+        report.notes.push("pod_start: skipped (--skip pod)".into());
+    } else {
+        let parallel = if cli.quick {
+            3
+        } else {
+            cli.pod_parallel.max(1)
+        };
+        pod_phase(cli, &bins, runs, parallel, &mut report)?;
+    }
     if cli.skip.contains(&Phase::Fs) {
         report.notes.push("fs_*: skipped (--skip fs)".into());
     } else {
@@ -587,6 +599,146 @@ fn sandboxes(ctrd: &Containerd, max: usize, report: &mut Report) -> Result<()> {
     report
         .samples
         .push(Samples::new("runc idle container start", "ms", peer_lat));
+    Ok(())
+}
+
+/// Deadline of one pod start (s): generous, the lab emulates the CPU.
+const POD_TIMEOUT_S: u64 = 300;
+
+/// `pod_start` rows: CRI pods with Carapace's handler vs runc's, one at a time (alternating
+/// who goes first) and `parallel` at once. A failing Carapace start becomes a note; a failing
+/// runc start is an error (without the peer no row means anything).
+fn pod_phase(
+    cli: &Cli,
+    bins: &Path,
+    runs: usize,
+    parallel: usize,
+    report: &mut Report,
+) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("cbp-") // short: unix socket paths below it carry 64-char CRI ids
+        .tempdir()
+        .context("creating a work directory")?;
+    let config = work.path().join("configuration.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
+             [agent]\nboot_timeout_ms = 300000\n",
+            bins.join("carapace-vmm").display().to_string(),
+            bins.join("carapace-fsd").display().to_string(),
+            work.path().join("run").display().to_string()
+        ),
+    )
+    .context("writing the Carapace configuration")?;
+    for f in ["vmlinux", "initramfs.cpio.gz"] {
+        let p = cli.guest_dir.join(f);
+        if !p.is_file() {
+            bail!(Usage(format!(
+                "guest image {} missing (make image)",
+                p.display()
+            )));
+        }
+    }
+    progress("pod_start: starting a private containerd with the CRI images");
+    let ctrd = Containerd::start(
+        &work.path().join("containerd"),
+        &[RuntimeEntry {
+            handler: "carapace".into(),
+            runtime_type: CARAPACE.into(),
+        }],
+        Some(bins),
+        &[("CARAPACE_CONFIG", config.as_path())],
+    )?;
+    ctrd.import_cri_images(work.path())?;
+    let run_for = |handler: &str| PodRun {
+        socket: ctrd.socket(),
+        handler: handler.to_owned(),
+        image: carapace_tests::containerd::BUSYBOX_IMAGE.to_owned(),
+        log_root: pods::log_root(work.path(), handler),
+        timeout: Duration::from_secs(POD_TIMEOUT_S),
+    };
+    let (carapace, runc) = (run_for("carapace"), run_for("runc"));
+    let mut cri = carapace_tests::cri::Cri::connect(&ctrd.socket())?;
+
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    let mut failure = None;
+    for i in 0..runs {
+        let order = if i % 2 == 0 {
+            [&carapace, &runc]
+        } else {
+            [&runc, &carapace]
+        };
+        for run in order {
+            if run.handler == "carapace" && failure.is_some() {
+                continue;
+            }
+            match run.start_once(&mut cri, &format!("seq-{}-{i}", run.handler)) {
+                Ok(ms) => {
+                    progress(&format!("pod_start run {i}: {} {ms:.0} ms", run.handler));
+                    if run.handler == "runc" {
+                        peer.push(ms);
+                    } else {
+                        ours.push(ms);
+                    }
+                }
+                Err(e) if run.handler == "carapace" => {
+                    progress(&format!("pod_start: carapace failed: {e:#}"));
+                    failure = Some(format!("{:#}", anyhow::Error::from(e)));
+                }
+                Err(e) => return Err(anyhow::Error::from(e).context("runc pods (the peer) failed")),
+            }
+        }
+    }
+    let peer = Samples::new("runc pod_start (CRI handler runc)", "ms", peer);
+    if let Some(e) = failure {
+        report.notes.push(format!(
+            "pod_start: Carapace not measured, a pod with handler carapace failed: {e}; runc p50 {:.0} ms",
+            peer.percentile(50.0).unwrap_or(f64::NAN)
+        ));
+        report.samples.push(peer);
+        return Ok(());
+    }
+    let ours = Samples::new("carapace pod_start (CRI handler carapace)", "ms", ours);
+    report
+        .rows
+        .extend(percentile_rows("pod_start", &ours, &peer, None)?);
+    report.samples.push(ours);
+    report.samples.push(peer);
+
+    // all at once: runc first, then Carapace, each batch released together
+    let batch = |run: &PodRun| -> Result<Vec<f64>> {
+        progress(&format!(
+            "pod_start: {parallel} {} pods at once",
+            run.handler
+        ));
+        run.start_parallel(&format!("par-{}", run.handler), parallel)
+            .into_iter()
+            .map(|r| r.map_err(anyhow::Error::from))
+            .collect()
+    };
+    let peer_par = batch(&runc).context("runc pods in parallel (the peer) failed")?;
+    match batch(&carapace) {
+        Ok(ours_par) => {
+            let name = format!("pod_start_parallel{parallel}");
+            let ours_par = Samples::new(format!("carapace {name}"), "ms", ours_par);
+            let peer_par = Samples::new(format!("runc {name}"), "ms", peer_par);
+            report
+                .rows
+                .extend(percentile_rows(&name, &ours_par, &peer_par, None)?);
+            report.samples.push(ours_par);
+            report.samples.push(peer_par);
+        }
+        Err(e) => report.notes.push(format!(
+            "pod_start_parallel{parallel}: Carapace not measured: {e:#}"
+        )),
+    }
+    report.notes.push(format!(
+        "pod_start: CRI RunPodSandbox -> CreateContainer -> StartContainer -> the container's \
+         first line in its CRI log, host network (no CNI), busybox image; {runs} pods one at a \
+         time (alternating handlers), then {parallel} at once from separate CRI connections; \
+         peer: runc handler in the same containerd"
+    ));
     Ok(())
 }
 
