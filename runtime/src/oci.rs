@@ -188,15 +188,15 @@ pub fn translate(
             format!("{} is not a directory", root_host.display()),
         ));
     }
-    let root_ro = spec
-        .pointer("/root/readonly")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    // The rootfs is shared writable even when `root.readonly` is set: like runc, the agent
+    // creates the spec's mount points inside it (e.g. /etc/resolv.conf, which a CRI pod's
+    // read-only sandbox image lacks) and only then remounts the container's / read-only.
+    // The rootfs is the container's own snapshot, so nothing else is exposed by this.
     let guest_base = guest_shared_dir.join(cid);
     let mut binds = vec![BindPlan {
         source: root_host,
         target: Path::new(cid).join("rootfs"),
-        read_only: root_ro,
+        read_only: false,
     }];
     spec["root"]["path"] = Value::String(guest_base.join("rootfs").display().to_string());
 
@@ -393,7 +393,7 @@ mod tests {
                 BindPlan {
                     source: b.path().join("rootfs"),
                     target: "c1/rootfs".into(),
-                    read_only: true
+                    read_only: false
                 },
                 BindPlan {
                     source: vol.path().into(),
@@ -408,6 +408,8 @@ mod tests {
             ]
         );
         assert_eq!(g.annotations.get("k").map(String::as_str), Some("v"));
+        // read-only root: enforced by the agent in the guest, after its mount points exist
+        assert_eq!(g.json["root"]["readonly"], true);
         assert_eq!(g.limits.cpu_quota_us, Some(50000));
         assert_eq!(g.limits.memory_limit_bytes, Some(1048576));
         assert!(g.json.get("hooks").is_none());
