@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::unistd::{Gid, Pid, Uid};
-use oci_spec::runtime::{LinuxSeccomp, Mount, Process, Spec};
+use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, LinuxSeccomp, Mount, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::secure_join;
+use crate::namespaces::{NsPlan, NsType};
 
 /// Largest accepted init config (a spec is a few KiB; this bounds the read).
 pub const MAX_CONFIG_LEN: u64 = 4 << 20;
@@ -44,9 +45,14 @@ pub struct InitConfig {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub enum InitKind {
-    /// New container: new pid/mount/ipc/uts namespaces, rootfs from the spec.
-    Create { spec: Box<Spec> },
-    /// Join the namespaces of the running container whose init is `pid`.
+    /// New container: namespaces created or joined as planned (see
+    /// [`crate::namespaces`]), rootfs from the spec.
+    Create {
+        spec: Box<Spec>,
+        namespaces: Vec<NsPlan>,
+    },
+    /// Join the namespaces of the running container whose init is `pid` (every one that
+    /// differs from the agent's).
     Exec { pid: i32 },
 }
 
@@ -136,27 +142,8 @@ fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
             .ctx(|| format!("joining cgroup {}", procs.display()))?;
     }
     match &cfg.kind {
-        InitKind::Create { .. } => {
-            unshare(
-                CloneFlags::CLONE_NEWNS
-                    | CloneFlags::CLONE_NEWPID
-                    | CloneFlags::CLONE_NEWIPC
-                    | CloneFlags::CLONE_NEWUTS,
-            )
-            .ctx(|| "unshare(pid, mount, ipc, uts)".into())?;
-        }
-        InitKind::Exec { pid } => {
-            // The mount namespace last: after it, /proc/<pid> may no longer be visible.
-            let mut fds = Vec::new();
-            for ns in ["ipc", "uts", "pid", "mnt"] {
-                let path = format!("/proc/{pid}/ns/{ns}");
-                fds.push((ns, File::open(&path).ctx(|| format!("opening {path}"))?));
-            }
-            for (ns, f) in &fds {
-                setns(f.as_fd(), CloneFlags::empty())
-                    .ctx(|| format!("setns({ns}) of pid {pid}"))?;
-            }
-        }
+        InitKind::Create { namespaces, .. } => enter_namespaces(namespaces)?,
+        InitKind::Exec { pid } => join_container_namespaces(*pid)?,
     }
     match crate::sys::fork_single_threaded().ctx(|| "fork".into())? {
         nix::unistd::ForkResult::Parent { child } => {
@@ -174,14 +161,70 @@ fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
     }
 }
 
+/// Joins the namespaces given by path, then creates the others (after the cgroup was
+/// joined, so a new cgroup namespace is rooted at the container's cgroup). Every path is
+/// opened before any namespace changes.
+fn enter_namespaces(plan: &[NsPlan]) -> Result<(), InitError> {
+    let mut joins = Vec::new();
+    let mut create = CloneFlags::empty();
+    for p in plan {
+        match &p.path {
+            Some(path) => {
+                let f = File::open(path)
+                    .ctx(|| format!("opening {} namespace {}", p.ns.proc_name(), path.display()))?;
+                joins.push((p, f));
+            }
+            None => create |= p.ns.flag(),
+        }
+    }
+    for (p, f) in &joins {
+        // The flag makes the kernel check that the file is a namespace of that type.
+        setns(f.as_fd(), p.ns.flag()).ctx(|| {
+            format!(
+                "joining {} namespace {}",
+                p.ns.proc_name(),
+                p.path.as_deref().unwrap_or(Path::new("")).display()
+            )
+        })?;
+    }
+    if !create.is_empty() {
+        unshare(create).ctx(|| format!("unshare({create:?})"))?;
+    }
+    Ok(())
+}
+
+/// Joins every namespace of the process `pid` (a container init) that differs from ours.
+fn join_container_namespaces(pid: i32) -> Result<(), InitError> {
+    let mut fds = Vec::new();
+    for ns in NsType::ALL {
+        let name = ns.proc_name();
+        let theirs = format!("/proc/{pid}/ns/{name}");
+        let target = std::fs::read_link(&theirs).ctx(|| format!("reading {theirs}"))?;
+        let ours = std::fs::read_link(format!("/proc/self/ns/{name}"))
+            .ctx(|| format!("reading /proc/self/ns/{name}"))?;
+        if target != ours {
+            fds.push((ns, File::open(&theirs).ctx(|| format!("opening {theirs}"))?));
+        }
+    }
+    // NsType::ALL ends with the mount namespace: after it, /proc may be the container's.
+    for (ns, f) in &fds {
+        setns(f.as_fd(), ns.flag()).ctx(|| format!("setns({}) of pid {pid}", ns.proc_name()))?;
+    }
+    Ok(())
+}
+
 fn child(cfg: &InitConfig, status: &mut File, start: OwnedFd) -> Result<(), InitError> {
     let p = &cfg.process;
+    // Until exec, this process runs the agent's binary inside the container: keep other
+    // container processes from ptrace-attaching to it or opening /proc/<pid>/exe etc.
+    // (exec resets it).
+    nix::sys::prctl::set_dumpable(false).ctx(|| "prctl(PR_SET_DUMPABLE, 0)".into())?;
     nix::unistd::setsid().ctx(|| "setsid".into())?;
     if cfg.tty {
         crate::sys::set_controlling_tty(std::io::stdin().as_fd())
             .ctx(|| "making the pty the controlling terminal".into())?;
     }
-    if let InitKind::Create { spec } = &cfg.kind {
+    if let InitKind::Create { spec, .. } = &cfg.kind {
         setup_rootfs(spec)?;
     }
     for r in p.rlimits().iter().flatten() {
@@ -542,6 +585,75 @@ fn setup_dev(root: &Path) -> Result<(), InitError> {
     Ok(())
 }
 
+/// The mknod type of an OCI device, or why it has none.
+pub fn device_kind(d: &LinuxDevice) -> Result<nix::sys::stat::SFlag, String> {
+    use nix::sys::stat::SFlag;
+    let p = d.path().display();
+    if !d.path().is_absolute() {
+        return Err(format!("{p}: path is not absolute"));
+    }
+    if d.major() < 0 || d.minor() < 0 {
+        return Err(format!("{p}: negative major or minor number"));
+    }
+    match d.typ() {
+        LinuxDeviceType::C | LinuxDeviceType::U => Ok(SFlag::S_IFCHR),
+        LinuxDeviceType::B => Ok(SFlag::S_IFBLK),
+        LinuxDeviceType::P => Ok(SFlag::S_IFIFO),
+        LinuxDeviceType::A => Err(format!("{p}: type \"a\" is not a device node type")),
+    }
+}
+
+/// Creates the spec's `linux.devices` nodes (resolved inside the rootfs). A node that is
+/// already there with the same type and number (such as /dev/null bound from the VM) is
+/// kept as is.
+fn create_devices(root: &Path, spec: &Spec) -> Result<(), InitError> {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let devices = spec.linux().as_ref().and_then(|l| l.devices().as_ref());
+    for d in devices.into_iter().flatten() {
+        let kind = device_kind(d).map_err(|e| InitError::Config(format!("linux.devices: {e}")))?;
+        let p = d.path().to_string_lossy().into_owned();
+        // device_kind checked that both are not negative.
+        let rdev = makedev(d.major().unsigned_abs(), d.minor().unsigned_abs());
+        let dest = secure_join(root, &p)?;
+        if let Ok(md) = std::fs::symlink_metadata(&dest) {
+            let ft = md.file_type();
+            let same = match kind {
+                SFlag::S_IFCHR => ft.is_char_device() && md.rdev() == rdev,
+                SFlag::S_IFBLK => ft.is_block_device() && md.rdev() == rdev,
+                _ => ft.is_fifo(),
+            };
+            if same {
+                continue;
+            }
+            return Err(InitError::Config(format!(
+                "linux.devices: {p} already exists and is another file"
+            )));
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        }
+        let mode = d.file_mode().unwrap_or(0o666) & 0o7777;
+        let perm = Mode::from_bits_truncate(mode);
+        mknod(&dest, kind, perm, rdev).ctx(|| format!("mknod {p}"))?;
+        // mknod applied the umask: set the exact mode.
+        nix::sys::stat::fchmodat(
+            None,
+            &dest,
+            perm,
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .ctx(|| format!("chmod {p}"))?;
+        nix::unistd::chown(
+            &dest,
+            d.uid().map(Uid::from_raw),
+            d.gid().map(Gid::from_raw),
+        )
+        .ctx(|| format!("chown {p}"))?;
+    }
+    Ok(())
+}
+
 fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
     let root = spec
         .root()
@@ -574,6 +686,7 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
     if dev_is_tmpfs {
         setup_dev(&root)?;
     }
+    create_devices(&root, spec)?;
     nix::unistd::chdir(&root).ctx(|| format!("chdir {}", root.display()))?;
     nix::unistd::pivot_root(".", ".").ctx(|| format!("pivot_root to {}", root.display()))?;
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;

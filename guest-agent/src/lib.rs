@@ -3,6 +3,8 @@
 pub mod cgroup;
 pub mod ids;
 pub mod init;
+pub mod namespaces;
+pub mod oom;
 pub mod pid1;
 pub mod process;
 pub mod reaper;

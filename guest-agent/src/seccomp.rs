@@ -27,7 +27,7 @@ pub enum SeccompError {
     #[error("compiling seccomp filter")]
     Compile(#[source] seccompiler::Error),
     #[error("installing seccomp filter")]
-    Install(#[source] seccompiler::Error),
+    Install(#[source] std::io::Error),
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -150,9 +150,20 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> 
 }
 
 /// Installs the programs on the calling thread (no_new_privs or CAP_SYS_ADMIN required).
+/// Not seccompiler's `apply_filter`: that one always sets no_new_privs, which must stay as
+/// the process spec says (a process without noNewPrivileges may exec setuid programs).
 pub fn install(programs: &[BpfProgram]) -> Result<(), SeccompError> {
     for p in programs {
-        seccompiler::apply_filter(p).map_err(SeccompError::Install)?;
+        let insns: Vec<libc::sock_filter> = p
+            .iter()
+            .map(|i| libc::sock_filter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            })
+            .collect();
+        crate::sys::install_seccomp_filter(&insns).map_err(SeccompError::Install)?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use carapace_protocol::agent::*;
 use carapace_protocol::agent_ttrpc::Agent;
 use carapace_protocol::{MAX_READ_CHUNK, MAX_WRITE_CHUNK, PROTOCOL_VERSION};
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxResources, LinuxSeccomp, Process, Spec};
 use ttrpc::r#async::TtrpcContext;
 
 use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
@@ -135,6 +135,8 @@ struct Container {
     state: Mutex<CState>,
     start: tokio::sync::Mutex<(Option<OwnedFd>, Option<StatusReader>)>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
+    /// The spec's seccomp profile, applied to the init and to every exec (as runc does).
+    seccomp: Option<LinuxSeccomp>,
     /// oom_kill count already reported.
     oom_seen: Mutex<u64>,
 }
@@ -167,6 +169,7 @@ pub struct AgentService {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     sandbox: Mutex<Option<String>>,
     oom: OomQueue,
+    oom_watch: Arc<crate::oom::OomWatcher>,
     started: Instant,
     shutdown: tokio::sync::mpsc::UnboundedSender<ShutdownKind>,
 }
@@ -203,13 +206,17 @@ impl AgentService {
             containers: Mutex::default(),
             sandbox: Mutex::default(),
             oom: OomQueue::default(),
+            oom_watch: Arc::new(crate::oom::OomWatcher::new()),
             started: Instant::now(),
             shutdown,
         });
         let weak = Arc::downgrade(&svc);
+        let watcher = svc.oom_watch.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // Woken by a change of some container's memory.events (inotify), or
+                // periodically without inotify.
+                watcher.wait().await;
                 let Some(svc) = weak.upgrade() else { return };
                 svc.poll_oom();
             }
@@ -329,6 +336,23 @@ impl AgentService {
                 ),
             });
         }
+        for d in spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_ref())
+            .into_iter()
+            .flatten()
+        {
+            crate::init::device_kind(d).map_err(|reason| AgentError::Invalid {
+                field: "spec.linux.devices",
+                reason,
+            })?;
+        }
+        if spec.hooks().is_some() {
+            // Hook paths are host executables run in the runtime's namespaces: the host
+            // side (runtime/src/oci.rs) strips them; they are never run in the guest.
+            tracing::warn!(container = %req.container_id, "spec.hooks ignored: OCI hooks are not run in the guest");
+        }
         for m in spec.mounts().iter().flatten() {
             if !m.destination().is_absolute() {
                 return Err(AgentError::Invalid {
@@ -367,6 +391,7 @@ impl AgentService {
                     state: Mutex::new(CState::Created),
                     start: Default::default(),
                     execs: Default::default(),
+                    seccomp: None,
                     oom_seen: Mutex::new(0),
                 }),
             );
@@ -386,10 +411,24 @@ impl AgentService {
     }
 
     async fn create_inner(&self, id: &str, spec: Spec, process: Process) -> Result<Arc<Container>> {
+        let namespaces = crate::namespaces::plan(&spec)
+            .and_then(|p| crate::namespaces::check_paths(&p).map(|()| p))
+            .map_err(|e| AgentError::Invalid {
+                field: "spec.linux.namespaces",
+                reason: chain(&e),
+            })?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         let cgroup = match &self.cgroups {
             Some(root) => {
                 let cg = root.create(id)?;
+                let events = cg.path().join("memory.events");
+                if let Err(e) = self.oom_watch.watch(&events) {
+                    if events.exists() {
+                        tracing::warn!(container = id, error = %chain(&e), "OOM kills of this container will not be reported");
+                    } else {
+                        tracing::debug!(container = id, "no memory controller: no OOM events");
+                    }
+                }
                 if let Some(Err(e)) = resources.as_ref().map(|r| cg.apply(r)) {
                     let _ = cg.remove().await;
                     return Err(e.into());
@@ -413,10 +452,11 @@ impl AgentService {
             tty: process.terminal().unwrap_or(false),
             process,
             cgroup_procs: cgroup.as_ref().map(Cgroup::procs_file),
-            seccomp,
+            seccomp: seccomp.clone(),
             wait_start: true,
             kind: InitKind::Create {
                 spec: Box::new(spec),
+                namespaces,
             },
         };
         let spawned = match crate::process::spawn(&cfg, &self.reaper).await {
@@ -448,6 +488,7 @@ impl AgentService {
             state: Mutex::new(CState::Created),
             start: tokio::sync::Mutex::new((spawned.start, Some(status))),
             execs: Mutex::default(),
+            seccomp,
             oom_seen: Mutex::new(0),
         }))
     }
@@ -505,7 +546,9 @@ impl AgentService {
             tty: process.terminal().unwrap_or(false),
             process,
             cgroup_procs: c.cgroup.as_ref().map(Cgroup::procs_file),
-            seccomp: None,
+            // runc semantics: an exec gets the container's seccomp profile; its identity,
+            // capabilities, rlimits and no_new_privileges come from its own process spec.
+            seccomp: c.seccomp.clone(),
             wait_start: false,
             kind: InitKind::Exec { pid: c.init.pid },
         };

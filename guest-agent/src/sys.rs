@@ -107,3 +107,32 @@ pub fn keep_fds_on_exec(cmd: &mut std::process::Command, fds: [i32; 3]) {
         });
     }
 }
+
+/// Installs a classic BPF seccomp filter on the calling thread with seccomp(2). Unlike
+/// seccompiler's `apply_filter`, it does not set no_new_privs: the caller either holds
+/// CAP_SYS_ADMIN or has set no_new_privs itself, as the process spec says.
+pub fn install_seccomp_filter(prog: &[libc::sock_filter]) -> std::io::Result<()> {
+    let len = u16::try_from(prog.len())
+        .ok()
+        .filter(|l| *l > 0)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points to `prog` (exactly `len` instructions), both alive for the
+    // duration of the call; the kernel copies the program and does not write to it or keep
+    // a reference.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

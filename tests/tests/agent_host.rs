@@ -812,3 +812,272 @@ async fn shutdown_stops_the_host_mode_agent() {
     }
     assert!(status.expect("agent exited").success());
 }
+
+/// Runs `process` as exec `exec_id` in container `id` to completion; returns (stdout,
+/// stderr, wait).
+async fn exec_run(
+    a: &Agent,
+    id: &str,
+    exec_id: &str,
+    process: &serde_json::Value,
+) -> (String, String, WaitResponse) {
+    a.client
+        .exec_process(
+            ctx(),
+            &ExecProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                process_json: serde_json::to_vec(process).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("exec {exec_id}: {}", msg(&e)));
+    a.client
+        .close_stdin(ctx(), &preq(id, exec_id))
+        .await
+        .unwrap();
+    let out = read_all(a, id, exec_id, false).await;
+    let err = read_all(a, id, exec_id, true).await;
+    let w = wait(a, id, exec_id).await;
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        w,
+    )
+}
+
+/// Reads the first line the container's init writes.
+async fn first_line(a: &Agent, id: &str) -> String {
+    let mut line = Vec::new();
+    while !line.ends_with(b"\n") {
+        let r = a
+            .client
+            .read_stdout(
+                ctx(),
+                &ReadStreamRequest {
+                    container_id: id.into(),
+                    max_len: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!r.eof, "EOF after {line:?}");
+        line.extend_from_slice(&r.data);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[tokio::test]
+async fn exec_gets_the_container_seccomp_and_its_own_process_fields() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "mkdir /tmp/d 2>/dev/null && echo init-made || echo init-denied; exec sleep 1000",
+        ],
+    );
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    create(&a, "scx", &s).await.unwrap();
+    start(&a, "scx").await;
+    assert_eq!(first_line(&a, "scx").await, "init-denied\n");
+    let script = "mkdir /tmp/e 2>/dev/null && echo made || echo denied; \
+                  grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status; \
+                  id -u; ulimit -n";
+    // As root, without capabilities and without no_new_privileges: the filter is still
+    // installed (while the helper has CAP_SYS_ADMIN), and no capability is left.
+    let root_exec = json!({
+        "args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/",
+        "user": {"uid": 0, "gid": 0}
+    });
+    let (out, err, w) = exec_run(&a, "scx", "x-root", &root_exec).await;
+    assert_eq!(w.exit_status, 0, "{out}\n{err}");
+    assert_eq!(
+        out.lines().take(5).collect::<Vec<_>>(),
+        [
+            "denied",
+            "CapEff:\t0000000000000000",
+            "CapBnd:\t0000000000000000",
+            "NoNewPrivs:\t0",
+            "Seccomp:\t2",
+        ],
+        "{out}"
+    );
+    assert_eq!(out.lines().nth(5), Some("0"), "{out}");
+    // Another user with no_new_privileges, one capability and its own rlimit.
+    let user_exec = json!({
+        "args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/tmp",
+        "user": {"uid": 1000, "gid": 1000}, "noNewPrivileges": true,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 99, "soft": 99}],
+        "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+            "permitted": ["CAP_KILL"], "ambient": ["CAP_KILL"], "inheritable": ["CAP_KILL"]}
+    });
+    let (out, err, w) = exec_run(&a, "scx", "x-user", &user_exec).await;
+    assert_eq!(w.exit_status, 0, "{out}\n{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "denied",
+            "CapEff:\t0000000000000020",
+            "CapBnd:\t0000000000000020",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+            "1000",
+            "99"
+        ],
+        "{out}"
+    );
+    a.client
+        .remove_container(ctx(), &creq("scx"))
+        .await
+        .unwrap();
+}
+
+fn ns_of(pid: u32, ns: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap()
+}
+
+#[tokio::test]
+async fn spec_namespaces_are_created_joined_or_shared() {
+    let a = start_agent(&[]).await;
+    let me = std::process::id();
+    // A: its own pid, ipc, uts, mount and cgroup namespaces.
+    let mut s = spec(a.dir.path(), &["sleep", "1000"]);
+    s["hostname"] = json!("a-host");
+    s["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+        {"type": "cgroup"}, {"type": "network"}
+    ]);
+    create(&a, "nsa", &s).await.unwrap();
+    let pa = start(&a, "nsa").await;
+    for ns in ["pid", "ipc", "uts", "mnt", "cgroup"] {
+        assert_ne!(ns_of(pa, ns), ns_of(me, ns), "{ns} of A");
+    }
+    assert_eq!(ns_of(pa, "net"), ns_of(me, "net"), "network is shared");
+    // B joins A's pid, ipc and uts namespaces by path; shares the agent's cgroup
+    // namespace (not listed); a network path is ignored.
+    let mut s = spec(a.dir.path(), &["sleep", "1000"]);
+    s.as_object_mut().unwrap().remove("hostname");
+    s["linux"]["namespaces"] = json!([
+        {"type": "pid", "path": format!("/proc/{pa}/ns/pid")},
+        {"type": "ipc", "path": format!("/proc/{pa}/ns/ipc")},
+        {"type": "uts", "path": format!("/proc/{pa}/ns/uts")},
+        {"type": "mount"},
+        {"type": "network", "path": "/var/run/netns/does-not-exist"}
+    ]);
+    create(&a, "nsb", &s).await.unwrap();
+    let pb = start(&a, "nsb").await;
+    for ns in ["pid", "ipc", "uts"] {
+        assert_eq!(ns_of(pb, ns), ns_of(pa, ns), "{ns} of B joins A's");
+    }
+    assert_ne!(ns_of(pb, "mnt"), ns_of(pa, "mnt"));
+    assert_ne!(ns_of(pb, "mnt"), ns_of(me, "mnt"));
+    assert_eq!(ns_of(pb, "cgroup"), ns_of(me, "cgroup"));
+    // An exec into B lands in A's pid and uts namespaces: it sees A's init as pid 1.
+    let p = json!({
+        "args": ["sh", "-c", "hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; ls /proc | grep -c '^[0-9]'"],
+        "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+    });
+    let (out, err, w) = exec_run(&a, "nsb", "x", &p).await;
+    assert_eq!(w.exit_status, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], ["a-host", "sleep 1000 "], "{out}");
+    // A's sleep, B's sleep, the exec's sh (and its pipeline).
+    assert!(lines[2].parse::<u32>().unwrap() >= 3, "{out}");
+    a.client
+        .remove_container(ctx(), &creq("nsb"))
+        .await
+        .unwrap();
+    a.client
+        .remove_container(ctx(), &creq("nsa"))
+        .await
+        .unwrap();
+
+    // What cannot be honoured is a typed error naming the field, and nothing is left.
+    let bad = |ns: serde_json::Value, host: Option<&str>| {
+        let mut s = spec(a.dir.path(), &["true"]);
+        s["linux"]["namespaces"] = ns;
+        match host {
+            Some(h) => s["hostname"] = json!(h),
+            None => {
+                s.as_object_mut().unwrap().remove("hostname");
+            }
+        }
+        s
+    };
+    for (i, s) in [
+        bad(json!([{"type": "pid"}, {"type": "ipc"}]), None),
+        bad(json!([{"type": "mount"}, {"type": "user"}]), None),
+        bad(json!([{"type": "mount"}, {"type": "time"}]), None),
+        bad(
+            json!([{"type": "mount", "path": format!("/proc/{me}/ns/mnt")}]),
+            None,
+        ),
+        bad(
+            json!([{"type": "mount"}, {"type": "ipc", "path": "/nonexistent/ns/ipc"}]),
+            None,
+        ),
+        bad(
+            json!([{"type": "mount"}, {"type": "pid"}, {"type": "pid"}]),
+            None,
+        ),
+        // A hostname would change the VM's (here: the host's) when uts is shared.
+        bad(json!([{"type": "mount"}, {"type": "pid"}]), Some("h")),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let id = format!("bad{i}");
+        let e = create(&a, &id, s).await.unwrap_err();
+        assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{i}: {}", msg(&e));
+        assert!(msg(&e).contains("namespace"), "{i}: {}", msg(&e));
+        let e = a
+            .client
+            .start_container(ctx(), &creq(&id))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+    }
+    let h = a.client.health(ctx(), &Empty::new()).await.unwrap();
+    assert_eq!(h.status, "SERVING");
+}
+
+#[tokio::test]
+async fn close_stdin_on_a_tty_delivers_eof() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(a.dir.path(), &["sh", "-c", "cat; echo cat-done"]);
+    s["process"]["terminal"] = json!(true);
+    create(&a, "ttyeof", &s).await.unwrap();
+    start(&a, "ttyeof").await;
+    a.client
+        .write_stdin(
+            ctx(),
+            &WriteStdinRequest {
+                container_id: "ttyeof".into(),
+                data: b"line1\n".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    a.client
+        .close_stdin(ctx(), &preq("ttyeof", ""))
+        .await
+        .unwrap();
+    let w = wait(&a, "ttyeof", "").await;
+    assert_eq!(w.exit_status, 0);
+    let out = String::from_utf8(read_all(&a, "ttyeof", "", false).await).unwrap();
+    // The terminal echoes the line, cat copies it, then EOF ends cat.
+    assert_eq!(out.matches("line1\r\n").count(), 2, "{out:?}");
+    assert!(out.ends_with("cat-done\r\n"), "{out:?}");
+    a.client
+        .remove_container(ctx(), &creq("ttyeof"))
+        .await
+        .unwrap();
+}
