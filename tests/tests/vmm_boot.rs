@@ -486,3 +486,111 @@ fn vmm_virtio_fs_with_carapace_fsd() {
         },
     );
 }
+
+fn ip_cmd() -> PathBuf {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "ip".into())
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new(ip_cmd())
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A host tap with an address; deleted on drop, also when the test fails.
+struct TapGuard {
+    name: String,
+}
+
+impl TapGuard {
+    fn create(name: &str, host_cidr: &str) -> Self {
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        let g = TapGuard { name: name.into() };
+        ip(&["addr", "add", host_cidr, "dev", name]);
+        ip(&["link", "set", "dev", name, "up"]);
+        g
+    }
+}
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(ip_cmd())
+            .args(["link", "del", "dev", &self.name])
+            .status();
+    }
+}
+
+fn net_both_ways(f: &Fixture) {
+    assert!(carapace_tests::is_root(), "needs root (creates a tap)");
+    let name = format!("cvmt{}", std::process::id() % 100_000);
+    let tap = TapGuard::create(&name, "10.213.77.1/24");
+    let net_arg = format!("tap={},mac=52:54:00:12:34:56", tap.name);
+    let mut vm = Vmm::start(
+        f,
+        tempfile::tempdir().expect("tempdir"),
+        "net=10.213.77.2/24",
+        &["--net", &net_arg],
+    );
+    vm.wait_serial("vmm-guest-test: net");
+    let serial = vm.serial();
+    assert!(serial.contains("net up 10.213.77.2/24"), "{serial}");
+    // Host -> guest SYN, guest -> host SYN-ACK (after ARP both ways), then data both ways.
+    let addr: std::net::SocketAddr = "10.213.77.2:7777".parse().expect("addr");
+    let t = Instant::now();
+    let mut s = loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() < Duration::from_secs(120) => {
+                eprintln!("connect to guest: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => panic!(
+                "cannot connect to the guest over the tap: {e}\nmetrics: {}\nserial:\n{}\nvmm:\n{}",
+                vm.api(r#"{"cmd":"metrics"}"#),
+                vm.serial(),
+                vm.log()
+            ),
+        }
+    };
+    let data = pattern(1 << 20, 11);
+    let expect = fnv1a(&data);
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || w.write_all(&data).is_ok());
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let mut got = vec![0u8; 1 << 20];
+    s.read_exact(&mut got).expect("echo over the tap");
+    assert!(writer.join().expect("writer"), "write to the guest");
+    assert_eq!(fnv1a(&got), expect, "echo over the tap differs");
+    drop(s);
+
+    let m = vm.api(r#"{"cmd":"metrics"}"#);
+    let n = &m["devices"]["net0"]["device"];
+    assert_eq!(n["tap"], name.as_str(), "{m}");
+    assert!(n["rx_bytes"].as_u64().unwrap_or(0) >= 1 << 20, "{m}");
+    assert!(n["tx_bytes"].as_u64().unwrap_or(0) >= 1 << 20, "{m}");
+    assert_eq!(n["tx_bad"], 0, "{m}");
+    let r = vm.api(r#"{"cmd":"shutdown","grace_secs":0}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+}
+
+/// virtio-net on a tap the test creates: TCP echo between the host and the guest.
+#[test]
+fn vmm_virtio_net_tap() {
+    let f = Fixture::get();
+    in_kvm(module_path!(), "vmm_virtio_net_tap", f.lab(), || {
+        net_both_ways(&f)
+    });
+}

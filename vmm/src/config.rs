@@ -124,6 +124,44 @@ fn default_request_queues() -> usize {
     1
 }
 
+/// virtio-net device on a host tap interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Tap interface to attach to (created if missing, which needs CAP_NET_ADMIN).
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// An already open tap descriptor inherited from the caller (IFF_TAP | IFF_NO_PI;
+    /// IFF_VNET_HDR is accepted). Exactly one of `tap` and `tap_fd`.
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
+    /// Guest MAC address `xx:xx:xx:xx:xx:xx` (unicast); random locally administered if unset.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// Parses a unicast MAC address `xx:xx:xx:xx:xx:xx`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not of the form xx:xx:xx:xx:xx:xx"));
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(format!("{s:?}: octet {p:?} is not two hex digits"));
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?}: octet {p:?} is not hex"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s:?} is a multicast address"));
+    }
+    if mac == [0; 6] {
+        return Err(format!("{s:?} is the zero address"));
+    }
+    Ok(mac)
+}
+
 /// A complete VM description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +195,9 @@ pub struct VmConfig {
     /// Attach a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// virtio-net devices on host taps.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
     /// Control API unix socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
@@ -189,6 +230,7 @@ impl VmConfig {
             block: Vec::new(),
             fs: Vec::new(),
             rng: false,
+            net: Vec::new(),
             api_socket: None,
             shutdown_timeout_secs: default_shutdown_timeout(),
         }
@@ -288,8 +330,35 @@ impl VmConfig {
                 );
             }
         }
+        for n in &self.net {
+            match (&n.tap, n.tap_fd) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return invalid("net", "give exactly one of `tap` and `tap_fd`".into());
+                }
+                (Some(name), None) => {
+                    if name.is_empty() || name.len() > 15 || name.contains(['\0', '/']) {
+                        return invalid(
+                            "net.tap",
+                            format!("{name:?} is not an interface name (1..=15 bytes)"),
+                        );
+                    }
+                }
+                (None, Some(fd)) => {
+                    if fd < 0 {
+                        return invalid("net.tap_fd", format!("{fd} is not a file descriptor"));
+                    }
+                }
+            }
+            if let Some(m) = &n.mac {
+                parse_mac(m).map_err(|reason| ConfigError::Invalid {
+                    field: "net.mac",
+                    reason,
+                })?;
+            }
+        }
         let n = self.block.len()
             + self.fs.len()
+            + self.net.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng);
         if n > MAX_VIRTIO_DEVICES {
@@ -368,5 +437,39 @@ mod tests {
             uds_path: "/tmp/x".into(),
         });
         assert!(c.validate().unwrap_err().to_string().contains("guest_cid"));
+        c.vsock = None;
+        c.net = vec![NetConfig {
+            tap: Some("tap0".into()),
+            tap_fd: Some(3),
+            mac: None,
+        }];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("exactly one"), "{e}");
+        c.net[0].tap_fd = None;
+        c.net[0].mac = Some("03:00:00:00:00:01".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("net.mac") && e.contains("multicast"), "{e}");
+        c.net[0].mac = Some("52:54:00:12:34:56".into());
+        c.validate().unwrap();
+        c.net[0].tap = Some("a-name-far-too-long".into());
+        assert!(c.validate().unwrap_err().to_string().contains("net.tap"));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:CD:ef").unwrap(),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0xef]
+        );
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:00",
+            "5:54:00:ab:cd:eef",
+            "zz:54:00:ab:cd:ef",
+            "00:00:00:00:00:00",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
     }
 }

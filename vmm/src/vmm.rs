@@ -326,6 +326,31 @@ impl Vm {
         if config.rng {
             devices.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
         }
+        for (i, n) in config.net.iter().enumerate() {
+            let name = format!("net{i}");
+            let dev_err = |e: Box<dyn std::error::Error + Send + Sync>| VmmError::Device {
+                device: name.clone(),
+                source: e,
+            };
+            let tap = match (&n.tap, n.tap_fd) {
+                (Some(t), _) => virtio::tap::Tap::open(t),
+                (None, Some(fd)) => virtio::tap::Tap::from_fd(fd),
+                (None, None) => {
+                    return Err(ConfigError::Invalid {
+                        field: "net",
+                        reason: "neither `tap` nor `tap_fd` given".into(),
+                    }
+                    .into());
+                }
+            }
+            .map_err(|e| dev_err(Box::new(e)))?;
+            let mac = match &n.mac {
+                Some(m) => crate::config::parse_mac(m).map_err(|e| dev_err(e.into()))?,
+                None => virtio::net::random_mac(),
+            };
+            tracing::info!(device = %name, tap = tap.name(), mac = ?mac, "virtio-net");
+            devices.push((name, Box::new(virtio::net::Net::new(tap, mac))));
+        }
         let mut cmdline = String::from(BASE_CMDLINE);
         let mut bus = MmioBus::default();
         for (i, (name, dev)) in devices.into_iter().enumerate() {

@@ -10,6 +10,8 @@
 //!   port 1025 accepting `poweroff`, `reboot` or `panic` lines;
 //! - `fs=<tag>`: mount virtio-fs `<tag>` on /mnt and print /mnt/hello.txt;
 //! - `dial=<port>`: connect to the host (CID 2) port, send `hello <port>\n`, print the reply;
+//! - `net=<a.b.c.d>/<prefix>`: give eth0 that address, bring it up and serve TCP echo on
+//!   port 7777 (one thread per connection);
 //! - `poweroff` / `reboot`: when everything else is done.
 //!
 //! It prints `vmm-guest-test: ready` first, then writes the boot-done marker (123) to port
@@ -95,6 +97,53 @@ mod sys {
         })?;
         // SAFETY: `fd` is a fresh descriptor owned by nobody else.
         Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    }
+
+    /// `struct ifreq` with room for the union (a sockaddr or the flags short).
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: [u8; 24],
+    }
+
+    fn ifreq(ifname: &str) -> IfReq {
+        let mut r = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        let n = ifname.len().min(libc::IFNAMSIZ - 1);
+        r.name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+        r
+    }
+
+    fn sockaddr_in(r: &mut IfReq, addr: [u8; 4]) {
+        r.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        r.data[4..8].copy_from_slice(&addr);
+    }
+
+    /// Sets `ifname`'s IPv4 address and netmask, then brings it up.
+    pub fn ifup(ifname: &str, addr: [u8; 4], prefix: u32) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall; the result is checked and owned below.
+        let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) })?;
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let s: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        let mask = u32::MAX
+            .checked_shl(32 - prefix.min(32))
+            .unwrap_or(0)
+            .to_be_bytes();
+        for (req, value) in [(libc::SIOCSIFADDR, addr), (libc::SIOCSIFNETMASK, mask)] {
+            let mut r = ifreq(ifname);
+            sockaddr_in(&mut r, value);
+            // SAFETY: `r` is a live ifreq-sized buffer the ioctl reads during the call.
+            check(unsafe { libc::ioctl(s.as_raw_fd(), req, &raw mut r) })?;
+        }
+        let mut r = ifreq(ifname);
+        let flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: as above.
+        check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &raw mut r) })?;
+        Ok(())
     }
 
     /// Connects to `cid:port`.
@@ -186,6 +235,43 @@ fn echo_server() {
 }
 
 #[cfg(target_os = "linux")]
+fn net_echo(spec: &str) {
+    use std::io::{Read, Write};
+    let parsed = spec.split_once('/').and_then(|(a, p)| {
+        let ip: std::net::Ipv4Addr = a.parse().ok()?;
+        Some((ip.octets(), p.parse::<u32>().ok()?))
+    });
+    let Some((addr, prefix)) = parsed else {
+        return say(&format!("net error: bad address {spec:?}"));
+    };
+    if let Err(e) = sys::ifup("eth0", addr, prefix) {
+        return say(&format!("net error: eth0: {e}"));
+    }
+    let l = match std::net::TcpListener::bind(("0.0.0.0", 7777)) {
+        Ok(l) => l,
+        Err(e) => return say(&format!("net error: listen: {e}")),
+    };
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    say(&format!("net up {spec}, tcp echo on 7777"));
+}
+
+#[cfg(target_os = "linux")]
 fn main() {
     use std::io::{Read, Write};
     let _ = sys::mount("devtmpfs", "/dev", "devtmpfs");
@@ -236,6 +322,7 @@ fn main() {
                     Err(e) => say(&format!("fs error {e}")),
                 }
             }
+            n if n.starts_with("net=") => net_echo(&n[4..]),
             d if d.starts_with("dial=") => {
                 let port: u32 = d[5..].parse().unwrap_or(0);
                 let r = sys::connect(2, port).and_then(|mut s| {

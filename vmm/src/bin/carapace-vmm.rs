@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use carapace_vmm::config::{BlockConfig, FsConfig, SerialOutput, VmConfig, VsockConfig};
+use carapace_vmm::config::{BlockConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 use carapace_vmm::exit::{EXIT_CONFIG, EXIT_VMM};
 use carapace_vmm::vmm::{RunOptions, Vm};
 use clap::Parser;
@@ -61,6 +61,10 @@ struct Cli {
     /// Attach a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// virtio-net on a host tap: `tap=NAME[,mac=MAC]` (attach to or create the tap) or
+    /// `fd=N[,mac=MAC]` (an open tap descriptor, IFF_TAP|IFF_NO_PI) (repeatable).
+    #[arg(long, value_parser = parse_net)]
+    net: Vec<NetConfig>,
     /// Control API unix socket (JSON lines: info, metrics, pause, resume, shutdown).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -110,6 +114,29 @@ fn parse_fs(s: &str) -> Result<FsConfig, String> {
     })
 }
 
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut n = NetConfig {
+        tap: None,
+        tap_fd: None,
+        mac: None,
+    };
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", v)) => n.tap = Some(v.into()),
+            Some(("fd", v)) => {
+                n.tap_fd = Some(v.parse().map_err(|e| format!("bad fd {v:?}: {e}"))?)
+            }
+            Some(("mac", v)) => n.mac = Some(v.into()),
+            _ => {
+                return Err(format!(
+                    "unknown part {part:?}; expected tap=NAME or fd=N, and mac=MAC"
+                ));
+            }
+        }
+    }
+    Ok(n)
+}
+
 fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     let mut c = match (&cli.config, &cli.kernel) {
         (Some(p), _) => VmConfig::load(p, cli.stdin_toml)?,
@@ -143,6 +170,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     c.block.extend(cli.block);
     c.fs.extend(cli.fs);
     c.rng |= cli.rng;
+    c.net.extend(cli.net);
     if cli.api_socket.is_some() {
         c.api_socket = cli.api_socket;
     }

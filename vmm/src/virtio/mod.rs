@@ -14,7 +14,9 @@
 pub mod blk;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 pub mod vsock;
 pub mod worker;
 

@@ -41,7 +41,8 @@ impl Rng {
     }
 }
 
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+/// Fills `buf` from getrandom(2).
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
