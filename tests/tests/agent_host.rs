@@ -1081,3 +1081,45 @@ async fn close_stdin_on_a_tty_delivers_eof() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn spec_devices_are_created_in_the_container() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "stat -c '%F %t:%T %a %u:%g' /dev/extra-null /dev/sub/fifo1 /dev/null; \
+             echo x > /dev/extra-null && echo wrote",
+        ],
+    );
+    s["linux"]["devices"] = json!([
+        {"path": "/dev/extra-null", "type": "c", "major": 1, "minor": 3,
+         "fileMode": 0o640, "uid": 1000, "gid": 1001},
+        {"path": "/dev/sub/fifo1", "type": "p"},
+        // Already bound from the agent's /dev: kept.
+        {"path": "/dev/null", "type": "c", "major": 1, "minor": 3}
+    ]);
+    create(&a, "dev", &s).await.expect("create");
+    start(&a, "dev").await;
+    let out = String::from_utf8(read_all(&a, "dev", "", false).await).unwrap();
+    let err = String::from_utf8(read_all(&a, "dev", "", true).await).unwrap();
+    assert_eq!(wait(&a, "dev", "").await.exit_status, 0, "{out}\n{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "character special file 1:3 640 1000:1001",
+            "fifo 0:0 666 0:0",
+            "character special file 1:3 666 0:0",
+            "wrote"
+        ],
+        "{out}"
+    );
+    // "a" (all) is a cgroup rule type, not a node type: refused at create.
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["linux"]["devices"] = json!([{"path": "/dev/x", "type": "a"}]);
+    let e = create(&a, "deva", &s).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{}", msg(&e));
+    assert!(msg(&e).contains("spec.linux.devices"), "{}", msg(&e));
+}
