@@ -594,3 +594,285 @@ fn vmm_virtio_net_tap() {
         net_both_ways(&f)
     });
 }
+
+/// A few 32-bit protected-mode instructions (the PVH entry state: flat segments, no paging),
+/// enough for a bare guest that drives a virtio-mmio device by hand.
+#[derive(Default)]
+struct Asm(Vec<u8>);
+
+impl Asm {
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+    /// mov dword [addr], v
+    fn st32(&mut self, addr: u32, v: u32) -> &mut Self {
+        self.bytes(&[0xc7, 0x05])
+            .bytes(&addr.to_le_bytes())
+            .bytes(&v.to_le_bytes())
+    }
+    /// mov word [addr], v
+    fn st16(&mut self, addr: u32, v: u16) -> &mut Self {
+        self.bytes(&[0x66, 0xc7, 0x05])
+            .bytes(&addr.to_le_bytes())
+            .bytes(&v.to_le_bytes())
+    }
+    /// A split-ring descriptor at `table + 16 * i`.
+    fn desc(
+        &mut self,
+        table: u32,
+        i: u32,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) -> &mut Self {
+        let d = table + 16 * i;
+        self.st32(d, addr as u32)
+            .st32(d + 4, (addr >> 32) as u32)
+            .st32(d + 8, len)
+            .st16(d + 12, flags)
+            .st16(d + 14, next)
+    }
+    /// mov dx, port; mov al, v; out dx, al
+    fn outb(&mut self, port: u16, v: u8) -> &mut Self {
+        self.bytes(&[0x66, 0xba])
+            .bytes(&port.to_le_bytes())
+            .bytes(&[0xb0, v, 0xee])
+    }
+    fn print(&mut self, s: &str) -> &mut Self {
+        for b in s.bytes() {
+            self.outb(0x3f8, b);
+        }
+        self
+    }
+    /// Spins (at most `tries` times) until the 16-bit word at `addr` equals `v`.
+    fn wait_word(&mut self, addr: u32, v: u16, tries: u32) -> &mut Self {
+        // mov ecx, tries; L: movzx eax, word [addr]; cmp eax, v; je +3; dec ecx; jnz L
+        self.bytes(&[0xb9])
+            .bytes(&tries.to_le_bytes())
+            .bytes(&[0x0f, 0xb7, 0x05])
+            .bytes(&addr.to_le_bytes())
+            .bytes(&[0x3d])
+            .bytes(&u32::from(v).to_le_bytes())
+            .bytes(&[0x74, 0x03, 0x49, 0x75, 0xef])
+    }
+    /// Spins (at most `tries` times) until the dword at `addr` has a bit of `mask` set.
+    fn wait_bits(&mut self, addr: u32, mask: u32, tries: u32) -> &mut Self {
+        // mov ecx, tries; L: mov eax, [addr]; test eax, mask; jnz +3; dec ecx; jnz L
+        self.bytes(&[0xb9])
+            .bytes(&tries.to_le_bytes())
+            .bytes(&[0xa1])
+            .bytes(&addr.to_le_bytes())
+            .bytes(&[0xa9])
+            .bytes(&mask.to_le_bytes())
+            .bytes(&[0x75, 0x03, 0x49, 0x75, 0xf1])
+    }
+    /// Prints `yes` when the dword at `addr` has a bit of `mask` set, else `no` (one byte).
+    fn print_bits(&mut self, addr: u32, mask: u32, yes: u8, no: u8) -> &mut Self {
+        // mov eax, [addr]; test eax, mask; mov al, no; jz +2; mov al, yes; mov dx, 0x3f8; out
+        self.bytes(&[0xa1])
+            .bytes(&addr.to_le_bytes())
+            .bytes(&[0xa9])
+            .bytes(&mask.to_le_bytes())
+            .bytes(&[
+                0xb0, no, 0x74, 0x02, 0xb0, yes, 0x66, 0xba, 0xf8, 0x03, 0xee,
+            ])
+    }
+    /// Prints `yes` when the 16-bit word at `addr` equals `v`, else `no`.
+    fn print_word_eq(&mut self, addr: u32, v: u16, yes: u8, no: u8) -> &mut Self {
+        // movzx eax, word [addr]; cmp eax, v; mov al, no; jne +2; mov al, yes; out
+        self.bytes(&[0x0f, 0xb7, 0x05])
+            .bytes(&addr.to_le_bytes())
+            .bytes(&[0x3d])
+            .bytes(&u32::from(v).to_le_bytes())
+            .bytes(&[
+                0xb0, no, 0x75, 0x02, 0xb0, yes, 0x66, 0xba, 0xf8, 0x03, 0xee,
+            ])
+    }
+    /// The virtio-mmio driver sequence up to DRIVER_OK for queue 0 of size 16.
+    fn virtio_init(&mut self, base: u32, desc: u64, avail: u64, used: u64) -> &mut Self {
+        self.st32(base + 0x70, 0)
+            .st32(base + 0x70, 1)
+            .st32(base + 0x70, 3)
+            .st32(base + 0x24, 1)
+            .st32(base + 0x20, 1) // VIRTIO_F_VERSION_1 (bit 32)
+            .st32(base + 0x24, 0)
+            .st32(base + 0x20, 0)
+            .st32(base + 0x70, 0xb) // FEATURES_OK
+            .st32(base + 0x30, 0)
+            .st32(base + 0x38, 16);
+        for (off, a) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+            self.st32(base + off, a as u32)
+                .st32(base + off + 4, (a >> 32) as u32);
+        }
+        self.st32(base + 0x44, 1).st32(base + 0x70, 0xf) // DRIVER_OK
+    }
+}
+
+/// PVH ELF64 with one PT_LOAD of `code` at `paddr` and the Xen PVH entry note.
+fn pvh_elf(code: &[u8], paddr: u64) -> Vec<u8> {
+    let (eh, ph) = (64usize, 56usize);
+    let note_off = eh + 2 * ph;
+    let mut note = Vec::new();
+    for v in [4u32, 4, 18] {
+        note.extend_from_slice(&v.to_le_bytes()); // namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
+    }
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(paddr as u32).to_le_bytes());
+    let code_off = (note_off + note.len()).next_multiple_of(16);
+    let mut f = vec![0u8; code_off];
+    f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes());
+    f[32..40].copy_from_slice(&(eh as u64).to_le_bytes());
+    f[52..54].copy_from_slice(&(eh as u16).to_le_bytes());
+    f[54..56].copy_from_slice(&(ph as u16).to_le_bytes());
+    f[56..58].copy_from_slice(&2u16.to_le_bytes());
+    for (i, (ty, off, addr, len)) in [
+        (1u32, code_off, paddr, code.len()),
+        (4, note_off, 0, note.len()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let b = eh + i * ph;
+        f[b..b + 4].copy_from_slice(&ty.to_le_bytes());
+        f[b + 4..b + 8].copy_from_slice(&5u32.to_le_bytes());
+        f[b + 8..b + 16].copy_from_slice(&(off as u64).to_le_bytes());
+        f[b + 16..b + 24].copy_from_slice(&addr.to_le_bytes());
+        f[b + 24..b + 32].copy_from_slice(&addr.to_le_bytes());
+        f[b + 32..b + 40].copy_from_slice(&(len as u64).to_le_bytes());
+        f[b + 40..b + 48].copy_from_slice(&(len as u64).to_le_bytes());
+        f[b + 48..b + 56].copy_from_slice(&4u64.to_le_bytes());
+    }
+    f[note_off..note_off + note.len()].copy_from_slice(&note);
+    f.extend_from_slice(code);
+    f
+}
+
+/// The bare guest: drives the virtio-rng device (the only one, at 0xd0000000) with
+/// malformed descriptors, changes the queue after DRIVER_OK, publishes an impossible
+/// available index, then restarts the device with rings outside guest memory.
+/// Serial output: `used:<U> fail:<F> ring:<R>\n` with one letter each (upper case = as
+/// expected), then the boot-done marker; the guest then halts with interrupts off.
+fn bad_virtio_guest() -> Vec<u8> {
+    const MMIO: u32 = 0xd000_0000;
+    const DESC: u32 = 0x20_0000;
+    const AVAIL: u32 = 0x20_1000;
+    const USED: u32 = 0x20_2000;
+    const BUF: u64 = 0x30_0000;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    let mut a = Asm::default();
+    a.virtio_init(MMIO, DESC.into(), AVAIL.into(), USED.into())
+        // chain 0: a descriptor loop 0 -> 1 -> 0
+        .desc(DESC, 0, BUF, 64, NEXT | WRITE, 1)
+        .desc(DESC, 1, BUF + 0x1000, 64, NEXT | WRITE, 0)
+        // chain 2: a buffer far outside guest memory
+        .desc(DESC, 2, 0x10_0000_0000, 64, WRITE, 0)
+        // chain 3: a 4 GiB length
+        .desc(DESC, 3, BUF, u32::MAX, WRITE, 0)
+        // chain 4: a read-only buffer (nothing the device may write)
+        .desc(DESC, 4, BUF, 64, 0, 0)
+        // chain 5: a good one
+        .desc(DESC, 5, BUF, 32, WRITE, 0);
+    for (i, head) in [0u16, 2, 3, 4, 5].into_iter().enumerate() {
+        a.st16(AVAIL + 4 + 2 * i as u32, head);
+    }
+    a.st16(AVAIL, 0)
+        .st16(AVAIL + 2, 5)
+        .st32(MMIO + 0x50, 0) // QueueNotify (an ioeventfd)
+        .wait_word(USED + 2, 5, 0x4000_0000)
+        .print("used:")
+        .print_word_eq(USED + 2, 5, b'Y', b'n')
+        // queue registers after DRIVER_OK: ignored
+        .st32(MMIO + 0x30, 0)
+        .st32(MMIO + 0x38, 8)
+        .st32(MMIO + 0x80, 0x7000_0000)
+        .st32(MMIO + 0x44, 0)
+        // an available index 1000 entries ahead of a 16-entry queue
+        .st16(AVAIL + 2, 1005)
+        .st32(MMIO + 0x50, 0)
+        .wait_bits(MMIO + 0x70, 0x40, 200_000)
+        .print(" fail:")
+        .print_bits(MMIO + 0x70, 0x40, b'Y', b'n')
+        // reset and restart with the descriptor table outside guest memory
+        .virtio_init(MMIO, 0x7000_0000, AVAIL.into(), USED.into())
+        .print(" ring:")
+        .print_bits(MMIO + 0x70, 0x40, b'Y', b'n')
+        .print("\n")
+        .outb(0x3f0, 123)
+        .bytes(&[0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp hlt
+    a.0
+}
+
+fn malformed_virtio_guest(f: &Fixture) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let kernel = d.join("bad-virtio.elf");
+    std::fs::write(&kernel, pvh_elf(&bad_virtio_guest(), 0x100_0000)).expect("guest ELF");
+    let child = Command::new(&f.vmm)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory-mib", "64", "--rng"])
+        .arg("--serial")
+        .arg(format!("file:{}", d.join("serial.log").display()))
+        .arg("--api-socket")
+        .arg(d.join("api.sock"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("vmm.log")).expect("vmm log"))
+        .spawn()
+        .expect("spawn carapace-vmm");
+    let mut vm = Vmm { child, dir };
+    vm.wait_serial("ring:");
+    let t = Instant::now();
+    while !vm.serial().ends_with('\n') && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        vm.serial(),
+        "used:Y fail:Y ring:Y\n",
+        "bare guest result (n = not as expected)\nvmm:\n{}",
+        vm.log()
+    );
+    let info = vm.api(r#"{"cmd":"info"}"#);
+    assert_eq!(info["ok"], true, "{info}");
+    assert_eq!(info["state"], "running", "{info}");
+    let m = vm.api(r#"{"cmd":"metrics"}"#);
+    let rng = &m["devices"]["rng"];
+    assert_eq!(rng["status"].as_u64().unwrap_or(0) & 0x40, 0x40, "{m}");
+    assert_eq!(rng["transport"]["failed_activations"], 1, "{m}");
+    assert!(
+        rng["transport"]["refused_writes"].as_u64().unwrap_or(0) >= 3,
+        "{m}"
+    );
+    assert_eq!(rng["device"]["requests"], 5, "{m}");
+    assert!(
+        rng["device"]["bad_requests"].as_u64().unwrap_or(0) >= 2,
+        "{m}"
+    );
+    assert!(
+        vm.log().contains("virtio device needs reset"),
+        "{}",
+        vm.log()
+    );
+    let r = vm.api(r#"{"cmd":"shutdown","grace_secs":0}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+}
+
+/// A bare (non-Linux) guest sends malformed descriptors and misprograms the transport; the
+/// device reports DEVICE_NEEDS_RESET, the VMM keeps serving its API and shuts down cleanly.
+#[test]
+fn vmm_survives_malformed_virtio_guest() {
+    let f = Fixture::get();
+    in_kvm(
+        module_path!(),
+        "vmm_survives_malformed_virtio_guest",
+        f.lab(),
+        || malformed_virtio_guest(&f),
+    );
+}

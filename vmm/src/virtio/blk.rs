@@ -197,6 +197,7 @@ impl BlockBackend {
         q: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, virtio_queue::Error> {
+        super::check_avail(q, mem)?;
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();

@@ -184,6 +184,15 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn metrics(&self) -> serde_json::Value;
 }
 
+/// Fails with `InvalidAvailRingIndex` when the driver publishes more available entries than
+/// the queue holds. virtio-queue's `pop_descriptor_chain` only logs this and returns `None`,
+/// which would leave a broken driver silently stuck; devices call this before popping so
+/// the error reaches their worker, which then reports DEVICE_NEEDS_RESET.
+pub fn check_avail(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), virtio_queue::Error> {
+    use virtio_queue::QueueOwnedT;
+    queue.iter(mem).map(drop)
+}
+
 /// Copies `config[offset..]` into `data`, zero-filling whatever lies outside `config`.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);

@@ -97,6 +97,7 @@ pub fn process_tx(
     buf: &mut Vec<u8>,
     counters: &NetCounters,
 ) -> Result<bool, virtio_queue::Error> {
+    super::check_avail(queue, mem)?;
     let mut used = false;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
@@ -155,6 +156,7 @@ pub fn deliver_rx(
     counters: &NetCounters,
 ) -> Result<RxOutcome, virtio_queue::Error> {
     let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        super::check_avail(queue, mem)?;
         counters.rx_no_buffer.fetch_add(1, Ordering::Relaxed);
         return Ok(RxOutcome::NoBuffer);
     };
@@ -537,6 +539,17 @@ mod tests {
             deliver_rx(&mut q, &m, &big, &c).unwrap(),
             RxOutcome::Dropped
         );
+    }
+
+    #[test]
+    fn impossible_avail_index_is_an_error() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.avail().idx().store(100);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let c = NetCounters::default();
+        assert!(process_tx(&mut q, &m, &mut Vec::new(), &mut Vec::new(), &c).is_err());
+        assert!(deliver_rx(&mut q, &m, &[0u8; 60], &c).is_err());
     }
 
     #[test]

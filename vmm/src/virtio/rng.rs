@@ -66,6 +66,7 @@ pub fn process_queue(
     mem: &GuestMemoryMmap,
     counters: &RngCounters,
 ) -> Result<bool, virtio_queue::Error> {
+    super::check_avail(queue, mem)?;
     let mut used = false;
     let mut buf = vec![0u8; MAX_REQUEST];
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -248,5 +249,19 @@ mod tests {
         assert_eq!(c.requests.load(Ordering::Relaxed), 3);
         assert_eq!(c.bad_requests.load(Ordering::Relaxed), 2);
         assert_eq!(c.bytes.load(Ordering::Relaxed), MAX_REQUEST as u64);
+    }
+
+    #[test]
+    fn impossible_avail_index_is_an_error() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.avail().idx().store(17);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let c = RngCounters::default();
+        assert!(matches!(
+            process_queue(&mut q, &m, &c),
+            Err(virtio_queue::Error::InvalidAvailRingIndex)
+        ));
+        assert_eq!(c.requests.load(Ordering::Relaxed), 0);
     }
 }
