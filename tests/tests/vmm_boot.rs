@@ -876,3 +876,30 @@ fn vmm_survives_malformed_virtio_guest() {
         || malformed_virtio_guest(&f),
     );
 }
+
+fn two_vcpus(f: &Fixture) {
+    let mut vm = Vmm::start(
+        f,
+        tempfile::tempdir().expect("tempdir"),
+        "cpus,poweroff",
+        &["--vcpus", "2"],
+    );
+    vm.wait_serial("vmm-guest-test: cpus");
+    let code = vm.wait_exit(BOOT_DEADLINE);
+    let serial = vm.serial();
+    assert!(
+        serial.contains("cpus online=0-1 usable=2"),
+        "guest does not see 2 online CPUs:\n{serial}\nvmm:\n{}",
+        vm.log()
+    );
+    assert_eq!(code, 0, "{}", vm.log());
+}
+
+/// Two vCPUs (MP table, per-vCPU APIC ids): the guest brings both online.
+#[test]
+fn vmm_two_vcpus_online() {
+    let f = Fixture::get();
+    in_kvm(module_path!(), "vmm_two_vcpus_online", f.lab(), || {
+        two_vcpus(&f)
+    });
+}

@@ -10,6 +10,8 @@
 //!   port 1025 accepting `poweroff`, `reboot` or `panic` lines;
 //! - `fs=<tag>`: mount virtio-fs `<tag>` on /mnt and print /mnt/hello.txt;
 //! - `dial=<port>`: connect to the host (CID 2) port, send `hello <port>\n`, print the reply;
+//! - `cpus`: print /sys/devices/system/cpu/online and the number of CPUs this process may
+//!   run on;
 //! - `net=<a.b.c.d>/<prefix>`: give eth0 that address, bring it up and serve TCP echo on
 //!   port 7777 (one thread per connection);
 //! - `poweroff` / `reboot`: when everything else is done.
@@ -312,6 +314,12 @@ fn main() {
                 }
             }
             "echo" => echo_server(),
+            "cpus" => {
+                let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+                    .unwrap_or_else(|e| format!("error {e}"));
+                let n = std::thread::available_parallelism().map_or(0, |n| n.get());
+                say(&format!("cpus online={} usable={n}", online.trim()));
+            }
             "poweroff" | "reboot" => finish = Some(item.clone()),
             f if f.starts_with("fs=") => {
                 let tag = &f[3..];
