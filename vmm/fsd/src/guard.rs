@@ -83,6 +83,38 @@ impl<F> GuardedFs<F> {
     }
 }
 
+/// FUSE INIT options this daemon asks for whenever the guest offers them (the server
+/// replies with the intersection):
+/// - `BIG_WRITES` + `MAX_PAGES`: max_write and max_pages of 1 MiB / 256 pages (the
+///   server's request bound), instead of the 8 KiB default: one request per MiB.
+/// - `ASYNC_READ`, `ASYNC_DIO`: the guest may have several reads / direct I/Os of one
+///   file in flight.
+/// - `PARALLEL_DIROPS`: lookups and readdirs of one directory are not serialised by the
+///   guest (the passthrough has no per-directory state that needs it).
+/// - `AUTO_INVAL_DATA`: the guest drops cached pages when it sees mtime/size change
+///   (cache=auto).
+/// - `ATOMIC_O_TRUNC`: `O_TRUNC` comes with the open (which the passthrough passes to
+///   the reopen) instead of a separate setattr round trip. The read-only guard refuses
+///   it in `open`.
+pub const ALWAYS_WANTED: FsOptions = FsOptions::BIG_WRITES
+    .union(FsOptions::MAX_PAGES)
+    .union(FsOptions::ASYNC_READ)
+    .union(FsOptions::ASYNC_DIO)
+    .union(FsOptions::PARALLEL_DIROPS)
+    .union(FsOptions::AUTO_INVAL_DATA)
+    .union(FsOptions::ATOMIC_O_TRUNC);
+
+/// FUSE INIT options never enabled, whatever the guest offers: zero-message open/opendir
+/// (no handles), killpriv v2 (the guest kernel clears setuid bits itself, as under
+/// fuse-backend-rs's VFS defaults), per-file DAX (no DAX window), POSIX/flock locks
+/// (kept guest-local, see the README).
+pub const NEVER_OFFERED: FsOptions = FsOptions::ZERO_MESSAGE_OPEN
+    .union(FsOptions::ZERO_MESSAGE_OPENDIR)
+    .union(FsOptions::HANDLE_KILLPRIV_V2)
+    .union(FsOptions::PERFILE_DAX)
+    .union(FsOptions::POSIX_LOCKS)
+    .union(FsOptions::FLOCK_LOCKS);
+
 /// Only FIFOs, sockets and regular files may be created with mknod.
 fn check_mknod_mode(mode: u32) -> io::Result<()> {
     match mode & libc::S_IFMT {
@@ -99,13 +131,19 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         // fuse-backend-rs's passthrough, when it does not import its root itself (we
         // import before the sandbox), assumes it runs under its VFS layer and turns on
         // whatever the guest offers: zero-message open/opendir (no handles, so e.g.
-        // lseek fails) and the writeback cache. Offer only what we want.
+        // lseek fails), the writeback cache, killpriv v2 and per-file DAX. Offer only
+        // what we want.
         let mut capable = capable;
-        capable.remove(FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR);
+        capable.remove(NEVER_OFFERED);
         if !self.writeback {
             capable.remove(FsOptions::WRITEBACK_CACHE);
         }
-        self.inner.init(capable)
+        // The same layer is also where the transfer-size and concurrency options come
+        // from (its VFS adds them); the passthrough alone only asks for readdirplus. The
+        // server answers `capable & returned`, and without BIG_WRITES/MAX_PAGES it
+        // announces max_write = 8 KiB: every 1 MiB guest write became ~128 requests.
+        let want = self.inner.init(capable)? | ALWAYS_WANTED;
+        Ok(want & !NEVER_OFFERED)
     }
 
     fn destroy(&self) {

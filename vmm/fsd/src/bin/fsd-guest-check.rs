@@ -498,9 +498,23 @@ fn rename_race() -> R {
     result
 }
 
+/// Defaults of the benchmark sizes; `fsdcheck.mib=N`, `fsdcheck.ops=N` and
+/// `fsdcheck.files=N` on the kernel command line override them (quick runs).
 const BENCH_FILE_MIB: usize = 64;
 const BENCH_RANDOM_OPS: u32 = 2048;
 const BENCH_FILES: u32 = 10_000;
+
+/// `fsdcheck.<key>=<n>` from the kernel command line, or `default`.
+fn cmdline_param(key: &str, default: u32) -> u32 {
+    let prefix = format!("fsdcheck.{key}=");
+    fs::read_to_string("/proc/cmdline")
+        .ok()
+        .and_then(|c| {
+            c.split_whitespace()
+                .find_map(|w| w.strip_prefix(&prefix)?.parse().ok())
+        })
+        .unwrap_or(default)
+}
 
 fn drop_caches() {
     let _ = fs::write("/proc/sys/vm/drop_caches", b"3");
@@ -522,16 +536,20 @@ fn next_rand(state: &mut u64) -> u64 {
 fn bench() -> R {
     use std::os::unix::fs::FileExt;
     use std::time::Instant;
+    let file_mib = cmdline_param("mib", BENCH_FILE_MIB as u32) as usize;
+    let random_ops = cmdline_param("ops", BENCH_RANDOM_OPS);
+    let files = cmdline_param("files", BENCH_FILES);
+    println!("BENCH sizes {file_mib} MiB, {random_ops} random ops, {files} files");
     let path = p("bench.dat");
     let chunk = vec![0xa5u8; 1 << 20];
     let t = Instant::now();
     let mut f = File::create(&path).map_err(e("create"))?;
-    for _ in 0..BENCH_FILE_MIB {
+    for _ in 0..file_mib {
         f.write_all(&chunk).map_err(e("write"))?;
     }
     f.sync_all().map_err(e("fsync"))?;
     drop(f);
-    report("seq-write", BENCH_FILE_MIB as f64, "MiB/s", t);
+    report("seq-write", file_mib as f64, "MiB/s", t);
 
     drop_caches();
     let mut buf = vec![0u8; 1 << 20];
@@ -545,10 +563,10 @@ fn bench() -> R {
         }
         total += n;
     }
-    ensure(total == BENCH_FILE_MIB << 20, format!("read {total} bytes"))?;
-    report("seq-read", BENCH_FILE_MIB as f64, "MiB/s", t);
+    ensure(total == file_mib << 20, format!("read {total} bytes"))?;
+    report("seq-read", file_mib as f64, "MiB/s", t);
 
-    let blocks = (BENCH_FILE_MIB << 20) as u64 / 4096;
+    let blocks = (file_mib << 20) as u64 / 4096;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -557,41 +575,41 @@ fn bench() -> R {
     let page = [0x5au8; 4096];
     let mut rng = 42u64;
     let t = Instant::now();
-    for _ in 0..BENCH_RANDOM_OPS {
+    for _ in 0..random_ops {
         let off = (next_rand(&mut rng) % blocks) * 4096;
         f.write_all_at(&page, off).map_err(e("pwrite"))?;
     }
     f.sync_all().map_err(e("fsync"))?;
-    report("rand-write-4k", f64::from(BENCH_RANDOM_OPS), "IOPS", t);
+    report("rand-write-4k", f64::from(random_ops), "IOPS", t);
 
     drop_caches();
     let mut page = [0u8; 4096];
     let t = Instant::now();
-    for _ in 0..BENCH_RANDOM_OPS {
+    for _ in 0..random_ops {
         let off = (next_rand(&mut rng) % blocks) * 4096;
         f.read_exact_at(&mut page, off).map_err(e("pread"))?;
     }
-    report("rand-read-4k", f64::from(BENCH_RANDOM_OPS), "IOPS", t);
+    report("rand-read-4k", f64::from(random_ops), "IOPS", t);
     drop(f);
 
     let dir = p("bench-files");
     fs::create_dir(&dir).map_err(e("mkdir"))?;
     let t = Instant::now();
-    for i in 0..BENCH_FILES {
+    for i in 0..files {
         File::create(format!("{dir}/{i}")).map_err(e("create"))?;
     }
-    report("create-10k", f64::from(BENCH_FILES), "ops/s", t);
+    report("create-10k", f64::from(files), "ops/s", t);
     drop_caches();
     let t = Instant::now();
-    for i in 0..BENCH_FILES {
+    for i in 0..files {
         fs::metadata(format!("{dir}/{i}")).map_err(e("stat"))?;
     }
-    report("stat-10k", f64::from(BENCH_FILES), "ops/s", t);
+    report("stat-10k", f64::from(files), "ops/s", t);
     let t = Instant::now();
-    for i in 0..BENCH_FILES {
+    for i in 0..files {
         fs::remove_file(format!("{dir}/{i}")).map_err(e("unlink"))?;
     }
-    report("unlink-10k", f64::from(BENCH_FILES), "ops/s", t);
+    report("unlink-10k", f64::from(files), "ops/s", t);
     Ok(())
 }
 

@@ -105,6 +105,9 @@ pub(crate) fn fixture_in(dir: tempfile::TempDir, cache: CacheMode, readonly: boo
     assert!(!opts.contains(FsOptions::ZERO_MESSAGE_OPEN), "{opts:?}");
     assert!(!opts.contains(FsOptions::ZERO_MESSAGE_OPENDIR), "{opts:?}");
     assert!(!opts.contains(FsOptions::WRITEBACK_CACHE), "{opts:?}");
+    assert!(!opts.intersects(crate::guard::NEVER_OFFERED), "{opts:?}");
+    // 1 MiB requests and concurrency (the passthrough alone asks for neither).
+    assert!(opts.contains(crate::guard::ALWAYS_WANTED), "{opts:?}");
     // SAFETY: geteuid/getegid have no preconditions.
     let uid = unsafe { libc::geteuid() };
     // SAFETY: as above.
