@@ -348,3 +348,6 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
