@@ -3,8 +3,9 @@
 //! container rootfs at /rootfs), and vhost-vsock. The host side talks ttrpc over
 //! AF_VSOCK to guest port 1024. Checks: the ready line on the console, version check and
 //! health, sandbox with hostname, guest clock setting, CopyFile, a container with a
-//! memory limit (cgroup v2 in the guest, pivot_root off the initramfs), and power-off
-//! when the sandbox is destroyed.
+//! memory limit (cgroup v2 in the guest, pivot_root off the initramfs), an exec into a
+//! container with a cgroup namespace and a seccomp profile (the exec is filtered too),
+//! and power-off when the sandbox is destroyed.
 //!
 //! Everything is built on the host; the inner test (ignored on its own) runs in the lab.
 //! QEMU has no i8042 in `-M microvm,acpi=off`, so the guest uses `reboot=t` (triple fault)
@@ -335,6 +336,72 @@ fn inner_agent_in_vm() {
                 .unwrap();
             assert_eq!(String::from_utf8_lossy(&out), "2030\nctr\n1\n");
             assert_eq!(wr.exit_status, 0);
+            // A container with its own cgroup namespace and a seccomp profile: an exec
+            // into it is denied mkdir too and sees its cgroup as the root.
+            let mut spec = carapace_tests::fixtures::default_spec(&["sleep", "1000"]);
+            spec["root"]["path"] = json!("/rootfs");
+            spec["hostname"] = json!("ctr2");
+            spec["linux"]["namespaces"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"type": "cgroup"}));
+            spec["linux"]["seccomp"] = json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
+                              "errnoRet": 1}]
+            });
+            let creq2 = ContainerRequest {
+                container_id: "c2".into(),
+                ..Default::default()
+            };
+            client
+                .create_container(
+                    ctx(),
+                    &CreateContainerRequest {
+                        container_id: "c2".into(),
+                        spec_json: serde_json::to_vec(&spec).unwrap(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("create c2 in the VM");
+            client.start_container(ctx(), &creq2).await.expect("start c2");
+            let process = json!({
+                "args": ["sh", "-c", "mkdir /tmp/y 2>/dev/null || echo denied; cat /proc/self/cgroup; hostname"],
+                "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+            });
+            client
+                .exec_process(
+                    ctx(),
+                    &ExecProcessRequest {
+                        container_id: "c2".into(),
+                        exec_id: "x".into(),
+                        process_json: serde_json::to_vec(&process).unwrap(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("exec into c2");
+            let mut out = Vec::new();
+            loop {
+                let r = client
+                    .read_stdout(
+                        ctx(),
+                        &ReadStreamRequest {
+                            container_id: "c2".into(),
+                            exec_id: "x".into(),
+                            max_len: 4096,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                if r.eof {
+                    break;
+                }
+                out.extend_from_slice(&r.data);
+            }
+            assert_eq!(String::from_utf8_lossy(&out), "denied\n0::/\nctr2\n");
             client
                 .destroy_sandbox(
                     ctx(),
