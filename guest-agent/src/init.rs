@@ -692,6 +692,16 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
     nix::unistd::chdir("/").ctx(|| "chdir /".into())?;
     let linux = spec.linux().as_ref();
+    // Sysctls before the masked and read-only paths: /proc/sys is usually read-only.
+    for (k, v) in linux
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let rel = k.replace('.', "/");
+        let path = crate::ids::relative_inside(Path::new("/proc/sys"), &rel)?;
+        std::fs::write(&path, v).ctx(|| format!("setting sysctl {k}"))?;
+    }
     for p in linux
         .and_then(|l| l.masked_paths().as_ref())
         .into_iter()
@@ -747,15 +757,6 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
             )
             .ctx(|| format!("making {p} read-only"))?;
         }
-    }
-    for (k, v) in linux
-        .and_then(|l| l.sysctl().as_ref())
-        .into_iter()
-        .flatten()
-    {
-        let rel = k.replace('.', "/");
-        let path = crate::ids::relative_inside(Path::new("/proc/sys"), &rel)?;
-        std::fs::write(&path, v).ctx(|| format!("setting sysctl {k}"))?;
     }
     if let Some(h) = spec.hostname() {
         nix::unistd::sethostname(h).ctx(|| format!("sethostname({h:?})"))?;

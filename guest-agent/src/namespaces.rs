@@ -76,6 +76,10 @@ pub enum NamespaceError {
         "hostname {hostname:?} needs a uts namespace (listed, or joined by path): the VM's is shared otherwise"
     )]
     HostnameNeedsUts { hostname: String },
+    #[error(
+        "sysctl {key} needs the container to have its own {typ} namespace (listed, or joined by path): the VM's is shared otherwise"
+    )]
+    SysctlNeeds { key: String, typ: &'static str },
     #[error("{typ} namespace path {path} is not absolute")]
     RelativePath { typ: String, path: PathBuf },
     #[error("{typ} namespace path {path} cannot be used")]
@@ -146,7 +150,46 @@ pub fn plan(spec: &Spec) -> Result<Vec<NsPlan>, NamespaceError> {
             hostname: h.clone(),
         });
     }
+    for key in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flat_map(|m| m.keys())
+    {
+        if let Some(ns) = sysctl_namespace(key)
+            && !out.iter().any(|p| p.ns == ns)
+        {
+            return Err(NamespaceError::SysctlNeeds {
+                key: key.clone(),
+                typ: ns.proc_name(),
+            });
+        }
+    }
     Ok(out)
+}
+
+/// The namespace a sysctl belongs to, for those that must not reach the VM's own:
+/// System V IPC and POSIX message queue limits (ipc), host and domain name (uts). Network
+/// sysctls apply to the VM's network namespace, the pod's; others are the VM kernel's.
+fn sysctl_namespace(key: &str) -> Option<NsType> {
+    const IPC: [&str; 8] = [
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    if IPC.contains(&key) || key.starts_with("fs.mqueue.") {
+        Some(NsType::Ipc)
+    } else if key == "kernel.hostname" || key == "kernel.domainname" {
+        Some(NsType::Uts)
+    } else {
+        None
+    }
 }
 
 /// Checks that the paths to join exist now (a typed error at create rather than a

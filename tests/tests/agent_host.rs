@@ -1123,3 +1123,35 @@ async fn spec_devices_are_created_in_the_container() {
     assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{}", msg(&e));
     assert!(msg(&e).contains("spec.linux.devices"), "{}", msg(&e));
 }
+
+#[tokio::test]
+async fn sysctls_apply_to_the_container_namespaces_only() {
+    let a = start_agent(&[]).await;
+    let host_before = std::fs::read_to_string("/proc/sys/kernel/shmmni").unwrap();
+    // The default spec makes /proc/sys read-only: sysctls are written before that.
+    let mut s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/shmmni; echo 5 > /proc/sys/kernel/shmmni || echo ro",
+        ],
+    );
+    s["linux"]["sysctl"] = json!({"kernel.shmmni": "1234"});
+    create(&a, "sysctl", &s).await.expect("create");
+    start(&a, "sysctl").await;
+    let out = String::from_utf8(read_all(&a, "sysctl", "", false).await).unwrap();
+    assert_eq!(wait(&a, "sysctl", "").await.exit_status, 0);
+    assert_eq!(out, "1234\nro\n");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/shmmni").unwrap(),
+        host_before
+    );
+    // An ipc sysctl without an ipc namespace would change the VM's: refused.
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["linux"]["sysctl"] = json!({"kernel.shmmni": "1234"});
+    s["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "pid"}, {"type": "uts"}]);
+    let e = create(&a, "sysctl2", &s).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{}", msg(&e));
+    assert!(msg(&e).contains("kernel.shmmni"), "{}", msg(&e));
+}
