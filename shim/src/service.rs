@@ -44,6 +44,8 @@ pub type BackendFactory = fn() -> Result<Arc<dyn Backend>, String>;
 pub struct Service {
     id: String,
     namespace: String,
+    /// containerd's address (`-address`), from which the pod's shim socket is derived.
+    containerd_address: String,
     bundle: PathBuf,
     tasks: Arc<Tasks>,
     backend: Arc<dyn Backend>,
@@ -194,6 +196,7 @@ impl Shim for Service {
         Service {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            containerd_address: args.address.clone(),
             bundle: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(&args.bundle)),
             tasks: Arc::new(Tasks::new(backend.clone(), tx)),
             backend,
@@ -212,11 +215,25 @@ impl Shim for Service {
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let (backend, id, bundle) = (self.backend.clone(), self.id.clone(), self.bundle.clone());
-        let cleaned = tokio::task::spawn_blocking(move || backend.cleanup(&id, &bundle))
-            .await
-            .map_err(|e| Error::Other(e.to_string()))?;
-        if let Err(e) = cleaned {
-            return Err(Error::Other(format!("{e}: {}", e.source)));
+        // containerd 1.6 runs `shim delete` whenever its connection for a task closes, which
+        // includes every ordinary task delete. While the pod's shim still serves, it owns
+        // what is left (a pod sandbox whose VM waits for the pod's last container); only a
+        // dead shim's leftovers are ours to clean.
+        let grouping = Role::from_bundle(&bundle)
+            .unwrap_or(Role::Standalone)
+            .vm_id(&id)
+            .to_owned();
+        let socket =
+            containerd_shim::socket_address(&self.containerd_address, &self.namespace, &grouping);
+        if shim_serving(&bundle, &socket) {
+            tracing::info!(id, "the shim still serves this bundle: nothing to clean up");
+        } else {
+            let cleaned = tokio::task::spawn_blocking(move || backend.cleanup(&id, &bundle))
+                .await
+                .map_err(|e| Error::Other(e.to_string()))?;
+            if let Err(e) = cleaned {
+                return Err(Error::Other(format!("{e}: {}", e.source)));
+            }
         }
         Ok(DeleteResponse {
             exit_status: KILLED_STATUS,
@@ -479,6 +496,17 @@ impl Task for Service {
     }
 }
 
+/// Whether a shim process still accepts connections on `socket` (the pod's shim socket as
+/// `shim start` derives it) or on the one recorded in `<bundle>/address`. A killed shim
+/// leaves its socket file behind, but nothing accepts on it.
+pub fn shim_serving(bundle: &Path, socket: &str) -> bool {
+    let recorded = std::fs::read_to_string(bundle.join("address")).unwrap_or_default();
+    [socket, recorded.trim()].iter().any(|address| {
+        let path = address.trim_start_matches("unix://");
+        !path.is_empty() && std::os::unix::net::UnixStream::connect(path).is_ok()
+    })
+}
+
 /// The bundle a `shim start`/`shim delete` runs in (containerd sets the working directory).
 pub fn bundle_dir(flags_bundle: &str) -> PathBuf {
     if flags_bundle.is_empty() {
@@ -556,6 +584,35 @@ mod tests {
             ),
         ] {
             assert_eq!(to_shim_event(ev).topic(), topic);
+        }
+    }
+
+    #[test]
+    fn a_shim_serves_only_while_its_socket_accepts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let derived = dir.path().join("derived.sock");
+        let derived_addr = format!("unix://{}", derived.display());
+        assert!(!shim_serving(dir.path(), &derived_addr), "nothing there");
+        let recorded = dir.path().join("recorded.sock");
+        std::fs::write(
+            dir.path().join("address"),
+            format!("unix://{}", recorded.display()),
+        )
+        .expect("address");
+        for sock in [&derived, &recorded] {
+            let listener = std::os::unix::net::UnixListener::bind(sock).expect("bind");
+            assert!(
+                shim_serving(dir.path(), &derived_addr),
+                "{}",
+                sock.display()
+            );
+            drop(listener);
+            assert!(sock.exists());
+            assert!(
+                !shim_serving(dir.path(), &derived_addr),
+                "a dead shim's socket file {}",
+                sock.display()
+            );
         }
     }
 
