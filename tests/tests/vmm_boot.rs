@@ -903,3 +903,50 @@ fn vmm_two_vcpus_online() {
         two_vcpus(&f)
     });
 }
+
+/// API shutdown with a grace period presses Ctrl-Alt-Del on the guest's i8042 keyboard.
+fn shutdown_asks_guest(f: &Fixture) {
+    // The guest's init disabled the kernel's C-A-D restart: it gets SIGINT and powers off.
+    let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "cad", &[]);
+    vm.wait_serial("cad armed");
+    let r = vm.api(r#"{"cmd":"shutdown","grace_secs":120}"#);
+    assert_eq!(r["asked_guest"], true, "{r}");
+    assert_eq!(
+        r["forced"],
+        false,
+        "guest did not react\n{r}\n{}",
+        vm.serial()
+    );
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+    let serial = vm.serial();
+    assert!(serial.contains("ctrl-alt-del received"), "{serial}");
+    assert!(serial.contains("vmm-guest-test: poweroff"), "{serial}");
+
+    // An init that does not handle it: the kernel restarts at once; the VMM still exits 0.
+    let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "echo", &[]);
+    vm.wait_serial("echo server on vsock");
+    let r = vm.api(r#"{"cmd":"shutdown","grace_secs":120}"#);
+    assert_eq!(
+        r["forced"],
+        false,
+        "guest did not react\n{r}\n{}",
+        vm.serial()
+    );
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+    assert!(
+        vm.log().contains("asking the guest to shut down"),
+        "{}",
+        vm.log()
+    );
+}
+
+#[test]
+fn vmm_shutdown_asks_guest_with_ctrl_alt_del() {
+    let f = Fixture::get();
+    in_kvm(
+        module_path!(),
+        "vmm_shutdown_asks_guest_with_ctrl_alt_del",
+        f.lab(),
+        || shutdown_asks_guest(&f),
+    );
+}

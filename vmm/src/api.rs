@@ -4,9 +4,10 @@
 //! - `{"cmd":"info"}` → state, vCPUs, memory, command line, boot-done time, devices;
 //! - `{"cmd":"metrics"}` → VM exits by kind, console counters, per-device counters;
 //! - `{"cmd":"pause"}` / `{"cmd":"resume"}` → stop / restart the vCPUs;
-//! - `{"cmd":"shutdown","grace_secs":N}` → give the guest N seconds (default: the VM's
-//!   `shutdown_timeout_secs`) to power off on its own — the runtime asks the agent over vsock
-//!   first, the guest has no ACPI button — then force the VM off. The VMM exits 0.
+//! - `{"cmd":"shutdown","grace_secs":N}` → when N > 0, press Ctrl-Alt-Del on the guest's
+//!   i8042 keyboard (the guest has no ACPI power button) and give it N seconds (default: the
+//!   VM's `shutdown_timeout_secs`) to stop — a guest reset or power-off then counts as
+//!   powered off — then force the VM off. The VMM exits 0.
 //!
 //! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Lines are capped at 4 KiB.
 
@@ -74,7 +75,16 @@ pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
         }
         Request::Shutdown { grace_secs } => {
             let grace = grace_secs.unwrap_or(vm.config.shutdown_timeout_secs);
+            vm.state.request_shutdown();
             vm.resume();
+            let asked = grace > 0;
+            if asked {
+                tracing::info!(
+                    grace_secs = grace,
+                    "asking the guest to shut down (Ctrl-Alt-Del)"
+                );
+                vm.pio.ctrl_alt_del();
+            }
             let forced = vm
                 .state
                 .wait_exit(Some(Duration::from_secs(u64::from(grace))))
@@ -86,7 +96,7 @@ pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
                 );
                 vm.state.request_exit(ExitReason::PowerOff);
             }
-            ok(serde_json::json!({"forced": forced}))
+            ok(serde_json::json!({"forced": forced, "asked_guest": asked}))
         }
     }
 }

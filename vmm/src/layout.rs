@@ -48,6 +48,8 @@ pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// COM1 IRQ.
 pub const SERIAL_IRQ: u32 = 4;
+/// i8042 keyboard IRQ.
+pub const KBD_IRQ: u32 = 1;
 /// i8042 controller: data port 0x60 .. command port 0x64.
 pub const I8042_PORT: u16 = 0x60;
 /// Boot-done / power-intent marker port.

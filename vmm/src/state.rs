@@ -89,6 +89,7 @@ pub struct VmState {
     pub start: Instant,
     boot_done: OnceLock<Duration>,
     intent: AtomicU8,
+    shutdown_requested: AtomicBool,
     exit: Mutex<Option<ExitReason>>,
     exit_cv: Condvar,
     paused: Mutex<bool>,
@@ -106,6 +107,7 @@ impl VmState {
             start,
             boot_done: OnceLock::new(),
             intent: AtomicU8::new(INTENT_NONE),
+            shutdown_requested: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),
             paused: Mutex::new(false),
@@ -141,6 +143,10 @@ impl VmState {
 
     /// The guest reset the machine (i8042 or triple fault).
     pub fn guest_reset(&self, triple_fault: bool) {
+        if self.shutdown_requested() && !triple_fault {
+            self.request_exit(ExitReason::PowerOff);
+            return;
+        }
         let reason = match self.intent.load(Ordering::SeqCst) {
             INTENT_POWER_OFF => ExitReason::PowerOff,
             INTENT_REBOOT => ExitReason::Reboot,
@@ -148,6 +154,17 @@ impl VmState {
             _ => ExitReason::Reboot,
         };
         self.request_exit(reason);
+    }
+
+    /// The host asked the guest to shut down (API `shutdown`): from now on a guest reset or
+    /// halt means "powered off", whatever the guest announced on the marker port.
+    pub fn request_shutdown(&self) {
+        self.shutdown_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Self::request_shutdown`] was called.
+    pub fn shutdown_requested(&self) -> bool {
+        self.shutdown_requested.load(Ordering::SeqCst)
     }
 
     /// Ends the VM with `reason` (the first reason wins).
@@ -220,7 +237,7 @@ impl VmState {
 
     /// A vCPU executed HLT with interrupts off (KVM_EXIT_HLT): the guest is dead.
     pub fn guest_halted(&self) {
-        if self.intent.load(Ordering::SeqCst) == INTENT_POWER_OFF {
+        if self.intent.load(Ordering::SeqCst) == INTENT_POWER_OFF || self.shutdown_requested() {
             self.request_exit(ExitReason::PowerOff);
         } else {
             self.request_exit(ExitReason::GuestCrash("vCPU halted (KVM_EXIT_HLT)".into()));

@@ -294,7 +294,10 @@ impl Vm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let pio = Arc::new(PioBus::new(serial_irq, out, state.clone()));
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        vm.register_irqfd(&kbd_irq, KBD_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (keyboard)"))?;
+        let pio = Arc::new(PioBus::new(serial_irq, kbd_irq, out, state.clone()));
 
         let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
         if let Some(v) = &config.vsock {

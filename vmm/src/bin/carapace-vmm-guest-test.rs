@@ -10,6 +10,9 @@
 //!   port 1025 accepting `poweroff`, `reboot` or `panic` lines;
 //! - `fs=<tag>`: mount virtio-fs `<tag>` on /mnt and print /mnt/hello.txt;
 //! - `dial=<port>`: connect to the host (CID 2) port, send `hello <port>\n`, print the reply;
+//! - `cad`: disable the kernel's Ctrl-Alt-Del restart (`reboot(RB_DISABLE_CAD)`), so the
+//!   kernel sends SIGINT to PID 1 instead; on SIGINT print `ctrl-alt-del received` and power
+//!   off (SIGINT is blocked in every thread and taken with sigwait);
 //! - `cpus`: print /sys/devices/system/cpu/online and the number of CPUs this process may
 //!   run on;
 //! - `net=<a.b.c.d>/<prefix>`: give eth0 that address, bring it up and serve TCP echo on
@@ -51,6 +54,41 @@ mod sys {
         // SAFETY: the port was granted above; writing a byte to it has no memory effects.
         unsafe { std::arch::asm!("out dx, al", in("dx") port, in("al") value) };
         Ok(())
+    }
+
+    fn sigint_set() -> libc::sigset_t {
+        // SAFETY: sigset_t is plain old data; it is initialised by sigemptyset below.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid, writable sigset_t.
+        unsafe { libc::sigemptyset(&mut set) };
+        // SAFETY: as above; SIGINT is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, libc::SIGINT) };
+        set
+    }
+
+    /// Blocks SIGINT in this thread (and the threads it starts later).
+    pub fn block_sigint() {
+        let set = sigint_set();
+        // SAFETY: `set` is an initialised sigset_t; the old-mask pointer may be null.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    }
+
+    /// Waits for a (blocked) SIGINT.
+    pub fn wait_sigint() -> io::Result<()> {
+        let set = sigint_set();
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
+        let r = unsafe { libc::sigwait(&set, &mut sig) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(())
+    }
+
+    /// reboot(2) with a command that does not restart (e.g. RB_DISABLE_CAD).
+    pub fn reboot_cmd(cmd: libc::c_int) -> io::Result<()> {
+        // SAFETY: reboot takes no pointers.
+        check(unsafe { libc::reboot(cmd) }).map(drop)
     }
 
     pub fn reboot(cmd: libc::c_int) -> io::Error {
@@ -276,6 +314,8 @@ fn net_echo(spec: &str) {
 #[cfg(target_os = "linux")]
 fn main() {
     use std::io::{Read, Write};
+    // Before any thread exists, so every thread inherits the mask (see `cad`).
+    sys::block_sigint();
     let _ = sys::mount("devtmpfs", "/dev", "devtmpfs");
     let _ = sys::mount("proc", "/proc", "proc");
     let _ = sys::mount("sysfs", "/sys", "sysfs");
@@ -314,6 +354,19 @@ fn main() {
                 }
             }
             "echo" => echo_server(),
+            "cad" => match sys::reboot_cmd(libc::RB_DISABLE_CAD) {
+                Ok(()) => {
+                    std::thread::spawn(|| match sys::wait_sigint() {
+                        Ok(()) => {
+                            say("ctrl-alt-del received");
+                            end("poweroff");
+                        }
+                        Err(e) => say(&format!("sigwait: {e}")),
+                    });
+                    say("cad armed");
+                }
+                Err(e) => say(&format!("cad error {e}")),
+            },
             "cpus" => {
                 let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
                     .unwrap_or_else(|e| format!("error {e}"));

@@ -1,12 +1,13 @@
-//! Port-I/O devices and their dispatch: COM1 (8250, vm-superio), the i8042 controller (only
-//! its reset line matters) and the marker port.
+//! Port-I/O devices and their dispatch: COM1 (8250, vm-superio), the i8042 controller
+//! ([`super::i8042`]: keyboard for Ctrl-Alt-Del, reset line) and the marker port.
 
 use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
-use vm_superio::{I8042Device, Serial, Trigger};
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::i8042::{Action, I8042};
 use crate::devices::output::BoundedOutput;
 use crate::layout::{I8042_PORT, MARKER_PORT, SERIAL_PORT};
 use crate::state::{ExitCounters, VmState};
@@ -22,20 +23,7 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// The i8042 reset line: tells the VM state the guest reset the machine.
-#[derive(Debug)]
-pub struct ResetTrigger(pub Arc<VmState>);
-
-impl Trigger for ResetTrigger {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.guest_reset(false);
-        Ok(())
-    }
-}
-
 const I8042_STATUS: u16 = I8042_PORT + 4;
-const I8042_STATUS_OBF: u8 = 0x01;
 
 /// The 8250 UART type we use.
 pub type SerialDevice = Serial<IrqTrigger, NoEvents, BoundedOutput>;
@@ -43,7 +31,8 @@ pub type SerialDevice = Serial<IrqTrigger, NoEvents, BoundedOutput>;
 /// All port-I/O devices.
 pub struct PioBus {
     serial: Mutex<SerialDevice>,
-    i8042: Mutex<I8042Device<ResetTrigger>>,
+    i8042: Mutex<I8042>,
+    kbd_irq: EventFd,
     state: Arc<VmState>,
 }
 
@@ -54,13 +43,43 @@ impl std::fmt::Debug for PioBus {
 }
 
 impl PioBus {
-    /// Creates the bus; `serial_irq` is the eventfd registered for IRQ 4.
-    pub fn new(serial_irq: EventFd, out: BoundedOutput, state: Arc<VmState>) -> Self {
+    /// Creates the bus; `serial_irq` and `kbd_irq` are the eventfds registered for IRQ 4
+    /// and IRQ 1.
+    pub fn new(
+        serial_irq: EventFd,
+        kbd_irq: EventFd,
+        out: BoundedOutput,
+        state: Arc<VmState>,
+    ) -> Self {
         PioBus {
             serial: Mutex::new(Serial::new(IrqTrigger(serial_irq), out)),
-            i8042: Mutex::new(I8042Device::new(ResetTrigger(state.clone()))),
+            i8042: Mutex::new(I8042::new()),
+            kbd_irq,
             state,
         }
+    }
+
+    fn i8042_action(&self, a: Action) {
+        match a {
+            Action::None => {}
+            Action::Irq => {
+                if let Err(e) = self.kbd_irq.write(1) {
+                    tracing::warn!(error = %e, "cannot raise the keyboard interrupt");
+                }
+            }
+            Action::Reset => self.state.guest_reset(false),
+        }
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard (a shutdown request the guest kernel
+    /// turns into a restart, or into SIGINT for PID 1 once it disabled C-A-D).
+    pub fn ctrl_alt_del(&self) {
+        let a = self
+            .i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ctrl_alt_del();
+        self.i8042_action(a);
     }
 
     /// Guest `in` on `port`; `data` is filled (0xff for unclaimed ports).
@@ -72,15 +91,22 @@ impl PioBus {
                 data[0] = s.read((p - SERIAL_PORT) as u8);
             }
             I8042_STATUS if data.len() == 1 => {
-                // "Output buffer full", forever: Linux's i8042 probe flushes 16 bytes, decides
-                // there is no controller and moves on in about a millisecond, instead of
-                // timing out on commands this reset-only controller cannot answer. The
-                // reboot path only waits for "input buffer full" (bit 1) to clear.
-                data[0] = I8042_STATUS_OBF;
+                data[0] = self
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .status();
             }
-            p if (I8042_PORT..=I8042_PORT + 4).contains(&p) && data.len() == 1 => {
-                let mut k = self.i8042.lock().unwrap_or_else(|e| e.into_inner());
-                data[0] = k.read((p - I8042_PORT) as u8);
+            // 0x61..=0x63 sit between the i8042's ports (0x61 is handled by KVM's PIT).
+            p if p > I8042_PORT && p < I8042_STATUS => data.fill(0),
+            I8042_PORT if data.len() == 1 => {
+                let (v, a) = self
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_data();
+                data[0] = v;
+                self.i8042_action(a);
             }
             _ => ExitCounters::bump(&self.state.exits.unhandled),
         }
@@ -95,10 +121,22 @@ impl PioBus {
                     tracing::warn!(error = ?e, "serial write failed");
                 }
             }
-            p if (I8042_PORT..=I8042_PORT + 4).contains(&p) && data.len() == 1 => {
-                let mut k = self.i8042.lock().unwrap_or_else(|e| e.into_inner());
-                // The reset trigger is infallible.
-                let _ = k.write((p - I8042_PORT) as u8, data[0]);
+            I8042_STATUS if data.len() == 1 => {
+                let a = self
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write_command(data[0]);
+                self.i8042_action(a);
+            }
+            p if p > I8042_PORT && p < I8042_STATUS => {}
+            I8042_PORT if data.len() == 1 => {
+                let a = self
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write_data(data[0]);
+                self.i8042_action(a);
             }
             MARKER_PORT if !data.is_empty() => self.state.marker_write(data[0]),
             _ => ExitCounters::bump(&self.state.exits.unhandled),
@@ -122,7 +160,13 @@ mod tests {
     fn i8042_reset_and_marker() {
         let state = Arc::new(VmState::new(Instant::now()));
         let out = BoundedOutput::spawn(Box::new(std::io::sink())).unwrap();
-        let bus = PioBus::new(EventFd::new(0).unwrap(), out, state.clone());
+        let kbd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let bus = PioBus::new(
+            EventFd::new(0).unwrap(),
+            kbd.try_clone().unwrap(),
+            out,
+            state.clone(),
+        );
         bus.write(MARKER_PORT, &[123]);
         assert!(state.boot_done().is_some());
         let mut st = [0u8; 1];
@@ -132,7 +176,15 @@ mod tests {
             0,
             "input buffer must read empty for the reboot path"
         );
-        assert_eq!(st[0] & I8042_STATUS_OBF, I8042_STATUS_OBF);
+        // Ctrl-Alt-Del: IRQ 1 and the scancodes on the data port.
+        bus.ctrl_alt_del();
+        assert_eq!(kbd.read().unwrap(), 1);
+        bus.read(I8042_STATUS, &mut st);
+        assert_eq!(st[0] & 1, 1);
+        let mut d = [0u8; 1];
+        bus.read(I8042_PORT, &mut d);
+        assert_eq!(d[0], crate::devices::i8042::CTRL_ALT_DEL_SET2[0]);
+        assert_eq!(kbd.read().unwrap(), 1, "IRQ for the next byte");
         bus.write(MARKER_PORT, &[crate::state::MARKER_POWER_OFF]);
         bus.write(I8042_PORT + 4, &[0xfe]);
         assert_eq!(
@@ -158,7 +210,12 @@ mod tests {
         let state = Arc::new(VmState::new(Instant::now()));
         let out = BoundedOutput::spawn(Box::new(Sink(got.clone()))).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let bus = PioBus::new(irq.try_clone().unwrap(), out, state);
+        let bus = PioBus::new(
+            irq.try_clone().unwrap(),
+            EventFd::new(0).unwrap(),
+            out,
+            state,
+        );
         bus.write(SERIAL_PORT + 1, &[0x02]); // IER: THR empty interrupt
         for b in b"hi\n" {
             bus.write(SERIAL_PORT, &[*b]);
