@@ -137,6 +137,9 @@ struct Container {
     execs: Mutex<HashMap<String, Arc<Proc>>>,
     /// The spec's seccomp profile, applied to the init and to every exec (as runc does).
     seccomp: Option<LinuxSeccomp>,
+    /// The init is pid 1 of a pid namespace created for it (else the namespace is joined
+    /// or the VM's, and holds other processes).
+    own_pidns: bool,
     /// oom_kill count already reported.
     oom_seen: Mutex<u64>,
 }
@@ -286,6 +289,16 @@ impl AgentService {
         if let Some(cg) = &c.cgroup {
             return Ok(cg.pids()?);
         }
+        if !c.own_pidns {
+            // Without a cgroup and a pid namespace of its own, only the processes the
+            // agent started are known to be the container's.
+            let execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
+            return Ok(std::iter::once(&c.init)
+                .chain(execs.values())
+                .filter(|p| p.pid > 0 && p.exited().is_none())
+                .map(|p| p.pid.unsigned_abs())
+                .collect());
+        }
         let target =
             std::fs::read_link(format!("/proc/{}/ns/pid", c.init.pid)).map_err(|source| {
                 AgentError::Io {
@@ -392,6 +405,7 @@ impl AgentService {
                     start: Default::default(),
                     execs: Default::default(),
                     seccomp: None,
+                    own_pidns: false,
                     oom_seen: Mutex::new(0),
                 }),
             );
@@ -417,6 +431,9 @@ impl AgentService {
                 field: "spec.linux.namespaces",
                 reason: chain(&e),
             })?;
+        let own_pidns = namespaces
+            .iter()
+            .any(|p| p.ns == crate::namespaces::NsType::Pid && p.path.is_none());
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         let cgroup = match &self.cgroups {
             Some(root) => {
@@ -489,6 +506,7 @@ impl AgentService {
             start: tokio::sync::Mutex::new((spawned.start, Some(status))),
             execs: Mutex::default(),
             seccomp,
+            own_pidns,
             oom_seen: Mutex::new(0),
         }))
     }
@@ -587,12 +605,19 @@ impl AgentService {
         }
         if let Some(cg) = &c.cgroup {
             cg.kill_all()?;
-        } else {
+        } else if c.own_pidns {
             // Killing the pid-namespace init kills everything in it.
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.init.pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        } else {
+            for pid in self.container_pids(c)? {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         Ok(())
     }

@@ -990,10 +990,26 @@ async fn spec_namespaces_are_created_joined_or_shared() {
     assert_eq!(&lines[..2], ["a-host", "sleep 1000 "], "{out}");
     // A's sleep, B's sleep, the exec's sh (and its pipeline).
     assert!(lines[2].parse::<u32>().unwrap() >= 3, "{out}");
+    // B's processes are its own, not everything in A's pid namespace.
+    let pids = a
+        .client
+        .list_processes(ctx(), &creq("nsb"))
+        .await
+        .unwrap()
+        .pids;
+    assert_eq!(pids, [pb]);
+    // A path that is not a namespace of that type fails at create with the reason.
+    let mut s = spec(a.dir.path(), &["true"]);
+    s.as_object_mut().unwrap().remove("hostname");
+    s["linux"]["namespaces"] =
+        json!([{"type": "mount"}, {"type": "uts", "path": format!("/proc/{pa}/ns/ipc")}]);
+    let e = create(&a, "wrongtype", &s).await.unwrap_err();
+    assert!(msg(&e).contains("joining uts namespace"), "{}", msg(&e));
     a.client
         .remove_container(ctx(), &creq("nsb"))
         .await
         .unwrap();
+    assert!(Path::new(&format!("/proc/{pa}")).exists(), "A survives B");
     a.client
         .remove_container(ctx(), &creq("nsa"))
         .await
