@@ -13,8 +13,12 @@ use std::time::Duration;
 use carapace_protocol::agent::{
     ContainerRequest, CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest,
     ExecProcessRequest, ProcessRequest, ReadStreamRequest, ResizeTtyRequest, SharedFs,
-    SignalRequest, WriteStdinRequest,
+    SignalRequest, UpdateResourcesRequest, WriteStdinRequest,
 };
+
+/// A container's cgroup statistics as the agent reports them (the cgroup v2 file names
+/// containerd's `io.containerd.cgroups.v2.Metrics` uses).
+pub use carapace_protocol::agent::StatsResponse as ContainerStats;
 use carapace_protocol::agent_ttrpc::AgentClient;
 use carapace_protocol::client::{self, ClientError};
 
@@ -122,6 +126,17 @@ pub trait AgentApi: Send + Sync {
     fn remove_container(&self, cid: &str) -> Result<(), AgentError>;
     /// Stops every container and powers the VM off.
     fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError>;
+    /// Freezes every process of a running container (cgroup freezer).
+    fn pause(&self, cid: &str) -> Result<(), AgentError>;
+    /// Thaws a paused container.
+    fn resume(&self, cid: &str) -> Result<(), AgentError>;
+    /// Applies an OCI `linux.resources` object (JSON) to the container's cgroup.
+    fn update_resources(&self, cid: &str, resources_json: &[u8]) -> Result<(), AgentError>;
+    /// The container's cgroup statistics.
+    fn stats(&self, cid: &str) -> Result<ContainerStats, AgentError>;
+    /// Waits (unbounded) for the next OOM kill in any container of the VM; returns the
+    /// container's id.
+    fn next_oom_event(&self) -> Result<String, AgentError>;
 }
 
 /// Makes one connection attempt to an agent.
@@ -213,6 +228,13 @@ fn proc_req(cid: &str, exec_id: &str) -> ProcessRequest {
     ProcessRequest {
         container_id: cid.to_owned(),
         exec_id: exec_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn container_req(cid: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: cid.to_owned(),
         ..Default::default()
     }
 }
@@ -396,6 +418,51 @@ impl AgentApi for TtrpcAgent {
             .block_on(self.client.remove_container(self.ctx(), &req))
             .map(drop)
             .map_err(Self::rpc_err("RemoveContainer", cid))
+    }
+
+    fn pause(&self, cid: &str) -> Result<(), AgentError> {
+        self.rt
+            .block_on(self.client.pause_container(self.ctx(), &container_req(cid)))
+            .map(drop)
+            .map_err(Self::rpc_err("PauseContainer", cid))
+    }
+
+    fn resume(&self, cid: &str) -> Result<(), AgentError> {
+        self.rt
+            .block_on(
+                self.client
+                    .resume_container(self.ctx(), &container_req(cid)),
+            )
+            .map(drop)
+            .map_err(Self::rpc_err("ResumeContainer", cid))
+    }
+
+    fn update_resources(&self, cid: &str, resources_json: &[u8]) -> Result<(), AgentError> {
+        let req = UpdateResourcesRequest {
+            container_id: cid.to_owned(),
+            resources_json: resources_json.to_vec(),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.client.update_resources(self.ctx(), &req))
+            .map(drop)
+            .map_err(Self::rpc_err("UpdateResources", cid))
+    }
+
+    fn stats(&self, cid: &str) -> Result<ContainerStats, AgentError> {
+        self.rt
+            .block_on(self.client.stats(self.ctx(), &container_req(cid)))
+            .map_err(Self::rpc_err("Stats", cid))
+    }
+
+    fn next_oom_event(&self) -> Result<String, AgentError> {
+        self.rt
+            .block_on(self.client.get_oom_event(
+                ttrpc::context::Context::default(),
+                &carapace_protocol::agent::Empty::default(),
+            ))
+            .map(|e| e.container_id)
+            .map_err(Self::rpc_err("GetOomEvent", "the sandbox"))
     }
 
     fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError> {

@@ -307,6 +307,21 @@ mod tests {
         fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
             unreachable!()
         }
+        fn pause(&self, _: &str) -> Result<(), AgentError> {
+            unreachable!()
+        }
+        fn resume(&self, _: &str) -> Result<(), AgentError> {
+            unreachable!()
+        }
+        fn update_resources(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
+            unreachable!()
+        }
+        fn stats(&self, _: &str) -> Result<crate::agent::ContainerStats, AgentError> {
+            unreachable!()
+        }
+        fn next_oom_event(&self) -> Result<String, AgentError> {
+            unreachable!()
+        }
     }
 
     #[derive(Clone, Default)]

@@ -172,6 +172,21 @@ impl AgentApi for FakeAgent {
     fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
         self.call("destroy_sandbox")
     }
+    fn pause(&self, _: &str) -> Result<(), AgentError> {
+        self.call("pause")
+    }
+    fn resume(&self, _: &str) -> Result<(), AgentError> {
+        self.call("resume")
+    }
+    fn update_resources(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
+        self.call("update_resources")
+    }
+    fn stats(&self, _: &str) -> Result<crate::agent::ContainerStats, AgentError> {
+        self.call("stats").map(|()| Default::default())
+    }
+    fn next_oom_event(&self) -> Result<String, AgentError> {
+        self.call("next_oom_event").map(|()| "c1".into())
+    }
 }
 
 impl AgentConnector for FakeConnector {
