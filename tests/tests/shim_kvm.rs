@@ -102,3 +102,111 @@ kvm_test! {
         }
     }
 }
+
+kvm_test! {
+    /// A CRI pod through `ctr --annotation`: the sandbox boots the pod's VM, the container
+    /// joins it (same guest boot id, one VMM), and a volume bound into both shows the same
+    /// files on the guest side. Deleting the container keeps the VM; deleting the sandbox
+    /// last stops it and leaves nothing.
+    #[lab(carapace_tests::lab::Lab::new().timeout(Duration::from_secs(1500)))]
+    fn ctr_runs_a_pod_in_one_microvm() {
+        assert!(carapace_tests::is_root(), "needs root (containerd, mounts)");
+        assert!(
+            Path::new(GUEST_DIR).join("vmlinux").is_file(),
+            "guest image missing: make image"
+        );
+        let tmp = tempfile::Builder::new().prefix("carapace-shimpod-").tempdir().expect("tempdir");
+        let state = tmp.path().join("run");
+        let config = tmp.path().join("configuration.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
+                 [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
+                workspace_bin("carapace-vmm").display().to_string(),
+                workspace_bin("carapace-fsd").display().to_string(),
+                state.display().to_string()
+            ),
+        )
+        .expect("config");
+        let vol = tmp.path().join("vol");
+        std::fs::create_dir(&vol).expect("volume");
+        let shim = workspace_bin("containerd-shim-carapace-v2");
+        let bins = shim.parent().expect("bin dir");
+        let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
+            .expect("containerd with Carapace");
+        let ctr = |args: &[&str]| -> Result<String, ContainerdError> {
+            ctrd.ctr(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
+                for log in ["vmm.log", "console.log", "fsd.log"] {
+                    let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
+                    logs.push_str(&format!("--- {log}\n{text}\n"));
+                }
+            }
+            panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
+        };
+        let count = |name: &str| {
+            let out = std::process::Command::new("pgrep").args(["-c", "-f", name]).output().expect("pgrep");
+            String::from_utf8_lossy(&out.stdout).trim().parse::<usize>().unwrap_or(0)
+        };
+        let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+        for (id, kind) in [("pod1", "sandbox"), ("c1", "container")] {
+            let ty = format!("io.kubernetes.cri.container-type={kind}");
+            ctr(&[
+                "run", "-d", "--runtime", RUNTIME, "--annotation", &ty, "--annotation",
+                "io.kubernetes.cri.sandbox-id=pod1", "--mount", &mount, IMAGE, id, "sleep", "600",
+            ])
+            .unwrap_or_else(|e| fail(&format!("ctr run -d {id}"), &e));
+        }
+        assert_eq!(count("carapace-vmm"), 1, "one VM for the pod");
+        let exec = |id: &str, exec_id: &str, script: &str| {
+            ctr(&["task", "exec", "--exec-id", exec_id, id, "sh", "-c", script])
+                .unwrap_or_else(|e| fail(&format!("exec in {id}"), &e))
+        };
+        let boot = |id: &str, exec_id: &str| exec(id, exec_id, "cat /proc/sys/kernel/random/boot_id");
+        let (b1, b2) = (boot("pod1", "b1"), boot("c1", "b2"));
+        let host = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
+        assert!(!b1.trim().is_empty() && b1 == b2, "one guest kernel: {b1:?} vs {b2:?}");
+        assert_ne!(b1, host, "the guest's kernel, not the host's");
+
+        // the same host dir bound into both containers shows the same files in the guest
+        exec("pod1", "w1", "echo written-by-pod1 > /data/f");
+        assert_eq!(exec("c1", "r1", "cat /data/f").trim(), "written-by-pod1");
+        exec("c1", "w2", "echo written-by-c1 > /data/g");
+        assert_eq!(exec("pod1", "r2", "cat /data/g").trim(), "written-by-c1");
+        assert_eq!(std::fs::read_to_string(vol.join("g")).expect("on the host").trim(), "written-by-c1");
+
+        let stop = |id: &str| {
+            ctr(&["task", "kill", "-s", "SIGKILL", id]).unwrap_or_else(|e| fail("kill", &e));
+            let mut stopped = false;
+            for _ in 0..300 {
+                let ls = ctr(&["task", "ls"]).unwrap_or_default();
+                if ls.lines().any(|l| l.split_whitespace().next() == Some(id) && l.contains("STOPPED")) {
+                    stopped = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            assert!(stopped, "{id} never showed as STOPPED");
+            ctr(&["task", "delete", id]).unwrap_or_else(|e| fail("task delete", &e));
+            ctr(&["container", "delete", id]).unwrap_or_else(|e| fail("container delete", &e));
+        };
+        // the container goes, the pod's VM stays
+        stop("c1");
+        assert_eq!(count("carapace-vmm"), 1, "the pod's VM stays");
+        assert_eq!(exec("pod1", "e3", "echo still-here").trim(), "still-here");
+        // the sandbox goes: everything goes
+        stop("pod1");
+        let left: Vec<_> = std::fs::read_dir(&state)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "sandbox state left: {left:?}");
+        for name in ["carapace-vmm", "carapace-fsd"] {
+            assert_eq!(count(name), 0, "{name} still running");
+        }
+        assert!(vol.join("f").exists(), "the volume's files stay");
+    }
+}
