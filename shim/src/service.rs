@@ -9,8 +9,10 @@ use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::{ExitSignal, Shim, spawn};
 use containerd_shim::event::Event as ShimEvent;
+use containerd_shim::protos::cgroups_v2::metrics as cg2;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -152,6 +154,18 @@ pub fn to_shim_event(ev: Event) -> Box<dyn ShimEvent + Send + Sync> {
             exited_at: timestamp(exit.at),
             ..Default::default()
         }),
+        Event::Paused { id } => Box::new(TaskPaused {
+            container_id: id,
+            ..Default::default()
+        }),
+        Event::Resumed { id } => Box::new(TaskResumed {
+            container_id: id,
+            ..Default::default()
+        }),
+        Event::Oom { id } => Box::new(TaskOOM {
+            container_id: id,
+            ..Default::default()
+        }),
         Event::Delete { id, pid, exit } => Box::new(TaskDelete {
             container_id: id.clone(),
             id,
@@ -161,6 +175,84 @@ pub fn to_shim_event(ev: Event) -> Box<dyn ShimEvent + Send + Sync> {
             ..Default::default()
         }),
     }
+}
+
+/// The agent's cgroup statistics as containerd's cgroup v2 metrics (what `ctr task metrics`
+/// and the CRI plugin decode from the `stats` reply).
+pub fn to_metrics(s: &carapace_runtime::agent::ContainerStats) -> cg2::Metrics {
+    let mut m = cg2::Metrics::new();
+    if let Some(p) = s.pids.as_ref() {
+        m.pids = MessageField::some(cg2::PidsStat {
+            current: p.current,
+            limit: p.limit,
+            ..Default::default()
+        });
+    }
+    if let Some(c) = s.cpu.as_ref() {
+        m.cpu = MessageField::some(cg2::CPUStat {
+            usage_usec: c.usage_usec,
+            user_usec: c.user_usec,
+            system_usec: c.system_usec,
+            nr_periods: c.nr_periods,
+            nr_throttled: c.nr_throttled,
+            throttled_usec: c.throttled_usec,
+            ..Default::default()
+        });
+    }
+    if let Some(x) = s.memory.as_ref() {
+        m.memory = MessageField::some(cg2::MemoryStat {
+            anon: x.anon,
+            file: x.file,
+            kernel_stack: x.kernel_stack,
+            slab: x.slab,
+            sock: x.sock,
+            shmem: x.shmem,
+            file_mapped: x.file_mapped,
+            file_dirty: x.file_dirty,
+            file_writeback: x.file_writeback,
+            pgfault: x.pgfault,
+            pgmajfault: x.pgmajfault,
+            inactive_anon: x.inactive_anon,
+            active_anon: x.active_anon,
+            inactive_file: x.inactive_file,
+            active_file: x.active_file,
+            unevictable: x.unevictable,
+            usage: x.usage,
+            usage_limit: x.usage_limit,
+            swap_usage: x.swap_usage,
+            swap_limit: x.swap_limit,
+            ..Default::default()
+        });
+    }
+    if let Some(io) = s.io.as_ref() {
+        m.io = MessageField::some(cg2::IOStat {
+            usage: io
+                .usage
+                .iter()
+                .map(|e| cg2::IOEntry {
+                    major: e.major,
+                    minor: e.minor,
+                    rbytes: e.rbytes,
+                    wbytes: e.wbytes,
+                    rios: e.rios,
+                    wios: e.wios,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+    }
+    if let Some(e) = s.memory_events.as_ref() {
+        m.memory_events = MessageField::some(cg2::MemoryEvents {
+            low: e.low,
+            high: e.high,
+            max: e.max,
+            oom: e.oom,
+            oom_kill: e.oom_kill,
+            ..Default::default()
+        });
+    }
+    m
 }
 
 fn stdio(stdin: String, stdout: String, stderr: String, terminal: bool) -> StdioPaths {
@@ -405,6 +497,7 @@ impl Task for Service {
         let state = match p.state {
             ProcState::Created => api::Status::CREATED,
             ProcState::Running => api::Status::RUNNING,
+            ProcState::Paused => api::Status::PAUSED,
             ProcState::Stopped => api::Status::STOPPED,
         };
         let (exit_status, exited_at) = p.exit.map(exit_fields).unwrap_or_default();
@@ -478,6 +571,63 @@ impl Task for Service {
             shim_pid: std::process::id(),
             task_pid,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.tasks.pause(&req.id).await.map_err(status)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.tasks.resume(&req.id).await.map_err(status)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        // containerd marshals the OCI LinuxResources as JSON inside the Any, which is what
+        // the agent takes.
+        let Some(resources) = req.resources.as_ref() else {
+            return Err(get_rpc_status(
+                Code::INVALID_ARGUMENT,
+                "update without resources",
+            ));
+        };
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&resources.value) {
+            return Err(get_rpc_status(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "resources of type {:?} are not the JSON LinuxResources containerd sends: {e}",
+                    resources.type_url
+                ),
+            ));
+        }
+        self.tasks
+            .update(&req.id, resources.value.clone())
+            .await
+            .map_err(status)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let stats = self.tasks.stats(&req.id).await.map_err(status)?;
+        let any = containerd_shim::util::convert_to_any(Box::new(to_metrics(&stats)))
+            .map_err(|e| get_rpc_status(Code::INTERNAL, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
             ..Default::default()
         })
     }
@@ -582,9 +732,37 @@ mod tests {
                 },
                 "/tasks/delete",
             ),
+            (Event::Paused { id: "c".into() }, "/tasks/paused"),
+            (Event::Resumed { id: "c".into() }, "/tasks/resumed"),
+            (Event::Oom { id: "c".into() }, "/tasks/oom"),
         ] {
             assert_eq!(to_shim_event(ev).topic(), topic);
         }
+        let m = downcast::<TaskOOM>(&*to_shim_event(Event::Oom { id: "c9".into() })).clone();
+        assert_eq!(m.container_id, "c9");
+    }
+
+    #[test]
+    fn stats_become_cgroup_v2_metrics_in_an_any_containerd_decodes() {
+        use containerd_shim::protos::protobuf::Message;
+        let mut s = carapace_runtime::agent::ContainerStats::default();
+        s.pids.mut_or_insert_default().current = 3;
+        s.cpu.mut_or_insert_default().usage_usec = 1234;
+        s.memory.mut_or_insert_default().usage = 8 << 20;
+        s.memory.mut_or_insert_default().usage_limit = 32 << 20;
+        s.memory_events.mut_or_insert_default().oom_kill = 1;
+        s.io.mut_or_insert_default().usage.push(Default::default());
+        let any = containerd_shim::util::convert_to_any(Box::new(to_metrics(&s))).expect("any");
+        assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
+        let m = cg2::Metrics::parse_from_bytes(&any.value).expect("decodes");
+        assert_eq!(m.pids.current, 3);
+        assert_eq!(m.cpu.usage_usec, 1234);
+        assert_eq!((m.memory.usage, m.memory.usage_limit), (8 << 20, 32 << 20));
+        assert_eq!(m.memory_events.oom_kill, 1);
+        assert_eq!(m.io.usage.len(), 1);
+        // nothing reported, nothing made up
+        let empty = to_metrics(&Default::default());
+        assert!(empty.pids.is_none() && empty.memory.is_none() && empty.cpu.is_none());
     }
 
     #[test]

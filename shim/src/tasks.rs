@@ -93,6 +93,8 @@ pub enum ProcState {
     Created,
     /// Running.
     Running,
+    /// Frozen by `pause` (the container's init only).
+    Paused,
     /// Exited.
     Stopped,
 }
@@ -103,6 +105,7 @@ impl ProcState {
         match self {
             ProcState::Created => "created",
             ProcState::Running => "running",
+            ProcState::Paused => "paused",
             ProcState::Stopped => "stopped",
         }
     }
@@ -183,6 +186,21 @@ pub enum Event {
         pid: u32,
         /// How.
         exit: Exit,
+    },
+    /// A container's processes were frozen.
+    Paused {
+        /// Container.
+        id: String,
+    },
+    /// A paused container was thawed.
+    Resumed {
+        /// Container.
+        id: String,
+    },
+    /// The guest kernel's OOM killer killed a process of the container.
+    Oom {
+        /// Container.
+        id: String,
     },
     /// A container was deleted.
     Delete {
@@ -348,7 +366,7 @@ impl Tasks {
     }
 
     /// Creates a container: reads its pod role, creates it through the backend.
-    pub async fn create(&self, req: CreateRequest) -> Result<u32, TaskError> {
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<u32, TaskError> {
         if self.table().contains_key(&req.id) {
             return Err(TaskError::AlreadyExists {
                 kind: "container",
@@ -369,6 +387,9 @@ impl Tasks {
         })
         .await?;
         tracing::info!(id = %req.id, ?role, "created");
+        if role.owns_vm() {
+            self.watch_oom(agent.clone(), &req.id);
+        }
         let container = Container {
             bundle: req.bundle.clone(),
             role,
@@ -494,6 +515,112 @@ impl Tasks {
         self.watch(agent, id, exec_id, pid, io);
         tracing::info!(process = %name, pid, "started");
         Ok(pid)
+    }
+
+    /// Forwards the OOM kills the agent of a new VM reports, for as long as it answers
+    /// (the call fails once the VM is gone).
+    fn watch_oom(self: &Arc<Self>, agent: Arc<dyn AgentApi>, vm: &str) {
+        let me = Arc::downgrade(self);
+        let vm = vm.to_owned();
+        std::thread::spawn(move || {
+            loop {
+                match agent.next_oom_event() {
+                    Ok(cid) => {
+                        let Some(me) = me.upgrade() else { return };
+                        if me.table().contains_key(&cid) {
+                            tracing::info!(id = %cid, "OOM kill in the guest");
+                            me.emit(Event::Oom { id: cid });
+                        } else {
+                            tracing::debug!(id = %cid, "OOM kill in a container not ours");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(vm, error = %e, "OOM events end");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The agent of a container whose init is in one of `states`.
+    fn agent_in(
+        &self,
+        id: &str,
+        op: &'static str,
+        states: &[ProcState],
+    ) -> Result<Arc<dyn AgentApi>, TaskError> {
+        let table = self.table();
+        let c = table.get(id).ok_or_else(|| TaskError::NotFound {
+            kind: "container",
+            id: id.to_owned(),
+        })?;
+        if !states.contains(&c.init.state) {
+            return Err(TaskError::WrongState {
+                op,
+                id: id.to_owned(),
+                state: c.init.state.as_str(),
+            });
+        }
+        Ok(c.agent.clone())
+    }
+
+    /// Moves a container's init from `from` to `to` unless it changed meanwhile (exited).
+    fn transition(&self, id: &str, from: ProcState, to: ProcState) -> bool {
+        let mut table = self.table();
+        match table.get_mut(id) {
+            Some(c) if c.init.state == from => {
+                c.init.state = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Freezes every process of a running container.
+    pub async fn pause(&self, id: &str) -> Result<(), TaskError> {
+        let agent = self.agent_in(id, "pause", &[ProcState::Running])?;
+        agent_call(agent, id, "", |a, c, _| a.pause(c)).await?;
+        if self.transition(id, ProcState::Running, ProcState::Paused) {
+            self.emit(Event::Paused { id: id.to_owned() });
+        }
+        Ok(())
+    }
+
+    /// Thaws a paused container.
+    pub async fn resume(&self, id: &str) -> Result<(), TaskError> {
+        let agent = self.agent_in(id, "resume", &[ProcState::Paused])?;
+        agent_call(agent, id, "", |a, c, _| a.resume(c)).await?;
+        if self.transition(id, ProcState::Paused, ProcState::Running) {
+            self.emit(Event::Resumed { id: id.to_owned() });
+        }
+        Ok(())
+    }
+
+    /// Applies an OCI `linux.resources` object (JSON) to a container.
+    pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<(), TaskError> {
+        let agent = self.agent_in(
+            id,
+            "update",
+            &[ProcState::Created, ProcState::Running, ProcState::Paused],
+        )?;
+        agent_call(agent, id, "", move |a, c, _| {
+            a.update_resources(c, &resources_json)
+        })
+        .await
+    }
+
+    /// The container's cgroup statistics.
+    pub async fn stats(
+        &self,
+        id: &str,
+    ) -> Result<carapace_runtime::agent::ContainerStats, TaskError> {
+        let agent = self.agent_in(
+            id,
+            "read the statistics of",
+            &[ProcState::Created, ProcState::Running, ProcState::Paused],
+        )?;
+        agent_call(agent, id, "", |a, c, _| a.stats(c)).await
     }
 
     /// Streams a started process's stdio until it exits, then records the exit and sends
@@ -644,11 +771,11 @@ impl Tasks {
                 kind: "container",
                 id: id.to_owned(),
             })?;
-            if c.init.state == ProcState::Running {
+            if matches!(c.init.state, ProcState::Running | ProcState::Paused) {
                 return Err(TaskError::WrongState {
                     op: "delete",
                     id: id.to_owned(),
-                    state: "running",
+                    state: c.init.state.as_str(),
                 });
             }
             let exit = *c.init.exit.borrow();

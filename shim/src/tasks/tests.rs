@@ -22,6 +22,7 @@ struct FakeProc {
     stdout: VecDeque<u8>,
     exit: Option<ExitInfo>,
     echo: bool,
+    paused: bool,
 }
 
 #[derive(Default)]
@@ -30,6 +31,11 @@ struct FakeAgent {
     procs: Mutex<HashMap<String, FakeProc>>,
     changed: Condvar,
     next_pid: Mutex<u32>,
+    /// `update_resources` calls: container and JSON.
+    updates: Mutex<Vec<(String, String)>>,
+    /// OOM kills to report, in order.
+    ooms: Mutex<VecDeque<String>>,
+    oom_added: Condvar,
 }
 
 fn key(cid: &str, exec_id: &str) -> String {
@@ -185,6 +191,35 @@ impl AgentApi for FakeAgent {
     }
     fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
         Ok(())
+    }
+    fn pause(&self, cid: &str) -> Result<(), AgentError> {
+        self.with(&key(cid, ""), |p| p.paused = true)
+    }
+    fn resume(&self, cid: &str) -> Result<(), AgentError> {
+        self.with(&key(cid, ""), |p| p.paused = false)
+    }
+    fn update_resources(&self, cid: &str, json: &[u8]) -> Result<(), AgentError> {
+        self.updates
+            .lock()
+            .expect("lock")
+            .push((cid.into(), String::from_utf8_lossy(json).into_owned()));
+        Ok(())
+    }
+    fn stats(&self, cid: &str) -> Result<carapace_runtime::agent::ContainerStats, AgentError> {
+        let pids = self.list_processes(cid)?.len() as u64;
+        let mut s = carapace_runtime::agent::ContainerStats::default();
+        s.pids.mut_or_insert_default().current = pids;
+        s.memory.mut_or_insert_default().usage = 4096 * pids;
+        Ok(s)
+    }
+    fn next_oom_event(&self) -> Result<String, AgentError> {
+        let mut q = self.ooms.lock().expect("lock");
+        loop {
+            if let Some(id) = q.pop_front() {
+                return Ok(id);
+            }
+            q = self.oom_added.wait(q).expect("wait");
+        }
     }
 }
 
@@ -488,6 +523,7 @@ async fn exec_is_registered_then_started_with_stdin_echoed_until_eof() {
             Event::ExecStarted { .. } => "exec-started",
             Event::Exit { .. } => "exit",
             Event::Delete { .. } => "delete",
+            Event::Paused { .. } | Event::Resumed { .. } | Event::Oom { .. } => "other",
         });
     }
     assert_eq!(
@@ -660,4 +696,138 @@ async fn a_sandbox_without_containers_left_stops_its_vm_at_once() {
     assert!(f.tasks.is_empty());
     let calls = f.backend.calls.lock().expect("lock").clone();
     assert_eq!(calls.last().map(String::as_str), Some("delete p2 Sandbox"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_update_and_stats_reach_the_agent_with_their_events() {
+    let mut f = fixture();
+    f.tasks
+        .create(f.request("c5", StdioPaths::default()))
+        .await
+        .expect("create");
+    let err = f.tasks.pause("c5").await.expect_err("not started");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "created",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    f.tasks.start("c5", "").await.expect("start");
+    f.tasks.pause("c5").await.expect("pause");
+    assert!(f.backend.agent.procs.lock().expect("lock")["c5/"].paused);
+    assert_eq!(
+        f.tasks.state("c5", "").expect("state").state,
+        ProcState::Paused
+    );
+    let err = f.tasks.pause("c5").await.expect_err("paused twice");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "paused",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = f.tasks.delete("c5", "").await.expect_err("paused");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "paused",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    f.tasks.resume("c5").await.expect("resume");
+    assert!(!f.backend.agent.procs.lock().expect("lock")["c5/"].paused);
+    assert_eq!(
+        f.tasks.state("c5", "").expect("state").state,
+        ProcState::Running
+    );
+    let err = f.tasks.resume("c5").await.expect_err("not paused");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "running",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let json = br#"{"memory":{"limit":33554432}}"#.to_vec();
+    f.tasks.update("c5", json).await.expect("update");
+    assert_eq!(
+        f.backend.agent.updates.lock().expect("lock").clone(),
+        [(
+            "c5".to_owned(),
+            r#"{"memory":{"limit":33554432}}"#.to_owned()
+        )]
+    );
+    let stats = f.tasks.stats("c5").await.expect("stats");
+    assert_eq!(stats.pids.current, 1);
+    assert_eq!(stats.memory.usage, 4096);
+    assert!(matches!(
+        f.tasks.stats("nope").await,
+        Err(TaskError::NotFound { .. })
+    ));
+
+    f.tasks.kill("c5", "", 9, false).await.expect("kill");
+    f.tasks.wait("c5", "").await.expect("wait");
+    let err = f
+        .tasks
+        .update("c5", b"{}".to_vec())
+        .await
+        .expect_err("stopped");
+    assert!(
+        matches!(
+            err,
+            TaskError::WrongState {
+                state: "stopped",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut names = Vec::new();
+    while let Ok(ev) = f.events.try_recv() {
+        names.push(match ev {
+            Event::Paused { .. } => "paused",
+            Event::Resumed { .. } => "resumed",
+            Event::Exit { .. } => "exit",
+            Event::Create { .. } => "create",
+            Event::Start { .. } => "start",
+            _ => "other",
+        });
+    }
+    assert_eq!(names, ["create", "start", "paused", "resumed", "exit"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oom_kills_the_agent_reports_become_oom_events_of_our_containers() {
+    let mut f = fixture();
+    f.tasks
+        .create(f.request("c6", StdioPaths::default()))
+        .await
+        .expect("create");
+    assert!(matches!(f.next_event().await, Event::Create { .. }));
+    {
+        let mut q = f.backend.agent.ooms.lock().expect("lock");
+        q.push_back("not-ours".into());
+        q.push_back("c6".into());
+    }
+    f.backend.agent.oom_added.notify_all();
+    assert_eq!(f.next_event().await, Event::Oom { id: "c6".into() });
+    assert!(
+        f.events.try_recv().is_err(),
+        "nothing for a container not ours"
+    );
 }
