@@ -296,3 +296,104 @@ fn pod_containers_share_one_sandbox_and_a_volume() {
     assert!(vol.join("f").exists(), "the volume's files stay");
 }
 }
+
+/// Sets a task's memory limit through the shim's ttrpc Task API, as containerd's Update
+/// does (the OCI LinuxResources as JSON in an Any): ctr 1.6 has no `task update`.
+fn update_memory_limit(w: &World, id: &str, bytes: u64) -> Result<(), String> {
+    use containerd_shim::protos::api;
+    use containerd_shim::protos::shim_async::{Client, TaskClient};
+    let socket = containerd_shim::socket_address(
+        &w.ctrd().socket().display().to_string(),
+        carapace_tests::containerd::TEST_NAMESPACE,
+        id,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = Client::connect(&socket).await.map_err(|e| format!("{socket}: {e}"))?;
+        let mut resources = containerd_shim::protos::protobuf::well_known_types::any::Any::new();
+        resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
+        resources.value = serde_json::to_vec(&serde_json::json!({"memory": {"limit": bytes}}))
+            .map_err(|e| e.to_string())?;
+        let req = api::UpdateTaskRequest {
+            id: id.to_owned(),
+            resources: containerd_shim::protos::protobuf::MessageField::some(resources),
+            ..Default::default()
+        };
+        TaskClient::new(client)
+            .update(containerd_shim::protos::ttrpc::context::with_timeout(10_000_000_000), &req)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// The value of `key` in `ctr task metrics` table output.
+fn metric(table: &str, key: &str) -> Option<u64> {
+    table.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some(key)).then(|| f.next()?.parse().ok())?
+    })
+}
+
+carapace_tests::cgroup2_test! {
+/// `ctr task pause/resume/update/metrics` reach the container's cgroup through the agent,
+/// and an OOM kill in a container becomes a TaskOOM event.
+#[lab(carapace_tests::lab::Lab::new().timeout(std::time::Duration::from_secs(900)))]
+fn pause_resume_update_metrics_and_oom_events() {
+    assert!(carapace_tests::is_root(), "this test needs root (containerd, mounts, namespaces)");
+    let w = World::new();
+    let status = |id: &str| {
+        let ls = w.ctr(&["task", "ls"]).unwrap_or_else(|e| w.fail("task ls", e));
+        ls.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    w.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "p1", "sleep", "600"])
+        .unwrap_or_else(|e| w.fail("ctr run -d", e));
+    w.ctr(&["task", "pause", "p1"]).unwrap_or_else(|e| w.fail("pause", e));
+    assert_eq!(status("p1"), "PAUSED");
+    w.ctr(&["task", "resume", "p1"]).unwrap_or_else(|e| w.fail("resume", e));
+    assert_eq!(status("p1"), "RUNNING");
+
+    update_memory_limit(&w, "p1", 33554432).unwrap_or_else(|e| w.fail("shim Update", e));
+    let table = w.ctr(&["task", "metrics", "p1"]).unwrap_or_else(|e| w.fail("metrics", e));
+    assert_eq!(metric(&table, "memory.usage_limit"), Some(33554432), "{table}");
+    assert!(metric(&table, "pids.current").is_some_and(|n| n >= 1), "{table}");
+    assert!(metric(&table, "memory.usage").is_some_and(|n| n > 0), "{table}");
+    w.ctr(&["task", "kill", "-s", "SIGKILL", "p1"]).unwrap_or_else(|e| w.fail("kill", e));
+    wait_stopped(&w, "p1");
+    w.ctr(&["task", "delete", "p1"]).unwrap_or_else(|e| w.fail("task delete", e));
+    w.ctr(&["container", "delete", "p1"]).unwrap_or_else(|e| w.fail("container delete", e));
+
+    // an OOM kill: a shell holding more than its 16 MiB in a variable
+    let mut events = w
+        .ctrd()
+        .ctr_command()
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctr events");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let hog = "a=$(head -c 200000000 /dev/zero | tr '\\000' a); echo survived";
+    let r = w.ctr(&[
+        "run", "--rm", "--runtime", RUNTIME, "--memory-limit", "16777216", IMAGE, "oom1", "sh",
+        "-c", hog,
+    ]);
+    assert!(
+        matches!(r, Err(ContainerdError::Ctr { status: Some(137), .. })),
+        "the hog is OOM-killed: {r:?}"
+    );
+    let _ = events.kill();
+    let out = events.wait_with_output().expect("ctr events output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.contains("/tasks/oom") && l.contains("oom1")),
+        "no TaskOOM event for oom1:\n{text}"
+    );
+}
+}
