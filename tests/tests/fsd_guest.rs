@@ -120,8 +120,28 @@ timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem,acpi=off -accel kv
   -chardev socket,id=fs0,path="$w/fs.sock" \
   -device vhost-user-fs-device,chardev=fs0,tag=shared,queue-size=1024 \
   -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 reboot=t $extra" \
-  </dev/null 2>"$w/qemu.err" | tr -d '\r' | sed 's/^/SERIAL /'
-echo "HOST qemu-exit ${PIPESTATUS[0]}"
+  </dev/null 2>"$w/qemu.err" >"$w/serial.raw" &
+qpid=$!
+# Stall detector: no console output for $stall_after s means the guest waits on something
+# that will not come; record what the daemon's threads wait on, then end QEMU.
+stall_after=420 last=-1 still=0
+while kill -0 $qpid 2>/dev/null; do
+  sleep 5
+  size=$(stat -c %s "$w/serial.raw")
+  if [[ $size == "$last" ]]; then still=$((still + 5)); else still=0; last=$size; fi
+  if (( still >= stall_after )); then
+    echo "HOST stall no console output for ${still}s"
+    for t in /proc/$fsdpid/task/*; do
+      echo "HOST stall fsd-thread $(cat $t/comm) wchan=$(cat $t/wchan) $(tr '\n' ' ' < $t/stack 2>/dev/null)"
+    done
+    kill $qpid
+    break
+  fi
+done
+wait $qpid
+qrc=$?
+tr -d '\r' < "$w/serial.raw" | sed 's/^/SERIAL /'
+echo "HOST qemu-exit $qrc"
 for _ in $(seq 1 100); do kill -0 $fsdpid 2>/dev/null || break; sleep 0.1; done
 if kill -0 $fsdpid 2>/dev/null; then echo "HOST fsd-exit still-running"; kill $fsdpid; else wait $fsdpid; echo "HOST fsd-exit $?"; fi
 sed 's/^/QEMU /' "$w/qemu.err"; sed 's/^/FSD /' "$w/fsd.log"
@@ -166,6 +186,19 @@ fn conformance_and_escapes_through_a_real_guest() {
         .expect("running QEMU where KVM can boot guests");
     let all = format!("{}\n{}", out.stdout, out.stderr);
     println!("{all}");
+    // carapace-fsd's watchdog logs a lost notification it recovered from (the guest
+    // would have waited forever): not a failure of the file system, but worth seeing.
+    let recovered: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("FSD ")
+                && (l.contains("without a kick") || l.contains("signalling again"))
+        })
+        .collect();
+    if !recovered.is_empty() {
+        eprintln!("lost notifications recovered by carapace-fsd's watchdog: {recovered:#?}");
+    }
     let host = |key: &str| -> String {
         out.stdout
             .lines()

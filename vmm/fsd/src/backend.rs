@@ -8,6 +8,8 @@
 //! sends grows daemon memory without bound.
 
 use std::io;
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,14 +20,18 @@ use fsd_fuse_backend_rs::api::server::Server;
 use fsd_fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use fsd_vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use fsd_vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use fsd_virtio_queue::{DescriptorChain, QueueOwnedT};
-use fsd_vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use fsd_virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use fsd_vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Guest memory as the vhost-user library hands it to us.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -36,6 +42,8 @@ type Chain = DescriptorChain<MemGuard>;
 pub const NUM_QUEUES: usize = 2;
 /// Largest queue the driver may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Epoll token of the watchdog timer (the library uses `NUM_QUEUES` for its exit event).
+pub const WATCHDOG_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// Errors of the vhost-user device.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +97,17 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
+    /// The watchdog timer could not be read.
+    #[error("cannot read the watchdog timer")]
+    Watchdog(#[source] io::Error),
+    /// Guest memory holding a ring could not be read.
+    #[error("queue {queue}: cannot read the ring's {field} in guest memory")]
+    RingMemory {
+        /// Queue index.
+        queue: u16,
+        /// Which field.
+        field: &'static str,
+    },
     /// The exit event could not be created.
     #[error("cannot create the queue thread's exit event")]
     ExitEvent(#[source] io::Error),
@@ -129,6 +148,23 @@ pub struct FsBackend<F: FileSystem + Send + Sync> {
     /// Tells the queue thread to stop; the library signals it when the frontend is gone
     /// and joins the thread (without it the daemon would hang on exit).
     exit: (EventConsumer, EventNotifier),
+    /// Periodic timer on the queue thread's epoll (see [`FsBackend::with_watchdog`]).
+    watchdog: Option<Mutex<TimerFd>>,
+    /// Per queue, what the last watchdog tick saw.
+    watched: Mutex<[RingSnapshot; NUM_QUEUES]>,
+}
+
+/// Ring positions seen by one watchdog tick.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RingSnapshot {
+    /// The driver's avail index.
+    avail: u16,
+    /// Our next avail position (requests taken).
+    next_avail: u16,
+    /// Our used index (replies published).
+    next_used: u16,
+    /// The driver's used_event (EVENT_IDX: where it wants its next interrupt).
+    used_event: u16,
 }
 
 impl<F: FileSystem + Send + Sync> std::fmt::Debug for FsBackend<F> {
@@ -169,7 +205,114 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
             mem: RwLock::new(None),
             pool,
             exit,
+            watchdog: None,
+            watched: Mutex::new([RingSnapshot::default(); NUM_QUEUES]),
         })
+    }
+
+    /// Adds a watchdog: `timer` (armed periodically by the caller, created before the
+    /// seccomp filter) is registered on the queue thread's epoll with [`WATCHDOG_EVENT`].
+    /// On each tick, a queue whose rings did not move since the previous tick is checked
+    /// for a lost notification in either direction: requests the driver published that
+    /// no kick announced are served, and with EVENT_IDX, replies past the driver's
+    /// `used_event` that it has not consumed are signalled again. Both are logged as
+    /// warnings: they mean a notification was lost somewhere (frontend, guest or here),
+    /// and the guest would otherwise wait forever.
+    pub fn with_watchdog(mut self, timer: TimerFd) -> Self {
+        self.watchdog = Some(Mutex::new(timer));
+        self
+    }
+
+    /// The watchdog timer's fd, to register with the library's epoll handler.
+    pub fn watchdog_fd(&self) -> Option<RawFd> {
+        self.watchdog
+            .as_ref()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd())
+    }
+
+    fn snapshot(
+        queue: u16,
+        mem: &MemGuard,
+        vring: &VringRwLock<Mem>,
+    ) -> Result<Option<RingSnapshot>, BackendError> {
+        let guard = vring.get_ref();
+        let q = guard.get_queue();
+        if !q.ready() {
+            return Ok(None);
+        }
+        let avail = q
+            .avail_idx(&**mem, Ordering::Acquire)
+            .map_err(|source| BackendError::Queue { queue, source })?;
+        // used_event sits after the avail ring's entries.
+        let at = q.avail_ring() + 4 + 2 * u64::from(q.size());
+        let used_event: u16 =
+            mem.read_obj(GuestAddress(at))
+                .map_err(|_| BackendError::RingMemory {
+                    queue,
+                    field: "used_event",
+                })?;
+        Ok(Some(RingSnapshot {
+            avail: avail.0,
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            used_event: u16::from_le(used_event),
+        }))
+    }
+
+    fn watchdog_tick(&self, vrings: &[VringRwLock<Mem>]) -> Result<(), BackendError> {
+        if let Some(t) = &self.watchdog {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .wait()
+                .map_err(|e| BackendError::Watchdog(io::Error::from_raw_os_error(e.errno())))?;
+        }
+        let Some(mem) = self
+            .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(GuestMemoryAtomic::memory)
+        else {
+            return Ok(());
+        };
+        let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
+        for (i, vring) in vrings.iter().enumerate().take(NUM_QUEUES) {
+            let queue = i as u16;
+            let Some(now) = Self::snapshot(queue, &mem, vring)? else {
+                continue;
+            };
+            let before = std::mem::replace(
+                &mut self.watched.lock().unwrap_or_else(|p| p.into_inner())[i],
+                now,
+            );
+            if now != before {
+                continue;
+            }
+            let waiting = (Wrapping(now.avail) - Wrapping(now.next_avail)).0;
+            if waiting != 0 {
+                tracing::warn!(
+                    queue,
+                    waiting,
+                    "requests published without a kick for a whole tick; serving them"
+                );
+                self.process_queue(queue, vring)?;
+            }
+            // The driver asked for an interrupt at used_event, which we passed, and did
+            // not consume since: it never got (or lost) that interrupt.
+            let unseen = (Wrapping(now.next_used) - Wrapping(now.used_event)).0;
+            if event_idx && unseen != 0 && unseen < 0x8000 {
+                tracing::warn!(
+                    queue,
+                    used = now.next_used,
+                    used_event = now.used_event,
+                    "replies not consumed by the guest for a whole tick; signalling again"
+                );
+                vring
+                    .signal_used_queue()
+                    .map_err(|source| BackendError::Signal { queue, source })?;
+            }
+        }
+        Ok(())
     }
 
     fn process_queue(&self, queue: u16, vring: &VringRwLock<Mem>) -> Result<(), BackendError> {
@@ -332,6 +475,10 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsBackend<F> {
         vrings: &[Self::Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        if device_event == WATCHDOG_EVENT && self.watchdog.is_some() {
+            self.watchdog_tick(vrings)?;
+            return Ok(());
+        }
         if evset != EventSet::IN {
             return Err(BackendError::BadEvent {
                 queue: device_event,

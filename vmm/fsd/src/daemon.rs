@@ -8,8 +8,15 @@ use fsd_fuse_backend_rs::passthrough::PassthroughFs;
 use fsd_vhost::vhost_user::{Error as VhostUserError, Listener};
 use fsd_vhost_user_backend::VhostUserDaemon;
 use fsd_vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{BackendError, FsBackend};
+/// Period of the lost-notification watchdog (see `FsBackend::with_watchdog`): long enough
+/// that a slow but live guest never trips it, short enough that a lost notification
+/// costs seconds, not a hung guest.
+pub const WATCHDOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+use crate::backend::{BackendError, FsBackend, WATCHDOG_EVENT};
 use crate::config::{ConfigError, FsConfig, SandboxMode};
 use crate::guard::GuardedFs;
 use crate::sandbox::{self, SandboxError};
@@ -109,11 +116,26 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if namespace {
         sandbox::pivot_into(&cfg.shared_dir).map_err(DaemonError::Sandbox)?;
     }
+    // Created and armed before seccomp, which then only needs read() on it.
+    let watchdog = TimerFd::new()
+        .and_then(|mut t| {
+            t.reset(WATCHDOG_PERIOD, Some(WATCHDOG_PERIOD))?;
+            Ok(t)
+        })
+        .map_err(|e| {
+            DaemonError::Backend(BackendError::Watchdog(io::Error::from_raw_os_error(
+                e.errno(),
+            )))
+        })?;
     // Before any thread exists, so every thread inherits the restrictions.
     sandbox::restrict().map_err(DaemonError::Sandbox)?;
 
-    let backend =
-        Arc::new(FsBackend::new(Arc::new(fs), cfg.thread_pool_size).map_err(DaemonError::Backend)?);
+    let backend = Arc::new(
+        FsBackend::new(Arc::new(fs), cfg.thread_pool_size)
+            .map_err(DaemonError::Backend)?
+            .with_watchdog(watchdog),
+    );
+    let watchdog_fd = backend.watchdog_fd();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon =
         VhostUserDaemon::new("carapace-fsd".to_string(), backend, mem).map_err(|e| {
@@ -122,6 +144,14 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 message: e.to_string(),
             }
         })?;
+    if let (Some(fd), Some(handler)) = (watchdog_fd, daemon.get_epoll_handlers().first()) {
+        handler
+            .register_listener(fd, EventSet::IN, u64::from(WATCHDOG_EVENT))
+            .map_err(|e| DaemonError::VhostUser {
+                step: "watchdog registration",
+                message: e.to_string(),
+            })?;
+    }
     tracing::info!(
         socket = %opts.socket_path.display(),
         shared_dir = %cfg.shared_dir.display(),

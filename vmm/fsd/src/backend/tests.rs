@@ -56,9 +56,13 @@ impl Rig {
         assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let call = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        // Only the request queue (1) is set up; the hiprio queue stays not ready.
         let vrings: Vec<_> = (0..NUM_QUEUES)
-            .map(|_| {
+            .map(|i| {
                 let v = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+                if i == 0 {
+                    return v;
+                }
                 v.set_queue_info(desc.raw_value(), avail.raw_value(), used.raw_value())
                     .unwrap();
                 v.set_queue_size(QUEUE_SIZE);
@@ -385,4 +389,58 @@ fn event_idx_rearms_the_avail_event_after_a_batch() {
     assert_eq!(avail_event, 3);
     // used_event is 0: only the first completion crossed it, one signal for the batch.
     assert_eq!(rig.calls(), 1);
+}
+
+fn expired_timer() -> vmm_sys_util::timerfd::TimerFd {
+    let mut t = vmm_sys_util::timerfd::TimerFd::new().unwrap();
+    t.reset(Duration::from_nanos(1), Some(Duration::from_nanos(1)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1));
+    t
+}
+
+fn tick<F: FileSystem + Send + Sync + 'static>(rig: &Rig, backend: &FsBackend<F>) {
+    backend
+        .handle_event(super::WATCHDOG_EVENT, EventSet::IN, &rig.vrings, 0)
+        .unwrap();
+}
+
+#[test]
+fn watchdog_serves_requests_that_no_kick_announced() {
+    let mut rig = Rig::new();
+    let gate = Arc::new(Gate::new(1, Duration::ZERO));
+    let backend = backend_for(&rig, gate, 0, true).with_watchdog(expired_timer());
+    assert!(backend.watchdog_fd().is_some());
+    rig.push(Opcode::Getattr, 1, &getattr_body());
+    // The kick is lost: only ticks run. The first one only takes a snapshot; a request
+    // still waiting, unchanged, at the next one is served.
+    tick(&rig, &backend);
+    assert_eq!(rig.used_idx(), 0);
+    tick(&rig, &backend);
+    assert_eq!(rig.used_idx(), 1);
+    let (h, _): (OutHeader, [u8; 16]) = rig.reply(0);
+    assert_eq!((h.error, h.unique), (0, 1));
+}
+
+#[test]
+fn watchdog_signals_again_when_the_guest_did_not_consume_replies() {
+    let mut rig = Rig::new();
+    let gate = Arc::new(Gate::new(1, Duration::ZERO));
+    let backend = backend_for(&rig, gate, 0, true).with_watchdog(expired_timer());
+    rig.push(Opcode::Getattr, 1, &getattr_body());
+    rig.kick(&backend);
+    assert_eq!((rig.used_idx(), rig.calls()), (1, 1));
+    // The interrupt got lost: used_event stays 0 while the used index is 1.
+    tick(&rig, &backend);
+    assert_eq!(rig.calls(), 0);
+    tick(&rig, &backend);
+    assert_eq!(rig.calls(), 1, "no second signal");
+    // Once the driver consumed it (used_event = 1), ticks stay quiet.
+    let used_event_at = rig.avail.unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
+    rig.mem.write_obj(1u16, used_event_at).unwrap();
+    tick(&rig, &backend);
+    tick(&rig, &backend);
+    tick(&rig, &backend);
+    assert_eq!(rig.calls(), 0);
+    assert_eq!(rig.used_idx(), 1);
 }
