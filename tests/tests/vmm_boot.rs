@@ -950,3 +950,72 @@ fn vmm_shutdown_asks_guest_with_ctrl_alt_del() {
         || shutdown_asks_guest(&f),
     );
 }
+
+/// A bzImage for the fallback boot path: Debian's cloud kernel from the guest-image cache
+/// (tests/tests/guest_image.rs fetches it), else the lab's own Debian kernel, else the host's.
+fn debian_bzimage() -> PathBuf {
+    let mut candidates = vec![Path::new(image::DEFAULT_CACHE_DIR).join("reference/vmlinuz-cloud")];
+    for dir in ["/var/cache/carapace-lab", "/boot"] {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .flat_map(|p| [p.join("vmlinuz"), p])
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz"))
+            })
+            .collect();
+        found.sort();
+        candidates.extend(found);
+    }
+    candidates
+        .into_iter()
+        .find(|p| {
+            let mut hdr = [0u8; 0x206];
+            std::fs::File::open(p)
+                .and_then(|mut f| f.read_exact(&mut hdr))
+                .is_ok()
+                && &hdr[0x202..0x206] == b"HdrS"
+        })
+        .expect(
+            "no bzImage found (Debian cloud kernel in the guest-image cache, the lab kernel \
+             in /var/cache/carapace-lab, or /boot/vmlinuz-*)",
+        )
+}
+
+fn bzimage_boot(f: &Fixture) {
+    let kernel = debian_bzimage();
+    let bz = Fixture {
+        kernel: kernel.clone(),
+        ..f.clone()
+    };
+    let mut vm = Vmm::start(
+        &bz,
+        tempfile::tempdir().expect("tempdir"),
+        "cpus,poweroff",
+        &[],
+    );
+    // A stock distribution kernel probes far more than ours: allow a slow lab.
+    let code = vm.wait_exit(Duration::from_secs(600));
+    let serial = vm.serial();
+    assert!(
+        serial.contains("vmm-guest-test: ready") && serial.contains("cpus online=0"),
+        "bzImage {} did not reach our /init:\n{serial}\nvmm:\n{}",
+        kernel.display(),
+        vm.log()
+    );
+    assert_eq!(code, 0, "{}", vm.log());
+}
+
+/// The bzImage fallback (64-bit boot protocol, zero page) boots a stock Debian kernel to
+/// our /init, which powers off.
+#[test]
+fn vmm_bzimage_fallback_boot() {
+    let f = Fixture::get();
+    in_kvm(module_path!(), "vmm_bzimage_fallback_boot", f.lab(), || {
+        bzimage_boot(&f)
+    });
+}

@@ -241,6 +241,8 @@ struct NetLoop {
     rx_buf: Vec<u8>,
     rx_len: Option<usize>,
     tap_polled: bool,
+    /// Reading the tap failed for good (not EAGAIN): RX is off.
+    tap_broken: bool,
     tx_buf: Vec<u8>,
 }
 
@@ -278,8 +280,17 @@ impl NetLoop {
                 None => match self.tap.read_frame(&mut self.rx_buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        tracing::warn!(error = %e, tap = self.tap.name(), "tap read failed");
+                        // E.g. the interface was deleted: stop polling it (it would stay
+                        // readable/errored forever) instead of spinning; TX keeps counting
+                        // errors.
+                        tracing::warn!(error = %e, tap = self.tap.name(), "tap read failed, RX stops");
+                        self.tap_broken = true;
+                        if self.tap_polled {
+                            let _ = ep.remove(self.tap.as_raw_fd());
+                            self.tap_polled = false;
+                        }
                         break;
                     }
                 },
@@ -310,6 +321,7 @@ impl NetLoop {
         }
         if self.rx_len.is_none()
             && !self.tap_polled
+            && !self.tap_broken
             && ep
                 .add(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN)
                 .is_ok()
@@ -360,6 +372,7 @@ impl VirtioDevice for Net {
             rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             rx_len: None,
             tap_polled: false,
+            tap_broken: false,
             tx_buf: Vec::new(),
         };
         let (rx_evt, tx_evt) = (rxq.event, txq.event);
