@@ -16,6 +16,8 @@ PACKAGES=(
   protobuf-compiler
   # container peers and tooling for end-to-end tests and benchmarks (pgrep: procps)
   containerd runc iproute2 e2fsprogs procps
+  # the Debian-root test image (tests: fixtures::debian_rootfs) and pty-backed ctr -t (script)
+  debootstrap bsdutils
 )
 
 SUDO=""

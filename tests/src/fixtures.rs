@@ -195,6 +195,112 @@ pub fn busybox_bundle(dir: &Path, spec: &Value) -> Result<PathBuf, FixtureError>
     Ok(dir.to_path_buf())
 }
 
+/// The Debian release of the Debian-root fixture.
+pub const DEBIAN_SUITE: &str = "bookworm";
+/// Where the Debian-root fixture is fetched from (override: `CARAPACE_DEBIAN_MIRROR`).
+pub const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+/// Paths dropped from the Debian root to keep the image small (documentation, locales,
+/// apt's downloaded lists and packages).
+const DEBIAN_STRIP: &[&str] = &[
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "var/cache/apt",
+    "var/lib/apt/lists",
+];
+
+/// A small Debian root file system (`debootstrap --variant=minbase`) as an uncompressed,
+/// owner-neutral tar, built once and cached by content of its inputs (suite, mirror,
+/// stripped paths) under `CARAPACE_FIXTURE_CACHE` (default `/var/cache/carapace/fixtures`):
+/// a warm call is a file check. Needs root and the Debian mirror the first time (a few
+/// minutes; progress on stderr). Returns the tar's path.
+pub fn debian_rootfs_tar() -> Result<PathBuf, FixtureError> {
+    let mirror = std::env::var("CARAPACE_DEBIAN_MIRROR")
+        .ok()
+        .or_else(apt_mirror)
+        .unwrap_or_else(|| DEBIAN_MIRROR.into());
+    let cache = std::env::var_os("CARAPACE_FIXTURE_CACHE").map_or_else(
+        || PathBuf::from("/var/cache/carapace/fixtures"),
+        PathBuf::from,
+    );
+    let key = hex::encode(Sha256::digest(
+        format!(
+            "minbase\n{DEBIAN_SUITE}\n{mirror}\n{}",
+            DEBIAN_STRIP.join(",")
+        )
+        .as_bytes(),
+    ));
+    let tar = cache.join(format!("debian-{DEBIAN_SUITE}-minbase-{}.tar", &key[..16]));
+    if tar.is_file() {
+        return Ok(tar);
+    }
+    fs::create_dir_all(&cache).map_err(io("cannot create", &cache))?;
+    let tmp = cache.join(format!("debian-build-{}", std::process::id()));
+    let root = tmp.join("root");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+    eprintln!(
+        "fixtures: building a Debian {DEBIAN_SUITE} minbase root with debootstrap from {mirror} \
+         (a few minutes, once; cached as {})",
+        tar.display()
+    );
+    let built = (|| {
+        run(
+            "debootstrap",
+            Command::new("debootstrap")
+                .args(["--variant=minbase", DEBIAN_SUITE])
+                .arg(&root)
+                .arg(&mirror),
+        )?;
+        for p in DEBIAN_STRIP {
+            let d = root.join(p);
+            let _ = fs::remove_dir_all(&d);
+            fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
+        }
+        let part = tmp.join("root.tar");
+        run(
+            "tar",
+            Command::new("tar")
+                .args(["--sort=name", "--numeric-owner", "--mtime=@0", "-C"])
+                .arg(&root)
+                .arg("-cf")
+                .arg(&part)
+                .arg("."),
+        )?;
+        fs::rename(&part, &tar).map_err(io("cannot move into the cache", &tar))
+    })();
+    // debootstrap mounts /proc and /sys in the target; never recurse into them
+    crate::containerd::unmount_under(&tmp);
+    let _ = fs::remove_dir_all(&tmp);
+    built.map(|()| tar)
+}
+
+/// The Debian mirror apt uses on this machine (the one that is reachable), if any.
+fn apt_mirror() -> Option<String> {
+    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let legacy = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    mirror_in(&deb822, &legacy)
+}
+
+fn mirror_in(deb822: &str, legacy: &str) -> Option<String> {
+    let from_deb822 = deb822
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("URIs:"))
+        .flat_map(str::split_whitespace)
+        .find(|u| u.starts_with("http") && !u.contains("security"));
+    let from_legacy = || {
+        legacy
+            .lines()
+            .map(str::split_whitespace)
+            .filter_map(|mut f| {
+                (f.next() == Some("deb")).then(|| f.find(|w| w.starts_with("http")))?
+            })
+            .find(|u| !u.contains("security"))
+    };
+    from_deb822.or_else(from_legacy).map(str::to_owned)
+}
+
 /// Writes `bytes` as a content-addressed blob of an OCI layout; returns its digest.
 fn put_blob(layout: &Path, bytes: &[u8]) -> Result<String, FixtureError> {
     let hex = hex::encode(Sha256::digest(bytes));
@@ -227,9 +333,6 @@ pub fn oci_image_archive(
     work: &Path,
     out: &Path,
 ) -> Result<PathBuf, FixtureError> {
-    let layout = work.join("layout");
-    let blobs = layout.join("blobs/sha256");
-    fs::create_dir_all(&blobs).map_err(io("cannot create", &blobs))?;
     // One uncompressed layer; sorted, owner-neutral, so equal rootfs give equal digests.
     let layer = run(
         "tar",
@@ -239,7 +342,21 @@ pub fn oci_image_archive(
             .arg(rootfs)
             .args(["-cf", "-", "."]),
     )?;
-    let layer_digest = put_blob(&layout, &layer)?;
+    oci_image_archive_from_layer(&layer, name, cmd, work, out)
+}
+
+/// Like [`oci_image_archive`], from an already built uncompressed layer tar (`layer`).
+pub fn oci_image_archive_from_layer(
+    layer: &[u8],
+    name: &str,
+    cmd: &[&str],
+    work: &Path,
+    out: &Path,
+) -> Result<PathBuf, FixtureError> {
+    let layout = work.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs).map_err(io("cannot create", &blobs))?;
+    let layer_digest = put_blob(&layout, layer)?;
     let config = json!({
         "architecture": "amd64",
         "os": "linux",
@@ -294,6 +411,22 @@ pub fn oci_image_archive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_debian_mirror_is_the_one_apt_uses() {
+        let deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n\
+                      Types: deb\nURIs: http://security.example/debian-security\n";
+        assert_eq!(
+            mirror_in(deb822, "").as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let legacy = "# comment\ndeb [arch=amd64] http://m.example/debian bookworm main\n";
+        assert_eq!(
+            mirror_in("", legacy).as_deref(),
+            Some("http://m.example/debian")
+        );
+        assert_eq!(mirror_in("", ""), None);
+    }
 
     #[test]
     fn bundle_has_a_runnable_rootfs_and_a_spec() {
