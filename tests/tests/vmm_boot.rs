@@ -531,16 +531,51 @@ impl Drop for TapGuard {
     }
 }
 
+#[repr(C)]
+struct TunIfReq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+nix::ioctl_write_ptr_bad!(tun_set_iff, 0x4004_54ca, TunIfReq);
+
+/// Opens a queue of tap `name` as a caller would hand it to the VMM: inheritable (no
+/// O_CLOEXEC), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+fn open_tap_fd(name: &str) -> std::os::fd::RawFd {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    let fd = open("/dev/net/tun", OFlag::O_RDWR, Mode::empty()).expect("open /dev/net/tun");
+    let mut req = TunIfReq {
+        name: [0; 16],
+        flags: 0x0002 | 0x1000 | 0x4000,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `fd` is the tun control device just opened and `req` a live ifreq-sized
+    // struct that TUNSETIFF reads during the call.
+    unsafe { tun_set_iff(fd, &req) }.expect("TUNSETIFF");
+    fd
+}
+
 fn net_both_ways(f: &Fixture) {
     assert!(carapace_tests::is_root(), "needs root (creates a tap)");
     let name = format!("cvmt{}", std::process::id() % 100_000);
     let tap = TapGuard::create(&name, "10.213.77.1/24");
-    let net_arg = format!("tap={},mac=52:54:00:12:34:56", tap.name);
+    // By name (the VMM attaches to the tap) ...
+    net_echo(f, &name, &format!("tap={name},mac=52:54:00:12:34:56"));
+    // ... and through a descriptor opened by the caller, with a virtio-net header.
+    let fd = open_tap_fd(&tap.name);
+    net_echo(f, &name, &format!("fd={fd},mac=52:54:00:12:34:56"));
+    let _ = nix::unistd::close(fd);
+}
+
+fn net_echo(f: &Fixture, name: &str, net_arg: &str) {
     let mut vm = Vmm::start(
         f,
         tempfile::tempdir().expect("tempdir"),
         "net=10.213.77.2/24",
-        &["--net", &net_arg],
+        &["--net", net_arg],
     );
     vm.wait_serial("vmm-guest-test: net");
     let serial = vm.serial();
@@ -577,7 +612,7 @@ fn net_both_ways(f: &Fixture) {
 
     let m = vm.api(r#"{"cmd":"metrics"}"#);
     let n = &m["devices"]["net0"]["device"];
-    assert_eq!(n["tap"], name.as_str(), "{m}");
+    assert_eq!(n["tap"], name, "{m}");
     assert!(n["rx_bytes"].as_u64().unwrap_or(0) >= 1 << 20, "{m}");
     assert!(n["tx_bytes"].as_u64().unwrap_or(0) >= 1 << 20, "{m}");
     assert_eq!(n["tx_bad"], 0, "{m}");
