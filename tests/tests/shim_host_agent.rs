@@ -397,3 +397,76 @@ fn pause_resume_update_metrics_and_oom_events() {
     );
 }
 }
+
+/// Mount points under `dir` (from this process's mountinfo).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+carapace_tests::cgroup2_test! {
+/// A shim killed with SIGKILL: containerd runs `containerd-shim-carapace-v2 ... delete`,
+/// which must stop the sandbox (agent, fs daemon), undo its mounts and remove its state,
+/// for a standalone container and for a pod of two.
+#[lab(carapace_tests::lab::Lab::new().timeout(std::time::Duration::from_secs(900)))]
+fn shim_delete_cleans_up_after_a_killed_shim() {
+    assert!(carapace_tests::is_root(), "this test needs root (containerd, mounts, namespaces)");
+    let agents_before = processes_named("carapace-agent");
+    let fsds_before = processes_named("carapace-fsd");
+    let w = World::new();
+    let vol = w._tmp.path().join("vol");
+    std::fs::create_dir(&vol).expect("volume dir");
+    w.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "k1", "sleep", "600"])
+        .unwrap_or_else(|e| w.fail("ctr run -d k1", e));
+    run_in_pod(&w, "pod2", "sandbox", "pod2", &vol, "exec sleep 600");
+    run_in_pod(&w, "c2", "container", "pod2", &vol, "exec sleep 600");
+    assert_eq!(w.state_entries(), ["c2", "k1", "pod2"]);
+    assert_eq!(processes_named("carapace-agent") - agents_before, 2);
+    assert!(!mounts_under(&w.state).is_empty());
+
+    for grouping in ["k1", "pod2"] {
+        // this containerd's shim (its address is unique to this test), killed by pid
+        let pattern = format!(
+            "containerd-shim-carapace-v2 -namespace {} -id {grouping} -address {}",
+            carapace_tests::containerd::TEST_NAMESPACE,
+            w.ctrd().socket().display()
+        );
+        let out = Command::new("pgrep").args(["-f", &pattern]).output().expect("pgrep");
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        assert_eq!(pids.len(), 1, "one shim for {grouping}: {pids:?}");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL)
+            .expect("kill -9 the shim");
+    }
+    // containerd sees the shims gone and runs `shim delete` for each task
+    let mut left = (Vec::new(), 0, 0, Vec::new());
+    for _ in 0..300 {
+        left = (
+            w.state_entries(),
+            processes_named("carapace-agent").saturating_sub(agents_before),
+            processes_named("carapace-fsd").saturating_sub(fsds_before),
+            mounts_under(&w.state),
+        );
+        if left == (Vec::new(), 0, 0, Vec::new()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if left != (Vec::new(), 0, 0, Vec::new()) {
+        w.fail("left after the shims were killed (state, agents, fs daemons, mounts)", format!("{left:?}"));
+    }
+    for id in ["k1", "c2", "pod2"] {
+        let _ = w.ctr(&["task", "delete", id]);
+        w.ctr(&["container", "delete", id]).unwrap_or_else(|e| w.fail("container delete", e));
+    }
+    assert!(vol.exists(), "the volume stays");
+}
+}
