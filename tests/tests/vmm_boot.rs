@@ -973,6 +973,21 @@ fn shutdown_asks_guest(f: &Fixture) {
         "{}",
         vm.log()
     );
+
+    // A guest that ignores the request is forced off after the grace period.
+    let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "cad-ignore", &[]);
+    vm.wait_serial("cad ignored");
+    let r = vm.api(r#"{"cmd":"shutdown","grace_secs":3}"#);
+    assert_eq!(r["asked_guest"], true, "{r}");
+    assert_eq!(
+        r["forced"],
+        true,
+        "{r}
+{}",
+        vm.serial()
+    );
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+    assert!(!vm.serial().contains("poweroff"), "{}", vm.serial());
 }
 
 #[test]

@@ -13,6 +13,8 @@
 //! - `cad`: disable the kernel's Ctrl-Alt-Del restart (`reboot(RB_DISABLE_CAD)`), so the
 //!   kernel sends SIGINT to PID 1 instead; on SIGINT print `ctrl-alt-del received` and power
 //!   off (SIGINT is blocked in every thread and taken with sigwait);
+//! - `cad-ignore`: disable the kernel's Ctrl-Alt-Del restart and never take the SIGINT
+//!   (a guest that does not react to the shutdown request);
 //! - `cpus`: print /sys/devices/system/cpu/online and the number of CPUs this process may
 //!   run on;
 //! - `net=<a.b.c.d>/<prefix>`: give eth0 that address, bring it up and serve TCP echo on
@@ -365,6 +367,10 @@ fn main() {
                     });
                     say("cad armed");
                 }
+                Err(e) => say(&format!("cad error {e}")),
+            },
+            "cad-ignore" => match sys::reboot_cmd(libc::RB_DISABLE_CAD) {
+                Ok(()) => say("cad ignored"),
                 Err(e) => say(&format!("cad error {e}")),
             },
             "cpus" => {
