@@ -188,6 +188,29 @@ pub struct OciState {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// `secs` since the Unix epoch as an RFC 3339 UTC timestamp (`2026-11-21T17:15:00Z`), as
+/// runc prints a container's creation time.
+pub fn rfc3339_utc(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), by 400-year eras.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
 /// Checks an id that will name a directory.
 pub fn validate_id(id: &str) -> Result<(), StateError> {
     let invalid = |reason| StateError::InvalidId {
@@ -448,6 +471,16 @@ impl SandboxState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn creation_times_print_as_rfc3339_utc() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_709_251_199), "2024-02-29T23:59:59Z");
+        assert_eq!(rfc3339_utc(1_735_689_600), "2025-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(4_102_444_800), "2100-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_795_280_161), "2026-11-21T16:56:01Z");
+    }
 
     #[test]
     fn ids_are_validated() {

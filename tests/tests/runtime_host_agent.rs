@@ -69,6 +69,12 @@ fn create_start_exec_kill_delete() {
     let list = env.run(&["list", "--format", "json"]);
     let list: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(list[0]["id"], "c1");
+    // created as RFC 3339, like runc: 2026-11-21T17:15:00Z
+    let created = list[0]["created"].as_str().unwrap_or_default();
+    assert!(
+        created.len() == 20 && created.ends_with('Z') && created.as_bytes()[10] == b'T',
+        "{created:?}"
+    );
 
     // Start twice: the second is refused (conflict).
     assert!(env.run(&["start", "c1"]).status.success());

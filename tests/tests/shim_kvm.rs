@@ -210,3 +210,104 @@ kvm_test! {
         assert!(vol.join("f").exists(), "the volume's files stay");
     }
 }
+
+/// A private containerd with Carapace booting real microVMs; state under the returned dir.
+fn vm_world(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, carapace_tests::containerd::Containerd) {
+    let tmp = tempfile::Builder::new().prefix(prefix).tempdir().expect("tempdir");
+    let state = tmp.path().join("run");
+    let config = tmp.path().join("configuration.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
+             [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
+            workspace_bin("carapace-vmm").display().to_string(),
+            workspace_bin("carapace-fsd").display().to_string(),
+            state.display().to_string()
+        ),
+    )
+    .expect("config");
+    let shim = workspace_bin("containerd-shim-carapace-v2");
+    let bins = shim.parent().expect("bin dir");
+    let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
+        .expect("containerd with Carapace");
+    (tmp, state, ctrd)
+}
+
+kvm_test! {
+    /// `ctr task pause/resume` freeze and thaw the container inside the VM, `ctr task
+    /// metrics` reads its guest cgroup, and an OOM kill in the guest becomes a TaskOOM event.
+    #[lab(carapace_tests::lab::Lab::new().timeout(Duration::from_secs(1500)))]
+    fn pause_resume_metrics_and_oom_in_a_microvm() {
+        assert!(carapace_tests::is_root(), "needs root (containerd, mounts)");
+        let (_tmp, state, ctrd) = vm_world("carapace-shimvm2-");
+        let ctr = |args: &[&str]| -> Result<String, ContainerdError> {
+            ctrd.ctr(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
+                for log in ["vmm.log", "console.log"] {
+                    let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
+                    logs.push_str(&format!("--- {log}\n{text}\n"));
+                }
+            }
+            panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
+        };
+        let status = |id: &str| {
+            let ls = ctr(&["task", "ls"]).unwrap_or_else(|e| fail("task ls", &e));
+            ls.lines()
+                .find(|l| l.split_whitespace().next() == Some(id))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "vp", "sleep", "600"])
+            .unwrap_or_else(|e| fail("ctr run -d", &e));
+        ctr(&["task", "pause", "vp"]).unwrap_or_else(|e| fail("pause", &e));
+        assert_eq!(status("vp"), "PAUSED");
+        ctr(&["task", "resume", "vp"]).unwrap_or_else(|e| fail("resume", &e));
+        assert_eq!(status("vp"), "RUNNING");
+        let table = ctr(&["task", "metrics", "vp"]).unwrap_or_else(|e| fail("metrics", &e));
+        let metric = |key: &str| {
+            table.lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(key)).then(|| f.next()?.parse::<u64>().ok())?
+            })
+        };
+        assert!(metric("pids.current").is_some_and(|n| n >= 1), "{table}");
+        assert!(metric("memory.usage").is_some_and(|n| n > 0), "{table}");
+        ctr(&["task", "kill", "-s", "SIGKILL", "vp"]).unwrap_or_else(|e| fail("kill", &e));
+        for _ in 0..300 {
+            if status("vp") == "STOPPED" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ctr(&["task", "delete", "vp"]).unwrap_or_else(|e| fail("task delete", &e));
+        ctr(&["container", "delete", "vp"]).unwrap_or_else(|e| fail("container delete", &e));
+
+        let mut events = ctrd
+            .ctr_command()
+            .arg("events")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ctr events");
+        std::thread::sleep(Duration::from_millis(500));
+        let hog = "a=$(head -c 200000000 /dev/zero | tr '\\000' a); echo survived";
+        let r = ctr(&[
+            "run", "--rm", "--runtime", RUNTIME, "--memory-limit", "16777216", IMAGE, "voom",
+            "sh", "-c", hog,
+        ]);
+        let _ = events.kill();
+        let out = events.wait_with_output().expect("ctr events output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !matches!(r, Err(ContainerdError::Ctr { status: Some(137), .. })) {
+            fail("the hog is OOM-killed", &format!("{r:?}"));
+        }
+        assert!(
+            text.lines().any(|l| l.contains("/tasks/oom") && l.contains("voom")),
+            "no TaskOOM event for voom:\n{text}"
+        );
+    }
+}

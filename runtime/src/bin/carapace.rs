@@ -605,7 +605,7 @@ fn list(rt: &Runtime, format: Format, quiet: bool) -> anyhow::Result<()> {
                         "pid": oci.pid,
                         "status": oci.status,
                         "bundle": oci.bundle,
-                        "created": st.created_unix,
+                        "created": carapace_runtime::state::rfc3339_utc(st.created_unix),
                         "annotations": oci.annotations,
                     })
                 })
@@ -620,7 +620,11 @@ fn list(rt: &Runtime, format: Format, quiet: bool) -> anyhow::Result<()> {
             for (st, oci) in &rows {
                 println!(
                     "{:<24} {:<8} {:<10} {:<40} {}",
-                    oci.id, oci.pid, oci.status, oci.bundle, st.created_unix
+                    oci.id,
+                    oci.pid,
+                    oci.status,
+                    oci.bundle,
+                    carapace_runtime::state::rfc3339_utc(st.created_unix)
                 );
             }
             Ok(())
