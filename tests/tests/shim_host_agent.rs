@@ -312,9 +312,12 @@ fn update_memory_limit(w: &World, id: &str, bytes: u64) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let client = Client::connect(&socket).await.map_err(|e| format!("{socket}: {e}"))?;
+        let client = Client::connect(&socket)
+            .await
+            .map_err(|e| format!("{socket}: {e}"))?;
         let mut resources = containerd_shim::protos::protobuf::well_known_types::any::Any::new();
-        resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
+        resources.type_url =
+            "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
         resources.value = serde_json::to_vec(&serde_json::json!({"memory": {"limit": bytes}}))
             .map_err(|e| e.to_string())?;
         let req = api::UpdateTaskRequest {
@@ -323,7 +326,10 @@ fn update_memory_limit(w: &World, id: &str, bytes: u64) -> Result<(), String> {
             ..Default::default()
         };
         TaskClient::new(client)
-            .update(containerd_shim::protos::ttrpc::context::with_timeout(10_000_000_000), &req)
+            .update(
+                containerd_shim::protos::ttrpc::context::with_timeout(10_000_000_000),
+                &req,
+            )
             .await
             .map(drop)
             .map_err(|e| e.to_string())

@@ -212,8 +212,17 @@ kvm_test! {
 }
 
 /// A private containerd with Carapace booting real microVMs; state under the returned dir.
-fn vm_world(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, carapace_tests::containerd::Containerd) {
-    let tmp = tempfile::Builder::new().prefix(prefix).tempdir().expect("tempdir");
+fn vm_world(
+    prefix: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    carapace_tests::containerd::Containerd,
+) {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
     let state = tmp.path().join("run");
     let config = tmp.path().join("configuration.toml");
     std::fs::write(
