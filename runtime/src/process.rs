@@ -229,6 +229,7 @@ pub fn spawn_detached(
         .stdout(out)
         .stderr(err)
         .process_group(0);
+    clean_signal_mask(&mut cmd);
     let program = PathBuf::from(cmd.get_program());
     tracing::debug!(what, ?cmd, "spawning");
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
@@ -241,6 +242,24 @@ pub fn spawn_detached(
     // `is_alive` reaps it if it becomes our zombie.
     drop(child);
     Ok(ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 }))
+}
+
+/// Starts the child with no signal blocked: the CLI blocks SIGWINCH in every thread of
+/// `run`/`exec` to collect it with `sigwait`, and a signal mask survives fork and exec, so
+/// a daemon (and, for the host-mode agent, every container process it starts) would
+/// otherwise never see SIGWINCH.
+fn clean_signal_mask(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec and only calls
+    // pthread_sigmask (through nix, with a set built on the stack), which is
+    // async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::SigSet::empty()
+                .thread_set_mask()
+                .map_err(std::io::Error::from)
+        });
+    }
 }
 
 /// Waits until `socket` exists as a unix socket, failing early when `proc_` exits.

@@ -433,3 +433,85 @@ fn console_socket_receives_a_working_terminal() {
     );
     env.assert_clean();
 }
+
+#[test]
+fn a_window_size_change_reaches_the_terminal_process_of_run_t() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let Some(env) = env() else { return };
+    let mut spec = fixtures::default_spec(&[
+        "sh",
+        "-c",
+        "trap 'echo size=$(stty size)' WINCH; echo ready=$(stty size); \
+         while :; do sleep 1; done",
+    ]);
+    spec["process"]["terminal"] = json!(true);
+    let b = env.bundle("b", &spec);
+    // `carapace run` in the foreground on a terminal of ours, 24x80
+    let size = nix::pty::Winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
+    let slave_path = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd()))
+        .expect("pty slave path");
+    let stdio = || std::process::Stdio::from(pty.slave.try_clone().expect("dup slave"));
+    let mut child = env
+        .cmd(&["run", "-b", b.to_str().unwrap(), "w1"])
+        .stdin(stdio())
+        .stdout(stdio())
+        .stderr(stdio())
+        .spawn()
+        .expect("carapace run");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        let mut master = std::fs::File::from(pty.master);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let wait_for = |text: &str| {
+        for _ in 0..300 {
+            if String::from_utf8_lossy(&seen.lock().unwrap()).contains(text) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{text:?} never appeared on the terminal: {:?}; log:\n{}",
+            String::from_utf8_lossy(&seen.lock().unwrap()),
+            std::fs::read_to_string(env.tmp.path().join("carapace.log")).unwrap_or_default()
+        );
+    };
+    // the initial size reached the container's terminal
+    wait_for("ready=24 80");
+    // the terminal grows; like a terminal emulator, tell the foreground process
+    let st = Command::new("stty")
+        .arg("-F")
+        .arg(&slave_path)
+        .args(["rows", "40", "cols", "100"])
+        .status()
+        .expect("stty");
+    assert!(st.success());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGWINCH,
+    )
+    .expect("SIGWINCH");
+    wait_for("size=40 100");
+    assert!(env.run(&["delete", "-f", "w1"]).status.success());
+    let status = child.wait().expect("carapace run exits");
+    assert!(!status.success(), "killed by delete -f: {status:?}");
+    drop(pty.slave);
+    let _ = reader.join();
+    env.assert_clean();
+}

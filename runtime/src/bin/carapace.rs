@@ -509,16 +509,24 @@ fn run(g: &Global, rt: &Runtime, a: &RunArgs) -> anyhow::Result<u8> {
     let result = (|| -> anyhow::Result<u8> {
         let st = rt.store.load(id)?;
         let agent = rt.agent(&st)?;
-        let spec = rt.exec_process(id, &ExecOptions::default()).ok();
-        let tty = spec
-            .as_ref()
-            .and_then(|p| p.get("terminal"))
-            .and_then(|t| t.as_bool())
+        // the container's own process (exec_process would override `terminal`)
+        let guest_spec = rt.paths(id)?.guest_spec;
+        let tty = std::fs::read(&guest_spec)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.pointer("/process/terminal").and_then(|t| t.as_bool()))
             .unwrap_or(false);
+        // The terminal exists from create on: size it before the process runs, so its
+        // first look at the window size sees the real one (retried after start if the
+        // agent refuses a not yet started process).
+        let size = if tty { terminal_size() } else { None };
+        let sized = size.is_some_and(|(rows, cols)| agent.resize(id, "", rows, cols).is_ok());
         rt.start(id)?;
         let _raw = if tty { RawMode::stdin() } else { None };
-        if tty && let Some((rows, cols)) = terminal_size() {
-            let _ = agent.resize(id, "", rows, cols);
+        if let Some((rows, cols)) = size {
+            if !sized {
+                let _ = agent.resize(id, "", rows, cols);
+            }
             forward_resizes(agent.clone(), id.clone(), String::new());
         }
         let exit = stream_until_exit(&agent, id, "", host_io())?;
