@@ -287,12 +287,13 @@ fn conformance_and_escapes_through_a_real_guest() {
 }
 
 /// Runs in the lab: for each daemon, a fresh (same) shared dir, the daemon with
-/// `--cache never` (so the guest page cache does not hide the daemon), QEMU booting the
-/// guest in bench mode, PSS of the daemon's processes sampled while the guest runs.
-/// Usage: bash -c SCRIPT bash ROUNDS KERNEL INITRD LABEL DAEMON [LABEL DAEMON...]
+/// `--cache never` (so the guest page cache does not hide the daemon), carapace-vmm (the
+/// VMM Carapace runs) booting the guest in bench mode, PSS of the daemon's processes
+/// sampled while the guest runs. Daemons alternate within each round.
+/// Usage: bash -c SCRIPT bash ROUNDS VMM KERNEL INITRD CMDLINE LABEL DAEMON [LABEL DAEMON...]
 const BENCH_SCRIPT: &str = r#"
 set -u
-rounds=$1 kernel=$2 initrd=$3; shift 3
+rounds=$1 vmm=$2 kernel=$3 initrd=$4 extra=$5; shift 5
 w=$(mktemp -d /tmp/fsd-bench.XXXXXX)
 pss() { # sum of Pss (kB) over the daemon and its children
   local total=0 p v
@@ -302,25 +303,23 @@ pss() { # sum of Pss (kB) over the daemon and its children
 }
 run() { # label daemon-cmd...
   local label=$1; shift
-  rm -rf "$w/shared"; mkdir "$w/shared"; rm -f "$w/fs.sock"
+  rm -rf "$w/shared"; mkdir "$w/shared"; rm -f "$w/fs.sock" "$w/serial.log"
   "$@" --socket-path "$w/fs.sock" --shared-dir "$w/shared" --cache never >"$w/d.log" 2>&1 &
   local d=$! max=0 v
   for _ in $(seq 1 200); do [[ -S $w/fs.sock ]] && break; sleep 0.1; done
-  timeout 1500 qemu-system-x86_64 -M microvm,memory-backend=mem,acpi=off -accel kvm -cpu host -m 512M -smp 2 \
-    -object memory-backend-memfd,id=mem,size=512M,share=on \
-    -nodefaults -no-user-config -display none -serial stdio -no-reboot \
-    -chardev socket,id=fs0,path="$w/fs.sock" \
-    -device vhost-user-fs-device,chardev=fs0,tag=shared,queue-size=1024 \
-    -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 reboot=t quiet fsdcheck=bench" \
-    </dev/null 2>"$w/q.err" | tr -d '\r' | sed "s/^/SERIAL $label /" &
+  timeout 1500 "$vmm" --kernel "$kernel" --initrd "$initrd" --memory-mib 512 --vcpus 2 \
+    --serial "file:$w/serial.log" --fs "shared=$w/fs.sock" --cmdline "quiet fsdcheck=bench $extra" \
+    >"$w/vmm.log" 2>&1 &
   local q=$!
   while kill -0 $q 2>/dev/null; do
     v=$(pss $d); (( v > max )) && max=$v; sleep 0.2
   done
   wait $q
+  echo "VMM-EXIT $label $?"
   echo "PSS $label $max kB"
   kill $d 2>/dev/null; wait $d 2>/dev/null
-  sed "s/^/QEMU $label /" "$w/q.err"; tail -n 5 "$w/d.log" | sed "s/^/DAEMON $label /"
+  tr -d '\r' < "$w/serial.log" | sed "s/^/SERIAL $label /"
+  tail -n 3 "$w/vmm.log" | sed "s/^/VMM $label /"; tail -n 5 "$w/d.log" | sed "s/^/DAEMON $label /"
 }
 for r in $(seq 1 "$rounds"); do
   args=("$@")
@@ -359,7 +358,9 @@ fn bench_value(stdout: &str, label: &str, row: &str) -> Option<f64> {
 }
 
 /// Benchmark for vmm/fsd/README.md: carapace-fsd vs the crates.io virtiofsd, same lab
-/// run, same directory, same guest workload; throughput rows and daemon PSS.
+/// run, same directory, same guest workload, through carapace-vmm; throughput rows and
+/// daemon PSS. `FSD_BENCH_ROUNDS` (default 2) and `FSD_BENCH_SIZES` (guest command line
+/// `fsdcheck.mib/ops/files`, default 64 MiB / 2048 / 10000) and `FSD_BENCH_VMM` tune it.
 #[test]
 #[ignore = "measurement (several minutes in the lab); numbers go in vmm/fsd/README.md"]
 fn bench_vs_virtiofsd() {
@@ -370,14 +371,22 @@ fn bench_vs_virtiofsd() {
     let initrd = dir.join("initramfs.cpio");
     initramfs(&check, &initrd);
     let rounds = std::env::var("FSD_BENCH_ROUNDS").unwrap_or_else(|_| "2".into());
+    // e.g. "fsdcheck.mib=16 fsdcheck.ops=256 fsdcheck.files=300" for a quick run.
+    let sizes = std::env::var("FSD_BENCH_SIZES").unwrap_or_default();
+    // `FSD_BENCH_VMM` names another carapace-vmm build (e.g. target/release/carapace-vmm).
+    let vmm = std::env::var_os("FSD_BENCH_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| carapace_tests::workspace_bin("carapace-vmm"));
     let argv = [
         "bash".to_string(),
         "-c".into(),
         BENCH_SCRIPT.into(),
         "bash".into(),
         rounds,
+        vmm.display().to_string(),
         kernel.display().to_string(),
         initrd.display().to_string(),
+        sizes,
         "carapace-fsd".into(),
         fsd.display().to_string(),
         "virtiofsd".into(),
