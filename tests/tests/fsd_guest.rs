@@ -158,9 +158,11 @@ echo "HOST planted-in-shared $(find "$s" -name 'planted-by-guest*' | wc -l)"
 rm -rf "$w"
 "#;
 
+// The intermittent stall of issue 5 was a lost interrupt: the guest's used_event sat one
+// below the used index for seconds (seen twice in one lab run, 2026-11-21). carapace-fsd's
+// watchdog now signals again and logs it (printed below); a guest silent for 420 s still
+// ends the run with the daemon threads' state.
 #[test]
-#[ignore = "stalls intermittently in the lab (guest idle, daemon in epoll_wait; seen twice, issue 5); \
-            run by hand: cargo test -p carapace-tests --test fsd_guest -- --ignored"]
 fn conformance_and_escapes_through_a_real_guest() {
     let kernel = guest_kernel();
     let (fsd, check) = static_bins();

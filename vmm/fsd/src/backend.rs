@@ -10,7 +10,7 @@
 use std::io;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
@@ -138,6 +138,8 @@ struct Work {
 struct Shared<F: FileSystem + Send + Sync> {
     server: Server<Arc<F>>,
     event_idx: AtomicBool,
+    /// Per queue, the used index at our last signal (for the watchdog's diagnosis).
+    signalled: [AtomicU16; NUM_QUEUES],
 }
 
 /// The virtio-fs vhost-user backend over a FUSE filesystem `F`.
@@ -184,6 +186,7 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
         let shared = Arc::new(Shared {
             server: Server::new(fs),
             event_idx: AtomicBool::new(false),
+            signalled: [const { AtomicU16::new(0) }; NUM_QUEUES],
         });
         let pool = if thread_pool_size > 0 {
             let (tx, rx) = sync_channel::<Work>(MAX_QUEUE_SIZE);
@@ -311,10 +314,21 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
             // not consume since: it never got (or lost) that interrupt.
             let unseen = (Wrapping(now.next_used) - Wrapping(now.used_event)).0;
             if event_idx && unseen != 0 && unseen < 0x8000 {
+                // Did we signal past used_event? Then the interrupt was lost after our
+                // call eventfd (frontend or guest); otherwise we never sent it.
+                let signalled = self.shared.signalled[i].load(Ordering::Relaxed);
+                let sent = (Wrapping(signalled) - Wrapping(now.used_event)).0;
+                let lost_by = if sent != 0 && sent < 0x8000 {
+                    "after our signal (frontend or guest)"
+                } else {
+                    "here: no signal was sent past used_event"
+                };
                 tracing::warn!(
                     queue,
                     used = now.next_used,
                     used_event = now.used_event,
+                    signalled,
+                    lost_by,
                     "replies not consumed by the guest for a whole tick; signalling again"
                 );
                 vring
@@ -410,20 +424,26 @@ impl<F: FileSystem + Send + Sync> Shared<F> {
                 0
             }
         };
-        vring
+        // One lock for add_used, the EVENT_IDX check and the signal, so `signalled`
+        // records exactly the used index the guest was told about.
+        let mut state = vring.get_mut();
+        state
             .add_used(head, u32::try_from(len).unwrap_or(u32::MAX))
             .map_err(|source| BackendError::AddUsed {
                 queue,
                 head,
                 source,
             })?;
-        let notify = vring
+        let notify = state
             .needs_notification()
             .map_err(|source| BackendError::Queue { queue, source })?;
         if notify {
-            vring
+            state
                 .signal_used_queue()
                 .map_err(|source| BackendError::Signal { queue, source })?;
+            if let Some(s) = self.signalled.get(usize::from(queue)) {
+                s.store(state.get_queue().next_used(), Ordering::Relaxed);
+            }
         }
         Ok(())
     }

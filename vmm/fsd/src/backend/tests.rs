@@ -430,6 +430,11 @@ fn watchdog_signals_again_when_the_guest_did_not_consume_replies() {
     rig.push(Opcode::Getattr, 1, &getattr_body());
     rig.kick(&backend);
     assert_eq!((rig.used_idx(), rig.calls()), (1, 1));
+    // Recorded for the diagnosis: the guest was signalled up to used index 1.
+    assert_eq!(
+        backend.shared.signalled[1].load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // The interrupt got lost: used_event stays 0 while the used index is 1.
     tick(&rig, &backend);
     assert_eq!(rig.calls(), 0);
