@@ -130,10 +130,21 @@ pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd) -> ! {
         helper(cfg, &mut status, start)
     })();
     if let Err(e) = result {
-        let _ = writeln!(status, "E{}", chain(&e));
+        let _ = status_line(&mut status, &format!("E{}", chain(&e)));
         std::process::exit(1);
     }
     std::process::exit(0);
+}
+
+/// Writes one status line with a single write(2): the helper's parent (`P<pid>`) and its
+/// forked child (`R`, `E...`) share the pipe, and a line split over several writes (as
+/// `writeln!` may do) could interleave with the other's ("PR" was seen under load). Lines
+/// are far below PIPE_BUF, so one write is atomic.
+fn status_line(status: &mut File, line: &str) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    status.write_all(&buf)
 }
 
 fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), InitError> {
@@ -147,13 +158,13 @@ fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
     }
     match crate::sys::fork_single_threaded().ctx(|| "fork".into())? {
         nix::unistd::ForkResult::Parent { child } => {
-            writeln!(status, "P{child}").ctx(|| "writing status".into())?;
+            status_line(status, &format!("P{child}")).ctx(|| "writing status".into())?;
             Ok(())
         }
         nix::unistd::ForkResult::Child => {
             let result = child(&cfg, status, start);
             if let Err(e) = result {
-                let _ = writeln!(status, "E{}", chain(&e));
+                let _ = status_line(status, &format!("E{}", chain(&e)));
                 std::process::exit(127);
             }
             unreachable!("child() only returns on error");
@@ -267,7 +278,7 @@ fn child(cfg: &InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
     )
     .ctx(|| "FD_CLOEXEC on status pipe".into())?;
     if cfg.wait_start {
-        writeln!(status, "R").ctx(|| "writing status".into())?;
+        status_line(status, "R").ctx(|| "writing status".into())?;
         let mut b = [0u8; 1];
         let n = File::from(start)
             .read(&mut b)

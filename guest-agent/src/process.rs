@@ -46,6 +46,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
 pub struct StatusReader {
     rx: tokio::net::unix::pipe::Receiver,
     buf: Vec<u8>,
+    /// The child's `R` arrived before its parent's `P<pid>` line (they race on the pipe).
+    ready_early: bool,
 }
 
 impl StatusReader {
@@ -74,6 +76,9 @@ impl StatusReader {
 
     /// Waits until the helper reports `R` (ready) or an error.
     pub async fn expect_ready(&mut self) -> Result<(), SpawnError> {
+        if std::mem::take(&mut self.ready_early) {
+            return Ok(());
+        }
         match self.next().await? {
             Some(l) if l == "R" => Ok(()),
             Some(l) if l.starts_with('E') => Err(SpawnError::Setup(l[1..].to_owned())),
@@ -206,8 +211,14 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
     let mut status = StatusReader {
         rx,
         buf: Vec::new(),
+        ready_early: false,
     };
-    let line = status.next().await?;
+    // The forked child may report ready before its parent reports the child's pid.
+    let mut line = status.next().await?;
+    while line.as_deref() == Some("R") && !status.ready_early {
+        status.ready_early = true;
+        line = status.next().await?;
+    }
     // A write error means the helper died early; its status line says why.
     let _ = writer.await;
     let pid: i32 = match line {
