@@ -1,0 +1,194 @@
+//! Kubernetes' path: a CRI client -> containerd's CRI plugin -> runtime handler `carapace`
+//! -> containerd-shim-carapace-v2 -> one microVM per pod. A pod with two containers that
+//! share a volume runs in one VM (same guest boot id, guest kernel), logs are read, ExecSync
+//! works, the pod is stopped and removed, and nothing is left behind. Where this host cannot
+//! boot guests the test runs inside the lab.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use carapace_tests::containerd::{BUSYBOX_IMAGE, CARAPACE_RUNTIME, Containerd, RuntimeEntry};
+use carapace_tests::cri::{ContainerSpec, Cri, PodSpec, log_text};
+use carapace_tests::{kvm_test, workspace_bin};
+
+const GUEST_DIR: &str = "/var/lib/carapace/guest";
+
+fn host_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .expect("boot id")
+        .trim()
+        .to_owned()
+}
+
+fn running(name: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-af", name])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("pgrep"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+kvm_test! {
+    #[lab(carapace_tests::lab::Lab::new().mem_mib(4096).timeout(Duration::from_secs(1200)))]
+    #[ignore = "issue 8: everything up to RemovePodSandbox passes in the lab, but each task \
+                delete outlasts containerd 1.6's 10 s CRI exit-handler deadline under TCG and \
+                the pod's shim is left running; run with --ignored"]
+    fn a_two_container_pod_runs_in_one_microvm_through_cri() {
+        assert!(carapace_tests::is_root(), "needs root (containerd, mounts)");
+        assert!(
+            Path::new(GUEST_DIR).join("vmlinux").is_file(),
+            "guest image missing: make image"
+        );
+        let tmp = tempfile::Builder::new().prefix("ccri-").tempdir().expect("tempdir");
+        let state = tmp.path().join("run");
+        let config = tmp.path().join("configuration.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
+                 [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
+                workspace_bin("carapace-vmm").display().to_string(),
+                workspace_bin("carapace-fsd").display().to_string(),
+                state.display().to_string()
+            ),
+        )
+        .expect("config");
+        let shim = workspace_bin("containerd-shim-carapace-v2");
+        let bins = shim.parent().expect("bin dir");
+        let ctrd = Containerd::start(
+            &tmp.path().join("containerd"),
+            &[RuntimeEntry { handler: "carapace".into(), runtime_type: CARAPACE_RUNTIME.into() }],
+            Some(bins),
+            &[("CARAPACE_CONFIG", config.as_path())],
+        )
+        .expect("containerd with Carapace");
+        ctrd.import_cri_images(tmp.path()).expect("images");
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
+                for log in ["vmm.log", "console.log", "fsd.log"] {
+                    let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
+                    logs.push_str(&format!("--- {} {log}\n{text}\n", entry.path().display()));
+                }
+            }
+            panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
+        };
+        let mut cri = Cri::connect(&ctrd.socket()).expect("connect");
+
+        let pod = PodSpec {
+            name: "vm-pod".into(),
+            namespace: "default".into(),
+            handler: "carapace".into(),
+            log_dir: tmp.path().join("logs"),
+        };
+        let shared = tmp.path().join("empty-dir");
+        std::fs::create_dir_all(&shared).expect("volume");
+        let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| fail("RunPodSandbox", &e));
+
+        // the first container writes into the shared volume and stays up
+        let writer = ContainerSpec {
+            name: "writer".into(),
+            image: BUSYBOX_IMAGE.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo from-writer > /data/note; cat /proc/sys/kernel/random/boot_id; exec sleep 600"
+                    .into(),
+            ],
+            mounts: vec![(shared.clone(), "/data".into())],
+            ..Default::default()
+        };
+        let w = cri
+            .create_container(&pod_id, &pod, &writer)
+            .unwrap_or_else(|e| fail("CreateContainer writer", &e));
+        cri.start_container(&w).unwrap_or_else(|e| fail("StartContainer writer", &e));
+
+        // ExecSync in it: the guest's kernel, not the host's
+        let (code, release, err) = cri
+            .exec_sync(&w, &["uname", "-r"], Duration::from_secs(300))
+            .unwrap_or_else(|e| fail("ExecSync", &e));
+        let host_release = String::from_utf8_lossy(
+            &Command::new("uname").arg("-r").output().expect("uname").stdout,
+        )
+        .trim()
+        .to_owned();
+        assert_eq!(code, 0, "uname in the pod: {err}");
+        assert!(
+            !release.trim().is_empty() && release.trim() != host_release,
+            "pod kernel {release:?} vs host {host_release:?}"
+        );
+
+        // the second container reads the note and reports its VM's boot id
+        let reader = ContainerSpec {
+            name: "reader".into(),
+            image: BUSYBOX_IMAGE.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "while [ ! -e /data/note ]; do sleep 0.2; done; cat /data/note; \
+                 cat /proc/sys/kernel/random/boot_id; exit 4"
+                    .into(),
+            ],
+            mounts: vec![(shared, "/data".into())],
+            ..Default::default()
+        };
+        let r = cri
+            .create_container(&pod_id, &pod, &reader)
+            .unwrap_or_else(|e| fail("CreateContainer reader", &e));
+        cri.start_container(&r).unwrap_or_else(|e| fail("StartContainer reader", &e));
+        let code = cri
+            .wait_exited(&r, Duration::from_secs(300))
+            .unwrap_or_else(|e| fail("reader exit", &e));
+        assert_eq!(code, 4, "the reader's exit code comes back");
+
+        let reader_log = log_text(&pod.log_dir.join("reader.log")).expect("reader log");
+        let writer_log = log_text(&pod.log_dir.join("writer.log")).expect("writer log");
+        let mut lines = reader_log.lines();
+        assert_eq!(lines.next(), Some("from-writer"), "reader log: {reader_log:?}");
+        let reader_boot = lines.next().unwrap_or_default().to_owned();
+        let writer_boot = writer_log.lines().next().unwrap_or_default().to_owned();
+        assert_eq!(reader_boot.len(), 36, "reader log: {reader_log:?}");
+        assert_eq!(reader_boot, writer_boot, "both containers run in the pod's one VM");
+        assert_ne!(reader_boot, host_boot_id(), "the pod runs in a VM, not on the host");
+        let vmms = running("carapace-vmm");
+        assert_eq!(vmms.lines().count(), 1, "one VM for the whole pod: {vmms}");
+
+        // stop and remove the pod: its VM and everything around it goes
+        cri.remove_pod(&pod_id).unwrap_or_else(|e| fail("remove pod", &e));
+        assert!(cri.pods().expect("list pods").is_empty());
+        let left: Vec<_> = std::fs::read_dir(&state)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "sandbox state left: {left:?}");
+        for name in ["carapace-vmm", "carapace-fsd", "containerd-shim-carapace"] {
+            // the shim exits right after answering its last request: give it a moment
+            let mut p = running(name);
+            for _ in 0..300 {
+                if p.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                p = running(name);
+            }
+            assert!(p.is_empty(), "{name} still running: {p}\ncontainerd log:\n{}", ctrd.log());
+        }
+        let m = mounts_under(&state);
+        assert!(m.is_empty(), "mounts left under {}: {m:?}", state.display());
+    }
+}
