@@ -41,6 +41,8 @@ const SANDBOX_PROCS: [&str; 3] = [
     "carapace-vmm",
     "carapace-fsd",
 ];
+/// Deadline of one `ctr run` in the container_start row (s).
+const START_TIMEOUT_S: u64 = 300;
 /// Deadline of one fs workload run (s).
 const FS_RUN_TIMEOUT_S: u64 = 300;
 /// Density stops when MemAvailable falls below this.
@@ -251,7 +253,10 @@ fn boot(bins: &Path, kernel: &Path, initrd: &Path, runs: usize, report: &mut Rep
 /// `ctr run --rm` → first output line, in ms.
 fn time_to_first_output(ctrd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
     let start = Instant::now();
-    let mut child = Command::new("ctr")
+    // bounded: a start that never produces output becomes an error, not a stuck benchmark
+    let mut child = Command::new("timeout")
+        .arg(START_TIMEOUT_S.to_string())
+        .arg("ctr")
         .arg("--address")
         .arg(ctrd.socket())
         .args([
@@ -284,7 +289,12 @@ fn time_to_first_output(ctrd: &Containerd, runtime: &str, id: &str) -> Result<f6
     match first {
         Some(t) if status.success() => Ok(t.as_secs_f64() * 1000.0),
         _ => bail!(
-            "ctr run --runtime {runtime} failed ({status}): {}",
+            "ctr run --runtime {runtime} failed ({status}{}): {}",
+            if status.code() == Some(124) {
+                format!(", no output within {START_TIMEOUT_S} s")
+            } else {
+                String::new()
+            },
             last_lines(&err, 6)
         ),
     }
