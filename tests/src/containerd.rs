@@ -270,6 +270,47 @@ impl Containerd {
     }
 }
 
+/// Writes `<dir>/configuration.toml` for Carapace: the VMM and fs daemon from `bins`, state
+/// under `<dir>/run`, a 300 s agent deadline (the lab emulates the CPU) and, with `console`,
+/// the guest console logged to each sandbox's `console.log`. Returns (config, state dir).
+pub fn carapace_config(
+    dir: &Path,
+    bins: &Path,
+    console: bool,
+) -> Result<(PathBuf, PathBuf), ContainerdError> {
+    let state = dir.join("run");
+    let config = dir.join("configuration.toml");
+    let mut text = format!(
+        "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
+         [agent]\nboot_timeout_ms = 300000\n",
+        bins.join("carapace-vmm").display().to_string(),
+        bins.join("carapace-fsd").display().to_string(),
+        state.display().to_string()
+    );
+    if console {
+        text.push_str("[debug]\nconsole = true\n");
+    }
+    fs::write(&config, text).map_err(|source| ContainerdError::Io {
+        what: "cannot write",
+        path: config.clone(),
+        source,
+    })?;
+    Ok((config, state))
+}
+
+/// The VMM, console and fs daemon logs of every sandbox under the state dir `state`, for
+/// failure messages.
+pub fn sandbox_logs(state: &Path) -> String {
+    let mut logs = String::new();
+    for entry in fs::read_dir(state).into_iter().flatten().flatten() {
+        for log in ["vmm.log", "console.log", "fsd.log"] {
+            let text = fs::read_to_string(entry.path().join(log)).unwrap_or_default();
+            logs.push_str(&format!("--- {} {log}\n{text}\n", entry.path().display()));
+        }
+    }
+    logs
+}
+
 /// The namespace of `ctr` commands of the tests.
 pub const TEST_NAMESPACE: &str = "carapace-test";
 /// The namespace containerd's CRI plugin keeps its images and containers in.

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use carapace_tests::containerd::{BUSYBOX_IMAGE, CARAPACE_RUNTIME, Containerd, RuntimeEntry};
+use carapace_tests::containerd::{
+    BUSYBOX_IMAGE, CARAPACE_RUNTIME, Containerd, RuntimeEntry, carapace_config, sandbox_logs,
+};
 use carapace_tests::cri::{ContainerSpec, Cri, PodSpec, log_text};
 use carapace_tests::{kvm_test, workspace_bin};
 
@@ -56,21 +58,9 @@ kvm_test! {
             "guest image missing: make image"
         );
         let tmp = tempfile::Builder::new().prefix("ccri-").tempdir().expect("tempdir");
-        let state = tmp.path().join("run");
-        let config = tmp.path().join("configuration.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-                 [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
-                workspace_bin("carapace-vmm").display().to_string(),
-                workspace_bin("carapace-fsd").display().to_string(),
-                state.display().to_string()
-            ),
-        )
-        .expect("config");
         let shim = workspace_bin("containerd-shim-carapace-v2");
         let bins = shim.parent().expect("bin dir");
+        let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
         let ctrd = Containerd::start(
             &tmp.path().join("containerd"),
             &[RuntimeEntry { handler: "carapace".into(), runtime_type: CARAPACE_RUNTIME.into() }],
@@ -80,13 +70,7 @@ kvm_test! {
         .expect("containerd with Carapace");
         ctrd.import_cri_images(tmp.path()).expect("images");
         let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-            let mut logs = String::new();
-            for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
-                for log in ["vmm.log", "console.log", "fsd.log"] {
-                    let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
-                    logs.push_str(&format!("--- {} {log}\n{text}\n", entry.path().display()));
-                }
-            }
+            let logs = sandbox_logs(&state);
             panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
         };
         let mut cri = Cri::connect(&ctrd.socket()).expect("connect");

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use carapace_tests::containerd::{CARAPACE_RUNTIME as RUNTIME, Containerd, with_carapace};
+use carapace_tests::containerd::{
+    CARAPACE_RUNTIME as RUNTIME, Containerd, carapace_config, sandbox_logs, with_carapace,
+};
 use carapace_tests::fixtures::{debian_rootfs_tar, oci_image_archive_from_layer};
 use carapace_tests::lab::{Lab, in_kvm};
 use carapace_tests::workspace_bin;
@@ -54,21 +56,9 @@ fn body(layer_tar: &Path) {
         .prefix("cdeb-")
         .tempdir()
         .expect("tempdir");
-    let state = tmp.path().join("run");
-    let config = tmp.path().join("configuration.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-             [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
-            workspace_bin("carapace-vmm").display().to_string(),
-            workspace_bin("carapace-fsd").display().to_string(),
-            state.display().to_string()
-        ),
-    )
-    .expect("config");
     let shim = workspace_bin("containerd-shim-carapace-v2");
     let bins = shim.parent().expect("bin dir");
+    let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
     let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
         .expect("containerd with Carapace");
     let layer = std::fs::read(layer_tar).expect("read the Debian layer");
@@ -84,13 +74,7 @@ fn body(layer_tar: &Path) {
     drop(layer);
     ctrd.import(&archive).expect("import the Debian image");
     let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-        let mut logs = String::new();
-        for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
-            for log in ["vmm.log", "console.log", "fsd.log"] {
-                let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
-                logs.push_str(&format!("--- {log}\n{text}\n"));
-            }
-        }
+        let logs = sandbox_logs(&state);
         panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
     };
     let ctr = |args: &[&str]| -> String {

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use carapace_tests::containerd::{
-    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, ContainerdError, with_carapace,
+    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, ContainerdError, carapace_config,
+    sandbox_logs, with_carapace,
 };
 use carapace_tests::{kvm_test, workspace_bin};
 
@@ -21,34 +22,16 @@ kvm_test! {
             "guest image missing: make image"
         );
         let tmp = tempfile::Builder::new().prefix("carapace-shimvm-").tempdir().expect("tempdir");
-        let state = tmp.path().join("run");
-        let config = tmp.path().join("configuration.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-                 [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
-                workspace_bin("carapace-vmm").display().to_string(),
-                workspace_bin("carapace-fsd").display().to_string(),
-                state.display().to_string()
-            ),
-        )
-        .expect("config");
         let shim = workspace_bin("containerd-shim-carapace-v2");
         let bins = shim.parent().expect("bin dir");
+        let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
         let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
             .expect("containerd with Carapace");
         let ctr = |args: &[&str]| -> Result<String, ContainerdError> {
             ctrd.ctr(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         };
         let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-            let mut logs = String::new();
-            for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
-                for log in ["vmm.log", "console.log", "fsd.log"] {
-                    let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
-                    logs.push_str(&format!("--- {log}\n{text}\n"));
-                }
-            }
+            let logs = sandbox_logs(&state);
             panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
         };
 
@@ -116,36 +99,18 @@ kvm_test! {
             "guest image missing: make image"
         );
         let tmp = tempfile::Builder::new().prefix("carapace-shimpod-").tempdir().expect("tempdir");
-        let state = tmp.path().join("run");
-        let config = tmp.path().join("configuration.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-                 [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
-                workspace_bin("carapace-vmm").display().to_string(),
-                workspace_bin("carapace-fsd").display().to_string(),
-                state.display().to_string()
-            ),
-        )
-        .expect("config");
-        let vol = tmp.path().join("vol");
-        std::fs::create_dir(&vol).expect("volume");
         let shim = workspace_bin("containerd-shim-carapace-v2");
         let bins = shim.parent().expect("bin dir");
+        let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
+        let vol = tmp.path().join("vol");
+        std::fs::create_dir(&vol).expect("volume");
         let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
             .expect("containerd with Carapace");
         let ctr = |args: &[&str]| -> Result<String, ContainerdError> {
             ctrd.ctr(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         };
         let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-            let mut logs = String::new();
-            for entry in std::fs::read_dir(&state).into_iter().flatten().flatten() {
-                for log in ["vmm.log", "console.log", "fsd.log"] {
-                    let text = std::fs::read_to_string(entry.path().join(log)).unwrap_or_default();
-                    logs.push_str(&format!("--- {log}\n{text}\n"));
-                }
-            }
+            let logs = sandbox_logs(&state);
             panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
         };
         let count = |name: &str| {
@@ -223,21 +188,9 @@ fn vm_world(
         .prefix(prefix)
         .tempdir()
         .expect("tempdir");
-    let state = tmp.path().join("run");
-    let config = tmp.path().join("configuration.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-             [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
-            workspace_bin("carapace-vmm").display().to_string(),
-            workspace_bin("carapace-fsd").display().to_string(),
-            state.display().to_string()
-        ),
-    )
-    .expect("config");
     let shim = workspace_bin("containerd-shim-carapace-v2");
     let bins = shim.parent().expect("bin dir");
+    let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
     let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
         .expect("containerd with Carapace");
     (tmp, state, ctrd)

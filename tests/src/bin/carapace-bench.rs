@@ -25,7 +25,7 @@ use carapace_tests::bench::parse::{
 };
 use carapace_tests::bench::pods::{self, PodRun};
 use carapace_tests::bench::{Report, Row, Samples, percentile_rows};
-use carapace_tests::containerd::{Containerd, RuntimeEntry};
+use carapace_tests::containerd::{Containerd, RuntimeEntry, carapace_config};
 use carapace_tests::fixtures::{busybox_rootfs, oci_image_archive};
 use clap::{Parser, ValueEnum};
 
@@ -333,18 +333,8 @@ fn containers(
         .prefix("carapace-bench-")
         .tempdir()
         .context("creating a work directory")?;
-    let config = work.path().join("configuration.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-             [agent]\nboot_timeout_ms = 300000\n",
-            bins.join("carapace-vmm").display().to_string(),
-            bins.join("carapace-fsd").display().to_string(),
-            work.path().join("run").display().to_string()
-        ),
-    )
-    .context("writing the Carapace configuration")?;
+    let (config, _state) =
+        carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
     progress("building a busybox image and starting a private containerd");
     let rootfs = work.path().join("image-rootfs");
     busybox_rootfs(&rootfs)?;
@@ -629,18 +619,8 @@ fn pod_phase(
         .prefix("cbp-") // short: unix socket paths below it carry 64-char CRI ids
         .tempdir()
         .context("creating a work directory")?;
-    let config = work.path().join("configuration.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-             [agent]\nboot_timeout_ms = 300000\n",
-            bins.join("carapace-vmm").display().to_string(),
-            bins.join("carapace-fsd").display().to_string(),
-            work.path().join("run").display().to_string()
-        ),
-    )
-    .context("writing the Carapace configuration")?;
+    let (config, _state) =
+        carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
     for f in ["vmlinux", "initramfs.cpio.gz"] {
         let p = cli.guest_dir.join(f);
         if !p.is_file() {

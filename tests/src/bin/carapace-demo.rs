@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use carapace_tests::containerd::{
-    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, with_carapace,
+    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, carapace_config, with_carapace,
 };
 const GUEST_DIR: &str = "/var/lib/carapace/guest";
 
@@ -64,19 +64,8 @@ fn run() -> Result<()> {
         .prefix("carapace-demo-")
         .tempdir()
         .context("creating a work directory")?;
-    let state = work.path().join("run");
-    let config = work.path().join("configuration.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-             [agent]\nboot_timeout_ms = 300000\n[debug]\nconsole = true\n",
-            bins.join("carapace-vmm").display().to_string(),
-            bins.join("carapace-fsd").display().to_string(),
-            state.display().to_string()
-        ),
-    )
-    .context("writing the Carapace configuration")?;
+    let (config, state) =
+        carapace_config(work.path(), &bins, true).context("writing the Carapace configuration")?;
 
     step(
         "starting a private containerd with the Carapace runtime registered, importing a busybox image built locally",
