@@ -21,6 +21,8 @@ const ENV_INITRD: &str = "CARAPACE_VMM_E2E_INITRD";
 const ENV_FSD: &str = "CARAPACE_VMM_E2E_FSD";
 /// Guest boots under TCG-emulated SVM take tens of seconds.
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+/// How long the 1 MiB TCP echo over virtio-net may take in all (TCG lab: seconds normally).
+const ECHO_DEADLINE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 struct Fixture {
@@ -194,6 +196,8 @@ impl Vmm {
 
     fn api(&self, req: &str) -> serde_json::Value {
         let mut s = UnixStream::connect(self.dir.path().join("api.sock")).expect("api connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("api timeout");
         s.write_all(format!("{req}\n").as_bytes())
             .expect("api write");
         let mut line = String::new();
@@ -577,9 +581,8 @@ fn net_echo(f: &Fixture, name: &str, net_arg: &str) {
         "net=10.213.77.2/24",
         &["--net", net_arg],
     );
-    vm.wait_serial("vmm-guest-test: net");
-    let serial = vm.serial();
-    assert!(serial.contains("net up 10.213.77.2/24"), "{serial}");
+    // The whole line: the console may be read while the guest is half-way through it.
+    vm.wait_serial("net up 10.213.77.2/24, tcp echo on 7777\n");
     // Host -> guest SYN, guest -> host SYN-ACK (after ARP both ways), then data both ways.
     let addr: std::net::SocketAddr = "10.213.77.2:7777".parse().expect("addr");
     let t = Instant::now();
@@ -601,12 +604,40 @@ fn net_echo(f: &Fixture, name: &str, net_arg: &str) {
     let data = pattern(1 << 20, 11);
     let expect = fnv1a(&data);
     let mut w = s.try_clone().expect("clone");
-    let writer = std::thread::spawn(move || w.write_all(&data).is_ok());
-    s.set_read_timeout(Some(Duration::from_secs(120)))
+    // Every wait is bounded: a stalled echo fails with the device counters and both logs
+    // instead of hanging until the lab's own deadline.
+    w.set_write_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let writer = std::thread::spawn(move || w.write_all(&data).map_err(|e| e.to_string()));
+    s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     let mut got = vec![0u8; 1 << 20];
-    s.read_exact(&mut got).expect("echo over the tap");
-    assert!(writer.join().expect("writer"), "write to the guest");
+    let (mut have, t) = (0usize, Instant::now());
+    while have < got.len() {
+        match s.read(&mut got[have..]) {
+            Ok(0) => panic!("guest closed the echo after {have} bytes"),
+            Ok(n) => have += n,
+            Err(e)
+                if t.elapsed() < ECHO_DEADLINE
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+            Err(e) => panic!(
+                "echo over the tap stalled after {have} of {} bytes ({e}, {:?})\nmetrics: {}\nserial:\n{}\nvmm:\n{}",
+                got.len(),
+                t.elapsed(),
+                vm.api(r#"{"cmd":"metrics"}"#),
+                vm.serial(),
+                vm.log()
+            ),
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    writer
+        .join()
+        .expect("writer")
+        .unwrap_or_else(|e| panic!("write to the guest: {e}"));
     assert_eq!(fnv1a(&got), expect, "echo over the tap differs");
     drop(s);
 

@@ -12,8 +12,10 @@ use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use super::worker::{STOP_TOKEN, Worker};
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::worker::{RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
+use super::{
+    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+};
 
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -275,27 +277,31 @@ impl VirtioDevice for Block {
                 return;
             }
             let mut events = [EpollEvent::default(); 4];
+            let mut watch = IrqWatch::default();
             loop {
-                let Ok(n) = ep.wait(-1, &mut events) else {
+                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
                     return;
                 };
-                for e in &events[..n] {
-                    if e.data() == STOP_TOKEN {
-                        return;
-                    }
+                if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
+                    return;
+                }
+                if n == 0 {
+                    // Idle tick: look at the ring as if kicked (a kick may have been lost).
+                    interrupt.rescue(&mut watch);
+                } else {
                     let _ = event.read();
-                    match backend.process_queue(&mut queue, &mem) {
-                        Ok(true) => {
-                            if queue.needs_notification(&mem).unwrap_or(true) {
-                                interrupt.notify_queue();
-                            }
+                }
+                match backend.process_queue(&mut queue, &mem) {
+                    Ok(true) => {
+                        if queue.needs_notification(&mem).unwrap_or(true) {
+                            interrupt.notify_queue();
                         }
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "virtio-blk queue error");
-                            interrupt.fail("queue error");
-                            return;
-                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "virtio-blk queue error");
+                        interrupt.fail("queue error");
+                        return;
                     }
                 }
             }

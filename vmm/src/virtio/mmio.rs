@@ -189,6 +189,7 @@ impl MmioTransport {
                 "activations": l(&c.activations),
                 "failed_activations": l(&c.failed_activations),
                 "notifies": l(&c.notifies),
+                "irq_resent": self.interrupt.resent(),
             },
             "device": self.device.metrics(),
         })

@@ -9,8 +9,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use super::worker::{STOP_TOKEN, Worker};
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::worker::{RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
+use super::{
+    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+};
 
 /// Largest amount of entropy served per request (bounds host work per descriptor chain).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -131,27 +133,31 @@ impl VirtioDevice for Rng {
                 return;
             }
             let mut events = [EpollEvent::default(); 4];
+            let mut watch = IrqWatch::default();
             loop {
-                let Ok(n) = ep.wait(-1, &mut events) else {
+                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
                     return;
                 };
-                for e in &events[..n] {
-                    if e.data() == STOP_TOKEN {
-                        return;
-                    }
+                if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
+                    return;
+                }
+                if n == 0 {
+                    // Idle tick: look at the ring as if kicked (a kick may have been lost).
+                    interrupt.rescue(&mut watch);
+                } else {
                     let _ = event.read();
-                    match process_queue(&mut queue, &mem, &counters) {
-                        Ok(true) => {
-                            if queue.needs_notification(&mem).unwrap_or(true) {
-                                interrupt.notify_queue();
-                            }
+                }
+                match process_queue(&mut queue, &mem, &counters) {
+                    Ok(true) => {
+                        if queue.needs_notification(&mem).unwrap_or(true) {
+                            interrupt.notify_queue();
                         }
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "virtio-rng queue error");
-                            interrupt.fail("queue error");
-                            return;
-                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "virtio-rng queue error");
+                        interrupt.fail("queue error");
+                        return;
                     }
                 }
             }

@@ -9,6 +9,12 @@ use vmm_sys_util::eventfd::EventFd;
 /// Token reserved for the stop eventfd.
 pub const STOP_TOKEN: u64 = u64::MAX;
 
+/// How long a device worker waits for events before it looks at its queues and its interrupt
+/// anyway. A notification or interrupt lost between guest and VMM (nested, emulated
+/// virtualization loses them now and then) would otherwise stall the device for good; one
+/// wake-up a second per device is the price.
+pub const RESCUE_PERIOD_MS: i32 = 1000;
+
 /// A running device worker.
 #[derive(Debug)]
 pub struct Worker {

@@ -13,8 +13,10 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use super::worker::{STOP_TOKEN, Worker};
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::worker::{RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
+use super::{
+    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+};
 use muxer::{Muxer, MuxerError, VsockCounters};
 
 const QUEUE_SIZE: u16 = 256;
@@ -86,11 +88,17 @@ fn run(
             .map_err(MuxerError::Epoll)?;
     }
     let mut events = vec![EpollEvent::default(); 64];
+    let mut watch = IrqWatch::default();
     loop {
         let n = mux
             .epoll()
-            .wait(-1, &mut events)
+            .wait(RESCUE_PERIOD_MS, &mut events)
             .map_err(MuxerError::Epoll)?;
+        if n == 0 {
+            // Idle tick: the rings below are looked at as if kicked (a kick may have been
+            // lost), and an interrupt the guest never acknowledged is raised again.
+            interrupt.rescue(&mut watch);
+        }
         let mut notify = false;
         for e in &events[..n] {
             match e.data() {
