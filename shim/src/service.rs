@@ -82,7 +82,7 @@ fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
 /// containerd's error for a task error: the code it understands, the whole chain as text.
 fn status(e: TaskError) -> containerd_shim::protos::ttrpc::Error {
     let code = match &e {
-        TaskError::NotFound { .. } => Code::NOT_FOUND,
+        TaskError::NotFound { .. } | TaskError::Finished { .. } => Code::NOT_FOUND,
         TaskError::AlreadyExists { .. } => Code::ALREADY_EXISTS,
         TaskError::WrongState { .. } => Code::FAILED_PRECONDITION,
         TaskError::Pod { .. } | TaskError::Stdio { .. } => Code::INVALID_ARGUMENT,
@@ -805,5 +805,20 @@ mod tests {
         };
         assert_eq!(s.code(), Code::NOT_FOUND);
         assert_eq!(s.message(), "container x not found");
+        // CRI's stop path ignores only not-found errors from Kill
+        let containerd_shim::protos::ttrpc::Error::RpcStatus(s) =
+            status(TaskError::Finished { id: "x".into() })
+        else {
+            panic!("an RPC status");
+        };
+        assert_eq!(s.code(), Code::NOT_FOUND);
+        let containerd_shim::protos::ttrpc::Error::RpcStatus(s) = status(TaskError::WrongState {
+            op: "delete",
+            id: "x".into(),
+            state: "running",
+        }) else {
+            panic!("an RPC status");
+        };
+        assert_eq!(s.code(), Code::FAILED_PRECONDITION);
     }
 }

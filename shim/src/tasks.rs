@@ -28,6 +28,14 @@ pub enum TaskError {
         /// Its id (`container/exec`).
         id: String,
     },
+    /// A signal for a process that has exited. containerd (CRI's StopContainer and
+    /// StopPodSandbox among others) treats this like runc's "process already finished": a
+    /// not-found, so the caller goes on to wait and delete.
+    #[error("process {id} already finished")]
+    Finished {
+        /// Which process.
+        id: String,
+    },
     /// The id is taken.
     #[error("{kind} {id} already exists")]
     AlreadyExists {
@@ -719,10 +727,8 @@ impl Tasks {
             })?;
             let p = c.proc(id, exec_id)?;
             if p.state == ProcState::Stopped {
-                return Err(TaskError::WrongState {
-                    op: "signal",
+                return Err(TaskError::Finished {
                     id: proc_name(id, exec_id),
-                    state: "stopped",
                 });
             }
             if p.state == ProcState::Created && !exec_id.is_empty() {
