@@ -8,6 +8,9 @@
 //! `P<pid>` (the workload pid, from the helper), `R` (set up, waiting for start),
 //! `E<message>` (failure). The status pipe is close-on-exec in the child, so the agent
 //! sees EOF exactly when exec succeeded.
+//!
+//! With a terminal, a fourth descriptor is a unix socket: the child allocates the pty in
+//! the container (see [`crate::console`]) and sends the master back on it before `R`.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -79,6 +82,8 @@ pub enum InitError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("capabilities: {0}")]
     Caps(String),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 trait Ctx<T> {
@@ -106,8 +111,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     s.replace('\n', " ")
 }
 
-/// Entry point of `carapace-agent __init`. Never returns.
-pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd) -> ! {
+/// Entry point of `carapace-agent __init`. `console_fd` is the socket that carries the
+/// terminal back to the agent (only with a terminal). Never returns.
+pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd, console_fd: Option<RawFd>) -> ! {
     // SAFETY: the agent passes these three descriptors, open and owned by nobody else in
     // this freshly exec'd process; each is wrapped exactly once.
     let status = unsafe { File::from_raw_fd(status_fd) };
@@ -117,6 +123,8 @@ pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd) -> ! {
         let config = unsafe { File::from_raw_fd(config_fd) };
         // SAFETY: see above.
         let start = unsafe { OwnedFd::from_raw_fd(start_fd) };
+        // SAFETY: see above.
+        let console = console_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
         let mut text = Vec::new();
         config
             .take(MAX_CONFIG_LEN + 1)
@@ -127,7 +135,12 @@ pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd) -> ! {
         }
         let cfg: InitConfig =
             serde_json::from_slice(&text).map_err(|e| InitError::Config(e.to_string()))?;
-        helper(cfg, &mut status, start)
+        if cfg.tty != console.is_some() {
+            return Err(InitError::Config(
+                "a console socket is passed exactly when process.terminal is set".into(),
+            ));
+        }
+        helper(cfg, &mut status, start, console)
     })();
     if let Err(e) = result {
         let _ = status_line(&mut status, &format!("E{}", chain(&e)));
@@ -147,7 +160,12 @@ fn status_line(status: &mut File, line: &str) -> std::io::Result<()> {
     status.write_all(&buf)
 }
 
-fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), InitError> {
+fn helper(
+    cfg: InitConfig,
+    status: &mut File,
+    start: OwnedFd,
+    console: Option<OwnedFd>,
+) -> Result<(), InitError> {
     if let Some(procs) = &cfg.cgroup_procs {
         std::fs::write(procs, std::process::id().to_string())
             .ctx(|| format!("joining cgroup {}", procs.display()))?;
@@ -158,11 +176,14 @@ fn helper(cfg: InitConfig, status: &mut File, start: OwnedFd) -> Result<(), Init
     }
     match crate::sys::fork_single_threaded().ctx(|| "fork".into())? {
         nix::unistd::ForkResult::Parent { child } => {
+            // Only the child sends on the console socket: the agent sees EOF on it when
+            // the child is gone.
+            drop(console);
             status_line(status, &format!("P{child}")).ctx(|| "writing status".into())?;
             Ok(())
         }
         nix::unistd::ForkResult::Child => {
-            let result = child(&cfg, status, start);
+            let result = child(&cfg, status, start, console);
             if let Err(e) = result {
                 let _ = status_line(status, &format!("E{}", chain(&e)));
                 std::process::exit(127);
@@ -224,19 +245,25 @@ fn join_container_namespaces(pid: i32) -> Result<(), InitError> {
     Ok(())
 }
 
-fn child(cfg: &InitConfig, status: &mut File, start: OwnedFd) -> Result<(), InitError> {
+fn child(
+    cfg: &InitConfig,
+    status: &mut File,
+    start: OwnedFd,
+    console: Option<OwnedFd>,
+) -> Result<(), InitError> {
     let p = &cfg.process;
     // Until exec, this process runs the agent's binary inside the container: keep other
     // container processes from ptrace-attaching to it or opening /proc/<pid>/exe etc.
     // (exec resets it).
     nix::sys::prctl::set_dumpable(false).ctx(|| "prctl(PR_SET_DUMPABLE, 0)".into())?;
     nix::unistd::setsid().ctx(|| "setsid".into())?;
-    if cfg.tty {
-        crate::sys::set_controlling_tty(std::io::stdin().as_fd())
-            .ctx(|| "making the pty the controlling terminal".into())?;
-    }
     if let InitKind::Create { spec, .. } = &cfg.kind {
         setup_rootfs(spec)?;
+    }
+    // The terminal comes from the container's devpts: after pivot_root (create), or in the
+    // joined mount namespace (exec), /dev/ptmx is the container's.
+    if let Some(sock) = console {
+        crate::console::setup_in_container(sock, p.user().uid())?;
     }
     for r in p.rlimits().iter().flatten() {
         let name = serde_json::to_value(r.typ())

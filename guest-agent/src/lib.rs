@@ -1,6 +1,7 @@
 //! Carapace guest agent library. See README.md.
 
 pub mod cgroup;
+pub mod console;
 pub mod ids;
 pub mod init;
 pub mod namespaces;

@@ -77,10 +77,16 @@ fn main() -> ExitCode {
     // The container helper: handled before anything else (no runtime, no threads).
     if argv.get(1).map(String::as_str) == Some("__init") {
         let fd = |i: usize| argv.get(i).and_then(|s| process::parse_fd(s));
-        match (fd(2), fd(3), fd(4)) {
-            (Some(c), Some(s), Some(st)) => carapace_agent::init::main(c, s, st),
+        let console = argv.get(5).map(|_| fd(5));
+        match (fd(2), fd(3), fd(4), console) {
+            (Some(c), Some(s), Some(st), None) => carapace_agent::init::main(c, s, st, None),
+            (Some(c), Some(s), Some(st), Some(Some(tty))) => {
+                carapace_agent::init::main(c, s, st, Some(tty))
+            }
             _ => {
-                eprintln!("carapace-agent: __init needs three descriptor numbers");
+                eprintln!(
+                    "carapace-agent: __init needs three descriptor numbers (config, status, start) and, with a terminal, a fourth (console socket)"
+                );
                 return ExitCode::from(EXIT_USAGE);
             }
         }

@@ -28,6 +28,8 @@ pub enum SpawnError {
     Setup(String),
     #[error("helper ended without reporting {expected}")]
     Protocol { expected: &'static str },
+    #[error("receiving the container's terminal")]
+    Console(#[source] crate::console::ConsoleError),
 }
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
@@ -150,30 +152,27 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
     let (cfg_r, cfg_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
     let (start_r, start_w) = pipe()?;
+    // With a terminal, the helper allocates the pty inside the container and sends the
+    // master back on `console` (see crate::console); until then its stdio is /dev/null.
+    let mut console = None;
     let (child_stdio, mut ours) = if cfg.tty {
-        let pty = nix::pty::openpty(None, None).map_err(|e| SpawnError::Io {
-            op: "openpty",
-            source: e.into(),
-        })?;
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(|e| SpawnError::Io {
-                op: "FD_CLOEXEC on pty",
-                source: e.into(),
-            })?;
-        }
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("dup pty"));
-        let child = [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave];
-        let ours = Stdio3 {
-            stdin: Some(FdStream::new(dup(&pty.master)?).map_err(io("registering pty"))?),
-            stdout: Some(FdStream::new(dup(&pty.master)?).map_err(io("registering pty"))?),
-            stderr: None,
-            tty: Some(pty.master),
+        let (agent_end, helper_end) = crate::console::socket_pair().map_err(SpawnError::Console)?;
+        console = Some((agent_end, helper_end));
+        let null = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(io("opening /dev/null"))
         };
-        (child, ours)
+        let ours = Stdio3 {
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            tty: None,
+        };
+        ([null()?, null()?, null()?], ours)
     } else {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
@@ -187,12 +186,13 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
         ([in_r, out_w, err_w], ours)
     };
     let [c_in, c_out, c_err] = child_stdio;
-    let fds = [cfg_r.as_raw_fd(), status_w.as_raw_fd(), start_r.as_raw_fd()];
+    let mut fds = vec![cfg_r.as_raw_fd(), status_w.as_raw_fd(), start_r.as_raw_fd()];
+    if let Some((_, helper_end)) = &console {
+        fds.push(helper_end.as_raw_fd());
+    }
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg("__init")
-        .arg(fds[0].to_string())
-        .arg(fds[1].to_string())
-        .arg(fds[2].to_string())
+        .args(fds.iter().map(ToString::to_string))
         .stdin(Stdio::from(c_in))
         .stdout(Stdio::from(c_out))
         .stderr(Stdio::from(c_err))
@@ -200,6 +200,8 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
     crate::sys::keep_fds_on_exec(&mut cmd, fds);
     cmd.spawn().map_err(io("spawning carapace-agent __init"))?;
     drop((cfg_r, status_w, start_r));
+    // Only the helper (and its child) may hold the other end: EOF then means it is gone.
+    let console = console.map(|(agent_end, _helper_end)| agent_end);
     let text = serde_json::to_vec(cfg)
         .map_err(|e| SpawnError::Setup(format!("encoding init config: {e}")))?;
     let writer = tokio::task::spawn_blocking(move || {
@@ -228,6 +230,24 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
         Some(l) if l.starts_with('E') => return Err(SpawnError::Setup(l[1..].to_owned())),
         _ => return Err(SpawnError::Protocol { expected: "pid" }),
     };
+    if let Some(sock) = console {
+        match receive_terminal(sock).await {
+            Ok(master) => ours = terminal_stdio(master)?,
+            Err(e) => {
+                // The child reports why it sent nothing on its status line (an `R` cannot
+                // come first: the terminal is sent before it).
+                let why = match status.next().await {
+                    Ok(Some(l)) if l.starts_with('E') => SpawnError::Setup(l[1..].to_owned()),
+                    _ => e,
+                };
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(why);
+            }
+        }
+    }
     let exit = reaper.register(pid);
     let proc = Arc::new(Proc {
         pid,
@@ -241,6 +261,28 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
         proc,
         status,
         start: Some(start_w),
+    })
+}
+
+/// Waits (off the reactor: a blocking recvmsg) for the pty master the helper's child sends.
+async fn receive_terminal(sock: OwnedFd) -> Result<OwnedFd, SpawnError> {
+    tokio::task::spawn_blocking(move || crate::console::recv_tty(std::os::fd::AsFd::as_fd(&sock)))
+        .await
+        .map_err(|e| SpawnError::Io {
+            op: "receiving the terminal",
+            source: std::io::Error::other(e),
+        })?
+        .map_err(SpawnError::Console)
+}
+
+/// The agent's side of a terminal process: stdin and stdout both on the master.
+fn terminal_stdio(master: OwnedFd) -> Result<Stdio3, SpawnError> {
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(io("dup pty"));
+    Ok(Stdio3 {
+        stdin: Some(FdStream::new(dup(&master)?).map_err(io("registering pty"))?),
+        stdout: Some(FdStream::new(dup(&master)?).map_err(io("registering pty"))?),
+        stderr: None,
+        tty: Some(master),
     })
 }
 

@@ -94,13 +94,14 @@ pub fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
 
 /// Makes `fds` survive the exec of `cmd` (they are close-on-exec in the agent so that no
 /// other child inherits them).
-pub fn keep_fds_on_exec(cmd: &mut std::process::Command, fds: [i32; 3]) {
+pub fn keep_fds_on_exec(cmd: &mut std::process::Command, fds: Vec<i32>) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec in the child and only calls fcntl,
-    // which is async-signal-safe; it allocates nothing and touches no shared state.
+    // which is async-signal-safe; it iterates the vector it owns (no allocation) and
+    // touches no shared state.
     unsafe {
         cmd.pre_exec(move || {
-            for fd in fds {
+            for &fd in &fds {
                 clear_cloexec(fd)?;
             }
             Ok(())

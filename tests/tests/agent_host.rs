@@ -1171,3 +1171,80 @@ async fn sysctls_apply_to_the_container_namespaces_only() {
     assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{}", msg(&e));
     assert!(msg(&e).contains("kernel.shmmni"), "{}", msg(&e));
 }
+
+/// What a terminal process printed: the `tty=` path, whether it exists in the container as
+/// a character device, and the owner uid `ls -ln` shows for it.
+fn tty_report(out: &str) -> (String, bool, String) {
+    let path = out
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("tty="))
+        .unwrap_or_else(|| panic!("no tty= line in {out:?}"))
+        .to_owned();
+    let exists = out.lines().any(|l| l.trim_end() == "exists");
+    let owner = out
+        .lines()
+        .find(|l| l.starts_with('c'))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_else(|| panic!("no ls -ln line in {out:?}"))
+        .to_owned();
+    (path, exists, owner)
+}
+
+fn is_devpts_path(p: &str) -> bool {
+    p.strip_prefix("/dev/pts/")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+const TTY_SCRIPT: &str =
+    "t=$(busybox tty); echo \"tty=$t\"; test -c \"$t\" && echo exists; ls -ln \"$t\"";
+
+/// A terminal is allocated from the container's own devpts instance (its /dev/pts mount),
+/// so `tty` names a /dev/pts/<n> that exists inside the container, for the init and for
+/// an exec (here as another user, who owns its terminal).
+#[tokio::test]
+async fn terminal_comes_from_the_containers_devpts() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(a.dir.path(), &["sh", "-c", TTY_SCRIPT]);
+    s["process"]["terminal"] = json!(true);
+    create(&a, "ptsinit", &s).await.unwrap();
+    start(&a, "ptsinit").await;
+    let out = String::from_utf8(read_all(&a, "ptsinit", "", false).await).unwrap();
+    assert_eq!(wait(&a, "ptsinit", "").await.exit_status, 0, "{out}");
+    let (path, exists, owner) = tty_report(&out);
+    assert!(is_devpts_path(&path), "init: tty says {path:?}:\n{out}");
+    assert!(
+        exists,
+        "init: {path} does not exist in the container:\n{out}"
+    );
+    assert_eq!(owner, "0", "init: {out}");
+    a.client
+        .remove_container(ctx(), &creq("ptsinit"))
+        .await
+        .unwrap();
+
+    let s = spec(a.dir.path(), &["sleep", "1000"]);
+    create(&a, "ptsexec", &s).await.unwrap();
+    start(&a, "ptsexec").await;
+    let process = json!({
+        "terminal": true,
+        "args": ["sh", "-c", TTY_SCRIPT],
+        "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 65534, "gid": 65534}
+    });
+    let (out, err, w) = exec_run(&a, "ptsexec", "t1", &process).await;
+    assert_eq!(w.exit_status, 0, "{out}");
+    assert!(err.is_empty(), "a terminal has no separate stderr: {err:?}");
+    let (path, exists, owner) = tty_report(&out);
+    assert!(is_devpts_path(&path), "exec: tty says {path:?}:\n{out}");
+    assert!(
+        exists,
+        "exec: {path} does not exist in the container:\n{out}"
+    );
+    assert_eq!(
+        owner, "65534",
+        "exec: the terminal is the process user's:\n{out}"
+    );
+    a.client
+        .remove_container(ctx(), &creq("ptsexec"))
+        .await
+        .unwrap();
+}
