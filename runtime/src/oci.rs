@@ -144,12 +144,26 @@ fn options(mount: &Value) -> impl Iterator<Item = &str> {
         .filter_map(Value::as_str)
 }
 
+/// Whether `path` is `/proc/<pod_init_pid>/ns/<kind>` for a namespace a pod shares
+/// (network is the VM's own and needs no path in the guest).
+fn is_pod_namespace(path: &str, pod_init_pid: u32, kind: &str) -> bool {
+    matches!(kind, "ipc" | "uts" | "pid") && path == format!("/proc/{pod_init_pid}/ns/{kind}")
+}
+
 /// Translates the spec of container `cid` from `bundle` for a guest that sees the shared
 /// directory at `guest_shared_dir` (normally [`GUEST_SHARED_DIR`]).
+///
+/// `pod_init_pid` is, for a container joining a pod's VM, the guest pid of the pod sandbox's
+/// init (the pid containerd was given for the sandbox task). containerd's CRI points a pod
+/// container's ipc, uts and (with a shared process namespace) pid namespaces at
+/// `/proc/<that pid>/ns/<type>`: those paths name the same namespaces inside the guest and
+/// are kept, so the pod's containers share them as on runc. Any other namespace path is a
+/// host path that means nothing in the guest and is dropped (a fresh namespace is made).
 pub fn translate(
     bundle: &Path,
     cid: &str,
     guest_shared_dir: &Path,
+    pod_init_pid: Option<u32>,
 ) -> Result<GuestSpec, SpecError> {
     let (path, mut spec) = load_bundle_spec(bundle)?;
     let invalid = |field: &str, reason: String| SpecError::Invalid {
@@ -253,14 +267,26 @@ pub fn translate(
         .and_then(Value::as_array_mut)
     {
         for n in ns.iter_mut() {
-            if let Some(o) = n.as_object_mut()
-                && o.remove("path").is_some()
-            {
-                tracing::warn!(
-                    cid,
-                    "namespace paths are host paths; the guest creates fresh namespaces"
-                );
+            let Some(o) = n.as_object_mut() else { continue };
+            let kind = o
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let Some(path) = o.get("path").and_then(Value::as_str).map(str::to_owned) else {
+                continue;
+            };
+            if pod_init_pid.is_some_and(|pid| is_pod_namespace(&path, pid, &kind)) {
+                tracing::debug!(cid, kind, path, "joins the pod sandbox's namespace");
+                continue;
             }
+            o.remove("path");
+            tracing::warn!(
+                cid,
+                kind,
+                path,
+                "a namespace path from the host means nothing in the guest: a fresh namespace"
+            );
         }
     }
 
@@ -357,7 +383,7 @@ mod tests {
         assert_eq!(v["process"]["terminal"], true);
         let err = write_default_spec(dir.path()).unwrap_err();
         assert!(err.to_string().contains(&p.display().to_string()));
-        translate(dir.path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap();
+        translate(dir.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
     }
 
     #[test]
@@ -376,7 +402,7 @@ mod tests {
             json!([{"type": "network", "path": "/proc/1/ns/net"}, {"type": "pid"}]);
         spec["hooks"] = json!({"prestart": [{"path": "/bin/true"}]});
         let b = bundle(&spec);
-        let g = translate(b.path(), "c1", Path::new(GUEST_SHARED_DIR)).unwrap();
+        let g = translate(b.path(), "c1", Path::new(GUEST_SHARED_DIR), None).unwrap();
         assert_eq!(g.json["root"]["path"], "/run/carapace/shared/c1/rootfs");
         assert_eq!(g.json["mounts"][0]["source"], "proc");
         assert_eq!(
@@ -419,30 +445,72 @@ mod tests {
     }
 
     #[test]
+    fn pod_containers_keep_the_sandbox_namespaces_and_nothing_else_from_the_host() {
+        let mut spec = base();
+        spec["linux"]["namespaces"] = json!([
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "uts", "path": "/proc/42/ns/uts"},
+            {"type": "pid", "path": "/proc/42/ns/pid"},
+            {"type": "mount"},
+            {"type": "cgroup", "path": "/proc/42/ns/cgroup"}
+        ]);
+        let b = bundle(&spec);
+        let g = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
+        assert_eq!(
+            g.json["linux"]["namespaces"],
+            json!([
+                {"type": "network"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/42/ns/uts"},
+                {"type": "pid", "path": "/proc/42/ns/pid"},
+                {"type": "mount"},
+                {"type": "cgroup"}
+            ])
+        );
+        // another pod's pid, a mismatched type, or no pod at all: fresh namespaces
+        spec["linux"]["namespaces"] = json!([
+            {"type": "ipc", "path": "/proc/43/ns/ipc"},
+            {"type": "uts", "path": "/proc/42/ns/ipc"}
+        ]);
+        let b = bundle(&spec);
+        let g = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
+        assert_eq!(
+            g.json["linux"]["namespaces"],
+            json!([{"type": "ipc"}, {"type": "uts"}])
+        );
+        let g = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
+        assert_eq!(g.json["linux"]["namespaces"][0], json!({"type": "ipc"}));
+    }
+
+    #[test]
     fn bad_specs_name_file_and_field() {
         let b = bundle(&json!({"ociVersion": "1.0.2", "process": {"args": "echo"}}));
-        let err = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
+        let err = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(matches!(err, SpecError::Parse { .. }), "{err}");
         assert!(err.to_string().contains("config.json"));
 
         let mut spec = base();
         spec["process"]["args"] = json!([]);
-        let err = translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
+        let err =
+            translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(err.to_string().contains("process.args"), "{err}");
 
         let mut spec = base();
         spec["root"]["path"] = json!("nope");
-        let err = translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
+        let err =
+            translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(err.to_string().contains("root.path"), "{err}");
 
         let mut spec = base();
         spec["mounts"] =
             json!([{"destination": "/x", "type": "bind", "source": "/nonexistent/vol"}]);
-        let err = translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
+        let err =
+            translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(err.to_string().contains("mounts[0].source"), "{err}");
 
         let empty = tempfile::tempdir().unwrap();
-        let err = translate(empty.path(), "c", Path::new(GUEST_SHARED_DIR)).unwrap_err();
+        let err = translate(empty.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(matches!(err, SpecError::Read { .. }), "{err}");
     }
 }

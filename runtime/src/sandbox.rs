@@ -255,7 +255,7 @@ impl Runtime {
             Placement::Vm => PathBuf::from(GUEST_SHARED_DIR),
             Placement::HostAgent => paths.shared.clone(),
         };
-        let guest = oci::translate(&bundle, id, &guest_shared)?;
+        let guest = oci::translate(&bundle, id, &guest_shared, None)?;
         if self.placement == Placement::Vm {
             check_image(&self.config)?;
         }
@@ -715,7 +715,7 @@ impl Runtime {
             Placement::Vm => PathBuf::from(GUEST_SHARED_DIR),
             Placement::HostAgent => sandbox_paths.shared.clone(),
         };
-        let guest = oci::translate(&bundle, cid, &guest_shared)?;
+        let guest = oci::translate(&bundle, cid, &guest_shared, sandbox.guest_pid)?;
         self.store.create_dir(cid)?;
         let mut st = SandboxState::new(cid, &bundle, guest.annotations.clone());
         st.sandbox_id = Some(sandbox_id.to_owned());
@@ -778,20 +778,35 @@ impl Runtime {
                 op: "delete it without --force",
             });
         }
+        let t = Instant::now();
         if let Some(vmm) = self.vm_of(st)
             && vmm.is_alive()
         {
             let paths = self.paths(sandbox_id)?;
             match self.connect_until(&vmm, &paths, Duration::from_secs(2)) {
                 Ok(agent) => {
+                    let connected = t.elapsed();
                     if let Err(e) = agent.remove_container(&st.id) {
                         tracing::warn!(id = st.id, error = %e, "RemoveContainer failed");
                     }
+                    tracing::info!(
+                        id = st.id,
+                        connect_ms = connected.as_millis() as u64,
+                        remove_ms = (t.elapsed() - connected).as_millis() as u64,
+                        "removed from the pod's VM"
+                    );
                 }
                 Err(e) => tracing::warn!(id = st.id, error = %e, "agent unreachable"),
             }
         }
-        self.teardown_member(st, sandbox_id)
+        let t = Instant::now();
+        let r = self.teardown_member(st, sandbox_id);
+        tracing::info!(
+            id = st.id,
+            teardown_ms = t.elapsed().as_millis() as u64,
+            "host side of the pod container undone"
+        );
+        r
     }
 
     /// The host side of a pod's container: its IO relay, its binds in the sandbox's shared

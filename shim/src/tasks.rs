@@ -807,10 +807,16 @@ impl Tasks {
         } else {
             let backend = self.backend.clone();
             let (cid, r) = (id.to_owned(), role.clone());
+            let t = std::time::Instant::now();
             blocking(id, move || {
                 backend.delete(&cid, &bundle, &r).map_err(TaskError::from)
             })
             .await?;
+            tracing::info!(
+                id,
+                ms = t.elapsed().as_millis() as u64,
+                "backend delete done"
+            );
         }
         self.table().remove(id);
         if let Role::Container { sandbox_id } = &role {

@@ -92,7 +92,8 @@ kvm_test! {
             command: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo from-writer > /data/note; cat /proc/sys/kernel/random/boot_id; exec sleep 600"
+                "echo from-writer > /data/note; cat /proc/sys/kernel/random/boot_id; \
+                 readlink /proc/self/ns/ipc /proc/self/ns/uts /proc/self/ns/pid; exec sleep 600"
                     .into(),
             ],
             mounts: vec![(shared.clone(), "/data".into())],
@@ -126,7 +127,8 @@ kvm_test! {
                 "sh".into(),
                 "-c".into(),
                 "while [ ! -e /data/note ]; do sleep 0.2; done; cat /data/note; \
-                 cat /proc/sys/kernel/random/boot_id; exit 4"
+                 cat /proc/sys/kernel/random/boot_id; \
+                 readlink /proc/self/ns/ipc /proc/self/ns/uts /proc/self/ns/pid; exit 4"
                     .into(),
             ],
             mounts: vec![(shared, "/data".into())],
@@ -149,6 +151,17 @@ kvm_test! {
         let writer_boot = writer_log.lines().next().unwrap_or_default().to_owned();
         assert_eq!(reader_boot.len(), 36, "reader log: {reader_log:?}");
         assert_eq!(reader_boot, writer_boot, "both containers run in the pod's one VM");
+        // and share the pod's ipc, uts and (pod-wide pid mode) pid namespaces, the pause
+        // container's, as on runc
+        let rest = |log: &str, skip: usize| -> Vec<String> {
+            log.lines().skip(skip).take(3).map(str::to_owned).collect()
+        };
+        let (r_ns, w_ns) = (rest(&reader_log, 2), rest(&writer_log, 1));
+        assert_eq!(r_ns.len(), 3, "reader log: {reader_log:?}");
+        for (line, kind) in r_ns.iter().zip(["ipc:[", "uts:[", "pid:["]) {
+            assert!(line.starts_with(kind), "{r_ns:?}");
+        }
+        assert_eq!(r_ns, w_ns, "pod namespaces: reader {reader_log:?}, writer {writer_log:?}");
         assert_ne!(reader_boot, host_boot_id(), "the pod runs in a VM, not on the host");
         let vmms = running("carapace-vmm");
         assert_eq!(vmms.lines().count(), 1, "one VM for the whole pod: {vmms}");
