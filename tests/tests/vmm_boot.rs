@@ -581,8 +581,9 @@ fn net_echo(f: &Fixture, name: &str, net_arg: &str) {
         "net=10.213.77.2/24",
         &["--net", net_arg],
     );
-    // The whole line: the console may be read while the guest is half-way through it.
-    vm.wait_serial("net up 10.213.77.2/24, tcp echo on 7777\n");
+    // Up to the line's last words: the console may be read while the guest is half-way
+    // through the line.
+    vm.wait_serial("net up 10.213.77.2/24, tcp echo on 7777");
     // Host -> guest SYN, guest -> host SYN-ACK (after ARP both ways), then data both ways.
     let addr: std::net::SocketAddr = "10.213.77.2:7777".parse().expect("addr");
     let t = Instant::now();
