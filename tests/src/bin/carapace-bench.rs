@@ -461,9 +461,22 @@ fn mem_available_kib() -> Option<u64> {
         .ok()
 }
 
-/// Host PSS of all Carapace sandbox processes and guest memory touched (both KiB).
-fn sandbox_memory() -> Result<(u64, u64, usize)> {
-    let (mut pss, mut guest, mut procs) = (0, 0, 0);
+/// PSS of Carapace's sandbox processes (KiB).
+#[derive(Debug, Default)]
+struct SandboxMemory {
+    /// All of them, guest RAM included.
+    pss: u64,
+    /// The VMMs' guest-RAM mappings: guest memory actually touched.
+    guest: u64,
+    /// Processes counted.
+    procs: usize,
+    /// Per program, guest RAM excluded: (name, KiB).
+    by_name: std::collections::BTreeMap<String, u64>,
+}
+
+/// Host PSS of all Carapace sandbox processes and guest memory touched.
+fn sandbox_memory() -> Result<SandboxMemory> {
+    let mut m = SandboxMemory::default();
     for entry in std::fs::read_dir("/proc")
         .context("listing /proc")?
         .flatten()
@@ -484,32 +497,48 @@ fn sandbox_memory() -> Result<(u64, u64, usize)> {
         let Ok(rollup) = std::fs::read_to_string(dir.join("smaps_rollup")) else {
             continue; // exited meanwhile
         };
-        pss += smaps_rollup_pss_kib(&rollup)
+        let pss = smaps_rollup_pss_kib(&rollup)
             .with_context(|| format!("{}/smaps_rollup", dir.display()))?;
-        procs += 1;
+        let mut guest = 0;
         if name == "carapace-vmm"
             && let Ok(smaps) = std::fs::read_to_string(dir.join("smaps"))
         {
-            guest += largest_mapping_pss_kib(&smaps)
+            guest = largest_mapping_pss_kib(&smaps)
                 .with_context(|| format!("{}/smaps", dir.display()))?;
         }
+        m.pss += pss;
+        m.guest += guest;
+        m.procs += 1;
+        *m.by_name.entry(name).or_default() += pss.saturating_sub(guest);
     }
-    Ok((pss, guest, procs))
+    Ok(m)
 }
 
 fn sandboxes(ctrd: &Containerd, max: usize, report: &mut Report) -> Result<()> {
     let mut at = Vec::new(); // (count, host PSS beyond guest RAM, guest touched) per sandbox
     let mut lat = Vec::new();
     let mut stop_reason = format!("bound of {max} reached");
+    let (mut breakdown, mut last_breakdown) = (Vec::new(), String::new());
     for n in 1..=max {
         let ms = start_idle(ctrd, CARAPACE, &format!("idle-carapace-{n}"))?;
         lat.push(ms);
         // let the guest settle before sampling memory
         std::thread::sleep(Duration::from_secs(2));
-        let (pss, guest, procs) = sandbox_memory()?;
+        let mem = sandbox_memory()?;
+        let (pss, guest, procs) = (mem.pss, mem.guest, mem.procs);
+        let by_name = mem
+            .by_name
+            .iter()
+            .map(|(k, v)| format!("{k} {:.0}", *v as f64 / n as f64))
+            .collect::<Vec<_>>()
+            .join(", ");
         progress(&format!(
-            "sandbox {n}: started in {ms:.0} ms; {procs} processes, PSS {pss} KiB (guest touched {guest} KiB)"
+            "sandbox {n}: started in {ms:.0} ms; {procs} processes, PSS {pss} KiB (guest touched {guest} KiB); per sandbox without guest RAM: {by_name}"
         ));
+        if n == 1 {
+            breakdown.push(format!("at 1: {by_name}"));
+        }
+        last_breakdown = format!("at {n}: {by_name}");
         if n == 1 || n == max {
             at.push((n, pss, guest));
         }
@@ -528,6 +557,12 @@ fn sandboxes(ctrd: &Containerd, max: usize, report: &mut Report) -> Result<()> {
         }
     }
     at.dedup_by_key(|a| a.0);
+    breakdown.push(last_breakdown);
+    breakdown.dedup_by(|a, b| a.split(':').next() == b.split(':').next());
+    report.notes.push(format!(
+        "sandbox_pss by program, KiB per sandbox without guest RAM: {}",
+        breakdown.join("; ")
+    ));
     for &(n, pss, guest) in &at {
         let per = |v: u64| v as f64 / n as f64;
         report.rows.push(
