@@ -3,7 +3,10 @@
 //! Mounts the virtio-fs tag `shared` on /mnt, runs the conformance checks and the escape
 //! attempts from inside the guest, prints one line per check on the console
 //! (`CHECK <name> ok|FAIL <why>`, `ESCAPE <name> denied|ESCAPED <how>`), then
-//! `FSD-GUEST-CHECK DONE pass=<n> fail=<m>` and asks the VM to restart (the VMM runs with no-reboot, so it exits). The host-side test
+//! `FSD-GUEST-CHECK DONE pass=<n> fail=<m> t=<uptime>` and asks the VM to restart (the
+//! VMM exits on it). Each check prints `BEGIN <name>` before it runs and its result as it ends, and a
+//! heartbeat thread prints `TICK t=<uptime> step=<name>` every 15 s, so the host can tell
+//! a slow check, a blocked check and a stopped guest apart. The host-side test
 //! asserts on those lines and on the shared and outside directories.
 //!
 //! With `fsdcheck=bench` on the kernel command line it runs the benchmark instead and
@@ -20,8 +23,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const MNT: &str = "/mnt";
 const SECRET_MARK: &[u8] = b"HOST-SECRET";
@@ -56,29 +60,86 @@ fn mount(src: &str, target: &str, fstype: &str) -> R {
     }
 }
 
+/// The check running now (for the heartbeat).
+static STEP: Mutex<&str> = Mutex::new("boot");
+
+/// Guest uptime in seconds, as the kernel counts it.
+fn uptime() -> String {
+    fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// A progress line inside a long check (the host's stall detector sees the guest move).
+fn progress(what: &str) {
+    let step = *STEP.lock().unwrap_or_else(|p| p.into_inner());
+    println!("PROGRESS {step} {what} t={}", uptime());
+}
+
+/// Prints `TICK` with the current step every `period` from a thread of its own: the host
+/// tells a guest that is alive but blocked in one check (ticks go on) from a guest that
+/// stopped altogether (ticks stop).
+fn start_heartbeat(period: Duration) {
+    let _ = std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(period);
+                let step = *STEP.lock().unwrap_or_else(|p| p.into_inner());
+                println!("TICK t={} step={step}", uptime());
+            }
+        });
+}
+
+/// Runs `checks` one by one, printing `BEGIN` before and the result line after each (as
+/// it happens, so a stall shows which check it is in); returns (passed, failed).
+fn run_checks(checks: &[Check], kind: &str, ok: &str, bad: &str) -> (u32, u32) {
+    let (mut pass, mut fail) = (0, 0);
+    for (name, check) in checks {
+        *STEP.lock().unwrap_or_else(|p| p.into_inner()) = name;
+        println!("BEGIN {name} t={}", uptime());
+        let t = Instant::now();
+        let ms = || t.elapsed().as_millis();
+        match check() {
+            Ok(()) => {
+                pass += 1;
+                println!("{kind} {name} {ok} ({} ms)", ms());
+            }
+            Err(why) => {
+                fail += 1;
+                println!("{kind} {name} {bad} {why} ({} ms)", ms());
+            }
+        }
+    }
+    (pass, fail)
+}
+
 fn p(rel: &str) -> String {
     format!("{MNT}/{rel}")
 }
 
-fn conformance() -> Vec<(&'static str, R)> {
-    vec![
-        ("create-write-read", create_write_read()),
-        ("rename", rename()),
-        ("hardlink", hardlink()),
-        ("symlink", symlinks()),
-        ("chmod", chmod()),
-        ("chown", chown()),
-        ("xattr", xattr()),
-        ("locks", locks()),
-        ("sparse-4g", sparse_4g()),
-        ("readdir-10k", readdir_10k()),
-        ("mmap-read", mmap_read()),
-        ("mkfifo", mkfifo()),
-        ("statfs", statfs()),
-        ("fallocate-lseek", fallocate_lseek()),
-        ("unlink-rmdir", unlink_rmdir()),
-    ]
-}
+/// One check: its name and the function running it.
+type Check = (&'static str, fn() -> R);
+
+/// The conformance checks, in order (run one at a time, each reported as it ends).
+const CONFORMANCE: &[Check] = &[
+    ("create-write-read", create_write_read),
+    ("rename", rename),
+    ("hardlink", hardlink),
+    ("symlink", symlinks),
+    ("chmod", chmod),
+    ("chown", chown),
+    ("xattr", xattr),
+    ("locks", locks),
+    ("sparse-4g", sparse_4g),
+    ("readdir-10k", readdir_10k),
+    ("mmap-read", mmap_read),
+    ("mkfifo", mkfifo),
+    ("statfs", statfs),
+    ("fallocate-lseek", fallocate_lseek),
+    ("unlink-rmdir", unlink_rmdir),
+];
 
 fn create_write_read() -> R {
     let path = p("hello.txt");
@@ -273,6 +334,9 @@ fn readdir_10k() -> R {
     fs::create_dir(&dir).map_err(e("mkdir"))?;
     for i in 0..10_000 {
         File::create(format!("{dir}/f{i:05}")).map_err(e("create"))?;
+        if (i + 1) % 2_000 == 0 {
+            progress(&format!("{} files", i + 1));
+        }
     }
     let n = fs::read_dir(&dir).map_err(e("readdir"))?.count();
     ensure(n == 10_000, format!("{n} entries"))
@@ -386,17 +450,16 @@ fn no_create(path: &str) -> R {
     }
 }
 
-fn escapes() -> Vec<(&'static str, R)> {
-    vec![
-        ("dotdot", dotdot()),
-        ("abs-symlink", via_link("abs")),
-        ("rel-symlink", via_link("rel")),
-        ("proc-self-fd", proc_self_fd()),
-        ("guest-made-symlinks", guest_made_links()),
-        ("mknod-device", mknod_device()),
-        ("rename-race", rename_race()),
-    ]
-}
+/// The escape attempts, in order.
+const ESCAPES: &[Check] = &[
+    ("dotdot", dotdot),
+    ("abs-symlink", || via_link("abs")),
+    ("rel-symlink", || via_link("rel")),
+    ("proc-self-fd", proc_self_fd),
+    ("guest-made-symlinks", guest_made_links),
+    ("mknod-device", mknod_device),
+    ("rename-race", rename_race),
+];
 
 fn dotdot() -> R {
     // In the guest, /mnt/.. is the guest's own root; whatever it lists is guest data.
@@ -634,42 +697,32 @@ fn main() {
         Ok(()) => {
             println!("CHECK mount ok");
             pass += 1;
-            for (name, r) in conformance() {
-                match r {
-                    Ok(()) => {
-                        pass += 1;
-                        println!("CHECK {name} ok");
-                    }
-                    Err(why) => {
-                        fail += 1;
-                        println!("CHECK {name} FAIL {why}");
-                    }
-                }
+            start_heartbeat(Duration::from_secs(15));
+            for (checks, kind, ok, bad) in [
+                (CONFORMANCE, "CHECK", "ok", "FAIL"),
+                (ESCAPES, "ESCAPE", "denied", "ESCAPED"),
+            ] {
+                let (p, f) = run_checks(checks, kind, ok, bad);
+                pass += p;
+                fail += f;
             }
-            for (name, r) in escapes() {
-                match r {
-                    Ok(()) => {
-                        pass += 1;
-                        println!("ESCAPE {name} denied");
-                    }
-                    Err(why) => {
-                        fail += 1;
-                        println!("ESCAPE {name} ESCAPED {why}");
-                    }
-                }
-            }
+            *STEP.lock().unwrap_or_else(|p| p.into_inner()) = "done";
         }
         Err(why) => {
             fail += 1;
             println!("CHECK mount FAIL {why}");
         }
     }
-    println!("FSD-GUEST-CHECK DONE pass={pass} fail={fail}");
+    println!(
+        "FSD-GUEST-CHECK DONE pass={pass} fail={fail} t={}",
+        uptime()
+    );
     let _ = std::io::stdout().flush();
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
-    // A restart request ends the VM: the VMM runs with no-reboot (QEMU `-no-reboot`), and
-    // microvm without ACPI has no power-off device. Nothing runs after this.
+    // A restart request ends the VM: the VMM exits on a guest reset (carapace-vmm with
+    // code 32, QEMU with `-no-reboot`); microvm without ACPI has no power-off device.
+    // Nothing runs after this.
     // SAFETY: reboot has no memory-safety preconditions.
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
 }
