@@ -31,7 +31,13 @@ pub async fn serve(
     std::fs::create_dir_all(&config.shared_dir)
         .with_context(|| format!("creating shared dir {}", config.shared_dir.display()))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mode = config.mode;
+    let grace = config.stop_grace;
+    // Before serving, so that no SIGINT is lost once requests can start containers.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let svc = service::AgentService::new(config, tx).context("starting the reaper")?;
+    let stopper = svc.clone();
     let listener = ttrpc::r#async::transport::Listener::bind(addr)
         .with_context(|| format!("listening on {addr}"))?;
     let mut server = ttrpc::r#async::Server::new()
@@ -40,7 +46,26 @@ pub async fn serve(
     server.start().await.context("starting the ttrpc server")?;
     tracing::info!(%addr, "serving");
     on_listening();
-    let why = rx.recv().await.unwrap_or(service::ShutdownKind::PowerOff);
+    let why = tokio::select! {
+        why = rx.recv() => why.unwrap_or(service::ShutdownKind::PowerOff),
+        _ = sigint.recv() => {
+            // In the guest this is Ctrl-Alt-Del (the VMM asking for a shutdown): the
+            // kernel sends SIGINT to PID 1 since the agent disabled its hard restart.
+            let line = format!(
+                "carapace-agent: SIGINT (Ctrl-Alt-Del): orderly shutdown, containers get {} ms after SIGTERM",
+                grace.as_millis()
+            );
+            match mode {
+                service::Mode::Guest => pid1::console_line(&line),
+                service::Mode::Host => tracing::info!("{line}"),
+            }
+            stopper.stop_all().await;
+            if mode == service::Mode::Guest {
+                stopper.unmount_shares();
+            }
+            service::ShutdownKind::Interrupted
+        }
+    };
     // Let the reply to the request that asked for shutdown go out first.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let _ = server.shutdown().await;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use carapace_agent::service::{Config, Mode};
+use std::time::Duration;
+
+use carapace_agent::service::{Config, DEFAULT_STOP_GRACE, Mode};
 use carapace_agent::{pid1, process, sys};
 use clap::Parser;
 
@@ -14,7 +16,9 @@ use clap::Parser;
 ///
 /// As PID 1 (the kernel runs it as /init) it prints a ready line on the console, mounts
 /// proc/sys/dev/devpts/cgroup2/run, reads `carapace.*` kernel parameters, serves on vsock
-/// port 1024 and powers the VM off when the sandbox is destroyed.
+/// port 1024 and powers the VM off when the sandbox is destroyed. It disables the kernel's
+/// Ctrl-Alt-Del restart, so Ctrl-Alt-Del (how the VMM asks for a shutdown) reaches it as
+/// SIGINT: containers get SIGTERM, a grace period, SIGKILL; shares are unmounted; power off.
 ///
 /// With --host-mode it serves on a unix socket and runs containers on this host (root
 /// needed); used by tests so that most of the agent is exercised without a VM.
@@ -41,6 +45,11 @@ struct Args {
     /// command line, else "info".
     #[arg(long)]
     log: Option<String>,
+    /// Seconds containers get between SIGTERM and SIGKILL in an orderly shutdown (SIGINT:
+    /// Ctrl-Alt-Del in the guest; in host mode, SIGINT stops the containers, then the agent
+    /// exits). Guest default: carapace.stop_grace_secs= on the kernel command line, else 5.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=pid1::MAX_STOP_GRACE_SECS))]
+    stop_grace_secs: Option<u64>,
 }
 
 /// Exit codes.
@@ -169,6 +178,9 @@ fn run_host(args: Args) -> anyhow::Result<ExitCode> {
         mode: Mode::Host,
         cgroup_root: cgroup_root.clone(),
         shared_dir,
+        stop_grace: args
+            .stop_grace_secs
+            .map_or(DEFAULT_STOP_GRACE, Duration::from_secs),
     };
     let rt = runtime()?;
     rt.block_on(carapace_agent::serve(&listen, config, || {}))?;
@@ -185,6 +197,9 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
         ));
     }
     pid1::early_mounts().context("mounting the early filesystems")?;
+    // Ctrl-Alt-Del must not restart the VM at once: with the hard restart disabled the
+    // kernel sends SIGINT to PID 1, which stops the containers in order (lib.rs `serve`).
+    let cad = nix::sys::reboot::set_cad_enabled(false);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (settings, unknown) = pid1::parse_cmdline(&cmdline);
     let filter = args
@@ -195,6 +210,9 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
     init_logging(&filter, true);
     for u in unknown {
         tracing::warn!(parameter = %u, "unknown or invalid carapace.* kernel parameter ignored");
+    }
+    if let Err(e) = cad {
+        tracing::warn!(error = %e, "reboot(RB_DISABLE_CAD) failed: Ctrl-Alt-Del restarts the VM without stopping the containers");
     }
     let port = settings.port.unwrap_or(carapace_protocol::AGENT_VSOCK_PORT);
     let listen = args.listen.unwrap_or_else(|| format!("vsock://-1:{port}"));
@@ -208,6 +226,10 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
         shared_dir: args
             .shared_dir
             .unwrap_or_else(|| PathBuf::from("/run/carapace/shared")),
+        stop_grace: args
+            .stop_grace_secs
+            .or(settings.stop_grace_secs)
+            .map_or(DEFAULT_STOP_GRACE, Duration::from_secs),
     };
     let rt = runtime()?;
     rt.block_on(carapace_agent::serve(&listen, config, || {
@@ -215,7 +237,7 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
             tracing::warn!(error = %e, "cannot write the boot-done marker to port 0x3f0");
         }
     }))?;
-    tracing::info!("powering off");
+    pid1::console_line("carapace-agent: powering off");
     drop(rt);
     let err = pid1::power_off();
     Err(anyhow::anyhow!("reboot(RB_POWER_OFF) failed: {err}"))

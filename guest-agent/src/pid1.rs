@@ -175,7 +175,13 @@ pub struct CmdlineSettings {
     pub port: Option<u32>,
     /// `carapace.cgroup_root=<path>`: parent cgroup of containers (default /sys/fs/cgroup/carapace).
     pub cgroup_root: Option<String>,
+    /// `carapace.stop_grace_secs=<n>`: SIGTERM-to-SIGKILL grace of an orderly shutdown
+    /// (default 5).
+    pub stop_grace_secs: Option<u64>,
 }
+
+/// Largest accepted `carapace.stop_grace_secs` (an hour).
+pub const MAX_STOP_GRACE_SECS: u64 = 3600;
 
 /// Parses the `carapace.` parameters of a kernel command line; unknown ones are ignored
 /// with their names returned for logging.
@@ -194,6 +200,10 @@ pub fn parse_cmdline(text: &str) -> (CmdlineSettings, Vec<String>) {
                 Err(_) => unknown.push(word.to_owned()),
             },
             "cgroup_root" if v.starts_with('/') => s.cgroup_root = Some(v.to_owned()),
+            "stop_grace_secs" => match v.parse() {
+                Ok(n) if n <= MAX_STOP_GRACE_SECS => s.stop_grace_secs = Some(n),
+                _ => unknown.push(word.to_owned()),
+            },
             _ => unknown.push(word.to_owned()),
         }
     }
@@ -226,11 +236,20 @@ mod tests {
     #[test]
     fn cmdline() {
         let (s, unknown) = parse_cmdline(
-            "console=ttyS0 carapace.log=debug carapace.port=2000 carapace.bogus=1 carapace.port=x",
+            "console=ttyS0 carapace.log=debug carapace.port=2000 carapace.bogus=1 carapace.port=x \
+             carapace.stop_grace_secs=7 carapace.stop_grace_secs=99999",
         );
         assert_eq!(s.log.as_deref(), Some("debug"));
         assert_eq!(s.port, Some(2000));
-        assert_eq!(unknown, vec!["carapace.bogus=1", "carapace.port=x"]);
+        assert_eq!(s.stop_grace_secs, Some(7));
+        assert_eq!(
+            unknown,
+            vec![
+                "carapace.bogus=1",
+                "carapace.port=x",
+                "carapace.stop_grace_secs=99999"
+            ]
+        );
     }
 
     #[test]

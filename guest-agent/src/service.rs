@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use carapace_protocol::agent::*;
 use carapace_protocol::agent_ttrpc::Agent;
@@ -106,7 +106,13 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     /// Directory CopyFile writes under.
     pub shared_dir: PathBuf,
+    /// How long an orderly shutdown (Ctrl-Alt-Del in the guest, SIGINT/SIGTERM in host
+    /// mode) gives containers between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
 }
+
+/// Default of [`Config::stop_grace`]: well within the VMM's default shutdown timeout (10 s).
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CState {
@@ -171,6 +177,8 @@ pub struct AgentService {
     cgroups: Option<CgroupRoot>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     sandbox: Mutex<Option<String>>,
+    /// Mount points of the virtio-fs shares mounted for the sandbox, in mount order.
+    shares: Mutex<Vec<PathBuf>>,
     oom: OomQueue,
     oom_watch: Arc<crate::oom::OomWatcher>,
     started: Instant,
@@ -182,6 +190,10 @@ pub struct AgentService {
 pub enum ShutdownKind {
     /// Shutdown RPC or sandbox destroyed.
     PowerOff,
+    /// SIGINT: in the guest, the kernel's Ctrl-Alt-Del (the VMM's shutdown request, with
+    /// RB_DISABLE_CAD set); the containers were stopped in order (see
+    /// [`AgentService::stop_all`]).
+    Interrupted,
 }
 
 impl AgentService {
@@ -208,6 +220,7 @@ impl AgentService {
             cgroups,
             containers: Mutex::default(),
             sandbox: Mutex::default(),
+            shares: Mutex::default(),
             oom: OomQueue::default(),
             oom_watch: Arc::new(crate::oom::OomWatcher::new()),
             started: Instant::now(),
@@ -659,6 +672,76 @@ impl AgentService {
         })
     }
 
+    /// Orderly shutdown of every container: SIGTERM to each process of each started
+    /// container (a paused one is thawed first, or the signal would wait), up to
+    /// `config.stop_grace` for the inits to exit, then the usual removal (SIGKILL to what
+    /// is left, cgroups removed). Logs how each container ended.
+    pub async fn stop_all(&self) {
+        let grace = self.config.stop_grace;
+        let all: Vec<Arc<Container>> = self.lock_containers().values().cloned().collect();
+        let mut waiting = Vec::new();
+        for c in all {
+            let state = c.state();
+            if matches!(state, CState::Created | CState::Stopped) {
+                continue;
+            }
+            if state == CState::Paused
+                && let Some(cg) = &c.cgroup
+                && let Err(e) = cg.freeze(false).await
+            {
+                tracing::warn!(container = %c.id, error = %chain(&e), "thawing before stop");
+            }
+            match self.container_pids(&c) {
+                Ok(pids) => {
+                    for pid in pids {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(container = %c.id, error = %chain(&e), "listing processes to stop")
+                }
+            }
+            tracing::info!(container = %c.id, grace_ms = grace.as_millis() as u64, "stopping container (SIGTERM)");
+            waiting.push(c);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        for c in waiting {
+            match tokio::time::timeout_at(deadline, c.init.wait()).await {
+                Ok(exit) => {
+                    tracing::info!(container = %c.id, status = exit.status(), "container stopped")
+                }
+                Err(_) => tracing::warn!(
+                    container = %c.id,
+                    "container did not stop within the grace period: killing it (SIGKILL)"
+                ),
+            }
+        }
+        self.destroy_all().await;
+    }
+
+    /// Flushes and unmounts the sandbox's virtio-fs shares (last mounted first), so that
+    /// the host's file system daemon sees every write before the VM goes away. A busy
+    /// share (a process that could not be killed) is detached instead.
+    pub fn unmount_shares(&self) {
+        nix::unistd::sync();
+        let shares = std::mem::take(&mut *self.shares.lock().unwrap_or_else(|p| p.into_inner()));
+        for mp in shares.iter().rev() {
+            let r = nix::mount::umount2(mp, nix::mount::MntFlags::empty()).or_else(|e| {
+                tracing::warn!(mount_point = %mp.display(), error = %e, "unmounting share; detaching it");
+                nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH)
+            });
+            match r {
+                Ok(()) => tracing::info!(mount_point = %mp.display(), "share unmounted"),
+                Err(e) => {
+                    tracing::warn!(mount_point = %mp.display(), error = %e, "cannot unmount share")
+                }
+            }
+        }
+    }
+
     async fn destroy_all(&self) {
         let ids: Vec<String> = self.lock_containers().keys().cloned().collect();
         for id in ids {
@@ -775,6 +858,10 @@ impl Agent for AgentService {
                         field: "shares",
                         reason: chain(&e),
                     })?;
+                self.shares
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(PathBuf::from(&s.mount_point));
             }
             for (k, v) in &req.sysctls {
                 let path =
@@ -812,6 +899,7 @@ impl Agent for AgentService {
         *self.sandbox.lock().unwrap_or_else(|p| p.into_inner()) = None;
         tracing::info!(sandbox = %req.sandbox_id, "sandbox destroyed");
         if self.config.mode == Mode::Guest {
+            self.unmount_shares();
             let _ = self.shutdown.send(ShutdownKind::PowerOff);
         }
         Ok(empty())
@@ -1144,6 +1232,9 @@ impl Agent for AgentService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
         self.destroy_all().await;
+        if self.config.mode == Mode::Guest {
+            self.unmount_shares();
+        }
         let _ = self.shutdown.send(ShutdownKind::PowerOff);
         Ok(empty())
     }

@@ -441,3 +441,257 @@ fn inner_agent_in_vm() {
     assert!(status.success(), "qemu exit {status:?}");
     assert!(log.contains("powering off"), "{log}");
 }
+
+const VMM_ENV: &str = "CARAPACE_AGENT_GUEST_VMM";
+
+/// Ctrl-Alt-Del from our VMM (its control API's `shutdown` with a grace period) is an
+/// orderly shutdown of the agent (it disabled the kernel's hard restart, so it gets SIGINT):
+/// the containers get SIGTERM (the trap's exit status 3 is logged), then the agent powers
+/// off. Also, in the same VM, a terminal init and a terminal exec see their terminal as an
+/// existing /dev/pts/<n> of the container's own devpts.
+#[test]
+fn agent_stops_containers_on_ctrl_alt_del_from_the_vmm() {
+    let kernel = guest_kernel();
+    let agent = static_agent();
+    let vmm = carapace_tests::workspace_bin("carapace-vmm");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-guest-cad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = dir.join("initramfs.cpio");
+    initramfs(&agent, &initrd);
+    let exe = std::env::current_exe().unwrap();
+    let out = Lab::new()
+        .mem_mib(2048)
+        .smp(2)
+        .timeout(Duration::from_secs(1200))
+        .env(IN_LAB_ENV, "1")
+        .env(KERNEL_ENV, kernel.display().to_string())
+        .env(INITRD_ENV, initrd.display().to_string())
+        .env(VMM_ENV, vmm.display().to_string())
+        .run(&[
+            exe.to_str().unwrap(),
+            "inner_ctrl_alt_del_through_carapace_vmm",
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .expect("running in the lab");
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    assert_eq!(out.status, 0, "the in-VM test failed");
+    assert!(
+        out.stdout.contains("1 passed"),
+        "the in-VM test did not run"
+    );
+}
+
+/// Reads a process's output until it contains `needle` (or EOF).
+async fn read_until(client: &AgentClient, id: &str, exec: &str, needle: &str) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(needle) {
+        let r = client
+            .read_stdout(
+                ctx(),
+                &ReadStreamRequest {
+                    container_id: id.into(),
+                    exec_id: exec.into(),
+                    max_len: 4096,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        if r.eof {
+            break;
+        }
+        out.extend_from_slice(&r.data);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn assert_container_tty(who: &str, out: &str) {
+    let path = out
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("tty="))
+        .unwrap_or_else(|| panic!("{who}: no tty= line in {out:?}"));
+    assert!(
+        path.strip_prefix("/dev/pts/")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        "{who}: tty says {path:?}"
+    );
+    assert!(
+        out.lines().any(|l| l.trim_end() == "exists"),
+        "{who}: {path} does not exist in the container: {out:?}"
+    );
+}
+
+#[test]
+#[ignore = "runs inside the lab, started by agent_stops_containers_on_ctrl_alt_del_from_the_vmm"]
+fn inner_ctrl_alt_del_through_carapace_vmm() {
+    use std::io::{BufRead, BufReader, Write};
+    assert!(
+        std::env::var_os(IN_LAB_ENV).is_some(),
+        "only meaningful inside the lab"
+    );
+    let w = tempfile::tempdir().unwrap();
+    let console = w.path().join("console.log");
+    let vsock = w.path().join("v.sock");
+    let api = w.path().join("api.sock");
+    let vmm_log = w.path().join("vmm.log");
+    let mut vmm = Command::new(std::env::var(VMM_ENV).unwrap())
+        .arg("--kernel")
+        .arg(std::env::var(KERNEL_ENV).unwrap())
+        .arg("--initrd")
+        .arg(std::env::var(INITRD_ENV).unwrap())
+        .args(["--memory-mib", "512"])
+        .arg("--serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("--vsock-uds")
+        .arg(&vsock)
+        .arg("--api-socket")
+        .arg(&api)
+        .args(["--cmdline", "carapace.log=info carapace.stop_grace_secs=60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&vmm_log).unwrap())
+        .spawn()
+        .expect("starting carapace-vmm");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(150);
+            let client = loop {
+                match carapace_protocol::client::connect_hybrid_vsock(
+                    &vsock,
+                    Duration::from_secs(15),
+                )
+                .await
+                {
+                    Ok((c, _)) => break c,
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "agent never answered: {e:?}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            };
+            client
+                .create_sandbox(
+                    ctx(),
+                    &CreateSandboxRequest {
+                        sandbox_id: "cad".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let mut spec = carapace_tests::fixtures::default_spec(&[
+                "sh",
+                "-c",
+                "t=$(busybox tty); echo \"tty=$t\"; test -c \"$t\" && echo exists; \
+                 trap 'exit 3' TERM; echo ready; while true; do sleep 1; done",
+            ]);
+            spec["root"]["path"] = json!("/rootfs");
+            spec["process"]["terminal"] = json!(true);
+            client
+                .create_container(
+                    ctx(),
+                    &CreateContainerRequest {
+                        container_id: "tc".into(),
+                        spec_json: serde_json::to_vec(&spec).unwrap(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("create tc");
+            client
+                .start_container(
+                    ctx(),
+                    &ContainerRequest {
+                        container_id: "tc".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("start tc");
+            let out = read_until(&client, "tc", "", "ready").await;
+            assert_container_tty("init", &out);
+            let process = json!({
+                "terminal": true,
+                "args": ["sh", "-c", "t=$(busybox tty); echo \"tty=$t\"; test -c \"$t\" && echo exists"],
+                "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+            });
+            client
+                .exec_process(
+                    ctx(),
+                    &ExecProcessRequest {
+                        container_id: "tc".into(),
+                        exec_id: "t".into(),
+                        process_json: serde_json::to_vec(&process).unwrap(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("terminal exec");
+            let out = read_until(&client, "tc", "t", "\u{0}never").await;
+            assert_container_tty("exec", &out);
+        });
+    }));
+    // The VMM presses Ctrl-Alt-Del and waits up to 120 s for the guest to go.
+    let reply = result.is_ok().then(|| {
+        std::panic::catch_unwind(|| {
+            let mut s = std::os::unix::net::UnixStream::connect(&api).expect("api connect");
+            s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+            s.write_all(b"{\"cmd\":\"shutdown\",\"grace_secs\":120}\n")
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).expect("api read");
+            serde_json::from_str::<serde_json::Value>(&line).expect("api answer")
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut exited = false;
+    while !exited && Instant::now() < deadline {
+        exited = matches!(vmm.try_wait(), Ok(Some(_)));
+        if !exited {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if !exited {
+        let _ = vmm.kill();
+    }
+    let status = vmm.wait();
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let vlog = std::fs::read_to_string(&vmm_log).unwrap_or_default();
+    println!("---- guest console ----\n{log}\n---- vmm ----\n{vlog}\n----");
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+    let reply = match reply {
+        Some(Ok(r)) => r,
+        Some(Err(p)) => std::panic::resume_unwind(p),
+        None => unreachable!("the first part failed above"),
+    };
+    assert_eq!(reply["asked_guest"], true, "{reply}");
+    assert_eq!(
+        reply["forced"], false,
+        "the guest did not stop in time: {reply}"
+    );
+    assert!(exited, "the VMM did not exit after the shutdown request");
+    let status = status.expect("reaping the VMM");
+    // 0: powered off (vmm/src/exit.rs); a hard restart on Ctrl-Alt-Del would also end
+    // in 0 here (the VMM counts a reset after its request as off), hence the console checks.
+    assert_eq!(status.code(), Some(0), "VMM exit {status:?}");
+    assert!(
+        log.contains("carapace-agent: SIGINT (Ctrl-Alt-Del): orderly shutdown"),
+        "the agent did not get Ctrl-Alt-Del as SIGINT"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("container stopped")
+            && l.contains("container=tc")
+            && l.contains("status=3")),
+        "the container did not exit through its TERM trap"
+    );
+    assert!(log.contains("carapace-agent: powering off"), "no power-off");
+}

@@ -1248,3 +1248,81 @@ async fn terminal_comes_from_the_containers_devpts() {
         .await
         .unwrap();
 }
+
+/// SIGINT (in the guest: Ctrl-Alt-Del, see agent_guest.rs) is an orderly shutdown: every
+/// running container gets SIGTERM, the grace period, then SIGKILL; the agent then exits.
+/// One container traps TERM and exits 3; the other (`sleep` as its pid namespace's init,
+/// which the kernel does not let SIGTERM kill) is killed once the grace period is over.
+#[tokio::test]
+async fn sigint_stops_containers_with_sigterm_then_sigkill() {
+    const GRACE_SECS: u64 = 8;
+    let mut a = start_agent_logging(&["--stop-grace-secs", &GRACE_SECS.to_string()], true).await;
+    let polite = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "trap 'echo term > /tmp/got-term; exit 3' TERM; echo ready; while true; do sleep 1; done",
+        ],
+    );
+    let rootfs = PathBuf::from(polite["root"]["path"].as_str().unwrap());
+    create(&a, "polite", &polite).await.unwrap();
+    start(&a, "polite").await;
+    assert_eq!(first_line(&a, "polite").await, "ready\n");
+    let stubborn = spec(a.dir.path(), &["sleep", "1000"]);
+    create(&a, "stubborn", &stubborn).await.unwrap();
+    let stubborn_pid = start(&a, "stubborn").await;
+    // Created, never started: removed without signals.
+    create(&a, "idle", &spec(a.dir.path(), &["true"]))
+        .await
+        .unwrap();
+
+    let t = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = loop {
+        if let Some(st) = a.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(GRACE_SECS + 60),
+            "agent still running after SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = std::fs::read_to_string(a.dir.path().join(AGENT_LOG)).unwrap();
+    assert!(status.success(), "agent exit {status}:\n{log}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(GRACE_SECS),
+        "the TERM-proof container was killed before the grace period ended:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tmp/got-term")).unwrap_or_default(),
+        "term\n",
+        "the polite container did not get SIGTERM:\n{log}"
+    );
+    assert!(log.contains("orderly shutdown"), "{log}");
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("container stopped") && l.contains("container=polite"))
+        .unwrap_or_else(|| panic!("no stop line for polite:\n{log}"));
+    assert!(stopped.contains("status=3"), "{stopped}");
+    assert!(
+        log.lines().any(|l| l.contains("container=stubborn")
+            && l.contains("did not stop within the grace period")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"idle\"") && l.contains("container removed")),
+        "{log}"
+    );
+    assert_eq!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(stubborn_pid as i32), None),
+        Err(nix::errno::Errno::ESRCH),
+        "the stubborn container's init is still there"
+    );
+}

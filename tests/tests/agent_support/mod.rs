@@ -32,17 +32,28 @@ pub fn ctx() -> context::Context {
 }
 
 pub async fn start_agent(extra: &[&str]) -> Agent {
+    start_agent_logging(extra, false).await
+}
+
+/// The file the agent's log goes to with [`start_agent_logging`]`(.., true)`.
+pub const AGENT_LOG: &str = "agent.log";
+
+/// Starts a host-mode agent; with `to_file`, its log (stderr) goes to [`AGENT_LOG`] in
+/// its directory instead of the test's output.
+pub async fn start_agent_logging(extra: &[&str], to_file: bool) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("agent.sock");
-    let child = Command::new(carapace_tests::workspace_bin("carapace-agent"))
-        .arg("--host-mode")
+    let mut cmd = Command::new(carapace_tests::workspace_bin("carapace-agent"));
+    cmd.arg("--host-mode")
         .arg("--listen")
         .arg(format!("unix://{}", sock.display()))
         .arg("--log")
         .arg("debug")
-        .args(extra)
-        .spawn()
-        .expect("spawning carapace-agent");
+        .args(extra);
+    if to_file {
+        cmd.stderr(std::fs::File::create(dir.path().join(AGENT_LOG)).expect("agent log"));
+    }
+    let child = cmd.spawn().expect("spawning carapace-agent");
     // The socket file appears at bind(), a moment before the server listens: retry
     // refused or missing connections until a deadline.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
