@@ -163,11 +163,35 @@ pub struct TtrpcConnector {
     pub request_timeout: Duration,
 }
 
-/// A connected agent.
+/// A connected agent. `client` is declared (so dropped) before the runtime it runs on.
 pub struct TtrpcAgent {
-    rt: Arc<tokio::runtime::Runtime>,
     client: AgentClient,
+    rt: ClientRuntime,
     timeout: Duration,
+}
+
+/// The private runtime a [`TtrpcAgent`] blocks on. It is shut down without waiting when
+/// dropped: the last reference to an agent may go away anywhere, also inside another
+/// runtime's async task (the shim drops a deleted container's agent in its Delete handler),
+/// where dropping a tokio runtime the ordinary way panics, which killed the handler before it
+/// answered.
+struct ClientRuntime(Option<tokio::runtime::Runtime>);
+
+impl ClientRuntime {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match &self.0 {
+            Some(rt) => rt.block_on(f),
+            None => unreachable!("the runtime is only taken in drop"),
+        }
+    }
+}
+
+impl Drop for ClientRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for TtrpcAgent {
@@ -198,7 +222,7 @@ impl AgentConnector for TtrpcConnector {
             })?;
         tracing::debug!(agent_version = info.agent_version, "connected to agent");
         Ok(Arc::new(TtrpcAgent {
-            rt: Arc::new(rt),
+            rt: ClientRuntime(Some(rt)),
             client,
             timeout: self.request_timeout,
         }))
@@ -474,5 +498,28 @@ impl AgentApi for TtrpcAgent {
             .block_on(self.client.destroy_sandbox(self.ctx(), &req))
             .map(drop)
             .map_err(Self::rpc_err("DestroySandbox", id))
+    }
+}
+
+#[cfg(test)]
+mod runtime_drop_tests {
+    use super::ClientRuntime;
+
+    #[test]
+    fn an_agent_runtime_may_be_dropped_inside_another_runtime() {
+        let outer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let inner = ClientRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        ));
+        assert_eq!(inner.block_on(async { 7 }), 7);
+        // A plain tokio Runtime panics here ("Cannot drop a runtime in a context where
+        // blocking is not allowed").
+        outer.block_on(async move { drop(inner) });
     }
 }

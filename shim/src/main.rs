@@ -13,6 +13,13 @@ fn backend() -> Result<Arc<dyn Backend>, String> {
 
 #[tokio::main]
 async fn main() {
+    // A panic in a request handler ends that handler without an answer; containerd only
+    // sees a deadline pass. Say what happened where it shows: containerd's log.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(%info, "panic in the shim");
+        default_hook(info);
+    }));
     set_backend_factory(backend);
     containerd_shim::asynchronous::run::<Service>(RUNTIME_ID, None).await;
 }
