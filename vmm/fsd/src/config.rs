@@ -177,6 +177,12 @@ impl FsConfig {
             do_import: false,
             // Inode identity includes the mount id so submounts never collide.
             enable_mntid: true,
+            // FUSE inode numbers are the host's (tagged with a per-device/mount index):
+            // the passthrough then drops an inode's id mapping when the guest forgets it.
+            // With its own counter instead it keeps every id it ever handed out ("the
+            // same file keeps its number"), one map entry per file the guest ever saw:
+            // memory a guest could grow without bound by creating and deleting files.
+            use_host_ino: true,
             ..PassthroughConfig::default()
         }
     }

@@ -522,3 +522,32 @@ fn lseek_on_a_created_handle() {
             .unwrap();
     assert!(hole <= (2 << 20) + 3);
 }
+
+/// FUSE inode numbers are the host's, tagged with a per-device index above bit 47: the
+/// passthrough keeps no per-file record once the guest forgets an inode (with its own
+/// counter it kept one for every file ever seen, growing without bound), and a file
+/// keeps its number across forgets (and daemon restarts).
+#[test]
+fn inode_numbers_follow_the_host() {
+    const HOST_INO_BITS: u64 = (1 << 47) - 1;
+    let f = fixture();
+    let e = f.create_file(ROOT, "numbered", b"x");
+    let host = std::fs::metadata(f.dir.path().join("numbered"))
+        .unwrap()
+        .ino();
+    assert_eq!(e.inode & HOST_INO_BITS, host);
+    f.fs.forget(&f.ctx, e.inode, 1);
+    let again = f.lookup(ROOT, "numbered").unwrap();
+    assert_eq!(again.inode, e.inode);
+    f.fs.forget(&f.ctx, again.inode, 1);
+    // A file created after many others were created and forgotten still gets its host
+    // number (nothing accumulates).
+    for i in 0..200 {
+        let e = f.create_file(ROOT, &format!("churn{i}"), b"");
+        f.fs.forget(&f.ctx, e.inode, 1);
+        f.fs.unlink(&f.ctx, ROOT, &c(&format!("churn{i}"))).unwrap();
+    }
+    let e = f.create_file(ROOT, "later", b"");
+    let host = std::fs::metadata(f.dir.path().join("later")).unwrap().ino();
+    assert_eq!(e.inode & HOST_INO_BITS, host);
+}
