@@ -89,7 +89,8 @@ impl DaemonError {
 pub fn open_fs(cfg: &FsConfig, root: &Path) -> io::Result<ServedFs> {
     let fs = PassthroughFs::<()>::new(cfg.passthrough_config(root))?;
     fs.import()?;
-    Ok(GuardedFs::new(fs, cfg.readonly, cfg.writeback))
+    Ok(GuardedFs::new(fs, cfg.readonly, cfg.writeback)
+        .with_readdirplus(cfg.cache != crate::config::CacheMode::Never))
 }
 
 /// Serves one vhost-user connection, then returns.

@@ -50,6 +50,7 @@ pub struct GuardedFs<F> {
     inner: F,
     readonly: bool,
     writeback: bool,
+    readdirplus: bool,
 }
 
 impl<F> GuardedFs<F> {
@@ -60,7 +61,17 @@ impl<F> GuardedFs<F> {
             inner,
             readonly,
             writeback: writeback && !readonly,
+            readdirplus: true,
         }
+    }
+
+    /// Whether to offer READDIRPLUS (on by default). Off for `--cache never`, as
+    /// virtiofsd does: its entries carry zero timeouts there, so the guest gains nothing,
+    /// while each entry costs the daemon a lookup (open + statx + inode record) and the
+    /// guest a FORGET later.
+    pub fn with_readdirplus(mut self, on: bool) -> Self {
+        self.readdirplus = on;
+        self
     }
 
     /// The wrapped filesystem.
@@ -142,7 +153,10 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         // from (its VFS adds them); the passthrough alone only asks for readdirplus. The
         // server answers `capable & returned`, and without BIG_WRITES/MAX_PAGES it
         // announces max_write = 8 KiB: every 1 MiB guest write became ~128 requests.
-        let want = self.inner.init(capable)? | ALWAYS_WANTED;
+        let mut want = self.inner.init(capable)? | ALWAYS_WANTED;
+        if !self.readdirplus {
+            want.remove(FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO);
+        }
         Ok(want & !NEVER_OFFERED)
     }
 

@@ -262,11 +262,12 @@ fn init_negotiates_one_mib_requests_and_concurrency() {
         FsOptions::ASYNC_DIO,
         FsOptions::PARALLEL_DIROPS,
         FsOptions::ATOMIC_O_TRUNC,
-        FsOptions::DO_READDIRPLUS,
     ] {
         assert!(flags.contains(want), "{want:?} not in {flags:?}");
     }
+    // --cache never: no READDIRPLUS (zero timeouts, see GuardedFs::with_readdirplus).
     for never in [
+        FsOptions::DO_READDIRPLUS,
         FsOptions::ZERO_MESSAGE_OPEN,
         FsOptions::ZERO_MESSAGE_OPENDIR,
         FsOptions::WRITEBACK_CACHE,

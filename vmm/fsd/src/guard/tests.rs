@@ -551,3 +551,19 @@ fn inode_numbers_follow_the_host() {
     let host = std::fs::metadata(f.dir.path().join("later")).unwrap().ino();
     assert_eq!(e.inode & HOST_INO_BITS, host);
 }
+
+/// READDIRPLUS is offered except with `--cache never` (zero timeouts: the guest would
+/// gain nothing from the attributes, the daemon would pay a lookup per entry).
+#[test]
+fn readdirplus_only_when_entries_are_cached() {
+    let plus = FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO;
+    for (cache, offered) in [
+        (CacheMode::Never, false),
+        (CacheMode::Auto, true),
+        (CacheMode::Always, true),
+    ] {
+        let f = fixture_with(cache, false);
+        let opts = f.fs.init(FsOptions::all()).unwrap();
+        assert_eq!(opts.contains(plus), offered, "{cache:?}: {opts:?}");
+    }
+}
