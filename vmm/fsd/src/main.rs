@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use carapace_fsd::config::{CacheMode, FsConfig, SandboxMode};
 use carapace_fsd::daemon::{self, DaemonError, DaemonOptions};
 use clap::Parser;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Serve one host directory to a VM over virtio-fs (vhost-user backend).
 ///
@@ -44,7 +47,8 @@ struct Args {
     #[arg(long, default_value_t = 0, value_name = "N")]
     thread_pool_size: usize,
 
-    /// Log level: error, warn, info, debug, trace or off (or a tracing filter directive).
+    /// Log level: error, warn, info, debug, trace or off, or per-target directives such as
+    /// `warn,carapace_fsd=debug`.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     log_level: String,
 
@@ -58,17 +62,21 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists (see carapace_fsd::trim).
+    carapace_fsd::trim::one_malloc_arena();
     let args = Args::parse();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+    // `Targets` (target=level directives), not `EnvFilter`: the same syntax for what we
+    // need without the regex engine (~260 KB of code) in the daemon.
+    let filter: Targets = match args.log_level.parse() {
         Ok(f) => f,
         Err(e) => {
             eprintln!("carapace-fsd: --log-level {:?}: {e}", args.log_level);
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
 
     match run(&args) {

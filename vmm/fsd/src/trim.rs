@@ -6,7 +6,23 @@
 //! page cache (clean, reclaimable), and the code that still runs faults its pages back
 //! from there. Nothing is lost or changed, only what is counted as this process's memory.
 
+//!
+//! [`one_malloc_arena`] is the other half of the daemon's footprint work: glibc gives every
+//! thread that allocates its own malloc arena (a separate heap whose touched pages, free
+//! lists and per-thread cache stay resident); the daemon's few threads allocate little
+//! and rarely at the same time, so one shared arena is enough.
+
 use std::io;
+
+/// Limits glibc malloc to one arena (`mallopt(M_ARENA_MAX, 1)`). Call before any thread
+/// exists. Without glibc (another libc) this does nothing.
+pub fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning; called before threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
 
 // SAFETY: the GNU linkers define these two symbols for every executable: the start of
 // the first loaded segment and the end of `.text`. Only their addresses are used.
