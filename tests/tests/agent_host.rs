@@ -1326,3 +1326,26 @@ async fn sigint_stops_containers_with_sigterm_then_sigkill() {
         "the stubborn container's init is still there"
     );
 }
+
+/// A terminal needs the container's devpts: without a /dev/pts mount, Create fails with
+/// an error naming /dev/ptmx (no fallback to a pty from the agent's devpts), and the
+/// agent goes on serving.
+#[tokio::test]
+async fn terminal_without_a_devpts_mount_is_a_clear_error() {
+    let a = start_agent(&[]).await;
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["process"]["terminal"] = json!(true);
+    s["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["destination"] != "/dev/pts");
+    let e = create(&a, "nopts", &s).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INTERNAL, "{}", msg(&e));
+    assert!(
+        msg(&e).contains("/dev/ptmx") && msg(&e).contains("devpts"),
+        "{}",
+        msg(&e)
+    );
+    let (out, _, w) = run(&a, "after", &["echo", "still-serving"]).await;
+    assert_eq!((out.as_str(), w.exit_status), ("still-serving\n", 0));
+}
