@@ -2,7 +2,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,12 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use super::worker::{RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
-use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
-};
+use super::worker::Worker;
+use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
 
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -263,7 +259,6 @@ impl VirtioDevice for Block {
                 got: queues.len(),
             });
         }
-        let ActiveQueue { mut queue, event } = queues.remove(0);
         let backend = BlockBackend {
             file: self.file.clone(),
             read_only: self.read_only,
@@ -271,41 +266,13 @@ impl VirtioDevice for Block {
             id: self.id,
             counters: self.counters.clone(),
         };
-        let worker = Worker::spawn("virtio-blk", move |ep| {
-            if ep.add(event.as_raw_fd(), 0, EventSet::IN).is_err() {
-                interrupt.fail("epoll");
-                return;
-            }
-            let mut events = [EpollEvent::default(); 4];
-            let mut watch = IrqWatch::default();
-            loop {
-                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
-                    return;
-                };
-                if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
-                    return;
-                }
-                if n == 0 {
-                    // Idle tick: look at the ring as if kicked (a kick may have been lost).
-                    interrupt.rescue(&mut watch);
-                } else {
-                    let _ = event.read();
-                }
-                match backend.process_queue(&mut queue, &mem) {
-                    Ok(true) => {
-                        if queue.needs_notification(&mem).unwrap_or(true) {
-                            interrupt.notify_queue();
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "virtio-blk queue error");
-                        interrupt.fail("queue error");
-                        return;
-                    }
-                }
-            }
-        })
+        let worker = Worker::spawn_single_queue(
+            "virtio-blk",
+            queues.remove(0),
+            mem,
+            interrupt,
+            move |q, m| backend.process_queue(q, m),
+        )
         .map_err(|source| ActivateError::Backend {
             what: "virtio-blk worker thread".into(),
             source,

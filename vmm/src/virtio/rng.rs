@@ -1,18 +1,14 @@
 //! virtio-rng: fills guest buffers from the host's `getrandom(2)`.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use super::worker::{RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
-use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
-};
+use super::worker::Worker;
+use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
 
 /// Largest amount of entropy served per request (bounds host work per descriptor chain).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -125,43 +121,14 @@ impl VirtioDevice for Rng {
                 got: queues.len(),
             });
         }
-        let ActiveQueue { mut queue, event } = queues.remove(0);
         let counters = self.counters.clone();
-        let worker = Worker::spawn("virtio-rng", move |ep| {
-            if ep.add(event.as_raw_fd(), 0, EventSet::IN).is_err() {
-                interrupt.fail("epoll");
-                return;
-            }
-            let mut events = [EpollEvent::default(); 4];
-            let mut watch = IrqWatch::default();
-            loop {
-                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
-                    return;
-                };
-                if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
-                    return;
-                }
-                if n == 0 {
-                    // Idle tick: look at the ring as if kicked (a kick may have been lost).
-                    interrupt.rescue(&mut watch);
-                } else {
-                    let _ = event.read();
-                }
-                match process_queue(&mut queue, &mem, &counters) {
-                    Ok(true) => {
-                        if queue.needs_notification(&mem).unwrap_or(true) {
-                            interrupt.notify_queue();
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "virtio-rng queue error");
-                        interrupt.fail("queue error");
-                        return;
-                    }
-                }
-            }
-        })
+        let worker = Worker::spawn_single_queue(
+            "virtio-rng",
+            queues.remove(0),
+            mem,
+            interrupt,
+            move |q, m| process_queue(q, m, &counters),
+        )
         .map_err(|source| ActivateError::Backend {
             what: "virtio-rng worker thread".into(),
             source,

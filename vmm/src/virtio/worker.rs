@@ -1,10 +1,16 @@
 //! Device worker threads: an epoll loop per activated device, stopped through an eventfd.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActiveQueue, Interrupt, IrqWatch};
 
 /// Token reserved for the stop eventfd.
 pub const STOP_TOKEN: u64 = u64::MAX;
@@ -49,6 +55,60 @@ impl Worker {
                 tracing::error!("device worker panicked");
             }
         }
+    }
+}
+
+impl Worker {
+    /// Spawns the worker of a one-queue device (blk, rng): `process` serves the queue's
+    /// available chains and says whether the used ring changed; it runs on every kick and on
+    /// every idle tick (a kick may have been lost), and an interrupt left unacknowledged for
+    /// a whole tick is raised again. A queue error fails the device (DEVICE_NEEDS_RESET).
+    pub fn spawn_single_queue<E, F>(
+        name: &'static str,
+        active: ActiveQueue,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        mut process: F,
+    ) -> std::io::Result<Self>
+    where
+        E: std::fmt::Display,
+        F: FnMut(&mut Queue, &GuestMemoryMmap) -> Result<bool, E> + Send + 'static,
+    {
+        let ActiveQueue { mut queue, event } = active;
+        Self::spawn(name, move |ep| {
+            if ep.add(event.as_raw_fd(), 0, EventSet::IN).is_err() {
+                interrupt.fail("epoll");
+                return;
+            }
+            let mut events = [EpollEvent::default(); 4];
+            let mut watch = IrqWatch::default();
+            loop {
+                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
+                    return;
+                };
+                if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
+                    return;
+                }
+                if n == 0 {
+                    interrupt.rescue(&mut watch);
+                } else {
+                    let _ = event.read();
+                }
+                match process(&mut queue, &mem) {
+                    Ok(true) => {
+                        if queue.needs_notification(&mem).unwrap_or(true) {
+                            interrupt.notify_queue();
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(device = name, error = %e, "queue error");
+                        interrupt.fail("queue error");
+                        return;
+                    }
+                }
+            }
+        })
     }
 }
 
