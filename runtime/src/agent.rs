@@ -163,35 +163,33 @@ pub struct TtrpcConnector {
     pub request_timeout: Duration,
 }
 
-/// A connected agent. `client` is declared (so dropped) before the runtime it runs on.
+/// A connected agent.
 pub struct TtrpcAgent {
     client: AgentClient,
-    rt: ClientRuntime,
+    rt: &'static tokio::runtime::Runtime,
     timeout: Duration,
 }
 
-/// The private runtime a [`TtrpcAgent`] blocks on. It is shut down without waiting when
-/// dropped: the last reference to an agent may go away anywhere, also inside another
-/// runtime's async task (the shim drops a deleted container's agent in its Delete handler),
-/// where dropping a tokio runtime the ordinary way panics, which killed the handler before it
-/// answered.
-struct ClientRuntime(Option<tokio::runtime::Runtime>);
-
-impl ClientRuntime {
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        match &self.0 {
-            Some(rt) => rt.block_on(f),
-            None => unreachable!("the runtime is only taken in drop"),
-        }
+/// The runtime every agent connection of this process blocks on: one worker thread for all
+/// of them (a shim holds a connection per container plus one per stream; a runtime each
+/// cost a thread pool each). It lives as long as the process, so no connection ever drops
+/// a runtime: dropping one inside another runtime's async task panics, which is how the
+/// shim's Delete handler died before it answered (the last reference to a deleted
+/// container's connection went away there).
+fn client_runtime() -> Result<&'static tokio::runtime::Runtime, AgentError> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
     }
-}
-
-impl Drop for ClientRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("agent-client")
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    // Two first connections at once: the loser's runtime is dropped here, outside any
+    // async context (connect is a blocking call).
+    Ok(RT.get_or_init(|| rt))
 }
 
 impl std::fmt::Debug for TtrpcAgent {
@@ -204,11 +202,7 @@ impl std::fmt::Debug for TtrpcAgent {
 
 impl AgentConnector for TtrpcConnector {
     fn connect(&self, socket: &Path, timeout: Duration) -> Result<Arc<dyn AgentApi>, AgentError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(AgentError::Runtime)?;
+        let rt = client_runtime()?;
         let (client, info) = rt
             .block_on(async {
                 match self.transport {
@@ -222,7 +216,7 @@ impl AgentConnector for TtrpcConnector {
             })?;
         tracing::debug!(agent_version = info.agent_version, "connected to agent");
         Ok(Arc::new(TtrpcAgent {
-            rt: ClientRuntime(Some(rt)),
+            rt,
             client,
             timeout: self.request_timeout,
         }))
@@ -498,28 +492,5 @@ impl AgentApi for TtrpcAgent {
             .block_on(self.client.destroy_sandbox(self.ctx(), &req))
             .map(drop)
             .map_err(Self::rpc_err("DestroySandbox", id))
-    }
-}
-
-#[cfg(test)]
-mod runtime_drop_tests {
-    use super::ClientRuntime;
-
-    #[test]
-    fn an_agent_runtime_may_be_dropped_inside_another_runtime() {
-        let outer = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let inner = ClientRuntime(Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap(),
-        ));
-        assert_eq!(inner.block_on(async { 7 }), 7);
-        // A plain tokio Runtime panics here ("Cannot drop a runtime in a context where
-        // blocking is not allowed").
-        outer.block_on(async move { drop(inner) });
     }
 }

@@ -11,8 +11,22 @@ fn backend() -> Result<Arc<dyn Backend>, String> {
     Ok(Arc::new(RuntimeBackend::from_env()?))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    carapace_shim::malloc::one_arena();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("containerd-shim-carapace-v2: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(serve());
+}
+
+async fn serve() {
     // A panic in a request handler ends that handler without an answer; containerd only
     // sees a deadline pass. Say what happened where it shows: containerd's log.
     let default_hook = std::panic::take_hook();

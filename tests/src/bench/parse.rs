@@ -146,6 +146,21 @@ pub fn largest_mapping_pss_kib(text: &str) -> Result<u64, ParseError> {
     })
 }
 
+/// The summed PSS (KiB) of the mappings in an smaps text whose header line (address range,
+/// permissions, ..., path) ends with `name`, e.g. the guest-RAM memfd that the VMM and the
+/// vhost-user fs daemon both map.
+pub fn named_mappings_pss_kib(text: &str, name: &str) -> Result<u64, ParseError> {
+    let (mut inside, mut total) = (false, 0);
+    for line in text.lines() {
+        if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('-') {
+            inside = line.trim_end().ends_with(name);
+        } else if inside && line.starts_with("Pss:") {
+            total += kb_value(line, "smaps")?;
+        }
+    }
+    Ok(total)
+}
+
 /// How many start latencies form the density baseline (the first ones; their median).
 pub const DENSITY_BASELINE_STARTS: usize = 3;
 
@@ -244,6 +259,15 @@ mod tests {
                      7d00-7e00 r-xp 0 00:00 0 /bin/vmm\nSize: 2048 kB\nPss: 300 kB\n";
         assert_eq!(largest_mapping_pss_kib(smaps).expect("largest"), 9000);
         assert!(largest_mapping_pss_kib("").is_err());
+        let shared = "7c00-7d00 rw-s 0 00:01 5 /memfd:guest-ram (deleted)\nSize: 4 kB\nPss: 1106 kB\n\
+                      7e00-7f00 rw-p 0 00:00 0\nSize: 8 kB\nPss: 7 kB\n\
+                      7d00-7e00 r-xp 0 00:00 0 /bin/fsd\nPss: 300 kB\n\
+                      7f00-8000 rw-s 0 00:01 5 /memfd:guest-ram (deleted)\nPss: 4 kB\n";
+        assert_eq!(
+            named_mappings_pss_kib(shared, "/memfd:guest-ram (deleted)").expect("named"),
+            1110
+        );
+        assert_eq!(named_mappings_pss_kib(shared, "/bin/vmm").expect("none"), 0);
     }
 
     #[test]

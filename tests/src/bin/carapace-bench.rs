@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use carapace_tests::bench::fsio::{self as fsbench, FsResult};
 use carapace_tests::bench::parse::{
-    largest_mapping_pss_kib, smaps_rollup_pss_kib, started_before_slowdown, vmm_bench,
+    largest_mapping_pss_kib, named_mappings_pss_kib, smaps_rollup_pss_kib, started_before_slowdown,
+    vmm_bench,
 };
 use carapace_tests::bench::pods::{self, PodRun};
 use carapace_tests::bench::{Report, Row, Samples, percentile_rows};
@@ -41,6 +42,8 @@ const SANDBOX_PROCS: [&str; 3] = [
     "carapace-vmm",
     "carapace-fsd",
 ];
+/// How the guest RAM memfd shows in /proc/<pid>/smaps (carapace-vmm names it).
+const GUEST_RAM_MAPPING: &str = "/memfd:carapace-guest-ram (deleted)";
 /// Deadline of one `ctr run` in the container_start row (s).
 const START_TIMEOUT_S: u64 = 300;
 /// Deadline of one fs workload run (s).
@@ -97,6 +100,10 @@ struct Cli {
     /// Phases to skip.
     #[arg(long, value_enum)]
     skip: Vec<Phase>,
+    /// Also save /proc/<pid>/smaps of each process of the first idle sandbox here (for
+    /// finding where its memory goes).
+    #[arg(long)]
+    smaps_dir: Option<PathBuf>,
 }
 
 fn progress(msg: &str) {
@@ -424,7 +431,7 @@ fn containers(
             "sandbox_pss, density: not measured: Carapace containers do not start (see container_start)"
                 .into(),
         );
-    } else if let Err(e) = sandboxes(&ctrd, density_max, report) {
+    } else if let Err(e) = sandboxes(&ctrd, density_max, cli.smaps_dir.as_deref(), report) {
         progress(&format!("sandbox phase failed: {e:#}"));
         report
             .notes
@@ -474,8 +481,9 @@ struct SandboxMemory {
     by_name: std::collections::BTreeMap<String, u64>,
 }
 
-/// Host PSS of all Carapace sandbox processes and guest memory touched.
-fn sandbox_memory() -> Result<SandboxMemory> {
+/// Host PSS of all Carapace sandbox processes and guest memory touched; with `smaps_dir`,
+/// each process's smaps is saved there as `<program>.<pid>.smaps`.
+fn sandbox_memory(smaps_dir: Option<&Path>) -> Result<SandboxMemory> {
     let mut m = SandboxMemory::default();
     for entry in std::fs::read_dir("/proc")
         .context("listing /proc")?
@@ -499,12 +507,23 @@ fn sandbox_memory() -> Result<SandboxMemory> {
         };
         let pss = smaps_rollup_pss_kib(&rollup)
             .with_context(|| format!("{}/smaps_rollup", dir.display()))?;
+        if let Some(out) = smaps_dir {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            let to = out.join(format!("{name}.{pid}.smaps"));
+            std::fs::create_dir_all(out)
+                .and_then(|()| std::fs::copy(dir.join("smaps"), &to))
+                .with_context(|| format!("saving {}", to.display()))?;
+        }
+        // Guest RAM wherever it is mapped: the VMM and the vhost-user fs daemon share the
+        // memfd, so PSS splits the pages both touched between them. A VMM without a
+        // vhost-user device has anonymous guest RAM: its largest mapping.
         let mut guest = 0;
-        if name == "carapace-vmm"
-            && let Ok(smaps) = std::fs::read_to_string(dir.join("smaps"))
-        {
-            guest = largest_mapping_pss_kib(&smaps)
-                .with_context(|| format!("{}/smaps", dir.display()))?;
+        if let Ok(smaps) = std::fs::read_to_string(dir.join("smaps")) {
+            let ctx = || format!("{}/smaps", dir.display());
+            guest = named_mappings_pss_kib(&smaps, GUEST_RAM_MAPPING).with_context(ctx)?;
+            if guest == 0 && name == "carapace-vmm" {
+                guest = largest_mapping_pss_kib(&smaps).with_context(ctx)?;
+            }
         }
         m.pss += pss;
         m.guest += guest;
@@ -514,7 +533,12 @@ fn sandbox_memory() -> Result<SandboxMemory> {
     Ok(m)
 }
 
-fn sandboxes(ctrd: &Containerd, max: usize, report: &mut Report) -> Result<()> {
+fn sandboxes(
+    ctrd: &Containerd,
+    max: usize,
+    smaps_dir: Option<&Path>,
+    report: &mut Report,
+) -> Result<()> {
     let mut at = Vec::new(); // (count, host PSS beyond guest RAM, guest touched) per sandbox
     let mut lat = Vec::new();
     let mut stop_reason = format!("bound of {max} reached");
@@ -524,7 +548,7 @@ fn sandboxes(ctrd: &Containerd, max: usize, report: &mut Report) -> Result<()> {
         lat.push(ms);
         // let the guest settle before sampling memory
         std::thread::sleep(Duration::from_secs(2));
-        let mem = sandbox_memory()?;
+        let mem = sandbox_memory(if n == 1 { smaps_dir } else { None })?;
         let (pss, guest, procs) = (mem.pss, mem.guest, mem.procs);
         let by_name = mem
             .by_name
@@ -592,9 +616,11 @@ fn sandboxes(ctrd: &Containerd, max: usize, report: &mut Report) -> Result<()> {
     }
     report.notes.push(
         "sandbox_pss: PSS of containerd-shim-carapace-v2 + carapace-vmm + carapace-fsd per idle \
-         sandbox (`ctr run -d ... sleep 3600`), without the guest-RAM mapping; _incl_guest adds it; \
-         guest_touched is the PSS of the VMM's guest-RAM mapping (memory the guest actually touched). \
-         The peer is Kata's published figure, a fixed reference, not measured here"
+         sandbox (`ctr run -d ... sleep 3600`), without guest RAM (the guest-RAM memfd, which the VMM \
+         and the fs daemon both map); _incl_guest adds it; guest_touched is the PSS of those \
+         guest-RAM mappings (memory the guest actually touched). Executable pages are shared \
+         between sandboxes, so the per-sandbox figure falls as sandboxes are added. The peer is \
+         Kata's published figure, a fixed reference, not measured here"
             .into(),
     );
     let ours_density = started_before_slowdown(&lat, 2.0);
