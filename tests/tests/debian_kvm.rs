@@ -145,7 +145,7 @@ fn body(layer_tar: &Path) {
             "deb2",
             "bash",
             "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo has-a-tty; stty size",
+            "[ -t 0 ] && [ -t 1 ] && echo has-a-tty; t=$(tty) && [ -c \"$t\" ] && echo \"tty=$t\"; stty size",
         ],
     );
     let out = Command::new("script")
@@ -161,6 +161,11 @@ fn body(layer_tar: &Path) {
     assert!(
         text.contains("has-a-tty"),
         "stdin and stdout are a terminal in the guest: {text:?}"
+    );
+    // ... from the container's own devpts: `tty` names a device that exists in it
+    assert!(
+        text.lines().any(|l| l.starts_with("tty=/dev/pts/")),
+        "the exec's terminal is a /dev/pts device of the container: {text:?}"
     );
 
     ctr(&["task", "kill", "-s", "SIGKILL", "deb2"]);
