@@ -339,6 +339,7 @@ impl Runtime {
         )
         .map_err(io_err("writing", &paths.vm_json))?;
         tracing::info!(id, ?resources, "starting VMM");
+        let t = Instant::now();
         let vmm = self.launcher.start_vmm(&VmRequest {
             description: paths.vm_json.clone(),
             vsock: paths.vsock.clone(),
@@ -348,6 +349,7 @@ impl Runtime {
         self.store.save(st)?;
 
         let agent = self.wait_for_agent(&vmm, paths)?;
+        let agent_ms = t.elapsed().as_millis() as u64;
         match self.placement {
             Placement::Vm => {
                 let hostname = guest.hostname.clone().unwrap_or_else(|| id.clone());
@@ -360,10 +362,17 @@ impl Runtime {
             }
             Placement::HostAgent => agent.create_sandbox(&id, "", &[])?,
         }
+        let sandbox_ms = t.elapsed().as_millis() as u64 - agent_ms;
         agent.create_container(&id, &spec_bytes)?;
         st.status = Status::Created;
         self.store.save(st)?;
-        tracing::info!(id, "created");
+        tracing::info!(
+            id,
+            agent_ms,
+            sandbox_ms,
+            container_ms = t.elapsed().as_millis() as u64 - agent_ms - sandbox_ms,
+            "created (VMM start -> agent answering, CreateSandbox, CreateContainer)"
+        );
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod devices;
 pub mod exit;
 pub mod fdio;
+pub mod footprint;
 pub mod hostcheck;
 pub mod layout;
 pub mod memory;

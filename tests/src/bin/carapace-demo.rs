@@ -140,6 +140,14 @@ fn run() -> Result<()> {
         }
         bail!("the container did not run ({status})");
     }
+    if std::env::var_os("CARAPACE_DEMO_TIMELINE").is_some() {
+        // Where the start-up time goes: containerd's log, where the shim's and the
+        // runtime's lines carry their timestamps (the sandbox's own logs went with --rm).
+        eprintln!(
+            "demo: containerd log (tail):\n{}",
+            tail(&ctrd.socket().with_file_name("containerd.log"), 60)
+        );
+    }
     if let Some(t) = first {
         println!(
             "demo: {} ms from `ctr run` to the container's first output (inside the lab this is \

@@ -189,6 +189,7 @@ fn print_chain(e: &dyn std::error::Error) {
 
 fn main() {
     let start = Instant::now();
+    carapace_vmm::footprint::single_malloc_arena();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
