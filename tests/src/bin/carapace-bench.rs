@@ -312,6 +312,35 @@ fn last_lines(s: &str, n: usize) -> String {
     l[l.len().saturating_sub(n)..].join(" | ")
 }
 
+/// A private containerd whose runtime handler `carapace` is Carapace's shim, configured by
+/// the Carapace configuration file `config`.
+fn carapace_containerd(dir: &Path, bins: &Path, config: &Path) -> Result<Containerd> {
+    Containerd::start(
+        dir,
+        &[RuntimeEntry {
+            handler: "carapace".into(),
+            runtime_type: CARAPACE.into(),
+        }],
+        Some(bins),
+        &[("CARAPACE_CONFIG", config)],
+    )
+    .context("starting a private containerd with Carapace")
+}
+
+/// The guest image the Carapace phases boot must be there.
+fn check_guest_image(dir: &Path) -> Result<()> {
+    for f in ["vmlinux", "initramfs.cpio.gz"] {
+        let p = dir.join(f);
+        if !p.is_file() {
+            bail!(Usage(format!(
+                "guest image {} missing (make image)",
+                p.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn containers(
     cli: &Cli,
     bins: &Path,
@@ -327,15 +356,7 @@ fn containers(
             )));
         }
     }
-    for f in ["vmlinux", "initramfs.cpio.gz"] {
-        let p = cli.guest_dir.join(f);
-        if !p.is_file() {
-            bail!(Usage(format!(
-                "guest image {} missing (make image)",
-                p.display()
-            )));
-        }
-    }
+    check_guest_image(&cli.guest_dir)?;
     let work = tempfile::Builder::new()
         .prefix("carapace-bench-")
         .tempdir()
@@ -347,15 +368,7 @@ fn containers(
     busybox_rootfs(&rootfs)?;
     let archive = work.path().join("busybox.tar");
     oci_image_archive(&rootfs, IMAGE, &["sh"], work.path(), &archive)?;
-    let ctrd = Containerd::start(
-        &work.path().join("containerd"),
-        &[RuntimeEntry {
-            handler: "carapace".into(),
-            runtime_type: CARAPACE.into(),
-        }],
-        Some(bins),
-        &[("CARAPACE_CONFIG", config.as_path())],
-    )?;
+    let ctrd = carapace_containerd(&work.path().join("containerd"), bins, &config)?;
     ctrd.import(&archive)?;
 
     let mut carapace_ok = true;
@@ -682,25 +695,9 @@ fn pod_phase(
         .context("creating a work directory")?;
     let (config, _state) =
         carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
-    for f in ["vmlinux", "initramfs.cpio.gz"] {
-        let p = cli.guest_dir.join(f);
-        if !p.is_file() {
-            bail!(Usage(format!(
-                "guest image {} missing (make image)",
-                p.display()
-            )));
-        }
-    }
+    check_guest_image(&cli.guest_dir)?;
     progress("pod_start: starting a private containerd with the CRI images");
-    let ctrd = Containerd::start(
-        &work.path().join("containerd"),
-        &[RuntimeEntry {
-            handler: "carapace".into(),
-            runtime_type: CARAPACE.into(),
-        }],
-        Some(bins),
-        &[("CARAPACE_CONFIG", config.as_path())],
-    )?;
+    let ctrd = carapace_containerd(&work.path().join("containerd"), bins, &config)?;
     ctrd.import_cri_images(work.path())?;
     let run_for = |handler: &str| PodRun {
         socket: ctrd.socket(),
@@ -889,15 +886,7 @@ fn fs_phase(cli: &Cli, bins: &Path, runs: usize, report: &mut Report) -> Result<
         progress(&format!(
             "fs: private containerd with Carapace using {daemon}"
         ));
-        let ctrd = Containerd::start(
-            &dir.join("containerd"),
-            &[RuntimeEntry {
-                handler: "carapace".into(),
-                runtime_type: CARAPACE.into(),
-            }],
-            Some(bins),
-            &[("CARAPACE_CONFIG", config.as_path())],
-        )?;
+        let ctrd = carapace_containerd(&dir.join("containerd"), bins, &config)?;
         ctrd.import(&archive)?;
         let mut ours = Vec::new();
         for i in 0..runs {
