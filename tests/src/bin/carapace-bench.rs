@@ -361,7 +361,7 @@ fn containers(
         .prefix("carapace-bench-")
         .tempdir()
         .context("creating a work directory")?;
-    let (config, _state) =
+    let (config, state) =
         carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
     progress("building a busybox image and starting a private containerd");
     let rootfs = work.path().join("image-rootfs");
@@ -404,6 +404,7 @@ fn containers(
                     }
                     Err(e) if runtime == CARAPACE => {
                         progress(&format!("container_start: carapace failed: {e:#}"));
+                        progress(&diagnose(&ctrd, &state, &id));
                         failure = Some(format!("{e:#}"));
                     }
                     Err(e) => return Err(e.context("runc (the peer) failed")),
@@ -444,7 +445,7 @@ fn containers(
             "sandbox_pss, density: not measured: Carapace containers do not start (see container_start)"
                 .into(),
         );
-    } else if let Err(e) = sandboxes(&ctrd, density_max, cli.smaps_dir.as_deref(), report) {
+    } else if let Err(e) = sandboxes(&ctrd, &state, density_max, cli.smaps_dir.as_deref(), report) {
         progress(&format!("sandbox phase failed: {e:#}"));
         report
             .notes
@@ -454,20 +455,74 @@ fn containers(
 }
 
 /// Starts an idle container in the background; returns the time `ctr run -d` took (ms).
+/// `ctr run -d ... sleep 3600`, bounded by [`START_TIMEOUT_S`]; returns ms.
 fn start_idle(ctrd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
     let start = Instant::now();
-    ctrd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        runtime,
-        IMAGE,
-        id,
-        "sleep",
-        "3600",
-    ])
-    .with_context(|| format!("starting idle container {id} with {runtime}"))?;
+    let ctr = ctrd.ctr_command();
+    let out = Command::new("timeout")
+        .arg(START_TIMEOUT_S.to_string())
+        .arg(ctr.get_program())
+        .args(ctr.get_args())
+        .args([
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            IMAGE,
+            id,
+            "sleep",
+            "3600",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting idle container {id} with {runtime}"))?;
+    if !out.status.success() {
+        bail!(
+            "starting idle container {id} with {runtime} failed ({}{}): {}",
+            out.status,
+            if out.status.code() == Some(124) {
+                format!(", not started within {START_TIMEOUT_S} s")
+            } else {
+                String::new()
+            },
+            last_lines(&String::from_utf8_lossy(&out.stderr), 6)
+        );
+    }
     Ok(start.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// What a stuck or failed Carapace start left to look at: the sandbox's VMM counters (from
+/// its control API), the ends of its logs, and the end of containerd's log (the shim's and
+/// the runtime's lines).
+fn diagnose(ctrd: &Containerd, state: &Path, id: &str) -> String {
+    let dir = state.join(id);
+    let mut out = format!("--- diagnostics of sandbox {id}\n");
+    let api = || -> std::io::Result<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(dir.join("api.sock"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        std::io::Write::write_all(&mut s, b"{\"cmd\":\"metrics\"}\n")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(line)
+    };
+    out.push_str(&format!(
+        "VMM metrics: {}\n",
+        api().unwrap_or_else(|e| format!("(none: {e})"))
+    ));
+    for log in ["vmm.log", "fsd.log", "console.log"] {
+        let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+        out.push_str(&format!("{log} (end):\n{}\n", tail_lines(&text, 25)));
+    }
+    out.push_str(&format!(
+        "containerd log (end):\n{}\n",
+        tail_lines(&ctrd.log(), 40)
+    ));
+    out
+}
+
+fn tail_lines(s: &str, n: usize) -> String {
+    let l: Vec<&str> = s.lines().collect();
+    l[l.len().saturating_sub(n)..].join("\n")
 }
 
 fn mem_available_kib() -> Option<u64> {
@@ -548,6 +603,7 @@ fn sandbox_memory(smaps_dir: Option<&Path>) -> Result<SandboxMemory> {
 
 fn sandboxes(
     ctrd: &Containerd,
+    state: &Path,
     max: usize,
     smaps_dir: Option<&Path>,
     report: &mut Report,
@@ -557,7 +613,9 @@ fn sandboxes(
     let mut stop_reason = format!("bound of {max} reached");
     let (mut breakdown, mut last_breakdown) = (Vec::new(), String::new());
     for n in 1..=max {
-        let ms = start_idle(ctrd, CARAPACE, &format!("idle-carapace-{n}"))?;
+        let id = format!("idle-carapace-{n}");
+        let ms =
+            start_idle(ctrd, CARAPACE, &id).map_err(|e| e.context(diagnose(ctrd, state, &id)))?;
         lat.push(ms);
         // let the guest settle before sampling memory
         std::thread::sleep(Duration::from_secs(2));
