@@ -99,25 +99,32 @@ fn initramfs(agent: &Path, out: &Path) {
     std::fs::write(out, w.finish().unwrap()).unwrap();
 }
 
-#[test]
-fn agent_is_pid1_of_a_real_vm() {
+/// Builds an initramfs with the static agent as /init under `CARGO_TARGET_TMPDIR/<dir>`
+/// and runs the ignored test `inner` of this executable inside the lab (`mem_mib` of
+/// memory), with the guest kernel, that initramfs and `env` in its environment; asserts that
+/// it ran and passed.
+fn run_inner_in_lab(dir: &str, inner: &str, mem_mib: u32, env: &[(&str, String)]) {
     let kernel = guest_kernel();
     let agent = static_agent();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-guest");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
     std::fs::create_dir_all(&dir).unwrap();
     let initrd = dir.join("initramfs.cpio");
     initramfs(&agent, &initrd);
     let exe = std::env::current_exe().unwrap();
-    let out = Lab::new()
-        .mem_mib(3072)
+    let mut lab = Lab::new()
+        .mem_mib(mem_mib)
         .smp(2)
         .timeout(Duration::from_secs(1200))
         .env(IN_LAB_ENV, "1")
         .env(KERNEL_ENV, kernel.display().to_string())
-        .env(INITRD_ENV, initrd.display().to_string())
+        .env(INITRD_ENV, initrd.display().to_string());
+    for (k, v) in env {
+        lab = lab.env(*k, v.clone());
+    }
+    let out = lab
         .run(&[
             exe.to_str().unwrap(),
-            "inner_agent_in_vm",
+            inner,
             "--exact",
             "--include-ignored",
             "--nocapture",
@@ -131,6 +138,11 @@ fn agent_is_pid1_of_a_real_vm() {
         out.stdout.contains("1 passed"),
         "the in-VM test did not run"
     );
+}
+
+#[test]
+fn agent_is_pid1_of_a_real_vm() {
+    run_inner_in_lab("agent-guest", "inner_agent_in_vm", 3072, &[]);
 }
 
 async fn connect(deadline: Instant) -> AgentClient {
@@ -451,37 +463,12 @@ const VMM_ENV: &str = "CARAPACE_AGENT_GUEST_VMM";
 /// existing /dev/pts/<n> of the container's own devpts.
 #[test]
 fn agent_stops_containers_on_ctrl_alt_del_from_the_vmm() {
-    let kernel = guest_kernel();
-    let agent = static_agent();
     let vmm = carapace_tests::workspace_bin("carapace-vmm");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-guest-cad");
-    std::fs::create_dir_all(&dir).unwrap();
-    let initrd = dir.join("initramfs.cpio");
-    initramfs(&agent, &initrd);
-    let exe = std::env::current_exe().unwrap();
-    let out = Lab::new()
-        .mem_mib(2048)
-        .smp(2)
-        .timeout(Duration::from_secs(1200))
-        .env(IN_LAB_ENV, "1")
-        .env(KERNEL_ENV, kernel.display().to_string())
-        .env(INITRD_ENV, initrd.display().to_string())
-        .env(VMM_ENV, vmm.display().to_string())
-        .run(&[
-            exe.to_str().unwrap(),
-            "inner_ctrl_alt_del_through_carapace_vmm",
-            "--exact",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .expect("running in the lab");
-    print!("{}", out.stdout);
-    eprint!("{}", out.stderr);
-    assert_eq!(out.status, 0, "the in-VM test failed");
-    assert!(
-        out.stdout.contains("1 passed"),
-        "the in-VM test did not run"
+    run_inner_in_lab(
+        "agent-guest-cad",
+        "inner_ctrl_alt_del_through_carapace_vmm",
+        2048,
+        &[(VMM_ENV, vmm.display().to_string())],
     );
 }
 
