@@ -126,7 +126,8 @@ fn initramfs(init: &Path, out: &Path) {
 ///
 /// Stalls: the guest prints `BEGIN`/result lines per check, `PROGRESS` inside long ones
 /// and a `TICK` every 15 s from a thread of its own. No console byte for 120 s means the
-/// guest stopped (ticks stop too); no check progress for 600 s means one check is blocked.
+/// guest stopped (ticks stop too); no check progress for 600 s means one check is blocked;
+/// 1200 s in all is the run's bound (the lab's timeout, 1800 s, would lose the output).
 /// Either way the script dumps what each side waits on (VMM metrics through its control
 /// API, the threads of the daemon and of the VMM with their kernel stacks, ring positions
 /// in the daemon's watchdog log) and ends the VM.
@@ -149,10 +150,11 @@ before=$(snap)
 fsdpid=$!
 for _ in $(seq 1 200); do [[ -S $w/fs.sock ]] && break; sleep 0.1; done
 echo "HOST fsd-status $(grep -E '^(Seccomp|NoNewPrivs):' /proc/$fsdpid/status | tr -s '\t\n' '  ')"
-timeout 1500 "$vmm" --kernel "$kernel" --initrd "$initrd" --memory-mib 512 --vcpus 2 \
+"$vmm" --kernel "$kernel" --initrd "$initrd" --memory-mib 512 --vcpus 2 \
   --serial "file:$w/serial.raw" --fs "shared=$w/fs.sock" --api-socket "$w/api.sock" \
   --cmdline "$extra" </dev/null >"$w/vmm.log" 2>&1 &
 vpid=$!
+start=$SECONDS
 api() { # one control API request, its answer on one line
   python3 - "$w/api.sock" "$1" <<'PY' 2>&1
 import socket, sys
@@ -173,15 +175,22 @@ while kill -0 $vpid 2>/dev/null; do
   if [[ $size == "$last" ]]; then still=$((still + 5)); else still=0; last=$size; fi
   np=$(progress)
   if [[ $np == "$lastp" ]]; then stuck=$((stuck + 5)); else stuck=0; lastp=$np; fi
-  if (( still >= 120 || stuck >= 600 )); then
+  # Every wait here is bounded and the whole run ends well inside the lab's timeout
+  # (whose expiry would lose all output).
+  if (( still >= 120 || stuck >= 600 || SECONDS - start >= 1200 )); then
     stalled=yes
-    echo "HOST stall console-silent=${still}s no-progress=${stuck}s"
+    echo "HOST stall console-silent=${still}s no-progress=${stuck}s elapsed=$((SECONDS - start))s"
     echo "HOST stall vmm-metrics $(api '{"cmd":"metrics"}')"
     echo "HOST stall vmm-info $(api '{"cmd":"info"}')"
     threads fsd $fsdpid; threads vmm $vpid
     sleep 6  # one more watchdog period of the daemon and of the VMM's device workers
     echo "HOST stall vmm-metrics-later $(api '{"cmd":"metrics"}')"
     kill $vpid
+    for _ in $(seq 1 30); do kill -0 $vpid 2>/dev/null || break; sleep 0.5; done
+    if kill -0 $vpid 2>/dev/null; then
+      echo "HOST stall vmm-ignores-SIGTERM"; threads vmm $vpid; threads fsd $fsdpid
+      kill -KILL $vpid
+    fi
     break
   fi
 done
@@ -191,7 +200,11 @@ tr -d '\r' < "$w/serial.raw" | sed 's/^/SERIAL /'
 echo "HOST stalled $stalled"
 echo "HOST vmm-exit $vrc"
 for _ in $(seq 1 100); do kill -0 $fsdpid 2>/dev/null || break; sleep 0.1; done
-if kill -0 $fsdpid 2>/dev/null; then echo "HOST fsd-exit still-running"; kill $fsdpid; else wait $fsdpid; echo "HOST fsd-exit $?"; fi
+if kill -0 $fsdpid 2>/dev/null; then
+  echo "HOST fsd-exit still-running"; threads fsd $fsdpid; kill -KILL $fsdpid
+else
+  wait $fsdpid; echo "HOST fsd-exit $?"
+fi
 grep -v ' INFO ' "$w/vmm.log" | tail -n 40 | sed 's/^/VMM /'; sed 's/^/FSD /' "$w/fsd.log"
 after=$(snap)
 if [[ $before == "$after" ]]; then echo "HOST outside-unchanged yes"; else echo "HOST outside-unchanged no"; diff <(echo "$before") <(echo "$after") | sed 's/^/HOST diff /'; fi
@@ -356,7 +369,8 @@ fn conformance_and_escapes_through_a_real_guest() {
 /// Runs in the lab: for each daemon, a fresh (same) shared dir, the daemon with
 /// `--cache never` (so the guest page cache does not hide the daemon), carapace-vmm (the
 /// VMM Carapace runs) booting the guest in bench mode, PSS of the daemon's processes
-/// sampled while the guest runs (until its DONE line). Daemons alternate within each round.
+/// sampled while the guest runs (until its DONE line). Daemons alternate within each round,
+/// and each round starts with the next one.
 /// Usage: bash -c SCRIPT bash ROUNDS VMM KERNEL INITRD CMDLINE LABEL DAEMON [LABEL DAEMON...]
 const BENCH_SCRIPT: &str = r#"
 set -u
@@ -375,7 +389,7 @@ run() { # label daemon-cmd...
   local d=$! max=0 v p
   for _ in $(seq 1 200); do [[ -S $w/fs.sock ]] && break; sleep 0.1; done
   : >"$w/smaps.max"
-  timeout 1500 "$vmm" --kernel "$kernel" --initrd "$initrd" --memory-mib 512 --vcpus 2 \
+  timeout -k 10 900 "$vmm" --kernel "$kernel" --initrd "$initrd" --memory-mib 512 --vcpus 2 \
     --serial "file:$w/serial.log" --fs "shared=$w/fs.sock" --cmdline "quiet fsdcheck=bench $extra" \
     >"$w/vmm.log" 2>&1 &
   local q=$!
@@ -407,9 +421,11 @@ run() { # label daemon-cmd...
   tr -d '\r' < "$w/serial.log" | sed "s/^/SERIAL $label /"
   tail -n 3 "$w/vmm.log" | sed "s/^/VMM $label /"; tail -n 5 "$w/d.log" | sed "s/^/DAEMON $label /"
 }
+args=("$@"); n=$(( ${#args[@]} / 2 ))
 for r in $(seq 1 "$rounds"); do
-  args=("$@")
-  for ((i = 0; i < ${#args[@]}; i += 2)); do
+  # Each round starts with the next daemon, so no daemon always runs first.
+  for ((k = 0; k < n; k++)); do
+    i=$(( ((r - 1 + k) % n) * 2 ))
     read -r -a cmd <<<"${args[i+1]}"
     run "${args[i]}" "${cmd[@]}"
   done
