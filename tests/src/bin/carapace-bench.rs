@@ -789,8 +789,13 @@ fn pod_phase(
                     }
                 }
                 Err(e) if run.handler == "carapace" => {
+                    let e = anyhow::Error::from(e);
                     progress(&format!("pod_start: carapace failed: {e:#}"));
-                    failure = Some(format!("{:#}", anyhow::Error::from(e)));
+                    progress(&format!(
+                        "containerd log (end):\n{}",
+                        tail_lines(&ctrd.log(), 40)
+                    ));
+                    failure = Some(format!("{e:#}"));
                 }
                 Err(e) => return Err(anyhow::Error::from(e).context("runc pods (the peer) failed")),
             }
