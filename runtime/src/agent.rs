@@ -53,6 +53,18 @@ pub enum AgentError {
     Other(String),
 }
 
+impl AgentError {
+    /// Whether the agent refused because its target is not in a state for the request
+    /// (FAILED_PRECONDITION), e.g. a signal for a process that has already exited.
+    pub fn is_wrong_state(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Rpc { source: ttrpc::Error::RpcStatus(s), .. }
+                if s.code() == ttrpc::Code::FAILED_PRECONDITION
+        )
+    }
+}
+
 /// A virtio-fs share the agent mounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {

@@ -333,6 +333,10 @@ async fn agent_call<T: Send + 'static>(
     .await
 }
 
+/// How long a signal refused by the agent for a process that has exited waits for that exit
+/// to reach the shim (its output is still being drained).
+const EXIT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn blocking<T: Send + 'static>(
     id: &str,
     f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
@@ -719,7 +723,7 @@ impl Tasks {
         signal: u32,
         all: bool,
     ) -> Result<(), TaskError> {
-        let agent = {
+        let (agent, mut exit) = {
             let table = self.table();
             let c = table.get(id).ok_or_else(|| TaskError::NotFound {
                 kind: "container",
@@ -738,12 +742,28 @@ impl Tasks {
                     state: "not started",
                 });
             }
-            c.agent.clone()
+            (c.agent.clone(), p.exit.subscribe())
         };
-        agent_call(agent, id, exec_id, move |a, c, e| {
+        match agent_call(agent, id, exec_id, move |a, c, e| {
             a.signal(c, e, signal, all)
         })
         .await
+        {
+            // The guest saw the process end before our watcher reported it (CRI stops a
+            // pod's containers right after their exit): once the exit arrives, this is the
+            // same "already finished" as above.
+            Err(TaskError::Agent { source, .. })
+                if source.is_wrong_state()
+                    && tokio::time::timeout(EXIT_CATCH_UP, exit.wait_for(Option::is_some))
+                        .await
+                        .is_ok_and(|r| r.is_ok()) =>
+            {
+                Err(TaskError::Finished {
+                    id: proc_name(id, exec_id),
+                })
+            }
+            r => r,
+        }
     }
 
     /// Deletes an exec, or the container (stopping its VM when it owns one). A running

@@ -36,6 +36,8 @@ struct FakeAgent {
     /// OOM kills to report, in order.
     ooms: Mutex<VecDeque<String>>,
     oom_added: Condvar,
+    /// While set, `wait` does not return: the exit stays unseen by the shim.
+    hold_exits: Mutex<bool>,
 }
 
 fn key(cid: &str, exec_id: &str) -> String {
@@ -116,15 +118,32 @@ impl AgentApi for FakeAgent {
         Ok(self.launch(cid, exec_id))
     }
     fn signal(&self, cid: &str, exec_id: &str, signal: u32, _all: bool) -> Result<(), AgentError> {
-        self.with(&key(cid, exec_id), |p| {
-            p.exit.get_or_insert(exited(0, signal as i32));
-        })
+        // as the agent: a process that has ended cannot be signalled
+        let ended = self.with(&key(cid, exec_id), |p| {
+            p.exit.is_some() || {
+                p.exit = Some(exited(0, signal as i32));
+                false
+            }
+        })?;
+        if ended {
+            return Err(AgentError::Rpc {
+                method: "SignalProcess",
+                target: key(cid, exec_id),
+                source: ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    "is stopped, signal needs a live process",
+                )),
+            });
+        }
+        Ok(())
     }
     fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError> {
         let k = key(cid, exec_id);
         let mut procs = self.procs.lock().expect("lock");
         loop {
-            if let Some(e) = procs.get(&k).and_then(|p| p.exit) {
+            if let Some(e) = procs.get(&k).and_then(|p| p.exit)
+                && !*self.hold_exits.lock().expect("lock")
+            {
                 return Ok(e);
             }
             procs = self.changed.wait(procs).expect("wait");
@@ -444,6 +463,35 @@ async fn kill_stops_a_running_init_with_128_plus_signal_and_delete_waits_for_it(
         exits += usize::from(matches!(ev, Event::Exit { .. }));
     }
     assert_eq!(exits, 1);
+}
+
+/// CRI stops a pod's containers right after they exit: the agent may refuse the signal
+/// (the process is gone) before the shim has seen the exit. That is "already finished"
+/// (NOT_FOUND), not a failure of the stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_that_races_the_exit_is_already_finished() {
+    let f = fixture();
+    f.tasks
+        .create(f.request("c9", StdioPaths::default()))
+        .await
+        .expect("create");
+    f.tasks.start("c9", "").await.expect("start");
+    // the process ends in the guest; the shim does not hear of it yet
+    *f.backend.agent.hold_exits.lock().expect("lock") = true;
+    f.backend
+        .agent
+        .with(&key("c9", ""), |p| p.exit = Some(exited(3, 0)))
+        .expect("ended");
+    let agent = f.backend.agent.clone();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        *agent.hold_exits.lock().expect("lock") = false;
+        agent.changed.notify_all();
+    });
+    let err = f.tasks.kill("c9", "", 15, false).await.expect_err("ended");
+    assert!(matches!(err, TaskError::Finished { .. }), "{err}");
+    release.join().expect("release");
+    assert_eq!(f.tasks.wait("c9", "").await.expect("wait").status, 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]
