@@ -233,7 +233,7 @@ fn carapace_vmm(var: &str) -> PathBuf {
 // each check as it ends, with a heartbeat, so a stall names its check and the script dumps
 // both sides' state (see SCRIPT). `FSD_TEST_VMM` names another carapace-vmm build.
 #[test]
-#[ignore = "issue 5: the lab machine froze in 2-3 of 10 runs (no check failed; vmm/fsd/README.md, Status); run with --ignored"]
+#[ignore = "issue 5: the lab machine froze in 3 of 10 runs (no check failed; vmm/fsd/README.md, Status); run with --ignored"]
 fn conformance_and_escapes_through_a_real_guest() {
     let kernel = guest_kernel();
     let (fsd, check) = static_bins();
