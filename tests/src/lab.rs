@@ -135,6 +135,27 @@ impl Lab {
 
     /// Runs `argv` and waits for it. A non-zero exit status of the command is not an
     /// error; a timeout or a failure of the lab itself is.
+    /// [`Lab::run`], once more in a new lab machine when the first one's own kernel
+    /// panicked (tests/README.md, "Known limitation"): an infrastructure failure, not the
+    /// command's. The retry is said loudly on stderr with the console; any other failure,
+    /// and a second panic, is returned.
+    pub fn run_retrying_a_lab_panic<S: AsRef<OsStr>>(
+        &self,
+        argv: &[S],
+        what: &str,
+    ) -> Result<LabOutput, LabError> {
+        match self.run(argv) {
+            Err(LabError::LabFailed { stderr }) if stderr.contains("Kernel panic") => {
+                eprintln!(
+                    "{what}: the lab machine's own kernel panicked; running it once more in a \
+                     new lab machine. Its console:\n{stderr}"
+                );
+                self.run(argv)
+            }
+            r => r,
+        }
+    }
+
     pub fn run<S: AsRef<OsStr>>(&self, argv: &[S]) -> Result<LabOutput, LabError> {
         let script = harness_path();
         let mut cmd = Command::new("bash");
@@ -273,24 +294,9 @@ pub fn in_lab_unless(host_ok: bool, module_path: &str, name: &str, lab: Lab, bod
         OsStr::new("--test-threads=1"),
     ];
     let lab = lab.mode(Mode::Lab).env(IN_LAB_ENV, "1");
-    let mut attempt = 1;
-    let out = loop {
-        match lab.run(&argv) {
-            Ok(out) => break out,
-            // The lab machine's own kernel panicked (tests/README.md, "Known limitation"):
-            // an infrastructure failure, not the test's. One more machine, said loudly.
-            Err(LabError::LabFailed { stderr })
-                if attempt == 1 && stderr.contains("Kernel panic") =>
-            {
-                eprintln!(
-                    "{test_path}: the lab machine's own kernel panicked; running the test once \
-                     more in a new lab machine. Its console:\n{stderr}"
-                );
-                attempt += 1;
-            }
-            Err(e) => panic!("{test_path}: {e}"),
-        }
-    };
+    let out = lab
+        .run_retrying_a_lab_panic(&argv, &test_path)
+        .unwrap_or_else(|e| panic!("{test_path}: {e}"));
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
     assert_eq!(

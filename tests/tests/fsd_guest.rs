@@ -137,6 +137,8 @@ fsd=$1 vmm=$2 kernel=$3 initrd=$4
 w=$(mktemp -d /tmp/fsd-guest.XXXXXX)
 mkdir "$w/shared" "$w/outside" "$w/outside/sub"
 echo "HOST-SECRET outside the shared dir" > "$w/outside/secret"
+# readdir-10k lists these (the guest adds one: 10001 afterwards).
+mkdir "$w/shared/many" && (cd "$w/shared/many" && seq -f 'f%05g' 0 9999 | xargs touch)
 ln -s "$w/outside" "$w/shared/abs"
 ln -s ../outside "$w/shared/rel"
 ln -s /proc/self/fd/3 "$w/shared/pfd"
@@ -231,9 +233,9 @@ fn carapace_vmm(var: &str) -> PathBuf {
 // index for seconds), now recovered by carapace-fsd's watchdog and by carapace-vmm's
 // device workers, which raise again an interrupt left unacknowledged. The guest reports
 // each check as it ends, with a heartbeat, so a stall names its check and the script dumps
-// both sides' state (see SCRIPT). `FSD_TEST_VMM` names another carapace-vmm build.
+// both sides' state (see SCRIPT). `FSD_TEST_VMM` names another carapace-vmm build. A lab
+// machine whose own kernel panics (tests/README.md, "Known limitation") is replaced once.
 #[test]
-#[ignore = "issue 5: the lab machine froze in 3 of 10 runs (no check failed; vmm/fsd/README.md, Status); run with --ignored"]
 fn conformance_and_escapes_through_a_real_guest() {
     let kernel = guest_kernel();
     let (fsd, check) = static_bins();
@@ -256,7 +258,7 @@ fn conformance_and_escapes_through_a_real_guest() {
         .mem_mib(3072)
         .smp(2)
         .timeout(Duration::from_secs(1800))
-        .run(&argv)
+        .run_retrying_a_lab_panic(&argv, "fsd conformance")
         .expect("running carapace-vmm where KVM can boot guests");
     let all = format!("{}\n{}", out.stdout, out.stderr);
     println!("{all}");
@@ -353,7 +355,7 @@ fn conformance_and_escapes_through_a_real_guest() {
     assert_eq!(host("outside-unchanged"), "yes", "{all}");
     assert!(host("hello").starts_with("hello from the guest"), "{all}");
     assert_eq!(host("sparse-size"), ((4u64 << 30) + 1).to_string());
-    assert_eq!(host("many-count"), "10000");
+    assert_eq!(host("many-count"), "10001");
     assert_eq!(host("owned"), "1234:2345");
     if host("xattr-support") == "yes" {
         assert_eq!(host("xattr"), "guest-value");

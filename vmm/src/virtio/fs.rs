@@ -19,10 +19,8 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
-use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
-};
+use super::worker::{RescueTick, STOP_TOKEN, Worker};
+use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
 
 /// Bytes of the tag in the config space.
 pub const TAG_LEN: usize = 36;
@@ -228,17 +226,14 @@ impl VirtioDevice for VhostUserFs {
             // The kick fds stay open here for as long as the backend may use them.
             let _queues = queues;
             let mut events = vec![EpollEvent::default(); calls.len() + 1];
-            let mut watch = IrqWatch::default();
+            let mut tick = RescueTick::default();
             loop {
-                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
+                let Ok(n) = ep.wait(tick.timeout_ms(), &mut events) else {
                     return;
                 };
-                if n == 0 {
-                    // The backend's requests are its own to rescue (carapace-fsd has a
-                    // watchdog); ours is the interrupt it asked for.
-                    interrupt.rescue(&mut watch);
-                    continue;
-                }
+                // The backend's requests are its own to rescue (carapace-fsd has a
+                // watchdog); ours is the interrupt it asked for.
+                tick.poll(&interrupt);
                 for e in &events[..n] {
                     if e.data() == STOP_TOKEN {
                         return;

@@ -62,7 +62,7 @@ pub struct Interrupt {
 }
 
 /// Detects an interrupt the guest never handled: one watch per device worker, checked on the
-/// worker's idle ticks ([`worker::RESCUE_PERIOD_MS`]). When the status register stayed
+/// worker's rescue ticks ([`worker::RescueTick`], every [`worker::RESCUE_PERIOD_MS`]). When the status register stayed
 /// non-zero with no InterruptACK across a whole tick, the edge was lost on the way (seen
 /// under nested, emulated virtualization) or the guest is very slow; raising it again is
 /// harmless either way, because the guest's handler reads the status register and finds

@@ -17,10 +17,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
-use super::worker::{EpollSet, RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
-use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
-};
+use super::worker::{EpollSet, RescueTick, STOP_TOKEN, Worker};
+use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
 
 /// Largest Ethernet frame (without the virtio-net header) accepted in either direction.
 pub const MAX_FRAME: usize = 65_550;
@@ -388,22 +386,27 @@ impl VirtioDevice for Net {
             // Frames queued on the tap before activation, and the tap's first registration.
             let mut events = [EpollEvent::default(); 8];
             let mut r = lp.rx(&ep);
-            let mut watch = IrqWatch::default();
+            let mut tick = RescueTick::default();
             loop {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "virtio-net queue error");
                     lp.interrupt.fail("queue error");
                     return;
                 }
-                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
+                let Ok(n) = ep.wait(tick.timeout_ms(), &mut events) else {
                     return;
                 };
-                if n == 0 {
-                    // Idle tick: both rings as if kicked (a kick may have been lost, e.g. the
-                    // RX refill that a held frame waits for), and a lost interrupt raised again.
-                    lp.interrupt.rescue(&mut watch);
+                if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
+                    return;
+                }
+                if tick.poll(&lp.interrupt) {
+                    // Rescue tick, busy or idle: both rings as if kicked (a kick may have
+                    // been lost, e.g. the RX refill a held frame waits for); a lost
+                    // interrupt was raised again.
                     r = lp.tx().and_then(|()| lp.rx(&ep));
-                    continue;
+                    if r.is_err() {
+                        continue;
+                    }
                 }
                 r = Ok(());
                 for e in &events[..n] {

@@ -3,6 +3,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -15,11 +16,59 @@ use super::{ActiveQueue, Interrupt, IrqWatch};
 /// Token reserved for the stop eventfd.
 pub const STOP_TOKEN: u64 = u64::MAX;
 
-/// How long a device worker waits for events before it looks at its queues and its interrupt
-/// anyway. A notification or interrupt lost between guest and VMM (nested, emulated
+/// How often a device worker looks at its queues and its interrupt whatever happened in
+/// between. A notification or interrupt lost between guest and VMM (nested, emulated
 /// virtualization loses them now and then) would otherwise stall the device for good; one
 /// wake-up a second per device is the price.
-pub const RESCUE_PERIOD_MS: i32 = 1000;
+pub const RESCUE_PERIOD_MS: u64 = 1000;
+
+/// The rescue tick of one device worker: due every [`RESCUE_PERIOD_MS`] by the clock, whether
+/// the worker was idle or busy in between (a busy device can lose a kick on another of its
+/// queues, or an interrupt, just as well). The worker waits for events at most until the
+/// next tick ([`RescueTick::timeout_ms`]) and, when [`RescueTick::poll`] says so, serves its
+/// rings as if kicked.
+#[derive(Debug)]
+pub struct RescueTick {
+    period: Duration,
+    next: Instant,
+    watch: IrqWatch,
+}
+
+impl Default for RescueTick {
+    fn default() -> Self {
+        Self::every(Duration::from_millis(RESCUE_PERIOD_MS))
+    }
+}
+
+impl RescueTick {
+    /// A tick every `period`, the first one `period` from now.
+    pub fn every(period: Duration) -> Self {
+        RescueTick {
+            period,
+            next: Instant::now() + period,
+            watch: IrqWatch::default(),
+        }
+    }
+
+    /// The epoll timeout that wakes the worker at the next tick (ms, rounded up).
+    pub fn timeout_ms(&self) -> i32 {
+        let left = self.next.saturating_duration_since(Instant::now());
+        i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+    }
+
+    /// When a tick is due: raises `interrupt` again if the guest left it unacknowledged
+    /// since the previous tick ([`Interrupt::rescue`]) and returns `true`, telling the
+    /// worker to serve its rings as if kicked. `false` between ticks.
+    pub fn poll(&mut self, interrupt: &Interrupt) -> bool {
+        let now = Instant::now();
+        if now < self.next {
+            return false;
+        }
+        self.next = now + self.period;
+        interrupt.rescue(&mut self.watch);
+        true
+    }
+}
 
 /// A running device worker.
 #[derive(Debug)]
@@ -61,7 +110,7 @@ impl Worker {
 impl Worker {
     /// Spawns the worker of a one-queue device (blk, rng): `process` serves the queue's
     /// available chains and says whether the used ring changed; it runs on every kick and on
-    /// every idle tick (a kick may have been lost), and an interrupt left unacknowledged for
+    /// every rescue tick (a kick may have been lost), and an interrupt left unacknowledged for
     /// a whole tick is raised again. A queue error fails the device (DEVICE_NEEDS_RESET).
     pub fn spawn_single_queue<E, F>(
         name: &'static str,
@@ -81,18 +130,20 @@ impl Worker {
                 return;
             }
             let mut events = [EpollEvent::default(); 4];
-            let mut watch = IrqWatch::default();
+            let mut tick = RescueTick::default();
             loop {
-                let Ok(n) = ep.wait(RESCUE_PERIOD_MS, &mut events) else {
+                let Ok(n) = ep.wait(tick.timeout_ms(), &mut events) else {
                     return;
                 };
                 if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
                     return;
                 }
-                if n == 0 {
-                    interrupt.rescue(&mut watch);
-                } else {
+                let kicked = n > 0;
+                if kicked {
                     let _ = event.read();
+                }
+                if !tick.poll(&interrupt) && !kicked {
+                    continue;
                 }
                 match process(&mut queue, &mem) {
                     Ok(true) => {
@@ -158,5 +209,32 @@ impl EpollSet {
                 r => return r,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rescue_tick_is_due_by_the_clock_and_raises_a_lost_interrupt() {
+        let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut tick = RescueTick::every(Duration::from_millis(40));
+        assert!(!tick.poll(&i), "due before its period");
+        let t = tick.timeout_ms();
+        assert!((1..=40).contains(&t), "timeout {t}");
+        i.notify_queue();
+        let _ = i.irq().read();
+        // However often the worker wakes in between (busy), the tick comes by the clock.
+        let start = Instant::now();
+        while !tick.poll(&i) {
+            assert!(start.elapsed() < Duration::from_secs(5), "tick never due");
+        }
+        // First tick: pending, seen once. Second: still unacknowledged, raised again.
+        std::thread::sleep(Duration::from_millis(tick.timeout_ms() as u64 + 1));
+        assert!(tick.poll(&i));
+        assert_eq!(i.resent(), 1);
+        assert_eq!(i.irq().read().unwrap(), 1);
+        assert!(!tick.poll(&i), "the next tick is a period away");
     }
 }

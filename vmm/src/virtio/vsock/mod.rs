@@ -13,10 +13,8 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use super::worker::{RESCUE_PERIOD_MS, STOP_TOKEN, Worker};
-use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
-};
+use super::worker::{RescueTick, STOP_TOKEN, Worker};
+use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
 use muxer::{Muxer, MuxerError, VsockCounters};
 
 const QUEUE_SIZE: u16 = 256;
@@ -88,17 +86,16 @@ fn run(
             .map_err(MuxerError::Epoll)?;
     }
     let mut events = vec![EpollEvent::default(); 64];
-    let mut watch = IrqWatch::default();
+    let mut tick = RescueTick::default();
     loop {
         let n = mux
             .epoll()
-            .wait(RESCUE_PERIOD_MS, &mut events)
+            .wait(tick.timeout_ms(), &mut events)
             .map_err(MuxerError::Epoll)?;
-        if n == 0 {
-            // Idle tick: the rings below are looked at as if kicked (a kick may have been
-            // lost), and an interrupt the guest never acknowledged is raised again.
-            interrupt.rescue(&mut watch);
-        }
+        // The rings below are looked at on every pass, so a lost kick is served by the next
+        // wake-up at the latest; on a rescue tick an interrupt the guest never
+        // acknowledged is raised again.
+        tick.poll(&interrupt);
         let mut notify = false;
         for e in &events[..n] {
             match e.data() {
