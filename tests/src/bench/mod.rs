@@ -3,6 +3,7 @@
 //! chart of the sampled distributions.
 
 pub mod fsio;
+pub mod merge;
 pub mod parse;
 pub mod pods;
 
@@ -16,9 +17,46 @@ pub const LAB_NOTE: &str = "Inside the lab every CPU-bound time is emulated by Q
 (10-50x slower than hardware) and every VM exit is expensive: absolute times mean nothing, \
 only ratios against the peer measured in the same run carry over. Memory figures are not distorted.";
 
-/// Errors writing a report.
+/// Errors writing, reading or merging reports.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// A report file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A report file is not JSON.
+    #[error("{path} is not JSON")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A report file is JSON but not a report.
+    #[error("{path} is not a benchmark report")]
+    Schema {
+        /// The file.
+        path: PathBuf,
+        /// The field and what is wrong with it.
+        #[source]
+        source: merge::SchemaError,
+    },
+    /// Two partial reports (or one twice) carry a row of the same name.
+    #[error("row {name} is in both {first} and {second}")]
+    DuplicateRow {
+        /// The row name.
+        name: String,
+        /// The file it was first seen in.
+        first: PathBuf,
+        /// The file it was seen in again.
+        second: PathBuf,
+    },
     /// A file could not be written.
     #[error("cannot write {path}")]
     Write {
@@ -272,11 +310,8 @@ impl Report {
 
     /// Writes `latest.json`, `<date>.json`, `latest.md` and `latest.svg` into `dir`.
     pub fn write(&self, dir: &Path, date: &str) -> Result<Vec<PathBuf>, BenchError> {
-        fs::create_dir_all(dir).map_err(|source| BenchError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let json = serde_json::to_string_pretty(&self.to_json(date)).expect("JSON serialises");
+        create_dir(dir)?;
+        let json = self.json_text(date);
         let files = [
             ("latest.json", json.clone()),
             (&format!("{date}.json") as &str, json),
@@ -286,14 +321,38 @@ impl Report {
         .map(|(name, text)| (dir.join(name), text));
         let mut written = Vec::new();
         for (path, text) in files {
-            fs::write(&path, text).map_err(|source| BenchError::Write {
-                path: path.clone(),
-                source,
-            })?;
+            write_file(&path, &text)?;
             written.push(path);
         }
         Ok(written)
     }
+
+    /// Writes the JSON document alone to `path` (a partial report, for
+    /// [`merge::merge_files`]), creating its directory.
+    pub fn write_partial(&self, path: &Path, date: &str) -> Result<(), BenchError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_dir(dir)?;
+        }
+        write_file(path, &self.json_text(date))
+    }
+
+    fn json_text(&self, date: &str) -> String {
+        serde_json::to_string_pretty(&self.to_json(date)).expect("JSON serialises")
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), BenchError> {
+    fs::create_dir_all(dir).map_err(|source| BenchError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), BenchError> {
+    fs::write(path, text).map_err(|source| BenchError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn fmt_num(v: f64) -> String {

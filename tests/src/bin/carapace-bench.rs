@@ -11,7 +11,12 @@
 //!   touched; density = sandboxes started before the start latency doubles or memory runs
 //!   short, bounded; runc under the same rule is the peer;
 //! - pod: CRI RunPodSandbox -> the container's first log line, one pod at a time and
-//!   `--pod-parallel` pods at once, Carapace's handler vs runc's, in one private containerd.
+//!   `--pod-parallel` pods at once, Carapace's handler vs runc's, in one private containerd;
+//! - fs: file I/O on the container's root file system, carapace-fsd vs virtiofsd vs runc.
+//!
+//! `--only PHASE... --partial FILE` runs some phases and writes their report to FILE;
+//! `--merge FILE... --out DIR` joins such partial reports into the report files
+//! (scripts/bench.sh runs each phase group in its own lab machine that way).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -60,10 +65,50 @@ enum Phase {
     Fs,
 }
 
+impl Phase {
+    /// All phases, in the order a run measures them and a merged report lists them.
+    const ALL: [Self; 5] = [
+        Self::Boot,
+        Self::Container,
+        Self::Sandbox,
+        Self::Pod,
+        Self::Fs,
+    ];
+
+    /// The name on the command line (clap's).
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The rows it writes, as notes name them (the density row is the sandbox phase's).
+    fn rows(self) -> &'static str {
+        match self {
+            Self::Boot => "boot",
+            Self::Container => "container_start",
+            Self::Sandbox => "sandbox_pss, density",
+            Self::Pod => "pod_start",
+            Self::Fs => "fs_*",
+        }
+    }
+
+    /// The note a phase left out by `--skip` leaves.
+    fn skip_note(self) -> String {
+        format!("{}: skipped (--skip {})", self.rows(), self.name())
+    }
+}
+
 /// Carapace benchmarks side by side with their peers (QEMU microvm, runc, Kata's published
 /// footprint). Run where KVM boots guests; `make bench` runs it in the lab. Exit codes:
 /// 0 report written (rows that could not be measured are in its notes), 2 bad arguments
 /// or missing binaries/images, 1 anything else.
+///
+/// Each phase can run on its own: `--only container --only sandbox --partial FILE` measures
+/// those phases and writes their report (rows, samples, notes; the latest.json format) to
+/// FILE; `--merge FILE... --out DIR` later joins such files, measuring nothing, into the
+/// report files a whole run writes. scripts/bench.sh runs each phase group in its own lab
+/// machine that way, so one lab failure loses one group, not the run.
 #[derive(Debug, Parser)]
 #[command(name = "carapace-bench", version, about, long_about)]
 struct Cli {
@@ -97,9 +142,22 @@ struct Cli {
     /// Pods started at once in the parallel pod_start row (ignored with --quick: 3).
     #[arg(long, default_value_t = 10)]
     pod_parallel: usize,
-    /// Phases to skip.
-    #[arg(long, value_enum)]
+    /// Phases to skip (with --merge: phases the merged report notes as skipped).
+    #[arg(long, value_enum, value_name = "PHASE", conflicts_with = "only")]
     skip: Vec<Phase>,
+    /// Run only this phase (repeatable). Container and sandbox share one private
+    /// containerd: ask for both in one run to set it up once.
+    #[arg(long, value_enum, value_name = "PHASE")]
+    only: Vec<Phase>,
+    /// Write this run's report as JSON to FILE (for --merge) instead of the report files
+    /// in --out.
+    #[arg(long, value_name = "FILE")]
+    partial: Option<PathBuf>,
+    /// Measure nothing: merge these partial reports, in the order given (phase order), into
+    /// the report files in --out and print the table. A missing or unreadable file becomes
+    /// a note; a row name in two files is an error. Run options are ignored.
+    #[arg(long, value_name = "PARTIAL", num_args = 1.., conflicts_with_all = ["only", "partial"])]
+    merge: Vec<PathBuf>,
     /// Also save /proc/<pid>/smaps of each process of the first idle sandbox here (for
     /// finding where its memory goes).
     #[arg(long)]
@@ -117,7 +175,12 @@ fn bin_dir() -> Result<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    let done = if cli.merge.is_empty() {
+        run(&cli)
+    } else {
+        merge(&cli)
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench: failed: {e:#}");
@@ -151,9 +214,7 @@ fn run(cli: &Cli) -> Result<()> {
     ));
     let started = Instant::now();
 
-    if cli.skip.contains(&Phase::Boot) {
-        report.notes.push("boot: skipped (--skip boot)".into());
-    } else {
+    if !skipped(cli, Phase::Boot, &mut report) {
         match (&cli.boot_kernel, &cli.boot_initrd) {
             (Some(k), Some(i)) => {
                 if let Err(e) = boot(&bins, k, i, runs, &mut report) {
@@ -168,14 +229,14 @@ fn run(cli: &Cli) -> Result<()> {
         }
     }
 
-    let need_ctrd = !(cli.skip.contains(&Phase::Container) && cli.skip.contains(&Phase::Sandbox));
-    if need_ctrd {
-        containers(cli, &bins, runs, density_max, &mut report)?;
+    let container = !skipped(cli, Phase::Container, &mut report);
+    let sandbox = !skipped(cli, Phase::Sandbox, &mut report);
+    if container || sandbox {
+        let density_max = sandbox.then_some(density_max);
+        containers(cli, &bins, runs, container, density_max, &mut report)?;
     }
 
-    if cli.skip.contains(&Phase::Pod) {
-        report.notes.push("pod_start: skipped (--skip pod)".into());
-    } else {
+    if !skipped(cli, Phase::Pod, &mut report) {
         let parallel = if cli.quick {
             3
         } else {
@@ -183,23 +244,59 @@ fn run(cli: &Cli) -> Result<()> {
         };
         pod_phase(cli, &bins, runs, parallel, &mut report)?;
     }
-    if cli.skip.contains(&Phase::Fs) {
-        report.notes.push("fs_*: skipped (--skip fs)".into());
-    } else {
+    if !skipped(cli, Phase::Fs, &mut report) {
         let fs_runs = if cli.quick { 1 } else { cli.fs_runs.max(1) };
         if let Err(e) = fs_phase(cli, &bins, fs_runs, &mut report) {
             progress(&format!("fs phase failed: {e:#}"));
             report.notes.push(format!("fs_*: not measured: {e:#}"));
         }
     }
-    report.notes.push(format!(
-        "total bench time {:.0} s",
-        started.elapsed().as_secs_f64()
-    ));
+    let took = started.elapsed().as_secs_f64();
+    report.notes.push(if cli.only.is_empty() {
+        format!("total bench time {took:.0} s")
+    } else {
+        let only: Vec<String> = cli.only.iter().map(|p| p.name()).collect();
+        format!("bench time of {}: {took:.0} s", only.join(" + "))
+    });
+    finish(cli, &report)
+}
+
+/// Whether `phase` is left out of this run. One left out by `--skip` says so in a note;
+/// one left out by `--only` does not (it is another partial report's).
+fn skipped(cli: &Cli, phase: Phase, report: &mut Report) -> bool {
+    if cli.skip.contains(&phase) {
+        report.notes.push(phase.skip_note());
+        true
+    } else {
+        !cli.only.is_empty() && !cli.only.contains(&phase)
+    }
+}
+
+/// `--merge`: the partial reports joined, `--skip`ped phases noted, written as a run would.
+fn merge(cli: &Cli) -> Result<()> {
+    let mut report =
+        carapace_tests::bench::merge::merge_files(&cli.merge).context("merging partial reports")?;
+    for phase in Phase::ALL {
+        if cli.skip.contains(&phase) {
+            report.notes.push(phase.skip_note());
+        }
+    }
+    finish(cli, &report)
+}
+
+/// Writes the report: to `--partial` if given, else the report files in `--out`; prints
+/// the table.
+fn finish(cli: &Cli, report: &Report) -> Result<()> {
     let date = sh("date", &["-u", "+%Y-%m-%d"]);
-    let files = report
-        .write(&cli.out, &date)
-        .context("writing the report")?;
+    let files = match &cli.partial {
+        Some(path) => report
+            .write_partial(path, &date)
+            .map(|()| vec![path.clone()])
+            .context("writing the partial report")?,
+        None => report
+            .write(&cli.out, &date)
+            .context("writing the report")?,
+    };
     for f in files {
         progress(&format!("wrote {}", f.display()));
     }
@@ -341,11 +438,14 @@ fn check_guest_image(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The container phase (when `container`) and the sandbox phase (when `density_max` is
+/// given: it bounds the density run) in one private containerd.
 fn containers(
     cli: &Cli,
     bins: &Path,
     runs: usize,
-    density_max: usize,
+    container: bool,
+    density_max: Option<usize>,
     report: &mut Report,
 ) -> Result<()> {
     for b in SANDBOX_PROCS {
@@ -372,11 +472,7 @@ fn containers(
     ctrd.import(&archive)?;
 
     let mut carapace_ok = true;
-    if cli.skip.contains(&Phase::Container) {
-        report
-            .notes
-            .push("container_start: skipped (--skip container)".into());
-    } else {
+    if container {
         let (mut ours, mut peer) = (Vec::new(), Vec::new());
         let mut failure = None;
         for i in 0..runs {
@@ -436,11 +532,10 @@ fn containers(
         }
     }
 
-    if cli.skip.contains(&Phase::Sandbox) {
-        report
-            .notes
-            .push("sandbox_pss, density: skipped (--skip sandbox)".into());
-    } else if !carapace_ok {
+    let Some(density_max) = density_max else {
+        return Ok(());
+    };
+    if !carapace_ok {
         report.notes.push(
             "sandbox_pss, density: not measured: Carapace containers do not start (see container_start)"
                 .into(),
