@@ -6,7 +6,6 @@
 //! [`service`] maps it to containerd's ttrpc API, [`backend`] is the seam to sandboxes.
 
 pub mod backend;
-pub mod malloc;
 pub mod pod;
 pub mod runtime_backend;
 pub mod service;

@@ -12,7 +12,7 @@ fn backend() -> Result<Arc<dyn Backend>, String> {
 }
 
 fn main() {
-    carapace_shim::malloc::one_arena();
+    carapace_footprint::one_malloc_arena();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -70,6 +70,14 @@ pub fn set_backend_factory(f: BackendFactory) {
     let _ = FACTORY.set(f);
 }
 
+/// When the serving shim drops its idle code pages, counted from its start and from each
+/// create, start, exec and delete (carapace-footprint).
+const TRIM_AFTER: [std::time::Duration; 3] = [
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(10),
+    std::time::Duration::from_secs(60),
+];
+
 fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     MessageField::some(Timestamp {
@@ -339,6 +347,12 @@ impl Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        // The serving shim: drop the code pages of work that went idle (start-up, sandbox
+        // creation) some seconds after it (carapace-footprint); create, start, exec and
+        // delete restart the schedule.
+        if let Err(e) = carapace_footprint::trim_after_activity(&TRIM_AFTER) {
+            tracing::debug!(error = %e, "no trimmer thread");
+        }
         if let Some(mut rx) = self.events.lock().await.take() {
             let namespace = self.namespace.clone();
             tokio::spawn(async move {
@@ -365,6 +379,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
+        carapace_footprint::activity();
         if !req.checkpoint.is_empty() {
             return Err(get_rpc_status(
                 Code::UNIMPLEMENTED,
@@ -401,6 +416,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
+        carapace_footprint::activity();
         let pid = self
             .tasks
             .start(&req.id, &req.exec_id)
@@ -417,6 +433,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
+        carapace_footprint::activity();
         let (pid, exit) = self
             .tasks
             .delete(&req.id, &req.exec_id)
@@ -436,6 +453,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
+        carapace_footprint::activity();
         // The spec is the OCI process as JSON inside an Any.
         let spec = req
             .spec

@@ -135,20 +135,21 @@ impl Lab {
 
     /// Runs `argv` and waits for it. A non-zero exit status of the command is not an
     /// error; a timeout or a failure of the lab itself is.
-    /// [`Lab::run`], once more in a new lab machine when the first one's own kernel
-    /// panicked (tests/README.md, "Known limitation"): an infrastructure failure, not the
-    /// command's. The retry is said loudly on stderr with the console; any other failure,
-    /// and a second panic, is returned.
+    /// [`Lab::run`], once more in a new lab machine when the first one died under the
+    /// command: its own kernel panicked, or it reset without a word (tests/README.md, "Known
+    /// limitation"). Either is a failure of the lab machine, not of the command, which never
+    /// got to report its exit status. The retry is said loudly on stderr with the console;
+    /// any other failure, and a second death, is returned.
     pub fn run_retrying_a_lab_panic<S: AsRef<OsStr>>(
         &self,
         argv: &[S],
         what: &str,
     ) -> Result<LabOutput, LabError> {
         match self.run(argv) {
-            Err(LabError::LabFailed { stderr }) if stderr.contains("Kernel panic") => {
+            Err(LabError::LabFailed { stderr }) if lab_machine_died(&stderr) => {
                 eprintln!(
-                    "{what}: the lab machine's own kernel panicked; running it once more in a \
-                     new lab machine. Its console:\n{stderr}"
+                    "{what}: the lab machine died (its own kernel panicked or it reset); \
+                     running it once more in a new lab machine. Its console:\n{stderr}"
                 );
                 self.run(argv)
             }
@@ -204,6 +205,12 @@ impl Lab {
 }
 
 /// Drops the harness's one-line "lab: ... running ..." notice from stderr.
+/// Whether the lab harness says its machine stopped before the command could report an
+/// exit status (tests/lab/run) or that machine's kernel panicked.
+fn lab_machine_died(stderr: &str) -> bool {
+    stderr.contains("Kernel panic") || stderr.contains("without reporting the exit status")
+}
+
 fn strip_notice(stderr: &str) -> String {
     match stderr.split_once('\n') {
         Some((first, rest)) if first.starts_with("lab: ") && first.contains("running") => {

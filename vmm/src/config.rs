@@ -204,6 +204,11 @@ pub struct VmConfig {
     /// Seconds the API `shutdown` waits for the guest before forcing the VM off.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_secs: u32,
+    /// Interrupt a vCPU that stayed inside KVM_RUN this long (ms), so that a lost timer
+    /// interrupt cannot leave it halted for good (see `nudge.rs`). 0: never. Unset: 1000
+    /// when this host is itself a VM (nested virtualization), never otherwise.
+    #[serde(default)]
+    pub vcpu_nudge_ms: Option<u32>,
 }
 
 fn default_memory() -> u32 {
@@ -233,6 +238,7 @@ impl VmConfig {
             net: Vec::new(),
             api_socket: None,
             shutdown_timeout_secs: default_shutdown_timeout(),
+            vcpu_nudge_ms: None,
         }
     }
 

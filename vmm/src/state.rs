@@ -37,6 +37,8 @@ pub struct ExitCounters {
     pub unhandled: AtomicU64,
     /// Any other exit.
     pub other: AtomicU64,
+    /// vCPUs interrupted after a whole nudge period inside KVM_RUN (see `nudge.rs`).
+    pub nudged: AtomicU64,
 }
 
 /// Snapshot of [`ExitCounters`].
@@ -58,6 +60,8 @@ pub struct ExitCountersSnapshot {
     pub unhandled: u64,
     /// Others.
     pub other: u64,
+    /// Nudges.
+    pub nudged: u64,
 }
 
 impl ExitCounters {
@@ -78,6 +82,7 @@ impl ExitCounters {
             interrupted: l(&self.interrupted),
             unhandled: l(&self.unhandled),
             other: l(&self.other),
+            nudged: l(&self.nudged),
         }
     }
 }

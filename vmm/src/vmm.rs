@@ -22,6 +22,7 @@ use crate::hostcheck::{self, HostError, HostFacts};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::mptable;
+use crate::nudge;
 use crate::state::{ExitCounters, VmState};
 use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY, TransportError};
 use crate::virtio::{self, VirtioDevice};
@@ -404,12 +405,14 @@ impl Vm {
         let _ = register_signal_handler(kick_signal(), kick_handler);
 
         let mmio = Arc::new(bus);
+        let entries = Arc::new(nudge::Entries::new(fds.len()));
         let mut vcpus = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
             let (state, pio, mmio) = (state.clone(), pio.clone(), mmio.clone());
+            let entries = entries.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, fd, &state, &pio, &mmio))
+                .spawn(move || vcpu_loop(id, fd, &state, &pio, &mmio, &entries))
                 .map_err(io_err("cannot spawn a vCPU thread"))?;
             vcpus.push(h);
         }
@@ -420,15 +423,29 @@ impl Vm {
             setup_ms = opts.start.elapsed().as_secs_f64() * 1000.0,
             "VM started"
         );
+        let nudge_period = nudge::period(
+            config.vcpu_nudge_ms,
+            &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+        );
+        let handle = VmHandle {
+            state,
+            pio,
+            mmio,
+            cmdline: cmdline.into(),
+            config: Arc::new(config),
+            vcpus: Arc::new(Mutex::new(vcpus)),
+        };
+        if let Some(period) = nudge_period {
+            let h = handle.clone();
+            std::thread::Builder::new()
+                .name("vcpu-nudge".into())
+                .stack_size(64 * 1024)
+                .spawn(move || h.nudge_loop(&entries, period))
+                .map_err(io_err("cannot spawn the vCPU nudge thread"))?;
+            tracing::debug!(period_ms = period.as_millis(), "vCPU nudges on");
+        }
         Ok(Vm {
-            handle: VmHandle {
-                state,
-                pio,
-                mmio,
-                cmdline: cmdline.into(),
-                config: Arc::new(config),
-                vcpus: Arc::new(Mutex::new(vcpus)),
-            },
+            handle,
             mem,
             _vm: vm,
         })
@@ -444,6 +461,28 @@ impl Vm {
 }
 
 impl VmHandle {
+    /// Until the VM stops: every `period`, interrupts the vCPUs that stayed inside KVM_RUN
+    /// for a whole period (see `nudge.rs`).
+    fn nudge_loop(&self, entries: &nudge::Entries, period: Duration) {
+        while !self.state.stopping() {
+            std::thread::sleep(period);
+            if self.state.paused() || self.state.stopping() {
+                continue;
+            }
+            let stuck = entries.stuck_for(period);
+            if stuck.is_empty() {
+                continue;
+            }
+            let vcpus = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+            for id in stuck {
+                if let Some(h) = vcpus.get(id).filter(|h| !h.is_finished()) {
+                    ExitCounters::bump(&self.state.exits.nudged);
+                    let _ = h.kill(kick_signal());
+                }
+            }
+        }
+    }
+
     /// Interrupts every vCPU's KVM_RUN (to pause or stop).
     pub fn kick_vcpus(&self) {
         let vcpus = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
@@ -523,7 +562,14 @@ impl VmHandle {
     }
 }
 
-fn vcpu_loop(id: usize, mut fd: VcpuFd, state: &VmState, pio: &PioBus, mmio: &MmioBus) {
+fn vcpu_loop(
+    id: usize,
+    mut fd: VcpuFd,
+    state: &VmState,
+    pio: &PioBus,
+    mmio: &MmioBus,
+    entries: &nudge::Entries,
+) {
     let c = &state.exits;
     loop {
         if state.stopping() {
@@ -534,7 +580,10 @@ fn vcpu_loop(id: usize, mut fd: VcpuFd, state: &VmState, pio: &PioBus, mmio: &Mm
             continue;
         }
         let _running = state.vcpu_running();
-        match fd.run() {
+        entries.enter(id);
+        let exit = fd.run();
+        entries.leave(id);
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ExitCounters::bump(&c.io_in);
                 pio.read(port, data);

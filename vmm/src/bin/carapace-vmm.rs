@@ -1,7 +1,7 @@
 //! carapace-vmm: boots a Carapace guest on KVM. See vmm/README.md.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use carapace_vmm::config::{BlockConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
@@ -68,6 +68,11 @@ struct Cli {
     /// Control API unix socket (JSON lines: info, metrics, pause, resume, shutdown).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Interrupt a vCPU that stayed inside KVM_RUN this long (ms), so a timer interrupt
+    /// lost under nested virtualization cannot leave it halted for good; 0 never.
+    /// Default: 1000 when this host is itself a VM, else never.
+    #[arg(long, value_name = "MS")]
+    vcpu_nudge_ms: Option<u32>,
     /// Print the effective VM description as JSON and exit.
     #[arg(long)]
     print_config: bool,
@@ -174,6 +179,9 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     if cli.api_socket.is_some() {
         c.api_socket = cli.api_socket;
     }
+    if cli.vcpu_nudge_ms.is_some() {
+        c.vcpu_nudge_ms = cli.vcpu_nudge_ms;
+    }
     c.validate()?;
     Ok((c, cli.print_config))
 }
@@ -187,9 +195,17 @@ fn print_chain(e: &dyn std::error::Error) {
     }
 }
 
+/// When the VMM drops its idle code pages, counted from the VM's start
+/// (carapace-footprint): during the guest's boot, once it is up, and once more later.
+const TRIM_AFTER: [Duration; 3] = [
+    Duration::from_secs(2),
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+];
+
 fn main() {
     let start = Instant::now();
-    carapace_vmm::footprint::single_malloc_arena();
+    carapace_footprint::one_malloc_arena();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -227,6 +243,11 @@ fn main() {
             std::process::exit(e.exit_code());
         }
     };
+    // Loading the kernel and setting up the VM ran for the last time, device activation
+    // runs while the guest boots: drop their code pages once the VM settled (footprint).
+    if let Err(e) = carapace_footprint::trim_after_activity(&TRIM_AFTER) {
+        tracing::debug!(error = %e, "no trimmer thread");
+    }
     if let Some(p) = api
         && let Err(e) = carapace_vmm::api::spawn(vm.handle.clone(), &p)
             .with_context(|| "control API".to_string())
