@@ -281,9 +281,9 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
         else {
             return Ok(());
         };
-        // The guest is running: setup code will not run again (see crate::trim).
+        // The guest is running: setup code will not run again (see carapace-footprint).
         if !self.trimmed.swap(true, Ordering::Relaxed) {
-            match crate::trim::drop_text_mappings() {
+            match carapace_footprint::drop_text_mappings() {
                 Ok(len) => tracing::debug!(len, "dropped the startup code's mappings"),
                 Err(e) => tracing::debug!(error = %e, "cannot drop the startup code's mappings"),
             }

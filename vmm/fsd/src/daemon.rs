@@ -163,7 +163,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     );
     // The CLI, sandbox and seccomp code has run for the last time: drop its pages now
     // (the first watchdog tick with a guest drops the vhost-user negotiation's too).
-    match crate::trim::drop_text_mappings() {
+    match carapace_footprint::drop_text_mappings() {
         Ok(len) => tracing::debug!(len, "dropped the setup code's mappings"),
         Err(e) => tracing::debug!(error = %e, "cannot drop the setup code's mappings"),
     }

@@ -17,4 +17,3 @@ pub mod guard;
 pub mod sandbox;
 pub mod seccomp;
 pub mod socket;
-pub mod trim;

@@ -62,8 +62,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // Before any thread exists (see carapace_fsd::trim).
-    carapace_fsd::trim::one_malloc_arena();
+    // Before any thread exists (see carapace-footprint).
+    carapace_footprint::one_malloc_arena();
     let args = Args::parse();
     // `Targets` (target=level directives), not `EnvFilter`: the same syntax for what we
     // need without the regex engine (~260 KB of code) in the daemon.
