@@ -254,12 +254,25 @@ fn conformance_and_escapes_through_a_real_guest() {
         kernel.display().to_string(),
         initrd.display().to_string(),
     ];
-    let out = Lab::new()
+    let lab = Lab::new()
         .mem_mib(3072)
         .smp(2)
-        .timeout(Duration::from_secs(1800))
-        .run_retrying_a_lab_panic(&argv, "fsd conformance")
-        .expect("running carapace-vmm where KVM can boot guests");
+        .timeout(Duration::from_secs(1800));
+    let run = || {
+        lab.run_retrying_a_lab_panic(&argv, "fsd conformance")
+            .expect("running carapace-vmm where KVM can boot guests")
+    };
+    let mut out = run();
+    // The guest triple-faulted (carapace-vmm exit 33) without an oops: seen in the lab at
+    // random points (mid-boot too) with no file system request involved (tests/README.md,
+    // "Known limitation"). Once more, said loudly; a second one fails the test.
+    if out.stdout.lines().any(|l| l == "HOST vmm-exit 33") {
+        eprintln!(
+            "fsd conformance: the guest triple-faulted; running it once more. That run:\n{}",
+            out.stdout
+        );
+        out = run();
+    }
     let all = format!("{}\n{}", out.stdout, out.stderr);
     println!("{all}");
     // carapace-fsd's watchdog logs a lost notification it recovered from (the guest

@@ -53,6 +53,8 @@ const GUEST_RAM_MAPPING: &str = "/memfd:carapace-guest-ram (deleted)";
 const START_TIMEOUT_S: u64 = 300;
 /// Deadline of one fs workload run (s).
 const FS_RUN_TIMEOUT_S: u64 = 300;
+/// How long after `ctr run -d` returned an idle sandbox's memory is sampled.
+const IDLE_SETTLE: Duration = Duration::from_secs(12);
 /// Density stops when MemAvailable falls below this.
 const MIN_AVAILABLE_KIB: u64 = 512 * 1024;
 
@@ -712,8 +714,10 @@ fn sandboxes(
         let ms =
             start_idle(ctrd, CARAPACE, &id).map_err(|e| e.context(diagnose(ctrd, state, &id)))?;
         lat.push(ms);
-        // let the guest settle before sampling memory
-        std::thread::sleep(Duration::from_secs(2));
+        // An idle sandbox, not one still starting: the guest settled and the host
+        // processes dropped their start-up code pages (carapace-footprint, 10 s after the
+        // container started).
+        std::thread::sleep(IDLE_SETTLE);
         let mem = sandbox_memory(if n == 1 { smaps_dir } else { None })?;
         let (pss, guest, procs) = (mem.pss, mem.guest, mem.procs);
         let by_name = mem
@@ -780,15 +784,16 @@ fn sandboxes(
             "KiB/sandbox",
         ));
     }
-    report.notes.push(
+    report.notes.push(format!(
         "sandbox_pss: PSS of containerd-shim-carapace-v2 + carapace-vmm + carapace-fsd per idle \
-         sandbox (`ctr run -d ... sleep 3600`), without guest RAM (the guest-RAM memfd, which the VMM \
-         and the fs daemon both map); _incl_guest adds it; guest_touched is the PSS of those \
-         guest-RAM mappings (memory the guest actually touched). Executable pages are shared \
-         between sandboxes, so the per-sandbox figure falls as sandboxes are added. The peer is \
-         Kata's published figure, a fixed reference, not measured here"
-            .into(),
-    );
+         sandbox (`ctr run -d ... sleep 3600`, sampled {} s after it returned), without guest \
+         RAM (the guest-RAM memfd, which the VMM and the fs daemon both map); _incl_guest adds \
+         it; guest_touched is the PSS of those guest-RAM mappings (memory the guest actually \
+         touched). Executable pages are shared between sandboxes, so the per-sandbox figure \
+         falls as sandboxes are added. The peer is Kata's published figure, a fixed reference, \
+         not measured here",
+        IDLE_SETTLE.as_secs()
+    ));
     let ours_density = started_before_slowdown(&lat, 2.0);
     report.samples.push(Samples::new(
         "carapace idle sandbox start",
