@@ -152,6 +152,10 @@ impl std::fmt::Debug for Cri {
     }
 }
 
+/// The longest any one CRI call may take (pulls and pod starts under the lab's emulation
+/// take seconds to a minute).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
 impl Cri {
     /// Connects to the CRI service on containerd's gRPC `socket`.
     pub fn connect(socket: &Path) -> Result<Self, CriError> {
@@ -163,7 +167,10 @@ impl Cri {
         let channel = rt
             .block_on(async {
                 // The URI is a placeholder: the connector below always dials the socket.
+                // Every call is bounded: a sandbox that never comes up fails its call
+                // (DEADLINE_EXCEEDED) instead of holding a test or the bench forever.
                 Endpoint::from_static("http://[::]:0")
+                    .timeout(CALL_TIMEOUT)
                     .connect_with_connector(tower::service_fn(move |_: Uri| {
                         let path = path.clone();
                         async move {
