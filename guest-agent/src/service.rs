@@ -70,6 +70,26 @@ impl AgentError {
     }
 }
 
+/// The error of a failed `kill(pid, sig)` of a process this agent still had as live. ESRCH
+/// means the reaper collected it in between (its exit is on the way to the process's
+/// state): the same answer as for a process already known to have stopped, which the host
+/// takes as "already finished", not an internal error.
+fn kill_error(id: &str, pid: i32, sig: nix::sys::signal::Signal, e: nix::Error) -> AgentError {
+    if e == nix::Error::ESRCH {
+        AgentError::State {
+            id: id.to_owned(),
+            state: "stopped",
+            op: "signal",
+            needed: "a live process",
+        }
+    } else {
+        AgentError::Io {
+            op: format!("kill({pid}, {sig})"),
+            source: e.into(),
+        }
+    }
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -1076,12 +1096,8 @@ impl Agent for AgentService {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
             }
         } else {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig).map_err(|e| {
-                AgentError::Io {
-                    op: format!("kill({}, {sig})", p.pid),
-                    source: e.into(),
-                }
-            })?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig)
+                .map_err(|e| kill_error(&c.id, p.pid, sig, e))?;
         }
         Ok(empty())
     }
@@ -1301,4 +1317,21 @@ pub fn copy_file(shared_dir: &Path, req: &CopyFileRequest) -> Result<Empty> {
         source: e.into(),
     })?;
     Ok(empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    #[test]
+    fn a_process_reaped_before_the_signal_is_already_stopped() {
+        // The race: the agent still had the process as live, the reaper had collected it.
+        let e = kill_error("c1", 36, Signal::SIGKILL, nix::Error::ESRCH);
+        assert_eq!(e.code(), ttrpc::Code::FAILED_PRECONDITION, "{e}");
+        assert!(e.to_string().contains("stopped"), "{e}");
+        let e = kill_error("c1", 36, Signal::SIGKILL, nix::Error::EPERM);
+        assert_eq!(e.code(), ttrpc::Code::INTERNAL, "{e}");
+        assert!(e.to_string().contains("kill(36, SIGKILL)"), "{e}");
+    }
 }
