@@ -665,6 +665,11 @@ impl Runtime {
                         problems.push(e.to_string());
                     }
                 }
+                // Its own delete finished meanwhile (containerd runs `shim delete` for every
+                // task of a killed shim at once): its state goes last, nothing is left.
+                Err(StateError::NotFound { .. }) => {
+                    tracing::debug!(id, member, "member already deleted");
+                }
                 Err(e) => problems.push(e.to_string()),
             }
         }

@@ -222,6 +222,9 @@ struct FakeMounter {
     mounted: Mutex<BTreeSet<PathBuf>>,
     fail_bind_of: Option<&'static str>,
     stuck: bool,
+    /// A directory removed at the first unmount (another process finishing its own delete
+    /// in the middle of ours).
+    vanish_on_unmount: Mutex<Option<PathBuf>>,
 }
 
 impl Mounter for FakeMounter {
@@ -239,6 +242,9 @@ impl Mounter for FakeMounter {
         Ok(())
     }
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
+        if let Some(dir) = self.vanish_on_unmount.lock().unwrap().take() {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
         if self.stuck {
             return Err(MountError::Unmount {
                 target: target.to_path_buf(),
@@ -715,6 +721,21 @@ fn force_deleting_a_sandbox_takes_its_containers_along() {
     f.rt.create_in_sandbox("c1", "c3", &f.bundle).unwrap();
     f.rt.delete("c1", true).unwrap();
     assert_eq!(f.events().last().unwrap(), "destroy_sandbox");
+    f.assert_clean();
+}
+
+#[test]
+fn force_deleting_a_sandbox_skips_a_container_deleted_meanwhile() {
+    // containerd runs `shim delete` for every task of a killed shim at once: the pod's
+    // forced teardown can find a member whose own delete just finished.
+    let f = fixture(Setup::default());
+    f.rt.create("c1", &f.bundle).unwrap();
+    f.rt.create_in_sandbox("c1", "c2", &f.bundle).unwrap();
+    f.rt.create_in_sandbox("c1", "c3", &f.bundle).unwrap();
+    let c3 = f.rt.store.dir("c3").unwrap();
+    *f.mounter.vanish_on_unmount.lock().unwrap() = Some(c3.clone());
+    f.rt.delete("c1", true).unwrap();
+    assert!(!c3.exists());
     f.assert_clean();
 }
 
