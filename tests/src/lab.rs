@@ -136,8 +136,8 @@ impl Lab {
     /// Runs `argv` and waits for it. A non-zero exit status of the command is not an
     /// error; a timeout or a failure of the lab itself is.
     /// [`Lab::run`], once more in a new lab machine when the first one died under the
-    /// command: its own kernel panicked, or it reset without a word (tests/README.md, "Known
-    /// limitation"). Either is a failure of the lab machine, not of the command, which never
+    /// command: its own kernel panicked, it reset without a word, or it froze and the
+    /// harness's heartbeat watchdog stopped it (tests/README.md, "Known limitation"). Either is a failure of the lab machine, not of the command, which never
     /// got to report its exit status. The retry is said loudly on stderr with the console;
     /// any other failure, and a second death, is returned.
     pub fn run_retrying_a_lab_panic<S: AsRef<OsStr>>(
