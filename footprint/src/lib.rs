@@ -130,6 +130,14 @@ impl Trimmer {
     }
 }
 
+/// The schedule the shim and the VMM use: once start-up work is probably done, once the
+/// guest is surely up (seconds under emulation), and once more a minute later.
+pub const SETTLE_DELAYS: [Duration; 3] = [
+    Duration::from_secs(2),
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+];
+
 static TRIMMER: OnceLock<&'static Trimmer> = OnceLock::new();
 
 /// Starts this process's trimmer thread (`trim`) with `delays` counted from now and from

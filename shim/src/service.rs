@@ -70,14 +70,6 @@ pub fn set_backend_factory(f: BackendFactory) {
     let _ = FACTORY.set(f);
 }
 
-/// When the serving shim drops its idle code pages, counted from its start and from each
-/// create, start, exec and delete (carapace-footprint).
-const TRIM_AFTER: [std::time::Duration; 3] = [
-    std::time::Duration::from_secs(2),
-    std::time::Duration::from_secs(10),
-    std::time::Duration::from_secs(60),
-];
-
 fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     MessageField::some(Timestamp {
@@ -350,7 +342,8 @@ impl Shim for Service {
         // The serving shim: drop the code pages of work that went idle (start-up, sandbox
         // creation) some seconds after it (carapace-footprint); create, start, exec and
         // delete restart the schedule.
-        if let Err(e) = carapace_footprint::trim_after_activity(&TRIM_AFTER) {
+        if let Err(e) = carapace_footprint::trim_after_activity(&carapace_footprint::SETTLE_DELAYS)
+        {
             tracing::debug!(error = %e, "no trimmer thread");
         }
         if let Some(mut rx) = self.events.lock().await.take() {

@@ -1,7 +1,7 @@
 //! carapace-vmm: boots a Carapace guest on KVM. See vmm/README.md.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use carapace_vmm::config::{BlockConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
@@ -195,14 +195,6 @@ fn print_chain(e: &dyn std::error::Error) {
     }
 }
 
-/// When the VMM drops its idle code pages, counted from the VM's start
-/// (carapace-footprint): during the guest's boot, once it is up, and once more later.
-const TRIM_AFTER: [Duration; 3] = [
-    Duration::from_secs(2),
-    Duration::from_secs(10),
-    Duration::from_secs(60),
-];
-
 fn main() {
     let start = Instant::now();
     carapace_footprint::one_malloc_arena();
@@ -245,7 +237,7 @@ fn main() {
     };
     // Loading the kernel and setting up the VM ran for the last time, device activation
     // runs while the guest boots: drop their code pages once the VM settled (footprint).
-    if let Err(e) = carapace_footprint::trim_after_activity(&TRIM_AFTER) {
+    if let Err(e) = carapace_footprint::trim_after_activity(&carapace_footprint::SETTLE_DELAYS) {
         tracing::debug!(error = %e, "no trimmer thread");
     }
     if let Some(p) = api
