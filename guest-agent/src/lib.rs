@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod console;
 pub mod ids;
 pub mod init;
+pub mod listen;
 pub mod namespaces;
 pub mod oom;
 pub mod pid1;
@@ -16,7 +17,7 @@ pub mod sys;
 
 use std::sync::Arc;
 
-/// Serves the agent API on `addr` (`vsock://-1:1024`, `unix:///path`) until a shutdown
+/// Serves the agent API on `addr` (`vsock://-1:1023`, `unix:///path`) until a shutdown
 /// request; returns why it stopped.
 pub async fn serve(
     addr: &str,
@@ -38,8 +39,14 @@ pub async fn serve(
         .context("installing the SIGINT handler")?;
     let svc = service::AgentService::new(config, tx).context("starting the reaper")?;
     let stopper = svc.clone();
-    let listener = ttrpc::r#async::transport::Listener::bind(addr)
-        .with_context(|| format!("listening on {addr}"))?;
+    // On vsock only the host may connect (see listen.rs); unix sockets are host mode.
+    let listener = match listen::vsock_port(addr) {
+        Some(port) => ttrpc::r#async::transport::Listener::new(
+            listen::host_only(port).with_context(|| format!("listening on {addr}"))?,
+        ),
+        None => ttrpc::r#async::transport::Listener::bind(addr)
+            .with_context(|| format!("listening on {addr}"))?,
+    };
     let mut server = ttrpc::r#async::Server::new()
         .add_listener(listener)
         .register_service(carapace_protocol::agent_ttrpc::create_agent(svc as Arc<_>));

@@ -16,7 +16,7 @@ use clap::Parser;
 ///
 /// As PID 1 (the kernel runs it as /init) it prints a ready line on the console, mounts
 /// proc/sys/dev/devpts/cgroup2/run, reads `carapace.*` kernel parameters, serves on vsock
-/// port 1024 and powers the VM off when the sandbox is destroyed. It disables the kernel's
+/// port 1023 and powers the VM off when the sandbox is destroyed. It disables the kernel's
 /// Ctrl-Alt-Del restart, so Ctrl-Alt-Del (how the VMM asks for a shutdown) reaches it as
 /// SIGINT: containers get SIGTERM, a grace period, SIGKILL; shares are unmounted; power off.
 ///
@@ -29,7 +29,7 @@ struct Args {
     #[arg(long)]
     host_mode: bool,
     /// Address to serve on: unix:///path/agent.sock or vsock://-1:PORT.
-    /// Default: vsock://-1:1024 (guest); required with --host-mode.
+    /// Default: vsock://-1:1023 (guest); required with --host-mode.
     #[arg(long)]
     listen: Option<String>,
     /// Parent cgroup (in a cgroup2 hierarchy) of container cgroups. Default: guest

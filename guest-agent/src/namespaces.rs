@@ -1,8 +1,12 @@
 //! Which namespaces a container gets, from the spec's `linux.namespaces`.
 //!
-//! - `pid`, `ipc`, `uts`, `cgroup`: created when listed without a path, joined when listed
-//!   with a `path` (a guest path such as `/proc/<pid>/ns/ipc`: how a second container
-//!   shares the first one's namespaces), shared with the VM (the agent's) when not listed;
+//! - `ipc`, `uts`, `cgroup`: created when listed without a path, joined when listed with a
+//!   `path` (a guest path such as `/proc/<pid>/ns/ipc`: how a second container shares the
+//!   first one's namespaces), shared with the VM (the agent's) when not listed;
+//! - `pid`: the same, except that a container never shares the agent's: one that lists no
+//!   pid namespace (a host-PID request, which in a VM can only mean the VM's) gets a new one,
+//!   and joining the agent's own by path is refused. From the agent's pid namespace a
+//!   container could signal PID 1 (the agent) and stop the pod, or ptrace it;
 //! - `mount`: required and always created (the rootfs is set up with pivot_root, which
 //!   must not happen in the agent's mount namespace); joining one by path is refused;
 //! - `network`: ignored, with or without a path: the VM is the pod, its network namespace
@@ -80,6 +84,8 @@ pub enum NamespaceError {
         "sysctl {key} needs the container to have its own {typ} namespace (listed, or joined by path): the VM's is shared otherwise"
     )]
     SysctlNeeds { key: String, typ: &'static str },
+    #[error("pid namespace path {path} is the agent's own: containers never share it")]
+    AgentPidJoin { path: PathBuf },
     #[error("{typ} namespace path {path} is not absolute")]
     RelativePath { typ: String, path: PathBuf },
     #[error("{typ} namespace path {path} cannot be used")]
@@ -143,6 +149,13 @@ pub fn plan(spec: &Spec) -> Result<Vec<NsPlan>, NamespaceError> {
     if !out.iter().any(|p| p.ns == NsType::Mount) {
         return Err(NamespaceError::MountRequired);
     }
+    if !out.iter().any(|p| p.ns == NsType::Pid) {
+        tracing::debug!("no pid namespace listed: a new one (the agent's is never shared)");
+        out.push(NsPlan {
+            ns: NsType::Pid,
+            path: None,
+        });
+    }
     if let Some(h) = spec.hostname().as_ref().filter(|h| !h.is_empty())
         && !out.iter().any(|p| p.ns == NsType::Uts)
     {
@@ -195,13 +208,20 @@ fn sysctl_namespace(key: &str) -> Option<NsType> {
 /// Checks that the paths to join exist now (a typed error at create rather than a
 /// failed helper); the helper checks the namespace type again with setns.
 pub fn check_paths(plan: &[NsPlan]) -> Result<(), NamespaceError> {
+    use std::os::unix::fs::MetadataExt;
     for p in plan {
         if let Some(path) = &p.path {
-            std::fs::metadata(path).map_err(|source| NamespaceError::BadPath {
+            let m = std::fs::metadata(path).map_err(|source| NamespaceError::BadPath {
                 typ: p.ns.proc_name().to_owned(),
                 path: path.clone(),
                 source,
             })?;
+            if p.ns == NsType::Pid
+                && let Ok(own) = std::fs::metadata("/proc/self/ns/pid")
+                && (own.dev(), own.ino()) == (m.dev(), m.ino())
+            {
+                return Err(NamespaceError::AgentPidJoin { path: path.clone() });
+            }
         }
     }
     Ok(())
@@ -251,11 +271,28 @@ mod tests {
     }
 
     #[test]
+    fn a_container_without_a_pid_namespace_gets_its_own() {
+        let p = plan(&spec(serde_json::json!([{"type": "mount"}]))).unwrap();
+        assert!(p.contains(&NsPlan {
+            ns: NsType::Pid,
+            path: None
+        }));
+    }
+
+    #[test]
     fn refuses_what_it_cannot_do() {
         let err = |v| plan(&spec(v)).unwrap_err();
         assert!(matches!(
             err(serde_json::json!([{"type": "pid"}])),
             NamespaceError::MountRequired
+        ));
+        let own = plan(&spec(
+            serde_json::json!([{"type": "mount"}, {"type": "pid", "path": "/proc/self/ns/pid"}]),
+        ))
+        .unwrap();
+        assert!(matches!(
+            check_paths(&own),
+            Err(NamespaceError::AgentPidJoin { .. })
         ));
         assert!(matches!(
             err(serde_json::json!([{"type": "mount"}, {"type": "user"}])),

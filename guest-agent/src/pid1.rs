@@ -171,7 +171,8 @@ pub fn mount_virtiofs(tag: &str, mount_point: &Path, read_only: bool) -> Result<
 pub struct CmdlineSettings {
     /// `carapace.log=<filter>`: tracing filter (default `info`).
     pub log: Option<String>,
-    /// `carapace.port=<n>`: vsock port to listen on (default 1024).
+    /// `carapace.port=<n>`: vsock port to listen on (default 1023; only privileged ports,
+    /// 1..=1023, are accepted).
     pub port: Option<u32>,
     /// `carapace.cgroup_root=<path>`: parent cgroup of containers (default /sys/fs/cgroup/carapace).
     pub cgroup_root: Option<String>,
@@ -196,8 +197,8 @@ pub fn parse_cmdline(text: &str) -> (CmdlineSettings, Vec<String>) {
         match k {
             "log" if !v.is_empty() => s.log = Some(v.to_owned()),
             "port" => match v.parse() {
-                Ok(p) => s.port = Some(p),
-                Err(_) => unknown.push(word.to_owned()),
+                Ok(p) if (1..=1023).contains(&p) => s.port = Some(p),
+                _ => unknown.push(word.to_owned()),
             },
             "cgroup_root" if v.starts_with('/') => s.cgroup_root = Some(v.to_owned()),
             "stop_grace_secs" => match v.parse() {
@@ -236,17 +237,18 @@ mod tests {
     #[test]
     fn cmdline() {
         let (s, unknown) = parse_cmdline(
-            "console=ttyS0 carapace.log=debug carapace.port=2000 carapace.bogus=1 carapace.port=x \
-             carapace.stop_grace_secs=7 carapace.stop_grace_secs=99999",
+            "console=ttyS0 carapace.log=debug carapace.port=900 carapace.bogus=1 carapace.port=x \
+             carapace.port=2000 carapace.stop_grace_secs=7 carapace.stop_grace_secs=99999",
         );
         assert_eq!(s.log.as_deref(), Some("debug"));
-        assert_eq!(s.port, Some(2000));
+        assert_eq!(s.port, Some(900), "an unprivileged port is refused");
         assert_eq!(s.stop_grace_secs, Some(7));
         assert_eq!(
             unknown,
             vec![
                 "carapace.bogus=1",
                 "carapace.port=x",
+                "carapace.port=2000",
                 "carapace.stop_grace_secs=99999"
             ]
         );

@@ -289,5 +289,6 @@ mod tests {
         assert_eq!(get("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"), Some("y"));
         assert_eq!(get("CONFIG_X86_IOPL_IOPERM"), Some("y"));
         assert_eq!(get("CONFIG_VIRTIO_VSOCKETS"), Some("y"));
+        assert_eq!(get("CONFIG_VSOCKETS_LOOPBACK"), Some("n"));
     }
 }

@@ -160,7 +160,7 @@ pub trait AgentConnector: Send + Sync + std::fmt::Debug {
 /// How the agent is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    /// The VMM's hybrid-vsock unix socket (`CONNECT 1024`).
+    /// The VMM's hybrid-vsock unix socket (`CONNECT 1023`).
     HybridVsock,
     /// A plain unix socket (the agent's host mode).
     Unix,

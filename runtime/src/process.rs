@@ -229,7 +229,7 @@ pub fn spawn_detached(
         .stdout(out)
         .stderr(err)
         .process_group(0);
-    clean_signal_mask(&mut cmd);
+    exec_hygiene(&mut cmd);
     let program = PathBuf::from(cmd.get_program());
     tracing::debug!(what, ?cmd, "spawning");
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
@@ -244,20 +244,29 @@ pub fn spawn_detached(
     Ok(ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 }))
 }
 
-/// Starts the child with no signal blocked: the CLI blocks SIGWINCH in every thread of
-/// `run`/`exec` to collect it with `sigwait`, and a signal mask survives fork and exec, so
-/// a daemon (and, for the host-mode agent, every container process it starts) would
-/// otherwise never see SIGWINCH.
-fn clean_signal_mask(cmd: &mut Command) {
+/// What every helper gets before exec:
+/// - no signal blocked: the CLI blocks SIGWINCH in every thread of `run`/`exec` to collect
+///   it with `sigwait`, and a signal mask survives fork and exec, so a daemon (and, for the
+///   host-mode agent, every container process it starts) would otherwise never see SIGWINCH;
+/// - no inherited descriptor but stdin, stdout and stderr: every other one is marked
+///   close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`), so the VMM and the fs daemon
+///   never hold whatever the shim or the CLI had open without `O_CLOEXEC` (sockets, other
+///   sandboxes' files). Marking rather than closing keeps the pipe through which `Command`
+///   learns that exec failed.
+fn exec_hygiene(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the hook runs in the forked child before exec and only calls
-    // pthread_sigmask (through nix, with a set built on the stack), which is
-    // async-signal-safe and allocates nothing.
+    // SAFETY: the hook runs in the forked child before exec and only makes two system calls
+    // (pthread_sigmask through nix with a set built on the stack, and close_range), both
+    // async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
             nix::sys::signal::SigSet::empty()
                 .thread_set_mask()
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
         });
     }
 }
@@ -318,6 +327,37 @@ pub fn log_tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn helpers_inherit_no_descriptor_but_stdio() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        // A descriptor the caller holds without O_CLOEXEC, as a careless library might.
+        let leaky = fs::File::open("/dev/null").unwrap();
+        nix::fcntl::fcntl(
+            leaky.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        let log = dir.path().join("fds.log");
+        let mut cmd = Command::new("ls");
+        cmd.arg("/proc/self/fd");
+        let rec = spawn_detached("fd lister", cmd, &log).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while rec.is_alive() {
+            assert!(std::time::Instant::now() < deadline, "ls did not finish");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let listed = fs::read_to_string(&log).unwrap();
+        let fds: Vec<&str> = listed.split_whitespace().collect();
+        // 0-2, and the descriptor ls itself opened to read the directory.
+        assert_eq!(
+            fds,
+            ["0", "1", "2", "3"],
+            "the caller's descriptor {} (or another) reached the helper",
+            leaky.as_raw_fd()
+        );
+    }
 
     #[test]
     fn stat_parsing_counts_fields_after_the_command() {

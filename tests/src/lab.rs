@@ -146,7 +146,7 @@ impl Lab {
         what: &str,
     ) -> Result<LabOutput, LabError> {
         match self.run(argv) {
-            Err(LabError::LabFailed { stderr }) if lab_machine_died(&stderr) => {
+            Err(LabError::LabFailed { stderr }) if lab_machine_died(&stderr) && retries_allowed() => {
                 eprintln!(
                     "{what}: the lab machine died (its own kernel panicked or it reset); \
                      running it once more in a new lab machine. Its console:\n{stderr}"
@@ -204,13 +204,20 @@ impl Lab {
     }
 }
 
-/// Drops the harness's one-line "lab: ... running ..." notice from stderr.
+/// Whether a test may run once more when its lab machine died (the default). `LAB_RETRY=0`
+/// turns every such retry off, so that a measurement of the lab (tests/lab/ab) or a
+/// zero-retry record counts each death as a failure.
+pub fn retries_allowed() -> bool {
+    std::env::var("LAB_RETRY").map_or(true, |v| v != "0")
+}
+
 /// Whether the lab harness says its machine stopped before the command could report an
 /// exit status (tests/lab/run) or that machine's kernel panicked.
 fn lab_machine_died(stderr: &str) -> bool {
     stderr.contains("Kernel panic") || stderr.contains("without reporting the exit status")
 }
 
+/// Drops the harness's one-line "lab: ... running ..." notice from stderr.
 fn strip_notice(stderr: &str) -> String {
     match stderr.split_once('\n') {
         Some((first, rest)) if first.starts_with("lab: ") && first.contains("running") => {

@@ -1,7 +1,7 @@
 //! carapace-agent as PID 1 of a real microVM: QEMU `-M microvm` (the reference VMM) with
 //! our guest kernel, an initramfs whose /init is the static agent (plus a busybox
 //! container rootfs at /rootfs), and vhost-vsock. The host side talks ttrpc over
-//! AF_VSOCK to guest port 1024. Checks: the ready line on the console, version check and
+//! AF_VSOCK to guest port 1023. Checks: the ready line on the console, version check and
 //! health, sandbox with hostname, guest clock setting, CopyFile, a container with a
 //! memory limit (cgroup v2 in the guest, pivot_root off the initramfs), an exec into a
 //! container with a cgroup namespace and a seccomp profile (the exec is filtered too),
@@ -148,7 +148,7 @@ fn agent_is_pid1_of_a_real_vm() {
 async fn connect(deadline: Instant) -> AgentClient {
     loop {
         let attempt = async {
-            let c = ttrpc::r#async::Client::connect(&format!("vsock://{GUEST_CID}:1024")).await?;
+            let c = ttrpc::r#async::Client::connect(&format!("vsock://{GUEST_CID}:{}", carapace_protocol::AGENT_VSOCK_PORT)).await?;
             let client = AgentClient::new(c);
             carapace_protocol::client::check_version(&client, Duration::from_secs(10))
                 .await

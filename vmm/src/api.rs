@@ -66,8 +66,11 @@ pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
         Request::Info {} => ok(vm.info()),
         Request::Metrics {} => ok(vm.metrics()),
         Request::Pause {} => {
-            vm.pause();
-            ok(serde_json::json!({"state": "paused"}))
+            if vm.pause() {
+                ok(serde_json::json!({"state": "paused"}))
+            } else {
+                err("the vCPUs did not stop running guest code within 1 s of the pause".into())
+            }
         }
         Request::Resume {} => {
             vm.resume();

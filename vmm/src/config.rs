@@ -204,11 +204,16 @@ pub struct VmConfig {
     /// Seconds the API `shutdown` waits for the guest before forcing the VM off.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_secs: u32,
-    /// Interrupt a vCPU that stayed inside KVM_RUN this long (ms), so that a lost timer
-    /// interrupt cannot leave it halted for good (see `nudge.rs`). 0: never. Unset: 1000
-    /// when this host is itself a VM (nested virtualization), never otherwise.
+    /// Lab workaround, off (0) by default: interrupt a vCPU that stayed inside KVM_RUN this
+    /// long (ms), so that a timer interrupt lost by an emulated host CPU cannot leave it
+    /// halted for good (see `nudge.rs`). Counted as `exits.nudged`, with a warning.
     #[serde(default)]
-    pub vcpu_nudge_ms: Option<u32>,
+    pub vcpu_nudge_ms: u32,
+    /// Lab workaround, off (0) by default: device workers look at their rings and raise an
+    /// interrupt the guest left unacknowledged every this many ms (see `virtio::worker`).
+    /// Counted per device as `irq_resent`, with a warning.
+    #[serde(default)]
+    pub irq_rescue_ms: u32,
 }
 
 fn default_memory() -> u32 {
@@ -238,7 +243,8 @@ impl VmConfig {
             net: Vec::new(),
             api_socket: None,
             shutdown_timeout_secs: default_shutdown_timeout(),
-            vcpu_nudge_ms: None,
+            vcpu_nudge_ms: 0,
+            irq_rescue_ms: 0,
         }
     }
 

@@ -1,12 +1,12 @@
-//! vCPU nudges: a vCPU that stayed inside KVM_RUN for a whole period is interrupted once.
+//! vCPU nudges, a lab workaround that is off unless `vcpu_nudge_ms` turns it on: a vCPU that
+//! stayed inside KVM_RUN for a whole period is interrupted once.
 //!
-//! Under nested virtualization a guest's timer interrupt is lost now and then (seen in the
-//! lab, KVM inside QEMU-TCG's emulated SVM: a guest stopped in the middle of its boot, both
-//! vCPUs halted in `kvm_vcpu_block` for minutes, no device request outstanding). A halted
-//! vCPU whose wake-up was lost stays halted for good. Interrupting KVM_RUN with a signal
-//! makes the host wake the vCPU thread's CPU and KVM look at the vCPU's timers again when it
-//! re-enters. A busy vCPU exits often and is never nudged; an idle one costs one exit per
-//! period. On a host that is not itself a VM the default is off (`vcpu_nudge_ms`).
+//! In the old lab (KVM inside QEMU 7.2's emulated SVM) a guest's timer interrupt was lost
+//! now and then: a guest stopped mid-boot, both vCPUs halted in `kvm_vcpu_block` for
+//! minutes, no device request outstanding. Interrupting KVM_RUN with a signal makes KVM look
+//! at the vCPU's timers again when it re-enters. A busy vCPU exits often and is never
+//! nudged; an idle one costs one exit per period. Each nudge is counted (`exits.nudged`) and
+//! warned about (rate-limited): on a real host it never should be needed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,16 +66,8 @@ impl Entries {
     }
 }
 
-/// The nudge period for a configured `vcpu_nudge_ms` (`None`: the default for this host,
-/// 1 s when `/proc/cpuinfo` says it runs under a hypervisor, else off).
-pub fn period(configured: Option<u32>, cpuinfo: &str) -> Option<Duration> {
-    let ms = configured.unwrap_or_else(|| {
-        let nested = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("flags"))
-            .is_some_and(|l| l.split_whitespace().any(|f| f == "hypervisor"));
-        if nested { 1000 } else { 0 }
-    });
+/// The nudge period for a configured `vcpu_nudge_ms` (0: off).
+pub fn period(ms: u32) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
 }
 
@@ -100,12 +92,8 @@ mod tests {
     }
 
     #[test]
-    fn default_period_is_on_only_under_a_hypervisor() {
-        let nested = "processor\t: 0\nflags\t\t: fpu sse2 hypervisor svm\n";
-        let bare = "processor\t: 0\nflags\t\t: fpu sse2 svm\n";
-        assert_eq!(period(None, nested), Some(Duration::from_secs(1)));
-        assert_eq!(period(None, bare), None);
-        assert_eq!(period(Some(0), nested), None);
-        assert_eq!(period(Some(250), bare), Some(Duration::from_millis(250)));
+    fn nudges_are_off_unless_configured() {
+        assert_eq!(period(0), None);
+        assert_eq!(period(250), Some(Duration::from_millis(250)));
     }
 }

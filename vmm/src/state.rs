@@ -1,7 +1,7 @@
 //! State shared by vCPU threads, devices, the control API and the main thread: how and when
 //! the VM ends, the boot-done time, pause, and exit counters.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -100,9 +100,47 @@ pub struct VmState {
     paused: Mutex<bool>,
     pause_cv: Condvar,
     stopping: AtomicBool,
-    running: AtomicUsize,
+    running: Mutex<usize>,
+    running_cv: Condvar,
     /// Exit counters.
     pub exits: ExitCounters,
+    /// Test-only hooks into the vCPU loop.
+    #[cfg(test)]
+    pub(crate) test_hooks: TestHooks,
+}
+
+/// A callback a test runs on a vCPU thread.
+#[cfg(test)]
+type Hook = std::sync::Arc<dyn Fn(usize) + Send + Sync>;
+
+/// Points in the vCPU loop where a unit test can hold a vCPU (to widen a race window).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct TestHooks {
+    before_run: Mutex<Option<Hook>>,
+}
+
+#[cfg(test)]
+impl std::fmt::Debug for TestHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHooks")
+    }
+}
+
+#[cfg(test)]
+impl TestHooks {
+    /// Runs `hook(vcpu)` after the vCPU looked at the pause and stop flags and before it
+    /// enters KVM_RUN.
+    pub(crate) fn set_before_run(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
+        *self.before_run.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(hook));
+    }
+
+    pub(crate) fn before_run(&self, vcpu: usize) {
+        let hook = self.before_run.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(h) = hook {
+            h(vcpu);
+        }
+    }
 }
 
 impl VmState {
@@ -118,8 +156,11 @@ impl VmState {
             paused: Mutex::new(false),
             pause_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
-            running: AtomicUsize::new(0),
+            running: Mutex::new(0),
+            running_cv: Condvar::new(),
             exits: ExitCounters::default(),
+            #[cfg(test)]
+            test_hooks: TestHooks::default(),
         }
     }
 
@@ -229,15 +270,27 @@ impl VmState {
         *self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks a vCPU as running guest code until the guard drops.
+    /// Marks a vCPU as (about to be) running guest code until the guard drops. A vCPU takes
+    /// the guard *before* it looks at the pause flag, so once [`Self::wait_none_running`]
+    /// saw none, every vCPU that enters KVM_RUN later has seen the flag.
     pub fn vcpu_running(&self) -> RunningGuard<'_> {
-        self.running.fetch_add(1, Ordering::SeqCst);
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         RunningGuard(self)
     }
 
     /// vCPUs currently between "about to enter KVM_RUN" and "back in the VMM".
     pub fn running_vcpus(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
+        *self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until no vCPU runs guest code, up to `timeout`; whether that happened.
+    pub fn wait_none_running(&self, timeout: Duration) -> bool {
+        let r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let (r, _) = self
+            .running_cv
+            .wait_timeout_while(r, timeout, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *r == 0
     }
 
     /// A vCPU executed HLT with interrupts off (KVM_EXIT_HLT): the guest is dead.
@@ -264,7 +317,11 @@ pub struct RunningGuard<'a>(&'a VmState);
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        let mut n = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.running_cv.notify_all();
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
@@ -19,6 +19,7 @@ use crate::devices::legacy::PioBus;
 use crate::devices::output::BoundedOutput;
 use crate::exit::{EXIT_CONFIG, EXIT_IMAGE, EXIT_KVM, EXIT_VMM, ExitReason};
 use crate::hostcheck::{self, HostError, HostFacts};
+use crate::kick;
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::mptable;
@@ -226,12 +227,6 @@ impl std::ops::Deref for Vm {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
 fn open_serial(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
@@ -402,7 +397,11 @@ impl Vm {
             }
             fds.push(fd);
         }
-        let _ = register_signal_handler(kick_signal(), kick_handler);
+        kick::install_handler().map_err(|e| VmmError::Io {
+            what: "cannot install the vCPU kick signal handler".into(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        crate::virtio::worker::set_rescue_period_ms(config.irq_rescue_ms);
 
         let mmio = Arc::new(bus);
         let entries = Arc::new(nudge::Entries::new(fds.len()));
@@ -423,10 +422,7 @@ impl Vm {
             setup_ms = opts.start.elapsed().as_secs_f64() * 1000.0,
             "VM started"
         );
-        let nudge_period = nudge::period(
-            config.vcpu_nudge_ms,
-            &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
-        );
+        let nudge_period = nudge::period(config.vcpu_nudge_ms);
         let handle = VmHandle {
             state,
             pio,
@@ -442,7 +438,10 @@ impl Vm {
                 .stack_size(64 * 1024)
                 .spawn(move || h.nudge_loop(&entries, period))
                 .map_err(io_err("cannot spawn the vCPU nudge thread"))?;
-            tracing::debug!(period_ms = period.as_millis(), "vCPU nudges on");
+            tracing::warn!(
+                period_ms = period.as_millis(),
+                "lab workaround vcpu_nudge_ms is on: vCPUs inside KVM_RUN for a whole period are interrupted"
+            );
         }
         Ok(Vm {
             handle,
@@ -477,30 +476,41 @@ impl VmHandle {
             for id in stuck {
                 if let Some(h) = vcpus.get(id).filter(|h| !h.is_finished()) {
                     ExitCounters::bump(&self.state.exits.nudged);
-                    let _ = h.kill(kick_signal());
+                    crate::guest_warn!(
+                        vcpu = id,
+                        "lab workaround vcpu_nudge_ms: a vCPU inside KVM_RUN for a whole period was interrupted"
+                    );
+                    let _ = h.kill(kick::signal());
                 }
             }
         }
     }
 
-    /// Interrupts every vCPU's KVM_RUN (to pause or stop).
+    /// Interrupts every vCPU's KVM_RUN, once: call after setting the flag the vCPUs must
+    /// look at (pause, stop). A kick is never lost (see `kick.rs`).
     pub fn kick_vcpus(&self) {
         let vcpus = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
         for h in vcpus.iter() {
             if !h.is_finished() {
-                let _ = h.kill(kick_signal());
+                let _ = h.kill(kick::signal());
             }
         }
     }
 
-    /// Pauses the vCPUs (returns when none runs guest code, or after 1 s).
-    pub fn pause(&self) {
+    /// Pauses the vCPUs: one kick, then waits until none runs guest code. `false` when a vCPU
+    /// is still inside KVM_RUN after `PAUSE_TIMEOUT` (a kick cannot be lost, so only a host
+    /// too busy to schedule the vCPU thread gets there).
+    pub fn pause(&self) -> bool {
         self.state.set_paused(true);
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while self.state.running_vcpus() > 0 && Instant::now() < deadline {
-            self.kick_vcpus();
-            std::thread::sleep(Duration::from_millis(2));
+        self.kick_vcpus();
+        let paused = self.state.wait_none_running(PAUSE_TIMEOUT);
+        if !paused {
+            tracing::warn!(
+                running = self.state.running_vcpus(),
+                "vCPUs still running {PAUSE_TIMEOUT:?} after the pause kick"
+            );
         }
+        paused
     }
 
     /// Resumes paused vCPUs.
@@ -508,15 +518,19 @@ impl VmHandle {
         self.state.set_paused(false);
     }
 
+    /// Ends the vCPU threads: the exit reason is set (`stopping`), so one kick makes each
+    /// leave KVM_RUN and return; waits up to 2 s for them.
     fn stop_vcpus(&self) {
+        self.kick_vcpus();
         let deadline = Instant::now() + Duration::from_secs(2);
         let unfinished = || {
             let v = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
             v.iter().any(|h| !h.is_finished())
         };
+        // A vCPU that was kicked is on its way out; this only waits for it to get there.
         while unfinished() && Instant::now() < deadline {
-            self.kick_vcpus();
-            std::thread::sleep(Duration::from_millis(2));
+            self.state.wait_none_running(Duration::from_millis(10));
+            std::thread::yield_now();
         }
         let mut v = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
         for h in v.drain(..) {
@@ -562,6 +576,9 @@ impl VmHandle {
     }
 }
 
+/// How long [`VmHandle::pause`] waits for the vCPUs to leave KVM_RUN after its kick.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn vcpu_loop(
     id: usize,
     mut fd: VcpuFd,
@@ -571,18 +588,28 @@ fn vcpu_loop(
     entries: &nudge::Entries,
 ) {
     let c = &state.exits;
+    // SAFETY: `fd` lives in this function until it returns, and `_kick` is declared after
+    // it, so the binding is dropped (cleared) before the vCPU's kvm_run mapping goes away.
+    let _kick = unsafe { kick::Bound::bind(&mut fd) };
     loop {
+        // Re-arm before looking at the flags: a kick that came before this is seen as its
+        // flag; one that comes after ends the next KVM_RUN at once.
+        kick::rearm(&mut fd);
         if state.stopping() {
             return;
         }
+        let running = state.vcpu_running();
         if state.paused() {
+            drop(running);
             state.wait_while_paused();
             continue;
         }
-        let _running = state.vcpu_running();
+        #[cfg(test)]
+        state.test_hooks.before_run(id);
         entries.enter(id);
         let exit = fd.run();
         entries.leave(id);
+        drop(running);
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ExitCounters::bump(&c.io_in);
@@ -761,6 +788,92 @@ mod tests {
         let (r, _, _) = run_snippet(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]);
         assert_eq!(r, ExitReason::Reboot);
         assert_eq!(r.code(), 32);
+    }
+
+    /// A VM whose one vCPU spins in guest code (`jmp $`) until stopped.
+    fn spinning_vm() -> (Vm, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, pvh_elf(&[0xeb, 0xfe], 0x100_0000)).unwrap();
+        let mut c = VmConfig::with_kernel(&k);
+        c.memory_mib = 64;
+        c.serial = SerialOutput::None;
+        let opts = RunOptions {
+            allow_software_kvm: true,
+            ..Default::default()
+        };
+        (Vm::start(c, opts).unwrap(), dir)
+    }
+
+    fn interrupted(vm: &Vm) -> u64 {
+        vm.state.exits.snapshot().interrupted
+    }
+
+    #[test]
+    fn a_kick_between_the_flag_check_and_kvm_run_is_not_lost() {
+        if !kvm_usable() {
+            return;
+        }
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::mpsc;
+        let (mut vm, _dir) = spinning_vm();
+        // The hook holds the vCPU in the window between its look at the pause flag and
+        // KVM_RUN, for as long as the test needs to kick it there.
+        let armed = Arc::new(AtomicBool::new(false));
+        let (in_window, reached) = mpsc::channel::<()>();
+        let (go, wait_go) = mpsc::channel::<()>();
+        let wait_go = Mutex::new(wait_go);
+        let a = armed.clone();
+        vm.state.test_hooks.set_before_run(move |_| {
+            if a.swap(false, Ordering::SeqCst) {
+                let _ = in_window.send(());
+                let _ = wait_go.lock().unwrap().recv();
+            }
+        });
+        for cycle in 0..20 {
+            armed.store(true, Ordering::SeqCst);
+            // No flag set: this kick only brings the spinning vCPU round to the hook.
+            vm.kick_vcpus();
+            reached
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("cycle {cycle}: the vCPU never left KVM_RUN"));
+            let before = interrupted(&vm);
+            vm.state.set_paused(true);
+            vm.kick_vcpus(); // lands while the vCPU is outside KVM_RUN, past its flag check
+            go.send(()).unwrap();
+            assert!(
+                vm.state.wait_none_running(Duration::from_secs(5)),
+                "cycle {cycle}: the kick was lost, the vCPU went on running guest code"
+            );
+            assert_eq!(
+                interrupted(&vm) - before,
+                1,
+                "cycle {cycle}: one immediate exit per kick"
+            );
+            vm.resume();
+        }
+        vm.state.request_exit(ExitReason::PowerOff);
+        assert_eq!(vm.wait(Some(Duration::from_secs(10))), Some(ExitReason::PowerOff));
+    }
+
+    #[test]
+    fn every_pause_takes_one_kick() {
+        if !kvm_usable() {
+            return;
+        }
+        let (mut vm, _dir) = spinning_vm();
+        let cycles = 200;
+        let before = interrupted(&vm);
+        for cycle in 0..cycles {
+            assert!(vm.pause(), "cycle {cycle}: pause timed out");
+            assert_eq!(vm.state.running_vcpus(), 0);
+            vm.resume();
+        }
+        // One exit per pause (the kick); a kick that lands before KVM_RUN costs no more.
+        let exits = interrupted(&vm) - before;
+        assert!(exits <= cycles, "{exits} interrupted exits for {cycles} pauses");
+        vm.state.request_exit(ExitReason::PowerOff);
+        assert_eq!(vm.wait(Some(Duration::from_secs(10))), Some(ExitReason::PowerOff));
     }
 
     #[test]

@@ -47,8 +47,12 @@ pub mod client;
 /// reports a different value.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The guest vsock port the agent listens on.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The guest vsock port the agent listens on: a privileged port (≤ 1023, binding it needs
+/// CAP_NET_BIND_SERVICE in the guest), so no container process can take it over.
+pub const AGENT_VSOCK_PORT: u32 = 1023;
+
+/// The host's vsock CID: the only peer the agent accepts.
+pub const HOST_CID: u32 = 2;
 
 /// Upper bound the agent applies to `ReadStreamRequest.max_len` (the ttrpc message
 /// limit is 4 MiB; one read stays well below it).

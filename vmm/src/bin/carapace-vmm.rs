@@ -68,11 +68,14 @@ struct Cli {
     /// Control API unix socket (JSON lines: info, metrics, pause, resume, shutdown).
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Interrupt a vCPU that stayed inside KVM_RUN this long (ms), so a timer interrupt
-    /// lost under nested virtualization cannot leave it halted for good; 0 never.
-    /// Default: 1000 when this host is itself a VM, else never.
+    /// Lab workaround (default 0, off): interrupt a vCPU that stayed inside KVM_RUN this
+    /// long, so a timer interrupt lost by an emulated host CPU cannot leave it halted.
     #[arg(long, value_name = "MS")]
     vcpu_nudge_ms: Option<u32>,
+    /// Lab workaround (default 0, off): device workers re-serve their rings and re-raise an
+    /// unacknowledged interrupt every MS milliseconds.
+    #[arg(long, value_name = "MS")]
+    irq_rescue_ms: Option<u32>,
     /// Print the effective VM description as JSON and exit.
     #[arg(long)]
     print_config: bool,
@@ -179,8 +182,11 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     if cli.api_socket.is_some() {
         c.api_socket = cli.api_socket;
     }
-    if cli.vcpu_nudge_ms.is_some() {
-        c.vcpu_nudge_ms = cli.vcpu_nudge_ms;
+    if let Some(ms) = cli.vcpu_nudge_ms {
+        c.vcpu_nudge_ms = ms;
+    }
+    if let Some(ms) = cli.irq_rescue_ms {
+        c.irq_rescue_ms = ms;
     }
     c.validate()?;
     Ok((c, cli.print_config))

@@ -365,7 +365,7 @@ impl MmioTransport {
                 || self.driver_features & !offered != 0
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0
             {
-                tracing::warn!(
+                crate::guest_warn!(
                     driver = format_args!("{:#x}", self.driver_features),
                     offered = format_args!("{offered:#x}"),
                     "refusing FEATURES_OK"
@@ -395,7 +395,7 @@ impl MmioTransport {
             .enumerate()
             .find(|(i, q)| !q.ready() || !q.is_valid(&self.mem) || self.bad_queue_config[*i]);
         if let Some((i, q)) = bad {
-            tracing::warn!(
+            crate::guest_warn!(
                 queue = i,
                 ready = q.ready(),
                 "virtio-mmio: DRIVER_OK with an unusable queue; device needs reset"
@@ -433,7 +433,7 @@ impl MmioTransport {
                 bump(&self.counters.activations);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "virtio device activation failed");
+                crate::guest_warn!(error = %e, "virtio device activation failed");
                 bump(&self.counters.failed_activations);
                 self.interrupt.fail("activation failed");
             }

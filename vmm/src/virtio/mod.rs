@@ -62,7 +62,7 @@ pub struct Interrupt {
 }
 
 /// Detects an interrupt the guest never handled: one watch per device worker, checked on the
-/// worker's rescue ticks ([`worker::RescueTick`], every [`worker::RESCUE_PERIOD_MS`]). When the status register stayed
+/// worker's rescue ticks ([`worker::RescueTick`], when `irq_rescue_ms` turns them on). When the status register stayed
 /// non-zero with no InterruptACK across a whole tick, the edge was lost on the way (seen
 /// under nested, emulated virtualization) or the guest is very slow; raising it again is
 /// harmless either way, because the guest's handler reads the status register and finds
@@ -104,7 +104,7 @@ impl Interrupt {
 
     /// The device hit an unrecoverable guest error: report DEVICE_NEEDS_RESET.
     pub fn fail(&self, why: &str) {
-        tracing::warn!(reason = why, "virtio device needs reset");
+        crate::guest_warn!(reason = why, "virtio device needs reset");
         if !self.needs_reset.swap(true, Ordering::SeqCst) {
             self.notify_config();
         }
@@ -130,7 +130,10 @@ impl Interrupt {
         *watch = IrqWatch { pending, acks };
         if lost {
             self.resent.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("virtio interrupt left unacknowledged for a tick: raised again");
+            crate::guest_warn!(
+                "lab workaround irq_rescue_ms: a virtio interrupt left unacknowledged for a \
+                 whole tick was raised again"
+            );
             if let Err(e) = self.irq.write(1) {
                 tracing::warn!(error = %e, "cannot raise virtio interrupt");
             }

@@ -389,7 +389,7 @@ impl VirtioDevice for Net {
             let mut tick = RescueTick::default();
             loop {
                 if let Err(e) = r {
-                    tracing::warn!(error = %e, "virtio-net queue error");
+                    crate::guest_warn!(error = %e, "virtio-net queue error");
                     lp.interrupt.fail("queue error");
                     return;
                 }

@@ -2,6 +2,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,27 +17,42 @@ use super::{ActiveQueue, Interrupt, IrqWatch};
 /// Token reserved for the stop eventfd.
 pub const STOP_TOKEN: u64 = u64::MAX;
 
-/// How often a device worker looks at its queues and its interrupt whatever happened in
-/// between. A notification or interrupt lost between guest and VMM (nested, emulated
-/// virtualization loses them now and then) would otherwise stall the device for good; one
-/// wake-up a second per device is the price.
-pub const RESCUE_PERIOD_MS: u64 = 1000;
+/// How often device workers look at their queues and interrupts whatever happened in
+/// between (ms; 0: never, the default). Set once per VMM process from the VM description's
+/// `irq_rescue_ms` before devices start. Only the lab turns it on: nested KVM inside
+/// QEMU-TCG's emulated SVM has lost notifications and interrupts between guest and VMM
+/// (tests/README.md, "Choosing the lab"); on a real host nothing is lost and a timer would
+/// only wake idle devices for nothing.
+static RESCUE_PERIOD_MS: AtomicU64 = AtomicU64::new(0);
 
-/// The rescue tick of one device worker: due every [`RESCUE_PERIOD_MS`] by the clock, whether
-/// the worker was idle or busy in between (a busy device can lose a kick on another of its
+/// Sets the rescue period of device workers started from now on (0: off).
+pub fn set_rescue_period_ms(ms: u32) {
+    RESCUE_PERIOD_MS.store(u64::from(ms), Ordering::Relaxed);
+}
+
+/// The rescue tick of one device worker: due every rescue period by the clock, whether the
+/// worker was idle or busy in between (a busy device can lose a kick on another of its
 /// queues, or an interrupt, just as well). The worker waits for events at most until the
-/// next tick ([`RescueTick::timeout_ms`]) and, when [`RescueTick::poll`] says so, serves its
-/// rings as if kicked.
+/// next tick ([`RescueTick::timeout_ms`]; forever when rescue is off) and, when
+/// [`RescueTick::poll`] says so, serves its rings as if kicked.
 #[derive(Debug)]
 pub struct RescueTick {
-    period: Duration,
+    period: Option<Duration>,
     next: Instant,
     watch: IrqWatch,
 }
 
 impl Default for RescueTick {
+    /// The process-wide setting ([`set_rescue_period_ms`]).
     fn default() -> Self {
-        Self::every(Duration::from_millis(RESCUE_PERIOD_MS))
+        match RESCUE_PERIOD_MS.load(Ordering::Relaxed) {
+            0 => RescueTick {
+                period: None,
+                next: Instant::now(),
+                watch: IrqWatch::default(),
+            },
+            ms => Self::every(Duration::from_millis(ms)),
+        }
     }
 }
 
@@ -44,27 +60,35 @@ impl RescueTick {
     /// A tick every `period`, the first one `period` from now.
     pub fn every(period: Duration) -> Self {
         RescueTick {
-            period,
+            period: Some(period),
             next: Instant::now() + period,
             watch: IrqWatch::default(),
         }
     }
 
-    /// The epoll timeout that wakes the worker at the next tick (ms, rounded up).
+    /// The epoll timeout that wakes the worker at the next tick (ms, rounded up; -1, no
+    /// timeout, when rescue is off).
     pub fn timeout_ms(&self) -> i32 {
+        if self.period.is_none() {
+            return -1;
+        }
         let left = self.next.saturating_duration_since(Instant::now());
         i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
     }
 
     /// When a tick is due: raises `interrupt` again if the guest left it unacknowledged
     /// since the previous tick ([`Interrupt::rescue`]) and returns `true`, telling the
-    /// worker to serve its rings as if kicked. `false` between ticks.
+    /// worker to serve its rings as if kicked. `false` between ticks, and always when rescue
+    /// is off.
     pub fn poll(&mut self, interrupt: &Interrupt) -> bool {
+        let Some(period) = self.period else {
+            return false;
+        };
         let now = Instant::now();
         if now < self.next {
             return false;
         }
-        self.next = now + self.period;
+        self.next = now + period;
         interrupt.rescue(&mut self.watch);
         true
     }
@@ -153,7 +177,7 @@ impl Worker {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(device = name, error = %e, "queue error");
+                        crate::guest_warn!(device = name, error = %e, "queue error");
                         interrupt.fail("queue error");
                         return;
                     }

@@ -121,6 +121,12 @@ fn run(
             }
             rx_used = true;
         }
+        // TX held back while the control queue was full ([`Muxer::tx_blocked`]) goes on
+        // now that the guest took some: its TX chains are still in the ring, unkicked.
+        if rx_used && !mux.tx_blocked() {
+            notify |= mux.process_tx(&mut queues[TXQ].queue, &mem)?;
+            rx_used |= mux.fill_rx(&mut queues[RXQ].queue, &mem)?;
+        }
         mux.update_interests();
         let q_notify = |q: &mut virtio_queue::Queue| q.needs_notification(&mem).unwrap_or(true);
         if (notify && q_notify(&mut queues[TXQ].queue))
@@ -176,7 +182,7 @@ impl VirtioDevice for Vsock {
                 }
             };
             if let Err(e) = run(mux, queues, mem, interrupt.clone()) {
-                tracing::warn!(error = %e, "vsock device stopped");
+                crate::guest_warn!(error = %e, "vsock device stopped");
                 interrupt.fail("vsock queue error");
             }
         })

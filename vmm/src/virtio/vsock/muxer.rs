@@ -155,6 +155,12 @@ struct Pending {
     line: Vec<u8>,
 }
 
+/// Control packets (RST, RESPONSE, credit updates, host REQUESTs) queued for the guest at
+/// most before TX is held back ([`Muxer::tx_blocked`]). A TX packet adds at most one, and
+/// host-side events one per connection, so the queue stays within this plus the number of
+/// connections.
+pub const MAX_RX_CTRL: usize = 256;
+
 /// The connection multiplexer of one vsock device.
 #[derive(Debug)]
 pub struct Muxer {
@@ -439,7 +445,9 @@ impl Muxer {
     /// Processes every packet the guest queued on the TX queue.
     pub fn process_tx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, MuxerError> {
         let mut used = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+        while !self.tx_blocked()
+            && let Some(chain) = q.pop_descriptor_chain(mem)
+        {
             let head = chain.head_index();
             match Reader::new(mem, chain) {
                 Ok(mut r) => self.tx_packet(&mut r),
@@ -577,7 +585,7 @@ impl Muxer {
             return;
         }
         if c.to_host.len() + len > BUF_ALLOC as usize {
-            tracing::warn!(port = c.local_port, "vsock: guest exceeded its credit");
+            crate::guest_warn!(port = c.local_port, "vsock: guest exceeded its credit");
             bump(&self.counters.bad_packets, 1);
             self.reset_conn(t);
             return;
@@ -606,6 +614,19 @@ impl Muxer {
         } else if c.peer_shut_send && c.to_host.is_empty() {
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
         }
+    }
+
+    /// Whether the control packets waiting for guest RX buffers reached [`MAX_RX_CTRL`]: the
+    /// muxer then takes no TX packets (each may answer with one) until the guest takes
+    /// some. A guest that posts no RX buffers and floods REQUESTs or credit requests makes
+    /// its own TX ring stall, never the VMM's memory grow.
+    pub fn tx_blocked(&self) -> bool {
+        self.rx_ctrl.len() >= MAX_RX_CTRL
+    }
+
+    /// Control packets waiting for guest RX buffers.
+    pub fn rx_ctrl_len(&self) -> usize {
+        self.rx_ctrl.len()
     }
 
     /// Fills RX buffers with control packets and host data; returns whether any was used.

@@ -17,6 +17,8 @@ use super::packet::*;
 use crate::virtio::worker::EpollSet;
 
 const CID: u64 = 3;
+/// Ring size of the mock queues (room for a flood past [`MAX_RX_CTRL`]).
+const QSIZE: u16 = 1024;
 
 struct Rig<'a> {
     mem: &'a GuestMemoryMmap,
@@ -45,8 +47,8 @@ impl<'a> Rig<'a> {
             Arc::new(VsockCounters::default()),
         )
         .unwrap();
-        let rxq = MockSplitQueue::create(mem, GuestAddress(0x10000), 256);
-        let txq = MockSplitQueue::create(mem, GuestAddress(0x20000), 256);
+        let rxq = MockSplitQueue::create(mem, GuestAddress(0x10000), QSIZE);
+        let txq = MockSplitQueue::create(mem, GuestAddress(0x20000), QSIZE);
         let rx = rxq.create_queue().unwrap();
         let tx = txq.create_queue().unwrap();
         Rig {
@@ -155,7 +157,7 @@ impl<'a> Rig<'a> {
                 .rxq
                 .used()
                 .ring()
-                .ref_at(usize::from(i % 256))
+                .ref_at(usize::from(i % QSIZE))
                 .unwrap()
                 .load();
             i = i.wrapping_add(1);
@@ -383,6 +385,36 @@ fn guest_overrunning_credit_is_reset() {
         0,
         "stream must be reset after credit overrun"
     );
+}
+
+#[test]
+fn a_guest_flooding_requests_without_rx_buffers_stalls_its_own_tx() {
+    let m = mem();
+    let mut r = Rig::new(&m);
+    // 400 REQUESTs to ports nobody listens on, each answered by a RST; no RX buffers.
+    let flood = 400u32;
+    for i in 0..flood {
+        r.send(hdr(2000 + i, 9000 + i, op::REQUEST, 0), &[]);
+        assert!(r.mux.rx_ctrl_len() <= MAX_RX_CTRL, "control queue grew past its bound");
+    }
+    assert!(r.mux.tx_blocked());
+    assert_eq!(
+        usize::from(r.tx.next_used()),
+        MAX_RX_CTRL,
+        "TX packets past the bound stay in the guest's ring"
+    );
+    // The guest takes the RSTs; the held-back TX packets are served in turn.
+    let mut resets = 0;
+    while resets < flood as usize {
+        r.offer_rx(64, 4096);
+        let got = r.pump();
+        assert!(!got.is_empty(), "no progress after {resets} resets");
+        resets += got.iter().filter(|(h, _)| h.op == op::RST).count();
+        r.mux.process_tx(&mut r.tx, r.mem).unwrap();
+        assert!(r.mux.rx_ctrl_len() <= MAX_RX_CTRL);
+    }
+    assert_eq!(u32::from(r.tx.next_used()), flood);
+    assert_eq!(r.mux.connections(), 0);
 }
 
 #[test]
