@@ -12,6 +12,7 @@ pub mod check;
 pub mod console;
 pub mod features;
 pub mod launcher;
+pub mod mount_setattr;
 pub mod mounts;
 pub mod oci;
 pub mod process;

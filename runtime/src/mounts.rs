@@ -1,15 +1,33 @@
-//! Host bind mounts into the sandbox's shared directory.
+//! Host bind mounts for the sandbox's shared directory, made so that the guest cannot steer
+//! them.
 //!
-//! The fs daemon exports one directory (`<state>/<id>/shared`); the bundle rootfs and the
-//! spec's bind-mount sources are bind-mounted beneath it, read-only where asked (a
-//! read-only bind is a bind followed by a `MS_REMOUNT|MS_BIND|MS_RDONLY`, which is what
-//! makes it read-only for the fs daemon and so for the guest). Teardown unmounts what the
-//! state file recorded and then anything else `/proc/self/mountinfo` still shows under the
-//! sandbox directory, deepest first, so a crash between mount and save leaks nothing.
+//! The fs daemon exports `<state>/<id>/shared` to the guest, and the guest may be hostile.
+//! So the host never prepares anything in a directory the guest can write:
+//! - `<state>/<id>/stage` is a small tmpfs of the host's own (never exported), in a shared
+//!   peer group of its own; `shared` is a **read-only** bind of it in the same peer group.
+//!   Every mount point (`<cid>/rootfs`, `<cid>/mounts/<n>`) is created in `stage`, where
+//!   the guest can change nothing, and each bind made there propagates to `shared` and to
+//!   the fs daemon's (slave) copy of it. The guest can write inside a rootfs or a
+//!   read-write volume, never next to them: it cannot plant a symlink where the host binds.
+//! - Mount points are created fd-relative (`openat2` with `RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV`, `mkdirat`), and the bind itself is
+//!   `open_tree(OPEN_TREE_CLONE)` + `mount_setattr` + `move_mount` onto the checked
+//!   descriptor: a read-only volume is read-only recursively (`AT_RECURSIVE`), every bind
+//!   is `nosuid,nodev` and private to its source, and all of it is set while the tree is
+//!   still detached, so the copies that propagate to the fs daemon carry the same flags.
+//!   `bind` and `rbind` are honoured (`recursive`).
+//! - Unmounts use `UMOUNT_NOFOLLOW`. Teardown unmounts what the state file recorded and then
+//!   anything else `/proc/self/mountinfo` still shows under the sandbox directory, deepest
+//!   first, so a crash between mount and save leaks nothing.
 
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+
+use crate::mount_setattr;
 
 /// Errors of mount operations.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +41,13 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
-    /// mount(2) failed.
+    /// A mount point's path is not a plain relative path below the stage directory.
+    #[error("mount point {path} is not a relative path without `..`")]
+    BadTarget {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Mounting failed.
     #[error("cannot bind-mount {source_path} on {target}{}", if *read_only { " (read-only)" } else { "" })]
     Bind {
         /// Source.
@@ -34,7 +58,7 @@ pub enum MountError {
         read_only: bool,
         /// Cause.
         #[source]
-        source: nix::Error,
+        source: std::io::Error,
     },
     /// umount2(2) failed.
     #[error("cannot unmount {target}")]
@@ -47,96 +71,226 @@ pub enum MountError {
     },
 }
 
+/// How one source is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BindOptions {
+    /// Read-only, the whole tree (`ro`).
+    pub read_only: bool,
+    /// With the mounts beneath the source (`rbind`; `bind` when false).
+    pub recursive: bool,
+}
+
 /// The mount operations the runtime needs (a seam for tests without privileges).
 pub trait Mounter: Send + Sync + std::fmt::Debug {
-    /// Bind-mounts `source` (file or directory) on `target`, creating `target` to match.
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError>;
-    /// Unmounts `target` (lazily); a target that is not mounted is not an error.
+    /// Makes `stage` a fresh host-only tmpfs in a shared peer group of its own and `export`
+    /// a read-only bind of it in the same group (what the fs daemon serves): binds made
+    /// later under `stage` appear under `export`, also in the fs daemon's copy of it.
+    fn prepare_export(&self, stage: &Path, export: &Path) -> Result<(), MountError>;
+    /// Bind-mounts `source` (file or directory) at `stage/rel`, creating the mount point
+    /// to match without following symlinks or crossing mounts; returns the mount point.
+    fn bind(
+        &self,
+        source: &Path,
+        stage: &Path,
+        rel: &Path,
+        opts: BindOptions,
+    ) -> Result<PathBuf, MountError>;
+    /// Unmounts `target` (lazily, not following a symlink); a target that is not mounted
+    /// is not an error.
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
     /// Mount points at or below `dir`, deepest first.
     fn mounts_under(&self, dir: &Path) -> Vec<PathBuf>;
-    /// Makes the directory `dir` a mount of its own (a bind on itself) in a new shared peer
-    /// group. The fs daemon's mount namespace holds a slave copy of the shared directory,
-    /// so binds made beneath `dir` after the daemon started (the containers joining a
-    /// pod's VM) still reach the daemon, whatever the propagation of `dir`'s parent mount.
-    fn share_subtree(&self, dir: &Path) -> Result<(), MountError>;
 }
 
-/// Creates `target` as an empty directory or file, matching `source`.
-pub fn make_mount_point(source: &Path, target: &Path) -> Result<(), MountError> {
-    let err = |source| MountError::MountPoint {
-        path: target.to_path_buf(),
-        source,
+/// The components of `rel`, refused unless it is relative and made of plain names.
+fn plain_components(rel: &Path) -> Result<Vec<&std::ffi::OsStr>, MountError> {
+    let bad = || MountError::BadTarget {
+        path: rel.to_path_buf(),
     };
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(err)?;
+    let parts: Vec<_> = rel
+        .components()
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(bad()),
+        })
+        .collect::<Result<_, _>>()?;
+    if parts.is_empty() {
+        return Err(bad());
     }
-    if source.is_dir() {
-        match std::fs::create_dir(target) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(err(e)),
+    Ok(parts)
+}
+
+const RESOLVE_STRICT: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_XDEV)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// Opens the directory `name` in `dir` (`O_PATH`), never through a symlink or onto another
+/// mount.
+fn open_dir_in(dir: impl AsFd, name: &std::ffi::OsStr) -> std::io::Result<OwnedFd> {
+    Ok(rustix::fs::openat2(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        RESOLVE_STRICT,
+    )?)
+}
+
+/// Creates the mount point `stage/rel` (directories on the way, then a directory or an
+/// empty file to match `source`) fd-relative, and returns an `O_PATH` descriptor of it.
+pub fn make_mount_point(source: &Path, stage: &Path, rel: &Path) -> Result<OwnedFd, MountError> {
+    let parts = plain_components(rel)?;
+    let target = stage.join(rel);
+    let err = |e: std::io::Error| MountError::MountPoint {
+        path: target.clone(),
+        source: e,
+    };
+    let mut dir: OwnedFd = rustix::fs::open(
+        stage,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| err(e.into()))?;
+    let (last, parents) = parts.split_last().ok_or_else(|| MountError::BadTarget {
+        path: rel.to_path_buf(),
+    })?;
+    for name in parents {
+        match rustix::fs::mkdirat(&dir, *name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(err(e.into())),
         }
+        dir = open_dir_in(&dir, name).map_err(err)?;
+    }
+    let is_dir = source.is_dir();
+    if is_dir {
+        match rustix::fs::mkdirat(&dir, *last, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(err(e.into())),
+        }
+        open_dir_in(&dir, last).map_err(err)
     } else {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(target)
-            .map(drop)
-            .map_err(err)
+        // An empty regular file, never a symlink or device that is already there.
+        match rustix::fs::openat2(
+            &dir,
+            *last,
+            OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+            Mode::from_raw_mode(0o644),
+            RESOLVE_STRICT,
+        ) {
+            Ok(fd) => drop(fd),
+            Err(e) => return Err(err(e.into())),
+        }
+        Ok(rustix::fs::openat2(
+            &dir,
+            *last,
+            OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE_STRICT,
+        )
+        .map_err(|e| err(e.into()))?)
     }
 }
 
-/// The real thing: mount(2) and umount2(2). Needs CAP_SYS_ADMIN.
+/// The real thing: the new mount API and umount2(2). Needs CAP_SYS_ADMIN.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SysMounter;
 
 impl Mounter for SysMounter {
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError> {
-        make_mount_point(source, target)?;
-        let err = |e| MountError::Bind {
-            source_path: source.to_path_buf(),
-            target: target.to_path_buf(),
-            read_only,
-            source: e,
+    fn prepare_export(&self, stage: &Path, export: &Path) -> Result<(), MountError> {
+        let err = |source_path: &Path, target: &Path, read_only: bool| {
+            let (s, t) = (source_path.to_path_buf(), target.to_path_buf());
+            move |e: nix::Error| MountError::Bind {
+                source_path: s,
+                target: t,
+                read_only,
+                source: e.into(),
+            }
         };
+        for d in [stage, export] {
+            std::fs::create_dir(d).map_err(|source| MountError::MountPoint {
+                path: d.to_path_buf(),
+                source,
+            })?;
+        }
+        // Directories and empty mount-point files only: a small fixed size, no devices,
+        // no setuid, nothing executable.
         mount(
-            Some(source),
-            target,
+            Some("carapace-stage"),
+            stage,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=0755,size=1m,nr_inodes=16384"),
+        )
+        .map_err(err(Path::new("tmpfs"), stage, false))?;
+        // Private first: leave whatever peer group the parent mount is in, then start a
+        // peer group of our own.
+        for flags in [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
+            mount(None::<&str>, stage, None::<&str>, flags, None::<&str>)
+                .map_err(err(stage, stage, false))?;
+        }
+        mount(Some(stage), export, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(err(stage, export, true))?;
+        mount(
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
+            export,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
             None::<&str>,
         )
-        .map_err(err)?;
-        // Do not let mounts made later on the host propagate into the sandbox.
-        if let Err(e) = mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_SLAVE | MsFlags::MS_REC,
-            None::<&str>,
-        ) {
-            let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(err(e));
-        }
-        if read_only
-            && let Err(e) = mount(
-                None::<&str>,
-                target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-        {
-            let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(err(e));
-        }
+        .map_err(err(stage, export, true))?;
         Ok(())
     }
 
+    fn bind(
+        &self,
+        source: &Path,
+        stage: &Path,
+        rel: &Path,
+        opts: BindOptions,
+    ) -> Result<PathBuf, MountError> {
+        let point = make_mount_point(source, stage, rel)?;
+        let target = stage.join(rel);
+        let err = |e: std::io::Error| MountError::Bind {
+            source_path: source.to_path_buf(),
+            target: target.clone(),
+            read_only: opts.read_only,
+            source: e,
+        };
+        let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+        if opts.recursive {
+            flags |= OpenTreeFlags::AT_RECURSIVE;
+        }
+        let tree = rustix::mount::open_tree(rustix::fs::CWD, source, flags)
+            .map_err(|e| err(e.into()))?;
+        mount_setattr::set(
+            &tree,
+            mount_setattr::Attrs {
+                read_only: opts.read_only,
+                nosuid_nodev: true,
+                private: true,
+            },
+            opts.recursive,
+        )
+        .map_err(err)?;
+        rustix::mount::move_mount(
+            &tree,
+            "",
+            &point,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+        .map_err(|e| err(e.into()))?;
+        Ok(target)
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
-        match umount2(target, MntFlags::MNT_DETACH) {
+        match umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
             Err(source) => Err(MountError::Unmount {
                 target: target.to_path_buf(),
@@ -148,25 +302,6 @@ impl Mounter for SysMounter {
     fn mounts_under(&self, dir: &Path) -> Vec<PathBuf> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         mount_points_under(&text, dir)
-    }
-
-    fn share_subtree(&self, dir: &Path) -> Result<(), MountError> {
-        let err = |e| MountError::Bind {
-            source_path: dir.to_path_buf(),
-            target: dir.to_path_buf(),
-            read_only: false,
-            source: e,
-        };
-        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
-        // Private first: leave whatever peer group the parent mount is in, then start a
-        // peer group of our own.
-        for flags in [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
-            if let Err(e) = mount(None::<&str>, dir, None::<&str>, flags, None::<&str>) {
-                let _ = umount2(dir, MntFlags::MNT_DETACH);
-                return Err(err(e));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -228,40 +363,173 @@ mod tests {
         );
     }
 
+    #[test]
+    fn mount_point_paths_must_be_plain_and_relative() {
+        for bad in ["", "/abs", "a/../b", "..", "./a"] {
+            assert!(
+                matches!(plain_components(Path::new(bad)), Err(MountError::BadTarget { .. })),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(plain_components(Path::new("c/mounts/0")).unwrap().len(), 3);
+    }
+
+    fn root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        eprintln!("skipped: needs root");
+        false
+    }
+
+    /// A sandbox directory with a prepared stage/export pair; unmounted on drop.
+    struct Sandbox {
+        tmp: tempfile::TempDir,
+    }
+
+    impl Sandbox {
+        fn new() -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            SysMounter
+                .prepare_export(&tmp.path().join("stage"), &tmp.path().join("shared"))
+                .unwrap();
+            Sandbox { tmp }
+        }
+        fn stage(&self) -> PathBuf {
+            self.tmp.path().join("stage")
+        }
+        fn shared(&self) -> PathBuf {
+            self.tmp.path().join("shared")
+        }
+    }
+
+    impl Drop for Sandbox {
+        fn drop(&mut self) {
+            for p in SysMounter.mounts_under(self.tmp.path()) {
+                let _ = SysMounter.unmount(&p);
+            }
+        }
+    }
+
     /// Runs only as root (CAP_SYS_ADMIN); the project's test machines run tests as root.
     #[test]
-    fn read_only_bind_is_read_only_and_unmount_is_idempotent() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+    fn binds_appear_in_the_export_with_their_flags_and_unmount_is_idempotent() {
+        if !root() {
             return;
         }
-        let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
-        std::fs::create_dir(&src).unwrap();
-        std::fs::write(src.join("f"), b"data").unwrap();
-        let file_src = tmp.path().join("file");
+        let sb = Sandbox::new();
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("f"), b"data").unwrap();
+        let file_src = src.path().join("file");
         std::fs::write(&file_src, b"one file").unwrap();
-        let shared = tmp.path().join("shared");
         let m = SysMounter;
-        let ro = shared.join("c/rootfs");
-        let rw = shared.join("c/mounts/0");
-        let f = shared.join("c/mounts/1");
-        m.bind(&src, &ro, true).unwrap();
-        m.bind(&src, &rw, false).unwrap();
-        m.bind(&file_src, &f, true).unwrap();
-        assert_eq!(std::fs::read(ro.join("f")).unwrap(), b"data");
-        assert_eq!(std::fs::read(&f).unwrap(), b"one file");
-        let e = std::fs::write(ro.join("g"), b"x").unwrap_err();
+        let ro = BindOptions { read_only: true, recursive: true };
+        let rw = BindOptions { read_only: false, recursive: true };
+        m.bind(src.path(), &sb.stage(), Path::new("c/rootfs"), ro).unwrap();
+        m.bind(src.path(), &sb.stage(), Path::new("c/mounts/0"), rw).unwrap();
+        m.bind(&file_src, &sb.stage(), Path::new("c/mounts/1"), ro).unwrap();
+        // Made after the export existed, seen through it with the same flags (a read-only
+        // bind stays read-only in the copies that propagate).
+        let shared = sb.shared();
+        assert_eq!(std::fs::read(shared.join("c/rootfs/f")).unwrap(), b"data");
+        assert_eq!(std::fs::read(shared.join("c/mounts/1")).unwrap(), b"one file");
+        let e = std::fs::write(shared.join("c/rootfs/g"), b"x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS));
-        std::fs::write(rw.join("g"), b"x").unwrap();
-        assert!(src.join("g").exists());
-        let under = m.mounts_under(&shared);
+        std::fs::write(shared.join("c/mounts/0/g"), b"x").unwrap();
+        assert!(src.path().join("g").exists());
+        // The export itself is read-only: nothing can be planted next to the binds.
+        for attempt in [
+            std::os::unix::fs::symlink("/etc", shared.join("c/mounts/2")),
+            std::fs::create_dir(shared.join("c2")),
+            std::fs::write(shared.join("c/x"), b"x"),
+        ] {
+            assert_eq!(attempt.unwrap_err().raw_os_error(), Some(libc::EROFS));
+        }
+        let under = m.mounts_under(&sb.stage().join("c"));
         assert_eq!(under.len(), 3, "{under:?}");
         for p in &under {
             m.unmount(p).unwrap();
             m.unmount(p).unwrap();
         }
-        assert!(m.mounts_under(&shared).is_empty());
-        assert!(!ro.join("f").exists());
+        assert!(m.mounts_under(&sb.stage().join("c")).is_empty());
+        assert!(m.mounts_under(&shared.join("c")).is_empty(), "unmounts propagate");
+        assert!(!shared.join("c/rootfs/f").exists());
+    }
+
+    #[test]
+    fn read_only_is_recursive_and_bind_is_not() {
+        if !root() {
+            return;
+        }
+        let sb = Sandbox::new();
+        let src = tempfile::tempdir().unwrap();
+        let sub = src.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        mount(Some("t"), &sub, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+        std::fs::write(sub.join("inner"), b"i").unwrap();
+        let m = SysMounter;
+        let r = m.bind(
+            src.path(),
+            &sb.stage(),
+            Path::new("c/mounts/0"),
+            BindOptions { read_only: true, recursive: true },
+        );
+        let nr = m.bind(
+            src.path(),
+            &sb.stage(),
+            Path::new("c/mounts/1"),
+            BindOptions { read_only: false, recursive: false },
+        );
+        let shared = sb.shared();
+        let checks = || {
+            r.as_ref().unwrap();
+            nr.as_ref().unwrap();
+            // rbind ro: the submount is there, and read-only too.
+            assert_eq!(std::fs::read(shared.join("c/mounts/0/sub/inner")).unwrap(), b"i");
+            let e = std::fs::write(shared.join("c/mounts/0/sub/new"), b"x").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+            // bind: the submount is not carried along.
+            assert!(!shared.join("c/mounts/1/sub/inner").exists());
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(checks));
+        drop(sb);
+        let _ = umount2(&sub, MntFlags::MNT_DETACH);
+        outcome.unwrap();
+    }
+
+    #[test]
+    fn a_planted_symlink_on_the_way_is_refused_and_nothing_is_made_outside() {
+        if !root() {
+            return;
+        }
+        let sb = Sandbox::new();
+        let decoy = tempfile::tempdir().unwrap();
+        // Whoever could write the stage (nobody but the host can) plants c -> decoy.
+        std::os::unix::fs::symlink(decoy.path(), sb.stage().join("c")).unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let e = SysMounter
+            .bind(
+                src.path(),
+                &sb.stage(),
+                Path::new("c/mounts/0"),
+                BindOptions { read_only: false, recursive: true },
+            )
+            .unwrap_err();
+        assert!(matches!(e, MountError::MountPoint { .. }), "{e}");
+        assert_eq!(std::fs::read_dir(decoy.path()).unwrap().count(), 0);
+        // A symlink as the last component is refused too (never followed to mount on).
+        std::fs::create_dir(sb.stage().join("d")).unwrap();
+        std::os::unix::fs::symlink(decoy.path(), sb.stage().join("d/rootfs")).unwrap();
+        assert!(
+            SysMounter
+                .bind(
+                    src.path(),
+                    &sb.stage(),
+                    Path::new("d/rootfs"),
+                    BindOptions::default()
+                )
+                .is_err()
+        );
+        assert!(SysMounter.mounts_under(decoy.path()).is_empty());
     }
 }

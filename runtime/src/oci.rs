@@ -83,8 +83,20 @@ pub struct BindPlan {
     pub source: PathBuf,
     /// Target relative to the shared directory.
     pub target: PathBuf,
-    /// Read-only.
+    /// Read-only (the whole tree).
     pub read_only: bool,
+    /// With the mounts beneath the source (`rbind`, and the rootfs); `bind` is not.
+    pub recursive: bool,
+}
+
+impl BindPlan {
+    /// The mount options for [`crate::mounts::Mounter::bind`].
+    pub fn options(&self) -> crate::mounts::BindOptions {
+        crate::mounts::BindOptions {
+            read_only: self.read_only,
+            recursive: self.recursive,
+        }
+    }
 }
 
 /// A bundle's spec, checked and translated for the guest.
@@ -211,6 +223,7 @@ pub fn translate(
         source: root_host,
         target: Path::new(cid).join("rootfs"),
         read_only: false,
+        recursive: true,
     }];
     spec["root"]["path"] = Value::String(guest_base.join("rootfs").display().to_string());
 
@@ -237,6 +250,9 @@ pub fn translate(
             }
             let rel = Path::new(cid).join("mounts").join(i.to_string());
             let read_only = options(m).any(|o| o == "ro");
+            // `rbind` takes the mounts beneath the source along; `bind` (or a bind type
+            // with neither option, as runc reads it) does not.
+            let recursive = options(m).any(|o| o == "rbind");
             m["source"] = Value::String(
                 guest_base
                     .join("mounts")
@@ -248,6 +264,7 @@ pub fn translate(
                 source,
                 target: rel,
                 read_only,
+                recursive,
             });
         }
     }
@@ -419,17 +436,20 @@ mod tests {
                 BindPlan {
                     source: b.path().join("rootfs"),
                     target: "c1/rootfs".into(),
-                    read_only: false
+                    read_only: false,
+                    recursive: true
                 },
                 BindPlan {
                     source: vol.path().into(),
                     target: "c1/mounts/1".into(),
-                    read_only: true
+                    read_only: true,
+                    recursive: true
                 },
                 BindPlan {
                     source: vol.path().into(),
                     target: "c1/mounts/2".into(),
-                    read_only: false
+                    read_only: false,
+                    recursive: false
                 },
             ]
         );

@@ -1,8 +1,9 @@
 //! The sandbox lifecycle: one VM holding one container, driven through the seams
 //! [`Launcher`], [`AgentConnector`] and [`Mounter`].
 //!
-//! `create` goes: validate the bundle and the guest image, make the state directory, bind
-//! the rootfs and volumes into `shared/`, start the fs daemon and wait for its socket,
+//! `create` goes: validate the bundle and the guest image, make the state directory, make
+//! the host-only `stage/` and its read-only export `shared/`, bind the rootfs and volumes
+//! under `stage/` (they appear in `shared/`; see [`crate::mounts`]), start the fs daemon and wait for its socket,
 //! write `vm.json` and start the VMM, wait (bounded by `agent.boot_timeout_ms`) for the
 //! agent to answer, then create the sandbox and the container in the guest. Every step is
 //! recorded in `state.json` before the next one starts, and any failure tears down what
@@ -136,8 +137,11 @@ pub struct ExecOptions {
 pub struct SandboxPaths {
     /// The directory.
     pub dir: PathBuf,
-    /// Exported to the guest over virtio-fs.
+    /// Exported to the guest over virtio-fs: a read-only bind of `stage`.
     pub shared: PathBuf,
+    /// The host-only tmpfs where every mount point of `shared` is made (see
+    /// [`crate::mounts`]).
+    pub stage: PathBuf,
     /// fs daemon socket and log.
     pub fsd_socket: PathBuf,
     /// fs daemon log.
@@ -162,6 +166,7 @@ impl SandboxPaths {
         Self {
             dir: dir.to_path_buf(),
             shared: dir.join("shared"),
+            stage: dir.join("stage"),
             fsd_socket: dir.join("fsd.sock"),
             fsd_log: dir.join("fsd.log"),
             vsock: dir.join("vsock.sock"),
@@ -284,24 +289,20 @@ impl Runtime {
     ) -> Result<(), SandboxError> {
         let id = st.id.clone();
         self.store.save(st)?;
-        std::fs::create_dir(&paths.shared).map_err(io_err("creating", &paths.shared))?;
+        // Recorded before they exist, so that a crash in between still tears them down.
         st.mounts.push(MountRecord {
-            source: paths.shared.clone(),
-            target: paths.shared.clone(),
+            source: PathBuf::from("tmpfs"),
+            target: paths.stage.clone(),
             read_only: false,
         });
+        st.mounts.push(MountRecord {
+            source: paths.stage.clone(),
+            target: paths.shared.clone(),
+            read_only: true,
+        });
         self.store.save(st)?;
-        self.mounter.share_subtree(&paths.shared)?;
-        for bind in &guest.binds {
-            let target = paths.shared.join(&bind.target);
-            st.mounts.push(MountRecord {
-                source: bind.source.clone(),
-                target: target.clone(),
-                read_only: bind.read_only,
-            });
-            self.store.save(st)?;
-            self.mounter.bind(&bind.source, &target, bind.read_only)?;
-        }
+        self.mounter.prepare_export(&paths.stage, &paths.shared)?;
+        self.bind_all(st, guest, paths)?;
         let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
         std::fs::write(&paths.guest_spec, &spec_bytes)
             .map_err(io_err("writing", &paths.guest_spec))?;
@@ -697,8 +698,8 @@ impl Runtime {
 
     /// Creates container `cid` from `bundle` inside the running VM of pod sandbox
     /// `sandbox_id` (a sandbox made by [`Runtime::create`]): its rootfs and bind-mount
-    /// sources are bound under `<sandbox>/shared/<cid>/`, which the sandbox's fs daemon
-    /// already exports, and the agent of that VM creates the container. The container gets
+    /// sources are bound under `<sandbox>/stage/<cid>/`, and appear in the `shared/` the
+    /// sandbox's fs daemon already exports, and the agent of that VM creates the container. The container gets
     /// a state directory of its own (`sandbox_id` set, no fs daemon or VMM). On error
     /// nothing of it is left behind; the sandbox is untouched.
     pub fn create_in_sandbox(
@@ -748,6 +749,30 @@ impl Runtime {
         }
     }
 
+    /// Binds every source of `guest` under the sandbox's stage (recorded first).
+    fn bind_all(
+        &self,
+        st: &mut SandboxState,
+        guest: &oci::GuestSpec,
+        sandbox_paths: &SandboxPaths,
+    ) -> Result<(), SandboxError> {
+        for bind in &guest.binds {
+            st.mounts.push(MountRecord {
+                source: bind.source.clone(),
+                target: sandbox_paths.stage.join(&bind.target),
+                read_only: bind.read_only,
+            });
+            self.store.save(st)?;
+            self.mounter.bind(
+                &bind.source,
+                &sandbox_paths.stage,
+                &bind.target,
+                bind.options(),
+            )?;
+        }
+        Ok(())
+    }
+
     fn join_steps(
         &self,
         st: &mut SandboxState,
@@ -755,16 +780,7 @@ impl Runtime {
         sandbox_paths: &SandboxPaths,
     ) -> Result<(), SandboxError> {
         self.store.save(st)?;
-        for bind in &guest.binds {
-            let target = sandbox_paths.shared.join(&bind.target);
-            st.mounts.push(MountRecord {
-                source: bind.source.clone(),
-                target: target.clone(),
-                read_only: bind.read_only,
-            });
-            self.store.save(st)?;
-            self.mounter.bind(&bind.source, &target, bind.read_only)?;
-        }
+        self.bind_all(st, guest, sandbox_paths)?;
         let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
         let spec_path = self.paths(&st.id)?.guest_spec;
         std::fs::write(&spec_path, &spec_bytes).map_err(io_err("writing", &spec_path))?;
@@ -837,16 +853,27 @@ impl Runtime {
                 problems.push(e.to_string());
             }
         }
-        let base = self.paths(sandbox_id)?.shared.join(&st.id);
-        for p in self.mounter.mounts_under(&base) {
+        // Unmounting under the stage propagates to the export (and the fs daemon's copy);
+        // whatever is left in either is swept.
+        let paths = self.paths(sandbox_id)?;
+        let base = paths.stage.join(&st.id);
+        let exported = paths.shared.join(&st.id);
+        for p in self
+            .mounter
+            .mounts_under(&base)
+            .into_iter()
+            .chain(self.mounter.mounts_under(&exported))
+        {
             if let Err(e) = self.mounter.unmount(&p) {
                 problems.push(e.to_string());
             }
         }
-        let left = self.mounter.mounts_under(&base);
+        let mut left = self.mounter.mounts_under(&base);
+        left.extend(self.mounter.mounts_under(&exported));
         if !left.is_empty() {
             problems.push(format!("still mounted: {left:?}"));
         } else {
+            // The stage is the host's own tmpfs (the guest cannot write it).
             match std::fs::remove_dir_all(&base) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::agent::{Chunk, Stream};
-use crate::mounts::make_mount_point;
+use crate::mounts::{BindOptions, make_mount_point};
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixListener;
 use std::process::Command;
@@ -220,6 +220,9 @@ impl AgentConnector for FakeConnector {
 #[derive(Debug, Default)]
 struct FakeMounter {
     mounted: Mutex<BTreeSet<PathBuf>>,
+    /// (stage, export) of the last `prepare_export`: binds under the stage "propagate" to
+    /// the export (mount point made and recorded there too), and so do unmounts.
+    export: Mutex<Option<(PathBuf, PathBuf)>>,
     fail_bind_of: Option<&'static str>,
     stuck: bool,
     /// A directory removed at the first unmount (another process finishing its own delete
@@ -228,18 +231,40 @@ struct FakeMounter {
 }
 
 impl Mounter for FakeMounter {
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError> {
-        make_mount_point(source, target)?;
+    fn prepare_export(&self, stage: &Path, export: &Path) -> Result<(), MountError> {
+        // The real export is a read-only bind of the stage: the same directory tree.
+        std::fs::create_dir(stage).unwrap();
+        std::os::unix::fs::symlink(stage, export).unwrap();
+        for d in [stage, export] {
+            self.mounted.lock().unwrap().insert(d.to_path_buf());
+        }
+        *self.export.lock().unwrap() = Some((stage.to_path_buf(), export.to_path_buf()));
+        Ok(())
+    }
+    fn bind(
+        &self,
+        source: &Path,
+        stage: &Path,
+        rel: &Path,
+        opts: BindOptions,
+    ) -> Result<PathBuf, MountError> {
+        drop(make_mount_point(source, stage, rel)?);
+        let target = stage.join(rel);
         if self.fail_bind_of.is_some_and(|s| target.ends_with(s)) {
             return Err(MountError::Bind {
                 source_path: source.to_path_buf(),
-                target: target.to_path_buf(),
-                read_only,
-                source: nix::Error::EPERM,
+                target,
+                read_only: opts.read_only,
+                source: std::io::Error::from_raw_os_error(libc::EPERM),
             });
         }
-        self.mounted.lock().unwrap().insert(target.to_path_buf());
-        Ok(())
+        self.mounted.lock().unwrap().insert(target.clone());
+        if let Some((st, export)) = self.export.lock().unwrap().clone()
+            && st == stage
+        {
+            self.mounted.lock().unwrap().insert(export.join(rel));
+        }
+        Ok(target)
     }
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         if let Some(dir) = self.vanish_on_unmount.lock().unwrap().take() {
@@ -252,10 +277,12 @@ impl Mounter for FakeMounter {
             });
         }
         self.mounted.lock().unwrap().remove(target);
-        Ok(())
-    }
-    fn share_subtree(&self, dir: &Path) -> Result<(), MountError> {
-        self.mounted.lock().unwrap().insert(dir.to_path_buf());
+        if let Some((stage, export)) = self.export.lock().unwrap().clone()
+            && let Ok(rel) = target.strip_prefix(&stage)
+            && !rel.as_os_str().is_empty()
+        {
+            self.mounted.lock().unwrap().remove(&export.join(rel));
+        }
         Ok(())
     }
 
@@ -389,10 +416,13 @@ fn create_start_kill_delete_in_order_and_nothing_left() {
     let dir = f.tmp.path().join("run/c1");
     assert!(dir.join("vm.json").exists() && dir.join("config.json").exists());
     let saved = f.rt.store.load("c1").unwrap();
-    // the shared directory made a mount of its own, the rootfs, the read-only volume
-    assert_eq!(saved.mounts.len(), 3);
-    assert_eq!(saved.mounts[0].target, dir.join("shared"));
-    assert!(saved.mounts[2].read_only);
+    // the stage, its read-only export, the rootfs, the read-only volume
+    assert_eq!(saved.mounts.len(), 4);
+    assert_eq!(saved.mounts[0].target, dir.join("stage"));
+    assert_eq!(saved.mounts[1].target, dir.join("shared"));
+    assert!(saved.mounts[1].read_only);
+    assert_eq!(saved.mounts[2].target, dir.join("stage/c1/rootfs"));
+    assert!(saved.mounts[3].read_only);
     assert!(saved.fsd.unwrap().is_alive() && saved.vmm.unwrap().is_alive());
 
     let oci = f.rt.state("c1").unwrap();
