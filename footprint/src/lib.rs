@@ -1,6 +1,8 @@
 //! Memory footprint settings for Carapace's long-lived host processes (see README.md):
 //! one malloc arena, and dropping the executable's code pages once they went idle.
 
+pub mod logcap;
+
 use std::io;
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};

@@ -231,13 +231,16 @@ fn open_serial(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(
+        // What the guest prints goes to a file under /run (RAM): capped.
+        SerialOutput::File(p) => Box::new(carapace_footprint::logcap::CappedWriter::new(
             OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)
                 .map_err(io_err(format!("cannot open serial output {}", p.display())))?,
-        ),
+            carapace_footprint::logcap::DEFAULT_LOG_CAP,
+            "carapace-vmm console",
+        )),
         SerialOutput::Fd(fd) => Box::new(crate::fdio::file_from_fd(*fd).map_err(io_err(
             format!("serial output fd {fd} is not an open file descriptor"),
         ))?),

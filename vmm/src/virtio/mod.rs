@@ -59,6 +59,8 @@ pub struct Interrupt {
     acks: AtomicU64,
     /// Interrupts raised again because the guest left one unacknowledged (see [`IrqWatch`]).
     resent: AtomicU64,
+    /// irqfd writes: set against `acks`, how many interrupts the guest never handled.
+    raised: AtomicU64,
 }
 
 /// Detects an interrupt the guest never handled: one watch per device worker, checked on the
@@ -82,6 +84,7 @@ impl Interrupt {
             irq,
             acks: AtomicU64::new(0),
             resent: AtomicU64::new(0),
+            raised: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +100,7 @@ impl Interrupt {
 
     fn signal(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
+        self.raised.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.irq.write(1) {
             tracing::warn!(error = %e, "cannot raise virtio interrupt");
         }
@@ -134,11 +138,22 @@ impl Interrupt {
                 "lab workaround irq_rescue_ms: a virtio interrupt left unacknowledged for a \
                  whole tick was raised again"
             );
+            self.raised.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.irq.write(1) {
                 tracing::warn!(error = %e, "cannot raise virtio interrupt");
             }
         }
         lost
+    }
+
+    /// Interrupts raised (irqfd writes, rescues included).
+    pub fn raised(&self) -> u64 {
+        self.raised.load(Ordering::Relaxed)
+    }
+
+    /// InterruptACK writes seen (the guest's handler ran).
+    pub fn acks(&self) -> u64 {
+        self.acks.load(Ordering::Relaxed)
     }
 
     /// Interrupts raised again by [`Interrupt::rescue`].
