@@ -78,7 +78,10 @@ mod tests {
         }
         assert_eq!(w.dropped(), 4 + 13 * 1000);
         let out = String::from_utf8(w.inner).unwrap();
-        assert!(out.starts_with("12345678ab\n[test: log capped at 10 bytes"), "{out}");
+        assert!(
+            out.starts_with("12345678ab\n[test: log capped at 10 bytes"),
+            "{out}"
+        );
         assert_eq!(out.matches("log capped").count(), 1);
     }
 }

@@ -28,11 +28,7 @@ pub fn set(tree: impl AsFd, attrs: Attrs, recursive: bool) -> std::io::Result<()
     let attr = libc::mount_attr {
         attr_set: set,
         attr_clr: 0,
-        propagation: if attrs.private {
-            libc::MS_PRIVATE
-        } else {
-            0
-        },
+        propagation: if attrs.private { libc::MS_PRIVATE } else { 0 },
         userns_fd: 0,
     };
     let mut flags = libc::AT_EMPTY_PATH as libc::c_uint;

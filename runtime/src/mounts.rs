@@ -229,8 +229,14 @@ impl Mounter for SysMounter {
             mount(None::<&str>, stage, None::<&str>, flags, None::<&str>)
                 .map_err(err(stage, stage, false))?;
         }
-        mount(Some(stage), export, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(err(stage, export, true))?;
+        mount(
+            Some(stage),
+            export,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err(stage, export, true))?;
         mount(
             None::<&str>,
             export,
@@ -266,8 +272,8 @@ impl Mounter for SysMounter {
         if opts.recursive {
             flags |= OpenTreeFlags::AT_RECURSIVE;
         }
-        let tree = rustix::mount::open_tree(rustix::fs::CWD, source, flags)
-            .map_err(|e| err(e.into()))?;
+        let tree =
+            rustix::mount::open_tree(rustix::fs::CWD, source, flags).map_err(|e| err(e.into()))?;
         mount_setattr::set(
             &tree,
             mount_setattr::Attrs {
@@ -367,7 +373,10 @@ mod tests {
     fn mount_point_paths_must_be_plain_and_relative() {
         for bad in ["", "/abs", "a/../b", "..", "./a"] {
             assert!(
-                matches!(plain_components(Path::new(bad)), Err(MountError::BadTarget { .. })),
+                matches!(
+                    plain_components(Path::new(bad)),
+                    Err(MountError::BadTarget { .. })
+                ),
                 "{bad:?}"
             );
         }
@@ -423,16 +432,28 @@ mod tests {
         let file_src = src.path().join("file");
         std::fs::write(&file_src, b"one file").unwrap();
         let m = SysMounter;
-        let ro = BindOptions { read_only: true, recursive: true };
-        let rw = BindOptions { read_only: false, recursive: true };
-        m.bind(src.path(), &sb.stage(), Path::new("c/rootfs"), ro).unwrap();
-        m.bind(src.path(), &sb.stage(), Path::new("c/mounts/0"), rw).unwrap();
-        m.bind(&file_src, &sb.stage(), Path::new("c/mounts/1"), ro).unwrap();
+        let ro = BindOptions {
+            read_only: true,
+            recursive: true,
+        };
+        let rw = BindOptions {
+            read_only: false,
+            recursive: true,
+        };
+        m.bind(src.path(), &sb.stage(), Path::new("c/rootfs"), ro)
+            .unwrap();
+        m.bind(src.path(), &sb.stage(), Path::new("c/mounts/0"), rw)
+            .unwrap();
+        m.bind(&file_src, &sb.stage(), Path::new("c/mounts/1"), ro)
+            .unwrap();
         // Made after the export existed, seen through it with the same flags (a read-only
         // bind stays read-only in the copies that propagate).
         let shared = sb.shared();
         assert_eq!(std::fs::read(shared.join("c/rootfs/f")).unwrap(), b"data");
-        assert_eq!(std::fs::read(shared.join("c/mounts/1")).unwrap(), b"one file");
+        assert_eq!(
+            std::fs::read(shared.join("c/mounts/1")).unwrap(),
+            b"one file"
+        );
         let e = std::fs::write(shared.join("c/rootfs/g"), b"x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS));
         std::fs::write(shared.join("c/mounts/0/g"), b"x").unwrap();
@@ -452,7 +473,10 @@ mod tests {
             m.unmount(p).unwrap();
         }
         assert!(m.mounts_under(&sb.stage().join("c")).is_empty());
-        assert!(m.mounts_under(&shared.join("c")).is_empty(), "unmounts propagate");
+        assert!(
+            m.mounts_under(&shared.join("c")).is_empty(),
+            "unmounts propagate"
+        );
         assert!(!shared.join("c/rootfs/f").exists());
     }
 
@@ -465,27 +489,43 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let sub = src.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
-        mount(Some("t"), &sub, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+        mount(
+            Some("t"),
+            &sub,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
         std::fs::write(sub.join("inner"), b"i").unwrap();
         let m = SysMounter;
         let r = m.bind(
             src.path(),
             &sb.stage(),
             Path::new("c/mounts/0"),
-            BindOptions { read_only: true, recursive: true },
+            BindOptions {
+                read_only: true,
+                recursive: true,
+            },
         );
         let nr = m.bind(
             src.path(),
             &sb.stage(),
             Path::new("c/mounts/1"),
-            BindOptions { read_only: false, recursive: false },
+            BindOptions {
+                read_only: false,
+                recursive: false,
+            },
         );
         let shared = sb.shared();
         let checks = || {
             r.as_ref().unwrap();
             nr.as_ref().unwrap();
             // rbind ro: the submount is there, and read-only too.
-            assert_eq!(std::fs::read(shared.join("c/mounts/0/sub/inner")).unwrap(), b"i");
+            assert_eq!(
+                std::fs::read(shared.join("c/mounts/0/sub/inner")).unwrap(),
+                b"i"
+            );
             let e = std::fs::write(shared.join("c/mounts/0/sub/new"), b"x").unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::EROFS));
             // bind: the submount is not carried along.
@@ -512,7 +552,10 @@ mod tests {
                 src.path(),
                 &sb.stage(),
                 Path::new("c/mounts/0"),
-                BindOptions { read_only: false, recursive: true },
+                BindOptions {
+                    read_only: false,
+                    recursive: true,
+                },
             )
             .unwrap_err();
         assert!(matches!(e, MountError::MountPoint { .. }), "{e}");

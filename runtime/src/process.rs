@@ -263,11 +263,28 @@ fn exec_hygiene(cmd: &mut Command) {
             nix::sys::signal::SigSet::empty()
                 .thread_set_mask()
                 .map_err(std::io::Error::from)?;
-            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            mark_inherited_fds_cloexec()
         });
+    }
+}
+
+/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`: every descriptor above stderr is closed at
+/// the next exec. Async-signal-safe (one system call).
+fn mark_inherited_fds_cloexec() -> std::io::Result<()> {
+    // SAFETY: close_range takes three integers and touches no memory of ours; with
+    // CLOSE_RANGE_CLOEXEC it only sets a flag on descriptors.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -146,7 +146,9 @@ impl Lab {
         what: &str,
     ) -> Result<LabOutput, LabError> {
         match self.run(argv) {
-            Err(LabError::LabFailed { stderr }) if lab_machine_died(&stderr) && retries_allowed() => {
+            Err(LabError::LabFailed { stderr })
+                if lab_machine_died(&stderr) && retries_allowed() =>
+            {
                 eprintln!(
                     "{what}: the lab machine died (its own kernel panicked or it reset); \
                      running it once more in a new lab machine. Its console:\n{stderr}"

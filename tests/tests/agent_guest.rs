@@ -148,7 +148,11 @@ fn agent_is_pid1_of_a_real_vm() {
 async fn connect(deadline: Instant) -> AgentClient {
     loop {
         let attempt = async {
-            let c = ttrpc::r#async::Client::connect(&format!("vsock://{GUEST_CID}:{}", carapace_protocol::AGENT_VSOCK_PORT)).await?;
+            let c = ttrpc::r#async::Client::connect(&format!(
+                "vsock://{GUEST_CID}:{}",
+                carapace_protocol::AGENT_VSOCK_PORT
+            ))
+            .await?;
             let client = AgentClient::new(c);
             carapace_protocol::client::check_version(&client, Duration::from_secs(10))
                 .await

@@ -266,7 +266,8 @@ fn conformance_and_escapes_through_a_real_guest() {
     // The guest triple-faulted (carapace-vmm exit 33) without an oops: seen in the lab at
     // random points (mid-boot too) with no file system request involved (tests/README.md,
     // "Known limitation"). Once more, said loudly; a second one fails the test.
-    if out.stdout.lines().any(|l| l == "HOST vmm-exit 33") && carapace_tests::lab::retries_allowed() {
+    if out.stdout.lines().any(|l| l == "HOST vmm-exit 33") && carapace_tests::lab::retries_allowed()
+    {
         eprintln!(
             "fsd conformance: the guest triple-faulted; running it once more. That run:\n{}",
             out.stdout

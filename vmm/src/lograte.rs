@@ -55,7 +55,12 @@ impl LogLimit {
         if now >= next
             && self
                 .next_ms
-                .compare_exchange(next, now.saturating_add(period), Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    next,
+                    now.saturating_add(period),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             return Some(self.suppressed.swap(0, Ordering::Relaxed));

@@ -132,11 +132,16 @@ impl TestHooks {
     /// Runs `hook(vcpu)` after the vCPU looked at the pause and stop flags and before it
     /// enters KVM_RUN.
     pub(crate) fn set_before_run(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
-        *self.before_run.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(hook));
+        *self.before_run.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::sync::Arc::new(hook));
     }
 
     pub(crate) fn before_run(&self, vcpu: usize) {
-        let hook = self.before_run.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let hook = self
+            .before_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(h) = hook {
             h(vcpu);
         }

@@ -856,7 +856,10 @@ mod tests {
             vm.resume();
         }
         vm.state.request_exit(ExitReason::PowerOff);
-        assert_eq!(vm.wait(Some(Duration::from_secs(10))), Some(ExitReason::PowerOff));
+        assert_eq!(
+            vm.wait(Some(Duration::from_secs(10))),
+            Some(ExitReason::PowerOff)
+        );
     }
 
     #[test]
@@ -874,9 +877,15 @@ mod tests {
         }
         // One exit per pause (the kick); a kick that lands before KVM_RUN costs no more.
         let exits = interrupted(&vm) - before;
-        assert!(exits <= cycles, "{exits} interrupted exits for {cycles} pauses");
+        assert!(
+            exits <= cycles,
+            "{exits} interrupted exits for {cycles} pauses"
+        );
         vm.state.request_exit(ExitReason::PowerOff);
-        assert_eq!(vm.wait(Some(Duration::from_secs(10))), Some(ExitReason::PowerOff));
+        assert_eq!(
+            vm.wait(Some(Duration::from_secs(10))),
+            Some(ExitReason::PowerOff)
+        );
     }
 
     #[test]

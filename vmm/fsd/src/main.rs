@@ -76,13 +76,15 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::registry()
         // The daemon's log is a file under /run, and guests cause some of its lines: capped.
-        .with(tracing_subscriber::fmt::layer().with_writer(std::sync::Mutex::new(
-            carapace_footprint::logcap::CappedWriter::new(
-                std::io::stderr(),
-                carapace_footprint::logcap::DEFAULT_LOG_CAP,
-                "carapace-fsd",
-            ),
-        )))
+        .with(
+            tracing_subscriber::fmt::layer().with_writer(std::sync::Mutex::new(
+                carapace_footprint::logcap::CappedWriter::new(
+                    std::io::stderr(),
+                    carapace_footprint::logcap::DEFAULT_LOG_CAP,
+                    "carapace-fsd",
+                ),
+            )),
+        )
         .with(filter)
         .init();
 

@@ -206,11 +206,13 @@ fn main() {
     carapace_footprint::one_malloc_arena();
     // The VMM's log is a file under /run, and guests cause some of its lines: capped.
     tracing_subscriber::fmt()
-        .with_writer(std::sync::Mutex::new(carapace_footprint::logcap::CappedWriter::new(
-            std::io::stderr(),
-            carapace_footprint::logcap::DEFAULT_LOG_CAP,
-            "carapace-vmm",
-        )))
+        .with_writer(std::sync::Mutex::new(
+            carapace_footprint::logcap::CappedWriter::new(
+                std::io::stderr(),
+                carapace_footprint::logcap::DEFAULT_LOG_CAP,
+                "carapace-vmm",
+            ),
+        ))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -395,7 +395,10 @@ fn a_guest_flooding_requests_without_rx_buffers_stalls_its_own_tx() {
     let flood = 400u32;
     for i in 0..flood {
         r.send(hdr(2000 + i, 9000 + i, op::REQUEST, 0), &[]);
-        assert!(r.mux.rx_ctrl_len() <= MAX_RX_CTRL, "control queue grew past its bound");
+        assert!(
+            r.mux.rx_ctrl_len() <= MAX_RX_CTRL,
+            "control queue grew past its bound"
+        );
     }
     assert!(r.mux.tx_blocked());
     assert_eq!(
