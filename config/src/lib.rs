@@ -172,6 +172,9 @@ pub struct Fs {
     pub cache: CacheMode,
     /// Extra arguments.
     pub extra_args: Vec<String>,
+    /// Let the guest set setuid/setgid bits and file capabilities in volumes too (by
+    /// default only in a container's own rootfs; carapace-fsd only).
+    pub allow_setid: bool,
 }
 
 impl Default for Fs {
@@ -181,6 +184,7 @@ impl Default for Fs {
             path: "/usr/local/bin/carapace-fsd".into(),
             cache: CacheMode::Auto,
             extra_args: Vec::new(),
+            allow_setid: false,
         }
     }
 }

@@ -51,7 +51,8 @@ pub struct BinaryLauncher {
 }
 
 impl BinaryLauncher {
-    /// The fs daemon's command line (both carapace-fsd and virtiofsd take these flags).
+    /// The fs daemon's command line (both carapace-fsd and virtiofsd take the common flags;
+    /// `--layout` and `--allow-setid` are carapace-fsd's).
     pub fn fs_command(&self, req: &FsRequest) -> Command {
         let fs = &self.config.fs;
         let mut cmd = Command::new(&fs.path);
@@ -60,8 +61,16 @@ impl BinaryLauncher {
             .arg("--shared-dir")
             .arg(&req.shared_dir)
             .arg("--cache")
-            .arg(fs.cache.as_flag())
-            .args(&fs.extra_args);
+            .arg(fs.cache.as_flag());
+        if fs.daemon == carapace_config::FsDaemon::CarapaceFsd {
+            // The export is a sandbox's shared directory: file privileges only in rootfs
+            // trees (vmm/fsd, zones.rs).
+            cmd.arg("--layout").arg("sandbox");
+            if fs.allow_setid {
+                cmd.arg("--allow-setid");
+            }
+        }
+        cmd.args(&fs.extra_args);
         cmd
     }
 

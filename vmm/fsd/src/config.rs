@@ -106,6 +106,10 @@ pub struct FsConfig {
     pub writeback: bool,
     /// Worker threads for requests; 0 handles requests on the queue thread.
     pub thread_pool_size: usize,
+    /// The export's shape (where setuid files may be made, see [`crate::zones`]).
+    pub layout: crate::zones::Layout,
+    /// Let the guest set file privileges everywhere.
+    pub allow_setid: bool,
 }
 
 impl FsConfig {
@@ -159,6 +163,8 @@ impl FsConfig {
             xattr,
             writeback: writeback && cache != CacheMode::Never,
             thread_pool_size,
+            layout: crate::zones::Layout::Plain,
+            allow_setid: false,
         })
     }
 

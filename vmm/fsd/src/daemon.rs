@@ -90,7 +90,8 @@ pub fn open_fs(cfg: &FsConfig, root: &Path) -> io::Result<ServedFs> {
     let fs = PassthroughFs::<()>::new(cfg.passthrough_config(root))?;
     fs.import()?;
     Ok(GuardedFs::new(fs, cfg.readonly, cfg.writeback)
-        .with_readdirplus(cfg.cache != crate::config::CacheMode::Never))
+        .with_readdirplus(cfg.cache != crate::config::CacheMode::Never)
+        .with_privileges(cfg.layout, cfg.allow_setid))
 }
 
 /// Serves one vhost-user connection, then returns.

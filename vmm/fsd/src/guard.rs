@@ -11,7 +11,11 @@
 //! - device nodes: `mknod` only creates FIFOs, sockets and regular files (`EPERM` otherwise),
 //!   so a guest cannot mint a block device that the host could be tricked into using;
 //! - writes of any kind when the export is read-only (`EROFS`), including `open` for
-//!   writing or with `O_TRUNC`, and `statfs` reports `ST_RDONLY`.
+//!   writing or with `O_TRUNC`, and `statfs` reports `ST_RDONLY`;
+//! - file privileges outside a container's own rootfs ([`crate::zones`]): setuid/setgid
+//!   bits are stripped from chmod/create/mknod modes and cleared by writes and
+//!   truncation (killpriv), and `security.capability` cannot be set, unless the daemon
+//!   was started with `--allow-setid`.
 
 use std::ffi::CStr;
 use std::io;
@@ -24,6 +28,8 @@ use fsd_fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
     ZeroCopyWriter,
 };
+
+use crate::zones::{Layout, NoFsetid, Zones, is_privilege_xattr, strip_setid};
 
 /// Longest name a Linux filesystem accepts.
 const NAME_MAX: usize = 255;
@@ -51,6 +57,8 @@ pub struct GuardedFs<F> {
     readonly: bool,
     writeback: bool,
     readdirplus: bool,
+    zones: Zones,
+    allow_setid: bool,
 }
 
 impl<F> GuardedFs<F> {
@@ -62,7 +70,30 @@ impl<F> GuardedFs<F> {
             readonly,
             writeback: writeback && !readonly,
             readdirplus: true,
+            zones: Zones::new(Layout::Plain),
+            allow_setid: false,
         }
+    }
+
+    /// The export's layout (which trees may hold setuid files, see [`crate::zones`]) and
+    /// whether the guest may set file privileges everywhere (`--allow-setid`).
+    pub fn with_privileges(mut self, layout: Layout, allow_setid: bool) -> Self {
+        self.zones = Zones::new(layout);
+        self.allow_setid = allow_setid;
+        self
+    }
+
+    /// Whether the guest may give files of `inode` privileges.
+    fn privileges_allowed(&self, inode: u64) -> bool {
+        self.allow_setid || self.zones.privileges_allowed(inode)
+    }
+
+    /// Records the zone of an entry the guest now holds.
+    fn reached(&self, parent: u64, name: &CStr, r: io::Result<Entry>) -> io::Result<Entry> {
+        if let Ok(e) = &r {
+            self.zones.record(parent, name.to_bytes(), e.inode);
+        }
+        r
     }
 
     /// Whether to offer READDIRPLUS (on by default). Off for `--cache never`, as
@@ -166,14 +197,18 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         check_name(name)?;
-        self.inner.lookup(ctx, parent, name)
+        self.reached(parent, name, self.inner.lookup(ctx, parent, name))
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.zones.forget(inode);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, _) in &requests {
+            self.zones.forget(*inode);
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -195,6 +230,20 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.writable()?;
+        if self.privileges_allowed(inode) {
+            return self.inner.setattr(ctx, inode, attr, handle, valid);
+        }
+        let mut attr = attr;
+        if valid.contains(SetattrValid::MODE) {
+            let is_dir = attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            attr.st_mode = strip_setid(attr.st_mode, is_dir);
+        }
+        // Truncation clears setuid/setgid as for any unprivileged writer.
+        let _killpriv = if valid.contains(SetattrValid::SIZE) {
+            Some(NoFsetid::new()?)
+        } else {
+            None
+        };
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -215,7 +264,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         if linkname.to_bytes().is_empty() || linkname.to_bytes().len() > libc::PATH_MAX as usize {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        self.inner.symlink(ctx, linkname, parent, name)
+        self.reached(
+            parent,
+            name,
+            self.inner.symlink(ctx, linkname, parent, name),
+        )
     }
 
     fn mknod(
@@ -230,7 +283,16 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         self.writable()?;
         check_name(name)?;
         check_mknod_mode(mode)?;
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        let mode = if self.privileges_allowed(inode) {
+            mode
+        } else {
+            strip_setid(mode, false)
+        };
+        self.reached(
+            inode,
+            name,
+            self.inner.mknod(ctx, inode, name, mode, rdev, umask),
+        )
     }
 
     fn mkdir(
@@ -243,7 +305,16 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_name(name)?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        let mode = if self.privileges_allowed(parent) {
+            mode
+        } else {
+            strip_setid(mode, true)
+        };
+        self.reached(
+            parent,
+            name,
+            self.inner.mkdir(ctx, parent, name, mode, umask),
+        )
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -281,7 +352,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
         check_name(newname)?;
-        self.inner.link(ctx, inode, newparent, newname)
+        self.reached(
+            newparent,
+            newname,
+            self.inner.link(ctx, inode, newparent, newname),
+        )
     }
 
     fn open(
@@ -304,7 +379,15 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
         check_name(name)?;
-        self.inner.create(ctx, parent, name, args)
+        let mut args = args;
+        if !self.privileges_allowed(parent) {
+            args.mode = strip_setid(args.mode, false);
+        }
+        let r = self.inner.create(ctx, parent, name, args);
+        if let Ok((e, ..)) = &r {
+            self.zones.record(parent, name.to_bytes(), e.inode);
+        }
+        r
     }
 
     fn read(
@@ -336,6 +419,12 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
+        // Writing clears setuid/setgid as for any unprivileged writer (killpriv).
+        let _killpriv = if self.privileges_allowed(inode) {
+            None
+        } else {
+            Some(NoFsetid::new()?)
+        };
         self.inner.write(
             ctx,
             inode,
@@ -403,6 +492,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         flags: u32,
     ) -> io::Result<()> {
         self.writable()?;
+        if is_privilege_xattr(name) && !self.privileges_allowed(inode) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -456,8 +548,13 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for GuardedFs<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let zones = &self.zones;
+        let mut record = |d: DirEntry, e: Entry| {
+            zones.record(inode, d.name, e.inode);
+            add_entry(d, e)
+        };
         self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+            .readdirplus(ctx, inode, handle, size, offset, &mut record)
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {

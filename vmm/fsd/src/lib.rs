@@ -17,3 +17,4 @@ pub mod guard;
 pub mod sandbox;
 pub mod seccomp;
 pub mod socket;
+pub mod zones;

@@ -59,6 +59,23 @@ struct Args {
     /// Let the guest use a writeback cache (only with --cache auto or always).
     #[arg(long)]
     writeback: bool,
+
+    /// The shape of the shared directory: `plain` (any directory) or `sandbox` (a Carapace
+    /// sandbox's: `<cid>/rootfs` trees may hold setuid files, `<cid>/mounts/*` may not).
+    #[arg(long, value_enum, default_value = "plain")]
+    layout: LayoutArg,
+
+    /// Let the guest set setuid/setgid bits and `security.capability` everywhere (by
+    /// default: only in `<cid>/rootfs` trees of a sandbox layout; elsewhere the bits are
+    /// stripped from chmod/create modes and cleared by writes, and the xattr is refused).
+    #[arg(long)]
+    allow_setid: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LayoutArg {
+    Plain,
+    Sandbox,
 }
 
 fn main() -> ExitCode {
@@ -104,7 +121,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), DaemonError> {
-    let fs = FsConfig::new(
+    let mut fs = FsConfig::new(
         &args.shared_dir,
         args.cache,
         args.readonly,
@@ -112,6 +129,11 @@ fn run(args: &Args) -> Result<(), DaemonError> {
         args.writeback,
         args.thread_pool_size,
     )?;
+    fs.layout = match args.layout {
+        LayoutArg::Plain => carapace_fsd::zones::Layout::Plain,
+        LayoutArg::Sandbox => carapace_fsd::zones::Layout::Sandbox,
+    };
+    fs.allow_setid = args.allow_setid;
     daemon::run(&DaemonOptions {
         socket_path: args.socket_path.clone(),
         fs,

@@ -567,3 +567,112 @@ fn readdirplus_only_when_entries_are_cached() {
         assert_eq!(opts.contains(plus), offered, "{cache:?}: {opts:?}");
     }
 }
+
+/// A sandbox-layout export: `c1/rootfs` and `c1/mounts/0`.
+fn sandbox_fixture(allow_setid: bool) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("c1/rootfs")).unwrap();
+    std::fs::create_dir_all(dir.path().join("c1/mounts/0")).unwrap();
+    let mut cfg = FsConfig::new(dir.path(), CacheMode::Auto, false, true, false, 0).unwrap();
+    cfg.layout = crate::zones::Layout::Sandbox;
+    cfg.allow_setid = allow_setid;
+    let fs = open_fs(&cfg, &cfg.shared_dir).unwrap();
+    fs.init(FsOptions::all()).unwrap();
+    let ctx = Context {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        pid: 1,
+    };
+    Fixture { dir, fs, ctx }
+}
+
+impl Fixture {
+    /// The inode of `path` (components looked up one by one, as the guest does).
+    fn walk(&self, path: &str) -> u64 {
+        path.split('/')
+            .fold(ROOT, |ino, name| self.lookup(ino, name).unwrap().inode)
+    }
+
+    fn chmod(&self, ino: u64, mode: u32) -> io::Result<()> {
+        let mut attr = zero_stat();
+        attr.st_mode = libc::S_IFREG | mode;
+        self.fs
+            .setattr(&self.ctx, ino, attr, None, SetattrValid::MODE)
+            .map(drop)
+    }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn a_volume_gets_no_setuid_files_but_a_rootfs_does() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (CAP_FSETID)");
+        return;
+    }
+    let f = sandbox_fixture(false);
+    let vol = f.walk("c1/mounts/0");
+    let rootfs = f.walk("c1/rootfs");
+    // chmod u+s / g+s in a volume: stripped; in the rootfs: kept.
+    let v = f.create_file(vol, "tool", b"#!/bin/sh\n");
+    f.chmod(v.inode, 0o6755).unwrap();
+    assert_eq!(mode_of(&f.host("c1/mounts/0/tool")), 0o755);
+    let r = f.create_file(rootfs, "sudo", b"#!/bin/sh\n");
+    f.chmod(r.inode, 0o4755).unwrap();
+    assert_eq!(mode_of(&f.host("c1/rootfs/sudo")), 0o4755);
+    // create with setuid bits in a volume: stripped.
+    let args = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+        mode: libc::S_IFREG | 0o4755,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (_, h, _, _) = f.fs.create(&f.ctx, vol, &c("created"), args).unwrap();
+    f.fs.release(&f.ctx, 0, 0, h.unwrap(), false, false, None)
+        .ok();
+    assert_eq!(mode_of(&f.host("c1/mounts/0/created")), 0o755);
+    // A directory never gets setuid (mkdir(2) drops the set-id bits itself; a chmod keeps
+    // setgid, which only makes new entries inherit the group).
+    let d =
+        f.fs.mkdir(&f.ctx, vol, &c("shared-group"), 0o6775, 0)
+            .unwrap();
+    assert_eq!(mode_of(&f.host("c1/mounts/0/shared-group")) & 0o4000, 0);
+    let mut attr = zero_stat();
+    attr.st_mode = libc::S_IFDIR | 0o6775;
+    f.fs.setattr(&f.ctx, d.inode, attr, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(mode_of(&f.host("c1/mounts/0/shared-group")), 0o2775);
+    // A setuid file placed by the host loses the bits when the guest writes it (killpriv).
+    let host_file = f.host("c1/mounts/0/hostbin");
+    std::fs::write(&host_file, b"x").unwrap();
+    std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let hb = f.lookup(vol, "hostbin").unwrap();
+    let h = f.open(hb.inode, libc::O_WRONLY).unwrap();
+    f.write(hb.inode, h, b"y", 0).unwrap();
+    f.fs.release(&f.ctx, hb.inode, 0, h, false, false, None)
+        .unwrap();
+    assert_eq!(mode_of(&host_file), 0o755);
+    // File capabilities: refused in a volume.
+    let cap = [
+        1u8, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(
+        errno(f.fs.setxattr(&f.ctx, v.inode, &c("security.capability"), &cap, 0)),
+        libc::EPERM
+    );
+}
+
+#[test]
+fn allow_setid_lifts_the_volume_rules() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (CAP_FSETID)");
+        return;
+    }
+    let f = sandbox_fixture(true);
+    let vol = f.walk("c1/mounts/0");
+    let v = f.create_file(vol, "tool", b"x");
+    f.chmod(v.inode, 0o4755).unwrap();
+    assert_eq!(mode_of(&f.host("c1/mounts/0/tool")), 0o4755);
+}
