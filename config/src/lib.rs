@@ -19,8 +19,10 @@ pub const SHIPPED: &str = include_str!("../configuration.toml");
 
 /// Smallest guest memory a sandbox can boot with (kernel, agent, one small container).
 pub const MIN_MEMORY_MIB: u32 = 64;
-/// Largest vCPU count the VMM supports.
-pub const MAX_VCPUS_LIMIT: u32 = 255;
+/// Largest vCPU count the VMM supports (its VM description's limit).
+pub const MAX_VCPUS_LIMIT: u32 = carapace_vm_config::MAX_VCPUS as u32;
+/// Largest guest memory the VMM accepts (its VM description's limit).
+pub const MAX_MEMORY_LIMIT_MIB: u32 = carapace_vm_config::MAX_MEMORY_MIB;
 
 /// Errors from loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -373,6 +375,15 @@ impl Config {
                 format!(
                     "must be at least {MIN_MEMORY_MIB} MiB, got {}",
                     h.default_memory_mib
+                ),
+            ));
+        }
+        if h.max_memory_mib > MAX_MEMORY_LIMIT_MIB {
+            return Err(invalid(
+                "hypervisor.max_memory_mib",
+                format!(
+                    "must be at most {MAX_MEMORY_LIMIT_MIB} MiB (the VMM's limit), got {}",
+                    h.max_memory_mib
                 ),
             ));
         }

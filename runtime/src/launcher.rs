@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_config::{Config, VmResources};
-use serde_json::{Value, json};
+use carapace_vm_config::{FsConfig, SerialOutput, VmConfig, VsockConfig};
 
 use crate::process::{ProcessError, ProcessRecord, spawn_detached};
 
@@ -139,13 +139,11 @@ pub struct VmPaths {
     pub console: Option<PathBuf>,
 }
 
-/// The VM description (`carapace-vmm`'s `VmConfig` as JSON).
-pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> Value {
+/// The VM description (`carapace-vmm`'s own `VmConfig`, crate `carapace-vm-config`).
+pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmConfig {
     let h = &config.hypervisor;
-    let mut cmdline = format!(
-        "console=ttyS0 carapace.log={}",
-        config.debug.log_level.as_str()
-    );
+    // The VMM puts `console=ttyS0` first on every command line itself.
+    let mut cmdline = format!("carapace.log={}", config.debug.log_level.as_str());
     if paths.console.is_none() {
         // Nobody keeps the console: the kernel's boot messages would only cost time (two
         // port I/O exits per character, each a trip to the VMM); warnings still go out.
@@ -155,22 +153,28 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> Val
         cmdline.push(' ');
         cmdline.push_str(&h.kernel_params);
     }
-    let serial = match &paths.console {
-        Some(p) => json!({ "file": p }),
-        None => json!("none"),
+    let mut vm = VmConfig::with_kernel(&h.kernel);
+    vm.initrd = Some(h.initrd.clone());
+    vm.cmdline = cmdline;
+    vm.memory_mib = res.memory_mib;
+    // The configuration's bounds are the VM description's (`MAX_VCPUS_LIMIT`).
+    vm.vcpus = u8::try_from(res.vcpus).unwrap_or(carapace_vm_config::MAX_VCPUS);
+    vm.serial = match &paths.console {
+        Some(p) => SerialOutput::File(p.clone()),
+        None => SerialOutput::None,
     };
-    json!({
-        "kernel": h.kernel,
-        "initrd": h.initrd,
-        "cmdline": cmdline,
-        "memory_mib": res.memory_mib,
-        "vcpus": res.vcpus.min(u32::from(u8::MAX)),
-        "serial": serial,
-        "vsock": { "guest_cid": 3, "uds_path": paths.vsock },
-        "fs": [{ "tag": crate::oci::SHARED_FS_TAG, "socket": paths.fs_socket }],
-        "rng": true,
-        "api_socket": paths.api,
-    })
+    vm.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: paths.vsock.clone(),
+    });
+    vm.fs = vec![FsConfig {
+        socket: paths.fs_socket.clone(),
+        tag: crate::oci::SHARED_FS_TAG.into(),
+        request_queues: 1,
+    }];
+    vm.rng = true;
+    vm.api_socket = Some(paths.api.clone());
+    vm
 }
 
 /// Checks the guest image files exist before anything is started.
@@ -234,8 +238,24 @@ mod tests {
                 "/run/carapace/x/shared",
                 "--cache",
                 "auto",
+                "--layout",
+                "sandbox",
                 "--thread-pool-size=2"
             ]
+        );
+        // virtiofsd gets the common flags only (its file privileges are its own).
+        let mut config = Config::default();
+        config.fs.daemon = carapace_config::FsDaemon::Virtiofsd;
+        config.fs.allow_setid = true;
+        let l = BinaryLauncher { config };
+        let cmd = l.fs_command(&FsRequest {
+            shared_dir: "/s".into(),
+            socket: "/f.sock".into(),
+            log: "/f.log".into(),
+        });
+        assert!(
+            !cmd.get_args()
+                .any(|a| a == "--layout" || a == "--allow-setid")
         );
     }
 
@@ -256,14 +276,18 @@ mod tests {
                 console: Some("/r/x/console.log".into()),
             },
         );
-        assert_eq!(v["kernel"], "/var/lib/carapace/guest/vmlinux");
-        assert_eq!(v["memory_mib"], 512);
-        assert_eq!(v["vcpus"], 2);
-        assert_eq!(v["vsock"]["uds_path"], "/r/x/vsock.sock");
-        assert_eq!(v["serial"]["file"], "/r/x/console.log");
-        assert_eq!(v["fs"][0]["tag"], "carapace");
-        assert!(v["cmdline"].as_str().unwrap().ends_with(" quiet"));
-        assert_eq!(v["cmdline"].as_str().unwrap().matches("quiet").count(), 1);
+        assert_eq!(v.kernel, Path::new("/var/lib/carapace/guest/vmlinux"));
+        assert_eq!(v.memory_mib, 512);
+        assert_eq!(v.vcpus, 2);
+        assert_eq!(
+            v.vsock.as_ref().unwrap().uds_path,
+            Path::new("/r/x/vsock.sock")
+        );
+        assert_eq!(v.serial, SerialOutput::File("/r/x/console.log".into()));
+        assert_eq!(v.fs[0].tag, "carapace");
+        assert!(v.cmdline.ends_with(" quiet"));
+        assert_eq!(v.cmdline.matches("quiet").count(), 1);
+        assert!(!v.cmdline.contains("console="), "the VMM adds it");
         // no console kept: the kernel boots quietly
         let v = vm_description(
             &Config::default(),
@@ -278,14 +302,69 @@ mod tests {
                 console: None,
             },
         );
-        assert_eq!(v["serial"], "none");
-        assert!(
-            v["cmdline"]
-                .as_str()
-                .unwrap()
-                .split(' ')
-                .any(|w| w == "quiet")
-        );
+        assert_eq!(v.serial, SerialOutput::None);
+        assert!(v.cmdline.split(' ').any(|w| w == "quiet"));
+    }
+
+    #[test]
+    fn every_valid_configuration_gives_a_description_the_vmm_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, initrd) = (dir.path().join("vmlinux"), dir.path().join("initrd"));
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        let paths = VmPaths {
+            vsock: dir.path().join("vsock.sock"),
+            api: dir.path().join("api.sock"),
+            fs_socket: dir.path().join("fsd.sock"),
+            console: Some(dir.path().join("console.log")),
+        };
+        // The corners of what the configuration accepts, and every container sizing in
+        // between that the configuration's bounds let through.
+        let mems = [
+            carapace_config::MIN_MEMORY_MIB,
+            256,
+            4096,
+            carapace_config::MAX_MEMORY_LIMIT_MIB,
+        ];
+        for max_vcpus in [1, 2, 8, carapace_config::MAX_VCPUS_LIMIT] {
+            for max_memory_mib in mems {
+                let mut config = Config::default();
+                config.hypervisor.kernel = kernel.clone();
+                config.hypervisor.initrd = initrd.clone();
+                config.hypervisor.max_vcpus = max_vcpus;
+                config.hypervisor.default_vcpus = 1;
+                config.hypervisor.default_memory_mib = carapace_config::MIN_MEMORY_MIB;
+                config.hypervisor.max_memory_mib = max_memory_mib;
+                config
+                    .validate(&carapace_config::Origin::Defaults)
+                    .unwrap_or_else(|e| {
+                        panic!("max_vcpus {max_vcpus}, max_memory {max_memory_mib}: {e}")
+                    });
+                // no limits, a huge container, a middling one
+                for (quota, mem) in [
+                    (None, None),
+                    (Some(i64::MAX), Some(i64::MAX)),
+                    (Some(250_000), Some(1 << 30)),
+                ] {
+                    let limits = carapace_config::ContainerLimits {
+                        cpu_quota_us: quota,
+                        cpu_period_us: Some(100_000),
+                        memory_limit_bytes: mem,
+                    };
+                    let res = config.vm_resources(&[limits]);
+                    let vm = vm_description(&config, res, &paths);
+                    vm.validate().unwrap_or_else(|e| {
+                        panic!(
+                            "{res:?} from max_vcpus {max_vcpus}, max_memory {max_memory_mib}: {e}"
+                        )
+                    });
+                    // What the runtime writes is what the VMM reads back.
+                    let json = serde_json::to_string(&vm).unwrap();
+                    let back = VmConfig::parse(&json, Path::new("vm.json")).unwrap();
+                    assert_eq!(back, vm);
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 pub mod api;
 pub mod boot;
-pub mod config;
+/// The VM description (crate `carapace-vm-config`, shared with the runtime).
+pub use carapace_vm_config as config;
 pub mod cpu;
 pub mod devices;
 pub mod exit;

@@ -1,5 +1,6 @@
-//! The VM description: loaded from JSON or TOML (file or stdin), merged with CLI flags,
-//! validated before anything is created.
+//! The VM description carapace-vmm accepts: loaded from JSON or TOML (file or stdin),
+//! merged with CLI flags, validated before anything is created. The runtime builds the same
+//! type and writes it as `vm.json` (see README.md).
 
 use std::path::{Path, PathBuf};
 
