@@ -307,8 +307,23 @@ pub fn sandbox_logs(state: &Path) -> String {
             let text = fs::read_to_string(entry.path().join(log)).unwrap_or_default();
             logs.push_str(&format!("--- {} {log}\n{text}\n", entry.path().display()));
         }
+        if let Some(m) = vmm_metrics(&entry.path().join("api.sock")) {
+            logs.push_str(&format!("--- {} VMM metrics\n{m}\n", entry.path().display()));
+        }
     }
     logs
+}
+
+/// The VMM's metrics (exits, devices, interrupts raised and acknowledged) from its control
+/// API socket, if it answers within a second.
+pub fn vmm_metrics(api: &Path) -> Option<String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(1))).ok()?;
+    s.write_all(b"{\"cmd\":\"metrics\"}\n").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    Some(line)
 }
 
 /// The namespace of `ctr` commands of the tests.

@@ -91,6 +91,8 @@ pub struct PodSpec {
     pub handler: String,
     /// Directory the container logs go to (created).
     pub log_dir: PathBuf,
+    /// A privileged pod (its containers may then be privileged too).
+    pub privileged: bool,
 }
 
 impl PodSpec {
@@ -115,6 +117,7 @@ impl PodSpec {
                         ipc: cri::NamespaceMode::Pod as i32,
                         ..Default::default()
                     }),
+                    privileged: self.privileged,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -137,6 +140,8 @@ pub struct ContainerSpec {
     pub mounts: Vec<(PathBuf, String)>,
     /// Environment.
     pub env: HashMap<String, String>,
+    /// Privileged (all capabilities, no seccomp; the pod must be privileged too).
+    pub privileged: bool,
 }
 
 /// A blocking CRI client on one containerd socket.
@@ -270,6 +275,13 @@ impl Cri {
                 })
                 .collect(),
             log_path: format!("{}.log", c.name),
+            linux: c.privileged.then(|| cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    privileged: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let r = self
@@ -368,6 +380,16 @@ impl Cri {
         Ok(())
     }
 
+    /// Removes a container (stopped or exited).
+    pub fn remove_container(&mut self, id: &str) -> Result<(), CriError> {
+        self.rt
+            .block_on(self.runtime.remove_container(cri::RemoveContainerRequest {
+                container_id: id.to_owned(),
+            }))
+            .map_err(call_err(format!("RemoveContainer {id}")))?;
+        Ok(())
+    }
+
     /// `StopPodSandbox` then `RemovePodSandbox` (which removes its containers too).
     pub fn remove_pod(&mut self, pod_id: &str) -> Result<(), CriError> {
         self.rt
@@ -447,6 +469,7 @@ mod tests {
             namespace: "default".into(),
             handler: "carapace".into(),
             log_dir: "/l".into(),
+            privileged: false,
         };
         let c = p.config();
         let ns = c

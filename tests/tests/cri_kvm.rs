@@ -77,6 +77,7 @@ kvm_test! {
             namespace: "default".into(),
             handler: "carapace".into(),
             log_dir: tmp.path().join("logs"),
+            privileged: false,
         };
         let shared = tmp.path().join("empty-dir");
         std::fs::create_dir_all(&shared).expect("volume");

@@ -27,6 +27,7 @@ fn a_two_container_pod_runs_under_runc_through_cri() {
         namespace: "default".into(),
         handler: "runc".into(),
         log_dir: dir.path().join("logs"),
+        privileged: false,
     };
     let shared = dir.path().join("empty-dir");
     std::fs::create_dir_all(&shared).expect("volume");

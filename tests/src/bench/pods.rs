@@ -65,6 +65,7 @@ impl PodRun {
             namespace: "bench".into(),
             handler: self.handler.clone(),
             log_dir: self.log_root.join(name),
+            privileged: false,
         };
         let cri_err = |source| PodBenchError::Cri {
             pod: name.to_owned(),
