@@ -5,6 +5,11 @@
 // and buffers are wherever the input says); queues of size 16 are placed at fixed
 // addresses inside it, so every descriptor, index and length comes from the fuzzer.
 
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use carapace_vmm::virtio::vsock::muxer::{Muxer, VsockCounters};
+use carapace_vmm::virtio::worker::EpollSet;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -29,4 +34,22 @@ pub fn queue(base: u64) -> Queue {
     q.set_used_ring_address(Some((base + 0x200) as u32), Some(0));
     q.set_ready(true);
     q
+}
+
+/// A vsock muxer for guest CID 3 on a fresh socket, with a host peer listening on port
+/// 1024 (so guest REQUESTs there open real connections). Keep the returned values alive.
+pub fn vsock_muxer() -> (Muxer, tempfile::TempDir, UnixListener) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let peer = UnixListener::bind(dir.path().join("v.sock_1024")).expect("bind peer");
+    let mux = Muxer::new(
+        3,
+        path,
+        listener,
+        EpollSet::new().expect("epoll"),
+        Arc::new(VsockCounters::default()),
+    )
+    .expect("muxer");
+    (mux, dir, peer)
 }

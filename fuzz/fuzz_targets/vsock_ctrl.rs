@@ -5,18 +5,17 @@
 //! control packets waiting for the guest stay bounded ([`MAX_RX_CTRL`] plus one per
 //! connection) and the muxer never panics.
 
-use std::os::unix::net::UnixListener;
-use std::sync::Arc;
-
-use carapace_vmm::virtio::vsock::muxer::{MAX_RX_CTRL, Muxer, VsockCounters};
+use carapace_vmm::virtio::vsock::muxer::MAX_RX_CTRL;
 use carapace_vmm::virtio::vsock::packet::{HDR_SIZE, HOST_CID, Header, TYPE_STREAM, op};
-use carapace_vmm::virtio::worker::EpollSet;
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+#[path = "common.rs"]
+mod common;
 
 const QSIZE: u16 = 1024;
 const OPS: [u16; 7] = [
@@ -30,19 +29,7 @@ const OPS: [u16; 7] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("v.sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    // A host peer on port 1024, so guest REQUESTs there open real connections.
-    let _peer = UnixListener::bind(dir.path().join("v.sock_1024")).expect("bind peer");
-    let mut mux = Muxer::new(
-        3,
-        path,
-        listener,
-        EpollSet::new().expect("epoll"),
-        Arc::new(VsockCounters::default()),
-    )
-    .expect("muxer");
+    let (mut mux, _dir, _peer) = common::vsock_muxer();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("memory");
     let txq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), QSIZE);
     let rxq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), QSIZE);
