@@ -9,9 +9,9 @@ use carapace_vmm::virtio::vsock::muxer::MAX_RX_CTRL;
 use carapace_vmm::virtio::vsock::packet::{HDR_SIZE, HOST_CID, Header, TYPE_STREAM, op};
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::Queue;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 #[path = "common.rs"]
@@ -42,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
             src_cid: 3,
             dst_cid: HOST_CID,
             src_port: u32::from(step[1] & 0x0f) + 2000,
-            dst_port: if step[2] & 0x80 != 0 { 1024 } else { u32::from(step[2]) + 5000 },
+            dst_port: if step[2] & 0x80 != 0 {
+                1024
+            } else {
+                u32::from(step[2]) + 5000
+            },
             len: 0,
             type_: TYPE_STREAM,
             op: OPS[usize::from(step[0]) % OPS.len()],
@@ -52,7 +56,12 @@ fuzz_target!(|data: &[u8]| {
         };
         mem.write_obj(h, GuestAddress(buf)).expect("header");
         txq.add_desc_chains(
-            &[RawDescriptor::from(Descriptor::new(buf, HDR_SIZE as u32, 0, 0))],
+            &[RawDescriptor::from(Descriptor::new(
+                buf,
+                HDR_SIZE as u32,
+                0,
+                0,
+            ))],
             tx_descs,
         )
         .expect("tx chain");
