@@ -145,6 +145,33 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
     Ok(n)
 }
 
+/// Set (to anything) by the KVM lab (`tests/lab/run`) for every process inside a lab
+/// machine: the lab's emulated CPU loses interrupts and timer wake-ups of nested guests
+/// (tests/README.md, "Choosing the lab"), so every VMM there turns on both lab workarounds
+/// unless its description chose otherwise. Never set anywhere else.
+const LAB_WORKAROUNDS_ENV: &str = "CARAPACE_LAB_WORKAROUNDS";
+
+/// The period both lab workarounds get inside the lab.
+const LAB_WORKAROUND_MS: u32 = 1000;
+
+/// Inside the lab, turns the workarounds on where the description left them off.
+fn lab_workarounds(c: &mut VmConfig, in_lab: bool) {
+    if !in_lab {
+        return;
+    }
+    if c.irq_rescue_ms == 0 {
+        c.irq_rescue_ms = LAB_WORKAROUND_MS;
+    }
+    if c.vcpu_nudge_ms == 0 {
+        c.vcpu_nudge_ms = LAB_WORKAROUND_MS;
+    }
+    tracing::warn!(
+        irq_rescue_ms = c.irq_rescue_ms,
+        vcpu_nudge_ms = c.vcpu_nudge_ms,
+        "{LAB_WORKAROUNDS_ENV} is set (the KVM lab): lab workarounds on"
+    );
+}
+
 fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     let mut c = match (&cli.config, &cli.kernel) {
         (Some(p), _) => VmConfig::load(p, cli.stdin_toml)?,
@@ -188,6 +215,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     if let Some(ms) = cli.irq_rescue_ms {
         c.irq_rescue_ms = ms;
     }
+    lab_workarounds(&mut c, std::env::var_os(LAB_WORKAROUNDS_ENV).is_some());
     c.validate()?;
     Ok((c, cli.print_config))
 }
@@ -273,4 +301,22 @@ fn main() {
     // vsock sockets are removed when the devices drop; exit without unwinding vCPU threads.
     drop(vm);
     std::process::exit(reason.code());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_workarounds_only_in_the_lab_and_never_over_a_chosen_value() {
+        let mut c = VmConfig::with_kernel("/k");
+        lab_workarounds(&mut c, false);
+        assert_eq!((c.irq_rescue_ms, c.vcpu_nudge_ms), (0, 0));
+        lab_workarounds(&mut c, true);
+        assert_eq!((c.irq_rescue_ms, c.vcpu_nudge_ms), (1000, 1000));
+        let mut c = VmConfig::with_kernel("/k");
+        c.vcpu_nudge_ms = 250;
+        lab_workarounds(&mut c, true);
+        assert_eq!((c.irq_rescue_ms, c.vcpu_nudge_ms), (1000, 250));
+    }
 }
