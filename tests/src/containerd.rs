@@ -308,7 +308,10 @@ pub fn sandbox_logs(state: &Path) -> String {
             logs.push_str(&format!("--- {} {log}\n{text}\n", entry.path().display()));
         }
         if let Some(m) = vmm_metrics(&entry.path().join("api.sock")) {
-            logs.push_str(&format!("--- {} VMM metrics\n{m}\n", entry.path().display()));
+            logs.push_str(&format!(
+                "--- {} VMM metrics\n{m}\n",
+                entry.path().display()
+            ));
         }
     }
     logs
@@ -319,7 +322,8 @@ pub fn sandbox_logs(state: &Path) -> String {
 pub fn vmm_metrics(api: &Path) -> Option<String> {
     use std::io::{BufRead, Write};
     let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(1))).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .ok()?;
     s.write_all(b"{\"cmd\":\"metrics\"}\n").ok()?;
     let mut line = String::new();
     std::io::BufReader::new(s).read_line(&mut line).ok()?;
@@ -363,6 +367,52 @@ pub fn with_carapace(
     )?;
     ctrd.import(&archive)?;
     Ok(ctrd)
+}
+
+/// Where the CRI end-to-end tests start: a private containerd under `work` with Carapace as
+/// CRI handler `carapace` (configuration from [`carapace_config`], the console kept), the
+/// CRI images imported; `state` is the runtime's state directory.
+#[derive(Debug)]
+pub struct CarapaceCri {
+    /// The containerd.
+    pub ctrd: Containerd,
+    /// The runtime's state directory (one subdirectory per sandbox).
+    pub state: PathBuf,
+}
+
+impl CarapaceCri {
+    /// Starts it with the workspace's shim; panics with the reason when it cannot.
+    pub fn start(work: &Path) -> Self {
+        assert!(crate::is_root(), "needs root (containerd, mounts)");
+        let guest = Path::new("/var/lib/carapace/guest");
+        assert!(
+            guest.join("vmlinux").is_file(),
+            "guest image missing in {}: make image",
+            guest.display()
+        );
+        let shim = crate::workspace_bin("containerd-shim-carapace-v2");
+        let bins = shim.parent().expect("bin dir");
+        let (config, state) = carapace_config(work, bins, true).expect("config");
+        let ctrd = Containerd::start(
+            &work.join("containerd"),
+            &[RuntimeEntry {
+                handler: "carapace".into(),
+                runtime_type: CARAPACE_RUNTIME.into(),
+            }],
+            Some(bins),
+            &[("CARAPACE_CONFIG", config.as_path())],
+        )
+        .expect("containerd with Carapace");
+        ctrd.import_cri_images(work).expect("images");
+        CarapaceCri { ctrd, state }
+    }
+
+    /// Fails the test after `what` went wrong, with every sandbox's logs and metrics and
+    /// containerd's log.
+    pub fn fail(&self, what: &str, e: &dyn std::fmt::Display) -> ! {
+        let logs = sandbox_logs(&self.state);
+        panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", self.ctrd.log());
+    }
 }
 
 impl Drop for Containerd {

@@ -8,13 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use carapace_tests::containerd::{
-    BUSYBOX_IMAGE, CARAPACE_RUNTIME, Containerd, RuntimeEntry, carapace_config, sandbox_logs,
-};
+use carapace_tests::containerd::{BUSYBOX_IMAGE, CarapaceCri};
 use carapace_tests::cri::{ContainerSpec, Cri, PodSpec, log_text};
-use carapace_tests::{kvm_test, workspace_bin};
-
-const GUEST_DIR: &str = "/var/lib/carapace/guest";
+use carapace_tests::kvm_test;
 
 fn host_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -49,27 +45,10 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 kvm_test! {
     #[lab(carapace_tests::lab::Lab::new().mem_mib(4096).timeout(Duration::from_secs(1200)))]
     fn a_two_container_pod_runs_in_one_microvm_through_cri() {
-        assert!(carapace_tests::is_root(), "needs root (containerd, mounts)");
-        assert!(
-            Path::new(GUEST_DIR).join("vmlinux").is_file(),
-            "guest image missing: make image"
-        );
         let tmp = tempfile::Builder::new().prefix("ccri-").tempdir().expect("tempdir");
-        let shim = workspace_bin("containerd-shim-carapace-v2");
-        let bins = shim.parent().expect("bin dir");
-        let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
-        let ctrd = Containerd::start(
-            &tmp.path().join("containerd"),
-            &[RuntimeEntry { handler: "carapace".into(), runtime_type: CARAPACE_RUNTIME.into() }],
-            Some(bins),
-            &[("CARAPACE_CONFIG", config.as_path())],
-        )
-        .expect("containerd with Carapace");
-        ctrd.import_cri_images(tmp.path()).expect("images");
-        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-            let logs = sandbox_logs(&state);
-            panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
-        };
+        let rig = CarapaceCri::start(tmp.path());
+        let (ctrd, state) = (&rig.ctrd, &rig.state);
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! { rig.fail(what, e) };
         let mut cri = Cri::connect(&ctrd.socket()).expect("connect");
 
         let pod = PodSpec {
@@ -167,7 +146,7 @@ kvm_test! {
         // stop and remove the pod: its VM and everything around it goes
         cri.remove_pod(&pod_id).unwrap_or_else(|e| fail("remove pod", &e));
         assert!(cri.pods().expect("list pods").is_empty());
-        let left: Vec<_> = std::fs::read_dir(&state)
+        let left: Vec<_> = std::fs::read_dir(state)
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "sandbox state left: {left:?}");
@@ -183,7 +162,7 @@ kvm_test! {
             }
             assert!(p.is_empty(), "{name} still running: {p}\ncontainerd log:\n{}", ctrd.log());
         }
-        let m = mounts_under(&state);
+        let m = mounts_under(state);
         assert!(m.is_empty(), "mounts left under {}: {m:?}", state.display());
     }
 }

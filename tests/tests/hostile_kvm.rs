@@ -12,13 +12,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use carapace_tests::containerd::{
-    BUSYBOX_IMAGE, CARAPACE_RUNTIME, Containerd, RuntimeEntry, carapace_config, sandbox_logs,
-};
+use carapace_tests::containerd::{BUSYBOX_IMAGE, CarapaceCri};
 use carapace_tests::cri::{ContainerSpec, Cri, PodSpec, log_text};
-use carapace_tests::{kvm_test, workspace_bin};
-
-const GUEST_DIR: &str = "/var/lib/carapace/guest";
+use carapace_tests::kvm_test;
 
 /// Mount points of the host (this process's view), outside `skip`.
 fn host_mounts(skip: &Path) -> BTreeSet<String> {
@@ -79,11 +75,6 @@ exec sleep 600
 kvm_test! {
     #[lab(carapace_tests::lab::Lab::new().mem_mib(4096).timeout(Duration::from_secs(1500)))]
     fn guest_root_cannot_steer_host_mounts_through_the_share() {
-        assert!(carapace_tests::is_root(), "needs root (containerd, mounts)");
-        assert!(
-            Path::new(GUEST_DIR).join("vmlinux").is_file(),
-            "guest image missing: make image"
-        );
         let tmp = tempfile::Builder::new().prefix("chostile-").tempdir().expect("tempdir");
         let decoy = tmp.path().join("decoy");
         std::fs::create_dir_all(decoy.join("sub")).expect("decoy");
@@ -91,21 +82,9 @@ kvm_test! {
         let decoy_before = listing(&decoy);
         let mounts_before = host_mounts(tmp.path());
 
-        let shim = workspace_bin("containerd-shim-carapace-v2");
-        let bins = shim.parent().expect("bin dir");
-        let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
-        let ctrd = Containerd::start(
-            &tmp.path().join("containerd"),
-            &[RuntimeEntry { handler: "carapace".into(), runtime_type: CARAPACE_RUNTIME.into() }],
-            Some(bins),
-            &[("CARAPACE_CONFIG", config.as_path())],
-        )
-        .expect("containerd with Carapace");
-        ctrd.import_cri_images(tmp.path()).expect("images");
-        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-            let logs = sandbox_logs(&state);
-            panic!("{what}: {e}\n{logs}\ncontainerd log:\n{}", ctrd.log());
-        };
+        let rig = CarapaceCri::start(tmp.path());
+        let (ctrd, state) = (&rig.ctrd, &rig.state);
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! { rig.fail(what, e) };
         let mut cri = Cri::connect(&ctrd.socket()).expect("connect");
         let pod = PodSpec {
             name: "hostile-pod".into(),
@@ -188,12 +167,12 @@ kvm_test! {
 
         assert_eq!(listing(&decoy), decoy_before, "the decoy changed");
         cri.remove_pod(&pod_id).unwrap_or_else(|e| fail("remove pod", &e));
-        let left: Vec<_> = std::fs::read_dir(&state)
+        let left: Vec<_> = std::fs::read_dir(state)
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "sandbox state left: {left:?}");
         drop(cri);
-        drop(ctrd);
+        drop(rig);
         let mounts_after = host_mounts(tmp.path());
         let new: Vec<_> = mounts_after.difference(&mounts_before).collect();
         assert!(new.is_empty(), "host mounts appeared outside the test dir: {new:?}");
