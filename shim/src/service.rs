@@ -339,13 +339,6 @@ impl Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        // The serving shim: drop the code pages of work that went idle (start-up, sandbox
-        // creation) some seconds after it (carapace-footprint); create, start, exec and
-        // delete restart the schedule.
-        if let Err(e) = carapace_footprint::trim_after_activity(&carapace_footprint::SETTLE_DELAYS)
-        {
-            tracing::debug!(error = %e, "no trimmer thread");
-        }
         if let Some(mut rx) = self.events.lock().await.take() {
             let namespace = self.namespace.clone();
             tokio::spawn(async move {
@@ -372,7 +365,6 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        carapace_footprint::activity();
         if !req.checkpoint.is_empty() {
             return Err(get_rpc_status(
                 Code::UNIMPLEMENTED,
@@ -409,7 +401,6 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        carapace_footprint::activity();
         let pid = self
             .tasks
             .start(&req.id, &req.exec_id)
@@ -426,7 +417,6 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        carapace_footprint::activity();
         let (pid, exit) = self
             .tasks
             .delete(&req.id, &req.exec_id)
@@ -446,7 +436,6 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
-        carapace_footprint::activity();
         // The spec is the OCI process as JSON inside an Any.
         let spec = req
             .spec

@@ -714,9 +714,7 @@ fn sandboxes(
         let ms =
             start_idle(ctrd, CARAPACE, &id).map_err(|e| e.context(diagnose(ctrd, state, &id)))?;
         lat.push(ms);
-        // An idle sandbox, not one still starting: the guest settled and the host
-        // processes dropped their start-up code pages (carapace-footprint, 10 s after the
-        // container started).
+        // An idle sandbox, not one still starting: the guest settled.
         std::thread::sleep(IDLE_SETTLE);
         let mem = sandbox_memory(if n == 1 { smaps_dir } else { None })?;
         let (pss, guest, procs) = (mem.pss, mem.guest, mem.procs);

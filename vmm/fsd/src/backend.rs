@@ -154,8 +154,6 @@ pub struct FsBackend<F: FileSystem + Send + Sync> {
     watchdog: Option<Mutex<TimerFd>>,
     /// Per queue, what the last watchdog tick saw.
     watched: Mutex<[RingSnapshot; NUM_QUEUES]>,
-    /// Whether the startup code's pages were dropped (first tick with a running guest).
-    trimmed: AtomicBool,
 }
 
 /// Ring positions seen by one watchdog tick.
@@ -212,7 +210,6 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
             exit,
             watchdog: None,
             watched: Mutex::new([RingSnapshot::default(); NUM_QUEUES]),
-            trimmed: AtomicBool::new(false),
         })
     }
 
@@ -281,13 +278,6 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
         else {
             return Ok(());
         };
-        // The guest is running: setup code will not run again (see carapace-footprint).
-        if !self.trimmed.swap(true, Ordering::Relaxed) {
-            match carapace_footprint::drop_text_mappings() {
-                Ok(len) => tracing::debug!(len, "dropped the startup code's mappings"),
-                Err(e) => tracing::debug!(error = %e, "cannot drop the startup code's mappings"),
-            }
-        }
         let event_idx = self.shared.event_idx.load(Ordering::Relaxed);
         for (i, vring) in vrings.iter().enumerate().take(NUM_QUEUES) {
             let queue = i as u16;

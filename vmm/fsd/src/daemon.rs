@@ -162,12 +162,6 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         sandbox = ?opts.sandbox,
         "waiting for the vhost-user frontend"
     );
-    // The CLI, sandbox and seccomp code has run for the last time: drop its pages now
-    // (the first watchdog tick with a guest drops the vhost-user negotiation's too).
-    match carapace_footprint::drop_text_mappings() {
-        Ok(len) => tracing::debug!(len, "dropped the setup code's mappings"),
-        Err(e) => tracing::debug!(error = %e, "cannot drop the setup code's mappings"),
-    }
     let mut listener = Listener::from(listener);
     daemon
         .start(&mut listener)

@@ -276,11 +276,6 @@ fn main() {
             std::process::exit(e.exit_code());
         }
     };
-    // Loading the kernel and setting up the VM ran for the last time, device activation
-    // runs while the guest boots: drop their code pages once the VM settled (footprint).
-    if let Err(e) = carapace_footprint::trim_after_activity(&carapace_footprint::SETTLE_DELAYS) {
-        tracing::debug!(error = %e, "no trimmer thread");
-    }
     if let Some(p) = api
         && let Err(e) = carapace_vmm::api::spawn(vm.handle.clone(), &p)
             .with_context(|| "control API".to_string())
