@@ -612,7 +612,8 @@ fn vcpu_loop(
         entries.enter(id);
         let exit = fd.run();
         entries.leave(id);
-        drop(running);
+        // `running` lives until the exit is handled (and counted): a pause that saw no
+        // vCPU running sees its exits too.
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ExitCounters::bump(&c.io_in);
