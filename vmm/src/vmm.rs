@@ -530,10 +530,10 @@ impl VmHandle {
             let v = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
             v.iter().any(|h| !h.is_finished())
         };
-        // A vCPU that was kicked is on its way out; this only waits for it to get there.
+        // A vCPU that was kicked is on its way out; this only waits for it to get there
+        // (no re-kick: a kick is not lost).
         while unfinished() && Instant::now() < deadline {
-            self.state.wait_none_running(Duration::from_millis(10));
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(1));
         }
         let mut v = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
         for h in v.drain(..) {

@@ -241,6 +241,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_a_rescue_period_a_worker_waits_without_timeout_and_never_rescues() {
+        // The process-wide default (nothing set it in this test binary) is off.
+        let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut tick = RescueTick::default();
+        assert_eq!(tick.timeout_ms(), -1, "epoll must block without a timeout");
+        i.notify_queue();
+        let _ = i.irq().read();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!tick.poll(&i));
+        assert!(!tick.poll(&i));
+        assert_eq!(i.resent(), 0);
+    }
+
+    #[test]
     fn rescue_tick_is_due_by_the_clock_and_raises_a_lost_interrupt() {
         let i = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let mut tick = RescueTick::every(Duration::from_millis(40));
