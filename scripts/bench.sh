@@ -44,7 +44,7 @@ cargo build --release --quiet --workspace --bins
 target=x86_64-unknown-linux-gnu
 say "building the boot-benchmark guest (carapace-vmm-guest-test as /init)"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet --target "$target" \
-  -p carapace-vmm --bin carapace-vmm-guest-test
+  -p carapace-test-programs --bin carapace-vmm-guest-test
 boot_image=target/bench/boot-image
 target/release/carapace-image build --out-dir "$boot_image" -j 2 \
   --agent "target/$target/release/carapace-vmm-guest-test" >&2

@@ -1,6 +1,6 @@
 //! carapace-fsd through a real guest booted by carapace-vmm (the VMM Carapace runs) with
 //! a virtio-fs device connected to carapace-fsd, sandboxed as in production. The guest's
-//! /init is carapace-fsd's test-only `fsd-guest-check`, which runs the conformance checks
+//! /init is the test-only `fsd-guest-check` (crate carapace-test-programs), which runs the conformance checks
 //! and the escape attempts and prints one line per check. The test asserts on those lines
 //! and on the host-side directories (the shared dir has what the guest wrote; the
 //! directory beside it is untouched).
@@ -63,6 +63,8 @@ fn static_bins() -> (PathBuf, PathBuf) {
             "carapace-fsd",
             "--bin",
             "carapace-fsd",
+            "-p",
+            "carapace-test-programs",
             "--bin",
             "fsd-guest-check",
             "--target",

@@ -78,7 +78,7 @@ impl Fixture {
                 "--target",
                 "x86_64-unknown-linux-gnu",
                 "-p",
-                "carapace-vmm",
+                "carapace-test-programs",
                 "--bin",
                 "carapace-vmm-guest-test",
             ],

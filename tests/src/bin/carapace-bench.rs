@@ -317,7 +317,10 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 fn boot(bins: &Path, kernel: &Path, initrd: &Path, runs: usize, report: &mut Report) -> Result<()> {
     let tool = bins.join("carapace-vmm-bench");
     if !tool.is_file() {
-        bail!(Usage(format!("{} is not built", tool.display())));
+        bail!(Usage(format!(
+            "{} is not built (cargo build --release -p carapace-test-programs)",
+            tool.display()
+        )));
     }
     let out = tempfile::Builder::new()
         .prefix("carapace-bench-boot-")

@@ -1,7 +1,7 @@
 //! carapace-vmm-guest-test: a tiny /init for end-to-end tests of carapace-vmm (not the agent).
 //!
 //! Built statically on the host (`RUSTFLAGS="-C target-feature=+crt-static" cargo build
-//! --release --target x86_64-unknown-linux-gnu -p carapace-vmm --bin carapace-vmm-guest-test`)
+//! --release --target x86_64-unknown-linux-gnu -p carapace-test-programs --bin carapace-vmm-guest-test`)
 //! and packed as /init of a test initramfs. Behaviour is chosen on the kernel command line
 //! with `vmmtest=<item>,<item>...`:
 //! - `blk`: read /dev/vda fully, print its length and FNV-1a hash, try a write (read-only test);
