@@ -16,11 +16,14 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{RescueTick, STOP_TOKEN, Worker};
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::event::{EpollSet, EventHandler};
+use super::worker::{Worker, rescue_period};
+use super::{
+    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+};
 
 /// Bytes of the tag in the config space.
 pub const TAG_LEN: usize = 36;
@@ -178,6 +181,36 @@ impl VhostUserFs {
     }
 }
 
+/// The worker's handler: the backend's call eventfds become virtio-mmio interrupts.
+struct CallsToIrq {
+    calls: Vec<EventFd>,
+    /// The kick fds stay open here for as long as the backend may use them.
+    _queues: Vec<ActiveQueue>,
+    count: Arc<AtomicU64>,
+    interrupt: Arc<Interrupt>,
+    watch: IrqWatch,
+}
+
+impl EventHandler for CallsToIrq {
+    type Error = std::convert::Infallible;
+
+    fn on_event(&mut self, _: &EpollSet, token: u64, _: EventSet) -> Result<(), Self::Error> {
+        if let Some(c) = self.calls.get(token as usize) {
+            let _ = c.read();
+            self.count.fetch_add(1, Ordering::Relaxed);
+            self.interrupt.notify_queue();
+        }
+        Ok(())
+    }
+
+    /// The backend's requests are its own to rescue (carapace-fsd has a watchdog); ours is
+    /// the interrupt it asked for.
+    fn on_timer(&mut self, _: &EpollSet) -> Result<(), Self::Error> {
+        self.interrupt.rescue(&mut self.watch);
+        Ok(())
+    }
+}
+
 impl VirtioDevice for VhostUserFs {
     fn device_type(&self) -> u32 {
         device_type::FS
@@ -216,35 +249,26 @@ impl VirtioDevice for VhostUserFs {
             });
         }
         let count = self.interrupts.clone();
-        let worker = Worker::spawn("virtio-fs-irq", move |ep| {
+        let worker = Worker::spawn("virtio-fs-irq", move |mut lp| {
             for (i, c) in calls.iter().enumerate() {
-                if ep.add(c.as_raw_fd(), i as u64, EventSet::IN).is_err() {
+                if lp
+                    .epoll()
+                    .add(c.as_raw_fd(), i as u64, EventSet::IN)
+                    .is_err()
+                {
                     interrupt.fail("epoll");
                     return;
                 }
             }
-            // The kick fds stay open here for as long as the backend may use them.
-            let _queues = queues;
-            let mut events = vec![EpollEvent::default(); calls.len() + 1];
-            let mut tick = RescueTick::default();
-            loop {
-                let Ok(n) = ep.wait(tick.timeout_ms(), &mut events) else {
-                    return;
-                };
-                // The backend's requests are its own to rescue (carapace-fsd has a
-                // watchdog); ours is the interrupt it asked for.
-                tick.poll(&interrupt);
-                for e in &events[..n] {
-                    if e.data() == STOP_TOKEN {
-                        return;
-                    }
-                    if let Some(c) = calls.get(e.data() as usize) {
-                        let _ = c.read();
-                        count.fetch_add(1, Ordering::Relaxed);
-                        interrupt.notify_queue();
-                    }
-                }
-            }
+            lp.set_timer(rescue_period());
+            // The run ends on the stop eventfd or an epoll failure; the handler never fails.
+            let _ = lp.run(&mut CallsToIrq {
+                calls,
+                _queues: queues,
+                count,
+                interrupt,
+                watch: IrqWatch::default(),
+            });
         })
         .map_err(io("virtio-fs interrupt worker"))?;
         self.worker = Some(worker);

@@ -4,7 +4,7 @@
 //! register state and the queues until the driver sets DRIVER_OK; it then validates the queues
 //! against guest memory and hands them, with their notification eventfds (KVM ioeventfds in the
 //! VMM), to [`VirtioDevice::activate`]. Devices process their queues on a worker thread of
-//! their own ([`worker`]), so a slow backend never stalls a vCPU.
+//! their own ([`worker`]) running one [`event::EventLoop`], so a slow backend never stalls a vCPU.
 //!
 //! Everything in guest memory is untrusted: descriptor chains are walked with bounds
 //! (virtio-queue stops at the queue size, checks addresses against guest memory), request
@@ -12,6 +12,7 @@
 //! puts the device into DEVICE_NEEDS_RESET. The VMM never panics on guest input.
 
 pub mod blk;
+pub mod event;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -64,7 +65,7 @@ pub struct Interrupt {
 }
 
 /// Detects an interrupt the guest never handled: one watch per device worker, checked on the
-/// worker's rescue ticks ([`worker::RescueTick`], when `irq_rescue_ms` turns them on). When the status register stayed
+/// worker's rescue ticks ([`worker::rescue_period`], when `irq_rescue_ms` turns them on). When the status register stayed
 /// non-zero with no InterruptACK across a whole tick, the edge was lost on the way (seen
 /// under nested, emulated virtualization) or the guest is very slow; raising it again is
 /// harmless either way, because the guest's handler reads the status register and finds

@@ -14,11 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
+use super::event::{EpollSet, EventHandler, LoopError};
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
-use super::worker::{EpollSet, RescueTick, STOP_TOKEN, Worker};
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::worker::{Worker, rescue_period};
+use super::{
+    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+};
 
 /// Largest Ethernet frame (without the virtio-net header) accepted in either direction.
 pub const MAX_FRAME: usize = 65_550;
@@ -229,11 +233,14 @@ pub fn random_mac() -> [u8; 6] {
     mac
 }
 
-/// The worker's RX/TX state.
+/// The worker's RX/TX state, and its event handler.
 struct NetLoop {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    watch: IrqWatch,
     tap: Arc<Tap>,
     counters: Arc<NetCounters>,
     interrupt: Arc<Interrupt>,
@@ -335,6 +342,37 @@ impl NetLoop {
     }
 }
 
+impl EventHandler for NetLoop {
+    type Error = virtio_queue::Error;
+
+    fn on_event(
+        &mut self,
+        ep: &EpollSet,
+        token: u64,
+        _: EventSet,
+    ) -> Result<(), virtio_queue::Error> {
+        match token {
+            RX_TOKEN => {
+                let _ = self.rx_evt.read();
+                self.rx(ep)
+            }
+            TX_TOKEN => {
+                let _ = self.tx_evt.read();
+                self.tx()
+            }
+            _ => self.rx(ep),
+        }
+    }
+
+    /// Rescue tick, busy or idle: both rings as if kicked (a kick may have been lost, e.g.
+    /// the RX refill a held frame waits for); a lost interrupt is raised again.
+    fn on_timer(&mut self, ep: &EpollSet) -> Result<(), virtio_queue::Error> {
+        self.interrupt.rescue(&mut self.watch);
+        self.tx()?;
+        self.rx(ep)
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         device_type::NET
@@ -366,6 +404,9 @@ impl VirtioDevice for Net {
             mem,
             rx: rxq.queue,
             tx: txq.queue,
+            rx_evt: rxq.event,
+            tx_evt: txq.event,
+            watch: IrqWatch::default(),
             tap: self.tap.clone(),
             counters: self.counters.clone(),
             interrupt,
@@ -375,56 +416,29 @@ impl VirtioDevice for Net {
             tap_broken: false,
             tx_buf: Vec::new(),
         };
-        let (rx_evt, tx_evt) = (rxq.event, txq.event);
-        let worker = Worker::spawn("virtio-net", move |ep| {
-            if ep.add(rx_evt.as_raw_fd(), RX_TOKEN, EventSet::IN).is_err()
-                || ep.add(tx_evt.as_raw_fd(), TX_TOKEN, EventSet::IN).is_err()
+        let worker = Worker::spawn("virtio-net", move |mut ev| {
+            let ep = ev.epoll();
+            if ep
+                .add(lp.rx_evt.as_raw_fd(), RX_TOKEN, EventSet::IN)
+                .is_err()
+                || ep
+                    .add(lp.tx_evt.as_raw_fd(), TX_TOKEN, EventSet::IN)
+                    .is_err()
             {
                 lp.interrupt.fail("epoll");
                 return;
             }
+            ev.set_timer(rescue_period());
             // Frames queued on the tap before activation, and the tap's first registration.
-            let mut events = [EpollEvent::default(); 8];
-            let mut r = lp.rx(&ep);
-            let mut tick = RescueTick::default();
-            loop {
-                if let Err(e) = r {
+            let r = match lp.rx(ev.epoll()) {
+                Ok(()) => ev.run(&mut lp),
+                Err(e) => Err(LoopError::Handler(e)),
+            };
+            match r {
+                Ok(()) | Err(LoopError::Wait(_)) => {}
+                Err(LoopError::Handler(e)) => {
                     crate::guest_warn!(error = %e, "virtio-net queue error");
                     lp.interrupt.fail("queue error");
-                    return;
-                }
-                let Ok(n) = ep.wait(tick.timeout_ms(), &mut events) else {
-                    return;
-                };
-                if events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
-                    return;
-                }
-                if tick.poll(&lp.interrupt) {
-                    // Rescue tick, busy or idle: both rings as if kicked (a kick may have
-                    // been lost, e.g. the RX refill a held frame waits for); a lost
-                    // interrupt was raised again.
-                    r = lp.tx().and_then(|()| lp.rx(&ep));
-                    if r.is_err() {
-                        continue;
-                    }
-                }
-                r = Ok(());
-                for e in &events[..n] {
-                    r = match e.data() {
-                        STOP_TOKEN => return,
-                        RX_TOKEN => {
-                            let _ = rx_evt.read();
-                            lp.rx(&ep)
-                        }
-                        TX_TOKEN => {
-                            let _ = tx_evt.read();
-                            lp.tx()
-                        }
-                        _ => lp.rx(&ep),
-                    };
-                    if r.is_err() {
-                        break;
-                    }
                 }
             }
         })

@@ -11,10 +11,13 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 
-use super::worker::{RescueTick, STOP_TOKEN, Worker};
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::event::{EpollSet, EventHandler, EventLoop, LoopError};
+use super::worker::{Worker, rescue_period};
+use super::{
+    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+};
 use muxer::{Muxer, MuxerError, VsockCounters};
 
 const QUEUE_SIZE: u16 = 256;
@@ -74,49 +77,57 @@ impl Drop for Vsock {
     }
 }
 
-fn run(
-    mut mux: Muxer,
-    mut queues: Vec<ActiveQueue>,
+/// The worker's handler: the muxer's sockets and the three queues.
+struct VsockLoop {
+    mux: Muxer,
+    queues: Vec<ActiveQueue>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
-) -> Result<(), MuxerError> {
-    for (i, q) in queues.iter().enumerate() {
-        mux.epoll()
-            .add(q.event.as_raw_fd(), i as u64, EventSet::IN)
-            .map_err(MuxerError::Epoll)?;
-    }
-    let mut events = vec![EpollEvent::default(); 64];
-    let mut tick = RescueTick::default();
-    loop {
-        let n = mux
-            .epoll()
-            .wait(tick.timeout_ms(), &mut events)
-            .map_err(MuxerError::Epoll)?;
-        // The rings below are looked at on every pass, so a lost kick is served by the next
-        // wake-up at the latest; on a rescue tick an interrupt the guest never
-        // acknowledged is raised again.
-        tick.poll(&interrupt);
-        let mut notify = false;
-        for e in &events[..n] {
-            match e.data() {
-                STOP_TOKEN => return Ok(()),
-                t if t == RXQ as u64 || t == EVQ as u64 => {
-                    let _ = queues[t as usize].event.read();
-                }
-                t if t == TXQ as u64 => {
-                    let _ = queues[TXQ].event.read();
-                    notify |= mux.process_tx(&mut queues[TXQ].queue, &mem)?;
-                }
-                t => mux.handle_event(t, e.event_set()),
+    watch: IrqWatch,
+    /// TX chains were used since the last interrupt decision.
+    tx_used: bool,
+}
+
+impl EventHandler for VsockLoop {
+    type Error = MuxerError;
+
+    fn on_event(&mut self, _: &EpollSet, token: u64, events: EventSet) -> Result<(), MuxerError> {
+        match token {
+            t if t == RXQ as u64 || t == EVQ as u64 => {
+                let _ = self.queues[t as usize].event.read();
             }
+            t if t == TXQ as u64 => {
+                let _ = self.queues[TXQ].event.read();
+                self.tx_used |= self
+                    .mux
+                    .process_tx(&mut self.queues[TXQ].queue, &self.mem)?;
+            }
+            t => self.mux.handle_event(t, events),
         }
+        Ok(())
+    }
+
+    /// The rings are served after every wake-up anyway ([`Self::after_events`]), so a lost
+    /// kick is served by the tick's wake-up at the latest; an interrupt the guest never
+    /// acknowledged is raised again.
+    fn on_timer(&mut self, _: &EpollSet) -> Result<(), MuxerError> {
+        self.interrupt.rescue(&mut self.watch);
+        Ok(())
+    }
+
+    fn after_events(&mut self, _: &EpollSet) -> Result<(), MuxerError> {
+        let (mux, mem) = (&mut self.mux, &self.mem);
+        let [rxq, txq, _] = &mut self.queues[..] else {
+            unreachable!("activate checked three queues");
+        };
         // TX may have been notified while we were busy; the ring is the truth.
-        notify |= mux.process_tx(&mut queues[TXQ].queue, &mem)?;
+        let mut notify = std::mem::take(&mut self.tx_used);
+        notify |= mux.process_tx(&mut txq.queue, mem)?;
         mux.update_interests();
-        let mut rx_used = mux.fill_rx(&mut queues[RXQ].queue, &mem)?;
+        let mut rx_used = mux.fill_rx(&mut rxq.queue, mem)?;
         while rx_used && mux.rx_pending() {
             // Drain as long as the guest has buffers and we have data (bounded by the ring).
-            if !mux.fill_rx(&mut queues[RXQ].queue, &mem)? {
+            if !mux.fill_rx(&mut rxq.queue, mem)? {
                 break;
             }
             rx_used = true;
@@ -124,17 +135,43 @@ fn run(
         // TX held back while the control queue was full ([`Muxer::tx_blocked`]) goes on
         // now that the guest took some: its TX chains are still in the ring, unkicked.
         if rx_used && !mux.tx_blocked() {
-            notify |= mux.process_tx(&mut queues[TXQ].queue, &mem)?;
-            rx_used |= mux.fill_rx(&mut queues[RXQ].queue, &mem)?;
+            notify |= mux.process_tx(&mut txq.queue, mem)?;
+            rx_used |= mux.fill_rx(&mut rxq.queue, mem)?;
         }
         mux.update_interests();
-        let q_notify = |q: &mut virtio_queue::Queue| q.needs_notification(&mem).unwrap_or(true);
-        if (notify && q_notify(&mut queues[TXQ].queue))
-            || (rx_used && q_notify(&mut queues[RXQ].queue))
-        {
-            interrupt.notify_queue();
+        let q_notify = |q: &mut virtio_queue::Queue| q.needs_notification(mem).unwrap_or(true);
+        if (notify && q_notify(&mut txq.queue)) || (rx_used && q_notify(&mut rxq.queue)) {
+            self.interrupt.notify_queue();
         }
+        Ok(())
     }
+}
+
+fn run(
+    mut lp: EventLoop,
+    mux: Muxer,
+    queues: Vec<ActiveQueue>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+) -> Result<(), MuxerError> {
+    for (i, q) in queues.iter().enumerate() {
+        lp.epoll()
+            .add(q.event.as_raw_fd(), i as u64, EventSet::IN)
+            .map_err(MuxerError::Epoll)?;
+    }
+    lp.set_timer(rescue_period());
+    let mut handler = VsockLoop {
+        mux,
+        queues,
+        mem,
+        interrupt,
+        watch: IrqWatch::default(),
+        tx_used: false,
+    };
+    lp.run(&mut handler).map_err(|e| match e {
+        LoopError::Wait(e) => MuxerError::Epoll(e),
+        LoopError::Handler(e) => e,
+    })
 }
 
 impl VirtioDevice for Vsock {
@@ -172,8 +209,8 @@ impl VirtioDevice for Vsock {
             .try_clone()
             .map_err(backend("listener clone"))?;
         let (cid, path, counters) = (self.guest_cid, self.uds_path.clone(), self.counters.clone());
-        let worker = Worker::spawn("virtio-vsock", move |ep| {
-            let mux = match Muxer::new(cid, path, listener, ep, counters) {
+        let worker = Worker::spawn("virtio-vsock", move |lp| {
+            let mux = match Muxer::new(cid, path, listener, lp.epoll().clone(), counters) {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::error!(error = %e, "vsock backend failed to start");
@@ -181,7 +218,7 @@ impl VirtioDevice for Vsock {
                     return;
                 }
             };
-            if let Err(e) = run(mux, queues, mem, interrupt.clone()) {
+            if let Err(e) = run(lp, mux, queues, mem, interrupt.clone()) {
                 crate::guest_warn!(error = %e, "vsock device stopped");
                 interrupt.fail("vsock queue error");
             }

@@ -26,7 +26,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::*;
-use crate::virtio::worker::EpollSet;
+use crate::virtio::event::EpollSet;
 
 /// Receive buffer we advertise (and bound) per stream.
 pub const BUF_ALLOC: u32 = 256 * 1024;

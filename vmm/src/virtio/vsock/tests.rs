@@ -14,7 +14,7 @@ use vmm_sys_util::epoll::EpollEvent;
 
 use super::muxer::*;
 use super::packet::*;
-use crate::virtio::worker::EpollSet;
+use crate::virtio::event::EpollSet;
 
 const CID: u64 = 3;
 /// Ring size of the mock queues (room for a flood past [`MAX_RX_CTRL`]).
