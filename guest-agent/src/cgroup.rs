@@ -261,6 +261,11 @@ impl Cgroup {
         }
     }
 
+    /// The `oom_kill` count of `memory.events` (0 when the memory controller is off).
+    pub fn oom_kills(&self) -> u64 {
+        get(&read_kv(&self.path.join("memory.events")), "oom_kill")
+    }
+
     /// Collects stats. Files of controllers that are not enabled read as zero.
     pub fn stats(&self) -> StatsResponse {
         let p = &self.path;
@@ -441,6 +446,7 @@ mod tests {
         assert_eq!(s.pids.limit, 7);
         assert_eq!(s.cpu.usage_usec, 5);
         assert_eq!(s.memory_events.oom_kill, 1);
+        assert_eq!(cg.oom_kills(), 1);
         let bad: LinuxResources = serde_json::from_str(r#"{"unified":{"../x":"1"}}"#).unwrap();
         assert!(matches!(cg.apply(&bad), Err(CgroupError::Invalid { .. })));
     }

@@ -100,17 +100,6 @@ impl<T> Ctx<T> for std::io::Result<T> {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s.replace('\n', " ")
-}
-
 /// Entry point of `carapace-agent __init`. `console_fd` is the socket that carries the
 /// terminal back to the agent (only with a terminal). Never returns.
 pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd, console_fd: Option<RawFd>) -> ! {
@@ -143,7 +132,7 @@ pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd, console_fd: Opt
         helper(cfg, &mut status, start, console)
     })();
     if let Err(e) = result {
-        let _ = status_line(&mut status, &format!("E{}", chain(&e)));
+        let _ = status_line(&mut status, &format!("E{}", crate::error::chain(&e)));
         std::process::exit(1);
     }
     std::process::exit(0);
@@ -152,10 +141,11 @@ pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd, console_fd: Opt
 /// Writes one status line with a single write(2): the helper's parent (`P<pid>`) and its
 /// forked child (`R`, `E...`) share the pipe, and a line split over several writes (as
 /// `writeln!` may do) could interleave with the other's ("PR" was seen under load). Lines
-/// are far below PIPE_BUF, so one write is atomic.
+/// are far below PIPE_BUF, so one write is atomic. A newline inside `line` (an error
+/// message can hold one) becomes a space: one status is one line.
 fn status_line(status: &mut File, line: &str) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(line.len() + 1);
-    buf.extend_from_slice(line.as_bytes());
+    buf.extend_from_slice(line.replace('\n', " ").as_bytes());
     buf.push(b'\n');
     status.write_all(&buf)
 }
@@ -185,7 +175,7 @@ fn helper(
         nix::unistd::ForkResult::Child => {
             let result = child(&cfg, status, start, console);
             if let Err(e) = result {
-                let _ = status_line(status, &format!("E{}", chain(&e)));
+                let _ = status_line(status, &format!("E{}", crate::error::chain(&e)));
                 std::process::exit(127);
             }
             unreachable!("child() only returns on error");

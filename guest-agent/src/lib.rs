@@ -2,6 +2,8 @@
 
 pub mod cgroup;
 pub mod console;
+pub mod core;
+pub mod error;
 pub mod ids;
 pub mod init;
 pub mod listen;
@@ -21,9 +23,9 @@ use std::sync::Arc;
 /// request; returns why it stopped.
 pub async fn serve(
     addr: &str,
-    config: service::Config,
+    config: core::Config,
     on_listening: impl FnOnce(),
-) -> anyhow::Result<service::ShutdownKind> {
+) -> anyhow::Result<core::ShutdownKind> {
     use anyhow::Context;
     if let Some(path) = addr.strip_prefix("unix://") {
         // A stale socket from a previous run would make bind fail.
@@ -37,8 +39,9 @@ pub async fn serve(
     // Before serving, so that no SIGINT is lost once requests can start containers.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
-    let svc = service::AgentService::new(config, tx).context("starting the reaper")?;
-    let stopper = svc.clone();
+    let core = core::Core::new(config, tx).context("starting the reaper")?;
+    let svc = service::AgentService::new(core.clone());
+    let stopper = core;
     // On vsock only the host may connect (see listen.rs); unix sockets are host mode.
     let listener = match listen::vsock_port(addr) {
         Some(port) => ttrpc::r#async::transport::Listener::new(
@@ -49,12 +52,12 @@ pub async fn serve(
     };
     let mut server = ttrpc::r#async::Server::new()
         .add_listener(listener)
-        .register_service(carapace_protocol::agent_ttrpc::create_agent(svc as Arc<_>));
+        .register_service(carapace_protocol::agent_ttrpc::create_agent(Arc::new(svc)));
     server.start().await.context("starting the ttrpc server")?;
     tracing::info!(%addr, "serving");
     on_listening();
     let why = tokio::select! {
-        why = rx.recv() => why.unwrap_or(service::ShutdownKind::PowerOff),
+        why = rx.recv() => why.unwrap_or(core::ShutdownKind::PowerOff),
         _ = sigint.recv() => {
             // In the guest this is Ctrl-Alt-Del (the VMM asking for a shutdown): the
             // kernel sends SIGINT to PID 1 since the agent disabled its hard restart.
@@ -63,14 +66,14 @@ pub async fn serve(
                 grace.as_millis()
             );
             match mode {
-                service::Mode::Guest => pid1::console_line(&line),
-                service::Mode::Host => tracing::info!("{line}"),
+                core::Mode::Guest => pid1::console_line(&line),
+                core::Mode::Host => tracing::info!("{line}"),
             }
             stopper.stop_all().await;
-            if mode == service::Mode::Guest {
+            if mode == core::Mode::Guest {
                 stopper.unmount_shares();
             }
-            service::ShutdownKind::Interrupted
+            core::ShutdownKind::Interrupted
         }
     };
     // Let the reply to the request that asked for shutdown go out first.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use std::time::Duration;
 
-use carapace_agent::service::{Config, DEFAULT_STOP_GRACE, Mode};
+use carapace_agent::core::{Config, DEFAULT_STOP_GRACE, Mode};
 use carapace_agent::{pid1, process, sys};
 use clap::Parser;
 

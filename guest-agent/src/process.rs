@@ -53,6 +53,18 @@ pub struct StatusReader {
 }
 
 impl StatusReader {
+    /// Reads the status lines arriving on `fd`, the read end of a pipe (inside a tokio
+    /// runtime).
+    pub fn new(fd: OwnedFd) -> Result<Self, SpawnError> {
+        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+            .map_err(io("registering status pipe"))?;
+        Ok(Self {
+            rx,
+            buf: Vec::new(),
+            ready_early: false,
+        })
+    }
+
     /// Next line, or None at EOF.
     pub async fn next(&mut self) -> Result<Option<String>, SpawnError> {
         loop {
@@ -208,13 +220,7 @@ pub async fn spawn(cfg: &InitConfig, reaper: &Reaper) -> Result<Spawned, SpawnEr
         let mut f = std::fs::File::from(cfg_w);
         f.write_all(&text)
     });
-    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)
-        .map_err(io("registering status pipe"))?;
-    let mut status = StatusReader {
-        rx,
-        buf: Vec::new(),
-        ready_early: false,
-    };
+    let mut status = StatusReader::new(status_r)?;
     // The forked child may report ready before its parent reports the child's pid.
     let mut line = status.next().await?;
     while line.as_deref() == Some("R") && !status.ready_early {

@@ -1,0 +1,164 @@
+//! The sandbox (the pod the VM is): its virtio-fs shares, hostname and sysctls; its
+//! destruction and the power-off that follows; the guest clock.
+
+use std::path::{Path, PathBuf};
+
+use nix::sys::time::TimeSpec;
+
+use super::{Core, CoreError, Mode, Result, ShutdownKind};
+use crate::error::chain;
+use crate::ids::validate_id;
+
+/// One virtio-fs share to mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub mount_point: String,
+    pub read_only: bool,
+}
+
+/// What CreateSandbox asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub hostname: String,
+    pub shares: Vec<Share>,
+    /// `kernel.x.y` -> value.
+    pub sysctls: Vec<(String, String)>,
+}
+
+/// The clock value SetGuestTime asks for, checked.
+pub(super) fn guest_time(sec: i64, nsec: u32) -> Result<TimeSpec> {
+    if nsec >= 1_000_000_000 || sec < 0 {
+        return Err(CoreError::Invalid {
+            field: "sec/nsec",
+            reason: "negative seconds or nsec >= 1e9".into(),
+        });
+    }
+    Ok(TimeSpec::new(sec, i64::from(nsec)))
+}
+
+impl Core {
+    fn sandbox_id(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // One plain value: a panic cannot leave it half-written.
+        self.sandbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates the sandbox (one per agent): hostname, shares, sysctls. In host mode only
+    /// an empty one (they would change the host).
+    pub fn create_sandbox(&self, spec: &SandboxSpec) -> Result<()> {
+        validate_id("sandbox id", &spec.id)?;
+        {
+            let mut sb = self.sandbox_id();
+            if let Some(existing) = &*sb {
+                return Err(CoreError::Exists {
+                    what: "sandbox",
+                    id: existing.clone(),
+                });
+            }
+            *sb = Some(spec.id.clone());
+        }
+        if let Err(e) = self.set_up_sandbox(spec) {
+            *self.sandbox_id() = None;
+            return Err(e);
+        }
+        tracing::info!(sandbox = %spec.id, "sandbox created");
+        Ok(())
+    }
+
+    fn set_up_sandbox(&self, spec: &SandboxSpec) -> Result<()> {
+        if self.config.mode == Mode::Host {
+            if !spec.shares.is_empty() || !spec.sysctls.is_empty() || !spec.hostname.is_empty() {
+                return Err(CoreError::HostMode(
+                    "CreateSandbox with shares, sysctls or hostname",
+                ));
+            }
+            return Ok(());
+        }
+        if !spec.hostname.is_empty() {
+            nix::unistd::sethostname(&spec.hostname).map_err(|e| CoreError::Io {
+                op: format!("sethostname({:?})", spec.hostname),
+                source: e.into(),
+            })?;
+        }
+        for s in &spec.shares {
+            crate::pid1::mount_virtiofs(&s.tag, Path::new(&s.mount_point), s.read_only).map_err(
+                |e| CoreError::Invalid {
+                    field: "shares",
+                    reason: chain(&e),
+                },
+            )?;
+            self.shares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(PathBuf::from(&s.mount_point));
+        }
+        for (k, v) in &spec.sysctls {
+            let path = crate::ids::relative_inside(Path::new("/proc/sys"), &k.replace('.', "/"))?;
+            std::fs::write(&path, v).map_err(|source| CoreError::Io {
+                op: format!("setting sysctl {k}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes every container; in the guest, then unmounts the shares and powers off.
+    pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {
+        validate_id("sandbox id", id)?;
+        let current = self.sandbox_id().clone();
+        if current.as_deref() != Some(id) {
+            return Err(CoreError::NoSandbox(id.to_owned()));
+        }
+        self.destroy_all().await;
+        *self.sandbox_id() = None;
+        tracing::info!(sandbox = %id, "sandbox destroyed");
+        if self.config.mode == Mode::Guest {
+            self.unmount_shares();
+            let _ = self.shutdown.send(ShutdownKind::PowerOff);
+        }
+        Ok(())
+    }
+
+    /// Sets the guest's realtime clock (guest only: the host calls it after a resume).
+    pub fn set_guest_time(&self, sec: i64, nsec: u32) -> Result<()> {
+        if self.config.mode == Mode::Host {
+            return Err(CoreError::HostMode("SetGuestTime"));
+        }
+        let ts = guest_time(sec, nsec)?;
+        (self.set_clock)(ts).map_err(|e| CoreError::Io {
+            op: "clock_settime(CLOCK_REALTIME)".into(),
+            source: e.into(),
+        })
+    }
+
+    /// Removes every container and stops the server (in the guest: after unmounting the
+    /// shares, a power-off).
+    pub async fn shutdown(&self) {
+        self.destroy_all().await;
+        if self.config.mode == Mode::Guest {
+            self.unmount_shares();
+        }
+        let _ = self.shutdown.send(ShutdownKind::PowerOff);
+    }
+
+    /// Flushes and unmounts the sandbox's virtio-fs shares (last mounted first), so that
+    /// the host's file system daemon sees every write before the VM goes away. A busy
+    /// share (a process that could not be killed) is detached instead.
+    pub fn unmount_shares(&self) {
+        nix::unistd::sync();
+        let shares = std::mem::take(&mut *self.shares.lock().unwrap_or_else(|p| p.into_inner()));
+        for mp in shares.iter().rev() {
+            let r = nix::mount::umount2(mp, nix::mount::MntFlags::empty()).or_else(|e| {
+                tracing::warn!(mount_point = %mp.display(), error = %e, "unmounting share; detaching it");
+                nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH)
+            });
+            match r {
+                Ok(()) => tracing::info!(mount_point = %mp.display(), "share unmounted"),
+                Err(e) => {
+                    tracing::warn!(mount_point = %mp.display(), error = %e, "cannot unmount share")
+                }
+            }
+        }
+    }
+}
