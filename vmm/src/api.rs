@@ -63,8 +63,8 @@ pub enum Request {
 /// Executes a request against the VM.
 pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
     match req {
-        Request::Info {} => ok(vm.info()),
-        Request::Metrics {} => ok(vm.metrics()),
+        Request::Info {} => ok_typed(&vm.info()),
+        Request::Metrics {} => ok_typed(&vm.metrics()),
         Request::Pause {} => {
             if vm.pause() {
                 ok(serde_json::json!({"state": "paused"}))
@@ -110,6 +110,15 @@ fn ok(mut v: serde_json::Value) -> serde_json::Value {
         v
     } else {
         serde_json::json!({"ok": true, "result": v})
+    }
+}
+
+/// [`ok`] for a typed answer. Through `serde_json::Value`, whose map sorts its keys: the
+/// line on the socket lists fields in name order, as it always did.
+fn ok_typed(v: &impl serde::Serialize) -> serde_json::Value {
+    match serde_json::to_value(v) {
+        Ok(v) => ok(v),
+        Err(e) => err(format!("cannot encode the answer: {e}")),
     }
 }
 
@@ -175,6 +184,28 @@ pub fn spawn(vm: VmHandle, path: &Path) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_answers_keep_the_line_format() {
+        let info = crate::vmm::VmInfo {
+            boot_done_ms: None,
+            cmdline: "console=ttyS0".into(),
+            devices: vec![crate::vmm::DeviceInfo {
+                irq: 5,
+                mmio_base: 0xd000_0000,
+                name: "vsock".into(),
+            }],
+            kernel: "/k".into(),
+            memory_mib: 64,
+            state: "running",
+            uptime_ms: 7,
+            vcpus: 1,
+        };
+        assert_eq!(
+            ok_typed(&info).to_string(),
+            r#"{"boot_done_ms":null,"cmdline":"console=ttyS0","devices":[{"irq":5,"mmio_base":3489660928,"name":"vsock"}],"kernel":"/k","memory_mib":64,"ok":true,"state":"running","uptime_ms":7,"vcpus":1}"#
+        );
+    }
 
     #[test]
     fn parses_requests_strictly() {

@@ -42,7 +42,7 @@ pub struct ExitCounters {
 }
 
 /// Snapshot of [`ExitCounters`].
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ExitCountersSnapshot {
     /// KVM_EXIT_IO (in).
     pub io_in: u64,

@@ -11,7 +11,10 @@ use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::worker::Worker;
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::{
+    ActivateError, ActiveQueue, DeviceMetrics, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    device_type,
+};
 
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -285,20 +288,41 @@ impl VirtioDevice for Block {
             w.stop();
         }
     }
-    fn metrics(&self) -> serde_json::Value {
+    fn metrics(&self) -> DeviceMetrics {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "read_only": self.read_only,
-            "capacity_sectors": self.capacity_sectors,
-            "reads": l(&c.reads),
-            "writes": l(&c.writes),
-            "flushes": l(&c.flushes),
-            "read_bytes": l(&c.read_bytes),
-            "write_bytes": l(&c.write_bytes),
-            "errors": l(&c.errors),
+        DeviceMetrics::Blk(BlkMetrics {
+            capacity_sectors: self.capacity_sectors,
+            errors: l(&c.errors),
+            flushes: l(&c.flushes),
+            read_bytes: l(&c.read_bytes),
+            read_only: self.read_only,
+            reads: l(&c.reads),
+            write_bytes: l(&c.write_bytes),
+            writes: l(&c.writes),
         })
     }
+}
+
+/// The block device's counters in the metrics API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlkMetrics {
+    /// Size in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Whether the disk is read-only.
+    pub read_only: bool,
+    /// Read requests.
+    pub reads: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Write requests.
+    pub writes: u64,
 }
 
 #[cfg(test)]

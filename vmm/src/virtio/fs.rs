@@ -22,7 +22,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::event::{EpollSet, EventHandler};
 use super::worker::{Worker, rescue_period};
 use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+    ActivateError, ActiveQueue, DeviceMetrics, Interrupt, IrqWatch, VIRTIO_F_VERSION_1,
+    VirtioDevice, device_type,
 };
 
 /// Bytes of the tag in the config space.
@@ -287,13 +288,24 @@ impl VirtioDevice for VhostUserFs {
             let _ = self.frontend.get_vring_base(i);
         }
     }
-    fn metrics(&self) -> serde_json::Value {
-        serde_json::json!({
-            "backend": self.path,
-            "tag": self.tag,
-            "interrupts": self.interrupts.load(Ordering::Relaxed),
+    fn metrics(&self) -> DeviceMetrics {
+        DeviceMetrics::Fs(FsMetrics {
+            backend: self.path.clone(),
+            interrupts: self.interrupts.load(Ordering::Relaxed),
+            tag: self.tag.clone(),
         })
     }
+}
+
+/// The virtio-fs device's counters in the metrics API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FsMetrics {
+    /// The vhost-user backend's socket.
+    pub backend: PathBuf,
+    /// Backend calls turned into guest interrupts.
+    pub interrupts: u64,
+    /// The mount tag.
+    pub tag: String,
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{ActiveQueue, DeviceMetrics, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -64,6 +64,50 @@ pub struct TransportCounters {
     pub failed_activations: AtomicU64,
     /// Queue notifications seen by the transport (without ioeventfd).
     pub notifies: AtomicU64,
+}
+
+/// One device in the metrics API (`devices.<name>`): transport state and counters plus
+/// the device's own. Field names are the API's (tests/src/containerd.rs and the
+/// end-to-end tests read `transport.irq_raised`, `irq_acks`, `irq_pending`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MmioMetrics {
+    /// Whether the driver started the device (DRIVER_OK accepted).
+    pub activated: bool,
+    /// The device's own counters.
+    pub device: DeviceMetrics,
+    /// virtio device type id.
+    pub device_type: u32,
+    /// Device status register (with DEVICE_NEEDS_RESET when the device asked for it).
+    pub status: u32,
+    /// Transport counters.
+    pub transport: TransportMetrics,
+}
+
+/// Transport counters (see [`TransportCounters`]) and the device's interrupt state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TransportMetrics {
+    /// Activations.
+    pub activations: u64,
+    /// Accesses with a bad size/offset.
+    pub bad_accesses: u64,
+    /// Activations refused.
+    pub failed_activations: u64,
+    /// InterruptACK writes (the guest's handler ran).
+    pub irq_acks: u64,
+    /// Interrupt status register now (non-zero: raised, not yet acknowledged).
+    pub irq_pending: u32,
+    /// Interrupts raised (irqfd writes, rescues included).
+    pub irq_raised: u64,
+    /// Interrupts raised again by the lab-only rescue tick.
+    pub irq_resent: u64,
+    /// Queue notifications seen by the transport (without ioeventfd).
+    pub notifies: u64,
+    /// Register reads.
+    pub reads: u64,
+    /// Writes refused because of the device status.
+    pub refused_writes: u64,
+    /// Register writes.
+    pub writes: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -174,28 +218,28 @@ impl MmioTransport {
     }
 
     /// Metrics: transport counters plus the device's own.
-    pub fn metrics(&self) -> serde_json::Value {
+    pub fn metrics(&self) -> MmioMetrics {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let c = &self.counters;
-        serde_json::json!({
-            "device_type": self.device.device_type(),
-            "status": self.status(),
-            "activated": self.activated,
-            "transport": {
-                "reads": l(&c.reads),
-                "writes": l(&c.writes),
-                "refused_writes": l(&c.refused_writes),
-                "bad_accesses": l(&c.bad_accesses),
-                "activations": l(&c.activations),
-                "failed_activations": l(&c.failed_activations),
-                "notifies": l(&c.notifies),
-                "irq_raised": self.interrupt.raised(),
-                "irq_acks": self.interrupt.acks(),
-                "irq_pending": self.interrupt.status(),
-                "irq_resent": self.interrupt.resent(),
+        MmioMetrics {
+            activated: self.activated,
+            device: self.device.metrics(),
+            device_type: self.device.device_type(),
+            status: self.status(),
+            transport: TransportMetrics {
+                activations: l(&c.activations),
+                bad_accesses: l(&c.bad_accesses),
+                failed_activations: l(&c.failed_activations),
+                irq_acks: self.interrupt.acks(),
+                irq_pending: self.interrupt.status(),
+                irq_raised: self.interrupt.raised(),
+                irq_resent: self.interrupt.resent(),
+                notifies: l(&c.notifies),
+                reads: l(&c.reads),
+                refused_writes: l(&c.refused_writes),
+                writes: l(&c.writes),
             },
-            "device": self.device.metrics(),
-        })
+        }
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -508,8 +552,8 @@ pub(crate) mod tests {
         fn reset(&mut self) {
             *self.resets.lock().unwrap() += 1;
         }
-        fn metrics(&self) -> serde_json::Value {
-            serde_json::Value::Null
+        fn metrics(&self) -> DeviceMetrics {
+            DeviceMetrics::None
         }
     }
 
@@ -558,6 +602,122 @@ pub(crate) mod tests {
         };
         let t = MmioTransport::new(Box::new(dev), mem, EventFd::new(0).unwrap()).unwrap();
         (t, probe)
+    }
+
+    /// The metrics API's JSON, byte for byte as it was built with `json!` before the typed
+    /// structs (keys sorted, as serde_json's map without `preserve_order` sorts them).
+    #[test]
+    fn metrics_json_is_unchanged_by_the_typed_structs() {
+        let (mut t, _) = transport();
+        driver_init(&mut t, VIRTIO_F_VERSION_1, 0x1000, &[16, 8]);
+        t.interrupt().notify_queue();
+        t.interrupt().ack(crate::virtio::INT_VRING);
+        t.interrupt().notify_queue();
+        let m = t.metrics();
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &t.counters;
+        let old = serde_json::json!({
+            "device_type": 42,
+            "status": t.status(),
+            "activated": true,
+            "transport": {
+                "reads": l(&c.reads),
+                "writes": l(&c.writes),
+                "refused_writes": l(&c.refused_writes),
+                "bad_accesses": l(&c.bad_accesses),
+                "activations": 1,
+                "failed_activations": 0,
+                "notifies": l(&c.notifies),
+                "irq_raised": 2,
+                "irq_acks": 1,
+                "irq_pending": 1,
+                "irq_resent": 0,
+            },
+            "device": serde_json::Value::Null,
+        });
+        assert_eq!(serde_json::to_string(&m).unwrap(), old.to_string());
+        assert_eq!(serde_json::to_value(&m).unwrap(), old);
+        // What tests/src/containerd.rs and the end-to-end tests read.
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["transport"]["irq_raised"], 2);
+        assert_eq!(v["transport"]["irq_acks"], 1);
+        assert_eq!(v["transport"]["irq_pending"], 1);
+    }
+
+    #[test]
+    fn device_metrics_json_is_unchanged_by_the_typed_structs() {
+        use crate::virtio::{blk, fs, net, rng, vsock};
+        let cases = [
+            (
+                DeviceMetrics::Rng(rng::RngMetrics {
+                    bad_requests: 1,
+                    bytes: 2,
+                    requests: 3,
+                }),
+                serde_json::json!({"requests": 3, "bytes": 2, "bad_requests": 1}),
+            ),
+            (
+                DeviceMetrics::Blk(blk::BlkMetrics {
+                    capacity_sectors: 8,
+                    errors: 1,
+                    flushes: 2,
+                    read_bytes: 3,
+                    read_only: true,
+                    reads: 4,
+                    write_bytes: 5,
+                    writes: 6,
+                }),
+                serde_json::json!({
+                    "read_only": true, "capacity_sectors": 8, "reads": 4, "writes": 6,
+                    "flushes": 2, "read_bytes": 3, "write_bytes": 5, "errors": 1,
+                }),
+            ),
+            (
+                DeviceMetrics::Fs(fs::FsMetrics {
+                    backend: "/run/fs.sock".into(),
+                    interrupts: 7,
+                    tag: "shared".into(),
+                }),
+                serde_json::json!({"backend": "/run/fs.sock", "tag": "shared", "interrupts": 7}),
+            ),
+            (
+                DeviceMetrics::Net(net::NetMetrics {
+                    rx_bytes: 1,
+                    rx_dropped: 2,
+                    rx_frames: 3,
+                    rx_no_buffer: 4,
+                    tap: "tap0".into(),
+                    tx_bad: 5,
+                    tx_bytes: 6,
+                    tx_errors: 7,
+                    tx_frames: 8,
+                }),
+                serde_json::json!({
+                    "tap": "tap0", "rx_frames": 3, "rx_bytes": 1, "rx_dropped": 2,
+                    "rx_no_buffer": 4, "tx_frames": 8, "tx_bytes": 6, "tx_bad": 5,
+                    "tx_errors": 7,
+                }),
+            ),
+            (
+                DeviceMetrics::Vsock(vsock::VsockMetrics {
+                    bad_packets: 1,
+                    conns_opened: 2,
+                    conns_reset: 3,
+                    rx_bytes: 4,
+                    rx_packets: 5,
+                    tx_bytes: 6,
+                    tx_packets: 7,
+                }),
+                serde_json::json!({
+                    "tx_packets": 7, "tx_bytes": 6, "rx_packets": 5, "rx_bytes": 4,
+                    "bad_packets": 1, "conns_opened": 2, "conns_reset": 3,
+                }),
+            ),
+            (DeviceMetrics::None, serde_json::Value::Null),
+        ];
+        for (typed, old) in cases {
+            assert_eq!(serde_json::to_string(&typed).unwrap(), old.to_string());
+        }
     }
 
     #[test]

@@ -241,7 +241,26 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     /// Stops the device (driver reset); it may be activated again afterwards.
     fn reset(&mut self);
     /// Per-device counters for the metrics API.
-    fn metrics(&self) -> serde_json::Value;
+    fn metrics(&self) -> DeviceMetrics;
+}
+
+/// A device's own counters in the metrics API (`devices.<name>.device`): each variant
+/// serializes as its plain object (no tag), [`DeviceMetrics::None`] as `null`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum DeviceMetrics {
+    /// virtio-blk.
+    Blk(blk::BlkMetrics),
+    /// virtio-fs (vhost-user).
+    Fs(fs::FsMetrics),
+    /// virtio-net.
+    Net(net::NetMetrics),
+    /// virtio-rng.
+    Rng(rng::RngMetrics),
+    /// virtio-vsock.
+    Vsock(vsock::VsockMetrics),
+    /// A device without counters.
+    None,
 }
 
 /// Fails with `InvalidAvailRingIndex` when the driver publishes more available entries than

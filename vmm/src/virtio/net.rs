@@ -21,7 +21,8 @@ use super::event::{EpollSet, EventHandler, LoopError};
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::{Worker, rescue_period};
 use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+    ActivateError, ActiveQueue, DeviceMetrics, Interrupt, IrqWatch, VIRTIO_F_VERSION_1,
+    VirtioDevice, device_type,
 };
 
 /// Largest Ethernet frame (without the virtio-net header) accepted in either direction.
@@ -454,21 +455,36 @@ impl VirtioDevice for Net {
             w.stop();
         }
     }
-    fn metrics(&self) -> serde_json::Value {
+    fn metrics(&self) -> DeviceMetrics {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "tap": self.tap.name(),
-            "rx_frames": l(&c.rx_frames),
-            "rx_bytes": l(&c.rx_bytes),
-            "rx_dropped": l(&c.rx_dropped),
-            "rx_no_buffer": l(&c.rx_no_buffer),
-            "tx_frames": l(&c.tx_frames),
-            "tx_bytes": l(&c.tx_bytes),
-            "tx_bad": l(&c.tx_bad),
-            "tx_errors": l(&c.tx_errors),
+        DeviceMetrics::Net(NetMetrics {
+            rx_bytes: l(&c.rx_bytes),
+            rx_dropped: l(&c.rx_dropped),
+            rx_frames: l(&c.rx_frames),
+            rx_no_buffer: l(&c.rx_no_buffer),
+            tap: self.tap.name().to_owned(),
+            tx_bad: l(&c.tx_bad),
+            tx_bytes: l(&c.tx_bytes),
+            tx_errors: l(&c.tx_errors),
+            tx_frames: l(&c.tx_frames),
         })
     }
+}
+
+/// The network device's counters in the metrics API (see [`NetCounters`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetMetrics {
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub rx_frames: u64,
+    pub rx_no_buffer: u64,
+    /// The tap's interface name.
+    pub tap: String,
+    pub tx_bad: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+    pub tx_frames: u64,
 }
 
 #[cfg(test)]

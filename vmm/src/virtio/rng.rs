@@ -8,7 +8,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::worker::Worker;
-use super::{ActivateError, ActiveQueue, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, device_type};
+use super::{
+    ActivateError, ActiveQueue, DeviceMetrics, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    device_type,
+};
 
 /// Largest amount of entropy served per request (bounds host work per descriptor chain).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -141,14 +144,25 @@ impl VirtioDevice for Rng {
             w.stop();
         }
     }
-    fn metrics(&self) -> serde_json::Value {
+    fn metrics(&self) -> DeviceMetrics {
         let c = &self.counters;
-        serde_json::json!({
-            "requests": c.requests.load(Ordering::Relaxed),
-            "bytes": c.bytes.load(Ordering::Relaxed),
-            "bad_requests": c.bad_requests.load(Ordering::Relaxed),
+        DeviceMetrics::Rng(RngMetrics {
+            bad_requests: c.bad_requests.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
         })
     }
+}
+
+/// The rng device's counters in the metrics API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RngMetrics {
+    /// Malformed requests.
+    pub bad_requests: u64,
+    /// Random bytes given to the guest.
+    pub bytes: u64,
+    /// Requests served.
+    pub requests: u64,
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ use vmm_sys_util::epoll::EventSet;
 use super::event::{EpollSet, EventHandler, EventLoop, LoopError};
 use super::worker::{Worker, rescue_period};
 use super::{
-    ActivateError, ActiveQueue, Interrupt, IrqWatch, VIRTIO_F_VERSION_1, VirtioDevice, device_type,
+    ActivateError, ActiveQueue, DeviceMetrics, Interrupt, IrqWatch, VIRTIO_F_VERSION_1,
+    VirtioDevice, device_type,
 };
 use muxer::{Muxer, MuxerError, VsockCounters};
 
@@ -232,19 +233,31 @@ impl VirtioDevice for Vsock {
             w.stop();
         }
     }
-    fn metrics(&self) -> serde_json::Value {
+    fn metrics(&self) -> DeviceMetrics {
         let c = &self.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "tx_packets": l(&c.tx_packets),
-            "tx_bytes": l(&c.tx_bytes),
-            "rx_packets": l(&c.rx_packets),
-            "rx_bytes": l(&c.rx_bytes),
-            "bad_packets": l(&c.bad_packets),
-            "conns_opened": l(&c.conns_opened),
-            "conns_reset": l(&c.conns_reset),
+        DeviceMetrics::Vsock(VsockMetrics {
+            bad_packets: l(&c.bad_packets),
+            conns_opened: l(&c.conns_opened),
+            conns_reset: l(&c.conns_reset),
+            rx_bytes: l(&c.rx_bytes),
+            rx_packets: l(&c.rx_packets),
+            tx_bytes: l(&c.tx_bytes),
+            tx_packets: l(&c.tx_packets),
         })
     }
+}
+
+/// The vsock device's counters in the metrics API (see [`VsockCounters`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VsockMetrics {
+    pub bad_packets: u64,
+    pub conns_opened: u64,
+    pub conns_reset: u64,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
 }
 
 #[cfg(test)]
