@@ -1,5 +1,5 @@
 //! Device worker threads: one thread per activated device running an
-//! [`EventLoop`](super::event::EventLoop), stopped through an eventfd; the lab-only rescue
+//! [`EventLoop`], stopped through an eventfd; the lab-only rescue
 //! tick's period.
 
 use std::os::fd::AsRawFd;
