@@ -1,10 +1,11 @@
 //! Talking to the guest agent.
 //!
-//! [`AgentApi`] is the synchronous interface the sandbox logic uses (one method per agent
-//! RPC it needs), [`AgentConnector`] makes one connection attempt. The real implementation
-//! [`TtrpcConnector`]/[`TtrpcAgent`] drives `carapace-protocol`'s async ttrpc client on a
-//! small private tokio runtime: the runtime library and the CLI stay synchronous, and IO
-//! pumps can call the agent from several threads at once (ttrpc multiplexes the calls).
+//! [`AgentApi`] is the async interface the sandbox logic uses (one method per agent RPC it
+//! needs), [`AgentConnector`] makes one connection attempt. A connection is a [`Session`]:
+//! the shim keeps one per VM for the VM's whole life (every container of a pod, every
+//! stream and every wait share it: ttrpc multiplexes the calls), and the CLI opens one
+//! per command. The real implementation [`TtrpcConnector`]/[`TtrpcAgent`] is
+//! `carapace-protocol`'s async ttrpc client, driven by the caller's tokio runtime.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,9 +46,6 @@ pub enum AgentError {
         #[source]
         source: ttrpc::Error,
     },
-    /// The private async runtime could not be created.
-    #[error("cannot create the async runtime for the agent client")]
-    Runtime(#[source] std::io::Error),
     /// A fake agent's injected failure (tests).
     #[error("{0}")]
     Other(String),
@@ -106,55 +104,78 @@ pub enum Stream {
 }
 
 /// The agent requests the runtime makes. `exec_id` empty means the container's init.
+#[async_trait::async_trait]
 pub trait AgentApi: Send + Sync {
     /// Sets up the sandbox: hostname and shares.
-    fn create_sandbox(&self, id: &str, hostname: &str, shares: &[Share]) -> Result<(), AgentError>;
+    async fn create_sandbox(
+        &self,
+        id: &str,
+        hostname: &str,
+        shares: &[Share],
+    ) -> Result<(), AgentError>;
     /// Creates a container from a guest-path spec (JSON).
-    fn create_container(&self, cid: &str, spec_json: &[u8]) -> Result<(), AgentError>;
+    async fn create_container(&self, cid: &str, spec_json: &[u8]) -> Result<(), AgentError>;
     /// Starts the container's init; returns its guest pid.
-    fn start_container(&self, cid: &str) -> Result<u32, AgentError>;
+    async fn start_container(&self, cid: &str) -> Result<u32, AgentError>;
     /// Starts an extra process (OCI `process` JSON); returns its guest pid.
-    fn exec_process(
+    async fn exec_process(
         &self,
         cid: &str,
         exec_id: &str,
         process_json: &[u8],
     ) -> Result<u32, AgentError>;
     /// Sends a signal.
-    fn signal(&self, cid: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError>;
+    async fn signal(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError>;
     /// Waits (unbounded) for a process to exit.
-    fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError>;
+    async fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError>;
     /// Writes to a process's stdin; returns the bytes taken.
-    fn write_stdin(&self, cid: &str, exec_id: &str, data: &[u8]) -> Result<usize, AgentError>;
+    async fn write_stdin(&self, cid: &str, exec_id: &str, data: &[u8])
+    -> Result<usize, AgentError>;
     /// Closes a process's stdin.
-    fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), AgentError>;
+    async fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), AgentError>;
     /// Reads the next chunk of output (waits for data or end).
-    fn read(&self, cid: &str, exec_id: &str, stream: Stream) -> Result<Chunk, AgentError>;
+    async fn read(&self, cid: &str, exec_id: &str, stream: Stream) -> Result<Chunk, AgentError>;
     /// Resizes a process's terminal.
-    fn resize(&self, cid: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError>;
+    async fn resize(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError>;
     /// Guest pids of the container's processes.
-    fn list_processes(&self, cid: &str) -> Result<Vec<u32>, AgentError>;
+    async fn list_processes(&self, cid: &str) -> Result<Vec<u32>, AgentError>;
     /// Removes a stopped container.
-    fn remove_container(&self, cid: &str) -> Result<(), AgentError>;
+    async fn remove_container(&self, cid: &str) -> Result<(), AgentError>;
     /// Stops every container and powers the VM off.
-    fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError>;
+    async fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError>;
     /// Freezes every process of a running container (cgroup freezer).
-    fn pause(&self, cid: &str) -> Result<(), AgentError>;
+    async fn pause(&self, cid: &str) -> Result<(), AgentError>;
     /// Thaws a paused container.
-    fn resume(&self, cid: &str) -> Result<(), AgentError>;
+    async fn resume(&self, cid: &str) -> Result<(), AgentError>;
     /// Applies an OCI `linux.resources` object (JSON) to the container's cgroup.
-    fn update_resources(&self, cid: &str, resources_json: &[u8]) -> Result<(), AgentError>;
+    async fn update_resources(&self, cid: &str, resources_json: &[u8]) -> Result<(), AgentError>;
     /// The container's cgroup statistics.
-    fn stats(&self, cid: &str) -> Result<ContainerStats, AgentError>;
+    async fn stats(&self, cid: &str) -> Result<ContainerStats, AgentError>;
     /// Waits (unbounded) for the next OOM kill in any container of the VM; returns the
     /// container's id.
-    fn next_oom_event(&self) -> Result<String, AgentError>;
+    async fn next_oom_event(&self) -> Result<String, AgentError>;
 }
 
+/// A connection to one agent, shared by everything that talks to that VM.
+pub type Session = Arc<dyn AgentApi>;
+
 /// Makes one connection attempt to an agent.
+#[async_trait::async_trait]
 pub trait AgentConnector: Send + Sync + std::fmt::Debug {
     /// Connects through `socket` within `timeout`.
-    fn connect(&self, socket: &Path, timeout: Duration) -> Result<Arc<dyn AgentApi>, AgentError>;
+    async fn connect(&self, socket: &Path, timeout: Duration) -> Result<Session, AgentError>;
 }
 
 /// How the agent is reached.
@@ -178,30 +199,7 @@ pub struct TtrpcConnector {
 /// A connected agent.
 pub struct TtrpcAgent {
     client: AgentClient,
-    rt: &'static tokio::runtime::Runtime,
     timeout: Duration,
-}
-
-/// The runtime every agent connection of this process blocks on: one worker thread for all
-/// of them (a shim holds a connection per container plus one per stream; a runtime each
-/// cost a thread pool each). It lives as long as the process, so no connection ever drops
-/// a runtime: dropping one inside another runtime's async task panics, which is how the
-/// shim's Delete handler died before it answered (the last reference to a deleted
-/// container's connection went away there).
-fn client_runtime() -> Result<&'static tokio::runtime::Runtime, AgentError> {
-    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    if let Some(rt) = RT.get() {
-        return Ok(rt);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("agent-client")
-        .enable_all()
-        .build()
-        .map_err(AgentError::Runtime)?;
-    // Two first connections at once: the loser's runtime is dropped here, outside any
-    // async context (connect is a blocking call).
-    Ok(RT.get_or_init(|| rt))
 }
 
 impl std::fmt::Debug for TtrpcAgent {
@@ -212,23 +210,19 @@ impl std::fmt::Debug for TtrpcAgent {
     }
 }
 
+#[async_trait::async_trait]
 impl AgentConnector for TtrpcConnector {
-    fn connect(&self, socket: &Path, timeout: Duration) -> Result<Arc<dyn AgentApi>, AgentError> {
-        let rt = client_runtime()?;
-        let (client, info) = rt
-            .block_on(async {
-                match self.transport {
-                    Transport::HybridVsock => client::connect_hybrid_vsock(socket, timeout).await,
-                    Transport::Unix => client::connect_unix(socket, timeout).await,
-                }
-            })
-            .map_err(|source| AgentError::Connect {
-                socket: socket.to_path_buf(),
-                source,
-            })?;
+    async fn connect(&self, socket: &Path, timeout: Duration) -> Result<Session, AgentError> {
+        let connected = match self.transport {
+            Transport::HybridVsock => client::connect_hybrid_vsock(socket, timeout).await,
+            Transport::Unix => client::connect_unix(socket, timeout).await,
+        };
+        let (client, info) = connected.map_err(|source| AgentError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
         tracing::debug!(agent_version = info.agent_version, "connected to agent");
         Ok(Arc::new(TtrpcAgent {
-            rt,
             client,
             timeout: self.request_timeout,
         }))
@@ -277,8 +271,14 @@ fn target(cid: &str, exec_id: &str) -> String {
     }
 }
 
+#[async_trait::async_trait]
 impl AgentApi for TtrpcAgent {
-    fn create_sandbox(&self, id: &str, hostname: &str, shares: &[Share]) -> Result<(), AgentError> {
+    async fn create_sandbox(
+        &self,
+        id: &str,
+        hostname: &str,
+        shares: &[Share],
+    ) -> Result<(), AgentError> {
         let req = CreateSandboxRequest {
             sandbox_id: id.to_owned(),
             hostname: hostname.to_owned(),
@@ -293,36 +293,39 @@ impl AgentApi for TtrpcAgent {
                 .collect(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.create_sandbox(self.ctx(), &req))
+        self.client
+            .create_sandbox(self.ctx(), &req)
+            .await
             .map(drop)
             .map_err(Self::rpc_err("CreateSandbox", id))
     }
 
-    fn create_container(&self, cid: &str, spec_json: &[u8]) -> Result<(), AgentError> {
+    async fn create_container(&self, cid: &str, spec_json: &[u8]) -> Result<(), AgentError> {
         let req = CreateContainerRequest {
             container_id: cid.to_owned(),
             spec_json: spec_json.to_vec(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.create_container(self.ctx(), &req))
+        self.client
+            .create_container(self.ctx(), &req)
+            .await
             .map(drop)
             .map_err(Self::rpc_err("CreateContainer", cid))
     }
 
-    fn start_container(&self, cid: &str) -> Result<u32, AgentError> {
+    async fn start_container(&self, cid: &str) -> Result<u32, AgentError> {
         let req = ContainerRequest {
             container_id: cid.to_owned(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.start_container(self.ctx(), &req))
+        self.client
+            .start_container(self.ctx(), &req)
+            .await
             .map(|r| r.pid)
             .map_err(Self::rpc_err("StartContainer", cid))
     }
 
-    fn exec_process(
+    async fn exec_process(
         &self,
         cid: &str,
         exec_id: &str,
@@ -334,13 +337,20 @@ impl AgentApi for TtrpcAgent {
             process_json: process_json.to_vec(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.exec_process(self.ctx(), &req))
+        self.client
+            .exec_process(self.ctx(), &req)
+            .await
             .map(|r| r.pid)
             .map_err(Self::rpc_err("ExecProcess", &target(cid, exec_id)))
     }
 
-    fn signal(&self, cid: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
+    async fn signal(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
         let req = SignalRequest {
             container_id: cid.to_owned(),
             exec_id: exec_id.to_owned(),
@@ -348,18 +358,17 @@ impl AgentApi for TtrpcAgent {
             all,
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.signal_process(self.ctx(), &req))
+        self.client
+            .signal_process(self.ctx(), &req)
+            .await
             .map(drop)
             .map_err(Self::rpc_err("SignalProcess", &target(cid, exec_id)))
     }
 
-    fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError> {
-        self.rt
-            .block_on(
-                self.client
-                    .wait_process(ttrpc::context::Context::default(), &proc_req(cid, exec_id)),
-            )
+    async fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError> {
+        self.client
+            .wait_process(ttrpc::context::Context::default(), &proc_req(cid, exec_id))
+            .await
             .map(|r| ExitInfo {
                 exit_code: r.exit_code,
                 signal: r.signal,
@@ -368,7 +377,12 @@ impl AgentApi for TtrpcAgent {
             .map_err(Self::rpc_err("WaitProcess", &target(cid, exec_id)))
     }
 
-    fn write_stdin(&self, cid: &str, exec_id: &str, data: &[u8]) -> Result<usize, AgentError> {
+    async fn write_stdin(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> Result<usize, AgentError> {
         let data = &data[..data.len().min(carapace_protocol::MAX_WRITE_CHUNK)];
         let req = WriteStdinRequest {
             container_id: cid.to_owned(),
@@ -376,20 +390,22 @@ impl AgentApi for TtrpcAgent {
             data: data.to_vec(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.write_stdin(self.ctx(), &req))
+        self.client
+            .write_stdin(self.ctx(), &req)
+            .await
             .map(|r| (r.len as usize).min(data.len()))
             .map_err(Self::rpc_err("WriteStdin", &target(cid, exec_id)))
     }
 
-    fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), AgentError> {
-        self.rt
-            .block_on(self.client.close_stdin(self.ctx(), &proc_req(cid, exec_id)))
+    async fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), AgentError> {
+        self.client
+            .close_stdin(self.ctx(), &proc_req(cid, exec_id))
+            .await
             .map(drop)
             .map_err(Self::rpc_err("CloseStdin", &target(cid, exec_id)))
     }
 
-    fn read(&self, cid: &str, exec_id: &str, stream: Stream) -> Result<Chunk, AgentError> {
+    async fn read(&self, cid: &str, exec_id: &str, stream: Stream) -> Result<Chunk, AgentError> {
         let req = ReadStreamRequest {
             container_id: cid.to_owned(),
             exec_id: exec_id.to_owned(),
@@ -398,14 +414,8 @@ impl AgentApi for TtrpcAgent {
         };
         let ctx = ttrpc::context::Context::default();
         let (name, res) = match stream {
-            Stream::Stdout => (
-                "ReadStdout",
-                self.rt.block_on(self.client.read_stdout(ctx, &req)),
-            ),
-            Stream::Stderr => (
-                "ReadStderr",
-                self.rt.block_on(self.client.read_stderr(ctx, &req)),
-            ),
+            Stream::Stdout => ("ReadStdout", self.client.read_stdout(ctx, &req).await),
+            Stream::Stderr => ("ReadStderr", self.client.read_stderr(ctx, &req).await),
         };
         res.map(|r| Chunk {
             data: r.data,
@@ -414,7 +424,13 @@ impl AgentApi for TtrpcAgent {
         .map_err(Self::rpc_err(name, &target(cid, exec_id)))
     }
 
-    fn resize(&self, cid: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
+    async fn resize(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
         let req = ResizeTtyRequest {
             container_id: cid.to_owned(),
             exec_id: exec_id.to_owned(),
@@ -422,86 +438,92 @@ impl AgentApi for TtrpcAgent {
             cols,
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.resize_tty(self.ctx(), &req))
+        self.client
+            .resize_tty(self.ctx(), &req)
+            .await
             .map(drop)
             .map_err(Self::rpc_err("ResizeTty", &target(cid, exec_id)))
     }
 
-    fn list_processes(&self, cid: &str) -> Result<Vec<u32>, AgentError> {
+    async fn list_processes(&self, cid: &str) -> Result<Vec<u32>, AgentError> {
         let req = ContainerRequest {
             container_id: cid.to_owned(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.list_processes(self.ctx(), &req))
+        self.client
+            .list_processes(self.ctx(), &req)
+            .await
             .map(|r| r.pids)
             .map_err(Self::rpc_err("ListProcesses", cid))
     }
 
-    fn remove_container(&self, cid: &str) -> Result<(), AgentError> {
+    async fn remove_container(&self, cid: &str) -> Result<(), AgentError> {
         let req = ContainerRequest {
             container_id: cid.to_owned(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.remove_container(self.ctx(), &req))
+        self.client
+            .remove_container(self.ctx(), &req)
+            .await
             .map(drop)
             .map_err(Self::rpc_err("RemoveContainer", cid))
     }
 
-    fn pause(&self, cid: &str) -> Result<(), AgentError> {
-        self.rt
-            .block_on(self.client.pause_container(self.ctx(), &container_req(cid)))
+    async fn pause(&self, cid: &str) -> Result<(), AgentError> {
+        self.client
+            .pause_container(self.ctx(), &container_req(cid))
+            .await
             .map(drop)
             .map_err(Self::rpc_err("PauseContainer", cid))
     }
 
-    fn resume(&self, cid: &str) -> Result<(), AgentError> {
-        self.rt
-            .block_on(
-                self.client
-                    .resume_container(self.ctx(), &container_req(cid)),
-            )
+    async fn resume(&self, cid: &str) -> Result<(), AgentError> {
+        self.client
+            .resume_container(self.ctx(), &container_req(cid))
+            .await
             .map(drop)
             .map_err(Self::rpc_err("ResumeContainer", cid))
     }
 
-    fn update_resources(&self, cid: &str, resources_json: &[u8]) -> Result<(), AgentError> {
+    async fn update_resources(&self, cid: &str, resources_json: &[u8]) -> Result<(), AgentError> {
         let req = UpdateResourcesRequest {
             container_id: cid.to_owned(),
             resources_json: resources_json.to_vec(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.update_resources(self.ctx(), &req))
+        self.client
+            .update_resources(self.ctx(), &req)
+            .await
             .map(drop)
             .map_err(Self::rpc_err("UpdateResources", cid))
     }
 
-    fn stats(&self, cid: &str) -> Result<ContainerStats, AgentError> {
-        self.rt
-            .block_on(self.client.stats(self.ctx(), &container_req(cid)))
+    async fn stats(&self, cid: &str) -> Result<ContainerStats, AgentError> {
+        self.client
+            .stats(self.ctx(), &container_req(cid))
+            .await
             .map_err(Self::rpc_err("Stats", cid))
     }
 
-    fn next_oom_event(&self) -> Result<String, AgentError> {
-        self.rt
-            .block_on(self.client.get_oom_event(
+    async fn next_oom_event(&self) -> Result<String, AgentError> {
+        self.client
+            .get_oom_event(
                 ttrpc::context::Context::default(),
                 &carapace_protocol::agent::Empty::default(),
-            ))
+            )
+            .await
             .map(|e| e.container_id)
             .map_err(Self::rpc_err("GetOomEvent", "the sandbox"))
     }
 
-    fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError> {
+    async fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError> {
         let req = DestroySandboxRequest {
             sandbox_id: id.to_owned(),
             ..Default::default()
         };
-        self.rt
-            .block_on(self.client.destroy_sandbox(self.ctx(), &req))
+        self.client
+            .destroy_sandbox(self.ctx(), &req)
+            .await
             .map(drop)
             .map_err(Self::rpc_err("DestroySandbox", id))
     }

@@ -116,6 +116,34 @@ pub struct GuestSpec {
     pub terminal: bool,
 }
 
+/// A bundle whose `config.json` was read and schema-checked once; everything that needs the
+/// spec during a create (the shim's pod role, the guest translation) reads this value.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The bundle directory, canonical.
+    pub dir: PathBuf,
+    /// Its `config.json`.
+    pub spec_path: PathBuf,
+    /// The parsed spec.
+    pub spec: Value,
+}
+
+impl Bundle {
+    /// Resolves `dir` and loads its spec ([`load_bundle_spec`]).
+    pub fn load(dir: &Path) -> Result<Self, SpecError> {
+        let dir = std::fs::canonicalize(dir).map_err(|source| SpecError::Read {
+            path: dir.join("config.json"),
+            source,
+        })?;
+        let (spec_path, spec) = load_bundle_spec(&dir)?;
+        Ok(Self {
+            dir,
+            spec_path,
+            spec,
+        })
+    }
+}
+
 /// Reads `<bundle>/config.json`, bounded in size, and checks it against the OCI schema.
 pub fn load_bundle_spec(bundle: &Path) -> Result<(PathBuf, Value), SpecError> {
     let path = bundle.join("config.json");
@@ -172,12 +200,14 @@ fn is_pod_namespace(path: &str, pod_init_pid: u32, kind: &str) -> bool {
 /// are kept, so the pod's containers share them as on runc. Any other namespace path is a
 /// host path that means nothing in the guest and is dropped (a fresh namespace is made).
 pub fn translate(
-    bundle: &Path,
+    bundle: &Bundle,
     cid: &str,
     guest_shared_dir: &Path,
     pod_init_pid: Option<u32>,
 ) -> Result<GuestSpec, SpecError> {
-    let (path, mut spec) = load_bundle_spec(bundle)?;
+    let path = bundle.spec_path.clone();
+    let mut spec = bundle.spec.clone();
+    let bundle = bundle.dir.as_path();
     let invalid = |field: &str, reason: String| SpecError::Invalid {
         path: path.clone(),
         field: field.to_owned(),
@@ -373,6 +403,15 @@ pub fn write_default_spec(bundle: &Path) -> Result<PathBuf, SpecError> {
 
 #[cfg(test)]
 mod tests {
+    fn tr(
+        dir: &Path,
+        cid: &str,
+        shared: &Path,
+        pod_init_pid: Option<u32>,
+    ) -> Result<GuestSpec, SpecError> {
+        translate(&Bundle::load(dir)?, cid, shared, pod_init_pid)
+    }
+
     use super::*;
     use serde_json::json;
 
@@ -400,7 +439,7 @@ mod tests {
         assert_eq!(v["process"]["terminal"], true);
         let err = write_default_spec(dir.path()).unwrap_err();
         assert!(err.to_string().contains(&p.display().to_string()));
-        translate(dir.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
+        tr(dir.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
     }
 
     #[test]
@@ -419,7 +458,7 @@ mod tests {
             json!([{"type": "network", "path": "/proc/1/ns/net"}, {"type": "pid"}]);
         spec["hooks"] = json!({"prestart": [{"path": "/bin/true"}]});
         let b = bundle(&spec);
-        let g = translate(b.path(), "c1", Path::new(GUEST_SHARED_DIR), None).unwrap();
+        let g = tr(b.path(), "c1", Path::new(GUEST_SHARED_DIR), None).unwrap();
         assert_eq!(g.json["root"]["path"], "/run/carapace/shared/c1/rootfs");
         assert_eq!(g.json["mounts"][0]["source"], "proc");
         assert_eq!(
@@ -476,7 +515,7 @@ mod tests {
             {"type": "cgroup", "path": "/proc/42/ns/cgroup"}
         ]);
         let b = bundle(&spec);
-        let g = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
+        let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
         assert_eq!(
             g.json["linux"]["namespaces"],
             json!([
@@ -494,43 +533,40 @@ mod tests {
             {"type": "uts", "path": "/proc/42/ns/ipc"}
         ]);
         let b = bundle(&spec);
-        let g = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
+        let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
         assert_eq!(
             g.json["linux"]["namespaces"],
             json!([{"type": "ipc"}, {"type": "uts"}])
         );
-        let g = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
+        let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
         assert_eq!(g.json["linux"]["namespaces"][0], json!({"type": "ipc"}));
     }
 
     #[test]
     fn bad_specs_name_file_and_field() {
         let b = bundle(&json!({"ociVersion": "1.0.2", "process": {"args": "echo"}}));
-        let err = translate(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
+        let err = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(matches!(err, SpecError::Parse { .. }), "{err}");
         assert!(err.to_string().contains("config.json"));
 
         let mut spec = base();
         spec["process"]["args"] = json!([]);
-        let err =
-            translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
+        let err = tr(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(err.to_string().contains("process.args"), "{err}");
 
         let mut spec = base();
         spec["root"]["path"] = json!("nope");
-        let err =
-            translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
+        let err = tr(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(err.to_string().contains("root.path"), "{err}");
 
         let mut spec = base();
         spec["mounts"] =
             json!([{"destination": "/x", "type": "bind", "source": "/nonexistent/vol"}]);
-        let err =
-            translate(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
+        let err = tr(bundle(&spec).path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(err.to_string().contains("mounts[0].source"), "{err}");
 
         let empty = tempfile::tempdir().unwrap();
-        let err = translate(empty.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
+        let err = tr(empty.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
         assert!(matches!(err, SpecError::Read { .. }), "{err}");
     }
 }

@@ -1,17 +1,27 @@
 //! Streaming a guest process's stdio to and from host files.
 //!
 //! The agent API is pull-based: `ReadStdout`/`ReadStderr` return the next chunk (or end of
-//! stream), `WriteStdin` pushes data. One thread per output stream copies chunks to the host
-//! writer, one (detached, since reading a terminal cannot be interrupted) copies host stdin
-//! in, and the caller's thread waits for the exit. Output threads get a short grace period
-//! after the exit to deliver what the process wrote last.
+//! stream), `WriteStdin` pushes data. One task per output stream copies chunks to the host
+//! writer; host stdin is read by a detached thread (reading a terminal or a FIFO blocks and
+//! cannot be interrupted) that hands chunks through a small bounded channel to a task
+//! writing them to the agent; the caller waits for the exit. All of them share the
+//! caller's agent session.
+//! Output tasks get a short grace period after the exit to deliver what the process wrote
+//! last.
 
-use std::io::{Read, Write};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::agent::{AgentApi, AgentError, ExitInfo, Stream};
+use std::io::Read;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::agent::{AgentApi, AgentError, ExitInfo, Session, Stream};
+
+/// Size of one read of host stdin.
+const STDIN_CHUNK: usize = 32 * 1024;
+/// Chunks of host stdin read ahead of the agent taking them.
+const STDIN_QUEUE: usize = 4;
 
 /// After the process exits, how long output still drains before we give up on it (a
 /// grandchild may hold the pipe open forever).
@@ -20,11 +30,12 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Host ends of a process's stdio.
 pub struct HostIo {
     /// Copied to the process's stdin (closed at its end); None: stdin stays untouched.
+    /// Read by a thread of its own: a blocking source (terminal, FIFO, file).
     pub stdin: Option<Box<dyn Read + Send>>,
     /// Receives stdout.
-    pub stdout: Box<dyn Write + Send>,
+    pub stdout: Box<dyn AsyncWrite + Send + Unpin>,
     /// Receives stderr.
-    pub stderr: Box<dyn Write + Send>,
+    pub stderr: Box<dyn AsyncWrite + Send + Unpin>,
 }
 
 impl std::fmt::Debug for HostIo {
@@ -35,102 +46,98 @@ impl std::fmt::Debug for HostIo {
     }
 }
 
-fn copy_out(
-    agent: Arc<dyn AgentApi>,
+async fn copy_out(
+    agent: Session,
     cid: String,
     exec_id: String,
     stream: Stream,
-    mut out: Box<dyn Write + Send>,
-    done: mpsc::Sender<()>,
+    mut out: Box<dyn AsyncWrite + Send + Unpin>,
 ) {
-    std::thread::spawn(move || {
-        loop {
-            match agent.read(&cid, &exec_id, stream) {
-                Ok(chunk) => {
-                    if !chunk.data.is_empty()
-                        && (out.write_all(&chunk.data).is_err() || out.flush().is_err())
-                    {
-                        break;
-                    }
-                    if chunk.eof {
-                        break;
-                    }
+    loop {
+        match agent.read(&cid, &exec_id, stream).await {
+            Ok(chunk) => {
+                if !chunk.data.is_empty()
+                    && (out.write_all(&chunk.data).await.is_err() || out.flush().await.is_err())
+                {
+                    break;
                 }
-                Err(e) => {
-                    tracing::debug!(?stream, error = %e, "output stream ended");
+                if chunk.eof {
                     break;
                 }
             }
+            Err(e) => {
+                tracing::debug!(?stream, error = %e, "output stream ended");
+                break;
+            }
         }
-        let _ = done.send(());
-    });
+    }
 }
 
-fn copy_in(
-    agent: Arc<dyn AgentApi>,
-    cid: String,
-    exec_id: String,
-    mut input: Box<dyn Read + Send>,
-) {
+fn copy_in(agent: Session, cid: String, exec_id: String, mut input: Box<dyn Read + Send>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(STDIN_QUEUE);
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 32 * 1024];
+        let mut buf = vec![0u8; STDIN_CHUNK];
         loop {
             let n = match input.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let mut data = &buf[..n];
+            if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                return; // the writer gave up: the process is gone
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            let mut data = &chunk[..];
             while !data.is_empty() {
-                match agent.write_stdin(&cid, &exec_id, data) {
+                match agent.write_stdin(&cid, &exec_id, data).await {
                     Ok(0) | Err(_) => return,
                     Ok(k) => data = &data[k.min(data.len())..],
                 }
             }
         }
-        let _ = agent.close_stdin(&cid, &exec_id);
+        let _ = agent.close_stdin(&cid, &exec_id).await;
     });
 }
 
 /// Streams the stdio of process `exec_id` (empty: the init) of `cid` until it exits;
 /// returns how it ended.
-pub fn stream_until_exit(
-    agent: &Arc<dyn AgentApi>,
+pub async fn stream_until_exit(
+    agent: &Session,
     cid: &str,
     exec_id: &str,
     io: HostIo,
 ) -> Result<ExitInfo, AgentError> {
-    let (tx, rx) = mpsc::channel();
-    copy_out(
-        agent.clone(),
-        cid.to_owned(),
-        exec_id.to_owned(),
-        Stream::Stdout,
-        io.stdout,
-        tx.clone(),
-    );
-    copy_out(
-        agent.clone(),
-        cid.to_owned(),
-        exec_id.to_owned(),
-        Stream::Stderr,
-        io.stderr,
-        tx,
-    );
+    let out = |stream, w| {
+        tokio::spawn(copy_out(
+            agent.clone(),
+            cid.to_owned(),
+            exec_id.to_owned(),
+            stream,
+            w,
+        ))
+    };
+    let outputs = [
+        out(Stream::Stdout, io.stdout),
+        out(Stream::Stderr, io.stderr),
+    ];
     if let Some(stdin) = io.stdin {
         copy_in(agent.clone(), cid.to_owned(), exec_id.to_owned(), stdin);
     }
-    let exit = agent.wait(cid, exec_id)?;
-    let deadline = std::time::Instant::now() + DRAIN_GRACE;
-    for _ in 0..2 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if rx.recv_timeout(left).is_err() {
-            tracing::warn!(
-                cid,
-                exec_id,
-                "output still open after the process exited; stop copying"
-            );
-            break;
+    let exit = agent.wait(cid, exec_id).await?;
+    let drained = tokio::time::timeout(DRAIN_GRACE, async {
+        for o in outputs {
+            let _ = o.await;
         }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            cid,
+            exec_id,
+            "output still open after the process exited; stop copying"
+        );
     }
     Ok(exit)
 }
@@ -208,14 +215,18 @@ pub fn block_sigwinch() {
 }
 
 /// Forwards the host terminal's size to process `exec_id` of `cid` on every SIGWINCH
-/// (which [`block_sigwinch`] must have blocked), from a detached thread.
+/// (which [`block_sigwinch`] must have blocked), from a detached thread (`sigwait` blocks)
+/// that sends each resize through the caller's runtime. Call from within a runtime.
 pub fn forward_resizes(agent: Arc<dyn AgentApi>, cid: String, exec_id: String) {
+    let rt = tokio::runtime::Handle::current();
     std::thread::spawn(move || {
         let mut set = nix::sys::signal::SigSet::empty();
         set.add(nix::sys::signal::Signal::SIGWINCH);
         while set.wait().is_ok() {
             if let Some((rows, cols)) = terminal_size()
-                && agent.resize(&cid, &exec_id, rows, cols).is_err()
+                && rt
+                    .block_on(agent.resize(&cid, &exec_id, rows, cols))
+                    .is_err()
             {
                 break;
             }
@@ -238,25 +249,26 @@ mod tests {
         closed: Mutex<bool>,
     }
 
+    #[async_trait::async_trait]
     impl AgentApi for Echo {
-        fn create_sandbox(&self, _: &str, _: &str, _: &[Share]) -> Result<(), AgentError> {
+        async fn create_sandbox(&self, _: &str, _: &str, _: &[Share]) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn create_container(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
+        async fn create_container(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn start_container(&self, _: &str) -> Result<u32, AgentError> {
+        async fn start_container(&self, _: &str) -> Result<u32, AgentError> {
             unreachable!()
         }
-        fn exec_process(&self, _: &str, _: &str, _: &[u8]) -> Result<u32, AgentError> {
+        async fn exec_process(&self, _: &str, _: &str, _: &[u8]) -> Result<u32, AgentError> {
             unreachable!()
         }
-        fn signal(&self, _: &str, _: &str, _: u32, _: bool) -> Result<(), AgentError> {
+        async fn signal(&self, _: &str, _: &str, _: u32, _: bool) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn wait(&self, _: &str, _: &str) -> Result<ExitInfo, AgentError> {
+        async fn wait(&self, _: &str, _: &str) -> Result<ExitInfo, AgentError> {
             while !*self.closed.lock().unwrap() {
-                std::thread::sleep(Duration::from_millis(5));
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Ok(ExitInfo {
                 exit_code: 3,
@@ -264,13 +276,13 @@ mod tests {
                 exit_status: 3,
             })
         }
-        fn write_stdin(&self, _: &str, _: &str, d: &[u8]) -> Result<usize, AgentError> {
+        async fn write_stdin(&self, _: &str, _: &str, d: &[u8]) -> Result<usize, AgentError> {
             // Take at most 4 bytes per call: the pump must handle partial writes.
             let n = d.len().min(4);
             self.stdin.lock().unwrap().extend_from_slice(&d[..n]);
             Ok(n)
         }
-        fn close_stdin(&self, _: &str, _: &str) -> Result<(), AgentError> {
+        async fn close_stdin(&self, _: &str, _: &str) -> Result<(), AgentError> {
             let data = std::mem::take(&mut *self.stdin.lock().unwrap());
             let mut q = self.stdout.lock().unwrap();
             q.push_back(Chunk { data, eof: false });
@@ -281,7 +293,7 @@ mod tests {
             *self.closed.lock().unwrap() = true;
             Ok(())
         }
-        fn read(&self, _: &str, _: &str, s: Stream) -> Result<Chunk, AgentError> {
+        async fn read(&self, _: &str, _: &str, s: Stream) -> Result<Chunk, AgentError> {
             if s == Stream::Stderr {
                 return Ok(Chunk {
                     data: b"bye\n".to_vec(),
@@ -292,52 +304,65 @@ mod tests {
                 if let Some(c) = self.stdout.lock().unwrap().pop_front() {
                     return Ok(c);
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        fn resize(&self, _: &str, _: &str, _: u32, _: u32) -> Result<(), AgentError> {
+        async fn resize(&self, _: &str, _: &str, _: u32, _: u32) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn list_processes(&self, _: &str) -> Result<Vec<u32>, AgentError> {
+        async fn list_processes(&self, _: &str) -> Result<Vec<u32>, AgentError> {
             unreachable!()
         }
-        fn remove_container(&self, _: &str) -> Result<(), AgentError> {
+        async fn remove_container(&self, _: &str) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
+        async fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn pause(&self, _: &str) -> Result<(), AgentError> {
+        async fn pause(&self, _: &str) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn resume(&self, _: &str) -> Result<(), AgentError> {
+        async fn resume(&self, _: &str) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn update_resources(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
+        async fn update_resources(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
             unreachable!()
         }
-        fn stats(&self, _: &str) -> Result<crate::agent::ContainerStats, AgentError> {
+        async fn stats(&self, _: &str) -> Result<crate::agent::ContainerStats, AgentError> {
             unreachable!()
         }
-        fn next_oom_event(&self) -> Result<String, AgentError> {
+        async fn next_oom_event(&self) -> Result<String, AgentError> {
             unreachable!()
         }
     }
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+    impl AsyncWrite for Shared {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
             self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
+            std::task::Poll::Ready(Ok(b.len()))
         }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
         }
     }
 
-    #[test]
-    fn stdin_reaches_the_process_and_output_and_exit_come_back() {
+    #[tokio::test]
+    async fn stdin_reaches_the_process_and_output_and_exit_come_back() {
         let agent: Arc<dyn AgentApi> = Arc::new(Echo::default());
         let (out, err) = (Shared::default(), Shared::default());
         let exit = stream_until_exit(
@@ -350,6 +375,7 @@ mod tests {
                 stderr: Box::new(err.clone()),
             },
         )
+        .await
         .unwrap();
         assert_eq!(exit.exit_status, 3);
         assert_eq!(&*out.0.lock().unwrap(), b"hello, guest\n");

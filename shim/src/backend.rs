@@ -1,11 +1,12 @@
 //! The seam between the shim's task logic and the sandboxes: creating a container (booting
-//! its VM, or joining its pod's VM) and deleting it. Everything else the shim does through
-//! the guest agent the backend hands out.
+//! its VM, or joining its pod's VM), starting and deleting it. Everything else the shim
+//! does through the agent session the backend hands out, which the shim keeps for the VM's
+//! life: every container of a pod, every stream and wait share it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use carapace_runtime::agent::{AgentApi, ExitInfo};
+use carapace_runtime::agent::{ExitInfo, Session};
+use carapace_runtime::oci::Bundle;
 
 use crate::pod::Role;
 
@@ -49,32 +50,40 @@ impl BackendError {
     }
 }
 
-/// Creates and deletes containers in sandboxes. Calls block; the shim runs them off the
-/// async executor.
+/// Creates, starts and deletes containers in sandboxes.
+#[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Creates container `id` from `bundle` (mounting `rootfs` at `<bundle>/rootfs` first
     /// when given): a new VM for a sandbox or standalone container, or a place in the VM of
-    /// its pod. Returns the agent that runs it. On error nothing is left behind.
-    fn create(
+    /// its pod, reached through `pod` when the shim holds that VM's session. Returns the
+    /// session to the agent that runs it. On error nothing is left behind.
+    async fn create(
         &self,
         id: &str,
-        bundle: &Path,
+        bundle: &Bundle,
         rootfs: &[RootfsMount],
         role: &Role,
-    ) -> Result<Arc<dyn AgentApi>, BackendError>;
+        pod: Option<&Session>,
+    ) -> Result<Session, BackendError>;
 
-    /// Starts the container's init; returns its pid.
-    fn start(&self, id: &str, role: &Role) -> Result<u32, BackendError>;
+    /// Starts the container's init through `session`; returns its pid.
+    async fn start(&self, id: &str, role: &Role, session: &Session) -> Result<u32, BackendError>;
 
     /// Records how the container's init ended (for `state` callers outside the shim).
     fn record_exit(&self, id: &str, role: &Role, exit: ExitInfo);
 
-    /// Deletes the container, stopping its VM when it owns one, and undoes its rootfs
-    /// mounts. Idempotent.
-    fn delete(&self, id: &str, bundle: &Path, role: &Role) -> Result<(), BackendError>;
+    /// Deletes the container, stopping its VM when it owns one (through `session` when
+    /// given), and undoes its rootfs mounts. Idempotent.
+    async fn delete(
+        &self,
+        id: &str,
+        bundle: &Path,
+        role: &Role,
+        session: Option<&Session>,
+    ) -> Result<(), BackendError>;
 
     /// Cleans up after a shim that was killed (`shim delete`): whatever is left of `id`.
-    fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError>;
+    async fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError>;
 }
 
 /// `<bundle>/rootfs`.

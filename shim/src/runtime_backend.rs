@@ -2,10 +2,10 @@
 //! configured by Carapace's configuration file.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use carapace_runtime::agent::{AgentApi, ExitInfo};
+use carapace_runtime::agent::{ExitInfo, Session};
 use carapace_runtime::mounts::{Mounter, SysMounter};
+use carapace_runtime::oci::Bundle;
 use carapace_runtime::sandbox::Runtime;
 
 use crate::backend::{Backend, BackendError, RootfsMount, rootfs_dir};
@@ -57,15 +57,17 @@ impl RuntimeBackend {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for RuntimeBackend {
-    fn create(
+    async fn create(
         &self,
         id: &str,
-        bundle: &Path,
+        bundle: &Bundle,
         rootfs: &[RootfsMount],
         role: &Role,
-    ) -> Result<Arc<dyn AgentApi>, BackendError> {
-        let target = rootfs_dir(bundle);
+        pod: Option<&Session>,
+    ) -> Result<Session, BackendError> {
+        let target = rootfs_dir(&bundle.dir);
         for m in rootfs {
             let fstype = Some(m.fstype.as_str()).filter(|s| !s.is_empty());
             let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
@@ -74,16 +76,17 @@ impl Backend for RuntimeBackend {
         }
         let created = match role {
             Role::Container { sandbox_id } => {
-                self.runtime.create_in_sandbox(sandbox_id, id, bundle)
+                self.runtime
+                    .create_in_sandbox(sandbox_id, id, bundle, pod)
+                    .await
             }
-            Role::Sandbox | Role::Standalone => self.runtime.create(id, bundle),
-        }
-        .and_then(|st| self.runtime.agent(&st));
+            Role::Sandbox | Role::Standalone => self.runtime.create(id, bundle).await,
+        };
         match created {
-            Ok(agent) => Ok(agent),
+            Ok((_, session)) => Ok(session),
             Err(e) => {
-                let _ = self.runtime.delete(id, true);
-                self.unmount_rootfs(bundle);
+                let _ = self.runtime.delete(id, true, None).await;
+                self.unmount_rootfs(&bundle.dir);
                 let op = if role.owns_vm() {
                     "creating the sandbox of"
                 } else {
@@ -94,9 +97,10 @@ impl Backend for RuntimeBackend {
         }
     }
 
-    fn start(&self, id: &str, _role: &Role) -> Result<u32, BackendError> {
+    async fn start(&self, id: &str, _role: &Role, session: &Session) -> Result<u32, BackendError> {
         self.runtime
-            .start(id)
+            .start(id, Some(session))
+            .await
             .map_err(|e| BackendError::new("starting", id, e))
     }
 
@@ -106,13 +110,19 @@ impl Backend for RuntimeBackend {
         }
     }
 
-    fn delete(&self, id: &str, bundle: &Path, _role: &Role) -> Result<(), BackendError> {
-        let result = self.runtime.delete(id, true);
+    async fn delete(
+        &self,
+        id: &str,
+        bundle: &Path,
+        _role: &Role,
+        session: Option<&Session>,
+    ) -> Result<(), BackendError> {
+        let result = self.runtime.delete(id, true, session).await;
         self.unmount_rootfs(bundle);
         result.map_err(|e| BackendError::new("deleting", id, e))
     }
 
-    fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError> {
-        self.delete(id, bundle, &Role::Standalone)
+    async fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError> {
+        self.delete(id, bundle, &Role::Standalone, None).await
     }
 }

@@ -85,7 +85,9 @@ fn status(e: TaskError) -> containerd_shim::protos::ttrpc::Error {
         TaskError::NotFound { .. } | TaskError::Finished { .. } => Code::NOT_FOUND,
         TaskError::AlreadyExists { .. } => Code::ALREADY_EXISTS,
         TaskError::WrongState { .. } => Code::FAILED_PRECONDITION,
-        TaskError::Pod { .. } | TaskError::Stdio { .. } => Code::INVALID_ARGUMENT,
+        TaskError::Pod { .. } | TaskError::Spec { .. } | TaskError::Stdio { .. } => {
+            Code::INVALID_ARGUMENT
+        }
         _ => Code::INTERNAL,
     };
     let mut msg = e.to_string();
@@ -320,10 +322,7 @@ impl Shim for Service {
         if shim_serving(&bundle, &socket) {
             tracing::info!(id, "the shim still serves this bundle: nothing to clean up");
         } else {
-            let cleaned = tokio::task::spawn_blocking(move || backend.cleanup(&id, &bundle))
-                .await
-                .map_err(|e| Error::Other(e.to_string()))?;
-            if let Err(e) = cleaned {
+            if let Err(e) = backend.cleanup(&id, &bundle).await {
                 return Err(Error::Other(format!("{e}: {}", e.source)));
             }
         }

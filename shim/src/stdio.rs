@@ -2,8 +2,10 @@
 //! or nothing. Opened into the runtime's [`HostIo`] so its streaming does the copying.
 
 use std::fs::OpenOptions;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+
 use std::path::PathBuf;
+use tokio::io::AsyncWrite;
 
 use carapace_runtime::stdio::HostIo;
 
@@ -66,7 +68,7 @@ fn target(what: &'static str, s: &str) -> Result<Target, StdioError> {
     Ok(Target::Path(PathBuf::from(s)))
 }
 
-fn open_out(what: &'static str, s: &str) -> Result<Box<dyn Write + Send>, StdioError> {
+fn open_out(what: &'static str, s: &str) -> Result<Box<dyn AsyncWrite + Send + Unpin>, StdioError> {
     let open = |path: PathBuf, append: bool| {
         let mut o = OpenOptions::new();
         if append {
@@ -76,10 +78,11 @@ fn open_out(what: &'static str, s: &str) -> Result<Box<dyn Write + Send>, StdioE
             o.write(true);
         }
         o.open(&path)
+            .map(tokio::fs::File::from_std)
             .map_err(|source| StdioError::Open { what, path, source })
     };
     Ok(match target(what, s)? {
-        Target::None => Box::new(io::sink()),
+        Target::None => Box::new(tokio::io::sink()),
         Target::Path(p) => Box::new(open(p, false)?),
         Target::File(p) => Box::new(open(p, true)?),
     })
@@ -128,6 +131,8 @@ impl Read for LazyFifo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn empty_paths_discard_output_and_have_no_stdin() {
@@ -135,8 +140,8 @@ mod tests {
         assert!(io.stdin.is_none());
     }
 
-    #[test]
-    fn file_uris_append_and_unknown_schemes_are_refused() {
+    #[tokio::test]
+    async fn file_uris_append_and_unknown_schemes_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("out.log");
         std::fs::write(&log, "before\n").expect("write");
@@ -145,7 +150,8 @@ mod tests {
             ..Default::default()
         };
         let mut io = paths.open().expect("open");
-        io.stdout.write_all(b"after\n").expect("write");
+        io.stdout.write_all(b"after\n").await.expect("write");
+        io.stdout.flush().await.expect("flush");
         drop(io);
         assert_eq!(
             std::fs::read_to_string(&log).expect("read"),
@@ -163,8 +169,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn fifos_carry_data_both_ways() {
+    #[tokio::test]
+    async fn fifos_carry_data_both_ways() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (fin, fout) = (dir.path().join("in"), dir.path().join("out"));
         for p in [&fin, &fout] {
@@ -193,7 +199,8 @@ mod tests {
             .read_to_string(&mut got)
             .expect("read");
         assert_eq!(got, "typed\n");
-        io.stdout.write_all(b"shown\n").expect("write");
+        io.stdout.write_all(b"shown\n").await.expect("write");
+        io.stdout.flush().await.expect("flush");
         drop(io);
         writer.join().expect("writer");
         assert_eq!(reader.join().expect("reader"), "shown\n");

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use carapace_runtime::agent::{AgentApi, AgentError};
+use carapace_runtime::agent::{AgentError, Session};
+use carapace_runtime::oci::Bundle;
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::{Backend, BackendError, RootfsMount};
@@ -84,13 +85,14 @@ pub enum TaskError {
         #[source]
         source: Box<AgentError>,
     },
-    /// A blocking task panicked or was cancelled.
-    #[error("internal task for {id} failed: {reason}")]
-    Join {
-        /// The process.
+    /// The bundle's spec cannot be read or is invalid.
+    #[error("spec of {id}")]
+    Spec {
+        /// The container.
         id: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: carapace_runtime::oci::SpecError,
     },
 }
 
@@ -245,7 +247,8 @@ impl Proc {
 struct Container {
     bundle: PathBuf,
     role: Role,
-    agent: Arc<dyn AgentApi>,
+    /// The session to the agent of this container's VM (shared by a pod's containers).
+    agent: Session,
     init: Proc,
     execs: HashMap<String, Proc>,
 }
@@ -293,8 +296,9 @@ pub struct Tasks {
     events: mpsc::UnboundedSender<Event>,
     containers: Mutex<HashMap<String, Container>>,
     /// Pod sandboxes deleted while containers of their pod were still in the table: their
-    /// VM is stopped when the last of those is deleted (sandbox id → its bundle).
-    deferred: Mutex<HashMap<String, PathBuf>>,
+    /// VM is stopped when the last of those is deleted (sandbox id → its bundle and the
+    /// VM's session).
+    deferred: Mutex<HashMap<String, (PathBuf, Session)>>,
 }
 
 impl std::fmt::Debug for Tasks {
@@ -319,35 +323,9 @@ fn agent_err(id: &str, exec_id: &str) -> impl FnOnce(AgentError) -> TaskError {
     }
 }
 
-/// Runs one request to the agent about process `exec_id` of container `id`, off the executor.
-async fn agent_call<T: Send + 'static>(
-    agent: Arc<dyn AgentApi>,
-    id: &str,
-    exec_id: &str,
-    f: impl FnOnce(&dyn AgentApi, &str, &str) -> Result<T, AgentError> + Send + 'static,
-) -> Result<T, TaskError> {
-    let (cid, eid) = (id.to_owned(), exec_id.to_owned());
-    blocking(id, move || {
-        f(agent.as_ref(), &cid, &eid).map_err(agent_err(&cid, &eid))
-    })
-    .await
-}
-
 /// How long a signal refused by the agent for a process that has exited waits for that exit
 /// to reach the shim (its output is still being drained).
 const EXIT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
-
-async fn blocking<T: Send + 'static>(
-    id: &str,
-    f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
-) -> Result<T, TaskError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| TaskError::Join {
-            id: id.to_owned(),
-            reason: e.to_string(),
-        })?
-}
 
 impl Tasks {
     /// An empty task table sending its events to `events`.
@@ -385,19 +363,24 @@ impl Tasks {
                 id: req.id,
             });
         }
-        let role = Role::from_bundle(&req.bundle).map_err(|source| TaskError::Pod {
+        // The bundle's spec is read once here; the role and the guest spec come from it.
+        let bundle = Bundle::load(&req.bundle).map_err(|source| TaskError::Spec {
             id: req.id.clone(),
             source,
         })?;
-        let backend = self.backend.clone();
-        let (id, bundle, rootfs, r) =
-            (req.id.clone(), req.bundle.clone(), req.rootfs, role.clone());
-        let agent = blocking(&req.id, move || {
-            backend
-                .create(&id, &bundle, &rootfs, &r)
-                .map_err(TaskError::from)
-        })
-        .await?;
+        let role = Role::from_spec(&bundle.spec).map_err(|source| TaskError::Pod {
+            id: req.id.clone(),
+            source,
+        })?;
+        // A container of a pod whose sandbox this shim runs joins over the VM's session.
+        let pod = match &role {
+            Role::Container { sandbox_id } => self.table().get(sandbox_id).map(|c| c.agent.clone()),
+            Role::Sandbox | Role::Standalone => None,
+        };
+        let agent = self
+            .backend
+            .create(&req.id, &bundle, &req.rootfs, &role, pod.as_ref())
+            .await?;
         tracing::info!(id = %req.id, ?role, "created");
         if role.owns_vm() {
             self.watch_oom(agent.clone(), &req.id);
@@ -492,19 +475,13 @@ impl Tasks {
             id: name.clone(),
             source,
         })?;
-        let (backend, cid, eid, a) = (
-            self.backend.clone(),
-            id.to_owned(),
-            exec_id.to_owned(),
-            agent.clone(),
-        );
-        let pid = blocking(&name, move || match spec {
-            None => backend.start(&cid, &role).map_err(TaskError::from),
-            Some(spec) => a
-                .exec_process(&cid, &eid, &spec)
-                .map_err(agent_err(&cid, &eid)),
-        })
-        .await?;
+        let pid = match spec {
+            None => self.backend.start(id, &role, &agent).await?,
+            Some(spec) => agent
+                .exec_process(id, exec_id, &spec)
+                .await
+                .map_err(agent_err(id, exec_id))?,
+        };
         {
             let mut table = self.table();
             if let Some(p) = table.get_mut(id).and_then(|c| c.proc_mut(id, exec_id).ok()) {
@@ -531,12 +508,12 @@ impl Tasks {
 
     /// Forwards the OOM kills the agent of a new VM reports, for as long as it answers
     /// (the call fails once the VM is gone).
-    fn watch_oom(self: &Arc<Self>, agent: Arc<dyn AgentApi>, vm: &str) {
+    fn watch_oom(self: &Arc<Self>, agent: Session, vm: &str) {
         let me = Arc::downgrade(self);
         let vm = vm.to_owned();
-        std::thread::spawn(move || {
+        tokio::spawn(async move {
             loop {
-                match agent.next_oom_event() {
+                match agent.next_oom_event().await {
                     Ok(cid) => {
                         let Some(me) = me.upgrade() else { return };
                         if me.table().contains_key(&cid) {
@@ -561,7 +538,7 @@ impl Tasks {
         id: &str,
         op: &'static str,
         states: &[ProcState],
-    ) -> Result<Arc<dyn AgentApi>, TaskError> {
+    ) -> Result<Session, TaskError> {
         let table = self.table();
         let c = table.get(id).ok_or_else(|| TaskError::NotFound {
             kind: "container",
@@ -592,7 +569,7 @@ impl Tasks {
     /// Freezes every process of a running container.
     pub async fn pause(&self, id: &str) -> Result<(), TaskError> {
         let agent = self.agent_in(id, "pause", &[ProcState::Running])?;
-        agent_call(agent, id, "", |a, c, _| a.pause(c)).await?;
+        agent.pause(id).await.map_err(agent_err(id, ""))?;
         if self.transition(id, ProcState::Running, ProcState::Paused) {
             self.emit(Event::Paused { id: id.to_owned() });
         }
@@ -602,7 +579,7 @@ impl Tasks {
     /// Thaws a paused container.
     pub async fn resume(&self, id: &str) -> Result<(), TaskError> {
         let agent = self.agent_in(id, "resume", &[ProcState::Paused])?;
-        agent_call(agent, id, "", |a, c, _| a.resume(c)).await?;
+        agent.resume(id).await.map_err(agent_err(id, ""))?;
         if self.transition(id, ProcState::Paused, ProcState::Running) {
             self.emit(Event::Resumed { id: id.to_owned() });
         }
@@ -616,10 +593,10 @@ impl Tasks {
             "update",
             &[ProcState::Created, ProcState::Running, ProcState::Paused],
         )?;
-        agent_call(agent, id, "", move |a, c, _| {
-            a.update_resources(c, &resources_json)
-        })
-        .await
+        agent
+            .update_resources(id, &resources_json)
+            .await
+            .map_err(agent_err(id, ""))
     }
 
     /// The container's cgroup statistics.
@@ -632,14 +609,14 @@ impl Tasks {
             "read the statistics of",
             &[ProcState::Created, ProcState::Running, ProcState::Paused],
         )?;
-        agent_call(agent, id, "", |a, c, _| a.stats(c)).await
+        agent.stats(id).await.map_err(agent_err(id, ""))
     }
 
     /// Streams a started process's stdio until it exits, then records the exit and sends
     /// the one exit event.
     fn watch(
         self: &Arc<Self>,
-        agent: Arc<dyn AgentApi>,
+        agent: Session,
         id: &str,
         exec_id: &str,
         pid: u32,
@@ -647,8 +624,9 @@ impl Tasks {
     ) {
         let me = self.clone();
         let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
-        std::thread::spawn(move || {
+        tokio::spawn(async move {
             let status = match carapace_runtime::stdio::stream_until_exit(&agent, &id, &exec_id, io)
+                .await
             {
                 Ok(info) => {
                     if exec_id.is_empty() {
@@ -744,10 +722,10 @@ impl Tasks {
             }
             (c.agent.clone(), p.exit.subscribe())
         };
-        match agent_call(agent, id, exec_id, move |a, c, e| {
-            a.signal(c, e, signal, all)
-        })
-        .await
+        match agent
+            .signal(id, exec_id, signal, all)
+            .await
+            .map_err(agent_err(id, exec_id))
         {
             // The guest saw the process end before our watcher reported it (CRI stops a
             // pod's containers right after their exit): once the exit arrives, this is the
@@ -791,7 +769,7 @@ impl Tasks {
             let exit = *p.exit.borrow();
             return Ok((p.pid, exit.unwrap_or(never_started)));
         }
-        let (bundle, role, pid, exit) = {
+        let (bundle, role, pid, exit, agent) = {
             let table = self.table();
             let c = table.get(id).ok_or_else(|| TaskError::NotFound {
                 kind: "container",
@@ -805,7 +783,13 @@ impl Tasks {
                 });
             }
             let exit = *c.init.exit.borrow();
-            (c.bundle.clone(), c.role.clone(), c.init.pid, exit)
+            (
+                c.bundle.clone(),
+                c.role.clone(),
+                c.init.pid,
+                exit,
+                c.agent.clone(),
+            )
         };
         // A pod's sandbox goes before containers of its pod (its pause process died): the
         // VM stays until the last of them is deleted.
@@ -815,7 +799,8 @@ impl Tasks {
             let table = self.table();
             let members = has_members(&table, id);
             if members {
-                self.deferred_vms().insert(id.to_owned(), bundle.clone());
+                self.deferred_vms()
+                    .insert(id.to_owned(), (bundle.clone(), agent.clone()));
             }
             members
         };
@@ -825,13 +810,10 @@ impl Tasks {
                 "sandbox deleted before its pod's containers: keeping the VM"
             );
         } else {
-            let backend = self.backend.clone();
-            let (cid, r) = (id.to_owned(), role.clone());
             let t = std::time::Instant::now();
-            blocking(id, move || {
-                backend.delete(&cid, &bundle, &r).map_err(TaskError::from)
-            })
-            .await?;
+            self.backend
+                .delete(id, &bundle, &role, Some(&agent))
+                .await?;
             tracing::info!(
                 id,
                 ms = t.elapsed().as_millis() as u64,
@@ -852,7 +834,7 @@ impl Tasks {
         Ok((pid, exit))
     }
 
-    fn deferred_vms(&self) -> MutexGuard<'_, HashMap<String, PathBuf>> {
+    fn deferred_vms(&self) -> MutexGuard<'_, HashMap<String, (PathBuf, Session)>> {
         self.deferred
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -860,7 +842,7 @@ impl Tasks {
 
     /// Stops the VM of a sandbox deleted earlier once its last container is gone.
     async fn stop_deferred_vm(&self, sandbox_id: &str) {
-        let bundle = {
+        let (bundle, agent) = {
             let table = self.table();
             if has_members(&table, sandbox_id) {
                 return;
@@ -870,14 +852,10 @@ impl Tasks {
                 None => return,
             }
         };
-        let backend = self.backend.clone();
-        let id = sandbox_id.to_owned();
-        let result = blocking(sandbox_id, move || {
-            backend
-                .delete(&id, &bundle, &Role::Sandbox)
-                .map_err(TaskError::from)
-        })
-        .await;
+        let result = self
+            .backend
+            .delete(sandbox_id, &bundle, &Role::Sandbox, Some(&agent))
+            .await;
         match result {
             Ok(()) => tracing::info!(
                 id = sandbox_id,
@@ -907,7 +885,7 @@ impl Tasks {
         })
     }
 
-    fn agent(&self, id: &str) -> Result<Arc<dyn AgentApi>, TaskError> {
+    fn agent(&self, id: &str) -> Result<Session, TaskError> {
         self.table()
             .get(id)
             .map(|c| c.agent.clone())
@@ -919,7 +897,10 @@ impl Tasks {
 
     /// Pids of the container's processes, as the guest sees them.
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>, TaskError> {
-        agent_call(self.agent(id)?, id, "", |a, c, _| a.list_processes(c)).await
+        self.agent(id)?
+            .list_processes(id)
+            .await
+            .map_err(agent_err(id, ""))
     }
 
     /// Resizes a process's terminal.
@@ -931,10 +912,10 @@ impl Tasks {
         height: u32,
     ) -> Result<(), TaskError> {
         self.state(id, exec_id)?;
-        agent_call(self.agent(id)?, id, exec_id, move |a, c, e| {
-            a.resize(c, e, height, width)
-        })
-        .await
+        self.agent(id)?
+            .resize(id, exec_id, height, width)
+            .await
+            .map_err(agent_err(id, exec_id))
     }
 
     /// Closes a process's stdin.
@@ -943,7 +924,10 @@ impl Tasks {
         if info.state != ProcState::Running {
             return Ok(());
         }
-        agent_call(self.agent(id)?, id, exec_id, |a, c, e| a.close_stdin(c, e)).await
+        self.agent(id)?
+            .close_stdin(id, exec_id)
+            .await
+            .map_err(agent_err(id, exec_id))
     }
 
     /// The bundle of a container.

@@ -179,6 +179,7 @@ kvm_test! {
             transport: Transport::HybridVsock,
             request_timeout: Duration::from_secs(60),
         };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let deadline = Instant::now() + Duration::from_secs(180);
         let logs = || {
             format!(
@@ -199,7 +200,7 @@ kvm_test! {
         };
         let agent = loop {
             assert!(vmm.is_alive(), "VMM exited\n{}", logs());
-            match connector.connect(&paths.vsock, Duration::from_secs(5)) {
+            match rt.block_on(connector.connect(&paths.vsock, Duration::from_secs(5))) {
                 Ok(a) => break a,
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(200));
@@ -207,8 +208,8 @@ kvm_test! {
                 Err(e) => panic!("agent never answered: {}\n{}", chain(&e), logs()),
             }
         };
-        agent.create_sandbox("s1", "carapace", &[]).expect("CreateSandbox");
-        agent.destroy_sandbox("s1").expect("DestroySandbox");
+        rt.block_on(agent.create_sandbox("s1", "carapace", &[])).expect("CreateSandbox");
+        rt.block_on(agent.destroy_sandbox("s1")).expect("DestroySandbox");
         // The agent powers the VM off after DestroySandbox; the runtime's teardown then
         // stops whatever is left (SIGTERM, then SIGKILL).
         let by_itself = vmm.wait_gone(Duration::from_secs(30));

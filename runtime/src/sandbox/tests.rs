@@ -9,6 +9,81 @@ use std::collections::BTreeSet;
 use std::os::unix::net::UnixListener;
 use std::process::Command;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::agent::{AgentApi, Session, Share};
+use crate::launcher::{FsRequest, VmRequest};
+use crate::oci::{Bundle, SHARED_FS_TAG};
+use std::time::Instant;
+
+/// The async runtime API driven from plain tests: each call runs on a fresh current-thread
+/// runtime, the way the CLI drives it.
+#[derive(Debug, Clone)]
+struct Blocking(Runtime);
+
+impl std::ops::Deref for Blocking {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        &self.0
+    }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+impl std::ops::DerefMut for Blocking {
+    fn deref_mut(&mut self) -> &mut Runtime {
+        &mut self.0
+    }
+}
+
+impl Blocking {
+    fn create(&self, id: &str, bundle: &Path) -> Result<SandboxState, SandboxError> {
+        block_on(async {
+            let b = Bundle::load(bundle)?;
+            self.0.create(id, &b).await.map(|(st, _)| st)
+        })
+    }
+    fn create_in_sandbox(
+        &self,
+        sandbox_id: &str,
+        cid: &str,
+        bundle: &Path,
+    ) -> Result<SandboxState, SandboxError> {
+        block_on(async {
+            let b = Bundle::load(bundle)?;
+            self.0
+                .create_in_sandbox(sandbox_id, cid, &b, None)
+                .await
+                .map(|(st, _)| st)
+        })
+    }
+    fn start(&self, id: &str) -> Result<u32, SandboxError> {
+        block_on(self.0.start(id, None))
+    }
+    fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), SandboxError> {
+        block_on(self.0.kill(id, signal, all, None))
+    }
+    fn ps(&self, id: &str) -> Result<Vec<u32>, SandboxError> {
+        block_on(self.0.ps(id, None))
+    }
+    fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+    ) -> Result<(Session, u32), SandboxError> {
+        block_on(self.0.exec(id, exec_id, process, None))
+    }
+    fn delete(&self, id: &str, force: bool) -> Result<(), SandboxError> {
+        block_on(self.0.delete(id, force, None))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Daemon {
@@ -98,6 +173,8 @@ enum AgentMode {
 
 #[derive(Debug)]
 struct FakeConnector {
+    /// Connection attempts made.
+    connects: Arc<AtomicUsize>,
     mode: AgentMode,
     fail_on: Option<&'static str>,
     events: Arc<Mutex<Vec<String>>>,
@@ -118,12 +195,13 @@ impl FakeAgent {
     }
 }
 
+#[async_trait::async_trait]
 impl AgentApi for FakeAgent {
-    fn create_sandbox(&self, _: &str, _: &str, shares: &[Share]) -> Result<(), AgentError> {
+    async fn create_sandbox(&self, _: &str, _: &str, shares: &[Share]) -> Result<(), AgentError> {
         assert_eq!(shares[0].tag, SHARED_FS_TAG);
         self.call("create_sandbox")
     }
-    fn create_container(&self, cid: &str, spec: &[u8]) -> Result<(), AgentError> {
+    async fn create_container(&self, cid: &str, spec: &[u8]) -> Result<(), AgentError> {
         let v: serde_json::Value = serde_json::from_slice(spec).unwrap();
         assert_eq!(
             v["root"]["path"],
@@ -131,67 +209,69 @@ impl AgentApi for FakeAgent {
         );
         self.call("create_container")
     }
-    fn start_container(&self, _: &str) -> Result<u32, AgentError> {
+    async fn start_container(&self, _: &str) -> Result<u32, AgentError> {
         self.call("start_container").map(|()| 7)
     }
-    fn exec_process(&self, _: &str, _: &str, _: &[u8]) -> Result<u32, AgentError> {
+    async fn exec_process(&self, _: &str, _: &str, _: &[u8]) -> Result<u32, AgentError> {
         self.call("exec_process").map(|()| 8)
     }
-    fn signal(&self, _: &str, _: &str, sig: u32, _: bool) -> Result<(), AgentError> {
+    async fn signal(&self, _: &str, _: &str, sig: u32, _: bool) -> Result<(), AgentError> {
         assert_eq!(sig, 15);
         self.call("signal")
     }
-    fn wait(&self, _: &str, _: &str) -> Result<ExitInfo, AgentError> {
+    async fn wait(&self, _: &str, _: &str) -> Result<ExitInfo, AgentError> {
         self.call("wait").map(|()| ExitInfo {
             exit_code: 0,
             signal: 15,
             exit_status: 143,
         })
     }
-    fn write_stdin(&self, _: &str, _: &str, d: &[u8]) -> Result<usize, AgentError> {
+    async fn write_stdin(&self, _: &str, _: &str, d: &[u8]) -> Result<usize, AgentError> {
         self.call("write_stdin").map(|()| d.len())
     }
-    fn close_stdin(&self, _: &str, _: &str) -> Result<(), AgentError> {
+    async fn close_stdin(&self, _: &str, _: &str) -> Result<(), AgentError> {
         self.call("close_stdin")
     }
-    fn read(&self, _: &str, _: &str, _: Stream) -> Result<Chunk, AgentError> {
+    async fn read(&self, _: &str, _: &str, _: Stream) -> Result<Chunk, AgentError> {
         self.call("read").map(|()| Chunk {
             data: Vec::new(),
             eof: true,
         })
     }
-    fn resize(&self, _: &str, _: &str, _: u32, _: u32) -> Result<(), AgentError> {
+    async fn resize(&self, _: &str, _: &str, _: u32, _: u32) -> Result<(), AgentError> {
         self.call("resize")
     }
-    fn list_processes(&self, _: &str) -> Result<Vec<u32>, AgentError> {
+    async fn list_processes(&self, _: &str) -> Result<Vec<u32>, AgentError> {
         self.call("list_processes").map(|()| vec![1, 7])
     }
-    fn remove_container(&self, _: &str) -> Result<(), AgentError> {
+    async fn remove_container(&self, _: &str) -> Result<(), AgentError> {
         self.call("remove_container")
     }
-    fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
+    async fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
         self.call("destroy_sandbox")
     }
-    fn pause(&self, _: &str) -> Result<(), AgentError> {
+    async fn pause(&self, _: &str) -> Result<(), AgentError> {
         self.call("pause")
     }
-    fn resume(&self, _: &str) -> Result<(), AgentError> {
+    async fn resume(&self, _: &str) -> Result<(), AgentError> {
         self.call("resume")
     }
-    fn update_resources(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
+    async fn update_resources(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
         self.call("update_resources")
     }
-    fn stats(&self, _: &str) -> Result<crate::agent::ContainerStats, AgentError> {
+    async fn stats(&self, _: &str) -> Result<crate::agent::ContainerStats, AgentError> {
         self.call("stats").map(|()| Default::default())
     }
-    fn next_oom_event(&self) -> Result<String, AgentError> {
+    async fn next_oom_event(&self) -> Result<String, AgentError> {
         self.call("next_oom_event").map(|()| "c1".into())
     }
 }
 
+#[async_trait::async_trait]
 impl AgentConnector for FakeConnector {
-    fn connect(&self, socket: &Path, _: Duration) -> Result<Arc<dyn AgentApi>, AgentError> {
+    async fn connect(&self, socket: &Path, _: Duration) -> Result<Session, AgentError> {
         assert!(socket.ends_with("vsock.sock"));
+        self.connects.fetch_add(1, Ordering::SeqCst);
         // Like a real connect: nothing answers where the VMM made no socket.
         if !socket.exists() {
             return Err(AgentError::Other(format!(
@@ -302,7 +382,8 @@ impl Mounter for FakeMounter {
 
 struct Fixture {
     tmp: tempfile::TempDir,
-    rt: Runtime,
+    rt: Blocking,
+    connects: Arc<AtomicUsize>,
     launcher: Arc<FakeLauncher>,
     mounter: Arc<FakeMounter>,
     events: Arc<Mutex<Vec<String>>>,
@@ -359,12 +440,14 @@ fn fixture(s: Setup) -> Fixture {
         sockets: Mutex::new(Vec::new()),
     });
     let mounter = Arc::new(s.mounter);
+    let connects = Arc::new(AtomicUsize::new(0));
     let rt = Runtime {
         placement: Placement::Vm,
         config,
         store: StateStore::new(tmp.path().join("run")),
         launcher: launcher.clone(),
         connector: Arc::new(FakeConnector {
+            connects: connects.clone(),
             mode: s.agent,
             fail_on: s.fail_on,
             events: events.clone(),
@@ -373,7 +456,8 @@ fn fixture(s: Setup) -> Fixture {
     };
     Fixture {
         tmp,
-        rt,
+        rt: Blocking(rt),
+        connects,
         launcher,
         mounter,
         events,
@@ -622,14 +706,14 @@ fn bad_spec_and_missing_kernel_fail_before_anything_starts() {
 fn stuck_mount_keeps_the_directory_and_never_deletes_through_it() {
     let f = fixture(Setup::default());
     f.rt.create("c1", &f.bundle).unwrap();
-    let stuck = Runtime {
+    let stuck = Blocking(Runtime {
         mounter: Arc::new(FakeMounter {
             mounted: Mutex::new(f.mounter.mounted.lock().unwrap().clone()),
             stuck: true,
             ..Default::default()
         }),
-        ..f.rt.clone()
-    };
+        ..f.rt.0.clone()
+    });
     let err = stuck.delete("c1", true).unwrap_err();
     assert!(
         err.to_string().contains("teardown of c1 incomplete"),
@@ -802,5 +886,45 @@ fn joining_fails_cleanly_and_leaves_the_sandbox_alone() {
     let err = f.rt.create_in_sandbox("c1", "c3", &f.bundle).unwrap_err();
     assert!(err.to_string().contains("without a running VM"), "{err}");
     f.rt.delete("c1", true).unwrap();
+    f.assert_clean();
+}
+
+#[test]
+fn one_session_serves_a_whole_pod_from_create_to_delete() {
+    let f = fixture(Setup::default());
+    block_on(async {
+        let bundle = Bundle::load(&f.bundle).unwrap();
+        let (_, session) = f.rt.0.create("c1", &bundle).await.unwrap();
+        assert_eq!(f.rt.0.start("c1", Some(&session)).await.unwrap(), 7);
+        let (_, joined) =
+            f.rt.0
+                .create_in_sandbox("c1", "c2", &bundle, Some(&session))
+                .await
+                .unwrap();
+        assert!(
+            Arc::ptr_eq(&session, &joined),
+            "the pod's session is reused"
+        );
+        f.rt.0.start("c2", Some(&session)).await.unwrap();
+        f.rt.0.kill("c2", 15, true, Some(&session)).await.unwrap();
+        assert_eq!(f.rt.0.ps("c1", Some(&session)).await.unwrap(), [1, 7]);
+        let (_, pid) =
+            f.rt.0
+                .exec(
+                    "c1",
+                    "e1",
+                    &serde_json::json!({"args": ["true"]}),
+                    Some(&session),
+                )
+                .await
+                .unwrap();
+        assert_eq!(pid, 8);
+        f.rt.0.delete("c2", true, Some(&session)).await.unwrap();
+        f.rt.0.delete("c1", true, Some(&session)).await.unwrap();
+    });
+    // Booting tries until the fake VMM's socket exists (one attempt here); nothing after
+    // the create reconnects.
+    assert_eq!(f.connects.load(Ordering::SeqCst), 1, "{:?}", f.events());
+    assert_eq!(f.events().last().unwrap(), "destroy_sandbox");
     f.assert_clean();
 }

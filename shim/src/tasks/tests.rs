@@ -1,10 +1,13 @@
 //! The task logic against a scripted in-memory agent and a recording backend.
 
 use super::*;
-use carapace_runtime::agent::{Chunk, ExitInfo, Share, Stream};
+use carapace_runtime::agent::{AgentApi, Chunk, ExitInfo, Share, Stream};
 use std::collections::VecDeque;
 use std::sync::Condvar;
 use std::time::Duration;
+
+/// How often the fake agent's blocking calls (wait, read, OOM events) look again.
+const POLL: Duration = Duration::from_millis(2);
 
 /// How a fake process behaves.
 #[derive(Debug, Clone)]
@@ -91,6 +94,28 @@ impl FakeAgent {
         100 + *pid
     }
 
+    /// The next chunk of `stream` of process `k`, if there is one yet.
+    fn next_chunk(&self, k: &str, stream: Stream) -> Result<Option<Chunk>, AgentError> {
+        let mut procs = self.procs.lock().expect("lock");
+        let p = procs
+            .get_mut(k)
+            .ok_or_else(|| AgentError::Other("gone".into()))?;
+        let end = Chunk {
+            data: vec![],
+            eof: true,
+        };
+        Ok(if stream == Stream::Stderr {
+            p.exit.is_some().then_some(end)
+        } else if !p.stdout.is_empty() {
+            Some(Chunk {
+                data: p.stdout.drain(..).collect(),
+                eof: false,
+            })
+        } else {
+            p.exit.is_some().then_some(end)
+        })
+    }
+
     fn with<T>(&self, k: &str, f: impl FnOnce(&mut FakeProc) -> T) -> Result<T, AgentError> {
         let mut procs = self.procs.lock().expect("lock");
         let p = procs
@@ -102,22 +127,34 @@ impl FakeAgent {
     }
 }
 
+#[async_trait::async_trait]
 impl AgentApi for FakeAgent {
-    fn create_sandbox(&self, _: &str, _: &str, _: &[Share]) -> Result<(), AgentError> {
+    async fn create_sandbox(&self, _: &str, _: &str, _: &[Share]) -> Result<(), AgentError> {
         Ok(())
     }
-    fn create_container(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
+    async fn create_container(&self, _: &str, _: &[u8]) -> Result<(), AgentError> {
         Ok(())
     }
-    fn start_container(&self, cid: &str) -> Result<u32, AgentError> {
+    async fn start_container(&self, cid: &str) -> Result<u32, AgentError> {
         Ok(self.launch(cid, ""))
     }
-    fn exec_process(&self, cid: &str, exec_id: &str, process: &[u8]) -> Result<u32, AgentError> {
+    async fn exec_process(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        process: &[u8],
+    ) -> Result<u32, AgentError> {
         serde_json::from_slice::<serde_json::Value>(process)
             .map_err(|e| AgentError::Other(e.to_string()))?;
         Ok(self.launch(cid, exec_id))
     }
-    fn signal(&self, cid: &str, exec_id: &str, signal: u32, _all: bool) -> Result<(), AgentError> {
+    async fn signal(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        signal: u32,
+        _all: bool,
+    ) -> Result<(), AgentError> {
         // as the agent: a process that has ended cannot be signalled
         let ended = self.with(&key(cid, exec_id), |p| {
             p.exit.is_some() || {
@@ -137,19 +174,26 @@ impl AgentApi for FakeAgent {
         }
         Ok(())
     }
-    fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError> {
+    async fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitInfo, AgentError> {
         let k = key(cid, exec_id);
-        let mut procs = self.procs.lock().expect("lock");
         loop {
-            if let Some(e) = procs.get(&k).and_then(|p| p.exit)
-                && !*self.hold_exits.lock().expect("lock")
             {
-                return Ok(e);
+                let procs = self.procs.lock().expect("lock");
+                if let Some(e) = procs.get(&k).and_then(|p| p.exit)
+                    && !*self.hold_exits.lock().expect("lock")
+                {
+                    return Ok(e);
+                }
             }
-            procs = self.changed.wait(procs).expect("wait");
+            tokio::time::sleep(POLL).await;
         }
     }
-    fn write_stdin(&self, cid: &str, exec_id: &str, data: &[u8]) -> Result<usize, AgentError> {
+    async fn write_stdin(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> Result<usize, AgentError> {
         self.with(&key(cid, exec_id), |p| {
             if p.echo {
                 p.stdout.extend(data);
@@ -157,45 +201,26 @@ impl AgentApi for FakeAgent {
             data.len()
         })
     }
-    fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), AgentError> {
+    async fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<(), AgentError> {
         self.with(&key(cid, exec_id), |p| {
             if p.echo {
                 p.exit.get_or_insert(exited(0, 0));
             }
         })
     }
-    fn read(&self, cid: &str, exec_id: &str, stream: Stream) -> Result<Chunk, AgentError> {
+    async fn read(&self, cid: &str, exec_id: &str, stream: Stream) -> Result<Chunk, AgentError> {
         let k = key(cid, exec_id);
-        let mut procs = self.procs.lock().expect("lock");
         loop {
-            let p = procs
-                .get_mut(&k)
-                .ok_or_else(|| AgentError::Other("gone".into()))?;
-            if stream == Stream::Stderr {
-                if p.exit.is_some() {
-                    return Ok(Chunk {
-                        data: vec![],
-                        eof: true,
-                    });
-                }
-            } else if !p.stdout.is_empty() {
-                return Ok(Chunk {
-                    data: p.stdout.drain(..).collect(),
-                    eof: false,
-                });
-            } else if p.exit.is_some() {
-                return Ok(Chunk {
-                    data: vec![],
-                    eof: true,
-                });
+            if let Some(chunk) = self.next_chunk(&k, stream)? {
+                return Ok(chunk);
             }
-            procs = self.changed.wait(procs).expect("wait");
+            tokio::time::sleep(POLL).await;
         }
     }
-    fn resize(&self, cid: &str, exec_id: &str, _: u32, _: u32) -> Result<(), AgentError> {
+    async fn resize(&self, cid: &str, exec_id: &str, _: u32, _: u32) -> Result<(), AgentError> {
         self.with(&key(cid, exec_id), |_| ())
     }
-    fn list_processes(&self, cid: &str) -> Result<Vec<u32>, AgentError> {
+    async fn list_processes(&self, cid: &str) -> Result<Vec<u32>, AgentError> {
         let n = self
             .procs
             .lock()
@@ -205,39 +230,41 @@ impl AgentApi for FakeAgent {
             .count();
         Ok((1..=n as u32).collect())
     }
-    fn remove_container(&self, _: &str) -> Result<(), AgentError> {
+    async fn remove_container(&self, _: &str) -> Result<(), AgentError> {
         Ok(())
     }
-    fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
+    async fn destroy_sandbox(&self, _: &str) -> Result<(), AgentError> {
         Ok(())
     }
-    fn pause(&self, cid: &str) -> Result<(), AgentError> {
+    async fn pause(&self, cid: &str) -> Result<(), AgentError> {
         self.with(&key(cid, ""), |p| p.paused = true)
     }
-    fn resume(&self, cid: &str) -> Result<(), AgentError> {
+    async fn resume(&self, cid: &str) -> Result<(), AgentError> {
         self.with(&key(cid, ""), |p| p.paused = false)
     }
-    fn update_resources(&self, cid: &str, json: &[u8]) -> Result<(), AgentError> {
+    async fn update_resources(&self, cid: &str, json: &[u8]) -> Result<(), AgentError> {
         self.updates
             .lock()
             .expect("lock")
             .push((cid.into(), String::from_utf8_lossy(json).into_owned()));
         Ok(())
     }
-    fn stats(&self, cid: &str) -> Result<carapace_runtime::agent::ContainerStats, AgentError> {
-        let pids = self.list_processes(cid)?.len() as u64;
+    async fn stats(
+        &self,
+        cid: &str,
+    ) -> Result<carapace_runtime::agent::ContainerStats, AgentError> {
+        let pids = self.list_processes(cid).await?.len() as u64;
         let mut s = carapace_runtime::agent::ContainerStats::default();
         s.pids.mut_or_insert_default().current = pids;
         s.memory.mut_or_insert_default().usage = 4096 * pids;
         Ok(s)
     }
-    fn next_oom_event(&self) -> Result<String, AgentError> {
-        let mut q = self.ooms.lock().expect("lock");
+    async fn next_oom_event(&self) -> Result<String, AgentError> {
         loop {
-            if let Some(id) = q.pop_front() {
+            if let Some(id) = self.ooms.lock().expect("lock").pop_front() {
                 return Ok(id);
             }
-            q = self.oom_added.wait(q).expect("wait");
+            tokio::time::sleep(POLL).await;
         }
     }
 }
@@ -249,18 +276,28 @@ struct FakeBackend {
     fail_create: bool,
 }
 
+#[async_trait::async_trait]
 impl Backend for FakeBackend {
-    fn create(
+    async fn create(
         &self,
         id: &str,
-        _bundle: &Path,
+        _bundle: &Bundle,
         rootfs: &[RootfsMount],
         role: &Role,
-    ) -> Result<Arc<dyn AgentApi>, BackendError> {
+        pod: Option<&Session>,
+    ) -> Result<Session, BackendError> {
         self.calls
             .lock()
             .expect("lock")
             .push(format!("create {id} {role:?} mounts={}", rootfs.len()));
+        if let Some(pod) = pod {
+            let ours: Session = self.agent.clone();
+            assert!(Arc::ptr_eq(pod, &ours), "a pod's session is the VM's");
+            self.calls
+                .lock()
+                .expect("lock")
+                .push(format!("joined {id} over the pod's session"));
+        }
         if self.fail_create {
             return Err(BackendError::new(
                 "booting the VM of",
@@ -270,7 +307,7 @@ impl Backend for FakeBackend {
         }
         Ok(self.agent.clone())
     }
-    fn start(&self, id: &str, _role: &Role) -> Result<u32, BackendError> {
+    async fn start(&self, id: &str, _role: &Role, _: &Session) -> Result<u32, BackendError> {
         self.calls.lock().expect("lock").push(format!("start {id}"));
         Ok(self.agent.launch(id, ""))
     }
@@ -280,14 +317,20 @@ impl Backend for FakeBackend {
             .expect("lock")
             .push(format!("exit {id} {}", exit.exit_status));
     }
-    fn delete(&self, id: &str, _bundle: &Path, role: &Role) -> Result<(), BackendError> {
+    async fn delete(
+        &self,
+        id: &str,
+        _bundle: &Path,
+        role: &Role,
+        _: Option<&Session>,
+    ) -> Result<(), BackendError> {
         self.calls
             .lock()
             .expect("lock")
             .push(format!("delete {id} {role:?}"));
         Ok(())
     }
-    fn cleanup(&self, id: &str, _bundle: &Path) -> Result<(), BackendError> {
+    async fn cleanup(&self, id: &str, _bundle: &Path) -> Result<(), BackendError> {
         self.calls
             .lock()
             .expect("lock")
@@ -688,6 +731,11 @@ async fn a_pod_vm_outlives_its_sandbox_until_the_last_container_is_deleted() {
     f.tasks.delete("p1", "").await.expect("delete p1");
     assert!(!f.tasks.is_empty(), "the pod's containers remain");
     let calls = || f.backend.calls.lock().expect("lock").clone();
+    // the pod's containers joined over the VM's session (no second connection)
+    for id in ["c1", "c2"] {
+        let joined = format!("joined {id} over the pod's session");
+        assert!(calls().contains(&joined), "{:?}", calls());
+    }
     assert!(
         !calls().iter().any(|c| c.starts_with("delete p1")),
         "{:?}",

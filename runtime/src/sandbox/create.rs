@@ -1,0 +1,384 @@
+//! Creating sandboxes and pod containers: the host steps (state directory, mounts, fs
+//! daemon, VMM) run as blocking work, the guest steps (reaching the agent, CreateSandbox,
+//! CreateContainer) on the caller's async runtime over one [`Session`], which the caller
+//! keeps. A failure in either half tears down everything recorded so far.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{AGENT_RETRY, FSD_SOCKET_TIMEOUT, Placement, Runtime, SandboxError, SandboxPaths};
+use super::{blocking, io_err};
+use crate::agent::{AgentError, Session, Share};
+use crate::launcher::{FsRequest, VmPaths, VmRequest, check_image, vm_description};
+use crate::oci::{self, Bundle, GUEST_SHARED_DIR, SHARED_FS_TAG};
+use crate::process::{ProcessRecord, log_tail, wait_for_socket};
+use crate::state::{MountRecord, SandboxState, Status};
+
+/// A sandbox whose host side is up: its VMM is booting the guest.
+#[derive(Debug)]
+struct Booting {
+    st: SandboxState,
+    paths: SandboxPaths,
+    vmm: ProcessRecord,
+    hostname: String,
+    spec_bytes: Vec<u8>,
+    started: Instant,
+}
+
+/// A pod container whose binds are in place and whose guest spec is written.
+#[derive(Debug)]
+struct Joining {
+    st: SandboxState,
+    sandbox: SandboxState,
+    spec_bytes: Vec<u8>,
+}
+
+impl Runtime {
+    /// Creates sandbox and container `id` from `bundle`; returns its state and the session
+    /// to its agent, which the caller keeps for every later request to this VM. On error
+    /// nothing is left behind.
+    pub async fn create(
+        &self,
+        id: &str,
+        bundle: &Bundle,
+    ) -> Result<(SandboxState, Session), SandboxError> {
+        let rt = self.clone();
+        let (id_owned, bundle) = (id.to_owned(), bundle.clone());
+        let mut booting = blocking(move || rt.create_host(&id_owned, &bundle)).await?;
+        match self.create_guest(&mut booting).await {
+            Ok(session) => Ok((booting.st, session)),
+            Err(error) => {
+                let rt = self.clone();
+                let st = booting.st;
+                Err(blocking(move || Ok(rt.torn_down(&st, error))).await?)
+            }
+        }
+    }
+
+    /// The host half of a create: everything up to a started VMM.
+    fn create_host(&self, id: &str, bundle: &Bundle) -> Result<Booting, SandboxError> {
+        crate::state::validate_id(id)?;
+        let paths = self.paths(id)?;
+        let guest_shared = match self.placement {
+            Placement::Vm => PathBuf::from(GUEST_SHARED_DIR),
+            Placement::HostAgent => paths.shared.clone(),
+        };
+        let guest = oci::translate(bundle, id, &guest_shared, None)?;
+        if self.placement == Placement::Vm {
+            check_image(&self.config)?;
+        }
+        self.store.create_dir(id)?;
+        let mut st = SandboxState::new(id, &bundle.dir, guest.annotations.clone());
+        match self.host_steps(&mut st, &guest, &paths) {
+            Ok((vmm, spec_bytes, started)) => Ok(Booting {
+                hostname: guest.hostname.clone().unwrap_or_else(|| id.to_owned()),
+                st,
+                paths,
+                vmm,
+                spec_bytes,
+                started,
+            }),
+            Err(error) => Err(self.torn_down(&st, error)),
+        }
+    }
+
+    /// Tears `st` down after `error`; returns the error to report.
+    fn torn_down(&self, st: &SandboxState, error: SandboxError) -> SandboxError {
+        tracing::error!(id = st.id, %error, "create failed, tearing down");
+        match self.teardown(st) {
+            Ok(()) => error,
+            Err(teardown) => SandboxError::WithTeardown {
+                error: Box::new(error),
+                teardown: Box::new(teardown),
+            },
+        }
+    }
+
+    fn host_steps(
+        &self,
+        st: &mut SandboxState,
+        guest: &oci::GuestSpec,
+        paths: &SandboxPaths,
+    ) -> Result<(ProcessRecord, Vec<u8>, Instant), SandboxError> {
+        let id = st.id.clone();
+        self.store.save(st)?;
+        // Recorded before they exist, so that a crash in between still tears them down.
+        st.mounts.push(MountRecord {
+            source: PathBuf::from("tmpfs"),
+            target: paths.stage.clone(),
+            read_only: false,
+        });
+        st.mounts.push(MountRecord {
+            source: paths.stage.clone(),
+            target: paths.shared.clone(),
+            read_only: true,
+        });
+        self.store.save(st)?;
+        self.mounter.prepare_export(&paths.stage, &paths.shared)?;
+        self.bind_all(st, guest, paths)?;
+        let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
+        std::fs::write(&paths.guest_spec, &spec_bytes)
+            .map_err(io_err("writing", &paths.guest_spec))?;
+
+        tracing::info!(id, "starting fs daemon");
+        let fsd = self.launcher.start_fs_daemon(&FsRequest {
+            shared_dir: paths.shared.clone(),
+            socket: paths.fsd_socket.clone(),
+            log: paths.fsd_log.clone(),
+        })?;
+        st.fsd = Some(fsd);
+        self.store.save(st)?;
+        wait_for_socket(
+            "fs daemon",
+            &fsd,
+            &paths.fsd_socket,
+            &paths.fsd_log,
+            FSD_SOCKET_TIMEOUT,
+        )?;
+
+        let resources = self.config.vm_resources(&[guest.limits]);
+        let desc = vm_description(
+            &self.config,
+            resources,
+            &VmPaths {
+                vsock: paths.vsock.clone(),
+                api: paths.api.clone(),
+                fs_socket: paths.fsd_socket.clone(),
+                console: self.config.debug.console.then(|| paths.console.clone()),
+            },
+        );
+        std::fs::write(
+            &paths.vm_json,
+            serde_json::to_vec_pretty(&desc).unwrap_or_default(),
+        )
+        .map_err(io_err("writing", &paths.vm_json))?;
+        tracing::info!(id, ?resources, "starting VMM");
+        let started = Instant::now();
+        let vmm = self.launcher.start_vmm(&VmRequest {
+            description: paths.vm_json.clone(),
+            vsock: paths.vsock.clone(),
+            log: paths.vmm_log.clone(),
+        })?;
+        st.vmm = Some(vmm);
+        self.store.save(st)?;
+        Ok((vmm, spec_bytes, started))
+    }
+
+    /// The guest half of a create: reach the agent, set the sandbox up, create the container.
+    async fn create_guest(&self, b: &mut Booting) -> Result<Session, SandboxError> {
+        let id = b.st.id.clone();
+        let timeout = Duration::from_millis(self.config.agent.boot_timeout_ms);
+        let agent = self.connect_until(&b.vmm, &b.paths, timeout).await?;
+        let agent_ms = b.started.elapsed().as_millis() as u64;
+        match self.placement {
+            Placement::Vm => {
+                let share = Share {
+                    tag: SHARED_FS_TAG.to_owned(),
+                    mount_point: GUEST_SHARED_DIR.to_owned(),
+                    read_only: false,
+                };
+                agent.create_sandbox(&id, &b.hostname, &[share]).await?;
+            }
+            Placement::HostAgent => agent.create_sandbox(&id, "", &[]).await?,
+        }
+        let sandbox_ms = b.started.elapsed().as_millis() as u64 - agent_ms;
+        agent.create_container(&id, &b.spec_bytes).await?;
+        b.st.status = Status::Created;
+        self.store.save(&b.st)?;
+        tracing::info!(
+            id,
+            agent_ms,
+            sandbox_ms,
+            container_ms = b.started.elapsed().as_millis() as u64 - agent_ms - sandbox_ms,
+            "created (VMM start -> agent answering, CreateSandbox, CreateContainer)"
+        );
+        Ok(agent)
+    }
+
+    /// Retries connecting until the agent answers, the VMM dies or `timeout` passes.
+    pub(super) async fn connect_until(
+        &self,
+        vmm: &ProcessRecord,
+        paths: &SandboxPaths,
+        timeout: Duration,
+    ) -> Result<Session, SandboxError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !vmm.is_alive() {
+                return Err(self.vmm_exited(vmm, paths));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let attempt = remaining.min(Duration::from_secs(1));
+            let last = match self.connector.connect(&paths.vsock, attempt).await {
+                Ok(agent) => return Ok(agent),
+                Err(AgentError::Connect {
+                    source:
+                        source @ carapace_protocol::client::ClientError::IncompatibleAgent { .. },
+                    socket,
+                }) => return Err(AgentError::Connect { socket, source }.into()),
+                Err(e) => e,
+            };
+            if Instant::now() + AGENT_RETRY >= deadline {
+                if !vmm.is_alive() {
+                    return Err(self.vmm_exited(vmm, paths));
+                }
+                return Err(SandboxError::AgentTimeout {
+                    socket: paths.vsock.clone(),
+                    timeout,
+                    log: if self.config.debug.console {
+                        paths.console.clone()
+                    } else {
+                        paths.vmm_log.clone()
+                    },
+                    last: Box::new(last),
+                });
+            }
+            tracing::trace!(error = %last, "agent not answering yet");
+            tokio::time::sleep(AGENT_RETRY).await;
+        }
+    }
+
+    fn vmm_exited(&self, vmm: &ProcessRecord, paths: &SandboxPaths) -> SandboxError {
+        SandboxError::VmmExited {
+            pid: vmm.pid,
+            log: paths.vmm_log.clone(),
+            tail: log_tail(&paths.vmm_log),
+        }
+    }
+
+    /// Creates container `cid` from `bundle` inside the running VM of pod sandbox
+    /// `sandbox_id` (a sandbox made by [`Runtime::create`]): its rootfs and bind-mount
+    /// sources are bound under `<sandbox>/stage/<cid>/`, appear in the `shared/` the
+    /// sandbox's fs daemon already exports, and the agent of that VM creates the container,
+    /// through `session` when the caller holds the pod's session, else through a new one.
+    /// The container gets a state directory of its own (`sandbox_id` set, no fs daemon or
+    /// VMM). Returns its state and the session used. On error nothing of it is left
+    /// behind; the sandbox is untouched.
+    pub async fn create_in_sandbox(
+        &self,
+        sandbox_id: &str,
+        cid: &str,
+        bundle: &Bundle,
+        session: Option<&Session>,
+    ) -> Result<(SandboxState, Session), SandboxError> {
+        let rt = self.clone();
+        let (sid, id, b) = (sandbox_id.to_owned(), cid.to_owned(), bundle.clone());
+        let mut joining = blocking(move || rt.join_host(&sid, &id, &b)).await?;
+        match self.join_guest(&mut joining, session).await {
+            Ok(session) => Ok((joining.st, session)),
+            Err(error) => {
+                tracing::error!(cid, sandbox_id, %error, "create in sandbox failed, tearing down");
+                let rt = self.clone();
+                let (st, sid) = (joining.st, sandbox_id.to_owned());
+                Err(blocking(move || Ok(rt.member_torn_down(&st, &sid, error))).await?)
+            }
+        }
+    }
+
+    fn member_torn_down(
+        &self,
+        st: &SandboxState,
+        sandbox_id: &str,
+        error: SandboxError,
+    ) -> SandboxError {
+        match self.teardown_member(st, sandbox_id) {
+            Ok(()) => error,
+            Err(teardown) => SandboxError::WithTeardown {
+                error: Box::new(error),
+                teardown: Box::new(teardown),
+            },
+        }
+    }
+
+    fn join_host(
+        &self,
+        sandbox_id: &str,
+        cid: &str,
+        bundle: &Bundle,
+    ) -> Result<Joining, SandboxError> {
+        crate::state::validate_id(cid)?;
+        let sandbox = self.store.load(sandbox_id)?;
+        let vm_alive = sandbox.vmm.is_some_and(|v| v.is_alive());
+        if sandbox.sandbox_id.is_some() || sandbox.status == Status::Creating || !vm_alive {
+            return Err(SandboxError::WrongStatus {
+                id: sandbox_id.to_owned(),
+                status: if sandbox.sandbox_id.is_some() {
+                    "a container of another sandbox"
+                } else if vm_alive {
+                    "still being created"
+                } else {
+                    "without a running VM"
+                },
+                op: "host another container",
+            });
+        }
+        let sandbox_paths = self.paths(sandbox_id)?;
+        let guest_shared = match self.placement {
+            Placement::Vm => PathBuf::from(GUEST_SHARED_DIR),
+            Placement::HostAgent => sandbox_paths.shared.clone(),
+        };
+        let guest = oci::translate(bundle, cid, &guest_shared, sandbox.guest_pid)?;
+        self.store.create_dir(cid)?;
+        let mut st = SandboxState::new(cid, &bundle.dir, guest.annotations.clone());
+        st.sandbox_id = Some(sandbox_id.to_owned());
+        let bound = (|| {
+            self.store.save(&st)?;
+            self.bind_all(&mut st, &guest, &sandbox_paths)?;
+            let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
+            let spec_path = self.paths(&st.id)?.guest_spec;
+            std::fs::write(&spec_path, &spec_bytes).map_err(io_err("writing", &spec_path))?;
+            Ok(spec_bytes)
+        })();
+        match bound {
+            Ok(spec_bytes) => Ok(Joining {
+                st,
+                sandbox,
+                spec_bytes,
+            }),
+            Err(error) => {
+                tracing::error!(cid, sandbox_id, %error, "create in sandbox failed, tearing down");
+                Err(self.member_torn_down(&st, sandbox_id, error))
+            }
+        }
+    }
+
+    async fn join_guest(
+        &self,
+        j: &mut Joining,
+        session: Option<&Session>,
+    ) -> Result<Session, SandboxError> {
+        let agent = match session {
+            Some(s) => s.clone(),
+            None => self.connect(&j.sandbox).await?,
+        };
+        agent.create_container(&j.st.id, &j.spec_bytes).await?;
+        j.st.status = Status::Created;
+        self.store.save(&j.st)?;
+        tracing::info!(id = j.st.id, sandbox = ?j.st.sandbox_id, "created in the pod's VM");
+        Ok(agent)
+    }
+
+    /// Binds every source of `guest` under the sandbox's stage (recorded first).
+    fn bind_all(
+        &self,
+        st: &mut SandboxState,
+        guest: &oci::GuestSpec,
+        sandbox_paths: &SandboxPaths,
+    ) -> Result<(), SandboxError> {
+        for bind in &guest.binds {
+            st.mounts.push(MountRecord {
+                source: bind.source.clone(),
+                target: sandbox_paths.stage.join(&bind.target),
+                read_only: bind.read_only,
+            });
+            self.store.save(st)?;
+            self.mounter.bind(
+                &bind.source,
+                &sandbox_paths.stage,
+                &bind.target,
+                bind.options(),
+            )?;
+        }
+        Ok(())
+    }
+}
