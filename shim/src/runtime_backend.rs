@@ -27,15 +27,8 @@ impl RuntimeBackend {
     /// and builds the runtime.
     pub fn from_env() -> Result<Self, String> {
         let env = std::env::var_os(carapace_config::ENV_VAR).map(std::path::PathBuf::from);
-        let loaded = carapace_config::load(None, env.as_deref()).map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            msg
-        })?;
+        let loaded =
+            carapace_config::load(None, env.as_deref()).map_err(|e| carapace_errors::chain(&e))?;
         let config = loaded.config;
         let root = config.runtime.state_dir.clone();
         let host_agent = std::env::var_os(HOST_AGENT_ENV).map(std::path::PathBuf::from);

@@ -90,13 +90,7 @@ fn status(e: TaskError) -> containerd_shim::protos::ttrpc::Error {
         }
         _ => Code::INTERNAL,
     };
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
+    let msg = carapace_errors::chain(&e);
     tracing::warn!(error = %msg, "request failed");
     get_rpc_status(code, msg)
 }

@@ -106,13 +106,10 @@ fn build_image() -> BuildReport {
         force: false,
     };
     let report = image::build(&opts).unwrap_or_else(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!("\n  caused by: {s}"));
-            src = s.source();
-        }
-        panic!("building the guest image failed: {msg}")
+        panic!(
+            "building the guest image failed: {}",
+            carapace_errors::chain(&e)
+        )
     });
     // The installed files must pass the same validation `carapace-image check` does.
     image::check_kernel(&report.kernel).expect("installed kernel passes check");

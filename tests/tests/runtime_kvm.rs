@@ -188,16 +188,7 @@ kvm_test! {
                 std::fs::read_to_string(tmp.path().join("console.log")).unwrap_or_default()
             )
         };
-        let chain = |e: &dyn std::error::Error| {
-            let mut s = e.to_string();
-            let mut src = e.source();
-            while let Some(c) = src {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                src = c.source();
-            }
-            s
-        };
+        let chain = carapace_errors::chain;
         let agent = loop {
             assert!(vmm.is_alive(), "VMM exited\n{}", logs());
             match rt.block_on(connector.connect(&paths.vsock, Duration::from_secs(5))) {

@@ -586,13 +586,7 @@ fn vmm_killed_midway_shows_stopped_and_delete_cleans_up() {
 fn create_fails(s: Setup, expect: &[&str]) -> Fixture {
     let f = fixture(s);
     let err = f.rt.create("c1", &f.bundle).unwrap_err();
-    let mut chain = err.to_string();
-    let mut src = std::error::Error::source(&err);
-    while let Some(s) = src {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        src = s.source();
-    }
+    let chain = carapace_errors::chain(&err);
     for e in expect {
         assert!(chain.contains(e), "expected {e:?} in: {chain}");
     }

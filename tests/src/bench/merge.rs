@@ -8,6 +8,7 @@
 //! other key is refused.
 
 use super::{BenchError, Report, Row, Samples};
+use carapace_errors::chain;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -156,14 +157,6 @@ pub fn part_name(path: &Path) -> String {
     stem.strip_prefix("partial-")
         .map(str::to_owned)
         .unwrap_or(stem)
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    std::iter::successors(Some(e), |e| e.source())
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 /// Merges partial reports in the order given (callers give them in phase order): rows,
