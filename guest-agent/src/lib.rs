@@ -19,8 +19,8 @@ pub mod sys;
 
 use std::sync::Arc;
 
-/// Serves the agent API on `addr` (`vsock://-1:1023`, `unix:///path`) until a shutdown
-/// request; returns why it stopped.
+/// Serves the agent API on `addr` (`vsock://-1:1023`, `unix:///path`) until the sandbox is
+/// destroyed (in the guest) or SIGINT; returns why it stopped.
 pub async fn serve(
     addr: &str,
     config: core::Config,
@@ -31,8 +31,6 @@ pub async fn serve(
         // A stale socket from a previous run would make bind fail.
         let _ = std::fs::remove_file(path);
     }
-    std::fs::create_dir_all(&config.shared_dir)
-        .with_context(|| format!("creating shared dir {}", config.shared_dir.display()))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mode = config.mode;
     let grace = config.stop_grace;
@@ -76,7 +74,7 @@ pub async fn serve(
             core::ShutdownKind::Interrupted
         }
     };
-    // Let the reply to the request that asked for shutdown go out first.
+    // Let the reply to the DestroySandbox that asked for the power-off go out first.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let _ = server.shutdown().await;
     Ok(why)

@@ -37,9 +37,9 @@ struct Args {
     /// mount exists, else no cgroups (limits, stats and pause are then refused).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// Directory that CopyFile writes into. Default: /run/carapace/shared (guest),
-    /// <socket dir>/shared (host mode).
-    #[arg(long)]
+    /// Ignored (it was CopyFile's directory; CopyFile is gone). Accepted while the
+    /// runtime's host-mode launcher still passes it.
+    #[arg(long, hide = true)]
     shared_dir: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax). Guest default: carapace.log= on the kernel
     /// command line, else "info".
@@ -159,15 +159,10 @@ fn run_host(args: Args) -> anyhow::Result<ExitCode> {
     let listen = args
         .listen
         .context("--host-mode needs --listen unix:///path/agent.sock")?;
-    let sock = listen
-        .strip_prefix("unix://")
-        .map(PathBuf::from)
-        .context("--listen in host mode must be unix:///path")?;
-    let shared_dir = args.shared_dir.unwrap_or_else(|| {
-        sock.parent()
-            .unwrap_or(std::path::Path::new("/tmp"))
-            .join("shared")
-    });
+    anyhow::ensure!(
+        listen.starts_with("unix://"),
+        "--listen in host mode must be unix:///path"
+    );
     let cgroup_root = args.cgroup_root.or_else(|| {
         carapace_agent::cgroup::CgroupRoot::detect()
             .map(|p| p.with_file_name(format!("carapace-agent-{}", std::process::id())))
@@ -177,7 +172,6 @@ fn run_host(args: Args) -> anyhow::Result<ExitCode> {
     let config = Config {
         mode: Mode::Host,
         cgroup_root: cgroup_root.clone(),
-        shared_dir,
         stop_grace: args
             .stop_grace_secs
             .map_or(DEFAULT_STOP_GRACE, Duration::from_secs),
@@ -223,9 +217,6 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
                 .or(settings.cgroup_root.map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/carapace")),
         ),
-        shared_dir: args
-            .shared_dir
-            .unwrap_or_else(|| PathBuf::from("/run/carapace/shared")),
         stop_grace: args
             .stop_grace_secs
             .or(settings.stop_grace_secs)

@@ -94,14 +94,6 @@ impl Agent for AgentService {
         })
     }
 
-    async fn health(&self, _ctx: &TtrpcContext, _req: Empty) -> Reply<HealthResponse> {
-        Ok(HealthResponse {
-            status: "SERVING".into(),
-            uptime_ms: self.core.uptime_ms(),
-            ..Default::default()
-        })
-    }
-
     async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> Reply<Empty> {
         let spec = core::SandboxSpec {
             id: req.sandbox_id,
@@ -296,23 +288,6 @@ impl Agent for AgentService {
     async fn set_guest_time(&self, _ctx: &TtrpcContext, req: SetTimeRequest) -> Reply<Empty> {
         empty(self.core.set_guest_time(req.sec, req.nsec))
     }
-
-    async fn copy_file(&self, _ctx: &TtrpcContext, req: CopyFileRequest) -> Reply<Empty> {
-        let chunk = core::CopyFile {
-            path: req.path,
-            data: req.data,
-            offset: req.offset,
-            mode: req.mode,
-            uid: req.uid,
-            gid: req.gid,
-        };
-        empty(core::copy_file(&self.core.config().shared_dir, &chunk))
-    }
-
-    async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> Reply<Empty> {
-        self.core.shutdown().await;
-        Ok(Empty::new())
-    }
 }
 
 #[cfg(test)]
@@ -424,6 +399,36 @@ mod tests {
         let e = crate::core::kill_error("c1", 36, Signal::SIGKILL, nix::Error::EPERM);
         assert_eq!(code(&e), Code::INTERNAL, "{e}");
         assert!(e.to_string().contains("kill(36, SIGKILL)"), "{e}");
+    }
+
+    /// The generated trait answers an RPC it has no implementation for with NOT_FOUND
+    /// "... is not supported", which a host would read as "no such container": every RPC
+    /// of the proto must be implemented here.
+    #[test]
+    fn every_rpc_of_the_proto_is_implemented() {
+        let proto = include_str!("../protocol/proto/agent.proto");
+        let this = include_str!("service.rs");
+        let rpcs: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .filter_map(|l| l.split('(').next())
+            .map(str::trim)
+            .collect();
+        assert!(rpcs.len() >= 20, "rpcs parsed from agent.proto: {rpcs:?}");
+        for rpc in rpcs {
+            let mut snake = String::new();
+            for (i, c) in rpc.chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    snake.push('_');
+                }
+                snake.push(c.to_ascii_lowercase());
+            }
+            assert!(
+                this.contains(&format!("async fn {snake}(")),
+                "{rpc} is left on the generated default (NOT_FOUND): implement it, or \
+                 answer UNIMPLEMENTED explicitly"
+            );
+        }
     }
 
     fn status_code(e: ttrpc::Error) -> Code {

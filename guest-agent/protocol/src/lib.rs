@@ -45,7 +45,10 @@ pub mod client;
 /// Version of this API. Bumped on every incompatible change of `proto/agent.proto`
 /// (removed/renumbered fields, changed semantics); the host refuses an agent that
 /// reports a different value.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// - 1: the first API;
+/// - 2: Health, CopyFile and Shutdown removed (no host caller; Version is the probe).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The guest vsock port the agent listens on: a privileged port (≤ 1023, binding it needs
 /// CAP_NET_BIND_SERVICE in the guest), so no container process can take it over.
@@ -58,5 +61,5 @@ pub const HOST_CID: u32 = 2;
 /// limit is 4 MiB; one read stays well below it).
 pub const MAX_READ_CHUNK: u32 = 1 << 20;
 
-/// Upper bound on bytes in one `WriteStdin` or `CopyFile` request.
+/// Upper bound on bytes in one `WriteStdin` request.
 pub const MAX_WRITE_CHUNK: usize = 2 << 20;

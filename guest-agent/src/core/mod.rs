@@ -9,12 +9,10 @@
 //!   resources, the orderly stop of every container;
 //! - `stdio`: reads of stdout/stderr, stdin writes and close, terminal size;
 //! - `oom`: the OOM event queue fed by `crate::oom`'s wake-ups;
-//! - `sandbox`: the sandbox (shares, hostname, sysctls), the guest clock, power-off;
-//! - `files`: CopyFile into the shared-files directory.
+//! - `sandbox`: the sandbox (shares, hostname, sysctls), the guest clock, power-off.
 
 mod containers;
 mod create;
-mod files;
 mod oom;
 mod sandbox;
 pub mod state;
@@ -23,7 +21,7 @@ pub mod table;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cgroup::{CgroupError, CgroupRoot};
 use crate::error::chain;
@@ -33,7 +31,6 @@ use crate::reaper::Reaper;
 
 #[cfg(test)]
 pub(crate) use containers::kill_error;
-pub use files::{CopyFile, copy_file};
 pub use sandbox::{SandboxSpec, Share};
 pub use state::{CState, Op, StateError};
 pub use stdio::{Chunk, Stream};
@@ -100,8 +97,6 @@ pub enum Mode {
 pub struct Config {
     pub mode: Mode,
     pub cgroup_root: Option<PathBuf>,
-    /// Directory CopyFile writes under.
-    pub shared_dir: PathBuf,
     /// How long an orderly shutdown (Ctrl-Alt-Del in the guest, SIGINT/SIGTERM in host
     /// mode) gives containers between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
@@ -113,7 +108,7 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 /// Why the server should stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShutdownKind {
-    /// Shutdown RPC or sandbox destroyed.
+    /// The sandbox was destroyed (DestroySandbox): in the guest, power off.
     PowerOff,
     /// SIGINT: in the guest, the kernel's Ctrl-Alt-Del (the VMM's shutdown request, with
     /// RB_DISABLE_CAD set); the containers were stopped in order (see [`Core::stop_all`]).
@@ -139,7 +134,6 @@ pub struct Core {
     shares: Mutex<Vec<PathBuf>>,
     oom: oom::OomQueue,
     oom_watch: Arc<crate::oom::OomWatcher>,
-    started: Instant,
     shutdown: tokio::sync::mpsc::UnboundedSender<ShutdownKind>,
     set_clock: SetClock,
 }
@@ -181,22 +175,11 @@ impl Core {
             shares: Mutex::default(),
             oom: oom::OomQueue::default(),
             oom_watch: Arc::new(crate::oom::OomWatcher::new()),
-            started: Instant::now(),
             shutdown,
             set_clock,
         });
         oom::spawn_poller(&core);
         Ok(core)
-    }
-
-    /// The agent's settings.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// Milliseconds since the core started.
-    pub fn uptime_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 

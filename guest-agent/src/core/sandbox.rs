@@ -120,7 +120,8 @@ impl Core {
         Ok(())
     }
 
-    /// Sets the guest's realtime clock (guest only: the host calls it after a resume).
+    /// Sets the guest's realtime clock (guest only). For the host to call after a VM-level
+    /// pause or a snapshot restore (warm start), neither of which exists yet.
     pub fn set_guest_time(&self, sec: i64, nsec: u32) -> Result<()> {
         if self.config.mode == Mode::Host {
             return Err(CoreError::HostMode("SetGuestTime"));
@@ -130,16 +131,6 @@ impl Core {
             op: "clock_settime(CLOCK_REALTIME)".into(),
             source: e.into(),
         })
-    }
-
-    /// Removes every container and stops the server (in the guest: after unmounting the
-    /// shares, a power-off).
-    pub async fn shutdown(&self) {
-        self.destroy_all().await;
-        if self.config.mode == Mode::Guest {
-            self.unmount_shares();
-        }
-        let _ = self.shutdown.send(ShutdownKind::PowerOff);
     }
 
     /// Flushes and unmounts the sandbox's virtio-fs shares (last mounted first), so that

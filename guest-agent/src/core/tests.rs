@@ -32,7 +32,6 @@ pub(crate) fn core(mode: Mode) -> Arc<Core> {
     let config = Config {
         mode,
         cgroup_root: None,
-        shared_dir: std::env::temp_dir(),
         stop_grace: Duration::from_millis(100),
     };
     Core::with_clock(config, tx, fake_clock).unwrap()

@@ -70,6 +70,16 @@ pub async fn start_agent_logging(extra: &[&str], to_file: bool) -> Agent {
     Agent { child, dir, client }
 }
 
+/// Asserts that the agent still answers: the Version RPC (the host's handshake).
+pub async fn assert_serving(a: &Agent) {
+    let v = a
+        .client
+        .version(ctx(), &VersionRequest::default())
+        .await
+        .expect("the agent answers Version");
+    assert_eq!(v.protocol_version, carapace_protocol::PROTOCOL_VERSION);
+}
+
 /// A busybox rootfs and a default spec running `args` in it.
 pub fn spec(dir: &Path, args: &[&str]) -> Value {
     let rootfs = dir.join(format!("rootfs-{}", args.join("_").len() + rand_suffix()));
