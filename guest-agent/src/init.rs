@@ -132,7 +132,7 @@ pub fn main(config_fd: RawFd, status_fd: RawFd, start_fd: RawFd, console_fd: Opt
         helper(cfg, &mut status, start, console)
     })();
     if let Err(e) = result {
-        let _ = status_line(&mut status, &format!("E{}", crate::error::chain(&e)));
+        let _ = status_line(&mut status, &format!("E{}", carapace_errors::chain(&e)));
         std::process::exit(1);
     }
     std::process::exit(0);
@@ -175,7 +175,7 @@ fn helper(
         nix::unistd::ForkResult::Child => {
             let result = child(&cfg, status, start, console);
             if let Err(e) = result {
-                let _ = status_line(status, &format!("E{}", crate::error::chain(&e)));
+                let _ = status_line(status, &format!("E{}", carapace_errors::chain(&e)));
                 std::process::exit(127);
             }
             unreachable!("child() only returns on error");

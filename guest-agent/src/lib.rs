@@ -3,7 +3,6 @@
 pub mod cgroup;
 pub mod console;
 pub mod core;
-pub mod error;
 pub mod ids;
 pub mod init;
 pub mod listen;

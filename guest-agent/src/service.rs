@@ -11,7 +11,7 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::cgroup::CgroupError;
 use crate::core::{self, Core, CoreError};
-use crate::error::chain;
+use carapace_errors::chain;
 
 /// The status code of each kind of error. The host relies on FAILED_PRECONDITION meaning
 /// "wrong state" (`AgentError::is_wrong_state` in the runtime).

@@ -12,10 +12,10 @@ use super::state::{CState, Op, StateError};
 use super::table::Container;
 use super::{Core, CoreError, Result};
 use crate::cgroup::{Cgroup, CgroupError};
-use crate::error::chain;
 use crate::init::{InitConfig, InitKind};
 use crate::process::Proc;
 use crate::reaper::Exit;
+use carapace_errors::chain;
 
 /// The error of a failed `kill(pid, sig)` of a process this agent still had as live. ESRCH
 /// means the reaper collected it in between (its exit is on the way to the process's

@@ -8,9 +8,9 @@ use oci_spec::runtime::{LinuxResources, Process, Spec};
 use super::table::{Container, StartPipe};
 use super::{Core, CoreError, Result};
 use crate::cgroup::{Cgroup, CgroupError};
-use crate::error::chain;
 use crate::ids::validate_id;
 use crate::init::{InitConfig, InitKind};
+use carapace_errors::chain;
 
 impl Core {
     /// Creates container `id` from an OCI spec (JSON), in state `created`.

@@ -24,10 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cgroup::{CgroupError, CgroupRoot};
-use crate::error::chain;
 use crate::ids::IdError;
 use crate::process::SpawnError;
 use crate::reaper::Reaper;
+use carapace_errors::chain;
 
 #[cfg(test)]
 pub(crate) use containers::kill_error;

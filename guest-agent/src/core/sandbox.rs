@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use nix::sys::time::TimeSpec;
 
 use super::{Core, CoreError, Mode, Result, ShutdownKind};
-use crate::error::chain;
 use crate::ids::validate_id;
+use carapace_errors::chain;
 
 /// One virtio-fs share to mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
