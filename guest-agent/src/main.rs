@@ -37,10 +37,6 @@ struct Args {
     /// mount exists, else no cgroups (limits, stats and pause are then refused).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// Ignored (it was CopyFile's directory; CopyFile is gone). Accepted while the
-    /// runtime's host-mode launcher still passes it.
-    #[arg(long, hide = true)]
-    shared_dir: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax). Guest default: carapace.log= on the kernel
     /// command line, else "info".
     #[arg(long)]

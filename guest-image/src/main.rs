@@ -225,10 +225,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("carapace-image: error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            eprintln!("carapace-image: error: {e:#}");
             let code = if e.chain().any(|c| c.downcast_ref::<CheckFailed>().is_some()) {
                 7
             } else {

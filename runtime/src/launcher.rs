@@ -113,13 +113,10 @@ impl Launcher for HostAgentLauncher {
     }
 
     fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError> {
-        let dir = req.vsock.parent().unwrap_or(Path::new("/"));
         let mut cmd = Command::new(&self.agent);
         cmd.arg("--host-mode")
             .arg("--listen")
             .arg(format!("unix://{}", req.vsock.display()))
-            .arg("--shared-dir")
-            .arg(dir.join("agent-files"))
             .arg("--log")
             .arg(self.inner.config.debug.log_level.as_str());
         spawn_detached("host-mode agent", cmd, &req.log)

@@ -108,13 +108,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprint!("carapace-fsd: error: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                eprint!(": {s}");
-                src = s.source();
-            }
-            eprintln!();
+            eprintln!("carapace-fsd: error: {}", carapace_errors::Chain(&e));
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }

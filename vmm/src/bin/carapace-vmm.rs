@@ -221,12 +221,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
 }
 
 fn print_chain(e: &dyn std::error::Error) {
-    eprintln!("carapace-vmm: error: {e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        eprintln!("  caused by: {s}");
-        src = s.source();
-    }
+    eprintln!("carapace-vmm: error: {}", carapace_errors::Chain(e));
 }
 
 fn main() {
