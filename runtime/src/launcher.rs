@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_config::{Config, VmResources};
-use carapace_vm_config::{FsConfig, SerialOutput, VmConfig, VsockConfig};
+use carapace_vm_config::{FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 
-use crate::process::{ProcessError, ProcessRecord, spawn_detached};
+use crate::process::{ProcessError, ProcessRecord, spawn_detached, spawn_detached_with_fds};
 
 /// What the fs daemon serves and where.
 #[derive(Debug, Clone)]
@@ -26,13 +26,16 @@ pub struct FsRequest {
 
 /// How to start the VMM.
 #[derive(Debug, Clone)]
-pub struct VmRequest {
+pub struct VmRequest<'a> {
     /// The VM description file.
     pub description: PathBuf,
     /// The hybrid-vsock socket the description names (where the agent is reached).
     pub vsock: PathBuf,
     /// Its log.
     pub log: PathBuf,
+    /// The taps of the VM's NICs, handed to the VMM as descriptors 3, 4, ... (the
+    /// description's `tap_fd`s, in [`VmPaths::nics`] order).
+    pub taps: &'a [std::os::fd::BorrowedFd<'a>],
 }
 
 /// Starts the helper daemons.
@@ -40,7 +43,7 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// Starts the virtio-fs daemon (it must create `req.socket`).
     fn start_fs_daemon(&self, req: &FsRequest) -> Result<ProcessRecord, ProcessError>;
     /// Starts the VMM (it must create the description's vsock socket).
-    fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError>;
+    fn start_vmm(&self, req: &VmRequest<'_>) -> Result<ProcessRecord, ProcessError>;
 }
 
 /// Runs the configured binaries.
@@ -90,8 +93,8 @@ impl Launcher for BinaryLauncher {
         spawn_detached("fs daemon", cmd, &req.log)
     }
 
-    fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError> {
-        spawn_detached("VMM", self.vmm_command(req), &req.log)
+    fn start_vmm(&self, req: &VmRequest<'_>) -> Result<ProcessRecord, ProcessError> {
+        spawn_detached_with_fds("VMM", self.vmm_command(req), &req.log, req.taps)
     }
 }
 
@@ -112,7 +115,7 @@ impl Launcher for HostAgentLauncher {
         self.inner.start_fs_daemon(req)
     }
 
-    fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError> {
+    fn start_vmm(&self, req: &VmRequest<'_>) -> Result<ProcessRecord, ProcessError> {
         let mut cmd = Command::new(&self.agent);
         cmd.arg("--host-mode")
             .arg("--listen")
@@ -134,6 +137,9 @@ pub struct VmPaths {
     pub fs_socket: PathBuf,
     /// Guest console file, when kept.
     pub console: Option<PathBuf>,
+    /// MACs of the VM's NICs; the VMM gets their taps as descriptors 3, 4, ... in this
+    /// order ([`VmRequest::taps`]).
+    pub nics: Vec<[u8; 6]>,
 }
 
 /// The VM description (`carapace-vmm`'s own `VmConfig`, crate `carapace-vm-config`).
@@ -171,7 +177,25 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmC
     }];
     vm.rng = true;
     vm.api_socket = Some(paths.api.clone());
+    vm.net = paths
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, mac)| NetConfig {
+            tap: None,
+            tap_fd: Some(3 + i as i32),
+            mac: Some(format_mac(mac)),
+        })
+        .collect();
     vm
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Checks the guest image files exist before anything is started.
@@ -271,6 +295,7 @@ mod tests {
                 api: "/r/x/api.sock".into(),
                 fs_socket: "/r/x/fsd.sock".into(),
                 console: Some("/r/x/console.log".into()),
+                nics: vec![[0x52, 0x54, 0, 0x12, 0x34, 0x56]],
             },
         );
         assert_eq!(v.kernel, Path::new("/var/lib/carapace/guest/vmlinux"));
@@ -285,6 +310,10 @@ mod tests {
         assert!(v.cmdline.ends_with(" quiet"));
         assert_eq!(v.cmdline.matches("quiet").count(), 1);
         assert!(!v.cmdline.contains("console="), "the VMM adds it");
+        // one NIC: its tap is the first descriptor after stderr
+        assert_eq!(v.net.len(), 1);
+        assert_eq!(v.net[0].tap_fd, Some(3));
+        assert_eq!(v.net[0].mac.as_deref(), Some("52:54:00:12:34:56"));
         // no console kept: the kernel boots quietly
         let v = vm_description(
             &Config::default(),
@@ -297,6 +326,7 @@ mod tests {
                 api: "/r/x/api.sock".into(),
                 fs_socket: "/r/x/fsd.sock".into(),
                 console: None,
+                nics: vec![],
             },
         );
         assert_eq!(v.serial, SerialOutput::None);
@@ -314,6 +344,8 @@ mod tests {
             api: dir.path().join("api.sock"),
             fs_socket: dir.path().join("fsd.sock"),
             console: Some(dir.path().join("console.log")),
+            // The VMM checks a tap_fd is open in its process: none here.
+            nics: vec![],
         };
         // The corners of what the configuration accepts, and every container sizing in
         // between that the configuration's bounds let through.

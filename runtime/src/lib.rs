@@ -15,6 +15,7 @@ pub mod launcher;
 pub mod mount_setattr;
 pub mod mounts;
 pub mod oci;
+mod passfd;
 pub mod process;
 pub mod sandbox;
 pub mod state;

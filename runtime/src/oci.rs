@@ -114,6 +114,10 @@ pub struct GuestSpec {
     pub hostname: Option<String>,
     /// Whether the process wants a terminal.
     pub terminal: bool,
+    /// The host network namespace the spec names (CRI: the one its CNI plugins set up):
+    /// the VM gets its interfaces and every container of the VM runs in the guest's own
+    /// network namespace, so the spec sent to the agent has no network entry then.
+    pub netns: Option<PathBuf>,
 }
 
 /// A bundle whose `config.json` was read and schema-checked once; everything that needs the
@@ -185,7 +189,7 @@ fn options(mount: &Value) -> impl Iterator<Item = &str> {
 }
 
 /// Whether `path` is `/proc/<pod_init_pid>/ns/<kind>` for a namespace a pod shares
-/// (network is the VM's own and needs no path in the guest).
+/// (network is handled apart: see [`translate`]).
 fn is_pod_namespace(path: &str, pod_init_pid: u32, kind: &str) -> bool {
     matches!(kind, "ipc" | "uts" | "pid") && path == format!("/proc/{pod_init_pid}/ns/{kind}")
 }
@@ -199,6 +203,12 @@ fn is_pod_namespace(path: &str, pod_init_pid: u32, kind: &str) -> bool {
 /// `/proc/<that pid>/ns/<type>`: those paths name the same namespaces inside the guest and
 /// are kept, so the pod's containers share them as on runc. Any other namespace path is a
 /// host path that means nothing in the guest and is dropped (a fresh namespace is made).
+///
+/// A network namespace with a path is the pod's network (CRI: the sandbox's names the CNI
+/// namespace, its containers' name the sandbox's): it becomes [`GuestSpec::netns`] and the
+/// entry leaves the spec, so every container of the VM shares the guest's own network
+/// namespace, where the VM's interfaces are. Without a path (`ctr run`), the container gets
+/// a fresh namespace with loopback only, as on runc.
 pub fn translate(
     bundle: &Bundle,
     cid: &str,
@@ -309,10 +319,22 @@ pub fn translate(
             o.remove("hooks");
         }
     }
+    let mut netns = None;
     if let Some(ns) = spec
         .pointer_mut("/linux/namespaces")
         .and_then(Value::as_array_mut)
     {
+        ns.retain(|n| {
+            let network = n.get("type").and_then(Value::as_str) == Some("network");
+            match n.get("path").and_then(Value::as_str) {
+                Some(path) if network => {
+                    tracing::debug!(cid, path, "the pod's network: the guest's own namespace");
+                    netns = Some(PathBuf::from(path));
+                    false
+                }
+                _ => true,
+            }
+        });
         for n in ns.iter_mut() {
             let Some(o) = n.as_object_mut() else { continue };
             let kind = o
@@ -368,6 +390,7 @@ pub fn translate(
         limits,
         hostname,
         terminal,
+        netns,
     })
 }
 
@@ -454,8 +477,10 @@ mod tests {
         spec["annotations"] = json!({"k": "v"});
         spec["linux"]["resources"] =
             json!({"cpu": {"quota": 50000, "period": 100000}, "memory": {"limit": 1048576}});
-        spec["linux"]["namespaces"] =
-            json!([{"type": "network", "path": "/proc/1/ns/net"}, {"type": "pid"}]);
+        spec["linux"]["namespaces"] = json!([
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "pid", "path": "/proc/1/ns/pid"}
+        ]);
         spec["hooks"] = json!({"prestart": [{"path": "/bin/true"}]});
         let b = bundle(&spec);
         let g = tr(b.path(), "c1", Path::new(GUEST_SHARED_DIR), None).unwrap();
@@ -498,7 +523,9 @@ mod tests {
         assert_eq!(g.limits.cpu_quota_us, Some(50000));
         assert_eq!(g.limits.memory_limit_bytes, Some(1048576));
         assert!(g.json.get("hooks").is_none());
-        assert_eq!(g.json["linux"]["namespaces"][0], json!({"type": "network"}));
+        // the pod's network is the VM's: out of the guest spec, recorded for the host
+        assert_eq!(g.json["linux"]["namespaces"], json!([{"type": "pid"}]));
+        assert_eq!(g.netns.as_deref(), Some(Path::new("/var/run/netns/cni-1")));
         assert_eq!(g.hostname.as_deref(), Some("carapace"));
         assert!(g.terminal);
     }
@@ -519,7 +546,6 @@ mod tests {
         assert_eq!(
             g.json["linux"]["namespaces"],
             json!([
-                {"type": "network"},
                 {"type": "ipc", "path": "/proc/42/ns/ipc"},
                 {"type": "uts", "path": "/proc/42/ns/uts"},
                 {"type": "pid", "path": "/proc/42/ns/pid"},
@@ -540,6 +566,28 @@ mod tests {
         );
         let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
         assert_eq!(g.json["linux"]["namespaces"][0], json!({"type": "ipc"}));
+        assert_eq!(g.netns, None);
+    }
+
+    #[test]
+    fn a_network_namespace_without_a_path_stays_a_fresh_one_with_loopback() {
+        // `ctr run` without CNI: as on runc, the container gets a network namespace of its
+        // own (loopback only); the VM gets no interface.
+        let mut spec = base();
+        spec["linux"]["namespaces"] = json!([{"type": "network"}, {"type": "mount"}]);
+        let b = bundle(&spec);
+        let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
+        assert_eq!(
+            g.json["linux"]["namespaces"],
+            json!([{"type": "network"}, {"type": "mount"}])
+        );
+        assert_eq!(g.netns, None);
+        // a pod's container names the sandbox's network: it shares the guest's namespace
+        spec["linux"]["namespaces"] = json!([{"type": "network", "path": "/proc/42/ns/net"}]);
+        let b = bundle(&spec);
+        let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
+        assert_eq!(g.json["linux"]["namespaces"], json!([]));
+        assert_eq!(g.netns.as_deref(), Some(Path::new("/proc/42/ns/net")));
     }
 
     #[test]

@@ -211,8 +211,22 @@ impl ProcessRecord {
 /// stdout and stderr appended to `log`. The process outlives the CLI call that started it.
 pub fn spawn_detached(
     what: &'static str,
+    cmd: Command,
+    log: &Path,
+) -> Result<ProcessRecord, ProcessError> {
+    spawn_detached_with_fds(what, cmd, log, &[])
+}
+
+/// Most descriptors a helper can be handed (one per NIC of a VM, with room).
+pub const MAX_PASSED_FDS: usize = 32;
+
+/// [`spawn_detached`], handing the child `fds` as descriptors 3, 4, ... in order (what the
+/// VM description's `tap_fd` numbers refer to). Nothing else above stderr is inherited.
+pub fn spawn_detached_with_fds(
+    what: &'static str,
     mut cmd: Command,
     log: &Path,
+    fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<ProcessRecord, ProcessError> {
     let log_err = |source| ProcessError::Log {
         what,
@@ -229,7 +243,13 @@ pub fn spawn_detached(
         .stdout(out)
         .stderr(err)
         .process_group(0);
-    exec_hygiene(&mut cmd);
+    let passed = crate::passfd::Passed::new(fds).map_err(|source| ProcessError::Spawn {
+        what,
+        program: PathBuf::from(cmd.get_program()),
+        source,
+    })?;
+    let (raw, count) = passed.raw();
+    exec_hygiene(&mut cmd, raw, count);
     let program = PathBuf::from(cmd.get_program());
     tracing::debug!(what, ?cmd, "spawning");
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
@@ -241,6 +261,7 @@ pub fn spawn_detached(
     // The child is deliberately not waited on here: it outlives this handle.
     // `is_alive` reaps it if it becomes our zombie.
     drop(child);
+    drop(passed);
     Ok(ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 }))
 }
 
@@ -248,35 +269,37 @@ pub fn spawn_detached(
 /// - no signal blocked: the CLI blocks SIGWINCH in every thread of `run`/`exec` to collect
 ///   it with `sigwait`, and a signal mask survives fork and exec, so a daemon (and, for the
 ///   host-mode agent, every container process it starts) would otherwise never see SIGWINCH;
-/// - no inherited descriptor but stdin, stdout and stderr: every other one is marked
-///   close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`), so the VMM and the fs daemon
+/// - no inherited descriptor but stdin, stdout, stderr and the passed ones (`passed`, which
+///   become 3, 4, ...): every other one is marked close-on-exec
+///   (`close_range(3 + passed, ~0, CLOSE_RANGE_CLOEXEC)`), so the VMM and the fs daemon
 ///   never hold whatever the shim or the CLI had open without `O_CLOEXEC` (sockets, other
 ///   sandboxes' files). Marking rather than closing keeps the pipe through which `Command`
 ///   learns that exec failed.
-fn exec_hygiene(cmd: &mut Command) {
+fn exec_hygiene(cmd: &mut Command, passed: [i32; MAX_PASSED_FDS], count: usize) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the hook runs in the forked child before exec and only makes two system calls
-    // (pthread_sigmask through nix with a set built on the stack, and close_range), both
-    // async-signal-safe; it allocates nothing.
+    // SAFETY: the hook runs in the forked child before exec and only makes system calls
+    // (pthread_sigmask through nix with a set built on the stack, dup2, close_range), all
+    // async-signal-safe; it allocates nothing (the descriptors are a copied array).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::sys::signal::SigSet::empty()
                 .thread_set_mask()
                 .map_err(std::io::Error::from)?;
-            mark_inherited_fds_cloexec()
+            crate::passfd::install(&passed[..count])?;
+            mark_inherited_fds_cloexec(3 + count as u32)
         });
     }
 }
 
-/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`: every descriptor above stderr is closed at
-/// the next exec. Async-signal-safe (one system call).
-fn mark_inherited_fds_cloexec() -> std::io::Result<()> {
+/// `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)`: every descriptor from `first` on is
+/// closed at the next exec. Async-signal-safe (one system call).
+fn mark_inherited_fds_cloexec(first: u32) -> std::io::Result<()> {
     // SAFETY: close_range takes three integers and touches no memory of ours; with
     // CLOSE_RANGE_CLOEXEC it only sets a flag on descriptors.
     let r = unsafe {
         libc::syscall(
             libc::SYS_close_range,
-            3u32,
+            first,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         )

@@ -24,6 +24,7 @@ fn vm_description_is_accepted_by_carapace_vmm() {
         api: tmp.path().join("api.sock"),
         fs_socket: tmp.path().join("fsd.sock"),
         console: Some(tmp.path().join("console.log")),
+        nics: vec![],
     };
     let desc = vm_description(&config, config.vm_resources(&[]), &paths);
     let file = tmp.path().join("vm.json");
@@ -165,6 +166,7 @@ kvm_test! {
             api: tmp.path().join("api.sock"),
             fs_socket: tmp.path().join("fsd.sock"),
             console: Some(tmp.path().join("console.log")),
+            nics: vec![],
         };
         let mut desc = vm_description(&config, config.vm_resources(&[]), &paths);
         // No fs daemon in this test: boot without the share.
@@ -173,7 +175,7 @@ kvm_test! {
         std::fs::write(&desc_path, serde_json::to_string(&desc).unwrap()).unwrap();
         let log = tmp.path().join("vmm.log");
         let vmm = BinaryLauncher { config: config.clone() }
-            .start_vmm(&VmRequest { description: desc_path, vsock: paths.vsock.clone(), log: log.clone() })
+            .start_vmm(&VmRequest { description: desc_path, vsock: paths.vsock.clone(), log: log.clone(), taps: &[] })
             .expect("starting carapace-vmm");
         let connector = TtrpcConnector {
             transport: Transport::HybridVsock,

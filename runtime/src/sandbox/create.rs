@@ -145,6 +145,7 @@ impl Runtime {
                 api: paths.api.clone(),
                 fs_socket: paths.fsd_socket.clone(),
                 console: self.config.debug.console.then(|| paths.console.clone()),
+                nics: Vec::new(),
             },
         );
         std::fs::write(
@@ -158,6 +159,7 @@ impl Runtime {
             description: paths.vm_json.clone(),
             vsock: paths.vsock.clone(),
             log: paths.vmm_log.clone(),
+            taps: &[],
         })?;
         st.vmm = Some(vmm);
         self.store.save(st)?;

@@ -147,7 +147,7 @@ impl Launcher for FakeLauncher {
         Ok(rec)
     }
 
-    fn start_vmm(&self, req: &VmRequest) -> Result<ProcessRecord, ProcessError> {
+    fn start_vmm(&self, req: &VmRequest<'_>) -> Result<ProcessRecord, ProcessError> {
         self.events.lock().unwrap().push("vmm".into());
         let desc: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&req.description).unwrap()).unwrap();
