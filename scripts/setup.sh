@@ -18,6 +18,9 @@ PACKAGES=(
   containerd runc iproute2 e2fsprogs procps
   # the Debian-root test image (tests: fixtures::debian_rootfs) and pty-backed ctr -t (script)
   debootstrap bsdutils
+  # pod networking: CNI plugins for the tests' and benchmarks' containerd (bridge,
+  # host-local, loopback, portmap in /usr/lib/cni), iperf3 for the throughput rows
+  containernetworking-plugins iperf3
 )
 
 SUDO=""
