@@ -97,6 +97,15 @@ impl Containerd {
             path: config.clone(),
             source,
         })?;
+        let cni_conf = dir.join("cni/conf");
+        let conflist = cni_conf.join(CNI_CONFLIST);
+        fs::create_dir_all(&cni_conf)
+            .and_then(|()| fs::write(&conflist, cni_conflist()))
+            .map_err(|source| ContainerdError::Io {
+                what: "cannot write",
+                path: conflist.clone(),
+                source,
+            })?;
         let log_path = dir.join("containerd.log");
         let log = fs::File::create(&log_path).map_err(|source| ContainerdError::Io {
             what: "cannot create",
@@ -477,6 +486,42 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Where Debian's containernetworking-plugins are.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The CNI network of the tests' containerd.
+pub const CNI_NETWORK: &str = "carapace-test";
+/// Its bridge on the host.
+pub const CNI_BRIDGE: &str = "cni-carapace0";
+/// Its subnet and the bridge's (gateway's) address.
+pub const CNI_SUBNET: &str = "10.213.0.0/16";
+/// The bridge's address, the pods' default gateway.
+pub const CNI_GATEWAY: &str = "10.213.0.1";
+const CNI_CONFLIST: &str = "10-carapace-test.conflist";
+
+/// The CNI configuration CRI pods of the tests get (what a kubelet's node would have):
+/// a bridge with host-local addresses, masquerading out, and portmap for hostPorts.
+fn cni_conflist() -> String {
+    serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": CNI_NETWORK,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": CNI_BRIDGE,
+                "isGateway": true,
+                "ipMasq": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": CNI_SUBNET, "gateway": CNI_GATEWAY}]],
+                    "routes": [{"dst": "0.0.0.0/0"}]
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    })
+    .to_string()
+}
+
 /// containerd's configuration: everything under `dir`, CRI with runc and `runtimes`.
 fn config_toml(dir: &Path, runtimes: &[RuntimeEntry]) -> String {
     let d = dir.display();
@@ -495,7 +540,7 @@ state = "{d}/state"
   # CAP_SYS_RESOURCE, which CI containers may not grant
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{d}/cni/bin"
+    bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{d}/cni/conf"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -532,5 +577,15 @@ mod tests {
             s.contains("runtimes.carapace]\n      runtime_type = \"io.containerd.carapace.v2\"")
         );
         assert!(!s.contains("/var/lib/containerd"));
+        assert!(s.contains("bin_dir = \"/usr/lib/cni\""));
+    }
+
+    #[test]
+    fn the_cni_network_is_a_bridge_with_host_local_addresses_and_portmap() {
+        let v: serde_json::Value = serde_json::from_str(&cni_conflist()).unwrap();
+        assert_eq!(v["name"], CNI_NETWORK);
+        assert_eq!(v["plugins"][0]["type"], "bridge");
+        assert_eq!(v["plugins"][0]["ipam"]["ranges"][0][0]["gateway"], CNI_GATEWAY);
+        assert_eq!(v["plugins"][1]["type"], "portmap");
     }
 }
