@@ -19,8 +19,9 @@ PACKAGES=(
   # the Debian-root test image (tests: fixtures::debian_rootfs) and pty-backed ctr -t (script)
   debootstrap bsdutils
   # pod networking: CNI plugins for the tests' and benchmarks' containerd (bridge,
-  # host-local, loopback, portmap in /usr/lib/cni), iperf3 for the throughput rows
-  containernetworking-plugins iperf3
+  # host-local, loopback, portmap in /usr/lib/cni; portmap and ipMasq drive iptables),
+  # iperf3 for the throughput rows
+  containernetworking-plugins iptables iperf3
 )
 
 SUDO=""

@@ -93,12 +93,46 @@ pub struct PodSpec {
     pub log_dir: PathBuf,
     /// A privileged pod (its containers may then be privileged too).
     pub privileged: bool,
+    /// The pod's network.
+    pub network: PodNetwork,
+}
+
+/// Which network a pod gets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PodNetwork {
+    /// The node's (a kubelet's hostNetwork pod).
+    #[default]
+    Host,
+    /// Its own, set up by the CNI configuration of the containerd (a kubelet's default),
+    /// with these (container port, host port) TCP mappings.
+    Cni {
+        /// hostPort mappings: (container port, host port).
+        ports: Vec<(u16, u16)>,
+    },
 }
 
 impl PodSpec {
-    /// The CRI sandbox configuration: host network (no CNI in the tests), pod-wide pid and
-    /// ipc namespaces as a kubelet would ask for.
+    /// The CRI sandbox configuration: the pod's network, pod-wide pid and ipc namespaces as
+    /// a kubelet would ask for.
     pub fn config(&self) -> cri::PodSandboxConfig {
+        let (network, hostname, port_mappings) = match &self.network {
+            // No hostname: with the host network there is no private UTS namespace to set
+            // it in (runc refuses), as for a kubelet's hostNetwork pod.
+            PodNetwork::Host => (cri::NamespaceMode::Node, String::new(), Vec::new()),
+            PodNetwork::Cni { ports } => (
+                cri::NamespaceMode::Pod,
+                self.name.clone(),
+                ports
+                    .iter()
+                    .map(|&(container, host)| cri::PortMapping {
+                        protocol: cri::Protocol::Tcp as i32,
+                        container_port: i32::from(container),
+                        host_port: i32::from(host),
+                        host_ip: String::new(),
+                    })
+                    .collect(),
+            ),
+        };
         cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: self.name.clone(),
@@ -106,13 +140,13 @@ impl PodSpec {
                 namespace: self.namespace.clone(),
                 attempt: 0,
             }),
-            // No hostname: with the host network there is no private UTS namespace to
-            // set it in (runc refuses), as for a kubelet's hostNetwork pod.
+            hostname,
+            port_mappings,
             log_directory: self.log_dir.to_string_lossy().into_owned(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
+                        network: network as i32,
                         pid: cri::NamespaceMode::Pod as i32,
                         ipc: cri::NamespaceMode::Pod as i32,
                         ..Default::default()
@@ -237,6 +271,31 @@ impl Cri {
             .map_err(call_err(format!("RunPodSandbox {}", pod.name)))?
             .into_inner();
         Ok(r.pod_sandbox_id)
+    }
+
+    /// The pod's IP addresses as `PodSandboxStatus` reports them (primary first; none for a
+    /// host-network pod).
+    pub fn pod_ips(&mut self, pod_id: &str) -> Result<Vec<String>, CriError> {
+        let r = self
+            .rt
+            .block_on(
+                self.runtime
+                    .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: pod_id.to_owned(),
+                        verbose: false,
+                    }),
+            )
+            .map_err(call_err(format!("PodSandboxStatus {pod_id}")))?
+            .into_inner();
+        let net = r.status.and_then(|s| s.network);
+        Ok(net
+            .map(|n| {
+                std::iter::once(n.ip)
+                    .chain(n.additional_ips.into_iter().map(|a| a.ip))
+                    .filter(|ip| !ip.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// `CreateContainer` in pod `pod_id`; returns the container id. Its log goes to
@@ -470,6 +529,7 @@ mod tests {
             handler: "carapace".into(),
             log_dir: "/l".into(),
             privileged: false,
+            network: Default::default(),
         };
         let c = p.config();
         let ns = c

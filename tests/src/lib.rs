@@ -11,6 +11,7 @@ pub mod containerd;
 pub mod cri;
 pub mod fixtures;
 pub mod lab;
+pub mod net;
 
 use std::path::PathBuf;
 

@@ -57,6 +57,7 @@ kvm_test! {
             handler: "carapace".into(),
             log_dir: tmp.path().join("logs"),
             privileged: false,
+            network: Default::default(),
         };
         let shared = tmp.path().join("empty-dir");
         std::fs::create_dir_all(&shared).expect("volume");

@@ -28,6 +28,7 @@ fn a_two_container_pod_runs_under_runc_through_cri() {
         handler: "runc".into(),
         log_dir: dir.path().join("logs"),
         privileged: false,
+        network: Default::default(),
     };
     let shared = dir.path().join("empty-dir");
     std::fs::create_dir_all(&shared).expect("volume");
@@ -86,6 +87,67 @@ fn a_two_container_pod_runs_under_runc_through_cri() {
         "wrote\n"
     );
 
+    cri.remove_pod(&pod_id).expect("remove pod");
+    assert!(cri.pods().expect("list").is_empty());
+}
+
+/// The tests' CNI network against the reference runtime: a pod with its own network gets
+/// an address on the bridge from PodSandboxStatus, serves HTTP that the host fetches at
+/// `<pod IP>:8080` and through a hostPort on the bridge's address, and after its removal
+/// its address is free again (no veth left). What Carapace's pods must match.
+#[test]
+fn a_cni_pod_under_runc_gets_an_address_and_serves_the_host() {
+    use carapace_tests::containerd::CNI_GATEWAY;
+    use carapace_tests::cri::PodNetwork;
+    use carapace_tests::net::http_get;
+
+    assert!(carapace_tests::is_root(), "needs root (containerd, CNI)");
+    let dir = tempfile::Builder::new()
+        .prefix("carapace-cri-runc-cni-")
+        .tempdir()
+        .expect("tempdir");
+    let ctrd =
+        Containerd::start(&dir.path().join("containerd"), &[], None, &[]).expect("containerd");
+    ctrd.import_cri_images(dir.path()).expect("images");
+    let mut cri = Cri::connect(&ctrd.socket()).expect("connect");
+    let pod = PodSpec {
+        name: "runc-cni-pod".into(),
+        namespace: "default".into(),
+        handler: "runc".into(),
+        log_dir: dir.path().join("logs"),
+        privileged: false,
+        network: PodNetwork::Cni {
+            ports: vec![(8080, 18080)],
+        },
+    };
+    let pod_id = cri
+        .run_pod(&pod)
+        .unwrap_or_else(|e| panic!("{e}\n{}", ctrd.log()));
+    let ips = cri.pod_ips(&pod_id).expect("pod status");
+    let ip = ips.first().cloned().expect("the pod has an address");
+    assert!(ip.starts_with("10.213."), "{ips:?}");
+    let server = ContainerSpec {
+        name: "web".into(),
+        image: BUSYBOX_IMAGE.into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "mkdir -p /tmp/www && echo hello-from-the-pod > /tmp/www/index.html && \
+             exec busybox httpd -f -p 8080 -h /tmp/www"
+                .into(),
+        ],
+        ..Default::default()
+    };
+    let web = cri
+        .create_container(&pod_id, &pod, &server)
+        .expect("create web");
+    cri.start_container(&web).expect("start web");
+    let body = http_get(&format!("{ip}:8080"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("GET {ip}:8080: {e}\n{}", ctrd.log()));
+    assert!(body.contains("hello-from-the-pod"), "{body}");
+    let body = http_get(&format!("{CNI_GATEWAY}:18080"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("GET through the hostPort: {e}"));
+    assert!(body.contains("hello-from-the-pod"), "{body}");
     cri.remove_pod(&pod_id).expect("remove pod");
     assert!(cri.pods().expect("list").is_empty());
 }

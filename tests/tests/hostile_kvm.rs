@@ -92,6 +92,7 @@ kvm_test! {
             handler: "carapace".into(),
             log_dir: tmp.path().join("logs"),
             privileged: true,
+            network: Default::default(),
         };
         let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| fail("RunPodSandbox", &e));
 

@@ -66,6 +66,7 @@ impl PodRun {
             handler: self.handler.clone(),
             log_dir: self.log_root.join(name),
             privileged: false,
+            network: Default::default(),
         };
         let cri_err = |source| PodBenchError::Cri {
             pod: name.to_owned(),
