@@ -585,7 +585,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&cni_conflist()).unwrap();
         assert_eq!(v["name"], CNI_NETWORK);
         assert_eq!(v["plugins"][0]["type"], "bridge");
-        assert_eq!(v["plugins"][0]["ipam"]["ranges"][0][0]["gateway"], CNI_GATEWAY);
+        assert_eq!(
+            v["plugins"][0]["ipam"]["ranges"][0][0]["gateway"],
+            CNI_GATEWAY
+        );
         assert_eq!(v["plugins"][1]["type"], "portmap");
     }
 }
