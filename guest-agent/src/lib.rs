@@ -7,6 +7,7 @@ pub mod ids;
 pub mod init;
 pub mod listen;
 pub mod namespaces;
+pub mod network;
 pub mod oom;
 pub mod pid1;
 pub mod process;
