@@ -11,6 +11,7 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::cgroup::CgroupError;
 use crate::core::{self, Core, CoreError};
+use crate::network::{self, NetError};
 use carapace_errors::chain;
 
 /// The status code of each kind of error. The host relies on FAILED_PRECONDITION meaning
@@ -29,7 +30,57 @@ pub fn code(e: &CoreError) -> ttrpc::Code {
         | CoreError::HostMode(_) => Code::FAILED_PRECONDITION,
         CoreError::Cgroup(CgroupError::Unavailable) => Code::UNAVAILABLE,
         CoreError::Cgroup(CgroupError::Invalid { .. }) => Code::INVALID_ARGUMENT,
-        CoreError::Spawn(_) | CoreError::Cgroup(_) | CoreError::Io { .. } => Code::INTERNAL,
+        CoreError::Order(_) => Code::FAILED_PRECONDITION,
+        CoreError::Network(NetError::Invalid { .. }) => Code::INVALID_ARGUMENT,
+        CoreError::Network(NetError::Precondition { .. }) => Code::FAILED_PRECONDITION,
+        CoreError::Spawn(_)
+        | CoreError::Cgroup(_)
+        | CoreError::Io { .. }
+        | CoreError::Network(NetError::Netlink { .. } | NetError::Socket(_)) => Code::INTERNAL,
+    }
+}
+
+/// ConfigureNetwork's request as the core's plain data (checked there).
+fn network_request(req: ConfigureNetworkRequest) -> network::NetworkRequest {
+    use network::model::{AddressRequest, InterfaceRequest, NeighborRequest, RouteRequest};
+    network::NetworkRequest {
+        interfaces: req
+            .interfaces
+            .into_iter()
+            .map(|i| InterfaceRequest {
+                mac: i.mac,
+                name: i.name,
+                mtu: i.mtu,
+                addresses: i
+                    .addresses
+                    .into_iter()
+                    .map(|a| AddressRequest {
+                        address: a.address,
+                        prefix_len: a.prefix_len,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        routes: req
+            .routes
+            .into_iter()
+            .map(|r| RouteRequest {
+                destination: r.destination,
+                gateway: r.gateway,
+                device: r.device,
+                source: r.source,
+                scope: r.scope,
+            })
+            .collect(),
+        neighbors: req
+            .neighbors
+            .into_iter()
+            .map(|n| NeighborRequest {
+                ip: n.ip,
+                mac: n.mac,
+                device: n.device,
+            })
+            .collect(),
     }
 }
 
@@ -109,7 +160,15 @@ impl Agent for AgentService {
                 .collect(),
             sysctls: req.sysctls.into_iter().collect(),
         };
-        empty(self.core.create_sandbox(&spec))
+        empty(self.core.create_sandbox(&spec).await)
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> Reply<Empty> {
+        empty(self.core.configure_network(&network_request(req)).await)
     }
 
     async fn destroy_sandbox(
@@ -372,6 +431,33 @@ mod tests {
                 },
                 Code::INTERNAL,
             ),
+            (
+                CoreError::HostMode("ConfigureNetwork"),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                CoreError::Order("ConfigureNetwork needs a sandbox"),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                CoreError::Network(NetError::invalid("interfaces[1].mtu", "70000")),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                CoreError::Network(NetError::Precondition {
+                    field: "interfaces[0].mac".into(),
+                    reason: "no link has MAC 02:00:00:00:00:05".into(),
+                }),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                CoreError::Network(NetError::Netlink {
+                    step: "adding 10.88.0.5/16 to eth0".into(),
+                    reason: "File exists".into(),
+                }),
+                Code::INTERNAL,
+            ),
+            (CoreError::Network(NetError::Socket(io())), Code::INTERNAL),
         ];
         for (e, want) in cases {
             assert_eq!(code(&e), want, "{e}");
@@ -436,6 +522,71 @@ mod tests {
             ttrpc::Error::RpcStatus(s) => s.code(),
             other => panic!("not a status: {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn configure_network_through_the_service() {
+        use crate::core::Mode;
+        use crate::core::tests::core;
+        let ctx = TtrpcContext::default();
+        let req = ConfigureNetworkRequest {
+            interfaces: vec![NetInterface {
+                mac: "02:00:00:00:00:05".into(),
+                name: "eth0".into(),
+                mtu: 1400,
+                addresses: vec![IpAddress {
+                    address: "10.88.0.5".into(),
+                    prefix_len: 33,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            routes: vec![Route {
+                gateway: "10.88.0.1".into(),
+                scope: 253,
+                ..Default::default()
+            }],
+            neighbors: vec![Neighbor {
+                ip: "10.88.0.1".into(),
+                mac: "02:00:00:00:00:01".into(),
+                device: "eth0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // Every field reaches the core (the conversion drops nothing).
+        let plain = network_request(req.clone());
+        let i = &plain.interfaces[0];
+        assert_eq!(
+            (i.mac.as_str(), i.name.as_str(), i.mtu),
+            ("02:00:00:00:00:05", "eth0", 1400)
+        );
+        assert_eq!(
+            (i.addresses[0].address.as_str(), i.addresses[0].prefix_len),
+            ("10.88.0.5", 33)
+        );
+        assert_eq!(
+            (plain.routes[0].gateway.as_str(), plain.routes[0].scope),
+            ("10.88.0.1", 253)
+        );
+        assert_eq!(plain.neighbors[0].device, "eth0");
+        // In the guest, a bad field is INVALID_ARGUMENT naming it (refused before netlink).
+        let guest = AgentService::new(core(Mode::Guest));
+        let e = guest
+            .configure_network(&ctx, req.clone())
+            .await
+            .unwrap_err();
+        let ttrpc::Error::RpcStatus(s) = e else {
+            panic!("not a status")
+        };
+        assert_eq!(s.code(), Code::INVALID_ARGUMENT);
+        assert_eq!(
+            s.message(),
+            "interfaces[0].addresses[0].prefix_len: 33 is longer than an IPv4 prefix (32)"
+        );
+        let host = AgentService::new(core(Mode::Host));
+        let e = host.configure_network(&ctx, req).await.unwrap_err();
+        assert_eq!(status_code(e), Code::FAILED_PRECONDITION);
     }
 
     #[tokio::test]

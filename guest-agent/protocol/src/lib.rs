@@ -47,8 +47,10 @@ pub mod client;
 /// reports a different value.
 ///
 /// - 1: the first API;
-/// - 2: Health, CopyFile and Shutdown removed (no host caller; Version is the probe).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 2: Health, CopyFile and Shutdown removed (no host caller; Version is the probe);
+/// - 3: ConfigureNetwork added (the pod's network in the guest: interfaces found by MAC,
+///   routes, neighbours); CreateSandbox brings `lo` up in the guest.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The guest vsock port the agent listens on: a privileged port (≤ 1023, binding it needs
 /// CAP_NET_BIND_SERVICE in the guest), so no container process can take it over.

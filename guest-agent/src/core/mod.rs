@@ -9,7 +9,8 @@
 //!   resources, the orderly stop of every container;
 //! - `stdio`: reads of stdout/stderr, stdin writes and close, terminal size;
 //! - `oom`: the OOM event queue fed by `crate::oom`'s wake-ups;
-//! - `sandbox`: the sandbox (shares, hostname, sysctls), the guest clock, power-off.
+//! - `sandbox`: the sandbox (shares, hostname, sysctls, `lo` up, the network through
+//!   `crate::network`), the guest clock, power-off.
 
 mod containers;
 mod create;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use crate::cgroup::{CgroupError, CgroupRoot};
 use crate::ids::IdError;
+use crate::network::NetError;
 use crate::process::SpawnError;
 use crate::reaper::Reaper;
 use carapace_errors::chain;
@@ -79,6 +81,12 @@ pub enum CoreError {
     },
     #[error("{0} is refused in host mode")]
     HostMode(&'static str),
+    /// A request out of the sandbox's order (ConfigureNetwork before CreateSandbox, or
+    /// twice).
+    #[error("{0}")]
+    Order(&'static str),
+    #[error(transparent)]
+    Network(#[from] NetError),
 }
 
 pub type Result<T> = std::result::Result<T, CoreError>;
@@ -130,6 +138,8 @@ pub struct Core {
     cgroups: Option<CgroupRoot>,
     containers: table::Table,
     sandbox: Mutex<Option<String>>,
+    /// ConfigureNetwork succeeded or is under way (once per sandbox).
+    network: std::sync::atomic::AtomicBool,
     /// Mount points of the virtio-fs shares mounted for the sandbox, in mount order.
     shares: Mutex<Vec<PathBuf>>,
     oom: oom::OomQueue,
@@ -172,6 +182,7 @@ impl Core {
             cgroups,
             containers: table::Table::default(),
             sandbox: Mutex::default(),
+            network: Default::default(),
             shares: Mutex::default(),
             oom: oom::OomQueue::default(),
             oom_watch: Arc::new(crate::oom::OomWatcher::new()),

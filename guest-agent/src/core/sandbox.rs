@@ -1,12 +1,15 @@
-//! The sandbox (the pod the VM is): its virtio-fs shares, hostname and sysctls; its
-//! destruction and the power-off that follows; the guest clock.
+//! The sandbox (the pod the VM is): its virtio-fs shares, hostname and sysctls, `lo` up;
+//! its network (ConfigureNetwork, applied by `crate::network`); its destruction and the
+//! power-off that follows; the guest clock.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use nix::sys::time::TimeSpec;
 
 use super::{Core, CoreError, Mode, Result, ShutdownKind};
 use crate::ids::validate_id;
+use crate::network::{NetworkConfig, NetworkRequest};
 use carapace_errors::chain;
 
 /// One virtio-fs share to mount.
@@ -44,9 +47,9 @@ impl Core {
         self.sandbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Creates the sandbox (one per agent): hostname, shares, sysctls. In host mode only
-    /// an empty one (they would change the host).
-    pub fn create_sandbox(&self, spec: &SandboxSpec) -> Result<()> {
+    /// Creates the sandbox (one per agent): `lo` up, hostname, shares, sysctls. In host
+    /// mode only an empty one (they would change the host).
+    pub async fn create_sandbox(&self, spec: &SandboxSpec) -> Result<()> {
         validate_id("sandbox id", &spec.id)?;
         {
             let mut sb = self.sandbox_id();
@@ -58,7 +61,7 @@ impl Core {
             }
             *sb = Some(spec.id.clone());
         }
-        if let Err(e) = self.set_up_sandbox(spec) {
+        if let Err(e) = self.set_up_sandbox(spec).await {
             *self.sandbox_id() = None;
             return Err(e);
         }
@@ -66,7 +69,7 @@ impl Core {
         Ok(())
     }
 
-    fn set_up_sandbox(&self, spec: &SandboxSpec) -> Result<()> {
+    async fn set_up_sandbox(&self, spec: &SandboxSpec) -> Result<()> {
         if self.config.mode == Mode::Host {
             if !spec.shares.is_empty() || !spec.sysctls.is_empty() || !spec.hostname.is_empty() {
                 return Err(CoreError::HostMode(
@@ -75,6 +78,8 @@ impl Core {
             }
             return Ok(());
         }
+        // Every sandbox has a loopback, networked or not (the kernel leaves it down).
+        crate::network::loopback_up().await?;
         if !spec.hostname.is_empty() {
             nix::unistd::sethostname(&spec.hostname).map_err(|e| CoreError::Io {
                 op: format!("sethostname({:?})", spec.hostname),
@@ -103,6 +108,33 @@ impl Core {
         Ok(())
     }
 
+    /// Configures the guest network (ConfigureNetwork): once per sandbox, after
+    /// CreateSandbox, before any container (the runtime's order). The request is parsed
+    /// and checked whole before netlink is touched. Refused in host mode, before
+    /// anything else: it would change the host's network.
+    pub async fn configure_network(&self, req: &NetworkRequest) -> Result<()> {
+        if self.config.mode == Mode::Host {
+            return Err(CoreError::HostMode("ConfigureNetwork"));
+        }
+        let config = NetworkConfig::parse(req)?;
+        if self.sandbox_id().is_none() {
+            return Err(CoreError::Order(
+                "ConfigureNetwork needs a sandbox: CreateSandbox comes first",
+            ));
+        }
+        if self.network.swap(true, Ordering::AcqRel) {
+            return Err(CoreError::Order(
+                "the network is configured already (ConfigureNetwork is called once per sandbox)",
+            ));
+        }
+        let r = crate::network::configure(&config).await;
+        if r.is_err() {
+            // A later attempt may complete what this one left (its error names the step).
+            self.network.store(false, Ordering::Release);
+        }
+        Ok(r?)
+    }
+
     /// Removes every container; in the guest, then unmounts the shares and powers off.
     pub async fn destroy_sandbox(&self, id: &str) -> Result<()> {
         validate_id("sandbox id", id)?;
@@ -112,6 +144,7 @@ impl Core {
         }
         self.destroy_all().await;
         *self.sandbox_id() = None;
+        self.network.store(false, Ordering::Release);
         tracing::info!(sandbox = %id, "sandbox destroyed");
         if self.config.mode == Mode::Guest {
             self.unmount_shares();

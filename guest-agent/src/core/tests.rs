@@ -344,3 +344,61 @@ async fn set_guest_time_sets_the_clock_in_the_guest_only() {
             .any(|(s, _)| *s == 1_900_000_001)
     );
 }
+
+#[tokio::test]
+async fn configure_network_is_refused_in_host_mode_before_anything_else() {
+    use crate::network::model::{InterfaceRequest, NetworkRequest};
+    let host = core(Mode::Host);
+    *host.sandbox.lock().unwrap() = Some("pod".into());
+    // Even an invalid request: the mode is checked first.
+    let bad = NetworkRequest {
+        interfaces: vec![InterfaceRequest {
+            mtu: 70_000,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    for req in [NetworkRequest::default(), bad] {
+        assert!(matches!(
+            host.configure_network(&req).await,
+            Err(CoreError::HostMode("ConfigureNetwork"))
+        ));
+    }
+}
+
+/// In the guest: checked whole first (INVALID_ARGUMENT), then after CreateSandbox only,
+/// and once. Run in a private network namespace (the empty request lists the links).
+#[test]
+fn configure_network_in_the_guest_needs_a_sandbox_and_happens_once() {
+    use crate::network::NetError;
+    use crate::network::model::{InterfaceRequest, NetworkRequest};
+    crate::network::apply::tests::in_private_netns(|| async {
+        let guest = core(Mode::Guest);
+        let bad = NetworkRequest {
+            interfaces: vec![InterfaceRequest {
+                mac: "02:00:00:00:00:05".into(),
+                name: "eth0".into(),
+                mtu: 70_000,
+                addresses: vec![],
+            }],
+            ..Default::default()
+        };
+        let e = guest.configure_network(&bad).await.unwrap_err();
+        assert!(
+            matches!(e, CoreError::Network(NetError::Invalid { .. })),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "interfaces[0].mtu: 70000 is out of 68..=65535"
+        );
+        let empty = NetworkRequest::default();
+        let e = guest.configure_network(&empty).await.unwrap_err();
+        assert!(matches!(e, CoreError::Order(_)), "{e:?}");
+        assert!(e.to_string().contains("CreateSandbox comes first"), "{e}");
+        *guest.sandbox.lock().unwrap() = Some("pod".into());
+        guest.configure_network(&empty).await.unwrap();
+        let e = guest.configure_network(&empty).await.unwrap_err();
+        assert!(e.to_string().contains("configured already"), "{e}");
+    });
+}
