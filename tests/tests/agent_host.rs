@@ -737,6 +737,94 @@ fn carapace_agent_cgroup_root() -> Option<PathBuf> {
     )))
 }
 
+/// Every link of this host: (name, MAC, MTU) from /sys/class/net.
+fn host_links() -> Vec<(String, String, String)> {
+    let mut links: Vec<_> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .map(|e| {
+            let dir = e.unwrap().path();
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            };
+            (
+                dir.file_name().unwrap().to_string_lossy().into_owned(),
+                read("address"),
+                read("mtu"),
+            )
+        })
+        .collect();
+    links.sort();
+    links
+}
+
+/// ConfigureNetwork would change the host's network in host mode: it is refused with
+/// FAILED_PRECONDITION before the request is even looked at (a valid one naming a real
+/// host NIC, and an invalid one), and that NIC keeps its name and MTU. (Only that one is
+/// compared: other tests may add and remove links on this host meanwhile.)
+#[tokio::test]
+async fn configure_network_is_refused_in_host_mode() {
+    let a = start_agent(&[]).await;
+    a.client
+        .create_sandbox(
+            ctx(),
+            &CreateSandboxRequest {
+                sandbox_id: "pod1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let before = host_links();
+    let nic = before
+        .iter()
+        .find(|l| l.1.len() == 17 && l.1 != "00:00:00:00:00:00")
+        .cloned();
+    let mac = nic
+        .as_ref()
+        .map_or_else(|| "02:00:00:00:00:05".to_owned(), |l| l.1.clone());
+    let valid = ConfigureNetworkRequest {
+        interfaces: vec![NetInterface {
+            mac,
+            name: "carapace-x".into(),
+            mtu: 1280,
+            addresses: vec![IpAddress {
+                address: "10.88.0.5".into(),
+                prefix_len: 16,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        routes: vec![Route {
+            gateway: "10.88.0.1".into(),
+            device: "carapace-x".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let invalid = ConfigureNetworkRequest {
+        interfaces: vec![NetInterface {
+            mac: "not a mac".into(),
+            mtu: 70000,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    for req in [valid, invalid] {
+        let e = a.client.configure_network(ctx(), &req).await.unwrap_err();
+        assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{}", msg(&e));
+        assert!(msg(&e).contains("ConfigureNetwork is refused in host mode"), "{}", msg(&e));
+    }
+    let after = host_links();
+    if let Some(nic) = nic {
+        assert!(after.contains(&nic), "{nic:?} changed: {after:?}");
+    }
+    assert!(!after.iter().any(|l| l.0 == "carapace-x"), "{after:?}");
+    assert_serving(&a).await;
+}
+
 /// Health, CopyFile and Shutdown left the API (protocol 2): a caller that still asks for
 /// them gets UNIMPLEMENTED from ttrpc, not NOT_FOUND (which a host would read as "no such
 /// container"), and the agent keeps serving.
