@@ -5,7 +5,8 @@
 //! directory), [`oci`] (bundle spec checks and guest translation), [`launcher`] (fs daemon
 //! and VMM), [`agent`] (the guest agent over ttrpc), [`sandbox`] (the lifecycle),
 //! [`stdio`] (streaming a process's IO), [`check`] (can this host run sandboxes),
-//! [`features`] (the runc `features` document).
+//! [`features`] (the runc `features` document), [`network`] (a pod's CNI network
+//! namespace mirrored into the VM: inspection, taps and tc redirects).
 
 pub mod agent;
 pub mod check;
@@ -14,6 +15,7 @@ pub mod features;
 pub mod launcher;
 pub mod mount_setattr;
 pub mod mounts;
+pub mod network;
 pub mod oci;
 mod passfd;
 pub mod process;
