@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::network::NetworkPlan;
 use carapace_protocol::agent::{
-    ContainerRequest, CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest,
-    ExecProcessRequest, ProcessRequest, ReadStreamRequest, ResizeTtyRequest, SharedFs,
-    SignalRequest, UpdateResourcesRequest, WriteStdinRequest,
+    ConfigureNetworkRequest, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
+    DestroySandboxRequest, ExecProcessRequest, IpAddress, Neighbor, NetInterface, ProcessRequest,
+    ReadStreamRequest, ResizeTtyRequest, Route, SharedFs, SignalRequest, UpdateResourcesRequest,
+    WriteStdinRequest,
 };
 
 /// A container's cgroup statistics as the agent reports them (the cgroup v2 file names
@@ -155,6 +157,8 @@ pub trait AgentApi: Send + Sync {
     async fn remove_container(&self, cid: &str) -> Result<(), AgentError>;
     /// Stops every container and powers the VM off.
     async fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError>;
+    /// Gives the guest the pod's network: interfaces (found by MAC), routes, neighbours.
+    async fn configure_network(&self, plan: &NetworkPlan) -> Result<(), AgentError>;
     /// Freezes every process of a running container (cgroup freezer).
     async fn pause(&self, cid: &str) -> Result<(), AgentError>;
     /// Thaws a paused container.
@@ -259,6 +263,58 @@ fn proc_req(cid: &str, exec_id: &str) -> ProcessRequest {
 fn container_req(cid: &str) -> ContainerRequest {
     ContainerRequest {
         container_id: cid.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// The agent's form of a network plan (the wire contract is the protocol's).
+pub fn network_request(plan: &NetworkPlan) -> ConfigureNetworkRequest {
+    let text = |ip: Option<std::net::IpAddr>| ip.map(|ip| ip.to_string()).unwrap_or_default();
+    ConfigureNetworkRequest {
+        interfaces: plan
+            .interfaces
+            .iter()
+            .map(|i| NetInterface {
+                mac: crate::launcher::format_mac(&i.mac),
+                name: i.name.clone(),
+                mtu: i.mtu,
+                addresses: i
+                    .addresses
+                    .iter()
+                    .map(|(ip, len)| IpAddress {
+                        address: ip.to_string(),
+                        prefix_len: u32::from(*len),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        routes: plan
+            .routes
+            .iter()
+            .map(|r| Route {
+                destination: r
+                    .destination
+                    .map(|(ip, len)| format!("{ip}/{len}"))
+                    .unwrap_or_default(),
+                gateway: text(r.gateway),
+                device: r.device.clone(),
+                source: text(r.source),
+                scope: u32::from(r.scope),
+                ..Default::default()
+            })
+            .collect(),
+        neighbors: plan
+            .neighbors
+            .iter()
+            .map(|n| Neighbor {
+                ip: n.address.to_string(),
+                mac: crate::launcher::format_mac(&n.mac),
+                device: n.device.clone(),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }
@@ -514,6 +570,14 @@ impl AgentApi for TtrpcAgent {
             .await
             .map(|e| e.container_id)
             .map_err(Self::rpc_err("GetOomEvent", "the sandbox"))
+    }
+
+    async fn configure_network(&self, plan: &NetworkPlan) -> Result<(), AgentError> {
+        self.client
+            .configure_network(self.ctx(), &network_request(plan))
+            .await
+            .map(drop)
+            .map_err(Self::rpc_err("ConfigureNetwork", "the sandbox"))
     }
 
     async fn destroy_sandbox(&self, id: &str) -> Result<(), AgentError> {

@@ -27,6 +27,7 @@ use crate::agent::Session;
 use crate::agent::{AgentConnector, AgentError, ExitInfo, Transport};
 use crate::launcher::{ImageError, Launcher};
 use crate::mounts::{MountError, Mounter};
+use crate::network::{AttachRecord, Attached, NetworkError, NetworkPlan};
 #[cfg(doc)]
 use crate::oci::GUEST_SHARED_DIR;
 use crate::oci::SpecError;
@@ -125,6 +126,9 @@ pub enum SandboxError {
         /// The teardown failure.
         teardown: Box<SandboxError>,
     },
+    /// The pod's network namespace could not be mirrored into the VM.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// A blocking step (mounts, helper processes, teardown) panicked or was cancelled.
     #[error("a blocking sandbox step did not complete")]
     Blocking(#[source] tokio::task::JoinError),
@@ -216,6 +220,45 @@ pub struct Runtime {
     pub connector: Arc<dyn AgentConnector>,
     /// Makes host mounts.
     pub mounter: Arc<dyn Mounter>,
+    /// Mirrors a pod's network namespace into its VM.
+    pub network: Arc<dyn PodNetwork>,
+}
+
+/// The seam to [`crate::network`]: reads a network namespace, makes the taps and
+/// redirections for the VM, undoes them. Blocking.
+pub trait PodNetwork: Send + Sync + std::fmt::Debug {
+    /// [`crate::network::inspect`].
+    fn inspect(&self, netns: &Path) -> Result<NetworkPlan, NetworkError>;
+    /// [`crate::network::attach`].
+    fn attach(
+        &self,
+        netns: &Path,
+        plan: &NetworkPlan,
+        sandbox_id: &str,
+    ) -> Result<Attached, NetworkError>;
+    /// [`crate::network::detach`].
+    fn detach(&self, record: &AttachRecord) -> Result<(), NetworkError>;
+}
+
+/// The real [`PodNetwork`]: netlink, taps and tc in the namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct SysNetwork;
+
+impl PodNetwork for SysNetwork {
+    fn inspect(&self, netns: &Path) -> Result<NetworkPlan, NetworkError> {
+        crate::network::inspect(netns)
+    }
+    fn attach(
+        &self,
+        netns: &Path,
+        plan: &NetworkPlan,
+        sandbox_id: &str,
+    ) -> Result<Attached, NetworkError> {
+        crate::network::attach(netns, plan, sandbox_id)
+    }
+    fn detach(&self, record: &AttachRecord) -> Result<(), NetworkError> {
+        crate::network::detach(record)
+    }
 }
 
 /// Runs a blocking step (file systems, mounts, helper processes) off the async executor.
@@ -262,6 +305,7 @@ impl Runtime {
                 request_timeout: Duration::from_millis(config.agent.request_timeout_ms),
             }),
             mounter: Arc::new(crate::mounts::SysMounter),
+            network: Arc::new(SysNetwork),
             config,
         }
     }

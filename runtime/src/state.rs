@@ -167,6 +167,21 @@ pub struct SandboxState {
     /// daemon or VMM of its own, and its mounts are in that sandbox's shared directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_id: Option<String>,
+    /// The pod's network as mirrored into the VM (a sandbox whose spec named a network
+    /// namespace): what the guest was given and what was made on the host for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
+}
+
+/// A sandbox's network: the plan read from its network namespace and, once made, the taps
+/// and filters there ([`crate::network`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxNetwork {
+    /// The interfaces, routes and neighbours the guest gets.
+    pub plan: crate::network::NetworkPlan,
+    /// What `attach` made (taps, qdiscs, filters); `None` until then.
+    #[serde(default)]
+    pub attached: Option<crate::network::AttachRecord>,
 }
 
 /// The JSON `state` prints, exactly the OCI runtime spec's state object.
@@ -446,6 +461,7 @@ impl SandboxState {
             guest_pid: None,
             exit: None,
             sandbox_id: None,
+            network: None,
         }
     }
 

@@ -334,6 +334,12 @@ mod tests {
         async fn next_oom_event(&self) -> Result<String, AgentError> {
             unreachable!()
         }
+        async fn configure_network(
+            &self,
+            _: &crate::network::NetworkPlan,
+        ) -> Result<(), AgentError> {
+            unreachable!()
+        }
     }
 
     #[derive(Clone, Default)]

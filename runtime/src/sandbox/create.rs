@@ -10,9 +10,11 @@ use super::{AGENT_RETRY, FSD_SOCKET_TIMEOUT, Placement, Runtime, SandboxError, S
 use super::{blocking, io_err};
 use crate::agent::{AgentError, Session, Share};
 use crate::launcher::{FsRequest, VmPaths, VmRequest, check_image, vm_description};
+use crate::network::AttachedTap;
 use crate::oci::{self, Bundle, GUEST_SHARED_DIR, SHARED_FS_TAG};
 use crate::process::{ProcessRecord, log_tail, wait_for_socket};
-use crate::state::{MountRecord, SandboxState, Status};
+use crate::state::{MountRecord, SandboxNetwork, SandboxState, Status};
+use std::os::fd::AsFd;
 
 /// A sandbox whose host side is up: its VMM is booting the guest.
 #[derive(Debug)]
@@ -116,6 +118,7 @@ impl Runtime {
         self.store.save(st)?;
         self.mounter.prepare_export(&paths.stage, &paths.shared)?;
         self.bind_all(st, guest, paths)?;
+        let taps = self.attach_network(st, guest)?;
         let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
         std::fs::write(&paths.guest_spec, &spec_bytes)
             .map_err(io_err("writing", &paths.guest_spec))?;
@@ -145,7 +148,11 @@ impl Runtime {
                 api: paths.api.clone(),
                 fs_socket: paths.fsd_socket.clone(),
                 console: self.config.debug.console.then(|| paths.console.clone()),
-                nics: Vec::new(),
+                nics: st
+                    .network
+                    .iter()
+                    .flat_map(|n| n.plan.interfaces.iter().map(|i| i.mac))
+                    .collect(),
             },
         );
         std::fs::write(
@@ -159,11 +166,54 @@ impl Runtime {
             description: paths.vm_json.clone(),
             vsock: paths.vsock.clone(),
             log: paths.vmm_log.clone(),
-            taps: &[],
+            taps: &taps.iter().map(|t| t.fd.as_fd()).collect::<Vec<_>>(),
         })?;
+        // The VMM holds the taps now; ours close here.
+        drop(taps);
         st.vmm = Some(vmm);
         self.store.save(st)?;
         Ok((vmm, spec_bytes, started))
+    }
+
+    /// When the spec names a network namespace (CRI: the pod's, set up by CNI): reads its
+    /// interfaces, routes and neighbours, records them, makes a tap per interface with the
+    /// traffic redirected both ways, records that, and returns the taps for the VMM. The
+    /// host-mode agent (tests without a VM) gets no network: it runs on the host's.
+    fn attach_network(
+        &self,
+        st: &mut SandboxState,
+        guest: &oci::GuestSpec,
+    ) -> Result<Vec<AttachedTap>, SandboxError> {
+        let Some(netns) = &guest.netns else {
+            tracing::info!(
+                id = st.id,
+                "the spec names no network namespace: the VM gets no network interface"
+            );
+            return Ok(Vec::new());
+        };
+        if self.placement == Placement::HostAgent {
+            tracing::info!(id = st.id, netns = %netns.display(), "host-mode agent: no VM network");
+            return Ok(Vec::new());
+        }
+        let plan = self.network.inspect(netns)?;
+        tracing::info!(
+            id = st.id,
+            netns = %netns.display(),
+            interfaces = plan.interfaces.len(),
+            routes = plan.routes.len(),
+            "mirroring the pod's network into the VM"
+        );
+        st.network = Some(SandboxNetwork {
+            plan: plan.clone(),
+            attached: None,
+        });
+        self.store.save(st)?;
+        let attached = self.network.attach(netns, &plan, &st.id)?;
+        if let Some(n) = st.network.as_mut() {
+            n.attached = Some(attached.record);
+        }
+        self.store.save(st)?;
+        Ok(attached.taps)
     }
 
     /// The guest half of a create: reach the agent, set the sandbox up, create the container.
@@ -182,6 +232,9 @@ impl Runtime {
                 agent.create_sandbox(&id, &b.hostname, &[share]).await?;
             }
             Placement::HostAgent => agent.create_sandbox(&id, "", &[]).await?,
+        }
+        if let Some(network) = &b.st.network {
+            agent.configure_network(&network.plan).await?;
         }
         let sandbox_ms = b.started.elapsed().as_millis() as u64 - agent_ms;
         agent.create_container(&id, &b.spec_bytes).await?;

@@ -260,6 +260,13 @@ impl Runtime {
                 problems.push(e.to_string());
             }
         }
+        // The VMM is gone, so are its taps; the redirections on the namespace's
+        // interfaces are ours to remove (containerd deletes the namespace itself).
+        if let Some(record) = st.network.as_ref().and_then(|n| n.attached.as_ref())
+            && let Err(e) = self.network.detach(record)
+        {
+            problems.push(carapace_errors::chain(&e));
+        }
         for m in st.mounts.iter().rev() {
             if let Err(e) = self.mounter.unmount(&m.target) {
                 problems.push(e.to_string());

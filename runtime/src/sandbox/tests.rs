@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::agent::{AgentApi, Session, Share};
 use crate::launcher::{FsRequest, VmRequest};
+use crate::network::{AttachRecord, Attached, NetworkError, NetworkPlan};
 use crate::oci::{Bundle, SHARED_FS_TAG};
 use std::time::Instant;
 
@@ -156,6 +157,8 @@ impl Launcher for FakeLauncher {
             fs_sock.exists(),
             "fs daemon socket exists before the VMM starts"
         );
+        let nics = desc["net"].as_array().map_or(0, Vec::len);
+        assert_eq!(nics, req.taps.len(), "one tap per NIC of the description");
         let rec = self.spawn("VMM", self.vmm, &req.log)?;
         if self.vmm == Daemon::Ok {
             self.listen(Path::new(desc["vsock"]["uds_path"].as_str().unwrap()));
@@ -264,6 +267,85 @@ impl AgentApi for FakeAgent {
     }
     async fn next_oom_event(&self) -> Result<String, AgentError> {
         self.call("next_oom_event").map(|()| "c1".into())
+    }
+    async fn configure_network(&self, plan: &NetworkPlan) -> Result<(), AgentError> {
+        assert_eq!(plan.interfaces[0].name, "eth0");
+        self.call("configure_network")
+    }
+}
+
+/// The pod network seam: records calls, hands out real descriptors as taps.
+#[derive(Debug, Default)]
+struct FakeNetwork {
+    events: Arc<Mutex<Vec<String>>>,
+    fail_inspect: bool,
+    fail_attach: bool,
+}
+
+fn fake_plan() -> NetworkPlan {
+    NetworkPlan {
+        interfaces: vec![crate::network::PlannedInterface {
+            name: "eth0".into(),
+            mac: [0x0a, 0x58, 10, 213, 0, 5],
+            mtu: 1500,
+            kind: Some("veth".into()),
+            addresses: vec![("10.213.0.5".parse().unwrap(), 16)],
+        }],
+        routes: vec![crate::network::PlannedRoute {
+            destination: None,
+            gateway: Some("10.213.0.1".parse().unwrap()),
+            device: "eth0".into(),
+            source: None,
+            scope: 0,
+            metric: None,
+            onlink: false,
+        }],
+        neighbors: vec![],
+    }
+}
+
+impl PodNetwork for FakeNetwork {
+    fn inspect(&self, netns: &Path) -> Result<NetworkPlan, NetworkError> {
+        self.events.lock().unwrap().push("inspect".into());
+        if self.fail_inspect {
+            return Err(NetworkError::NoNetns {
+                path: netns.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        Ok(fake_plan())
+    }
+    fn attach(
+        &self,
+        netns: &Path,
+        plan: &NetworkPlan,
+        sandbox_id: &str,
+    ) -> Result<Attached, NetworkError> {
+        self.events.lock().unwrap().push("attach".into());
+        if self.fail_attach {
+            return Err(NetworkError::BadPlan {
+                netns: netns.to_path_buf(),
+                reason: "injected failure".into(),
+            });
+        }
+        let tap: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        Ok(Attached {
+            record: AttachRecord {
+                sandbox_id: sandbox_id.into(),
+                netns: netns.to_path_buf(),
+                netns_id: crate::network::NetnsId { dev: 1, ino: 2 },
+                links: vec![],
+            },
+            taps: vec![crate::network::AttachedTap {
+                interface: plan.interfaces[0].name.clone(),
+                name: "tap0_carapace".into(),
+                fd: tap,
+            }],
+        })
+    }
+    fn detach(&self, _: &AttachRecord) -> Result<(), NetworkError> {
+        self.events.lock().unwrap().push("detach".into());
+        Ok(())
     }
 }
 
@@ -396,6 +478,8 @@ struct Setup {
     agent: AgentMode,
     fail_on: Option<&'static str>,
     mounter: FakeMounter,
+    /// The spec names a network namespace and this is the network seam.
+    network: Option<FakeNetwork>,
 }
 
 impl Default for Setup {
@@ -406,6 +490,7 @@ impl Default for Setup {
             agent: AgentMode::Answers,
             fail_on: None,
             mounter: FakeMounter::default(),
+            network: None,
         }
     }
 }
@@ -420,6 +505,10 @@ fn fixture(s: Setup) -> Fixture {
     let mut spec = crate::oci::default_spec();
     spec["process"]["args"] = serde_json::json!(["true"]);
     spec["mounts"] = serde_json::json!([{"destination": "/vol", "type": "bind", "source": vol, "options": ["rbind", "ro"]}]);
+    if s.network.is_some() {
+        spec["linux"]["namespaces"] =
+            serde_json::json!([{"type": "network", "path": "/var/run/netns/cni-test"}]);
+    }
     std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
     let mut config = Config::default();
     for (name, field) in [
@@ -441,6 +530,13 @@ fn fixture(s: Setup) -> Fixture {
     });
     let mounter = Arc::new(s.mounter);
     let connects = Arc::new(AtomicUsize::new(0));
+    let network = match s.network {
+        Some(n) => FakeNetwork {
+            events: events.clone(),
+            ..n
+        },
+        None => FakeNetwork::default(),
+    };
     let rt = Runtime {
         placement: Placement::Vm,
         config,
@@ -453,6 +549,7 @@ fn fixture(s: Setup) -> Fixture {
             events: events.clone(),
         }),
         mounter: mounter.clone(),
+        network: Arc::new(network),
     };
     Fixture {
         tmp,
@@ -920,5 +1017,93 @@ fn one_session_serves_a_whole_pod_from_create_to_delete() {
     // the create reconnects.
     assert_eq!(f.connects.load(Ordering::SeqCst), 1, "{:?}", f.events());
     assert_eq!(f.events().last().unwrap(), "destroy_sandbox");
+    f.assert_clean();
+}
+
+#[test]
+fn a_pod_network_is_mirrored_into_the_vm_and_undone_at_delete() {
+    let f = fixture(Setup {
+        network: Some(FakeNetwork::default()),
+        ..Default::default()
+    });
+    let st = f.rt.create("c1", &f.bundle).unwrap();
+    let net = st.network.as_ref().expect("recorded");
+    assert_eq!(net.plan, fake_plan());
+    assert!(net.attached.is_some(), "the attach record is in the state");
+    let desc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.rt.paths("c1").unwrap().vm_json).unwrap()).unwrap();
+    assert_eq!(
+        desc["net"][0]["mac"], "0a:58:0a:d5:00:05",
+        "the CNI interface's MAC"
+    );
+    assert_eq!(desc["net"][0]["tap_fd"], 3);
+    // the taps are made before the VMM, the guest is configured before the container
+    let ev = f.events();
+    let pos = |e: &str| {
+        ev.iter()
+            .position(|x| x == e)
+            .unwrap_or_else(|| panic!("{e} in {ev:?}"))
+    };
+    assert!(
+        pos("inspect") < pos("attach") && pos("attach") < pos("vmm"),
+        "{ev:?}"
+    );
+    assert!(
+        pos("create_sandbox") < pos("configure_network")
+            && pos("configure_network") < pos("create_container"),
+        "{ev:?}"
+    );
+    f.rt.delete("c1", true).unwrap();
+    assert_eq!(f.events().last().unwrap(), "detach");
+    f.assert_clean();
+}
+
+#[test]
+fn a_network_that_cannot_be_mirrored_fails_the_create_and_leaves_nothing() {
+    for (network, expect, detaches) in [
+        (
+            FakeNetwork {
+                fail_inspect: true,
+                ..Default::default()
+            },
+            "network namespace /var/run/netns/cni-test does not exist",
+            false,
+        ),
+        (
+            FakeNetwork {
+                fail_attach: true,
+                ..Default::default()
+            },
+            "injected failure",
+            false,
+        ),
+    ] {
+        let f = fixture(Setup {
+            network: Some(network),
+            ..Default::default()
+        });
+        let err = f.rt.create("c1", &f.bundle).unwrap_err();
+        let chain = carapace_errors::chain(&err);
+        assert!(chain.contains(expect), "{chain}");
+        assert!(matches!(err, SandboxError::Network(_)), "{err:?}");
+        let ev = f.events();
+        assert!(!ev.contains(&"vmm".to_string()), "no VMM started: {ev:?}");
+        assert_eq!(ev.contains(&"detach".to_string()), detaches, "{ev:?}");
+        f.assert_clean();
+    }
+}
+
+#[test]
+fn the_guest_refusing_the_network_tears_it_down() {
+    let f = fixture(Setup {
+        network: Some(FakeNetwork::default()),
+        fail_on: Some("configure_network"),
+        ..Default::default()
+    });
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    assert!(err.to_string().contains("configure_network"), "{err}");
+    let ev = f.events();
+    assert!(ev.contains(&"detach".to_string()), "{ev:?}");
+    assert!(!ev.contains(&"create_container".to_string()), "{ev:?}");
     f.assert_clean();
 }

@@ -267,6 +267,12 @@ impl AgentApi for FakeAgent {
             tokio::time::sleep(POLL).await;
         }
     }
+    async fn configure_network(
+        &self,
+        _: &carapace_runtime::network::NetworkPlan,
+    ) -> Result<(), AgentError> {
+        Ok(())
+    }
 }
 
 #[derive(Default)]

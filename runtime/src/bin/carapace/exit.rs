@@ -20,6 +20,7 @@ pub(crate) mod code {
     pub(crate) const MOUNT: u8 = 10;
     pub(crate) const TEARDOWN: u8 = 11;
     pub(crate) const CHECK_FAILED: u8 = 12;
+    pub(crate) const NETWORK: u8 = 13;
 }
 
 /// A failed `check`, carried to `main` for its exit code.
@@ -49,6 +50,7 @@ fn sandbox_exit_code(e: &SandboxError) -> u8 {
         SandboxError::Mount(_) => code::MOUNT,
         SandboxError::Teardown { .. } => code::TEARDOWN,
         SandboxError::WithTeardown { error, .. } => sandbox_exit_code(error),
+        SandboxError::Network(_) => code::NETWORK,
         SandboxError::Blocking(_) => code::FAILURE,
     }
 }
