@@ -815,7 +815,11 @@ async fn configure_network_is_refused_in_host_mode() {
     for req in [valid, invalid] {
         let e = a.client.configure_network(ctx(), &req).await.unwrap_err();
         assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{}", msg(&e));
-        assert!(msg(&e).contains("ConfigureNetwork is refused in host mode"), "{}", msg(&e));
+        assert!(
+            msg(&e).contains("ConfigureNetwork is refused in host mode"),
+            "{}",
+            msg(&e)
+        );
     }
     let after = host_links();
     if let Some(nic) = nic {
