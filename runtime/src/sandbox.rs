@@ -261,6 +261,19 @@ impl PodNetwork for SysNetwork {
     }
 }
 
+impl SandboxError {
+    /// This error, joined by the failure of the teardown that followed it, if any.
+    fn with_teardown(self, teardown: Result<(), SandboxError>) -> SandboxError {
+        match teardown {
+            Ok(()) => self,
+            Err(teardown) => SandboxError::WithTeardown {
+                error: Box::new(self),
+                teardown: Box::new(teardown),
+            },
+        }
+    }
+}
+
 /// Runs a blocking step (file systems, mounts, helper processes) off the async executor.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,

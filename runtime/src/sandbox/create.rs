@@ -87,13 +87,7 @@ impl Runtime {
     /// Tears `st` down after `error`; returns the error to report.
     fn torn_down(&self, st: &SandboxState, error: SandboxError) -> SandboxError {
         tracing::error!(id = st.id, %error, "create failed, tearing down");
-        match self.teardown(st) {
-            Ok(()) => error,
-            Err(teardown) => SandboxError::WithTeardown {
-                error: Box::new(error),
-                teardown: Box::new(teardown),
-            },
-        }
+        error.with_teardown(self.teardown(st))
     }
 
     fn host_steps(
@@ -336,13 +330,7 @@ impl Runtime {
         sandbox_id: &str,
         error: SandboxError,
     ) -> SandboxError {
-        match self.teardown_member(st, sandbox_id) {
-            Ok(()) => error,
-            Err(teardown) => SandboxError::WithTeardown {
-                error: Box::new(error),
-                teardown: Box::new(teardown),
-            },
-        }
+        error.with_teardown(self.teardown_member(st, sandbox_id))
     }
 
     fn join_host(
