@@ -592,3 +592,87 @@ impl AgentApi for TtrpcAgent {
             .map_err(Self::rpc_err("DestroySandbox", id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::{PlannedInterface, PlannedNeighbor, PlannedRoute};
+
+    #[test]
+    fn a_network_plan_becomes_the_agents_request_field_by_field() {
+        let plan = NetworkPlan {
+            interfaces: vec![PlannedInterface {
+                name: "eth0".into(),
+                mac: [0x0a, 0x58, 0x0a, 0xd5, 0x00, 0x05],
+                mtu: 1450,
+                kind: Some("veth".into()),
+                addresses: vec![
+                    ("10.213.0.5".parse().unwrap(), 16),
+                    ("fd00::5".parse().unwrap(), 64),
+                ],
+            }],
+            routes: vec![
+                PlannedRoute {
+                    destination: Some(("10.99.0.0".parse().unwrap(), 24)),
+                    gateway: None,
+                    device: "eth0".into(),
+                    source: Some("10.213.0.5".parse().unwrap()),
+                    scope: 253,
+                    metric: None,
+                    onlink: false,
+                },
+                PlannedRoute {
+                    destination: None,
+                    gateway: Some("10.213.0.1".parse().unwrap()),
+                    device: "eth0".into(),
+                    source: None,
+                    scope: 0,
+                    metric: Some(100),
+                    onlink: false,
+                },
+            ],
+            neighbors: vec![PlannedNeighbor {
+                device: "eth0".into(),
+                address: "10.213.0.1".parse().unwrap(),
+                mac: [0xee; 6],
+            }],
+        };
+        let r = network_request(&plan);
+        let i = &r.interfaces[0];
+        assert_eq!(
+            (i.mac.as_str(), i.name.as_str(), i.mtu),
+            ("0a:58:0a:d5:00:05", "eth0", 1450)
+        );
+        let addrs: Vec<_> = i
+            .addresses
+            .iter()
+            .map(|a| (a.address.as_str(), a.prefix_len))
+            .collect();
+        assert_eq!(addrs, [("10.213.0.5", 16), ("fd00::5", 64)]);
+        let link = &r.routes[0];
+        assert_eq!(
+            (
+                link.destination.as_str(),
+                link.gateway.as_str(),
+                link.source.as_str(),
+                link.scope
+            ),
+            ("10.99.0.0/24", "", "10.213.0.5", 253)
+        );
+        // a default route: no destination, the gateway's family decides
+        let default = &r.routes[1];
+        assert_eq!(
+            (
+                default.destination.as_str(),
+                default.gateway.as_str(),
+                default.device.as_str()
+            ),
+            ("", "10.213.0.1", "eth0")
+        );
+        let n = &r.neighbors[0];
+        assert_eq!(
+            (n.ip.as_str(), n.mac.as_str(), n.device.as_str()),
+            ("10.213.0.1", "ee:ee:ee:ee:ee:ee", "eth0")
+        );
+    }
+}
