@@ -118,6 +118,8 @@ pub struct GuestSpec {
     /// the VM gets its interfaces and every container of the VM runs in the guest's own
     /// network namespace, so the spec sent to the agent has no network entry then.
     pub netns: Option<PathBuf>,
+    /// The spec has no network namespace at all: it asks for the host's network.
+    pub host_network: bool,
 }
 
 /// A bundle whose `config.json` was read and schema-checked once; everything that needs the
@@ -320,6 +322,13 @@ pub fn translate(
         }
     }
     let mut netns = None;
+    let host_network = !spec
+        .pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n.get("type").and_then(Value::as_str) == Some("network"))
+        });
     if let Some(ns) = spec
         .pointer_mut("/linux/namespaces")
         .and_then(Value::as_array_mut)
@@ -391,6 +400,7 @@ pub fn translate(
         hostname,
         terminal,
         netns,
+        host_network,
     })
 }
 

@@ -97,11 +97,10 @@ pub struct PodSpec {
     pub network: PodNetwork,
 }
 
-/// Which network a pod gets.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Which network a pod gets (default: its own, as a kubelet's pods).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodNetwork {
-    /// The node's (a kubelet's hostNetwork pod).
-    #[default]
+    /// The node's (a kubelet's hostNetwork pod; a VM cannot share it: Carapace refuses).
     Host,
     /// Its own, set up by the CNI configuration of the containerd (a kubelet's default),
     /// with these (container port, host port) TCP mappings.
@@ -109,6 +108,12 @@ pub enum PodNetwork {
         /// hostPort mappings: (container port, host port).
         ports: Vec<(u16, u16)>,
     },
+}
+
+impl Default for PodNetwork {
+    fn default() -> Self {
+        PodNetwork::Cni { ports: Vec::new() }
+    }
 }
 
 impl PodSpec {
@@ -522,22 +527,38 @@ mod tests {
     }
 
     #[test]
-    fn pods_use_the_host_network_and_pod_wide_pid_and_ipc() {
-        let p = PodSpec {
+    fn pods_get_their_network_and_pod_wide_pid_and_ipc() {
+        let mut p = PodSpec {
             name: "p".into(),
             namespace: "default".into(),
             handler: "carapace".into(),
             log_dir: "/l".into(),
             privileged: false,
-            network: Default::default(),
+            network: PodNetwork::Host,
         };
-        let c = p.config();
-        let ns = c
+        let host = p.config();
+        let ns = host
             .linux
             .and_then(|l| l.security_context)
             .and_then(|s| s.namespace_options)
             .expect("namespace options");
         assert_eq!(ns.network, cri::NamespaceMode::Node as i32);
+        assert!(
+            host.hostname.is_empty(),
+            "no hostname without a UTS namespace"
+        );
+        p.network = PodNetwork::Cni {
+            ports: vec![(8080, 18080)],
+        };
+        let c = p.config();
+        assert_eq!(c.hostname, "p");
+        assert_eq!(c.port_mappings[0].host_port, 18080);
+        let ns = c
+            .linux
+            .and_then(|l| l.security_context)
+            .and_then(|s| s.namespace_options)
+            .expect("namespace options");
+        assert_eq!(ns.network, cri::NamespaceMode::Pod as i32);
         assert_eq!(ns.pid, cri::NamespaceMode::Pod as i32);
         assert_eq!(c.log_directory, "/l");
     }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use carapace_tests::containerd::{BUSYBOX_IMAGE, CarapaceCri};
-use carapace_tests::cri::{ContainerSpec, Cri, PodSpec, log_text};
+use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, log_text};
 use carapace_tests::kvm_test;
 
 fn host_boot_id() -> String {
@@ -57,7 +57,7 @@ kvm_test! {
             handler: "carapace".into(),
             log_dir: tmp.path().join("logs"),
             privileged: false,
-            network: Default::default(),
+            network: PodNetwork::Cni { ports: vec![] },
         };
         let shared = tmp.path().join("empty-dir");
         std::fs::create_dir_all(&shared).expect("volume");

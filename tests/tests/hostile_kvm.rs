@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use carapace_tests::containerd::{BUSYBOX_IMAGE, CarapaceCri};
-use carapace_tests::cri::{ContainerSpec, Cri, PodSpec, log_text};
+use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, log_text};
 use carapace_tests::kvm_test;
 
 /// Mount points of the host (this process's view), outside `skip`.
@@ -92,7 +92,7 @@ kvm_test! {
             handler: "carapace".into(),
             log_dir: tmp.path().join("logs"),
             privileged: true,
-            network: Default::default(),
+            network: PodNetwork::Cni { ports: vec![] },
         };
         let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| fail("RunPodSandbox", &e));
 

@@ -16,6 +16,25 @@ use crate::process::{ProcessRecord, log_tail, wait_for_socket};
 use crate::state::{MountRecord, SandboxNetwork, SandboxState, Status};
 use std::os::fd::AsFd;
 
+/// A VM cannot share the host's network: a spec without a network namespace (`docker run
+/// --net=host`, a Kubernetes `hostNetwork` pod) is refused, as Kata Containers does, rather
+/// than run with a network that is not the one asked for. (Joining a pod's VM is decided by
+/// its sandbox: a container of the pod shares the guest's network whatever its spec says.)
+fn refuse_host_network(bundle: &Bundle, guest: &oci::GuestSpec) -> Result<(), SandboxError> {
+    if !guest.host_network {
+        return Ok(());
+    }
+    Err(oci::SpecError::Invalid {
+        path: bundle.spec_path.clone(),
+        field: "linux.namespaces".into(),
+        reason: "no network namespace: the spec asks for the host's network, which a \
+                 virtual machine cannot share; give the container a network namespace of \
+                 its own (no --net=host, no hostNetwork: true)"
+            .into(),
+    }
+    .into())
+}
+
 /// A sandbox whose host side is up: its VMM is booting the guest.
 #[derive(Debug)]
 struct Booting {
@@ -67,6 +86,7 @@ impl Runtime {
         };
         let guest = oci::translate(bundle, id, &guest_shared, None)?;
         if self.placement == Placement::Vm {
+            refuse_host_network(bundle, &guest)?;
             check_image(&self.config)?;
         }
         self.store.create_dir(id)?;

@@ -1107,3 +1107,21 @@ fn the_guest_refusing_the_network_tears_it_down() {
     assert!(!ev.contains(&"create_container".to_string()), "{ev:?}");
     f.assert_clean();
 }
+
+#[test]
+fn a_spec_asking_for_the_host_network_is_refused_before_anything_starts() {
+    let f = fixture(Setup::default());
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.bundle.join("config.json")).unwrap()).unwrap();
+    let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
+    ns.retain(|n| n["type"] != "network");
+    std::fs::write(f.bundle.join("config.json"), spec.to_string()).unwrap();
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    let msg = carapace_errors::chain(&err);
+    assert!(
+        msg.contains("linux.namespaces") && msg.contains("host's network"),
+        "{msg}"
+    );
+    assert!(f.events().is_empty(), "nothing started: {:?}", f.events());
+    f.assert_clean();
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use crate::cri::{ContainerSpec, Cri, CriError, PodSpec, log_text};
+use crate::cri::{ContainerSpec, Cri, CriError, PodNetwork, PodSpec, log_text};
 
 /// Errors of one pod start.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ impl PodRun {
             handler: self.handler.clone(),
             log_dir: self.log_root.join(name),
             privileged: false,
-            network: Default::default(),
+            network: PodNetwork::Cni { ports: vec![] },
         };
         let cri_err = |source| PodBenchError::Cri {
             pod: name.to_owned(),
