@@ -496,10 +496,15 @@ pub const CNI_BRIDGE: &str = "cni-carapace0";
 pub const CNI_SUBNET: &str = "10.213.0.0/16";
 /// The bridge's address, the pods' default gateway.
 pub const CNI_GATEWAY: &str = "10.213.0.1";
+/// The IPv6 subnet (the network is dual-stack, as a Kubernetes dual-stack cluster's).
+pub const CNI_SUBNET6: &str = "fd00:213::/64";
+/// The bridge's IPv6 address, the pods' IPv6 default gateway.
+pub const CNI_GATEWAY6: &str = "fd00:213::1";
 const CNI_CONFLIST: &str = "10-carapace-test.conflist";
 
 /// The CNI configuration CRI pods of the tests get (what a kubelet's node would have):
-/// a bridge with host-local addresses, masquerading out, and portmap for hostPorts.
+/// a dual-stack bridge with host-local addresses, masquerading out, and portmap for
+/// hostPorts.
 fn cni_conflist() -> String {
     serde_json::json!({
         "cniVersion": "0.4.0",
@@ -512,8 +517,11 @@ fn cni_conflist() -> String {
                 "ipMasq": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": CNI_SUBNET, "gateway": CNI_GATEWAY}]],
-                    "routes": [{"dst": "0.0.0.0/0"}]
+                    "ranges": [
+                        [{"subnet": CNI_SUBNET, "gateway": CNI_GATEWAY}],
+                        [{"subnet": CNI_SUBNET6, "gateway": CNI_GATEWAY6}]
+                    ],
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
                 }
             },
             {"type": "portmap", "capabilities": {"portMappings": true}}
@@ -588,6 +596,10 @@ mod tests {
         assert_eq!(
             v["plugins"][0]["ipam"]["ranges"][0][0]["gateway"],
             CNI_GATEWAY
+        );
+        assert_eq!(
+            v["plugins"][0]["ipam"]["ranges"][1][0]["subnet"],
+            CNI_SUBNET6
         );
         assert_eq!(v["plugins"][1]["type"], "portmap");
     }

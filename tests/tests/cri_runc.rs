@@ -126,6 +126,11 @@ fn a_cni_pod_under_runc_gets_an_address_and_serves_the_host() {
     let ips = cri.pod_ips(&pod_id).expect("pod status");
     let ip = ips.first().cloned().expect("the pod has an address");
     assert!(ip.starts_with("10.213."), "{ips:?}");
+    let ip6 = ips
+        .iter()
+        .find(|a| a.starts_with("fd00:213:"))
+        .cloned()
+        .unwrap_or_else(|| panic!("an IPv6 address too: {ips:?}"));
     let server = ContainerSpec {
         name: "web".into(),
         image: BUSYBOX_IMAGE.into(),
@@ -145,6 +150,9 @@ fn a_cni_pod_under_runc_gets_an_address_and_serves_the_host() {
     let body = http_get(&format!("{ip}:8080"), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("GET {ip}:8080: {e}\n{}", ctrd.log()));
     assert!(body.contains("hello-from-the-pod"), "{body}");
+    let body = http_get(&format!("[{ip6}]:8080"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("GET [{ip6}]:8080: {e}"));
+    assert!(body.contains("hello-from-the-pod"), "over IPv6: {body}");
     let body = http_get(&format!("{CNI_GATEWAY}:18080"), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("GET through the hostPort: {e}"));
     assert!(body.contains("hello-from-the-pod"), "{body}");

@@ -1,15 +1,16 @@
 //! Pod networking end to end: a CRI pod with its own CNI network (the tests' containerd:
-//! bridge `cni-carapace0`, host-local 10.213.0.0/16, portmap) runs in a microVM whose NIC
-//! mirrors the pod's CNI interface. The host fetches from the pod at its IP and through a
-//! hostPort, a container reaches a server on the bridge's gateway address, two containers
-//! of the pod talk over 127.0.0.1, and after the pod is removed nothing of it is left.
+//! dual-stack bridge `cni-carapace0`, host-local 10.213.0.0/16 and fd00:213::/64, portmap)
+//! runs in a microVM whose NIC mirrors the pod's CNI interface. The host fetches from the
+//! pod at its IPv4 and IPv6 addresses and through a hostPort, a container reaches a server
+//! on the bridge's gateway addresses (both families), two containers of the pod talk over
+//! 127.0.0.1, and after the pod is removed nothing of it is left.
 //! Where this host cannot boot guests the test runs inside the lab.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use carapace_tests::containerd::{BUSYBOX_IMAGE, CNI_GATEWAY, CarapaceCri};
+use carapace_tests::containerd::{BUSYBOX_IMAGE, CNI_GATEWAY, CNI_GATEWAY6, CarapaceCri};
 use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, log_text};
 use carapace_tests::kvm_test;
 use carapace_tests::net::http_get;
@@ -52,6 +53,11 @@ kvm_test! {
         let ips = cri.pod_ips(&pod_id).unwrap_or_else(|e| fail("PodSandboxStatus", &e));
         let ip = ips.first().cloned().unwrap_or_else(|| fail("pod IP", &"none reported"));
         assert!(ip.starts_with("10.213."), "{ips:?}");
+        let ip6 = ips
+            .iter()
+            .find(|a| a.starts_with("fd00:213:"))
+            .cloned()
+            .unwrap_or_else(|| fail("pod IPv6 address", &format!("{ips:?}")));
 
         // a web server in the pod
         let web = ContainerSpec {
@@ -75,6 +81,9 @@ kvm_test! {
         let body = http_get(&format!("{ip}:8080"), Duration::from_secs(120))
             .unwrap_or_else(|e| fail(&format!("GET {ip}:8080 from the host"), &e));
         assert!(body.contains("hello-from-the-vm"), "{body}");
+        let body = http_get(&format!("[{ip6}]:8080"), Duration::from_secs(60))
+            .unwrap_or_else(|e| fail(&format!("GET [{ip6}]:8080 from the host"), &e));
+        assert!(body.contains("hello-from-the-vm"), "over IPv6: {body}");
         let body = http_get(&format!("{CNI_GATEWAY}:18082"), Duration::from_secs(60))
             .unwrap_or_else(|e| fail("GET through the hostPort", &e));
         assert!(body.contains("hello-from-the-vm"), "{body}");
@@ -83,6 +92,10 @@ kvm_test! {
         let listener = TcpListener::bind(format!("{CNI_GATEWAY}:0")).expect("bind on the bridge");
         let port = listener.local_addr().expect("addr").port();
         let served = serve_once(listener, "hello-from-the-gateway");
+        let listener6 =
+            TcpListener::bind(format!("[{CNI_GATEWAY6}]:0")).expect("bind on the bridge (IPv6)");
+        let port6 = listener6.local_addr().expect("addr").port();
+        let served6 = serve_once(listener6, "hello-over-ipv6");
         let client = ContainerSpec {
             name: "client".into(),
             image: BUSYBOX_IMAGE.into(),
@@ -91,7 +104,8 @@ kvm_test! {
                 "-c".into(),
                 format!(
                     "wget -q -O - http://127.0.0.1:8080/ && \
-                     wget -q -O - http://{CNI_GATEWAY}:{port}/ && echo; exit 7"
+                     wget -q -O - http://{CNI_GATEWAY}:{port}/ && echo && \
+                     wget -q -O - http://[{CNI_GATEWAY6}]:{port6}/ && echo; exit 7"
                 ),
             ],
             ..Default::default()
@@ -107,7 +121,9 @@ kvm_test! {
         assert_eq!(code, 7, "client log: {log:?}");
         assert!(log.contains("hello-from-the-vm"), "localhost in the pod: {log:?}");
         assert!(log.contains("hello-from-the-gateway"), "out to the gateway: {log:?}");
+        assert!(log.contains("hello-over-ipv6"), "out to the gateway over IPv6: {log:?}");
         assert!(served.join().expect("server thread"), "the gateway served the pod");
+        assert!(served6.join().expect("server thread"), "the gateway served the pod (IPv6)");
 
         cri.remove_pod(&pod_id).unwrap_or_else(|e| fail("remove pod", &e));
         assert!(cri.pods().expect("list pods").is_empty());
