@@ -30,8 +30,8 @@ while (($#)); do
 done
 for s in "${skips[@]}"; do
   case "$s" in
-    boot | container | sandbox | pod | fs) ;;
-    *) say "--skip $s: no such phase (boot, container, sandbox, pod, fs)"; exit 2 ;;
+    boot | container | sandbox | pod | fs | net) ;;
+    *) say "--skip $s: no such phase (boot, container, sandbox, pod, fs, net)"; exit 2 ;;
   esac
 done
 skipped() { local s; for s in "${skips[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
@@ -55,10 +55,11 @@ groups=(
   "container-sandbox 2400 container sandbox"
   "pod 1800 pod"
   "fs 1800 fs"
+  "net 1800 net"
   "boot 1800 boot"
 )
 # The merged report lists the groups in the order a whole run measures them.
-merge_order=(boot container-sandbox pod fs)
+merge_order=(boot container-sandbox pod fs net)
 partials=target/bench
 mkdir -p "$partials" bench/results
 rm -f "$partials"/partial-*.json

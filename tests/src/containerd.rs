@@ -247,6 +247,22 @@ impl Containerd {
         Ok(())
     }
 
+    /// Imports [`NET_IMAGE`] for CRI: busybox and Debian's iperf3 (with its libraries).
+    pub fn import_net_image(&self, work: &Path) -> Result<(), ContainerdError> {
+        let rootfs = work.join("net-image-rootfs");
+        crate::fixtures::busybox_rootfs(&rootfs)?;
+        crate::fixtures::add_host_program(&rootfs, Path::new(IPERF3))?;
+        let dir = work.join("net-image");
+        fs::create_dir_all(&dir).map_err(|source| ContainerdError::Io {
+            what: "cannot create",
+            path: dir.clone(),
+            source,
+        })?;
+        let archive = dir.join("image.tar");
+        crate::fixtures::oci_image_archive(&rootfs, NET_IMAGE, &["sh"], &dir, &archive)?;
+        self.import_for_cri(&archive)
+    }
+
     /// Builds the busybox and pause fixture images under `work` and imports them for CRI
     /// as [`BUSYBOX_IMAGE`] and [`PAUSE_IMAGE`] (the `sandbox_image` of the config).
     pub fn import_cri_images(&self, work: &Path) -> Result<(), ContainerdError> {
@@ -485,6 +501,11 @@ fn which(tool: &str) -> Option<PathBuf> {
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
 }
+
+/// busybox with Debian's iperf3, for the network benchmark.
+pub const NET_IMAGE: &str = "carapace.test/net:1";
+/// Debian's iperf3.
+pub const IPERF3: &str = "/usr/bin/iperf3";
 
 /// Where Debian's containernetworking-plugins are.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";

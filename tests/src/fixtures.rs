@@ -92,6 +92,39 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Fixture
     move |source| FixtureError::Io { what, path, source }
 }
 
+/// Copies a dynamically linked host program into `rootfs` at the same path, with every
+/// shared library `ldd` names (and the loader) at their paths: how a test image gets a tool
+/// Debian packages (iperf3) without a package manager in the image.
+pub fn add_host_program(rootfs: &Path, program: &Path) -> Result<(), FixtureError> {
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(io("cannot run ldd on", program))?;
+    if !out.status.success() {
+        return Err(FixtureError::Tool {
+            tool: "ldd",
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "libx.so => /lib/.../libx.so (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+    let libs = text.lines().filter_map(|l| {
+        l.split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from)
+    });
+    for from in std::iter::once(program.to_path_buf()).chain(libs) {
+        let rel = from.strip_prefix("/").unwrap_or(&from);
+        let to = rootfs.join(rel);
+        if let Some(dir) = to.parent() {
+            fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        }
+        // follow the library symlinks: the image gets the files
+        fs::copy(&from, &to).map_err(io("cannot copy", &from))?;
+    }
+    Ok(())
+}
+
 /// Fills `rootfs` with busybox-static, its applet links, and the directories and files a
 /// container expects (`/proc`, `/sys`, `/dev`, `/tmp`, `/etc/passwd`, ...).
 pub fn busybox_rootfs(rootfs: &Path) -> Result<(), FixtureError> {

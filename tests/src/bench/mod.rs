@@ -4,6 +4,7 @@
 
 pub mod fsio;
 pub mod merge;
+pub mod net;
 pub mod parse;
 pub mod pods;
 
