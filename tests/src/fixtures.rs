@@ -446,6 +446,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_host_program_runs_in_its_image_root_with_its_libraries() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        add_host_program(root, Path::new("/bin/true")).unwrap();
+        let program = root.join("bin/true");
+        assert!(program.is_file());
+        // it runs chrooted there: every library it needs came along
+        let status = std::process::Command::new("chroot")
+            .arg(root)
+            .arg("/bin/true")
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status}");
+        assert!(add_host_program(root, Path::new("/nonexistent/tool")).is_err());
+    }
+
+    #[test]
     fn the_debian_mirror_is_the_one_apt_uses() {
         let deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n\
                       Types: deb\nURIs: http://security.example/debian-security\n";
