@@ -66,7 +66,7 @@ async fn copy_out(
                 }
             }
             Err(e) => {
-                tracing::debug!(?stream, error = %e, "output stream ended");
+                tracing::debug!(?stream, error = %carapace_errors::Chain(&e), "output stream ended");
                 break;
             }
         }

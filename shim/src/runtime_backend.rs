@@ -45,7 +45,7 @@ impl RuntimeBackend {
             .any(|m| m == &rootfs)
             && let Err(e) = SysMounter.unmount(&rootfs)
         {
-            tracing::warn!(rootfs = %rootfs.display(), error = %e, "cannot unmount the rootfs");
+            tracing::warn!(rootfs = %rootfs.display(), error = %carapace_errors::Chain(&e), "cannot unmount the rootfs");
         }
     }
 }
@@ -99,7 +99,7 @@ impl Backend for RuntimeBackend {
 
     fn record_exit(&self, id: &str, _role: &Role, exit: ExitInfo) {
         if let Err(e) = self.runtime.record_exit(id, exit) {
-            tracing::warn!(id, error = %e, "cannot record the exit");
+            tracing::warn!(id, error = %carapace_errors::Chain(&e), "cannot record the exit");
         }
     }
 

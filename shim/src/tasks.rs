@@ -524,7 +524,7 @@ impl Tasks {
                         }
                     }
                     Err(e) => {
-                        tracing::debug!(vm, error = %e, "OOM events end");
+                        tracing::debug!(vm, error = %carapace_errors::Chain(&e), "OOM events end");
                         return;
                     }
                 }
@@ -638,7 +638,7 @@ impl Tasks {
                     info.exit_status
                 }
                 Err(e) => {
-                    tracing::warn!(process = %proc_name(&id, &exec_id), error = %e, "lost the process; reporting it exited");
+                    tracing::warn!(process = %proc_name(&id, &exec_id), error = %carapace_errors::Chain(&e), "lost the process; reporting it exited");
                     LOST_EXIT_STATUS
                 }
             };
@@ -861,7 +861,9 @@ impl Tasks {
                 id = sandbox_id,
                 "last container of the pod deleted: VM stopped"
             ),
-            Err(e) => tracing::warn!(id = sandbox_id, error = %e, "cannot stop the pod's VM"),
+            Err(e) => {
+                tracing::warn!(id = sandbox_id, error = %carapace_errors::Chain(&e), "cannot stop the pod's VM")
+            }
         }
     }
 

@@ -52,11 +52,11 @@ impl Runtime {
                     match self.delete_session(session, &vmm, id).await {
                         Ok(agent) => {
                             if let Err(e) = agent.destroy_sandbox(id).await {
-                                tracing::warn!(id, error = %e, "DestroySandbox failed; stopping the VMM");
+                                tracing::warn!(id, error = %carapace_errors::Chain(&e), "DestroySandbox failed; stopping the VMM");
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(id, error = %e, "agent unreachable; stopping the VMM")
+                            tracing::warn!(id, error = %carapace_errors::Chain(&e), "agent unreachable; stopping the VMM")
                         }
                     }
                 }
@@ -72,7 +72,7 @@ impl Runtime {
                         Ok(agent) => {
                             let connected = t.elapsed();
                             if let Err(e) = agent.remove_container(&st.id).await {
-                                tracing::warn!(id = st.id, error = %e, "RemoveContainer failed");
+                                tracing::warn!(id = st.id, error = %carapace_errors::Chain(&e), "RemoveContainer failed");
                             }
                             tracing::info!(
                                 id = st.id,
@@ -81,7 +81,9 @@ impl Runtime {
                                 "removed from the pod's VM"
                             );
                         }
-                        Err(e) => tracing::warn!(id = st.id, error = %e, "agent unreachable"),
+                        Err(e) => {
+                            tracing::warn!(id = st.id, error = %carapace_errors::Chain(&e), "agent unreachable")
+                        }
                     }
                 }
                 let rt = self.clone();
