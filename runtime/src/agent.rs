@@ -275,7 +275,7 @@ pub fn network_request(plan: &NetworkPlan) -> ConfigureNetworkRequest {
             .interfaces
             .iter()
             .map(|i| NetInterface {
-                mac: crate::launcher::format_mac(&i.mac),
+                mac: carapace_vm_config::format_mac(&i.mac),
                 name: i.name.clone(),
                 mtu: i.mtu,
                 addresses: i
@@ -310,7 +310,7 @@ pub fn network_request(plan: &NetworkPlan) -> ConfigureNetworkRequest {
             .iter()
             .map(|n| Neighbor {
                 ip: n.address.to_string(),
-                mac: crate::launcher::format_mac(&n.mac),
+                mac: carapace_vm_config::format_mac(&n.mac),
                 device: n.device.clone(),
                 ..Default::default()
             })

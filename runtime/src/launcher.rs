@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_config::{Config, VmResources};
-use carapace_vm_config::{FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
+use carapace_vm_config::{FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig, format_mac};
 
 use crate::process::{ProcessError, ProcessRecord, spawn_detached, spawn_detached_with_fds};
 
@@ -188,14 +188,6 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmC
         })
         .collect();
     vm
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Checks the guest image files exist before anything is started.

@@ -163,6 +163,14 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// Formats a MAC address as [`parse_mac`] reads it: `xx:xx:xx:xx:xx:xx`, lower case.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A complete VM description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -405,6 +413,13 @@ fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_formatted_mac_parses_back() {
+        let mac = [0x0a, 0x58, 0x0a, 0xd5, 0x00, 0x05];
+        assert_eq!(format_mac(&mac), "0a:58:0a:d5:00:05");
+        assert_eq!(parse_mac(&format_mac(&mac)), Ok(mac));
+    }
 
     #[test]
     fn json_defaults_and_unknown_fields() {
