@@ -336,7 +336,6 @@ impl Runtime {
         match self.join_guest(&mut joining, session).await {
             Ok(session) => Ok((joining.st, session)),
             Err(error) => {
-                tracing::error!(cid, sandbox_id, %error, "create in sandbox failed, tearing down");
                 let rt = self.clone();
                 let (st, sid) = (joining.st, sandbox_id.to_owned());
                 Err(blocking(move || Ok(rt.member_torn_down(&st, &sid, error))).await?)
@@ -344,12 +343,14 @@ impl Runtime {
         }
     }
 
+    /// Tears pod container `st` down after `error`; returns the error to report.
     fn member_torn_down(
         &self,
         st: &SandboxState,
         sandbox_id: &str,
         error: SandboxError,
     ) -> SandboxError {
+        tracing::error!(cid = st.id, sandbox_id, %error, "create in sandbox failed, tearing down");
         error.with_teardown(self.teardown_member(st, sandbox_id))
     }
 
@@ -398,10 +399,7 @@ impl Runtime {
                 sandbox,
                 spec_bytes,
             }),
-            Err(error) => {
-                tracing::error!(cid, sandbox_id, %error, "create in sandbox failed, tearing down");
-                Err(self.member_torn_down(&st, sandbox_id, error))
-            }
+            Err(error) => Err(self.member_torn_down(&st, sandbox_id, error)),
         }
     }
 
