@@ -4,6 +4,27 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::containerd::BUSYBOX_IMAGE;
+use crate::cri::ContainerSpec;
+
+/// A container `web` serving `body` as `/` over HTTP on `port` (busybox httpd in the
+/// foreground), what the pod networking tests fetch.
+pub fn web_server(body: &str, port: u16) -> ContainerSpec {
+    ContainerSpec {
+        name: "web".into(),
+        image: BUSYBOX_IMAGE.into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "mkdir -p /tmp/www && echo {body} > /tmp/www/index.html && \
+                 exec busybox httpd -f -p {port} -h /tmp/www"
+            ),
+        ],
+        ..Default::default()
+    }
+}
+
 /// `GET /` from `addr` (`ip:port`) over HTTP/1.0, retried until `timeout` (the server may
 /// still be starting); returns the whole response.
 pub fn http_get(addr: &str, timeout: Duration) -> std::io::Result<String> {

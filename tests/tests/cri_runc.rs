@@ -99,7 +99,7 @@ fn a_two_container_pod_runs_under_runc_through_cri() {
 fn a_cni_pod_under_runc_gets_an_address_and_serves_the_host() {
     use carapace_tests::containerd::CNI_GATEWAY;
     use carapace_tests::cri::PodNetwork;
-    use carapace_tests::net::http_get;
+    use carapace_tests::net::{http_get, web_server};
 
     assert!(carapace_tests::is_root(), "needs root (containerd, CNI)");
     let dir = tempfile::Builder::new()
@@ -131,18 +131,7 @@ fn a_cni_pod_under_runc_gets_an_address_and_serves_the_host() {
         .find(|a| a.starts_with("fd00:213:"))
         .cloned()
         .unwrap_or_else(|| panic!("an IPv6 address too: {ips:?}"));
-    let server = ContainerSpec {
-        name: "web".into(),
-        image: BUSYBOX_IMAGE.into(),
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            "mkdir -p /tmp/www && echo hello-from-the-pod > /tmp/www/index.html && \
-             exec busybox httpd -f -p 8080 -h /tmp/www"
-                .into(),
-        ],
-        ..Default::default()
-    };
+    let server = web_server("hello-from-the-pod", 8080);
     let web = cri
         .create_container(&pod_id, &pod, &server)
         .expect("create web");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use carapace_tests::containerd::{BUSYBOX_IMAGE, CNI_GATEWAY, CNI_GATEWAY6, CarapaceCri};
 use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, log_text};
 use carapace_tests::kvm_test;
-use carapace_tests::net::http_get;
+use carapace_tests::net::{http_get, web_server};
 
 /// Serves one HTTP response on `listener` (the gateway side of a pod's request).
 fn serve_once(listener: TcpListener, body: &'static str) -> std::thread::JoinHandle<bool> {
@@ -60,18 +60,7 @@ kvm_test! {
             .unwrap_or_else(|| fail("pod IPv6 address", &format!("{ips:?}")));
 
         // a web server in the pod
-        let web = ContainerSpec {
-            name: "web".into(),
-            image: BUSYBOX_IMAGE.into(),
-            command: vec![
-                "sh".into(),
-                "-c".into(),
-                "mkdir -p /tmp/www && echo hello-from-the-vm > /tmp/www/index.html && \
-                 exec busybox httpd -f -p 8080 -h /tmp/www"
-                    .into(),
-            ],
-            ..Default::default()
-        };
+        let web = web_server("hello-from-the-vm", 8080);
         let w = cri
             .create_container(&pod_id, &pod, &web)
             .unwrap_or_else(|e| fail("CreateContainer web", &e));
