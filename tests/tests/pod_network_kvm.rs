@@ -1,7 +1,8 @@
 //! Pod networking end to end: a CRI pod with its own CNI network (the tests' containerd:
 //! dual-stack bridge `cni-carapace0`, host-local 10.213.0.0/16 and fd00:213::/64, portmap)
 //! runs in a microVM whose NIC mirrors the pod's CNI interface. The host fetches from the
-//! pod at its IPv4 and IPv6 addresses and through a hostPort, a container reaches a server
+//! pod at its IPv4 and IPv6 addresses and through a hostPort, a second pod (another
+//! microVM) fetches from it at both addresses, a container reaches a server
 //! on the bridge's gateway addresses (both families), two containers of the pod talk over
 //! 127.0.0.1, and after the pod is removed nothing of it is left.
 //! Where this host cannot boot guests the test runs inside the lab.
@@ -76,6 +77,49 @@ kvm_test! {
         let body = http_get(&format!("{CNI_GATEWAY}:18082"), Duration::from_secs(60))
             .unwrap_or_else(|e| fail("GET through the hostPort", &e));
         assert!(body.contains("hello-from-the-vm"), "{body}");
+
+        // another pod (its own microVM and CNI interface) fetches from the first at both of
+        // its addresses: pod to pod across the bridge
+        let other = PodSpec {
+            name: "net-peer".into(),
+            network: PodNetwork::Cni { ports: vec![] },
+            log_dir: tmp.path().join("peer-logs"),
+            ..pod.clone()
+        };
+        let other_id = cri.run_pod(&other).unwrap_or_else(|e| fail("RunPodSandbox peer", &e));
+        let other_ips = cri.pod_ips(&other_id).unwrap_or_else(|e| fail("PodSandboxStatus peer", &e));
+        assert!(
+            other_ips.iter().all(|a| !ips.contains(a)),
+            "two pods share an address: {ips:?} {other_ips:?}"
+        );
+        let peer = ContainerSpec {
+            name: "peer".into(),
+            image: BUSYBOX_IMAGE.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "wget -q -O - http://{ip}:8080/ && echo && \
+                     wget -q -O - http://[{ip6}]:8080/ && echo; exit 7"
+                ),
+            ],
+            ..Default::default()
+        };
+        let p = cri
+            .create_container(&other_id, &other, &peer)
+            .unwrap_or_else(|e| fail("CreateContainer peer", &e));
+        cri.start_container(&p).unwrap_or_else(|e| fail("StartContainer peer", &e));
+        let code = cri
+            .wait_exited(&p, Duration::from_secs(300))
+            .unwrap_or_else(|e| fail("peer exit", &e));
+        let log = log_text(&other.log_dir.join("peer.log")).expect("peer log");
+        assert_eq!(code, 7, "peer log: {log:?}");
+        assert_eq!(
+            log.matches("hello-from-the-vm").count(),
+            2,
+            "pod to pod over IPv4 and IPv6: {log:?}"
+        );
+        cri.remove_pod(&other_id).unwrap_or_else(|e| fail("remove peer pod", &e));
 
         // a second container: the first over 127.0.0.1, and a server on the gateway
         let listener = TcpListener::bind(format!("{CNI_GATEWAY}:0")).expect("bind on the bridge");
