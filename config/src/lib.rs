@@ -89,6 +89,8 @@ pub struct Config {
     pub debug: Debug,
     /// Host-side state.
     pub runtime: Runtime,
+    /// The sandbox VMs' NICs.
+    pub network: Network,
 }
 
 /// `[hypervisor]`
@@ -270,6 +272,39 @@ impl Default for Runtime {
     fn default() -> Self {
         Self {
             state_dir: "/run/carapace".into(),
+        }
+    }
+}
+
+/// `[network]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Network {
+    /// Whether the VMs' NICs move frames through the host kernel's vhost-net.
+    pub vhost_net: VhostNetMode,
+}
+
+/// `network.vhost_net`: where a VM's NIC frames are moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VhostNetMode {
+    /// vhost-net when `/dev/vhost-net` can be opened, else the VMM's own (userspace)
+    /// virtio-net.
+    #[default]
+    Auto,
+    /// Always vhost-net: a sandbox fails to start when `/dev/vhost-net` cannot be opened.
+    On,
+    /// Never: the VMM's userspace virtio-net.
+    Off,
+}
+
+impl VhostNetMode {
+    /// The value as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VhostNetMode::Auto => "auto",
+            VhostNetMode::On => "on",
+            VhostNetMode::Off => "off",
         }
     }
 }
@@ -514,6 +549,22 @@ mod tests {
         assert!(parse("[fs]\ncache = \"sometimes\"\n").is_err());
         assert!(parse("[fs]\ndaemon = \"9p\"\n").is_err());
         assert!(parse("[debug]\nlog_level = \"loud\"\n").is_err());
+        assert!(parse("[network]\nvhost_net = \"yes\"\n").is_err());
+        assert!(parse("[network]\nvhost = \"on\"\n").is_err());
+    }
+
+    #[test]
+    fn vhost_net_defaults_to_auto() {
+        assert_eq!(Config::default().network.vhost_net, VhostNetMode::Auto);
+        for (text, mode) in [
+            ("auto", VhostNetMode::Auto),
+            ("on", VhostNetMode::On),
+            ("off", VhostNetMode::Off),
+        ] {
+            let c = parse(&format!("[network]\nvhost_net = \"{text}\"\n")).expect(text);
+            assert_eq!(c.network.vhost_net, mode);
+            assert_eq!(mode.as_str(), text);
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use carapace_config::{Config, VmResources};
+use carapace_config::{Config, VhostNetMode, VmResources};
 use carapace_vm_config::{FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig, format_mac};
 
 use crate::process::{ProcessError, ProcessRecord, spawn_detached, spawn_detached_with_fds};
@@ -177,6 +177,7 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmC
     }];
     vm.rng = true;
     vm.api_socket = Some(paths.api.clone());
+    let vhost = !paths.nics.is_empty() && use_vhost_net(config.network.vhost_net, probe_vhost_net);
     vm.net = paths
         .nics
         .iter()
@@ -185,19 +186,55 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmC
             tap: None,
             tap_fd: Some(3 + i as i32),
             mac: Some(format_mac(mac)),
+            vhost,
         })
         .collect();
     vm
 }
 
-/// Checks the guest image files exist before anything is started.
+/// The host's vhost-net device, which the VMM opens for NICs with `vhost`.
+pub const VHOST_NET_DEV: &str = "/dev/vhost-net";
+
+/// Whether `/dev/vhost-net` can be opened here (opened and closed again).
+pub fn probe_vhost_net() -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(VHOST_NET_DEV)
+        .map(drop)
+}
+
+/// Whether the VM's NICs use vhost-net under `network.vhost_net = mode`; `probe` says
+/// whether `/dev/vhost-net` can be opened. "on" is `true` whatever the probe says
+/// ([`check_image`] refuses it before anything starts when the device is missing).
+pub fn use_vhost_net(mode: VhostNetMode, probe: impl FnOnce() -> std::io::Result<()>) -> bool {
+    match mode {
+        VhostNetMode::Off => false,
+        VhostNetMode::On => true,
+        VhostNetMode::Auto => match probe() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(
+                    error = %e,
+                    "{VHOST_NET_DEV} cannot be opened: the VM's NICs use the VMM's userspace \
+                     virtio-net (network.vhost_net = \"auto\")"
+                );
+                false
+            }
+        },
+    }
+}
+
+/// Checks what a sandbox VM needs on the host before anything is started: the guest image
+/// files, and `/dev/vhost-net` when `network.vhost_net = "on"`.
 pub fn check_image(config: &Config) -> Result<(), ImageError> {
+    check_vhost_net(config.network.vhost_net, probe_vhost_net)?;
     for (key, path) in [
         ("hypervisor.kernel", &config.hypervisor.kernel),
         ("hypervisor.initrd", &config.hypervisor.initrd),
     ] {
         if let Err(source) = std::fs::metadata(path) {
-            return Err(ImageError {
+            return Err(ImageError::File {
                 key,
                 path: path.clone(),
                 source,
@@ -207,17 +244,41 @@ pub fn check_image(config: &Config) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// A guest image file is missing.
+/// `network.vhost_net = "on"` needs an openable `/dev/vhost-net`.
+fn check_vhost_net(
+    mode: VhostNetMode,
+    probe: impl FnOnce() -> std::io::Result<()>,
+) -> Result<(), ImageError> {
+    if mode == VhostNetMode::On {
+        probe().map_err(|source| ImageError::VhostNet { source })?;
+    }
+    Ok(())
+}
+
+/// Something a sandbox VM needs on the host is missing.
 #[derive(Debug, thiserror::Error)]
-#[error("guest image file {path} ({key}) is not usable; build it with `carapace-image build`")]
-pub struct ImageError {
-    /// The configuration key naming it.
-    pub key: &'static str,
-    /// The file.
-    pub path: PathBuf,
-    /// Cause.
-    #[source]
-    pub source: std::io::Error,
+pub enum ImageError {
+    /// A guest image file.
+    #[error("guest image file {path} ({key}) is not usable; build it with `carapace-image build`")]
+    File {
+        /// The configuration key naming it.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vhost-net was asked for and is not there.
+    #[error(
+        "network.vhost_net = \"on\" but {VHOST_NET_DEV} cannot be opened; load the vhost_net \
+         module or set network.vhost_net to \"auto\" or \"off\""
+    )]
+    VhostNet {
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// `true` if `path` is an executable regular file.
@@ -385,6 +446,45 @@ mod tests {
                     assert_eq!(back, vm);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn vhost_net_mode_decides_per_host() {
+        let missing = || Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        let there = || Ok(());
+        assert!(!use_vhost_net(VhostNetMode::Off, there));
+        assert!(use_vhost_net(VhostNetMode::Auto, there));
+        assert!(!use_vhost_net(VhostNetMode::Auto, missing));
+        assert!(use_vhost_net(VhostNetMode::On, there));
+        // "on" without the device: refused before anything starts, naming option and device.
+        assert!(check_vhost_net(VhostNetMode::On, there).is_ok());
+        assert!(check_vhost_net(VhostNetMode::Auto, missing).is_ok());
+        assert!(check_vhost_net(VhostNetMode::Off, missing).is_ok());
+        let e = check_vhost_net(VhostNetMode::On, missing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("network.vhost_net") && e.contains("/dev/vhost-net"),
+            "{e}"
+        );
+        // The description carries the choice to every NIC.
+        let mut config = Config::default();
+        let paths = VmPaths {
+            vsock: "/r/x/vsock.sock".into(),
+            api: "/r/x/api.sock".into(),
+            fs_socket: "/r/x/fsd.sock".into(),
+            console: None,
+            nics: vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]],
+        };
+        let res = VmResources {
+            vcpus: 1,
+            memory_mib: 256,
+        };
+        for (mode, want) in [(VhostNetMode::On, true), (VhostNetMode::Off, false)] {
+            config.network.vhost_net = mode;
+            let v = vm_description(&config, res, &paths);
+            assert!(v.net.iter().all(|n| n.vhost == want), "{mode:?}");
         }
     }
 

@@ -62,7 +62,8 @@ struct Cli {
     #[arg(long)]
     rng: bool,
     /// virtio-net on a host tap: `tap=NAME[,mac=MAC]` (attach to or create the tap) or
-    /// `fd=N[,mac=MAC]` (an open tap descriptor, IFF_TAP|IFF_NO_PI) (repeatable).
+    /// `fd=N[,mac=MAC]` (an open tap descriptor, IFF_TAP|IFF_NO_PI), either with
+    /// `,vhost=on` to move frames through /dev/vhost-net (repeatable).
     #[arg(long, value_parser = parse_net)]
     net: Vec<NetConfig>,
     /// Control API unix socket (JSON lines: info, metrics, pause, resume, shutdown).
@@ -127,6 +128,7 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
         tap: None,
         tap_fd: None,
         mac: None,
+        vhost: false,
     };
     for part in s.split(',') {
         match part.split_once('=') {
@@ -135,9 +137,11 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
                 n.tap_fd = Some(v.parse().map_err(|e| format!("bad fd {v:?}: {e}"))?)
             }
             Some(("mac", v)) => n.mac = Some(v.into()),
+            Some(("vhost", "on")) => n.vhost = true,
+            Some(("vhost", "off")) => n.vhost = false,
             _ => {
                 return Err(format!(
-                    "unknown part {part:?}; expected tap=NAME or fd=N, and mac=MAC"
+                    "unknown part {part:?}; expected tap=NAME or fd=N, mac=MAC, vhost=on|off"
                 ));
             }
         }

@@ -3,8 +3,9 @@
 //! The VMM only owns the transport: at activation it hands the backend the guest memory
 //! (memfd regions, so guest RAM must be created shared), the ring addresses (translated to
 //! this process's virtual addresses, as vhost-user wants), the queue ioeventfds as kick fds
-//! and one call eventfd per queue. A worker turns call events into virtio-mmio interrupts
-//! (the driver reads InterruptStatus, so the VRING bit must be set by us).
+//! and one call eventfd per queue. A worker ([`super::vhost_irq`]) turns call events into
+//! virtio-mmio interrupts (the driver reads InterruptStatus, so the VRING bit must be set
+//! by us).
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -16,14 +17,12 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::event::{EpollSet, EventHandler};
-use super::worker::{Worker, rescue_period};
+use super::worker::Worker;
 use super::{
-    ActivateError, ActiveQueue, DeviceMetrics, Interrupt, IrqWatch, VIRTIO_F_VERSION_1,
-    VirtioDevice, device_type,
+    ActivateError, ActiveQueue, DeviceMetrics, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    device_type,
 };
 
 /// Bytes of the tag in the config space.
@@ -182,36 +181,6 @@ impl VhostUserFs {
     }
 }
 
-/// The worker's handler: the backend's call eventfds become virtio-mmio interrupts.
-struct CallsToIrq {
-    calls: Vec<EventFd>,
-    /// The kick fds stay open here for as long as the backend may use them.
-    _queues: Vec<ActiveQueue>,
-    count: Arc<AtomicU64>,
-    interrupt: Arc<Interrupt>,
-    watch: IrqWatch,
-}
-
-impl EventHandler for CallsToIrq {
-    type Error = std::convert::Infallible;
-
-    fn on_event(&mut self, _: &EpollSet, token: u64, _: EventSet) -> Result<(), Self::Error> {
-        if let Some(c) = self.calls.get(token as usize) {
-            let _ = c.read();
-            self.count.fetch_add(1, Ordering::Relaxed);
-            self.interrupt.notify_queue();
-        }
-        Ok(())
-    }
-
-    /// The backend's requests are its own to rescue (carapace-fsd has a watchdog); ours is
-    /// the interrupt it asked for.
-    fn on_timer(&mut self, _: &EpollSet) -> Result<(), Self::Error> {
-        self.interrupt.rescue(&mut self.watch);
-        Ok(())
-    }
-}
-
 impl VirtioDevice for VhostUserFs {
     fn device_type(&self) -> u32 {
         device_type::FS
@@ -239,38 +208,20 @@ impl VirtioDevice for VhostUserFs {
             let what = what.to_string();
             move |source| ActivateError::Backend { what, source }
         };
-        let calls = (0..queues.len())
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io("call eventfd"))?;
+        let calls = super::vhost_irq::call_fds(queues.len()).map_err(io("call eventfd"))?;
         if let Err(e) = self.setup_backend(&mem, features, &queues, &calls) {
             return Err(ActivateError::Backend {
                 what: format!("vhost-user setup with {}", self.path.display()),
                 source: std::io::Error::other(e.to_string()),
             });
         }
-        let count = self.interrupts.clone();
-        let worker = Worker::spawn("virtio-fs-irq", move |mut lp| {
-            for (i, c) in calls.iter().enumerate() {
-                if lp
-                    .epoll()
-                    .add(c.as_raw_fd(), i as u64, EventSet::IN)
-                    .is_err()
-                {
-                    interrupt.fail("epoll");
-                    return;
-                }
-            }
-            lp.set_timer(rescue_period());
-            // The run ends on the stop eventfd or an epoll failure; the handler never fails.
-            let _ = lp.run(&mut CallsToIrq {
-                calls,
-                _queues: queues,
-                count,
-                interrupt,
-                watch: IrqWatch::default(),
-            });
-        })
+        let worker = super::vhost_irq::spawn_relay(
+            "virtio-fs-irq",
+            calls,
+            queues,
+            self.interrupts.clone(),
+            interrupt,
+        )
         .map_err(io("virtio-fs interrupt worker"))?;
         self.worker = Some(worker);
         Ok(())

@@ -18,6 +18,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod tap;
+pub mod vhost_irq;
 pub mod vsock;
 pub mod worker;
 

@@ -1,5 +1,10 @@
 //! Host tap devices for virtio-net: opening `/dev/net/tun` by interface name, or adopting a
 //! tap descriptor opened by the caller. All ioctls (and their `unsafe`) live here.
+//!
+//! A tap opened by name carries a 12-byte virtio-net header (`IFF_VNET_HDR`,
+//! `TUNSETVNETHDRSZ` 12, as VERSION_1 wants); an adopted descriptor may or may not. Either
+//! way it starts with no offloads (`TUNSETOFFLOAD 0`): the device sets them from the
+//! features the guest accepted, through [`TapControl`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -63,6 +68,14 @@ impl IfReq {
             _pad: [0; 22],
         }
     }
+}
+
+/// The one tap setting that depends on the guest: which offloads the reader (the guest,
+/// through us or vhost-net) takes from the host. A trait so the mapping from negotiated
+/// features to `TUN_F_*` flags is unit-testable without a tap.
+pub trait TapControl {
+    /// `TUNSETOFFLOAD` with `TUN_F_*` flags.
+    fn set_offload(&self, flags: libc::c_uint) -> Result<(), TapError>;
 }
 
 /// An open tap queue (non-blocking).
@@ -129,14 +142,15 @@ impl Tap {
             .map_err(|source| TapError::OpenTun { source })?;
         let mut req = IfReq::zeroed();
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        req.flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         ioctl_ptr(&file, libc::TUNSETIFF, &raw mut req, "TUNSETIFF", name)?;
+        set_vnet_hdr_size(&file, name)?;
         let tap = Tap {
             file,
             name: name.into(),
-            vnet_hdr: false,
+            vnet_hdr: true,
         };
-        tap.no_offloads()?;
+        tap.set_offload(0)?;
         Ok(tap)
     }
 
@@ -171,14 +185,7 @@ impl Tap {
         let name = String::from_utf8_lossy(&req.name[..end]).into_owned();
         let vnet_hdr = flags & libc::IFF_VNET_HDR != 0;
         if vnet_hdr {
-            let mut size: libc::c_int = VNET_HDR_LEN as libc::c_int;
-            ioctl_ptr(
-                &file,
-                libc::TUNSETVNETHDRSZ,
-                &raw mut size,
-                "TUNSETVNETHDRSZ",
-                &name,
-            )?;
+            set_vnet_hdr_size(&file, &name)?;
         }
         // The duplicate shares the open file description: the caller's descriptor becomes
         // non-blocking too.
@@ -200,20 +207,13 @@ impl Tap {
             name,
             vnet_hdr,
         };
-        tap.no_offloads()?;
+        tap.set_offload(0)?;
         Ok(tap)
     }
 
-    /// We negotiate no offloads with the guest, so the host must hand us complete frames
-    /// with checksums filled in.
-    fn no_offloads(&self) -> Result<(), TapError> {
-        ioctl_val(
-            &self.file,
-            libc::TUNSETOFFLOAD,
-            0,
-            "TUNSETOFFLOAD",
-            &self.name,
-        )
+    /// The open tap (vhost-net's backend descriptor).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Interface name.
@@ -234,6 +234,31 @@ impl Tap {
     /// Writes one frame (with the tap's header if any).
     pub fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
         (&self.file).write(frame)
+    }
+}
+
+/// The header size VERSION_1 (and mergeable RX buffers) need: 12 bytes, not the tap's
+/// default of 10.
+fn set_vnet_hdr_size(file: &File, name: &str) -> Result<(), TapError> {
+    let mut size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+    ioctl_ptr(
+        file,
+        libc::TUNSETVNETHDRSZ,
+        &raw mut size,
+        "TUNSETVNETHDRSZ",
+        name,
+    )
+}
+
+impl TapControl for Tap {
+    fn set_offload(&self, flags: libc::c_uint) -> Result<(), TapError> {
+        ioctl_val(
+            &self.file,
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+            "TUNSETOFFLOAD",
+            &self.name,
+        )
     }
 }
 

@@ -329,7 +329,17 @@ fn net_device(name: &str, n: &NetConfig) -> Result<virtio::net::Net, VmmError> {
         Some(m) => crate::config::parse_mac(m).map_err(device_err(name))?,
         None => virtio::net::random_mac(),
     };
-    tracing::info!(device = %name, tap = tap.name(), mac = ?mac, "virtio-net");
+    tracing::info!(
+        device = %name,
+        tap = tap.name(),
+        mac = ?mac,
+        backend = if n.vhost { "vhost-net" } else { "userspace" },
+        "virtio-net"
+    );
+    if n.vhost {
+        let fd = virtio::net::vhost::open_device().map_err(device_err(name))?;
+        return virtio::net::Net::with_vhost(tap, mac, fd).map_err(device_err(name));
+    }
     Ok(virtio::net::Net::new(tap, mac))
 }
 
