@@ -10,6 +10,7 @@ pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod fixtures;
+pub mod hostile;
 pub mod lab;
 pub mod net;
 

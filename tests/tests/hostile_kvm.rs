@@ -8,42 +8,17 @@
 //! host's mount table), and the pod is removed without a trace. Threat model:
 //! docs/threat-model.md. Where this host cannot boot guests the test runs inside the lab.
 
-use std::collections::BTreeSet;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use carapace_tests::containerd::{BUSYBOX_IMAGE, CarapaceCri};
 use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, log_text};
+use carapace_tests::hostile::{
+    self, Container, HOSTILE_IMAGE, LOG_CAP, Rss, SandboxPids, find_u64, host_mounts, listing,
+};
 use carapace_tests::kvm_test;
-
-/// Mount points of the host (this process's view), outside `skip`.
-fn host_mounts(skip: &Path) -> BTreeSet<String> {
-    let skip = skip.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| !p.starts_with(&skip))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Every path under `dir` with its size, for a before/after comparison.
-fn listing(dir: &Path) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let m = e.path().symlink_metadata().expect("metadata");
-            out.push((e.path().display().to_string(), m.len()));
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
+use carapace_tests::lab::Lab;
 
 /// The attacker: mount the share, then for ATTACK_SECS try, five times a second (a tighter
 /// loop only measures how long a lab machine lasts with a guest vCPU pinned at 100 %), to
@@ -178,4 +153,488 @@ kvm_test! {
         let new: Vec<_> = mounts_after.difference(&mounts_before).collect();
         assert!(new.is_empty(), "host mounts appeared outside the test dir: {new:?}");
     }
+}
+
+/// How much memory of its own (RssAnon: heap, stacks; the VMM's guest RAM is shared memory
+/// and not in it) each host process of an attacked sandbox may hold. Chosen from the lab:
+/// tests/README.md "Hostile guests".
+const ANON_BOUND_KIB: [(&str, u64); 3] = [("vmm", 64 << 10), ("fsd", 64 << 10), ("shim", 64 << 10)];
+/// What a flood may add to `vmm.log`: guest-caused lines are rate-limited per call site.
+const VMM_LOG_GROWTH: u64 = 64 << 10;
+/// The cap plus the one notice line written when it is reached.
+const LOG_FILE_BOUND: u64 = LOG_CAP + 4096;
+
+/// One attacked pod: its sandbox's directory and host processes, and what went wrong.
+struct Target<'a> {
+    cri: &'a mut Cri,
+    client: &'a mut hostile::Client,
+    pod: PodSpec,
+    id: String,
+    dir: PathBuf,
+    pids: SandboxPids,
+    victim: String,
+    peak: BTreeMap<&'static str, Rss>,
+    findings: Vec<String>,
+}
+
+impl<'a> Target<'a> {
+    /// Runs the pod and its victim (busybox, answering execs).
+    fn start(
+        cri: &'a mut Cri,
+        client: &'a mut hostile::Client,
+        rig: &CarapaceCri,
+        pod: PodSpec,
+    ) -> Self {
+        let id = cri
+            .run_pod(&pod)
+            .unwrap_or_else(|e| rig.fail("RunPodSandbox", &e));
+        let dir = rig.state.join(&id);
+        let pids = SandboxPids::find(&dir, &id).unwrap_or_else(|e| rig.fail("sandbox pids", &e));
+        let victim = ContainerSpec {
+            name: "victim".into(),
+            image: BUSYBOX_IMAGE.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo victim-up; exec sleep 100000".into(),
+            ],
+            ..Default::default()
+        };
+        let victim = cri
+            .create_container(&id, &pod, &victim)
+            .unwrap_or_else(|e| rig.fail("CreateContainer victim", &e));
+        cri.start_container(&victim)
+            .unwrap_or_else(|e| rig.fail("StartContainer victim", &e));
+        let mut t = Target {
+            cri,
+            client,
+            pod,
+            id,
+            dir,
+            pids,
+            victim,
+            peak: BTreeMap::new(),
+            findings: Vec::new(),
+        };
+        t.victim_answers("before the attack");
+        t.sample();
+        println!("{}: before the attack: {}", t.pod.name, t.figures());
+        t
+    }
+
+    fn finding(&mut self, what: String) {
+        println!("{}: FINDING {what}", self.pod.name);
+        self.findings.push(format!("{}: {what}", self.pod.name));
+    }
+
+    fn victim_answers(&mut self, when: &str) {
+        match self.cri.exec_sync(
+            &self.victim,
+            &["echo", "victim-alive"],
+            Duration::from_secs(120),
+        ) {
+            Ok((0, out, _)) if out == "victim-alive\n" => {}
+            other => self.finding(format!("the victim does not answer {when}: {other:?}")),
+        }
+    }
+
+    fn sample(&mut self) {
+        for (name, rss) in self.pids.rss() {
+            if let Some(r) = rss {
+                let p = self.peak.entry(name).or_default();
+                *p = p.max(r);
+            }
+        }
+    }
+
+    fn figures(&self) -> String {
+        let logs = hostile::log_sizes(&self.dir);
+        let rss: Vec<String> = self
+            .peak
+            .iter()
+            .map(|(n, r)| {
+                format!(
+                    "{n} rss {} KiB (anon {}, shmem {})",
+                    r.total, r.anon, r.shmem
+                )
+            })
+            .collect();
+        let logs: Vec<String> = logs.iter().map(|(f, n)| format!("{f} {n} B")).collect();
+        format!("peak {}; {}", rss.join(", "), logs.join(", "))
+    }
+
+    /// Runs an attacker to its end, sampling the host processes' memory meanwhile; its
+    /// verdicts. A missing verdict or a BREACH is a finding; `unavailable` only where
+    /// `may_be_unavailable` says so.
+    fn attack(
+        &mut self,
+        c: Container,
+        expect: &[&str],
+        may_be_unavailable: &[&str],
+    ) -> BTreeMap<String, hostile::Verdict> {
+        let start = Instant::now();
+        let id = match self.client.create_container(&self.id, &self.pod, &c) {
+            Ok(id) => id,
+            Err(e) => {
+                self.finding(e);
+                return BTreeMap::new();
+            }
+        };
+        if let Err(e) = self.cri.start_container(&id) {
+            self.finding(format!("StartContainer {}: {e}", c.name));
+            return BTreeMap::new();
+        }
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            self.sample();
+            match self.cri.container_state(&id) {
+                Ok((s, _)) if s == "CONTAINER_EXITED" => break,
+                Ok(_) if Instant::now() < deadline => {}
+                other => {
+                    self.finding(format!("attacker {} did not end: {other:?}", c.name));
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let out = log_text(&self.pod.log_dir.join(format!("{}.log", c.name))).unwrap_or_default();
+        println!(
+            "{}: attacker {} ({:.0} s):\n{out}",
+            self.pod.name,
+            c.name,
+            start.elapsed().as_secs_f64()
+        );
+        let verdicts = hostile::verdicts(&out);
+        for attack in expect {
+            match verdicts.get(*attack) {
+                None => self.finding(format!("{}: no verdict for {attack}", c.name)),
+                Some(v) if v.status == "ok" => {}
+                Some(v) if v.status == "unavailable" && may_be_unavailable.contains(attack) => {}
+                Some(v) => self.finding(format!("{}: {}", c.name, v.line)),
+            }
+        }
+        if !out.contains("HOSTILE done") {
+            self.finding(format!("{}: the attacker did not finish: {out}", c.name));
+        }
+        verdicts
+    }
+
+    /// The host-side bounds after the attacks: processes alive, memory, log sizes, the
+    /// victim; then the pod is removed and nothing of it may be left.
+    fn check_and_remove(mut self, state: &Path) -> Vec<String> {
+        self.sample();
+        println!("{}: after the attacks: {}", self.pod.name, self.figures());
+        for (name, pid) in [
+            ("vmm", self.pids.vmm),
+            ("fsd", self.pids.fsd),
+            ("shim", self.pids.shim),
+        ] {
+            if !hostile::alive(pid) {
+                self.finding(format!("{name} (pid {pid}) died"));
+            }
+        }
+        for (name, bound) in ANON_BOUND_KIB {
+            let anon = self.peak.get(name).map_or(0, |r| r.anon);
+            if anon > bound {
+                self.finding(format!("{name} RssAnon peaked at {anon} KiB > {bound} KiB"));
+            }
+        }
+        for (file, size) in hostile::log_sizes(&self.dir) {
+            if size > LOG_FILE_BOUND {
+                self.finding(format!("{file} is {size} bytes > {LOG_FILE_BOUND}"));
+            }
+        }
+        self.victim_answers("after the attacks");
+        let (id, pod_name) = (self.id.clone(), self.pod.name.clone());
+        if let Err(e) = self.cri.remove_pod(&id) {
+            self.finding(format!("remove pod: {e}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pids = [self.pids.vmm, self.pids.fsd, self.pids.shim];
+        while pids.iter().any(|p| hostile::alive(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let left: Vec<u32> = pids.into_iter().filter(|p| hostile::alive(*p)).collect();
+        if !left.is_empty() {
+            self.finding(format!("processes left after removal: {left:?}"));
+        }
+        if self.dir.exists() {
+            self.finding(format!("{} left after removal", self.dir.display()));
+        }
+        let under_state = host_mounts(Path::new("/nonexistent"))
+            .into_iter()
+            .filter(|m| m.starts_with(&*state.to_string_lossy()))
+            .collect::<Vec<_>>();
+        if !under_state.is_empty() {
+            self.finding(format!("mounts left under the state dir: {under_state:?}"));
+        }
+        println!("{pod_name}: removed");
+        self.findings
+    }
+}
+
+fn counter(m: &Option<serde_json::Value>, sub: &str, key: &str) -> u64 {
+    m.as_ref()
+        .and_then(|m| find_u64(m.pointer(sub)?, key))
+        .unwrap_or(0)
+}
+
+fn hostile_pod(name: &str, tmp: &Path) -> PodSpec {
+    PodSpec {
+        name: name.into(),
+        namespace: "default".into(),
+        handler: "carapace".into(),
+        log_dir: tmp.join("logs").join(name),
+        privileged: true,
+        network: PodNetwork::Cni { ports: vec![] },
+    }
+}
+
+fn hostile(name: &str, args: &str, privileged: bool, own_pid: bool) -> Container {
+    Container {
+        name: name.into(),
+        image: HOSTILE_IMAGE.into(),
+        command: std::iter::once("carapace-hostile")
+            .chain(args.split(' '))
+            .map(str::to_owned)
+            .collect(),
+        privileged,
+        own_pid,
+        ..Default::default()
+    }
+}
+
+/// Floods: vsock connects, the console (kernel paths and the UART's port directly), port
+/// I/O to an unclaimed port, and (where the guest kernel has /dev/mem) MMIO registers,
+/// from guest root. The VMM must stay up and small, its log must not grow with the flood,
+/// the console file must stay under its cap and every byte must be accounted for.
+fn flood_pod(
+    cri: &mut Cri,
+    client: &mut hostile::Client,
+    rig: &CarapaceCri,
+    tmp: &Path,
+) -> Vec<String> {
+    let mut t = Target::start(cri, client, rig, hostile_pod("hostile-flood", tmp));
+    let logs0 = hostile::log_sizes(&t.dir);
+    let m0 = hostile::metrics(&t.dir);
+    let args =
+        "vsock-flood secs=20 + console-flood secs=20 mib=64 + pio-flood secs=10 + mmio-flood";
+    let v = t.attack(
+        hostile("flooder", args, true, true),
+        &["vsock-flood", "console-flood", "pio-flood", "mmio-flood"],
+        &["mmio-flood"],
+    );
+    let m1 = hostile::metrics(&t.dir);
+    if m1.is_none() {
+        t.finding("the VMM's API does not answer after the floods".into());
+    }
+    let n = |a: &str, k: &str| v.get(a).map_or(0, |v| v.num(k));
+    let delta =
+        |sub: &str, key: &str| counter(&m1, sub, key).saturating_sub(counter(&m0, sub, key));
+    let (attempts, uart, pio) = (
+        n("vsock-flood", "attempts"),
+        n("console-flood", "uart"),
+        n("pio-flood", "ops"),
+    );
+    let resets = delta("/devices/vsock", "conns_reset");
+    let console = delta("/console", "written") + delta("/console", "dropped");
+    let unhandled = delta("/exits", "unhandled");
+    println!(
+        "hostile-flood: vsock connects {attempts} -> VMM conns_reset +{resets}; UART bytes {uart} \
+         -> console written+dropped +{console}; port I/O {pio} -> unhandled exits +{unhandled}"
+    );
+    if attempts == 0 || resets == 0 {
+        t.finding(format!(
+            "the vsock flood did not reach the VMM: {attempts} connects, +{resets} resets"
+        ));
+    }
+    if console < uart {
+        t.finding(format!(
+            "the VMM accounted {console} console bytes < the {uart} written to the UART"
+        ));
+    }
+    if pio == 0 || unhandled < pio {
+        t.finding(format!(
+            "{pio} port accesses to COM2 but +{unhandled} unhandled exits"
+        ));
+    }
+    let logs1 = hostile::log_sizes(&t.dir);
+    let vmm_growth = logs1[0].1.saturating_sub(logs0[0].1);
+    if vmm_growth > VMM_LOG_GROWTH {
+        t.finding(format!(
+            "vmm.log grew by {vmm_growth} bytes during the floods (> {VMM_LOG_GROWTH})"
+        ));
+    }
+    t.check_and_remove(&rig.state)
+}
+
+/// Containment: a container (its own pid namespace, and one in the pod's) tries to reach
+/// the agent over vsock and by signal; guest root leaves setuid/setgid files, file
+/// capabilities and a device node in a read-write volume and writes through a read-only
+/// one (with a host submount) after remounting it read-write. The host checks its side.
+fn containment_pod(
+    cri: &mut Cri,
+    client: &mut hostile::Client,
+    rig: &CarapaceCri,
+    tmp: &Path,
+) -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let vol = tmp.join("vol");
+    std::fs::create_dir_all(&vol).expect("volume");
+    let hostsuid = vol.join("hostsuid");
+    std::fs::write(&hostsuid, b"#!/bin/sh\n").expect("setuid file");
+    std::fs::set_permissions(&hostsuid, std::fs::Permissions::from_mode(0o4755)).expect("chmod");
+    let ro = tmp.join("ro");
+    let sub = ro.join("sub");
+    std::fs::create_dir_all(&sub).expect("ro volume");
+    std::fs::write(ro.join("top"), b"host").expect("ro file");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "hostile-sub"])
+        .arg(&sub)
+        .status()
+        .expect("mount");
+    assert!(
+        st.success(),
+        "mounting a tmpfs under the read-only volume failed"
+    );
+    std::fs::write(sub.join("keep"), b"host").expect("submount file");
+    let ro_before = listing(&ro);
+
+    let mut t = Target::start(cri, client, rig, hostile_pod("hostile-contain", tmp));
+    for (name, own_pid) in [("agent-own-pidns", true), ("agent-pod-pidns", false)] {
+        let v = t.attack(hostile(name, "agent", false, own_pid), &["agent"], &[]);
+        let pid1 = v
+            .get("agent")
+            .and_then(|v| v.facts.get("pid1"))
+            .cloned()
+            .unwrap_or_default();
+        // PID 1 is the attacker itself, or the pod's pause (its shell script), never the agent
+        let expected = if own_pid { "carapace-hostile" } else { "trap" };
+        if !pid1.contains(expected) {
+            t.finding(format!(
+                "{name}: PID 1 is {pid1:?}, expected {expected:?} in it"
+            ));
+        }
+    }
+    let mut files = hostile("files", "setuid dir=/vol", true, true);
+    files.mounts = vec![(vol.clone(), "/vol".into())];
+    t.attack(files, &["setuid"], &[]);
+    let mut rov = hostile("ro", "ro-volume dir=/ro", true, true);
+    rov.ro_mounts = vec![(ro.clone(), "/ro".into())];
+    t.attack(rov, &["ro-volume"], &[]);
+
+    for e in std::fs::read_dir(&vol).into_iter().flatten().flatten() {
+        let p = e.path();
+        let Ok(m) = p.symlink_metadata() else {
+            continue;
+        };
+        let ft = m.file_type();
+        if ft.is_char_device() || ft.is_block_device() {
+            t.finding(format!("a device node on the host: {}", p.display()));
+        }
+        if ft.is_file() && m.mode() & 0o6000 != 0 {
+            t.finding(format!(
+                "{} is mode {:o} on the host",
+                p.display(),
+                m.mode() & 0o7777
+            ));
+        }
+        if file_caps(&p) {
+            t.finding(format!(
+                "{} has security.capability on the host",
+                p.display()
+            ));
+        }
+    }
+    let grew = std::fs::metadata(&hostsuid).map_or(0, |m| m.len()) > 10;
+    if !grew {
+        t.finding("the guest's write to the host's setuid file did not arrive".into());
+    }
+    let ro_after = listing(&ro);
+    if ro_after != ro_before {
+        t.finding(format!(
+            "the read-only volume changed: {ro_before:?} -> {ro_after:?}"
+        ));
+    }
+    let findings = t.check_and_remove(&rig.state);
+    let _ = std::process::Command::new("umount").arg(&sub).status();
+    findings
+}
+
+/// Whether `path` (not followed) carries a `security.capability` xattr.
+fn file_caps(path: &Path) -> bool {
+    use nix::libc;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut buf = [0u8; 64];
+    // SAFETY: a valid NUL-terminated path and name, a buffer and its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"security.capability".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n >= 0
+}
+
+/// The attacks of `carapace-hostile` in two pods, one after the other (each with its own
+/// victim, so one breach does not hide another), then what the host must still have.
+fn hostile_workloads(program: &Path) {
+    let start = Instant::now();
+    let tmp = tempfile::Builder::new()
+        .prefix("chostile-")
+        .tempdir()
+        .expect("tempdir");
+    let decoy = tmp.path().join("decoy");
+    std::fs::create_dir_all(decoy.join("sub")).expect("decoy");
+    std::fs::write(decoy.join("precious"), b"keep me").expect("decoy file");
+    let decoy_before = listing(&decoy);
+    let mounts_before = host_mounts(tmp.path());
+
+    let rig = CarapaceCri::start(tmp.path());
+    hostile::import_image(&rig.ctrd, tmp.path(), program)
+        .unwrap_or_else(|e| rig.fail("hostile image", &e));
+    let mut cri = Cri::connect(&rig.ctrd.socket()).expect("connect");
+    let mut client = hostile::Client::connect(&rig.ctrd.socket());
+
+    let mut findings = flood_pod(&mut cri, &mut client, &rig, tmp.path());
+    findings.extend(containment_pod(&mut cri, &mut client, &rig, tmp.path()));
+
+    if listing(&decoy) != decoy_before {
+        findings.push("the decoy changed".into());
+    }
+    let logs = carapace_tests::containerd::sandbox_logs(&rig.state);
+    drop(cri);
+    drop(rig);
+    let new: Vec<_> = host_mounts(tmp.path())
+        .difference(&mounts_before)
+        .cloned()
+        .collect();
+    if !new.is_empty() {
+        findings.push(format!(
+            "host mounts appeared outside the test dir: {new:?}"
+        ));
+    }
+    println!("hostile workloads: {:.0} s", start.elapsed().as_secs_f64());
+    assert!(
+        findings.is_empty(),
+        "the hostile workloads got through:\n{}\n{logs}",
+        findings.join("\n")
+    );
+}
+
+#[test]
+fn hostile_workloads_stay_inside_their_pod() {
+    // built here, on the host: cargo never runs inside the lab
+    let program = hostile::program();
+    carapace_tests::lab::in_kvm(
+        module_path!(),
+        "hostile_workloads_stay_inside_their_pod",
+        Lab::new().mem_mib(4096).timeout(Duration::from_secs(1500)),
+        || hostile_workloads(&program),
+    );
 }

@@ -1,0 +1,468 @@
+//! Support of the hostile-guest tests (`tests/hostile_kvm.rs`): the `carapace-hostile`
+//! program (crate carapace-test-programs) built static and put into a test image, a CRI
+//! container create with what [`crate::cri::ContainerSpec`] does not ask for (the
+//! container's own pid namespace, read-only volumes), and the host-side facts the tests
+//! assert on: the sandbox's processes and their memory, its log files, the VMM's metrics,
+//! the host's mount table and a decoy directory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::containerd::{Containerd, ContainerdError};
+use crate::cri::{CALL_TIMEOUT, PodSpec};
+
+/// The image holding busybox and `/bin/carapace-hostile`.
+pub const HOSTILE_IMAGE: &str = "carapace.test/hostile:1";
+/// The cap of every sandbox log file (`carapace_footprint::logcap::DEFAULT_LOG_CAP`).
+pub const LOG_CAP: u64 = 16 << 20;
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// `carapace-hostile`, static (it runs in a busybox image without a libc), release. Built
+/// with cargo on the host; inside the lab (where cargo never runs) only its path.
+///
+/// # Panics
+/// When the build fails.
+pub fn program() -> PathBuf {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target_dir
+        .join(TARGET)
+        .join("release")
+        .join("carapace-hostile");
+    if std::env::var_os(crate::lab::IN_LAB_ENV).is_some() {
+        return bin;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--release", "-p", "carapace-test-programs"])
+        .args(["--bin", "carapace-hostile", "--target", TARGET])
+        // the same flags as fsd_guest's static builds, so both share the dependencies
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(workspace_root())
+        .status()
+        .expect("running cargo build");
+    assert!(st.success(), "building carapace-hostile statically failed");
+    bin
+}
+
+/// Imports [`HOSTILE_IMAGE`] for CRI: the busybox fixture root with `program` as
+/// `/bin/carapace-hostile`.
+pub fn import_image(ctrd: &Containerd, work: &Path, program: &Path) -> Result<(), ContainerdError> {
+    let rootfs = work.join("hostile-image-rootfs");
+    crate::fixtures::busybox_rootfs(&rootfs)?;
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ContainerdError::Io { what, path, source }
+    };
+    let to = rootfs.join("bin/carapace-hostile");
+    fs::copy(program, &to).map_err(io("cannot copy carapace-hostile to", &to))?;
+    let dir = work.join("hostile-image");
+    fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+    let archive = dir.join("image.tar");
+    crate::fixtures::oci_image_archive(&rootfs, HOSTILE_IMAGE, &["sh"], &dir, &archive)?;
+    ctrd.import_for_cri(&archive)
+}
+
+/// A container of [`Client::create_container`].
+#[derive(Debug, Clone, Default)]
+pub struct Container {
+    /// Name (its log is `<pod log dir>/<name>.log`).
+    pub name: String,
+    /// Image.
+    pub image: String,
+    /// Command and arguments.
+    pub command: Vec<String>,
+    /// Read-write host directory -> container path binds.
+    pub mounts: Vec<(PathBuf, String)>,
+    /// Read-only binds.
+    pub ro_mounts: Vec<(PathBuf, String)>,
+    /// Privileged (the pod must be too).
+    pub privileged: bool,
+    /// Its own pid namespace (a kubelet's default) instead of the pod's.
+    pub own_pid: bool,
+}
+
+/// A CRI client for container creates with options `crate::cri::Cri` does not offer;
+/// everything else goes through `Cri`.
+pub struct Client {
+    rt: tokio::runtime::Runtime,
+    runtime: RuntimeServiceClient<Channel>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to containerd's CRI on `socket`.
+    ///
+    /// # Panics
+    /// When it cannot.
+    pub fn connect(socket: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let path = socket.to_path_buf();
+        let channel = rt
+            .block_on(
+                Endpoint::from_static("http://[::]:0")
+                    .timeout(CALL_TIMEOUT)
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(TokioIo::new(s))
+                        }
+                    })),
+            )
+            .unwrap_or_else(|e| panic!("CRI socket {}: {e}", socket.display()));
+        Client {
+            rt,
+            runtime: RuntimeServiceClient::new(channel),
+        }
+    }
+
+    /// `CreateContainer` of `c` in `pod_id`; its id.
+    pub fn create_container(
+        &mut self,
+        pod_id: &str,
+        pod: &PodSpec,
+        c: &Container,
+    ) -> Result<String, String> {
+        let mount = |(host, path): &(PathBuf, String), readonly: bool| cri::Mount {
+            container_path: path.clone(),
+            host_path: host.to_string_lossy().into_owned(),
+            readonly,
+            ..Default::default()
+        };
+        let pid = if c.own_pid {
+            cri::NamespaceMode::Container
+        } else {
+            cri::NamespaceMode::Pod
+        };
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: c.name.clone(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: c.image.clone(),
+                ..Default::default()
+            }),
+            command: c.command.clone(),
+            mounts: c
+                .mounts
+                .iter()
+                .map(|m| mount(m, false))
+                .chain(c.ro_mounts.iter().map(|m| mount(m, true)))
+                .collect(),
+            log_path: format!("{}.log", c.name),
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    privileged: c.privileged,
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: pid as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.runtime.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod_id.to_owned(),
+                config: Some(config),
+                sandbox_config: Some(pod.config()),
+            }))
+            .map(|r| r.into_inner().container_id)
+            .map_err(|s| {
+                format!(
+                    "CreateContainer {}: {:?}: {}",
+                    c.name,
+                    s.code(),
+                    s.message()
+                )
+            })
+    }
+}
+
+/// The `HOSTILE <attack> <verdict> k=v...` lines of a `carapace-hostile` output, by attack.
+pub fn verdicts(output: &str) -> BTreeMap<String, Verdict> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("HOSTILE "))
+        .filter_map(|l| {
+            let mut w = l.split(' ');
+            let attack = w.next()?;
+            let status = w.next()?;
+            if attack == "begin" || attack == "done" {
+                return None;
+            }
+            let mut facts = BTreeMap::new();
+            let mut breaches = Vec::new();
+            for kv in w {
+                let (k, v) = kv.split_once('=')?;
+                if k == "breach" {
+                    breaches.push(v.to_owned());
+                } else {
+                    facts.insert(k.to_owned(), v.to_owned());
+                }
+            }
+            Some((
+                attack.to_owned(),
+                Verdict {
+                    status: status.to_owned(),
+                    facts,
+                    breaches,
+                    line: l.to_owned(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// One attack's verdict line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// `ok`, `BREACH` or `unavailable`.
+    pub status: String,
+    /// Its `key=value` facts.
+    pub facts: BTreeMap<String, String>,
+    /// What got through.
+    pub breaches: Vec<String>,
+    /// The whole line.
+    pub line: String,
+}
+
+impl Verdict {
+    /// The fact `k` as a number (0 when absent or not a number).
+    pub fn num(&self, k: &str) -> u64 {
+        self.facts.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// A host process's memory from `/proc/<pid>/status`, KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rss {
+    /// VmRSS.
+    pub total: u64,
+    /// RssAnon: the process's own heap and stacks (guest RAM is shared memory, not here).
+    pub anon: u64,
+    /// RssShmem: for the VMM, the guest RAM it touched.
+    pub shmem: u64,
+}
+
+impl Rss {
+    /// Of `pid`, `None` when it is gone.
+    pub fn of(pid: u32) -> Option<Rss> {
+        let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Some(Rss {
+            total: kb("VmRSS:"),
+            anon: kb("RssAnon:"),
+            shmem: kb("RssShmem:"),
+        })
+    }
+
+    /// The larger of each field.
+    pub fn max(self, o: Rss) -> Rss {
+        Rss {
+            total: self.total.max(o.total),
+            anon: self.anon.max(o.anon),
+            shmem: self.shmem.max(o.shmem),
+        }
+    }
+}
+
+/// A live process that is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Pids whose command line (NUL-separated arguments) satisfies `pred`.
+pub fn pids_where(pred: impl Fn(&[String]) -> bool) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.is_empty() && pred(&args) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A sandbox's host processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxPids {
+    /// carapace-vmm.
+    pub vmm: u32,
+    /// carapace-fsd.
+    pub fsd: u32,
+    /// containerd-shim-carapace-v2 serving the pod.
+    pub shim: u32,
+}
+
+impl SandboxPids {
+    /// Those of the sandbox whose state directory is `dir` (the VMM and the fs daemon name
+    /// it in their arguments) and of the shim serving `pod_id`.
+    pub fn find(dir: &Path, pod_id: &str) -> Result<SandboxPids, String> {
+        let d = dir.to_string_lossy().into_owned();
+        let one = |what: &str, pids: Vec<u32>| match pids.as_slice() {
+            [p] => Ok(*p),
+            other => Err(format!("{what}: {} processes: {other:?}", other.len())),
+        };
+        let named = |name: &'static str| {
+            let d = d.clone();
+            move |a: &[String]| a[0].ends_with(name) && a.iter().any(|x| x.starts_with(&d))
+        };
+        Ok(SandboxPids {
+            vmm: one("carapace-vmm", pids_where(named("carapace-vmm")))?,
+            fsd: one("carapace-fsd", pids_where(named("carapace-fsd")))?,
+            shim: one(
+                "shim",
+                pids_where(|a| {
+                    a[0].ends_with("containerd-shim-carapace-v2")
+                        && a.iter().any(|x| x == pod_id)
+                        && !a.iter().any(|x| x == "delete")
+                }),
+            )?,
+        })
+    }
+
+    /// Each one's memory, `None` for one that is gone.
+    pub fn rss(&self) -> [(&'static str, Option<Rss>); 3] {
+        [
+            ("vmm", Rss::of(self.vmm)),
+            ("fsd", Rss::of(self.fsd)),
+            ("shim", Rss::of(self.shim)),
+        ]
+    }
+}
+
+/// Sizes of a sandbox's `vmm.log`, `console.log`, `fsd.log` (0 when absent).
+pub fn log_sizes(dir: &Path) -> [(&'static str, u64); 3] {
+    ["vmm.log", "console.log", "fsd.log"]
+        .map(|f| (f, fs::metadata(dir.join(f)).map_or(0, |m| m.len())))
+}
+
+/// The VMM's metrics (its API's `metrics` answer), parsed.
+pub fn metrics(dir: &Path) -> Option<serde_json::Value> {
+    let line = crate::containerd::vmm_metrics(&dir.join("api.sock"))?;
+    serde_json::from_str(&line).ok()
+}
+
+/// The first number named `key` at or below `v` (depth first).
+pub fn find_u64(v: &serde_json::Value, key: &str) -> Option<u64> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .or_else(|| m.values().find_map(|x| find_u64(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_u64(x, key)),
+        _ => None,
+    }
+}
+
+/// Mount points of the host (this process's view), outside `skip`.
+pub fn host_mounts(skip: &Path) -> BTreeSet<String> {
+    let skip = skip.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| !p.starts_with(&skip))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every path under `dir` with its size and mode, for a before/after comparison.
+pub fn listing(dir: &Path) -> Vec<(String, u64, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            out.push((e.path().display().to_string(), m.len(), m.mode()));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_lines_are_parsed_by_attack() {
+        let out = "noise\nHOSTILE begin agent\n\
+                   HOSTILE agent BREACH cid1=ENODEV:1024 pid1=sh breach=x breach=y\n\
+                   HOSTILE mmio-flood unavailable why=no_devmem mknod=ok\n\
+                   HOSTILE done breaches=2\n";
+        let v = verdicts(out);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v["agent"].status, "BREACH");
+        assert_eq!(v["agent"].breaches, ["x", "y"]);
+        assert_eq!(v["agent"].facts["cid1"], "ENODEV:1024");
+        assert_eq!(v["mmio-flood"].status, "unavailable");
+        assert_eq!(v["mmio-flood"].num("mknod"), 0);
+    }
+
+    #[test]
+    fn numbers_are_found_below_any_key() {
+        let m: serde_json::Value = serde_json::from_str(
+            r#"{"ok":true,"exits":{"unhandled":7},"devices":{"vsock":{"device":{"Vsock":{"conns_reset":3}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(find_u64(&m, "unhandled"), Some(7));
+        assert_eq!(find_u64(&m["devices"]["vsock"], "conns_reset"), Some(3));
+        assert_eq!(find_u64(&m, "nothing"), None);
+    }
+}
