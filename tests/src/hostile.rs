@@ -223,7 +223,9 @@ pub fn verdicts(output: &str) -> BTreeMap<String, Verdict> {
             let mut facts = BTreeMap::new();
             let mut breaches = Vec::new();
             for kv in w {
-                let (k, v) = kv.split_once('=')?;
+                let Some((k, v)) = kv.split_once('=') else {
+                    continue;
+                };
                 if k == "breach" {
                     breaches.push(v.to_owned());
                 } else {
