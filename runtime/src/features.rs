@@ -117,8 +117,8 @@ pub fn document() -> Value {
     json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": OCI_VERSION,
-        // Hooks would run on the host, outside the VM: none are run.
-        "hooks": [],
+        // Run on the host (crate::hooks); startContainer would have to run inside the VM.
+        "hooks": ["prestart", "createRuntime", "createContainer", "poststart", "poststop"],
         "mountOptions": MOUNT_OPTIONS,
         "linux": {
             "namespaces": NAMESPACES,
@@ -150,7 +150,9 @@ mod tests {
         let v = document();
         let f: oci_spec::runtime::Features = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(f.oci_version_max(), OCI_VERSION);
-        assert_eq!(f.hooks().as_deref(), Some(&[][..]));
+        let hooks = f.hooks().clone().unwrap_or_default();
+        assert!(hooks.iter().any(|h| h == "createRuntime"), "{hooks:?}");
+        assert!(!hooks.iter().any(|h| h == "startContainer"), "{hooks:?}");
         let caps = v["linux"]["capabilities"].as_array().unwrap();
         assert_eq!(caps.len(), 41);
         for c in caps {

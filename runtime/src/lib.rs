@@ -12,6 +12,7 @@ pub mod agent;
 pub mod check;
 pub mod console;
 pub mod features;
+pub mod hooks;
 pub mod launcher;
 pub mod mount_setattr;
 pub mod mounts;

@@ -120,6 +120,8 @@ pub struct GuestSpec {
     pub netns: Option<PathBuf>,
     /// The spec has no network namespace at all: it asks for the host's network.
     pub host_network: bool,
+    /// The spec's OCI hooks, checked ([`crate::hooks`]); they run on the host.
+    pub hooks: Option<oci_spec::runtime::Hooks>,
 }
 
 /// A bundle whose `config.json` was read and schema-checked once; everything that needs the
@@ -311,16 +313,16 @@ pub fn translate(
         }
     }
 
-    // Host-side things that mean nothing in the guest.
-    if spec.get("hooks").is_some() {
-        tracing::warn!(
-            cid,
-            "OCI hooks are not supported in the guest; ignoring them"
-        );
-        if let Some(o) = spec.as_object_mut() {
-            o.remove("hooks");
+    // Hooks run on the host (crate::hooks); the guest never sees them.
+    let hooks = match spec.as_object_mut().and_then(|o| o.remove("hooks")) {
+        None | Some(Value::Null) => None,
+        Some(h) => {
+            let hooks: oci_spec::runtime::Hooks =
+                serde_json::from_value(h).map_err(|e| invalid("hooks", e.to_string()))?;
+            crate::hooks::check(&hooks).map_err(|(field, reason)| invalid(&field, reason))?;
+            Some(hooks)
         }
-    }
+    };
     let mut netns = None;
     let host_network = !spec
         .pointer("/linux/namespaces")
@@ -401,6 +403,7 @@ pub fn translate(
         terminal,
         netns,
         host_network,
+        hooks,
     })
 }
 
@@ -532,12 +535,38 @@ mod tests {
         assert_eq!(g.json["root"]["readonly"], true);
         assert_eq!(g.limits.cpu_quota_us, Some(50000));
         assert_eq!(g.limits.memory_limit_bytes, Some(1048576));
+        // hooks run on the host: out of the guest spec, kept for the runtime
         assert!(g.json.get("hooks").is_none());
+        let prestart = g.hooks.as_ref().and_then(|h| h.prestart().clone());
+        assert_eq!(prestart.map(|l| l.len()), Some(1));
         // the pod's network is the VM's: out of the guest spec, recorded for the host
         assert_eq!(g.json["linux"]["namespaces"], json!([{"type": "pid"}]));
         assert_eq!(g.netns.as_deref(), Some(Path::new("/var/run/netns/cni-1")));
         assert_eq!(g.hostname.as_deref(), Some("carapace"));
         assert!(g.terminal);
+    }
+
+    #[test]
+    fn hooks_that_cannot_run_are_refused_naming_the_field() {
+        for (hooks, field) in [
+            (
+                json!({"startContainer": [{"path": "/bin/true"}]}),
+                "hooks.startContainer",
+            ),
+            (
+                json!({"poststop": [{"path": "true"}]}),
+                "hooks.poststop[0].path",
+            ),
+        ] {
+            let mut spec = default_spec();
+            spec["hooks"] = hooks;
+            let b = bundle(&spec);
+            let e = tr(b.path(), "c1", Path::new(GUEST_SHARED_DIR), None).unwrap_err();
+            assert!(
+                matches!(&e, SpecError::Invalid { field: f, .. } if f == field),
+                "{field}: {e}"
+            );
+        }
     }
 
     #[test]

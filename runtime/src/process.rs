@@ -265,6 +265,11 @@ pub fn spawn_detached_with_fds(
     Ok(ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 }))
 }
 
+/// [`exec_hygiene`] for a helper that is handed no descriptors (OCI hooks).
+pub(crate) fn hygiene(cmd: &mut Command) {
+    exec_hygiene(cmd, [0; MAX_PASSED_FDS], 0);
+}
+
 /// What every helper gets before exec:
 /// - no signal blocked: the CLI blocks SIGWINCH in every thread of `run`/`exec` to collect
 ///   it with `sigwait`, and a signal mask survives fork and exec, so a daemon (and, for the

@@ -129,6 +129,9 @@ pub enum SandboxError {
     /// The pod's network namespace could not be mirrored into the VM.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// A `prestart`, `createRuntime` or `createContainer` hook failed: the create fails.
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookError),
     /// A blocking step (mounts, helper processes, teardown) panicked or was cancelled.
     #[error("a blocking sandbox step did not complete")]
     Blocking(#[source] tokio::task::JoinError),

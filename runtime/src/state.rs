@@ -171,6 +171,10 @@ pub struct SandboxState {
     /// namespace): what the guest was given and what was made on the host for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<SandboxNetwork>,
+    /// The spec's OCI hooks still to run after create (`poststart`, `poststop`; see
+    /// [`crate::hooks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<oci_spec::runtime::Hooks>,
 }
 
 /// A sandbox's network: the plan read from its network namespace and, once made, the taps
@@ -462,6 +466,7 @@ impl SandboxState {
             exit: None,
             sandbox_id: None,
             network: None,
+            hooks: None,
         }
     }
 

@@ -515,3 +515,102 @@ fn a_window_size_change_reaches_the_terminal_process_of_run_t() {
     let _ = reader.join();
     env.assert_clean();
 }
+
+/// A hook that records its kind (its `$0`) in `dir/order` and its stdin in `dir/<kind>.json`;
+/// `fail` makes it exit 9 after printing a reason.
+fn recording_hook(dir: &Path, kind: &str, fail: bool) -> Value {
+    let tail = if fail {
+        "echo hook-says-no >&2; exit 9"
+    } else {
+        "exit 0"
+    };
+    json!({
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!("cat > {d}/$0.json; echo $0 >> {d}/order; {tail}", d = dir.display()), kind],
+        "env": ["PATH=/usr/bin:/bin"],
+        "timeout": 30
+    })
+}
+
+#[test]
+fn oci_hooks_run_on_the_host_with_the_state_at_their_points() {
+    let Some(env) = env() else { return };
+    let rec = env.tmp.path().join("hooks");
+    std::fs::create_dir(&rec).unwrap();
+    let mut spec = fixtures::default_spec(&["sh", "-c", "sleep 60"]);
+    let kinds = [
+        "prestart",
+        "createRuntime",
+        "createContainer",
+        "poststart",
+        "poststop",
+    ];
+    spec["hooks"] = Value::Object(
+        kinds
+            .iter()
+            .map(|k| (k.to_string(), json!([recording_hook(&rec, k, false)])))
+            .collect(),
+    );
+    let b = env.bundle("b", &spec);
+    let order = || std::fs::read_to_string(rec.join("order")).unwrap_or_default();
+    let hook_state = |k: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(rec.join(format!("{k}.json"))).unwrap())
+            .unwrap_or_else(|e| panic!("{k}'s stdin is not the state: {e}"))
+    };
+
+    // (create's stdio relay would hold a pipe open: files)
+    let (rc, _) = env.run_to_files(&["create", "-b", b.to_str().unwrap(), "h1"], "h1");
+    assert_eq!(rc, 0);
+    assert_eq!(order(), "prestart\ncreateRuntime\ncreateContainer\n");
+    let pid = env.state("h1")["pid"].clone();
+    for k in &kinds[..3] {
+        let s = hook_state(k);
+        assert_eq!(s["id"], "h1", "{k}: {s}");
+        assert_eq!(s["status"], "creating", "{k}: {s}");
+        assert_eq!(s["pid"], pid, "{k}: {s}");
+        assert_eq!(s["bundle"], b.canonicalize().unwrap().to_str().unwrap());
+    }
+    assert!(env.run(&["start", "h1"]).status.success());
+    assert!(
+        order().ends_with("createContainer\npoststart\n"),
+        "{}",
+        order()
+    );
+    assert_eq!(hook_state("poststart")["status"], "running");
+    assert!(env.run(&["delete", "--force", "h1"]).status.success());
+    assert!(order().ends_with("poststart\npoststop\n"), "{}", order());
+    let s = hook_state("poststop");
+    assert_eq!(
+        (s["status"].clone(), s["pid"].clone()),
+        (json!("stopped"), json!(0))
+    );
+    env.assert_clean();
+
+    // A failing createRuntime hook fails the create (exit code 14, its output in the
+    // error), the hooks after it do not run, and nothing is left.
+    std::fs::remove_file(rec.join("order")).unwrap();
+    spec["hooks"] = json!({
+        "prestart": [recording_hook(&rec, "prestart", false)],
+        "createRuntime": [recording_hook(&rec, "createRuntime", true)],
+        "createContainer": [recording_hook(&rec, "createContainer", false)],
+    });
+    let b = env.bundle("b2", &spec);
+    let (rc, out) = env.run_to_files(&["create", "-b", b.to_str().unwrap(), "h2"], "h2");
+    let err = std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
+    assert_eq!(rc, 14, "{err}");
+    assert!(
+        err.contains("createRuntime hook /bin/sh failed") && err.contains("hook-says-no"),
+        "{err}"
+    );
+    assert_eq!(order(), "prestart\ncreateRuntime\n");
+    env.assert_clean();
+
+    // A startContainer hook cannot run (it belongs inside the VM): refused up front.
+    spec["hooks"] = json!({"startContainer": [recording_hook(&rec, "startContainer", false)]});
+    let b = env.bundle("b3", &spec);
+    let (rc, out) = env.run_to_files(&["create", "-b", b.to_str().unwrap(), "h3"], "h3");
+    let err = std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
+    assert_eq!(rc, 6, "{err}");
+    assert!(err.contains("hooks.startContainer"), "{err}");
+    env.assert_clean();
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::{AGENT_RETRY, FSD_SOCKET_TIMEOUT, Placement, Runtime, SandboxError, SandboxPaths};
 use super::{blocking, io_err};
 use crate::agent::{AgentError, Session, Share};
+use crate::hooks::HookKind;
 use crate::launcher::{FsRequest, VmPaths, VmRequest, check_image, vm_description};
 use crate::network::AttachedTap;
 use crate::oci::{self, Bundle, GUEST_SHARED_DIR, SHARED_FS_TAG};
@@ -66,7 +67,11 @@ impl Runtime {
         let rt = self.clone();
         let (id_owned, bundle) = (id.to_owned(), bundle.clone());
         let mut booting = blocking(move || rt.create_host(&id_owned, &bundle)).await?;
-        match self.create_guest(&mut booting).await {
+        let created = match self.create_guest(&mut booting).await {
+            Ok(session) => self.creation_hooks(&booting.st).await.map(|()| session),
+            Err(error) => Err(error),
+        };
+        match created {
             Ok(session) => Ok((booting.st, session)),
             Err(error) => {
                 let rt = self.clone();
@@ -91,6 +96,7 @@ impl Runtime {
         }
         self.store.create_dir(id)?;
         let mut st = SandboxState::new(id, &bundle.dir, guest.annotations.clone());
+        st.hooks = guest.hooks.clone();
         match self.host_steps(&mut st, &guest, &paths) {
             Ok((vmm, spec_bytes, started)) => Ok(Booting {
                 hostname: guest.hostname.clone().unwrap_or_else(|| id.to_owned()),
@@ -333,7 +339,20 @@ impl Runtime {
         let rt = self.clone();
         let (sid, id, b) = (sandbox_id.to_owned(), cid.to_owned(), bundle.clone());
         let mut joining = blocking(move || rt.join_host(&sid, &id, &b)).await?;
-        match self.join_guest(&mut joining, session).await {
+        let joined = match self.join_guest(&mut joining, session).await {
+            Ok(session) => match self.creation_hooks(&joining.st).await {
+                Ok(()) => Ok(session),
+                Err(error) => {
+                    // the guest has the container: it goes first, then the host side
+                    if let Err(e) = session.remove_container(&joining.st.id).await {
+                        tracing::warn!(id = joining.st.id, error = %carapace_errors::Chain(&e), "RemoveContainer after a failed hook");
+                    }
+                    Err(error)
+                }
+            },
+            Err(error) => Err(error),
+        };
+        match joined {
             Ok(session) => Ok((joining.st, session)),
             Err(error) => {
                 let rt = self.clone();
@@ -341,6 +360,28 @@ impl Runtime {
                 Err(blocking(move || Ok(rt.member_torn_down(&st, &sid, error))).await?)
             }
         }
+    }
+
+    /// The hooks that run while `create` is in progress (`prestart`, `createRuntime`,
+    /// `createContainer`, in that order; [`crate::hooks`]), once the guest has the
+    /// container; each gets the state with status `creating`.
+    async fn creation_hooks(&self, st: &SandboxState) -> Result<(), SandboxError> {
+        let Some(hooks) = st.hooks.clone() else {
+            return Ok(());
+        };
+        let mut state = self.state(&st.id)?;
+        state.status = Status::Creating.as_str().to_owned();
+        blocking(move || {
+            for kind in [
+                HookKind::Prestart,
+                HookKind::CreateRuntime,
+                HookKind::CreateContainer,
+            ] {
+                crate::hooks::run(kind, &hooks, &state)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Tears pod container `st` down after `error`; returns the error to report.
@@ -385,6 +426,7 @@ impl Runtime {
         self.store.create_dir(cid)?;
         let mut st = SandboxState::new(cid, &bundle.dir, guest.annotations.clone());
         st.sandbox_id = Some(sandbox_id.to_owned());
+        st.hooks = guest.hooks.clone();
         let bound = (|| {
             self.store.save(&st)?;
             self.bind_all(&mut st, &guest, &sandbox_paths)?;

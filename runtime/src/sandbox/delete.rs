@@ -30,6 +30,14 @@ enum Deleting {
     },
 }
 
+/// The deleted container's `poststop` hooks (logged when they fail; [`crate::hooks`]).
+fn poststop(st: &SandboxState) {
+    if let Some(hooks) = &st.hooks {
+        let state = st.oci(Status::Stopped, false);
+        crate::hooks::run_logged(crate::hooks::HookKind::Poststop, hooks, &state);
+    }
+}
+
 impl Runtime {
     /// Deletes the sandbox: stops the guest, the VMM and the fs daemon, undoes the mounts
     /// and removes the state directory. A running container needs `force`. Without
@@ -61,7 +69,12 @@ impl Runtime {
                     }
                 }
                 let rt = self.clone();
-                blocking(move || rt.teardown_with_members(&st, members)).await
+                blocking(move || {
+                    rt.teardown_with_members(&st, members)?;
+                    poststop(&st);
+                    Ok(())
+                })
+                .await
             }
             Deleting::Member { st, sandbox_id } => {
                 let t = Instant::now();
@@ -89,13 +102,14 @@ impl Runtime {
                 let rt = self.clone();
                 blocking(move || {
                     let t = Instant::now();
-                    let r = rt.teardown_member(&st, &sandbox_id);
+                    rt.teardown_member(&st, &sandbox_id)?;
                     tracing::info!(
                         id = st.id,
                         teardown_ms = t.elapsed().as_millis() as u64,
                         "host side of the pod container undone"
                     );
-                    r
+                    poststop(&st);
+                    Ok(())
                 })
                 .await
             }

@@ -2,8 +2,9 @@
 //! container's status first, then talks over the [`Session`] the caller holds (the shim's,
 //! for the VM's life) or, given none, over a new one (the CLI, one per command).
 
-use super::{RECONNECT_TIMEOUT, Runtime, SandboxError};
+use super::{RECONNECT_TIMEOUT, Runtime, SandboxError, blocking};
 use crate::agent::Session;
+use crate::hooks::HookKind;
 use crate::state::{SandboxState, Status};
 
 impl Runtime {
@@ -39,7 +40,7 @@ impl Runtime {
 
     /// Starts the container's process.
     pub async fn start(&self, id: &str, session: Option<&Session>) -> Result<u32, SandboxError> {
-        let _lock = self.store.lock(id)?;
+        let lock = self.store.lock(id)?;
         let mut st = self.store.load(id)?;
         self.require(&st, &[Status::Created], "start")?;
         let agent = self.use_session(session, &st).await?;
@@ -48,6 +49,15 @@ impl Runtime {
         st.guest_pid = Some(pid);
         self.store.save(&st)?;
         tracing::info!(id, guest_pid = pid, "started");
+        drop(lock);
+        if let Some(hooks) = st.hooks.clone() {
+            let state = self.state(id)?;
+            blocking(move || {
+                crate::hooks::run_logged(HookKind::Poststart, &hooks, &state);
+                Ok(())
+            })
+            .await?;
+        }
         Ok(pid)
     }
 

@@ -21,6 +21,7 @@ pub(crate) mod code {
     pub(crate) const TEARDOWN: u8 = 11;
     pub(crate) const CHECK_FAILED: u8 = 12;
     pub(crate) const NETWORK: u8 = 13;
+    pub(crate) const HOOK: u8 = 14;
 }
 
 /// A failed `check`, carried to `main` for its exit code.
@@ -51,6 +52,7 @@ fn sandbox_exit_code(e: &SandboxError) -> u8 {
         SandboxError::Teardown { .. } => code::TEARDOWN,
         SandboxError::WithTeardown { error, .. } => sandbox_exit_code(error),
         SandboxError::Network(_) => code::NETWORK,
+        SandboxError::Hook(_) => code::HOOK,
         SandboxError::Blocking(_) => code::FAILURE,
     }
 }
