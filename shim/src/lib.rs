@@ -6,6 +6,7 @@
 //! [`service`] maps it to containerd's ttrpc API, [`backend`] is the seam to sandboxes.
 
 pub mod backend;
+pub mod options;
 pub mod pod;
 pub mod runtime_backend;
 pub mod service;

@@ -1,7 +1,9 @@
 //! The real backend: sandboxes from `carapace-runtime` (fs daemon + VMM + guest agent),
 //! configured by Carapace's configuration file.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use carapace_runtime::agent::{ExitInfo, Session};
 use carapace_runtime::mounts::{Mounter, SysMounter};
@@ -9,6 +11,7 @@ use carapace_runtime::oci::Bundle;
 use carapace_runtime::sandbox::Runtime;
 
 use crate::backend::{Backend, BackendError, RootfsMount, rootfs_dir};
+use crate::options;
 use crate::pod::Role;
 
 /// Environment variable naming a `carapace-agent` binary to run in host mode instead of
@@ -16,25 +19,70 @@ use crate::pod::Role;
 /// containerd on hosts that cannot boot guests. Never set in production.
 pub const HOST_AGENT_ENV: &str = "CARAPACE_SHIM_HOST_AGENT";
 
-/// Sandboxes through `carapace-runtime`.
+/// Sandboxes through `carapace-runtime`, each built from the configuration its handler's
+/// runtime options name ([`crate::options`]), else `CARAPACE_CONFIG`, else
+/// `/etc/carapace/configuration.toml`.
 #[derive(Debug)]
 pub struct RuntimeBackend {
-    runtime: Runtime,
+    /// `CARAPACE_CONFIG`, read once.
+    env_config: Option<PathBuf>,
+    host_agent: Option<PathBuf>,
+    /// One runtime per configuration file used so far (`None`: the default one).
+    runtimes: Mutex<HashMap<Option<PathBuf>, Runtime>>,
+    /// The runtime each live container was created with.
+    by_id: Mutex<HashMap<String, Runtime>>,
 }
 
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use the Carapace configuration")]
+struct ConfigUnusable(#[source] carapace_config::ConfigError);
+
 impl RuntimeBackend {
-    /// Loads the configuration (`CARAPACE_CONFIG` or `/etc/carapace/configuration.toml`)
-    /// and builds the runtime.
+    /// Reads the environment; configurations are loaded when a container needs one. Fails
+    /// when the default configuration does not load (the shim would be of no use).
     pub fn from_env() -> Result<Self, String> {
-        let env = std::env::var_os(carapace_config::ENV_VAR).map(std::path::PathBuf::from);
+        let backend = Self {
+            env_config: std::env::var_os(carapace_config::ENV_VAR).map(PathBuf::from),
+            host_agent: std::env::var_os(HOST_AGENT_ENV).map(PathBuf::from),
+            runtimes: Mutex::new(HashMap::new()),
+            by_id: Mutex::new(HashMap::new()),
+        };
+        backend
+            .runtime_for(None)
+            .map_err(|e| carapace_errors::chain(&e))?;
+        Ok(backend)
+    }
+
+    /// The runtime of configuration `path` (`None`: `CARAPACE_CONFIG` or the default).
+    fn runtime_for(&self, path: Option<&Path>) -> Result<Runtime, ConfigUnusable> {
+        let key = path.map(Path::to_path_buf);
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = runtimes.get(&key) {
+            return Ok(rt.clone());
+        }
         let loaded =
-            carapace_config::load(None, env.as_deref()).map_err(|e| carapace_errors::chain(&e))?;
+            carapace_config::load(path, self.env_config.as_deref()).map_err(ConfigUnusable)?;
         let config = loaded.config;
+        tracing::info!(config = %loaded.origin, "configuration loaded");
         let root = config.runtime.state_dir.clone();
-        let host_agent = std::env::var_os(HOST_AGENT_ENV).map(std::path::PathBuf::from);
-        Ok(Self {
-            runtime: Runtime::from_config(config, root, host_agent),
-        })
+        let rt = Runtime::from_config(config, root, self.host_agent.clone());
+        runtimes.insert(key, rt.clone());
+        Ok(rt)
+    }
+
+    /// The runtime recorded for `bundle` at create.
+    fn runtime_of_bundle(&self, id: &str, bundle: &Path) -> Result<Runtime, BackendError> {
+        let choice = options::recorded(bundle)
+            .map_err(|e| BackendError::new("reading the options of", id, e))?;
+        self.runtime_for(choice.config_path.as_deref())
+            .map_err(|e| BackendError::new("configuring", id, e))
+    }
+
+    /// The runtime container `id` was created with.
+    fn runtime_of(&self, id: &str) -> Option<Runtime> {
+        let by_id = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        by_id.get(id).cloned()
     }
 
     fn unmount_rootfs(&self, bundle: &Path) {
@@ -60,6 +108,7 @@ impl Backend for RuntimeBackend {
         role: &Role,
         pod: Option<&Session>,
     ) -> Result<Session, BackendError> {
+        let runtime = self.runtime_of_bundle(id, &bundle.dir)?;
         let target = rootfs_dir(&bundle.dir);
         for m in rootfs {
             let fstype = Some(m.fstype.as_str()).filter(|s| !s.is_empty());
@@ -69,16 +118,18 @@ impl Backend for RuntimeBackend {
         }
         let created = match role {
             Role::Container { sandbox_id } => {
-                self.runtime
-                    .create_in_sandbox(sandbox_id, id, bundle, pod)
-                    .await
+                runtime.create_in_sandbox(sandbox_id, id, bundle, pod).await
             }
-            Role::Sandbox | Role::Standalone => self.runtime.create(id, bundle).await,
+            Role::Sandbox | Role::Standalone => runtime.create(id, bundle).await,
         };
         match created {
-            Ok((_, session)) => Ok(session),
+            Ok((_, session)) => {
+                let mut by_id = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+                by_id.insert(id.to_owned(), runtime);
+                Ok(session)
+            }
             Err(e) => {
-                let _ = self.runtime.delete(id, true, None).await;
+                let _ = runtime.delete(id, true, None).await;
                 self.unmount_rootfs(&bundle.dir);
                 let op = if role.owns_vm() {
                     "creating the sandbox of"
@@ -91,14 +142,21 @@ impl Backend for RuntimeBackend {
     }
 
     async fn start(&self, id: &str, _role: &Role, session: &Session) -> Result<u32, BackendError> {
-        self.runtime
+        let runtime = self
+            .runtime_of(id)
+            .ok_or_else(|| BackendError::new("starting", id, "not created by this shim"))?;
+        runtime
             .start(id, Some(session))
             .await
             .map_err(|e| BackendError::new("starting", id, e))
     }
 
     fn record_exit(&self, id: &str, _role: &Role, exit: ExitInfo) {
-        if let Err(e) = self.runtime.record_exit(id, exit) {
+        let Some(runtime) = self.runtime_of(id) else {
+            tracing::warn!(id, "cannot record the exit: not created by this shim");
+            return;
+        };
+        if let Err(e) = runtime.record_exit(id, exit) {
             tracing::warn!(id, error = %carapace_errors::Chain(&e), "cannot record the exit");
         }
     }
@@ -110,7 +168,15 @@ impl Backend for RuntimeBackend {
         _role: &Role,
         session: Option<&Session>,
     ) -> Result<(), BackendError> {
-        let result = self.runtime.delete(id, true, session).await;
+        let runtime = match self.runtime_of(id) {
+            Some(rt) => rt,
+            None => self.runtime_of_bundle(id, bundle)?,
+        };
+        let result = runtime.delete(id, true, session).await;
+        if result.is_ok() {
+            let mut by_id = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+            by_id.remove(id);
+        }
         self.unmount_rootfs(bundle);
         result.map_err(|e| BackendError::new("deleting", id, e))
     }

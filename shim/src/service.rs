@@ -364,6 +364,14 @@ impl Task for Service {
                 "checkpoint/restore is not supported by Carapace",
             ));
         }
+        // Which configuration builds this container's VM: the handler's runtime options.
+        let config_path = crate::options::config_path(req.options.as_ref())
+            .map_err(|e| get_rpc_status(Code::INVALID_ARGUMENT, carapace_errors::chain(&e)))?;
+        crate::options::record(
+            Path::new(&req.bundle),
+            &crate::options::Recorded { config_path },
+        )
+        .map_err(|e| get_rpc_status(Code::FAILED_PRECONDITION, carapace_errors::chain(&e)))?;
         let rootfs = req
             .rootfs
             .iter()

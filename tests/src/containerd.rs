@@ -50,12 +50,15 @@ pub enum ContainerdError {
 }
 
 /// An extra runtime to register in containerd's CRI plugin, e.g. Carapace's shim.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RuntimeEntry {
     /// CRI handler name, e.g. `carapace`.
     pub handler: String,
     /// Runtime type, e.g. `io.containerd.carapace.v2`.
     pub runtime_type: String,
+    /// The handler's `ConfigPath` runtime option: the Carapace configuration its VMs are
+    /// built from (one RuntimeClass per VM shape).
+    pub config_path: Option<PathBuf>,
 }
 
 /// A running private containerd. Dropping it stops containerd, kills what it started and
@@ -386,6 +389,7 @@ pub fn with_carapace(
         &[RuntimeEntry {
             handler: "carapace".into(),
             runtime_type: CARAPACE_RUNTIME.into(),
+            ..Default::default()
         }],
         Some(bin_dir),
         env,
@@ -393,6 +397,12 @@ pub fn with_carapace(
     ctrd.import(&archive)?;
     Ok(ctrd)
 }
+
+/// A second Carapace handler of [`CarapaceCri`], whose runtime options name a
+/// configuration with a bigger VM shape ([`BIG_SHAPE`]): a RuntimeClass of its own.
+pub const BIG_HANDLER: &str = "carapace-big";
+/// The `[hypervisor]` section start of [`BIG_HANDLER`]'s configuration.
+pub const BIG_SHAPE: &str = "[hypervisor]\ndefault_vcpus = 2\ndefault_memory_mib = 768\n";
 
 /// Where the CRI end-to-end tests start: a private containerd under `work` with Carapace as
 /// CRI handler `carapace` (configuration from [`carapace_config`], the console kept), the
@@ -418,12 +428,23 @@ impl CarapaceCri {
         let shim = crate::workspace_bin("containerd-shim-carapace-v2");
         let bins = shim.parent().expect("bin dir");
         let (config, state) = carapace_config(work, bins, true).expect("config");
+        let big = work.join("configuration-big.toml");
+        let text = fs::read_to_string(&config).expect("config");
+        fs::write(&big, text.replacen("[hypervisor]\n", BIG_SHAPE, 1)).expect("big config");
         let ctrd = Containerd::start(
             &work.join("containerd"),
-            &[RuntimeEntry {
-                handler: "carapace".into(),
-                runtime_type: CARAPACE_RUNTIME.into(),
-            }],
+            &[
+                RuntimeEntry {
+                    handler: "carapace".into(),
+                    runtime_type: CARAPACE_RUNTIME.into(),
+                    ..Default::default()
+                },
+                RuntimeEntry {
+                    handler: BIG_HANDLER.into(),
+                    runtime_type: CARAPACE_RUNTIME.into(),
+                    config_path: Some(big),
+                },
+            ],
             Some(bins),
             &[("CARAPACE_CONFIG", config.as_path())],
         )
@@ -583,6 +604,13 @@ state = "{d}/state"
             "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{}]\n      runtime_type = \"{}\"\n",
             r.handler, r.runtime_type
         ));
+        if let Some(path) = &r.config_path {
+            s.push_str(&format!(
+                "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{}.options]\n      ConfigPath = {:?}\n",
+                r.handler,
+                path.display().to_string()
+            ));
+        }
     }
     s
 }
@@ -595,11 +623,22 @@ mod tests {
     fn config_registers_extra_runtimes_and_keeps_state_under_dir() {
         let s = config_toml(
             Path::new("/t/c"),
-            &[RuntimeEntry {
-                handler: "carapace".into(),
-                runtime_type: "io.containerd.carapace.v2".into(),
-            }],
+            &[
+                RuntimeEntry {
+                    handler: "carapace".into(),
+                    runtime_type: "io.containerd.carapace.v2".into(),
+                    ..Default::default()
+                },
+                RuntimeEntry {
+                    handler: "big".into(),
+                    runtime_type: "io.containerd.carapace.v2".into(),
+                    config_path: Some("/t/big.toml".into()),
+                },
+            ],
         );
+        let parsed: toml::Value = toml::from_str(&s).expect("valid TOML");
+        let big = &parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["big"];
+        assert_eq!(big["options"]["ConfigPath"].as_str(), Some("/t/big.toml"));
         assert!(s.contains("root = \"/t/c/root\""));
         assert!(s.contains("address = \"/t/c/containerd.sock\""));
         assert!(

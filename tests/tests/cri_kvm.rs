@@ -1,14 +1,15 @@
 //! Kubernetes' path: a CRI client -> containerd's CRI plugin -> runtime handler `carapace`
 //! -> containerd-shim-carapace-v2 -> one microVM per pod. A pod with two containers that
 //! share a volume runs in one VM (same guest boot id, guest kernel), logs are read, ExecSync
-//! works, the pod is stopped and removed, and nothing is left behind. Where this host cannot
-//! boot guests the test runs inside the lab.
+//! works, the pod is stopped and removed, and nothing is left behind. Two runtime handlers
+//! whose runtime options name two configurations (two RuntimeClasses) give two VM shapes.
+//! Where this host cannot boot guests the test runs inside the lab.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use carapace_tests::containerd::{BUSYBOX_IMAGE, CarapaceCri};
+use carapace_tests::containerd::{BIG_HANDLER, BUSYBOX_IMAGE, CarapaceCri};
 use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, log_text};
 use carapace_tests::kvm_test;
 
@@ -165,5 +166,63 @@ kvm_test! {
         }
         let m = mounts_under(state);
         assert!(m.is_empty(), "mounts left under {}: {m:?}", state.display());
+    }
+}
+
+kvm_test! {
+    #[lab(carapace_tests::lab::Lab::new().mem_mib(4096).timeout(Duration::from_secs(1200)))]
+    fn two_runtime_classes_give_two_vm_shapes() {
+        let tmp = tempfile::Builder::new().prefix("cshape-").tempdir().expect("tempdir");
+        let rig = CarapaceCri::start(tmp.path());
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! { rig.fail(what, e) };
+        let mut cri = Cri::connect(&rig.ctrd.socket()).expect("connect");
+        // what a pod's VM shows its containers, under each handler
+        let mut shape = |handler: &str| -> (u32, u64) {
+            let pod = PodSpec {
+                name: format!("shape-{handler}"),
+                namespace: "default".into(),
+                handler: handler.into(),
+                log_dir: tmp.path().join(format!("logs-{handler}")),
+                privileged: false,
+                network: PodNetwork::Cni { ports: vec![] },
+            };
+            let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| fail("RunPodSandbox", &e));
+            let probe = ContainerSpec {
+                name: "probe".into(),
+                image: BUSYBOX_IMAGE.into(),
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "nproc; sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo".into(),
+                ],
+                ..Default::default()
+            };
+            let c = cri
+                .create_container(&pod_id, &pod, &probe)
+                .unwrap_or_else(|e| fail(&format!("CreateContainer under {handler}"), &e));
+            cri.start_container(&c).unwrap_or_else(|e| fail("StartContainer", &e));
+            let code = cri
+                .wait_exited(&c, Duration::from_secs(300))
+                .unwrap_or_else(|e| fail("probe exit", &e));
+            let log = log_text(&pod.log_dir.join("probe.log")).expect("probe log");
+            assert_eq!(code, 0, "{handler}: {log:?}");
+            cri.remove_pod(&pod_id).unwrap_or_else(|e| fail("remove pod", &e));
+            let mut lines = log.lines().map(|l| l.trim().parse::<u64>());
+            match (lines.next(), lines.next()) {
+                (Some(Ok(cpus)), Some(Ok(kib))) => (cpus as u32, kib),
+                _ => panic!("{handler}: probe printed {log:?}"),
+            }
+        };
+        let (cpus, kib) = shape("carapace");
+        let (big_cpus, big_kib) = shape(BIG_HANDLER);
+        // BIG_SHAPE: 2 vCPUs, 768 MiB against the defaults' 1 vCPU, 256 MiB (MemTotal is
+        // a little less than the VM's memory: the kernel keeps some)
+        assert_eq!((cpus, big_cpus), (1, 2), "vCPUs under carapace and {BIG_HANDLER}");
+        assert!(kib < 256 * 1024 && kib > 128 * 1024, "default MemTotal {kib} KiB");
+        assert!(
+            big_kib < 768 * 1024 && big_kib > 512 * 1024,
+            "{BIG_HANDLER} MemTotal {big_kib} KiB"
+        );
+        assert!(cri.pods().expect("list pods").is_empty());
     }
 }

@@ -353,6 +353,7 @@ fn carapace_containerd(dir: &Path, bins: &Path, config: &Path) -> Result<Contain
         &[RuntimeEntry {
             handler: "carapace".into(),
             runtime_type: CARAPACE.into(),
+            ..Default::default()
         }],
         Some(bins),
         &[("CARAPACE_CONFIG", config)],
