@@ -348,17 +348,29 @@ fn last_lines(s: &str, n: usize, sep: &str) -> String {
 /// A private containerd whose runtime handler `carapace` is Carapace's shim, configured by
 /// the Carapace configuration file `config`.
 fn carapace_containerd(dir: &Path, bins: &Path, config: &Path) -> Result<Containerd> {
-    Containerd::start(
-        dir,
-        &[RuntimeEntry {
-            handler: "carapace".into(),
-            runtime_type: CARAPACE.into(),
-            ..Default::default()
-        }],
-        Some(bins),
-        &[("CARAPACE_CONFIG", config)],
-    )
-    .context("starting a private containerd with Carapace")
+    carapace_containerd_with(dir, bins, config, &[])
+}
+
+/// [`carapace_containerd`] with more Carapace handlers, each `(handler, configuration)`
+/// (the configuration reaches the shim as the handler's `ConfigPath` runtime option).
+fn carapace_containerd_with(
+    dir: &Path,
+    bins: &Path,
+    config: &Path,
+    more: &[(&str, &Path)],
+) -> Result<Containerd> {
+    let mut runtimes = vec![RuntimeEntry {
+        handler: "carapace".into(),
+        runtime_type: CARAPACE.into(),
+        ..Default::default()
+    }];
+    runtimes.extend(more.iter().map(|(handler, path)| RuntimeEntry {
+        handler: (*handler).into(),
+        runtime_type: CARAPACE.into(),
+        config_path: Some(path.to_path_buf()),
+    }));
+    Containerd::start(dir, &runtimes, Some(bins), &[("CARAPACE_CONFIG", config)])
+        .context("starting a private containerd with Carapace")
 }
 
 /// The guest image the Carapace phases boot must be there.

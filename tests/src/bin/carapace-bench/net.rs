@@ -5,8 +5,14 @@ use super::*;
 /// Rounds of the network phase per handler.
 pub(super) const NET_ROUNDS: usize = 3;
 
+/// The handler whose configuration turns vhost-net off: the VMM's userspace virtio-net.
+const USERSPACE: &str = "carapace-userspace";
+
 /// `net_*` rows: a CNI pod's network in a VM against the same CNI network under runc:
-/// iperf3 host -> pod and pod -> pod, HTTP round trips from the host (bench::net).
+/// iperf3 host -> pod and pod -> pod, HTTP round trips from the host (bench::net). Carapace
+/// runs twice: as configured by default (`network.vhost_net = "auto"`: vhost-net where the
+/// host has it) and with the VMM's own userspace virtio-net (`vhost_net = "off"`, its own
+/// handler), so both data paths are measured against the same peer in the same run.
 pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Report) -> Result<()> {
     use carapace_tests::bench::net::{NetRun, NetSample};
     let work = tempfile::Builder::new()
@@ -15,9 +21,26 @@ pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Repo
         .context("creating a work directory")?;
     let (config, _state) =
         carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
+    let userspace_config = work.path().join("configuration-userspace.toml");
+    let text = std::fs::read_to_string(&config).context("reading the configuration")?;
+    std::fs::write(
+        &userspace_config,
+        format!("{text}[network]\nvhost_net = \"off\"\n"),
+    )
+    .context("writing the userspace-network configuration")?;
     check_guest_image(&cli.guest_dir)?;
+    let vhost = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-net")
+        .is_ok();
     progress("net: starting a private containerd with the CRI and iperf3 images");
-    let ctrd = carapace_containerd(&work.path().join("containerd"), bins, &config)?;
+    let ctrd = carapace_containerd_with(
+        &work.path().join("containerd"),
+        bins,
+        &config,
+        &[(USERSPACE, &userspace_config)],
+    )?;
     ctrd.import_cri_images(work.path())?;
     ctrd.import_net_image(work.path())?;
     let mut cri = carapace_tests::cri::Cri::connect(&ctrd.socket())?;
@@ -28,15 +51,13 @@ pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Repo
         requests: if cli.quick { 10 } else { 50 },
         timeout: Duration::from_secs(POD_TIMEOUT_S),
     };
-    let (carapace, runc) = (run_for("carapace"), run_for("runc"));
-    let (mut ours, mut peer): (Vec<NetSample>, Vec<NetSample>) = (Vec::new(), Vec::new());
+    let runs = [run_for("carapace"), run_for(USERSPACE), run_for("runc")];
+    let mut got: [Vec<NetSample>; 3] = Default::default();
     for i in 0..rounds {
-        let order = if i % 2 == 0 {
-            [&carapace, &runc]
-        } else {
-            [&runc, &carapace]
-        };
-        for run in order {
+        // who goes first rotates, so a trend in the host's state falls on all three
+        for k in 0..runs.len() {
+            let j = (i + k) % runs.len();
+            let run = &runs[j];
             let s = run
                 .measure(&mut cri, i)
                 .with_context(|| format!("{} pods' network, round {i}", run.handler))?;
@@ -44,13 +65,11 @@ pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Repo
                 "net round {i}: {} host->pod {:.0} Mbit/s, pod->pod {:.0} Mbit/s",
                 run.handler, s.host_to_pod_mbps, s.pod_to_pod_mbps
             ));
-            if run.handler == "runc" {
-                peer.push(s);
-            } else {
-                ours.push(s);
-            }
+            got[j].push(s);
         }
     }
+    let [ours, userspace, peer] = &got;
+    let default_path = if vhost { "vhost-net" } else { "userspace" };
     let samples = |who: &str, v: &[NetSample], f: fn(&NetSample) -> f64, what: &str| {
         Samples::new(format!("{who} {what}"), "Mbit/s", v.iter().map(f).collect())
     };
@@ -61,43 +80,59 @@ pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Repo
         ),
         ("net_pod_to_pod", |s: &NetSample| s.pod_to_pod_mbps),
     ] {
-        let (o, p) = (
-            samples("carapace", &ours, f, name),
-            samples("runc", &peer, f, name),
-        );
-        report.rows.push(
-            carapace_tests::bench::Row::new(
-                format!("{name}_p50"),
-                o.percentile(50.0)?,
-                p.percentile(50.0)?,
-                "runc, same CNI network",
-                "Mbit/s",
-            )
-            .target(">= 0.5"),
-        );
-        report.samples.push(o);
+        let p = samples("runc", peer, f, name);
+        for (suffix, who, v) in [
+            ("", format!("carapace ({default_path})"), ours),
+            (
+                "_userspace",
+                "carapace (userspace virtio-net)".to_owned(),
+                userspace,
+            ),
+        ] {
+            let o = samples(&who, v, f, name);
+            report.rows.push(
+                carapace_tests::bench::Row::new(
+                    format!("{name}{suffix}_p50"),
+                    o.percentile(50.0)?,
+                    p.percentile(50.0)?,
+                    "runc, same CNI network",
+                    "Mbit/s",
+                )
+                .target(">= 0.5"),
+            );
+            report.samples.push(o);
+        }
         report.samples.push(p);
     }
     let rtt = |v: &[NetSample]| v.iter().flat_map(|s| s.rtt_ms.iter().copied()).collect();
-    let (o, p) = (
-        Samples::new(
-            "carapace net_rtt (HTTP GET from the host)",
-            "ms",
-            rtt(&ours),
+    let p = Samples::new("runc net_rtt (HTTP GET from the host)", "ms", rtt(peer));
+    for (prefix, who, v) in [
+        ("net_rtt", format!("carapace ({default_path})"), ours),
+        (
+            "net_rtt_userspace",
+            "carapace (userspace virtio-net)".to_owned(),
+            userspace,
         ),
-        Samples::new("runc net_rtt (HTTP GET from the host)", "ms", rtt(&peer)),
-    );
-    report
-        .rows
-        .extend(percentile_rows("net_rtt", &o, &p, Some("<= 2"))?);
-    report.samples.push(o);
+    ] {
+        let o = Samples::new(
+            format!("{who} net_rtt (HTTP GET from the host)"),
+            "ms",
+            rtt(v),
+        );
+        report
+            .rows
+            .extend(percentile_rows(prefix, &o, &p, Some("<= 2"))?);
+        report.samples.push(o);
+    }
     report.samples.push(p);
     report.notes.push(format!(
         "net_*: CRI pods with their own CNI network (bridge, host-local, portmap), {rounds} \
-         round(s) per handler alternating; iperf3 (Debian) TCP {} s host -> pod and pod -> pod \
-         (receiver's rate, p50 of the rounds); HTTP GET round trips (connect, request, whole \
-         reply) from the host to busybox httpd in the pod; peer: runc handler, same network",
-        carapace.iperf_secs
+         round(s) per handler, the order rotating; iperf3 (Debian) TCP {} s host -> pod and \
+         pod -> pod (receiver's rate, p50 of the rounds); HTTP GET round trips (connect, \
+         request, whole reply) from the host to busybox httpd in the pod; peer: runc handler, \
+         same network. Carapace's default data path here: {default_path} (network.vhost_net = \
+         auto); the *_userspace rows: vhost_net = off, the VMM's own virtio-net with offloads",
+        runs[0].iperf_secs
     ));
     Ok(())
 }
