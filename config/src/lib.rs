@@ -519,6 +519,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_second_shape_is_valid() {
+        let large = parse(include_str!("../configuration-large.toml")).expect("valid");
+        assert_eq!(large.hypervisor.default_vcpus, 2);
+        assert_eq!(large.hypervisor.default_memory_mib, 2048);
+        assert_eq!(large.fs, Config::default().fs);
+    }
+
+    #[test]
     fn empty_file_means_defaults_and_partial_files_override_keys() {
         assert_eq!(parse("").expect("empty"), Config::default());
         let c = parse(
