@@ -5,8 +5,16 @@
 //! the host's mount points and to swap a container's `mounts` directory for a symlink.
 //! Checks: every attempt is refused, the joining containers and their volumes work, nothing
 //! outside the sandbox's state directory changed on the host (a decoy directory and the
-//! host's mount table), and the pod is removed without a trace. Threat model:
-//! docs/threat-model.md. Where this host cannot boot guests the test runs inside the lab.
+//! host's mount table), and the pod is removed without a trace.
+//!
+//! `hostile_workloads_stay_inside_their_pod` runs `carapace-hostile` (tests/programs) as a
+//! container workload in three pods, each beside a victim container: floods (port I/O,
+//! vsock connects, the console), containment (the agent over vsock and by signal, setuid
+//! and capabilities in a volume, a read-only volume with a submount), and starvation of
+//! the guest; the host asserts the bounds (tests/README.md "Hostile guests").
+//!
+//! Threat model: docs/threat-model.md. Where this host cannot boot guests the tests run
+//! inside the lab.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
