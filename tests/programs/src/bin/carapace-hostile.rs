@@ -509,8 +509,10 @@ fn attack_starve(opts: &BTreeMap<String, String>) -> Verdict {
     // SAFETY: a valid sched_param for this process.
     let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const p) };
     v.fact("fifo99", errno_name(if r == 0 { 0 } else { errno() }));
-    // the verdict first: nothing gets out once the loop runs
+    // the verdict first, and time for the agent's stdio relay to take it: nothing gets
+    // out once the loop runs
     v.print("starve");
+    std::thread::sleep(Duration::from_secs(3));
     let start = Instant::now();
     while start.elapsed() < dur {
         std::hint::spin_loop();
