@@ -11,7 +11,7 @@ use std::process::Command;
 use carapace_config::{Config, VhostNetMode, VmResources};
 use carapace_vm_config::{FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig, format_mac};
 
-use crate::process::{ProcessError, ProcessRecord, spawn_detached, spawn_detached_with_fds};
+use crate::process::{ProcessError, ProcessRecord, spawn_detached_in};
 
 /// What the fs daemon serves and where.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct FsRequest {
     pub socket: PathBuf,
     /// Its log.
     pub log: PathBuf,
+    /// The sandbox's host cgroup, joined before exec.
+    pub cgroup: Option<std::sync::Arc<crate::cgroup::Joined>>,
 }
 
 /// How to start the VMM.
@@ -36,6 +38,8 @@ pub struct VmRequest<'a> {
     /// The taps of the VM's NICs, handed to the VMM as descriptors 3, 4, ... (the
     /// description's `tap_fd`s, in [`VmPaths::nics`] order).
     pub taps: &'a [std::os::fd::BorrowedFd<'a>],
+    /// The sandbox's host cgroup, joined before exec.
+    pub cgroup: Option<std::sync::Arc<crate::cgroup::Joined>>,
 }
 
 /// Starts the helper daemons.
@@ -90,11 +94,17 @@ impl Launcher for BinaryLauncher {
     fn start_fs_daemon(&self, req: &FsRequest) -> Result<ProcessRecord, ProcessError> {
         let mut cmd = self.fs_command(req);
         cmd.env("RUST_LOG", self.config.debug.log_level.as_str());
-        spawn_detached("fs daemon", cmd, &req.log)
+        spawn_detached_in("fs daemon", cmd, &req.log, &[], req.cgroup.as_deref())
     }
 
     fn start_vmm(&self, req: &VmRequest<'_>) -> Result<ProcessRecord, ProcessError> {
-        spawn_detached_with_fds("VMM", self.vmm_command(req), &req.log, req.taps)
+        spawn_detached_in(
+            "VMM",
+            self.vmm_command(req),
+            &req.log,
+            req.taps,
+            req.cgroup.as_deref(),
+        )
     }
 }
 
@@ -122,7 +132,7 @@ impl Launcher for HostAgentLauncher {
             .arg(format!("unix://{}", req.vsock.display()))
             .arg("--log")
             .arg(self.inner.config.debug.log_level.as_str());
-        spawn_detached("host-mode agent", cmd, &req.log)
+        spawn_detached_in("host-mode agent", cmd, &req.log, &[], req.cgroup.as_deref())
     }
 }
 
@@ -300,6 +310,7 @@ mod tests {
             shared_dir: "/run/carapace/x/shared".into(),
             socket: "/run/carapace/x/fsd.sock".into(),
             log: "/run/carapace/x/fsd.log".into(),
+            cgroup: None,
         });
         assert_eq!(cmd.get_program(), "/usr/local/bin/carapace-fsd");
         let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
@@ -326,6 +337,7 @@ mod tests {
             shared_dir: "/s".into(),
             socket: "/f.sock".into(),
             log: "/f.log".into(),
+            cgroup: None,
         });
         assert!(
             !cmd.get_args()

@@ -9,6 +9,7 @@
 //! namespace mirrored into the VM: inspection, taps and tc redirects).
 
 pub mod agent;
+pub mod cgroup;
 pub mod check;
 pub mod console;
 pub mod features;

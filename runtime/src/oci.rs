@@ -122,6 +122,9 @@ pub struct GuestSpec {
     pub host_network: bool,
     /// The spec's OCI hooks, checked ([`crate::hooks`]); they run on the host.
     pub hooks: Option<oci_spec::runtime::Hooks>,
+    /// `linux.cgroupsPath`: the sandbox's VMM and fs daemon join it on the host
+    /// ([`crate::cgroup`]); the guest agent uses it for the container inside.
+    pub cgroups_path: Option<String>,
 }
 
 /// A bundle whose `config.json` was read and schema-checked once; everything that needs the
@@ -394,7 +397,13 @@ pub fn translate(
         .get("hostname")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    let cgroups_path = spec
+        .pointer("/linux/cgroupsPath")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
     Ok(GuestSpec {
+        cgroups_path,
         json: spec,
         binds,
         annotations,

@@ -5,6 +5,7 @@
 //! clock ticks since boot): a later CLI call that finds a recorded pid whose start time
 //! differs knows the original process is gone and never signals the stranger.
 
+use std::os::fd::AsRawFd;
 use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
@@ -224,9 +225,21 @@ pub const MAX_PASSED_FDS: usize = 32;
 /// VM description's `tap_fd` numbers refer to). Nothing else above stderr is inherited.
 pub fn spawn_detached_with_fds(
     what: &'static str,
+    cmd: Command,
+    log: &Path,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<ProcessRecord, ProcessError> {
+    spawn_detached_in(what, cmd, log, fds, None)
+}
+
+/// [`spawn_detached_with_fds`], the child joining the cgroup `cgroup` before exec (so all
+/// it allocates is charged there).
+pub fn spawn_detached_in(
+    what: &'static str,
     mut cmd: Command,
     log: &Path,
     fds: &[std::os::fd::BorrowedFd<'_>],
+    cgroup: Option<&crate::cgroup::Joined>,
 ) -> Result<ProcessRecord, ProcessError> {
     let log_err = |source| ProcessError::Log {
         what,
@@ -249,7 +262,14 @@ pub fn spawn_detached_with_fds(
         source,
     })?;
     let (raw, count) = passed.raw();
-    exec_hygiene(&mut cmd, raw, count);
+    let mut join = [-1; crate::cgroup::MAX_HIERARCHIES];
+    for (slot, fd) in join
+        .iter_mut()
+        .zip(cgroup.map(|c| c.fds()).unwrap_or_default())
+    {
+        *slot = fd.as_raw_fd();
+    }
+    exec_hygiene(&mut cmd, raw, count, join);
     let program = PathBuf::from(cmd.get_program());
     tracing::debug!(what, ?cmd, "spawning");
     let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
@@ -267,7 +287,7 @@ pub fn spawn_detached_with_fds(
 
 /// [`exec_hygiene`] for a helper that is handed no descriptors (OCI hooks).
 pub(crate) fn hygiene(cmd: &mut Command) {
-    exec_hygiene(cmd, [0; MAX_PASSED_FDS], 0);
+    exec_hygiene(cmd, [0; MAX_PASSED_FDS], 0, [-1; crate::cgroup::MAX_HIERARCHIES]);
 }
 
 /// What every helper gets before exec:
@@ -280,19 +300,42 @@ pub(crate) fn hygiene(cmd: &mut Command) {
 ///   never hold whatever the shim or the CLI had open without `O_CLOEXEC` (sockets, other
 ///   sandboxes' files). Marking rather than closing keeps the pipe through which `Command`
 ///   learns that exec failed.
-fn exec_hygiene(cmd: &mut Command, passed: [i32; MAX_PASSED_FDS], count: usize) {
+fn exec_hygiene(
+    cmd: &mut Command,
+    passed: [i32; MAX_PASSED_FDS],
+    count: usize,
+    join: [i32; crate::cgroup::MAX_HIERARCHIES],
+) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the hook runs in the forked child before exec and only makes system calls
-    // (pthread_sigmask through nix with a set built on the stack, dup2, close_range), all
-    // async-signal-safe; it allocates nothing (the descriptors are a copied array).
+    // (write, pthread_sigmask through nix with a set built on the stack, dup2,
+    // close_range), all async-signal-safe; it allocates nothing (the descriptors are
+    // copied arrays).
     unsafe {
         cmd.pre_exec(move || {
+            // first, before passfd may reuse these numbers: join the cgroup
+            for fd in join.into_iter().filter(|fd| *fd >= 0) {
+                join_cgroup(fd)?;
+            }
             nix::sys::signal::SigSet::empty()
                 .thread_set_mask()
                 .map_err(std::io::Error::from)?;
             crate::passfd::install(&passed[..count])?;
             mark_inherited_fds_cloexec(3 + count as u32)
         });
+    }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is open as `fd`
+/// (writing `0` names the writer). Async-signal-safe (one system call).
+fn join_cgroup(fd: i32) -> std::io::Result<()> {
+    // SAFETY: `fd` is a descriptor the parent opened and keeps open across the fork; the
+    // buffer is a static byte string whose length is passed with it.
+    let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -129,6 +129,9 @@ pub enum SandboxError {
     /// The pod's network namespace could not be mirrored into the VM.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// The sandbox's host cgroup could not be made or joined.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// A `prestart`, `createRuntime` or `createContainer` hook failed: the create fails.
     #[error(transparent)]
     Hook(#[from] crate::hooks::HookError),

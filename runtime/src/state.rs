@@ -175,6 +175,10 @@ pub struct SandboxState {
     /// [`crate::hooks`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<oci_spec::runtime::Hooks>,
+    /// The sandbox's cgroup on the host, which its VMM and fs daemon joined
+    /// ([`crate::cgroup`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<crate::cgroup::HostCgroup>,
 }
 
 /// A sandbox's network: the plan read from its network namespace and, once made, the taps
@@ -467,6 +471,7 @@ impl SandboxState {
             sandbox_id: None,
             network: None,
             hooks: None,
+            host_cgroup: None,
         }
     }
 

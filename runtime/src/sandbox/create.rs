@@ -3,7 +3,7 @@
 //! CreateContainer) on the caller's async runtime over one [`Session`], which the caller
 //! keeps. A failure in either half tears down everything recorded so far.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{AGENT_RETRY, FSD_SOCKET_TIMEOUT, Placement, Runtime, SandboxError, SandboxPaths};
@@ -143,11 +143,28 @@ impl Runtime {
         std::fs::write(&paths.guest_spec, &spec_bytes)
             .map_err(io_err("writing", &paths.guest_spec))?;
 
+        // With a host-mode agent (testing without a VM) the containers themselves run on the
+        // host in that cgroup, which the agent manages: the helpers stay out of it.
+        let cgroups_path = guest
+            .cgroups_path
+            .as_ref()
+            .filter(|_| self.placement == Placement::Vm);
+        let cgroup = match cgroups_path {
+            Some(path) => {
+                let cg = crate::cgroup::create(Path::new(crate::cgroup::CGROUP_ROOT), path)?;
+                st.host_cgroup = Some(cg.clone());
+                self.store.save(st)?;
+                tracing::info!(id, dirs = ?cg.dirs, "host cgroup for the VMM and fs daemon");
+                Some(std::sync::Arc::new(crate::cgroup::Joined::open(&cg)?))
+            }
+            None => None,
+        };
         tracing::info!(id, "starting fs daemon");
         let fsd = self.launcher.start_fs_daemon(&FsRequest {
             shared_dir: paths.shared.clone(),
             socket: paths.fsd_socket.clone(),
             log: paths.fsd_log.clone(),
+            cgroup: cgroup.clone(),
         })?;
         st.fsd = Some(fsd);
         self.store.save(st)?;
@@ -187,6 +204,7 @@ impl Runtime {
             vsock: paths.vsock.clone(),
             log: paths.vmm_log.clone(),
             taps: &taps.iter().map(|t| t.fd.as_fd()).collect::<Vec<_>>(),
+            cgroup,
         })?;
         // The VMM holds the taps now; ours close here.
         drop(taps);

@@ -283,6 +283,10 @@ impl Runtime {
         {
             problems.push(carapace_errors::chain(&e));
         }
+        // Its processes are gone: the cgroup made for them goes too.
+        if let Some(cg) = &st.host_cgroup {
+            problems.extend(crate::cgroup::remove(cg));
+        }
         for m in st.mounts.iter().rev() {
             if let Err(e) = self.mounter.unmount(&m.target) {
                 problems.push(e.to_string());

@@ -53,6 +53,7 @@ fn sandbox_exit_code(e: &SandboxError) -> u8 {
         SandboxError::WithTeardown { error, .. } => sandbox_exit_code(error),
         SandboxError::Network(_) => code::NETWORK,
         SandboxError::Hook(_) => code::HOOK,
+        SandboxError::Cgroup(_) => code::HOST,
         SandboxError::Blocking(_) => code::FAILURE,
     }
 }
