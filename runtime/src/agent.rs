@@ -54,6 +54,18 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// Whether the agent gave no verdict at all: unreachable, the connection broken, or the
+    /// request's deadline passed (any failure but a status the agent sent back).
+    pub fn is_unanswered(&self) -> bool {
+        !matches!(
+            self,
+            AgentError::Rpc {
+                source: ttrpc::Error::RpcStatus(_),
+                ..
+            }
+        )
+    }
+
     /// Whether the agent refused because its target is not in a state for the request
     /// (FAILED_PRECONDITION), e.g. a signal for a process that has already exited.
     pub fn is_wrong_state(&self) -> bool {

@@ -82,6 +82,10 @@ pub trait Backend: Send + Sync + 'static {
         session: Option<&Session>,
     ) -> Result<(), BackendError>;
 
+    /// Kills the VM that runs `id` at once (an agent that no longer answers cannot deliver
+    /// a SIGKILL); the session to it breaks. Its state stays for `delete`.
+    async fn kill_vm(&self, id: &str) -> Result<(), BackendError>;
+
     /// Cleans up after a shim that was killed (`shim delete`): whatever is left of `id`.
     async fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError>;
 }

@@ -181,6 +181,15 @@ impl Backend for RuntimeBackend {
         result.map_err(|e| BackendError::new("deleting", id, e))
     }
 
+    async fn kill_vm(&self, id: &str) -> Result<(), BackendError> {
+        let runtime = self.runtime_of(id).ok_or_else(|| {
+            BackendError::new("killing the VM of", id, "not created by this shim")
+        })?;
+        runtime
+            .kill_vm(id)
+            .map_err(|e| BackendError::new("killing the VM of", id, e))
+    }
+
     async fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError> {
         self.delete(id, bundle, &Role::Standalone, None).await
     }

@@ -36,7 +36,7 @@ use crate::tasks::{CreateRequest, Event, Exit, ProcState, TaskError, Tasks};
 pub const RUNTIME_ID: &str = "io.containerd.carapace.v2";
 
 /// Exit status `shim delete` reports for a task whose shim was killed.
-const KILLED_STATUS: u32 = 128 + 9;
+use crate::tasks::KILLED_STATUS;
 
 /// Builds the backend; the binary passes the real one.
 pub type BackendFactory = fn() -> Result<Arc<dyn Backend>, String>;

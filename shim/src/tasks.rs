@@ -17,6 +17,10 @@ use crate::stdio::{StdioError, StdioPaths};
 
 /// Exit status reported when the agent could not tell how a process ended (the VM died).
 pub const LOST_EXIT_STATUS: u32 = 255;
+/// Exit status of a process killed by SIGKILL (128 + 9), as a shell reports it.
+pub const KILLED_STATUS: u32 = 128 + SIGKILL;
+/// SIGKILL's number.
+const SIGKILL: u32 = 9;
 
 /// Errors of task operations.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +251,9 @@ impl Proc {
 struct Container {
     bundle: PathBuf,
     role: Role,
+    /// The shim killed this container's VM (its agent could not deliver a SIGKILL): its
+    /// processes, lost with the VM, were killed.
+    vm_killed: bool,
     /// The session to the agent of this container's VM (shared by a pod's containers).
     agent: Session,
     init: Proc,
@@ -388,6 +395,7 @@ impl Tasks {
         let container = Container {
             bundle: req.bundle.clone(),
             role,
+            vm_killed: false,
             agent,
             init: Proc::new(req.stdio.clone(), None),
             execs: HashMap::new(),
@@ -638,8 +646,14 @@ impl Tasks {
                     info.exit_status
                 }
                 Err(e) => {
-                    tracing::warn!(process = %proc_name(&id, &exec_id), error = %carapace_errors::Chain(&e), "lost the process; reporting it exited");
-                    LOST_EXIT_STATUS
+                    let killed = me.table().get(&id).is_some_and(|c| c.vm_killed);
+                    if killed {
+                        tracing::info!(process = %proc_name(&id, &exec_id), "ended with its VM, which the shim killed");
+                        KILLED_STATUS
+                    } else {
+                        tracing::warn!(process = %proc_name(&id, &exec_id), error = %carapace_errors::Chain(&e), "lost the process; reporting it exited");
+                        LOST_EXIT_STATUS
+                    }
                 }
             };
             me.exited(&id, &exec_id, pid, status);
@@ -701,7 +715,7 @@ impl Tasks {
         signal: u32,
         all: bool,
     ) -> Result<(), TaskError> {
-        let (agent, mut exit) = {
+        let (agent, mut exit, role) = {
             let table = self.table();
             let c = table.get(id).ok_or_else(|| TaskError::NotFound {
                 kind: "container",
@@ -720,7 +734,7 @@ impl Tasks {
                     state: "not started",
                 });
             }
-            (c.agent.clone(), p.exit.subscribe())
+            (c.agent.clone(), p.exit.subscribe(), c.role.clone())
         };
         match agent
             .signal(id, exec_id, signal, all)
@@ -739,6 +753,20 @@ impl Tasks {
                 Err(TaskError::Finished {
                     id: proc_name(id, exec_id),
                 })
+            }
+            // A SIGKILL the agent could not deliver (it does not answer: a guest that is
+            // hung, starved or crashed): killing must still work, or the container — and a
+            // pod stopping it — can never be removed. The VM goes; every process in it is
+            // reported killed once the broken session shows.
+            Err(TaskError::Agent { source, .. }) if signal == SIGKILL && source.is_unanswered() => {
+                tracing::warn!(process = %proc_name(id, exec_id), error = %carapace_errors::Chain(&*source), "the agent did not take SIGKILL; killing the VM");
+                for c in self.table().values_mut() {
+                    c.vm_killed = true;
+                }
+                self.backend
+                    .kill_vm(role.vm_id(id))
+                    .await
+                    .map_err(TaskError::Backend)
             }
             r => r,
         }

@@ -61,6 +61,18 @@ impl Runtime {
         Ok(pid)
     }
 
+    /// Kills the VM that runs `id` (its own, or its pod's): for a guest whose agent no longer
+    /// answers, so that a kill still ends every process in it. Its session breaks, which
+    /// is how the caller learns the processes ended.
+    pub fn kill_vm(&self, id: &str) -> Result<(), SandboxError> {
+        let st = self.store.load(id)?;
+        if let Some(vmm) = self.vm_of(&st) {
+            tracing::warn!(id, vmm_pid = vmm.pid, "killing the VM");
+            vmm.signal("VMM", nix::sys::signal::Signal::SIGKILL)?;
+        }
+        Ok(())
+    }
+
     /// Signals the container's init (or every process with `all`).
     pub async fn kill(
         &self,

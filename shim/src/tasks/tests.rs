@@ -41,6 +41,8 @@ struct FakeAgent {
     oom_added: Condvar,
     /// While set, `wait` does not return: the exit stays unseen by the shim.
     hold_exits: Mutex<bool>,
+    /// While set, signals get no answer (a hung or starved guest).
+    hung: Mutex<bool>,
 }
 
 fn key(cid: &str, exec_id: &str) -> String {
@@ -155,6 +157,9 @@ impl AgentApi for FakeAgent {
         signal: u32,
         _all: bool,
     ) -> Result<(), AgentError> {
+        if *self.hung.lock().expect("lock") {
+            return Err(AgentError::Other("Request deadline elapsed".into()));
+        }
         // as the agent: a process that has ended cannot be signalled
         let ended = self.with(&key(cid, exec_id), |p| {
             p.exit.is_some() || {
@@ -179,6 +184,9 @@ impl AgentApi for FakeAgent {
         loop {
             {
                 let procs = self.procs.lock().expect("lock");
+                if !procs.contains_key(&k) {
+                    return Err(AgentError::Other("the VM is gone".into()));
+                }
                 if let Some(e) = procs.get(&k).and_then(|p| p.exit)
                     && !*self.hold_exits.lock().expect("lock")
                 {
@@ -336,6 +344,17 @@ impl Backend for FakeBackend {
             .push(format!("delete {id} {role:?}"));
         Ok(())
     }
+    async fn kill_vm(&self, id: &str) -> Result<(), BackendError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("kill_vm {id}"));
+        // every process of the VM is gone with it
+        self.agent.procs.lock().expect("lock").clear();
+        self.agent.changed.notify_all();
+        Ok(())
+    }
+
     async fn cleanup(&self, id: &str, _bundle: &Path) -> Result<(), BackendError> {
         self.calls
             .lock()
@@ -507,6 +526,52 @@ async fn kill_stops_a_running_init_with_128_plus_signal_and_delete_waits_for_it(
     assert!(matches!(err, TaskError::Finished { .. }), "{err}");
     assert_eq!(err.to_string(), "process c2 already finished");
     f.tasks.delete("c2", "").await.expect("delete");
+    let mut exits = 0;
+    while let Ok(ev) = f.events.try_recv() {
+        exits += usize::from(matches!(ev, Event::Exit { .. }));
+    }
+    assert_eq!(exits, 1);
+}
+
+/// A guest whose agent no longer answers (starved, hung): SIGKILL still works — the shim
+/// kills the VM and reports the process killed — so the container, and a pod being
+/// stopped, can be removed. Other signals stay errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkill_the_agent_cannot_deliver_kills_the_vm() {
+    let mut f = fixture();
+    f.tasks
+        .create(f.request("c7", StdioPaths::default()))
+        .await
+        .expect("create");
+    f.tasks.start("c7", "").await.expect("start");
+    *f.backend.agent.hung.lock().expect("lock") = true;
+    let err = f
+        .tasks
+        .kill("c7", "", 15, false)
+        .await
+        .expect_err("TERM unanswered");
+    assert!(matches!(err, TaskError::Agent { .. }), "{err}");
+    assert!(
+        !f.backend
+            .calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|c| c.starts_with("kill_vm"))
+    );
+    f.tasks
+        .kill("c7", "", 9, true)
+        .await
+        .expect("SIGKILL works");
+    assert!(
+        f.backend
+            .calls
+            .lock()
+            .expect("lock")
+            .contains(&"kill_vm c7".to_owned())
+    );
+    assert_eq!(f.tasks.wait("c7", "").await.expect("wait").status, 137);
+    f.tasks.delete("c7", "").await.expect("delete");
     let mut exits = 0;
     while let Ok(ev) = f.events.try_recv() {
         exits += usize::from(matches!(ev, Event::Exit { .. }));
