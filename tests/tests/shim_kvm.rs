@@ -61,6 +61,22 @@ kvm_test! {
         let out = ctr(&["task", "exec", "--exec-id", "e1", "vm3", "sh", "-c", "echo in-vm $(hostname)"])
             .unwrap_or_else(|e| fail("ctr task exec", &e));
         assert!(out.starts_with("in-vm "), "{out}");
+        // the VMM and the fs daemon live in the container's host cgroup (ctr's cgroupsPath
+        // is /<namespace>/<id>), which goes with the container
+        let cgroup_of = |name: &str| -> String {
+            let pid = std::process::Command::new("pgrep").args(["-f", name]).output().expect("pgrep");
+            let pid = String::from_utf8_lossy(&pid.stdout).lines().next().unwrap_or_default().to_owned();
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
+        };
+        for name in ["carapace-vmm", "carapace-fsd"] {
+            let cg = cgroup_of(name);
+            assert!(cg.trim_end().ends_with("/vm3"), "{name} is in {cg:?}");
+        }
+        let cgroup_dir = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| d.flatten().map(|e| e.path().join("vm3")).find(|p| p.is_dir()))
+            .ok()
+            .flatten();
+        assert!(cgroup_dir.is_some(), "no host cgroup named vm3");
         ctr(&["task", "kill", "-s", "SIGKILL", "vm3"]).unwrap_or_else(|e| fail("kill", &e));
         let mut stopped = false;
         for _ in 0..300 {
@@ -79,6 +95,9 @@ kvm_test! {
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "sandbox state left: {left:?}");
+        if let Some(dir) = cgroup_dir {
+            assert!(!dir.exists(), "host cgroup {} left", dir.display());
+        }
         for name in ["carapace-vmm", "carapace-fsd"] {
             let out = std::process::Command::new("pgrep").args(["-f", name]).output().expect("pgrep");
             assert!(out.stdout.is_empty(), "{name} still running: {}", String::from_utf8_lossy(&out.stdout));
