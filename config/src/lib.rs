@@ -6,6 +6,8 @@
 //! a test); unknown keys are rejected, and [`Config::validate`] names the offending key and
 //! file.
 
+pub mod annotations;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -64,6 +66,8 @@ pub enum Origin {
     File(PathBuf),
     /// No file: the built-in defaults.
     Defaults,
+    /// A sandbox's annotations applied over a configuration.
+    Annotations,
 }
 
 impl fmt::Display for Origin {
@@ -71,6 +75,7 @@ impl fmt::Display for Origin {
         match self {
             Origin::File(p) => write!(f, "{}", p.display()),
             Origin::Defaults => f.write_str("built-in defaults"),
+            Origin::Annotations => f.write_str("the sandbox's annotations"),
         }
     }
 }
@@ -266,12 +271,16 @@ impl Default for Debug {
 pub struct Runtime {
     /// Directory holding one state directory per sandbox.
     pub state_dir: PathBuf,
+    /// Configuration keys a sandbox's `io.carapace.config.<key>` annotations may set
+    /// ([`annotations`]); none by default.
+    pub enable_annotations: Vec<String>,
 }
 
 impl Default for Runtime {
     fn default() -> Self {
         Self {
             state_dir: "/run/carapace".into(),
+            enable_annotations: Vec::new(),
         }
     }
 }
@@ -428,6 +437,20 @@ impl Config {
                 format!(
                     "must be at least hypervisor.default_memory_mib ({}), got {}",
                     h.default_memory_mib, h.max_memory_mib
+                ),
+            ));
+        }
+        if let Some(k) = self
+            .runtime
+            .enable_annotations
+            .iter()
+            .find(|k| !annotations::ANNOTATABLE.contains(&k.as_str()))
+        {
+            return Err(invalid(
+                "runtime.enable_annotations",
+                format!(
+                    "{k:?} cannot be set by annotations (these can: {})",
+                    annotations::ANNOTATABLE.join(", ")
                 ),
             ));
         }

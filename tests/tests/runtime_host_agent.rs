@@ -614,3 +614,38 @@ fn oci_hooks_run_on_the_host_with_the_state_at_their_points() {
     assert!(err.contains("hooks.startContainer"), "{err}");
     env.assert_clean();
 }
+
+#[test]
+fn annotations_size_the_vm_only_when_the_configuration_allows_them() {
+    let annotated = |env: &runtime_common::Env, name: &str| {
+        let mut spec = fixtures::default_spec(&["true"]);
+        spec["annotations"] = json!({"io.carapace.config.hypervisor.default_vcpus": "2"});
+        env.bundle(name, &spec)
+    };
+    // not allowed (the default): refused, naming the annotation, nothing left
+    let Some(env) = env() else { return };
+    let b = annotated(&env, "b");
+    let (rc, out) = env.run_to_files(&["create", "-b", b.to_str().unwrap(), "a1"], "a1");
+    let err = std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
+    assert_eq!(rc, 6, "{err}");
+    assert!(
+        err.contains("io.carapace.config.hypervisor.default_vcpus")
+            && err.contains("enable_annotations"),
+        "{err}"
+    );
+    env.assert_clean();
+
+    // allowed: the VM description has the pod's vCPUs
+    let Some(env) = env_with("[runtime]\nenable_annotations = [\"hypervisor.default_vcpus\"]\n")
+    else {
+        return;
+    };
+    let b = annotated(&env, "b");
+    let (rc, _) = env.run_to_files(&["create", "-b", b.to_str().unwrap(), "a2"], "a2");
+    assert_eq!(rc, 0);
+    let vm: Value =
+        serde_json::from_slice(&std::fs::read(env.root.join("a2/vm.json")).unwrap()).unwrap();
+    assert_eq!(vm["vcpus"], 2, "{vm}");
+    assert!(env.run(&["delete", "--force", "a2"]).status.success());
+    env.assert_clean();
+}

@@ -94,10 +94,19 @@ impl Runtime {
             refuse_host_network(bundle, &guest)?;
             check_image(&self.config)?;
         }
+        // The VM's own settings: the configuration with the pod's allowed annotations.
+        let vm_config = self
+            .config
+            .with_annotations(&guest.annotations)
+            .map_err(|e| oci::SpecError::Invalid {
+                path: bundle.spec_path.clone(),
+                field: format!("annotations.{}", e.annotation()),
+                reason: carapace_errors::chain(&e),
+            })?;
         self.store.create_dir(id)?;
         let mut st = SandboxState::new(id, &bundle.dir, guest.annotations.clone());
         st.hooks = guest.hooks.clone();
-        match self.host_steps(&mut st, &guest, &paths) {
+        match self.host_steps(&mut st, &guest, &paths, &vm_config) {
             Ok((vmm, spec_bytes, started)) => Ok(Booting {
                 hostname: guest.hostname.clone().unwrap_or_else(|| id.to_owned()),
                 st,
@@ -121,6 +130,7 @@ impl Runtime {
         st: &mut SandboxState,
         guest: &oci::GuestSpec,
         paths: &SandboxPaths,
+        vm_config: &carapace_config::Config,
     ) -> Result<(ProcessRecord, Vec<u8>, Instant), SandboxError> {
         let id = st.id.clone();
         self.store.save(st)?;
@@ -176,9 +186,9 @@ impl Runtime {
             FSD_SOCKET_TIMEOUT,
         )?;
 
-        let resources = self.config.vm_resources(&[guest.limits]);
+        let resources = vm_config.vm_resources(&[guest.limits]);
         let desc = vm_description(
-            &self.config,
+            vm_config,
             resources,
             &VmPaths {
                 vsock: paths.vsock.clone(),
