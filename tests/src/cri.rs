@@ -177,10 +177,14 @@ pub struct ContainerSpec {
     pub command: Vec<String>,
     /// Host directory -> container path bind mounts (what emptyDir/hostPath become).
     pub mounts: Vec<(PathBuf, String)>,
+    /// The same, read-only.
+    pub read_only_mounts: Vec<(PathBuf, String)>,
     /// Environment.
     pub env: HashMap<String, String>,
     /// Privileged (all capabilities, no seccomp; the pod must be privileged too).
     pub privileged: bool,
+    /// A pid namespace of its own (a kubelet's default) rather than the pod's.
+    pub own_pid_namespace: bool,
 }
 
 /// A blocking CRI client on one containerd socket.
@@ -332,16 +336,29 @@ impl Cri {
             mounts: c
                 .mounts
                 .iter()
-                .map(|(host, path)| cri::Mount {
+                .map(|m| (m, false))
+                .chain(c.read_only_mounts.iter().map(|m| (m, true)))
+                .map(|((host, path), readonly)| cri::Mount {
                     container_path: path.clone(),
                     host_path: host.to_string_lossy().into_owned(),
+                    readonly,
                     ..Default::default()
                 })
                 .collect(),
             log_path: format!("{}.log", c.name),
-            linux: c.privileged.then(|| cri::LinuxContainerConfig {
+            linux: Some(cri::LinuxContainerConfig {
                 security_context: Some(cri::LinuxContainerSecurityContext {
-                    privileged: true,
+                    privileged: c.privileged,
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: if c.own_pid_namespace {
+                            cri::NamespaceMode::Container
+                        } else {
+                            cri::NamespaceMode::Pod
+                        } as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()

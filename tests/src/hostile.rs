@@ -1,8 +1,6 @@
 //! Support of the hostile-guest tests (`tests/hostile_kvm.rs`): the `carapace-hostile`
-//! program (crate carapace-test-programs) built static and put into a test image, a CRI
-//! container create with what [`crate::cri::ContainerSpec`] does not ask for (the
-//! container's own pid namespace, read-only volumes), and the host-side facts the tests
-//! assert on: the sandbox's processes and their memory, its log files, the VMM's metrics,
+//! program (crate carapace-test-programs) built static and put into a test image, and the
+//! host-side facts the tests assert on: the sandbox's processes and their memory, its log files, the VMM's metrics,
 //! the host's mount table and a decoy directory.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,13 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tonic::transport::{Channel, Endpoint, Uri};
-
 use crate::containerd::{Containerd, ContainerdError};
-use crate::cri::{CALL_TIMEOUT, PodSpec};
 
 /// The image holding busybox and `/bin/carapace-hostile`.
 pub const HOSTILE_IMAGE: &str = "carapace.test/hostile:1";
@@ -76,136 +68,6 @@ pub fn import_image(ctrd: &Containerd, work: &Path, program: &Path) -> Result<()
     let archive = dir.join("image.tar");
     crate::fixtures::oci_image_archive(&rootfs, HOSTILE_IMAGE, &["sh"], &dir, &archive)?;
     ctrd.import_for_cri(&archive)
-}
-
-/// A container of [`Client::create_container`].
-#[derive(Debug, Clone, Default)]
-pub struct Container {
-    /// Name (its log is `<pod log dir>/<name>.log`).
-    pub name: String,
-    /// Image.
-    pub image: String,
-    /// Command and arguments.
-    pub command: Vec<String>,
-    /// Read-write host directory -> container path binds.
-    pub mounts: Vec<(PathBuf, String)>,
-    /// Read-only binds.
-    pub ro_mounts: Vec<(PathBuf, String)>,
-    /// Privileged (the pod must be too).
-    pub privileged: bool,
-    /// Its own pid namespace (a kubelet's default) instead of the pod's.
-    pub own_pid: bool,
-}
-
-/// A CRI client for container creates with options `crate::cri::Cri` does not offer;
-/// everything else goes through `Cri`.
-pub struct Client {
-    rt: tokio::runtime::Runtime,
-    runtime: RuntimeServiceClient<Channel>,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").finish_non_exhaustive()
-    }
-}
-
-impl Client {
-    /// Connects to containerd's CRI on `socket`.
-    ///
-    /// # Panics
-    /// When it cannot.
-    pub fn connect(socket: &Path) -> Self {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let path = socket.to_path_buf();
-        let channel = rt
-            .block_on(
-                Endpoint::from_static("http://[::]:0")
-                    .timeout(CALL_TIMEOUT)
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move {
-                            let s = tokio::net::UnixStream::connect(path).await?;
-                            Ok::<_, std::io::Error>(TokioIo::new(s))
-                        }
-                    })),
-            )
-            .unwrap_or_else(|e| panic!("CRI socket {}: {e}", socket.display()));
-        Client {
-            rt,
-            runtime: RuntimeServiceClient::new(channel),
-        }
-    }
-
-    /// `CreateContainer` of `c` in `pod_id`; its id.
-    pub fn create_container(
-        &mut self,
-        pod_id: &str,
-        pod: &PodSpec,
-        c: &Container,
-    ) -> Result<String, String> {
-        let mount = |(host, path): &(PathBuf, String), readonly: bool| cri::Mount {
-            container_path: path.clone(),
-            host_path: host.to_string_lossy().into_owned(),
-            readonly,
-            ..Default::default()
-        };
-        let pid = if c.own_pid {
-            cri::NamespaceMode::Container
-        } else {
-            cri::NamespaceMode::Pod
-        };
-        let config = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: c.name.clone(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: c.image.clone(),
-                ..Default::default()
-            }),
-            command: c.command.clone(),
-            mounts: c
-                .mounts
-                .iter()
-                .map(|m| mount(m, false))
-                .chain(c.ro_mounts.iter().map(|m| mount(m, true)))
-                .collect(),
-            log_path: format!("{}.log", c.name),
-            linux: Some(cri::LinuxContainerConfig {
-                security_context: Some(cri::LinuxContainerSecurityContext {
-                    privileged: c.privileged,
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Pod as i32,
-                        pid: pid as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        self.rt
-            .block_on(self.runtime.create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod_id.to_owned(),
-                config: Some(config),
-                sandbox_config: Some(pod.config()),
-            }))
-            .map(|r| r.into_inner().container_id)
-            .map_err(|s| {
-                format!(
-                    "CreateContainer {}: {:?}: {}",
-                    c.name,
-                    s.code(),
-                    s.message()
-                )
-            })
-    }
 }
 
 /// The `HOSTILE <attack> <verdict> k=v...` lines of a `carapace-hostile` output, by attack.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use carapace_tests::containerd::{BUSYBOX_IMAGE, CarapaceCri};
 use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, log_text};
 use carapace_tests::hostile::{
-    self, Container, HOSTILE_IMAGE, LOG_CAP, Rss, SandboxPids, find_u64, host_mounts, listing,
+    self, HOSTILE_IMAGE, LOG_CAP, Rss, SandboxPids, find_u64, host_mounts, listing,
 };
 use carapace_tests::kvm_test;
 use carapace_tests::lab::Lab;
@@ -175,7 +175,6 @@ const LOG_FILE_BOUND: u64 = LOG_CAP + 4096;
 /// One attacked pod: its sandbox's directory and host processes, and what went wrong.
 struct Target<'a> {
     cri: &'a mut Cri,
-    client: &'a mut hostile::Client,
     pod: PodSpec,
     id: String,
     dir: PathBuf,
@@ -187,12 +186,7 @@ struct Target<'a> {
 
 impl<'a> Target<'a> {
     /// Runs the pod and its victim (busybox, answering execs).
-    fn start(
-        cri: &'a mut Cri,
-        client: &'a mut hostile::Client,
-        rig: &CarapaceCri,
-        pod: PodSpec,
-    ) -> Self {
+    fn start(cri: &'a mut Cri, rig: &CarapaceCri, pod: PodSpec) -> Self {
         let id = cri
             .run_pod(&pod)
             .unwrap_or_else(|e| rig.fail("RunPodSandbox", &e));
@@ -215,7 +209,6 @@ impl<'a> Target<'a> {
             .unwrap_or_else(|e| rig.fail("StartContainer victim", &e));
         let mut t = Target {
             cri,
-            client,
             pod,
             id,
             dir,
@@ -276,15 +269,15 @@ impl<'a> Target<'a> {
     /// `may_be_unavailable` says so.
     fn attack(
         &mut self,
-        c: Container,
+        c: ContainerSpec,
         expect: &[&str],
         may_be_unavailable: &[&str],
     ) -> BTreeMap<String, hostile::Verdict> {
         let start = Instant::now();
-        let id = match self.client.create_container(&self.id, &self.pod, &c) {
+        let id = match self.cri.create_container(&self.id, &self.pod, &c) {
             Ok(id) => id,
             Err(e) => {
-                self.finding(e);
+                self.finding(e.to_string());
                 return BTreeMap::new();
             }
         };
@@ -405,8 +398,8 @@ fn hostile_pod(name: &str, tmp: &Path) -> PodSpec {
     }
 }
 
-fn hostile(name: &str, args: &str, privileged: bool, own_pid: bool) -> Container {
-    Container {
+fn hostile(name: &str, args: &str, privileged: bool, own_pid: bool) -> ContainerSpec {
+    ContainerSpec {
         name: name.into(),
         image: HOSTILE_IMAGE.into(),
         command: std::iter::once("carapace-hostile")
@@ -414,7 +407,7 @@ fn hostile(name: &str, args: &str, privileged: bool, own_pid: bool) -> Container
             .map(str::to_owned)
             .collect(),
         privileged,
-        own_pid,
+        own_pid_namespace: own_pid,
         ..Default::default()
     }
 }
@@ -423,13 +416,8 @@ fn hostile(name: &str, args: &str, privileged: bool, own_pid: bool) -> Container
 /// I/O to an unclaimed port, and (where the guest kernel has /dev/mem) MMIO registers,
 /// from guest root. The VMM must stay up and small, its log must not grow with the flood,
 /// the console file must stay under its cap and every byte must be accounted for.
-fn flood_pod(
-    cri: &mut Cri,
-    client: &mut hostile::Client,
-    rig: &CarapaceCri,
-    tmp: &Path,
-) -> Vec<String> {
-    let mut t = Target::start(cri, client, rig, hostile_pod("hostile-flood", tmp));
+fn flood_pod(cri: &mut Cri, rig: &CarapaceCri, tmp: &Path) -> Vec<String> {
+    let mut t = Target::start(cri, rig, hostile_pod("hostile-flood", tmp));
     let logs0 = hostile::log_sizes(&t.dir);
     let m0 = hostile::metrics(&t.dir);
     let args = "pio-flood secs=5 + vsock-flood secs=10 + console-flood secs=10 mib=64 + mmio-flood";
@@ -486,12 +474,7 @@ fn flood_pod(
 /// the agent over vsock and by signal; guest root leaves setuid/setgid files, file
 /// capabilities and a device node in a read-write volume and writes through a read-only
 /// one (with a host submount) after remounting it read-write. The host checks its side.
-fn containment_pod(
-    cri: &mut Cri,
-    client: &mut hostile::Client,
-    rig: &CarapaceCri,
-    tmp: &Path,
-) -> Vec<String> {
+fn containment_pod(cri: &mut Cri, rig: &CarapaceCri, tmp: &Path) -> Vec<String> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let vol = tmp.join("vol");
     std::fs::create_dir_all(&vol).expect("volume");
@@ -514,7 +497,7 @@ fn containment_pod(
     std::fs::write(sub.join("keep"), b"host").expect("submount file");
     let ro_before = listing(&ro);
 
-    let mut t = Target::start(cri, client, rig, hostile_pod("hostile-contain", tmp));
+    let mut t = Target::start(cri, rig, hostile_pod("hostile-contain", tmp));
     for (name, own_pid) in [("agent-own-pidns", true), ("agent-pod-pidns", false)] {
         let v = t.attack(hostile(name, "agent", false, own_pid), &["agent"], &[]);
         let pid1 = v
@@ -534,7 +517,7 @@ fn containment_pod(
     files.mounts = vec![(vol.clone(), "/vol".into())];
     t.attack(files, &["setuid"], &[]);
     let mut rov = hostile("ro", "ro-volume dir=/ro", true, true);
-    rov.ro_mounts = vec![(ro.clone(), "/ro".into())];
+    rov.read_only_mounts = vec![(ro.clone(), "/ro".into())];
     t.attack(rov, &["ro-volume"], &[]);
 
     for e in std::fs::read_dir(&vol).into_iter().flatten().flatten() {
@@ -578,17 +561,12 @@ fn containment_pod(
 /// Starvation: guest root runs a SCHED_FIFO 99 busy loop with real-time throttling off on
 /// the pod's vCPU, so the agent never runs again (a hung or hostile guest). The VMM must
 /// stay bounded, and the host must still stop and remove the pod, leaving nothing.
-fn starve_pod(
-    cri: &mut Cri,
-    client: &mut hostile::Client,
-    rig: &CarapaceCri,
-    tmp: &Path,
-) -> Vec<String> {
-    let mut t = Target::start(cri, client, rig, hostile_pod("hostile-starve", tmp));
+fn starve_pod(cri: &mut Cri, rig: &CarapaceCri, tmp: &Path) -> Vec<String> {
+    let mut t = Target::start(cri, rig, hostile_pod("hostile-starve", tmp));
     let c = hostile("starver", "starve", true, true);
     let log = t.pod.log_dir.join("starver.log");
-    match t.client.create_container(&t.id, &t.pod, &c) {
-        Err(e) => t.finding(e),
+    match t.cri.create_container(&t.id, &t.pod, &c) {
+        Err(e) => t.finding(e.to_string()),
         Ok(id) => {
             if let Err(e) = t.cri.start_container(&id) {
                 t.finding(format!("StartContainer starver: {e}"));
@@ -656,11 +634,10 @@ fn hostile_workloads(program: &Path) {
     hostile::import_image(&rig.ctrd, tmp.path(), program)
         .unwrap_or_else(|e| rig.fail("hostile image", &e));
     let mut cri = Cri::connect(&rig.ctrd.socket()).expect("connect");
-    let mut client = hostile::Client::connect(&rig.ctrd.socket());
 
-    let mut findings = flood_pod(&mut cri, &mut client, &rig, tmp.path());
-    findings.extend(containment_pod(&mut cri, &mut client, &rig, tmp.path()));
-    findings.extend(starve_pod(&mut cri, &mut client, &rig, tmp.path()));
+    let mut findings = flood_pod(&mut cri, &rig, tmp.path());
+    findings.extend(containment_pod(&mut cri, &rig, tmp.path()));
+    findings.extend(starve_pod(&mut cri, &rig, tmp.path()));
 
     if listing(&decoy) != decoy_before {
         findings.push("the decoy changed".into());
