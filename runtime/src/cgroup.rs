@@ -103,7 +103,9 @@ pub fn relative(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
     if rel.as_os_str().is_empty() {
         return Err(invalid("names the root cgroup"));
     }
-    let dotted = cgroups_path.split(['/', ':']).any(|s| s == "." || s == "..");
+    let dotted = cgroups_path
+        .split(['/', ':'])
+        .any(|s| s == "." || s == "..");
     if dotted || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(invalid("has . or .. components"));
     }

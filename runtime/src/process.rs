@@ -5,8 +5,8 @@
 //! clock ticks since boot): a later CLI call that finds a recorded pid whose start time
 //! differs knows the original process is gone and never signals the stranger.
 
-use std::os::fd::AsRawFd;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -287,7 +287,12 @@ pub fn spawn_detached_in(
 
 /// [`exec_hygiene`] for a helper that is handed no descriptors (OCI hooks).
 pub(crate) fn hygiene(cmd: &mut Command) {
-    exec_hygiene(cmd, [0; MAX_PASSED_FDS], 0, [-1; crate::cgroup::MAX_HIERARCHIES]);
+    exec_hygiene(
+        cmd,
+        [0; MAX_PASSED_FDS],
+        0,
+        [-1; crate::cgroup::MAX_HIERARCHIES],
+    );
 }
 
 /// What every helper gets before exec:
