@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod console;
 pub mod core;
+pub mod cpus;
 pub mod ids;
 pub mod init;
 pub mod listen;

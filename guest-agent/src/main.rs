@@ -171,6 +171,7 @@ fn run_host(args: Args) -> anyhow::Result<ExitCode> {
         stop_grace: args
             .stop_grace_secs
             .map_or(DEFAULT_STOP_GRACE, Duration::from_secs),
+        cpu_sysfs: PathBuf::from(carapace_agent::cpus::SYSFS_CPU_ROOT),
     };
     let rt = runtime()?;
     rt.block_on(carapace_agent::serve(&listen, config, || {}))?;
@@ -217,6 +218,7 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
             .stop_grace_secs
             .or(settings.stop_grace_secs)
             .map_or(DEFAULT_STOP_GRACE, Duration::from_secs),
+        cpu_sysfs: PathBuf::from(carapace_agent::cpus::SYSFS_CPU_ROOT),
     };
     let rt = runtime()?;
     rt.block_on(carapace_agent::serve(&listen, config, || {

@@ -33,9 +33,11 @@ pub fn code(e: &CoreError) -> ttrpc::Code {
         CoreError::Order(_) => Code::FAILED_PRECONDITION,
         CoreError::Network(NetError::Invalid { .. }) => Code::INVALID_ARGUMENT,
         CoreError::Network(NetError::Precondition { .. }) => Code::FAILED_PRECONDITION,
+        CoreError::Cpus(crate::cpus::CpuError::OutOfRange { .. }) => Code::INVALID_ARGUMENT,
         CoreError::Spawn(_)
         | CoreError::Cgroup(_)
         | CoreError::Io { .. }
+        | CoreError::Cpus(_)
         | CoreError::Network(NetError::Netlink { .. } | NetError::Socket(_)) => Code::INTERNAL,
     }
 }
@@ -347,6 +349,18 @@ impl Agent for AgentService {
     async fn set_guest_time(&self, _ctx: &TtrpcContext, req: SetTimeRequest) -> Reply<Empty> {
         empty(self.core.set_guest_time(req.sec, req.nsec))
     }
+
+    async fn set_online_cpus(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetOnlineCpusRequest,
+    ) -> Reply<SetOnlineCpusResponse> {
+        let online = self.core.set_online_cpus(req.count).await.map_err(status)?;
+        Ok(SetOnlineCpusResponse {
+            online,
+            ..Default::default()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -612,6 +626,29 @@ mod tests {
         assert_eq!(status_code(e), Code::INVALID_ARGUMENT);
         let host = AgentService::new(core(Mode::Host));
         let e = host.set_guest_time(&ctx, req(1, 0)).await.unwrap_err();
+        assert_eq!(status_code(e), Code::FAILED_PRECONDITION);
+    }
+
+    #[tokio::test]
+    async fn set_online_cpus_through_the_service() {
+        use crate::core::Mode;
+        use crate::core::tests::core_with_cpus;
+        let ctx = TtrpcContext::default();
+        let req = |count| SetOnlineCpusRequest {
+            count,
+            ..Default::default()
+        };
+        let (guest, _dir) = core_with_cpus(Mode::Guest, 3);
+        let guest = AgentService::new(guest);
+        let answer = guest.set_online_cpus(&ctx, req(3)).await.unwrap();
+        assert_eq!(answer.online, 3);
+        let e = guest.set_online_cpus(&ctx, req(0)).await.unwrap_err();
+        assert_eq!(status_code(e), Code::INVALID_ARGUMENT);
+        let (host, _dir) = core_with_cpus(Mode::Host, 3);
+        let e = AgentService::new(host)
+            .set_online_cpus(&ctx, req(2))
+            .await
+            .unwrap_err();
         assert_eq!(status_code(e), Code::FAILED_PRECONDITION);
     }
 }

@@ -49,8 +49,10 @@ pub mod client;
 /// - 1: the first API;
 /// - 2: Health, CopyFile and Shutdown removed (no host caller; Version is the probe);
 /// - 3: ConfigureNetwork added (the pod's network in the guest: interfaces found by MAC,
-///   routes, neighbours); CreateSandbox brings `lo` up in the guest.
-pub const PROTOCOL_VERSION: u32 = 3;
+///   routes, neighbours); CreateSandbox brings `lo` up in the guest;
+/// - 4: SetOnlineCpus added (the runtime sizes a pod's VM to its containers: vCPUs
+///   brought online and offline in the guest).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The guest vsock port the agent listens on: a privileged port (≤ 1023, binding it needs
 /// CAP_NET_BIND_SERVICE in the guest), so no container process can take it over.

@@ -10,7 +10,7 @@
 //! - `stdio`: reads of stdout/stderr, stdin writes and close, terminal size;
 //! - `oom`: the OOM event queue fed by `crate::oom`'s wake-ups;
 //! - `sandbox`: the sandbox (shares, hostname, sysctls, `lo` up, the network through
-//!   `crate::network`), the guest clock, power-off.
+//!   `crate::network`), the guest clock, the online vCPUs, power-off.
 
 mod containers;
 mod create;
@@ -87,6 +87,9 @@ pub enum CoreError {
     Order(&'static str),
     #[error(transparent)]
     Network(#[from] NetError),
+    /// SetOnlineCpus failed.
+    #[error(transparent)]
+    Cpus(#[from] crate::cpus::CpuError),
 }
 
 pub type Result<T> = std::result::Result<T, CoreError>;
@@ -108,6 +111,9 @@ pub struct Config {
     /// How long an orderly shutdown (Ctrl-Alt-Del in the guest, SIGINT/SIGTERM in host
     /// mode) gives containers between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// Where the guest's CPUs are onlined and offlined (SetOnlineCpus):
+    /// [`crate::cpus::SYSFS_CPU_ROOT`], a scratch tree in tests.
+    pub cpu_sysfs: PathBuf,
 }
 
 /// Default of [`Config::stop_grace`]: well within the VMM's default shutdown timeout (10 s).

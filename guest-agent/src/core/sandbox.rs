@@ -166,6 +166,24 @@ impl Core {
         })
     }
 
+    /// Makes `count` vCPUs online in the guest (SetOnlineCpus; guest only); returns how
+    /// many are online afterwards. The sysfs writes run off the executor: bringing a CPU
+    /// up waits for it to boot.
+    pub async fn set_online_cpus(&self, count: u32) -> Result<u32> {
+        if self.config.mode == Mode::Host {
+            return Err(CoreError::HostMode("SetOnlineCpus"));
+        }
+        let root = self.config.cpu_sysfs.clone();
+        let online = tokio::task::spawn_blocking(move || crate::cpus::set_online(&root, count))
+            .await
+            .map_err(|e| CoreError::Io {
+                op: "SetOnlineCpus".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        tracing::info!(asked = count, online, "online vCPUs set");
+        Ok(online)
+    }
+
     /// Flushes and unmounts the sandbox's virtio-fs shares (last mounted first), so that
     /// the host's file system daemon sees every write before the VM goes away. A busy
     /// share (a process that could not be killed) is detached instead.

@@ -33,6 +33,7 @@ pub(crate) fn core(mode: Mode) -> Arc<Core> {
         mode,
         cgroup_root: None,
         stop_grace: Duration::from_millis(100),
+        cpu_sysfs: PathBuf::from("/nonexistent/cpus"),
     };
     Core::with_clock(config, tx, fake_clock).unwrap()
 }
@@ -401,4 +402,56 @@ fn configure_network_in_the_guest_needs_a_sandbox_and_happens_once() {
         let e = guest.configure_network(&empty).await.unwrap_err();
         assert!(e.to_string().contains("configured already"), "{e}");
     });
+}
+
+/// A core in `mode` whose CPUs are a scratch sysfs tree with `present` CPUs, cpu0 alone
+/// online (cpu0 has no `online` file).
+pub(crate) fn core_with_cpus(mode: Mode, present: u32) -> (Arc<Core>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("present"), format!("0-{}\n", present - 1)).unwrap();
+    for n in 0..present {
+        let cpu = dir.path().join(format!("cpu{n}"));
+        std::fs::create_dir(&cpu).unwrap();
+        if n > 0 {
+            std::fs::write(cpu.join("online"), "0\n").unwrap();
+        }
+    }
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let config = Config {
+        mode,
+        cgroup_root: None,
+        stop_grace: Duration::from_millis(100),
+        cpu_sysfs: dir.path().to_path_buf(),
+    };
+    (Core::with_clock(config, tx, fake_clock).unwrap(), dir)
+}
+
+#[tokio::test]
+async fn set_online_cpus_writes_sysfs_in_the_guest_only() {
+    let (guest, dir) = core_with_cpus(Mode::Guest, 4);
+    assert_eq!(guest.set_online_cpus(3).await.unwrap(), 3);
+    let online =
+        |n: u32| std::fs::read_to_string(dir.path().join(format!("cpu{n}/online"))).unwrap();
+    assert_eq!(
+        (online(1).trim(), online(2).trim(), online(3).trim()),
+        ("1", "1", "0")
+    );
+    assert_eq!(guest.set_online_cpus(2).await.unwrap(), 2);
+    assert_eq!(online(2).trim(), "0");
+    assert!(matches!(
+        guest.set_online_cpus(5).await,
+        Err(CoreError::Cpus(crate::cpus::CpuError::OutOfRange {
+            count: 5,
+            present: 4
+        }))
+    ));
+    let (host, dir) = core_with_cpus(Mode::Host, 4);
+    assert!(matches!(
+        host.set_online_cpus(2).await,
+        Err(CoreError::HostMode("SetOnlineCpus"))
+    ));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("cpu1/online")).unwrap(),
+        "0\n"
+    );
 }
