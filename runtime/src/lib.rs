@@ -6,7 +6,8 @@
 //! and VMM), [`agent`] (the guest agent over ttrpc), [`sandbox`] (the lifecycle),
 //! [`stdio`] (streaming a process's IO), [`check`] (can this host run sandboxes),
 //! [`features`] (the runc `features` document), [`network`] (a pod's CNI network
-//! namespace mirrored into the VM: inspection, taps and tc redirects).
+//! namespace mirrored into the VM: inspection, taps and tc redirects), [`sizing`] (how big a
+//! pod's VM is), [`vmm_api`] (the VMM's control API: VM info, memory hot-plug).
 
 pub mod agent;
 pub mod cgroup;
@@ -22,5 +23,7 @@ pub mod oci;
 mod passfd;
 pub mod process;
 pub mod sandbox;
+pub mod sizing;
 pub mod state;
 pub mod stdio;
+pub mod vmm_api;
