@@ -329,10 +329,17 @@ pub fn carapace_config(
 /// The VMM, console and fs daemon logs of every sandbox under the state dir `state`, for
 /// failure messages.
 pub fn sandbox_logs(state: &Path) -> String {
+    sandbox_log_tails(state, usize::MAX)
+}
+
+/// [`sandbox_logs`] with at most the last `lines` lines of each log.
+pub fn sandbox_log_tails(state: &Path, lines: usize) -> String {
     let mut logs = String::new();
     for entry in fs::read_dir(state).into_iter().flatten().flatten() {
         for log in ["vmm.log", "console.log", "fsd.log"] {
             let text = fs::read_to_string(entry.path().join(log)).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let text = all[all.len().saturating_sub(lines)..].join("\n");
             logs.push_str(&format!("--- {} {log}\n{text}\n", entry.path().display()));
         }
         if let Some(m) = vmm_metrics(&entry.path().join("api.sock")) {

@@ -54,6 +54,15 @@ pub enum NetBenchError {
         /// Why.
         reason: String,
     },
+    /// A round failed; what its pods left behind, taken before they were removed.
+    #[error("{source}\n{evidence}")]
+    Round {
+        /// The failure.
+        #[source]
+        source: Box<NetBenchError>,
+        /// The server's output and, for Carapace, every sandbox's logs and VMM metrics.
+        evidence: String,
+    },
 }
 
 /// What one round measured.
@@ -80,6 +89,8 @@ pub struct NetRun {
     pub requests: usize,
     /// How long a pod may take to serve or finish.
     pub timeout: Duration,
+    /// Carapace's state directory, whose sandboxes' logs a failed round reports.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl NetRun {
@@ -103,11 +114,33 @@ impl NetRun {
             move |source| NetBenchError::Cri { pod, source }
         };
         let pod_id = cri.run_pod(&server).map_err(cri_err(&name))?;
-        let result = self.with_server(cri, &server, &pod_id, round);
+        let result = self
+            .with_server(cri, &server, &pod_id, round)
+            .map_err(|e| self.with_evidence(e, &server));
         let removed = cri.remove_pod(&pod_id).map_err(cri_err(&name));
         let sample = result?;
         removed?;
         Ok(sample)
+    }
+
+    /// `e` with what the round's pods show: the server container's output and every
+    /// sandbox's VMM, console and fs daemon logs (tails) with its VMM metrics.
+    fn with_evidence(&self, e: NetBenchError, server: &PodSpec) -> NetBenchError {
+        if matches!(e, NetBenchError::Round { .. }) {
+            return e;
+        }
+        let srv = std::fs::read_to_string(server.log_dir.join("srv.log")).unwrap_or_default();
+        let mut evidence = format!(
+            "--- server container output (tail)\n{}\n",
+            tail_lines(&srv, 40)
+        );
+        if let Some(state) = &self.state_dir {
+            evidence.push_str(&crate::containerd::sandbox_log_tails(state, 60));
+        }
+        NetBenchError::Round {
+            source: Box::new(e),
+            evidence,
+        }
     }
 
     fn with_server(
@@ -197,7 +230,7 @@ impl NetRun {
             source,
         };
         let pod_id = cri.run_pod(&client).map_err(cri_err)?;
-        let run = (|| {
+        let run = (|| -> Result<f64, NetBenchError> {
             let spec = ContainerSpec {
                 name: "cli".into(),
                 image: NET_IMAGE.into(),
@@ -219,9 +252,16 @@ impl NetRun {
             let log = log_text(&log_path(&client.log_dir)).map_err(cri_err)?;
             received_mbps(&log).map_err(|reason| NetBenchError::Iperf {
                 what: format!("pod -> {ip} ({})", self.handler),
-                reason,
+                reason: format!(
+                    "{reason}\n--- client container output (tail)\n{}",
+                    tail_lines(&log, 40)
+                ),
             })
         })();
+        // The client pod's sandbox logs are in the evidence only while it exists.
+        let run = run.map_err(|e| {
+            self.with_evidence(e, &self.pod(&format!("net-srv-{}-{round}", self.handler)))
+        });
         let removed = cri.remove_pod(&pod_id).map_err(cri_err);
         let mbps = run?;
         removed?;
@@ -248,6 +288,12 @@ pub fn received_mbps(text: &str) -> Result<f64, String> {
         .and_then(serde_json::Value::as_f64)
         .map(|bps| bps / 1e6)
         .ok_or_else(|| format!("no end.sum_received.bits_per_second: {}", tail(text)))
+}
+
+/// The last `n` lines of `text`.
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn tail(text: &str) -> String {

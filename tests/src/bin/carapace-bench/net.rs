@@ -19,8 +19,10 @@ pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Repo
         .prefix("cbn-")
         .tempdir()
         .context("creating a work directory")?;
-    let (config, _state) =
-        carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
+    // The guest console is kept (the kernel's own lines only: `quiet`), so a failed round
+    // shows what the guest said, e.g. an out-of-memory kill.
+    let (config, state) =
+        carapace_config(work.path(), bins, true).context("writing the Carapace configuration")?;
     let userspace_config = work.path().join("configuration-userspace.toml");
     let text = std::fs::read_to_string(&config).context("reading the configuration")?;
     std::fs::write(
@@ -50,6 +52,7 @@ pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Repo
         iperf_secs: if cli.quick { 2 } else { 5 },
         requests: if cli.quick { 10 } else { 50 },
         timeout: Duration::from_secs(POD_TIMEOUT_S),
+        state_dir: (handler != "runc").then(|| state.clone()),
     };
     let runs = [run_for("carapace"), run_for(USERSPACE), run_for("runc")];
     let mut got: [Vec<NetSample>; 3] = Default::default();
