@@ -17,6 +17,10 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+mod stats;
+pub use k8s_cri::v1::LinuxContainerResources;
+pub use stats::Usage;
+
 /// Errors from CRI calls.
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
@@ -185,6 +189,9 @@ pub struct ContainerSpec {
     pub privileged: bool,
     /// A pid namespace of its own (a kubelet's default) rather than the pod's.
     pub own_pid_namespace: bool,
+    /// Resources (CPU quota and period, memory limit, CPU set...) as a kubelet passes a
+    /// pod spec's limits.
+    pub resources: Option<cri::LinuxContainerResources>,
 }
 
 /// A blocking CRI client on one containerd socket.
@@ -361,7 +368,7 @@ impl Cri {
                     }),
                     ..Default::default()
                 }),
-                ..Default::default()
+                resources: c.resources.clone(),
             }),
             ..Default::default()
         };

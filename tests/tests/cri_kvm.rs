@@ -226,3 +226,118 @@ kvm_test! {
         assert!(cri.pods().expect("list pods").is_empty());
     }
 }
+
+kvm_test! {
+    /// What a kubelet reads: ContainerStats from the guest's cgroup, PodSandboxStats from
+    /// the pod's host cgroup (the VMM and fs daemon are charged there, so the pod's memory is
+    /// its containers' plus the VM's overhead, which the test prints: the figure behind the
+    /// RuntimeClass's `overhead.podFixed`), and a container killed by the guest's OOM killer
+    /// shows reason OOMKilled.
+    #[lab(carapace_tests::lab::Lab::new().mem_mib(4096).timeout(Duration::from_secs(1200)))]
+    fn stats_overhead_and_oom_killed_through_cri() {
+        let tmp = tempfile::Builder::new().prefix("cstat-").tempdir().expect("tempdir");
+        let rig = CarapaceCri::start(tmp.path());
+        let fail = |what: &str, e: &dyn std::fmt::Display| -> ! { rig.fail(what, e) };
+        let mut cri = Cri::connect(&rig.ctrd.socket()).expect("connect");
+        // a kubelet's cgroupfs-driver pod cgroup (containerd's default driver here)
+        let parent = format!("/carapace-test-pod-{}", std::process::id());
+        let pod = PodSpec {
+            name: "stats-pod".into(),
+            namespace: "default".into(),
+            handler: "carapace".into(),
+            log_dir: tmp.path().join("logs"),
+            privileged: false,
+            network: PodNetwork::Cni { ports: vec![] },
+        };
+        let pod_id = cri
+            .run_pod_in_cgroup(&pod, &parent)
+            .unwrap_or_else(|e| fail("RunPodSandbox", &e));
+        let busy = ContainerSpec {
+            name: "busy".into(),
+            image: BUSYBOX_IMAGE.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo counted; exec sleep 600"
+                    .into(),
+            ],
+            ..Default::default()
+        };
+        let b = cri
+            .create_container(&pod_id, &pod, &busy)
+            .unwrap_or_else(|e| fail("CreateContainer busy", &e));
+        cri.start_container(&b).unwrap_or_else(|e| fail("StartContainer busy", &e));
+        let log = pod.log_dir.join("busy.log");
+        let start = std::time::Instant::now();
+        while !log_text(&log).unwrap_or_default().contains("counted") {
+            assert!(start.elapsed() < Duration::from_secs(300), "busy never counted");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+
+        let usage = cri.container_usage(&b).unwrap_or_else(|e| fail("ContainerStats", &e));
+        println!("ContainerStats busy: {usage:?}");
+        assert!(usage.cpu_ns > 0, "no CPU time for a container that counted: {usage:?}");
+        assert!(usage.working_set > 0, "no memory for a running container: {usage:?}");
+
+        let (pod_usage, containers) =
+            cri.pod_usage(&pod_id).unwrap_or_else(|e| fail("PodSandboxStats", &e));
+        println!("PodSandboxStats: pod {pod_usage:?}, containers {containers:?}");
+        assert!(pod_usage.cpu_ns > 0 && pod_usage.working_set > 0, "{pod_usage:?}");
+        let in_containers: u64 = containers.iter().map(|(_, u)| u.working_set).sum();
+        assert!(
+            containers.iter().any(|(name, u)| name == "busy" && u.working_set > 0),
+            "PodSandboxStats lists no busy container: {containers:?}"
+        );
+        // the pod's host cgroup holds the VM: more than its containers use inside it
+        assert!(
+            pod_usage.working_set > in_containers,
+            "pod {} B <= containers {in_containers} B",
+            pod_usage.working_set
+        );
+        println!(
+            "pod overhead (host cgroup working set - containers' working sets): {} MiB",
+            (pod_usage.working_set - in_containers) / (1024 * 1024)
+        );
+
+        // over its memory limit in the guest: the kernel kills it, CRI says why
+        let hog = ContainerSpec {
+            name: "hog".into(),
+            image: BUSYBOX_IMAGE.into(),
+            // tail keeps a line until its end: one 200 MB line
+            command: vec!["sh".into(), "-c".into(), "head -c 200000000 /dev/zero | tail".into()],
+            resources: Some(carapace_tests::cri::LinuxContainerResources {
+                memory_limit_in_bytes: 32 * 1024 * 1024,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let h = cri
+            .create_container(&pod_id, &pod, &hog)
+            .unwrap_or_else(|e| fail("CreateContainer hog", &e));
+        cri.start_container(&h).unwrap_or_else(|e| fail("StartContainer hog", &e));
+        cri.wait_exited(&h, Duration::from_secs(300))
+            .unwrap_or_else(|e| fail("hog exit", &e));
+        let (state, code, reason) =
+            cri.container_reason(&h).unwrap_or_else(|e| fail("ContainerStatus hog", &e));
+        println!("hog: {state}, exit {code}, reason {reason:?}");
+        assert_eq!(reason, "OOMKilled", "hog exited {code}");
+        assert_ne!(code, 0);
+
+        cri.remove_pod(&pod_id).unwrap_or_else(|e| fail("remove pod", &e));
+        assert!(cri.pods().expect("list pods").is_empty());
+        // the runtime removed the sandbox's cgroup; the parent is the kubelet's to remove
+        for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu,cpuacct"] {
+            let dir = Path::new(root).join(parent.trim_start_matches('/'));
+            if dir.is_dir() {
+                let left: Vec<_> = std::fs::read_dir(&dir)
+                    .expect("read pod cgroup")
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name())
+                    .collect();
+                assert!(left.is_empty(), "cgroups left under {}: {left:?}", dir.display());
+                std::fs::remove_dir(&dir).expect("remove the pod cgroup");
+            }
+        }
+    }
+}
