@@ -1,13 +1,20 @@
 //! Control API: newline-delimited JSON over a unix socket.
 //!
 //! Requests (one JSON object per line), each answered by one JSON line:
-//! - `{"cmd":"info"}` → state, vCPUs, memory, command line, boot-done time, devices;
+//! - `{"cmd":"info"}` → state, vCPUs, memory, command line, boot-done time, devices, and
+//!   `memory_hotplug`: `{"region_mib","block_mib","plugged_mib","requested_mib"}` (`null`
+//!   without memory hot-plug);
 //! - `{"cmd":"metrics"}` → VM exits by kind, console counters, per-device counters;
 //! - `{"cmd":"pause"}` / `{"cmd":"resume"}` → stop / restart the vCPUs;
 //! - `{"cmd":"shutdown","grace_secs":N}` → when N > 0, press Ctrl-Alt-Del on the guest's
 //!   i8042 keyboard (the guest has no ACPI power button) and give it N seconds (default: the
 //!   VM's `shutdown_timeout_secs`) to stop — a guest reset or power-off then counts as
-//!   powered off — then force the VM off. The VMM exits 0.
+//!   powered off — then force the VM off. The VMM exits 0;
+//! - `{"cmd":"memory","requested_mib":N}` → sets the virtio-mem device's requested size to
+//!   N MiB of hot-plugged memory (a multiple of `block_mib`, at most `region_mib`; an error
+//!   otherwise, and on a VM without `memory_hotplug`) and answers at once with
+//!   `{"ok":true,"requested_mib":N,"plugged_mib":P,"region_mib":R}`: the guest driver plugs
+//!   or unplugs asynchronously, `info`'s `memory_hotplug.plugged_mib` shows how far it got.
 //!
 //! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Lines are capped at 4 KiB.
 
@@ -58,6 +65,11 @@ pub enum Request {
         #[serde(default)]
         grace_secs: Option<u32>,
     },
+    /// Set the hot-plugged memory the guest should have.
+    Memory {
+        /// MiB of hot-plugged memory (beyond `memory_mib`).
+        requested_mib: u64,
+    },
 }
 
 /// Executes a request against the VM.
@@ -100,6 +112,21 @@ pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
                 vm.state.request_exit(ExitReason::PowerOff);
             }
             ok(serde_json::json!({"forced": forced, "asked_guest": asked}))
+        }
+        Request::Memory { requested_mib } => {
+            let Some(ctl) = &vm.memory_hotplug else {
+                return err(
+                    "this VM has no memory hot-plug (no memory_hotplug in its description)".into(),
+                );
+            };
+            match ctl.set_requested(requested_mib) {
+                Ok(s) => ok(serde_json::json!({
+                    "requested_mib": s.requested >> 20,
+                    "plugged_mib": s.plugged >> 20,
+                    "region_mib": s.region >> 20,
+                })),
+                Err(e) => err(e.to_string()),
+            }
         }
     }
 }
@@ -196,6 +223,7 @@ mod tests {
                 name: "vsock".into(),
             }],
             kernel: "/k".into(),
+            memory_hotplug: None,
             memory_mib: 64,
             state: "running",
             uptime_ms: 7,
@@ -203,7 +231,7 @@ mod tests {
         };
         assert_eq!(
             ok_typed(&info).to_string(),
-            r#"{"boot_done_ms":null,"cmdline":"console=ttyS0","devices":[{"irq":5,"mmio_base":3489660928,"name":"vsock"}],"kernel":"/k","memory_mib":64,"ok":true,"state":"running","uptime_ms":7,"vcpus":1}"#
+            r#"{"boot_done_ms":null,"cmdline":"console=ttyS0","devices":[{"irq":5,"mmio_base":3489660928,"name":"vsock"}],"kernel":"/k","memory_hotplug":null,"memory_mib":64,"ok":true,"state":"running","uptime_ms":7,"vcpus":1}"#
         );
     }
 
@@ -217,6 +245,13 @@ mod tests {
                 grace_secs: Some(3)
             }
         );
+        assert_eq!(
+            p(r#"{"cmd":"memory","requested_mib":256}"#).unwrap(),
+            Request::Memory { requested_mib: 256 }
+        );
+        assert!(p(r#"{"cmd":"memory"}"#).is_err());
+        assert!(p(r#"{"cmd":"memory","requested_mib":-2}"#).is_err());
+        assert!(p(r#"{"cmd":"memory","requested_mib":2,"x":1}"#).is_err());
         assert!(p(r#"{"cmd":"info","x":1}"#).is_err());
         assert!(p(r#"{"cmd":"explode"}"#).is_err());
     }

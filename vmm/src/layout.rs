@@ -34,6 +34,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Alignment of the memory hot-plug (virtio-mem) region: 1 GiB, a multiple of Linux's
+/// 128 MiB memory block on x86_64 and of every block size we accept.
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
 /// First virtio-mmio device window.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device window.
@@ -54,3 +57,37 @@ pub const KBD_IRQ: u32 = 1;
 pub const I8042_PORT: u16 = 0x60;
 /// Boot-done / power-intent marker port.
 pub const MARKER_PORT: u16 = 0x3f0;
+
+/// End (exclusive) of guest RAM of `ram_bytes`: RAM above [`MMIO_GAP_START`] is moved above
+/// 4 GiB (see `memory::ram_ranges`).
+pub fn ram_end(ram_bytes: u64) -> u64 {
+    if ram_bytes > MMIO_GAP_START {
+        MMIO_GAP_END + (ram_bytes - MMIO_GAP_START)
+    } else {
+        ram_bytes
+    }
+}
+
+/// Guest address of the memory hot-plug region of a VM with `ram_bytes` of RAM: above RAM
+/// and above the 32-bit MMIO hole, aligned to [`HOTPLUG_ALIGN`]. Not in the e820/PVH map.
+pub fn hotplug_base(ram_bytes: u64) -> u64 {
+    ram_end(ram_bytes)
+        .max(MMIO_GAP_END)
+        .next_multiple_of(HOTPLUG_ALIGN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hotplug_region_is_above_ram_and_the_mmio_hole_and_aligned() {
+        assert_eq!(hotplug_base(256 << 20), 4 << 30);
+        assert_eq!(hotplug_base(3 << 30), 4 << 30);
+        // 3.5 GiB of RAM: 0.5 GiB moved to 4 GiB..4.5 GiB; the region starts at 5 GiB.
+        assert_eq!(ram_end(7 << 29), 9 << 29);
+        assert_eq!(hotplug_base(7 << 29), 5 << 30);
+        assert_eq!(hotplug_base(4 << 30), 5 << 30);
+        assert_eq!(hotplug_base(5 << 30), 6 << 30);
+    }
+}

@@ -1,13 +1,23 @@
 //! Guest memory: anonymous, or memfd-backed and shared when a vhost-user backend must map it.
+//!
+//! With memory hot-plug the VM also gets a region above RAM (`layout::hotplug_base`) that
+//! the virtio-mem device hands out block by block. The whole region is mapped, registered
+//! with KVM and part of the [`GuestMemoryMmap`] every device and vhost backend sees from
+//! the start, sparsely (MAP_NORESERVE, nothing allocated until touched) and with the same
+//! backing as RAM, so a buffer the guest puts in hot-plugged memory is reachable by
+//! vhost-user and vhost-net like any other; the device only tracks which blocks are
+//! plugged and gives unplugged blocks back to the host ([`HotplugRegion::discard`]).
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
-use crate::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
+use crate::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, hotplug_base};
 
 /// Errors creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +54,121 @@ pub enum MemoryError {
     /// A region has no host address (cannot happen with mmap regions).
     #[error("guest memory region at {0:#x} has no host mapping")]
     NoHostAddress(u64),
+    /// The hot-plug region could not be split off the guest memory (cannot happen).
+    #[error("cannot separate the hot-plug region from guest RAM")]
+    Split(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// Errors giving hot-plug memory back to the host.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    /// The range is not inside the region.
+    #[error("range {offset:#x}+{len:#x} is outside the hot-plug region of {size:#x} bytes")]
+    OutOfRange {
+        /// Offset in the region.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// fallocate(PUNCH_HOLE) or madvise(MADV_DONTNEED) failed.
+    #[error("{what} failed")]
+    Os {
+        /// The call.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Guest memory of a VM: everything (RAM and the hot-plug region: what KVM, the devices and
+/// vhost backends see), RAM alone (what the loader and the e820/PVH map describe), and the
+/// hot-plug region.
+#[derive(Debug)]
+pub struct GuestMemory {
+    /// RAM and the hot-plug region.
+    pub all: GuestMemoryMmap,
+    /// RAM only.
+    pub ram: GuestMemoryMmap,
+    /// The hot-plug region, when the VM has one.
+    pub hotplug: Option<HotplugRegion>,
+}
+
+/// The memory hot-plug region: mapped whole, backed sparsely like RAM.
+#[derive(Debug, Clone)]
+pub struct HotplugRegion {
+    region: Arc<GuestRegionMmap>,
+}
+
+impl HotplugRegion {
+    /// Guest physical address of the region.
+    pub fn addr(&self) -> u64 {
+        self.region.start_addr().raw_value()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.region.len()
+    }
+
+    /// Gives `[offset, offset + len)` of the region back to the host: a hole punched in the
+    /// memfd when the region is shared (vhost-user backends map the same file, so the pages
+    /// leave their mappings too), MADV_DONTNEED on the anonymous mapping otherwise. The
+    /// range reads as zeros afterwards.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiscardError> {
+        let size = self.size();
+        let out = || DiscardError::OutOfRange { offset, len, size };
+        let end = offset.checked_add(len).ok_or_else(out)?;
+        if end > size {
+            return Err(out());
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(fo) = self.region.file_offset() {
+            let start = fo.start().checked_add(offset).ok_or_else(out)?;
+            rustix::fs::fallocate(
+                fo.file(),
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                start,
+                len,
+            )
+            .map_err(|e| DiscardError::Os {
+                what: "fallocate(PUNCH_HOLE) on the hot-plug memfd",
+                source: e.into(),
+            })?;
+            return Ok(());
+        }
+        let host = self
+            .region
+            .get_host_address(vm_memory::MemoryRegionAddress(offset))
+            .map_err(|_| out())?;
+        let len = usize::try_from(len).map_err(|_| out())?;
+        // SAFETY: [host, host + len) lies inside the region's own anonymous private mapping
+        // (checked above), which `self.region` keeps alive. MADV_DONTNEED only drops its
+        // pages (they read as zeros afterwards); no Rust reference points into guest memory
+        // (all access goes through vm-memory's volatile accessors).
+        unsafe { rustix::mm::madvise(host.cast(), len, rustix::mm::Advice::LinuxDontNeed) }.map_err(
+            |e| DiscardError::Os {
+                what: "madvise(MADV_DONTNEED) on the hot-plug region",
+                source: e.into(),
+            },
+        )
+    }
+
+    /// The host address of `offset` in the region (for tests that measure what is resident).
+    pub fn host_address(&self, offset: u64) -> Option<*mut u8> {
+        self.region
+            .get_host_address(vm_memory::MemoryRegionAddress(offset))
+            .ok()
+    }
+
+    /// The backing memfd, when the region is shared.
+    pub fn file(&self) -> Option<&File> {
+        self.region.file_offset().map(FileOffset::file)
+    }
 }
 
 /// Guest RAM ranges `(start, size)` for `size_bytes` of memory, leaving the 32-bit MMIO hole.
@@ -80,26 +205,63 @@ pub fn e820_ram(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
 /// Creates guest memory of `size_bytes`; `shared` backs it with a memfd mapped MAP_SHARED so a
 /// vhost-user backend can map the same pages.
 pub fn create(size_bytes: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges = ram_ranges(size_bytes);
+    Ok(create_with_hotplug(size_bytes, shared, 0)?.all)
+}
+
+/// Creates guest RAM of `ram_bytes` and, when `hotplug_bytes` > 0, the hot-plug region of
+/// that size at `layout::hotplug_base`, with the same backing (a memfd of its own when
+/// `shared`). Both are mapped MAP_NORESERVE: nothing is allocated until the guest touches
+/// it.
+pub fn create_with_hotplug(
+    ram_bytes: u64,
+    shared: bool,
+    hotplug_bytes: u64,
+) -> Result<GuestMemory, MemoryError> {
+    let mut ranges = ram_ranges(ram_bytes);
+    let hotplug_addr = GuestAddress(hotplug_base(ram_bytes));
+    let total = ram_bytes.saturating_add(hotplug_bytes);
+    let map_err = |source| MemoryError::Mmap {
+        size: total,
+        source,
+    };
+    let hotplug_len = usize::try_from(hotplug_bytes)
+        .map_err(|_| map_err(vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;
     let result = if shared {
-        let file = memfd(size_bytes)?;
-        let file = std::sync::Arc::new(file);
+        let file = Arc::new(memfd(ram_bytes)?);
         let mut offset = 0u64;
         let mut with_files = Vec::new();
         for (addr, len) in ranges {
             with_files.push((addr, len, Some(FileOffset::from_arc(file.clone(), offset))));
             offset += len as u64;
         }
+        if hotplug_bytes > 0 {
+            let file = memfd(hotplug_bytes)?;
+            with_files.push((hotplug_addr, hotplug_len, Some(FileOffset::new(file, 0))));
+        }
         GuestMemoryMmap::from_ranges_with_files(with_files)
     } else {
+        if hotplug_bytes > 0 {
+            ranges.push((hotplug_addr, hotplug_len));
+        }
         GuestMemoryMmap::from_ranges(&ranges)
     };
-    let mem = result.map_err(|source| MemoryError::Mmap {
-        size: size_bytes,
-        source,
-    })?;
-    advise_hugepages(&mem);
-    Ok(mem)
+    let all = result.map_err(map_err)?;
+    advise_hugepages(&all);
+    if hotplug_bytes == 0 {
+        return Ok(GuestMemory {
+            ram: all.clone(),
+            all,
+            hotplug: None,
+        });
+    }
+    let (ram, region) = all
+        .remove_region(hotplug_addr, hotplug_bytes)
+        .map_err(MemoryError::Split)?;
+    Ok(GuestMemory {
+        all,
+        ram,
+        hotplug: Some(HotplugRegion { region }),
+    })
 }
 
 /// Asks for transparent huge pages on guest RAM: every first touch of guest memory is a
@@ -163,7 +325,7 @@ pub fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), Memo
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vm_memory::Bytes;
 
@@ -189,5 +351,76 @@ mod tests {
             e,
             vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]
         );
+    }
+
+    /// Resident bytes of the mapping that starts at `host` (from /proc/self/smaps).
+    pub(crate) fn resident_bytes(host: *mut u8) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", host as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        assert!(lines.next().is_some(), "no mapping at {start}");
+        let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
+        let kib: u64 = rss
+            .trim_start_matches("Rss:")
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap();
+        kib << 10
+    }
+
+    fn hotplug_region_is_mapped_registered_and_gives_memory_back(shared: bool) {
+        let g = create_with_hotplug(64 << 20, shared, 256 << 20).unwrap();
+        let h = g.hotplug.as_ref().unwrap();
+        assert_eq!((h.addr(), h.size()), (4 << 30, 256 << 20));
+        assert_eq!(h.file().is_some(), shared);
+        // The devices and KVM see RAM and the region; the guest's memory map only RAM.
+        assert_eq!(g.all.num_regions(), 2);
+        assert_eq!(g.ram.num_regions(), 1);
+        assert_eq!(
+            e820_ram(&g.ram),
+            e820_ram(&create(64 << 20, shared).unwrap())
+        );
+        let base = GuestAddress(4 << 30);
+        let host = h.host_address(0).unwrap();
+        assert_eq!(resident_bytes(host), 0, "sparse until touched");
+        // Touch 16 MiB, then give back the first 8 MiB.
+        for off in (0..16 << 20).step_by(4096) {
+            g.all.write_obj(0x5a_u8, base.unchecked_add(off)).unwrap();
+        }
+        let touched = resident_bytes(host);
+        assert!(touched >= 16 << 20, "{touched}");
+        let allocated = || {
+            use std::os::unix::fs::MetadataExt;
+            h.file().map(|f| f.metadata().unwrap().blocks() * 512)
+        };
+        let before = allocated();
+        h.discard(0, 8 << 20).unwrap();
+        let after = resident_bytes(host);
+        assert!(after <= touched - (8 << 20), "{touched} -> {after}");
+        if let (Some(before), Some(after)) = (before, allocated()) {
+            assert!(before >= 16 << 20, "{before}");
+            assert!(after <= before - (8 << 20), "memfd: {before} -> {after}");
+        }
+        assert_eq!(g.all.read_obj::<u8>(base).unwrap(), 0);
+        assert_eq!(
+            g.all.read_obj::<u8>(base.unchecked_add(8 << 20)).unwrap(),
+            0x5a
+        );
+        // Ranges outside the region are refused, overflow included.
+        assert!(h.discard(256 << 20, 1).is_err());
+        assert!(h.discard(u64::MAX, 2).is_err());
+        h.discard(256 << 20, 0).unwrap();
+    }
+
+    #[test]
+    fn anonymous_hotplug_region() {
+        hotplug_region_is_mapped_registered_and_gives_memory_back(false);
+    }
+
+    #[test]
+    fn shared_hotplug_region() {
+        hotplug_region_is_mapped_registered_and_gives_memory_back(true);
     }
 }

@@ -34,7 +34,7 @@ use crate::nudge;
 use crate::state::{ExitCounters, VmState};
 
 pub use bus::{MmioBus, MmioSlot};
-pub use report::{DeviceInfo, VmInfo, VmMetrics};
+pub use report::{DeviceInfo, MemoryHotplugInfo, VmInfo, VmMetrics};
 
 /// Kernel command line the VMM always passes (before device entries and the user's part).
 ///
@@ -45,6 +45,13 @@ pub use report::{DeviceInfo, VmInfo, VmMetrics};
 /// - `nomodule`: all drivers are built in;
 /// - `i8042.*`: probe only the controller's reset-relevant part, quickly.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Kernel parameters the VMM adds (after the device entries) when the VM has memory
+/// hot-plug: memory the virtio-mem driver adds is onlined at once by the kernel (no udev
+/// in the guest), in the zone the kernel's recommended policy for virtio-mem picks
+/// (ZONE_MOVABLE while the movable/kernel ratio allows, so it can be unplugged again).
+pub const HOTPLUG_CMDLINE: &str =
+    "memhp_default_state=online memory_hotplug.online_policy=auto-movable";
 
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +149,8 @@ pub struct VmHandle {
     pub cmdline: Arc<str>,
     /// The configuration.
     pub config: Arc<VmConfig>,
+    /// The virtio-mem device's state (API `memory`), when the VM has memory hot-plug.
+    pub memory_hotplug: Option<Arc<crate::virtio::mem::MemControl>>,
     vcpus: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 

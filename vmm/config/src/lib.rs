@@ -14,6 +14,12 @@ pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
 pub const MAX_VCPUS: u8 = 32;
 /// Maximum number of virtio-mmio devices (bounded by free IOAPIC pins).
 pub const MAX_VIRTIO_DEVICES: usize = 16;
+/// Linux's memory block size on x86_64: the hot-plug region is a whole number of them.
+pub const HOTPLUG_ALIGN_MIB: u32 = 128;
+/// Largest hot-plug region we accept (sanity bound, like [`MAX_MEMORY_MIB`]).
+pub const MAX_HOTPLUG_REGION_MIB: u32 = MAX_MEMORY_MIB;
+/// Largest virtio-mem block we accept (a block is the unit the guest plugs and unplugs).
+pub const MAX_HOTPLUG_BLOCK_MIB: u32 = 1024;
 
 /// Errors loading or validating a VM description.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +182,55 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// Memory the VM can grow by at run time: a virtio-mem device managing a region of
+/// `region_mib` above RAM, which the guest plugs and unplugs in blocks of `block_mib` as the
+/// API's `memory` request asks it to. Nothing is plugged at boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplug {
+    /// Size of the hot-plug region (the most the VM can grow by), a multiple of 128 MiB
+    /// and of `block_mib`.
+    pub region_mib: u32,
+    /// Plug/unplug granularity: a power of two, at least 2 MiB (default 2).
+    #[serde(default = "default_block_mib")]
+    pub block_mib: u32,
+}
+
+fn default_block_mib() -> u32 {
+    2
+}
+
+impl MemoryHotplug {
+    /// Checks the sizes (see the field docs).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let b = self.block_mib;
+        if b < 2 || !b.is_power_of_two() || b > MAX_HOTPLUG_BLOCK_MIB {
+            return invalid(
+                "memory_hotplug.block_mib",
+                format!("{b} is not a power of two in 2..={MAX_HOTPLUG_BLOCK_MIB}"),
+            );
+        }
+        let r = self.region_mib;
+        if r == 0 || r > MAX_HOTPLUG_REGION_MIB {
+            return invalid(
+                "memory_hotplug.region_mib",
+                format!("{r} is not in 1..={MAX_HOTPLUG_REGION_MIB}"),
+            );
+        }
+        if !r.is_multiple_of(HOTPLUG_ALIGN_MIB) || !r.is_multiple_of(b) {
+            return invalid(
+                "memory_hotplug.region_mib",
+                format!(
+                    "{r} is not a multiple of {HOTPLUG_ALIGN_MIB} (Linux's memory block) and of \
+                     block_mib ({b})"
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// A complete VM description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -228,6 +283,9 @@ pub struct VmConfig {
     /// Counted per device as `irq_resent`, with a warning.
     #[serde(default)]
     pub irq_rescue_ms: u32,
+    /// Memory hot-plug (a virtio-mem device); absent: none, the VM keeps `memory_mib`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_hotplug: Option<MemoryHotplug>,
 }
 
 fn default_memory() -> u32 {
@@ -259,6 +317,7 @@ impl VmConfig {
             shutdown_timeout_secs: default_shutdown_timeout(),
             vcpu_nudge_ms: 0,
             irq_rescue_ms: 0,
+            memory_hotplug: None,
         }
     }
 
@@ -382,11 +441,15 @@ impl VmConfig {
                 })?;
             }
         }
+        if let Some(h) = &self.memory_hotplug {
+            h.validate()?;
+        }
         let n = self.block.len()
             + self.fs.len()
             + self.net.len()
             + usize::from(self.vsock.is_some())
-            + usize::from(self.rng);
+            + usize::from(self.rng)
+            + usize::from(self.memory_hotplug.is_some());
         if n > MAX_VIRTIO_DEVICES {
             return invalid(
                 "block",
@@ -503,6 +566,80 @@ mod tests {
         let n: NetConfig = serde_json::from_str(r#"{"tap":"t0","vhost":true}"#).unwrap();
         assert!(n.vhost);
         assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"t0","vhost_net":true}"#).is_err());
+    }
+
+    #[test]
+    fn memory_hotplug_parses_defaults_and_validates() {
+        let c = VmConfig::parse(
+            r#"{"kernel":"/k","memory_hotplug":{"region_mib":512}}"#,
+            Path::new("x.json"),
+        )
+        .unwrap();
+        let h = c.memory_hotplug.clone().unwrap();
+        assert_eq!((h.region_mib, h.block_mib), (512, 2));
+        h.validate().unwrap();
+        // Absent: none, and not written back either (existing descriptions unchanged).
+        let c = VmConfig::parse(r#"{"kernel":"/k"}"#, Path::new("x.json")).unwrap();
+        assert_eq!(c.memory_hotplug, None);
+        assert!(
+            !serde_json::to_string(&c)
+                .unwrap()
+                .contains("memory_hotplug")
+        );
+        assert!(
+            VmConfig::parse(
+                r#"{"kernel":"/k","memory_hotplug":{"region_mib":512,"bogus":1}}"#,
+                Path::new("x.json"),
+            )
+            .is_err()
+        );
+        let v = |region_mib, block_mib| {
+            MemoryHotplug {
+                region_mib,
+                block_mib,
+            }
+            .validate()
+            .map_err(|e| e.to_string())
+        };
+        v(128, 2).unwrap();
+        v(1024, 128).unwrap();
+        v(MAX_HOTPLUG_REGION_MIB, 1024).unwrap();
+        for (r, b, field) in [
+            (0, 2, "region_mib"),
+            (100, 2, "region_mib"),
+            (MAX_HOTPLUG_REGION_MIB + 128, 2, "region_mib"),
+            (384, 256, "region_mib"),
+            (512, 1, "block_mib"),
+            (512, 0, "block_mib"),
+            (512, 6, "block_mib"),
+            (4096, 2048, "block_mib"),
+        ] {
+            let e = v(r, b).unwrap_err();
+            assert!(e.contains(field), "{r}/{b}: {e}");
+        }
+        // Through the whole description, and counted as a virtio device.
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"x").unwrap();
+        let mut c = VmConfig::with_kernel(&k);
+        c.memory_hotplug = Some(MemoryHotplug {
+            region_mib: 96,
+            block_mib: 2,
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("memory_hotplug.region_mib"), "{e}");
+        c.memory_hotplug = Some(MemoryHotplug {
+            region_mib: 128,
+            block_mib: 2,
+        });
+        c.validate().unwrap();
+        c.block = (0..MAX_VIRTIO_DEVICES)
+            .map(|_| BlockConfig {
+                path: k.clone(),
+                read_only: true,
+            })
+            .collect();
+        assert!(c.validate().is_err());
     }
 
     #[test]

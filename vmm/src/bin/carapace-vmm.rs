@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use carapace_vmm::config::{BlockConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
+use carapace_vmm::config::{
+    BlockConfig, FsConfig, MemoryHotplug, NetConfig, SerialOutput, VmConfig, VsockConfig,
+};
 use carapace_vmm::exit::{EXIT_CONFIG, EXIT_VMM};
 use carapace_vmm::vmm::{RunOptions, Vm};
 use clap::Parser;
@@ -66,9 +68,15 @@ struct Cli {
     /// `,vhost=on` to move frames through /dev/vhost-net (repeatable).
     #[arg(long, value_parser = parse_net)]
     net: Vec<NetConfig>,
-    /// Control API unix socket (JSON lines: info, metrics, pause, resume, shutdown).
+    /// Control API unix socket (JSON lines: info, metrics, pause, resume, shutdown,
+    /// memory).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Memory hot-plug through virtio-mem: `REGION_MIB[,block=BLOCK_MIB]` (a region of
+    /// REGION_MIB above RAM, plugged in blocks of BLOCK_MIB, default 2, as the API's
+    /// `memory` request asks).
+    #[arg(long, value_parser = parse_memory_hotplug, value_name = "REGION_MIB[,block=MIB]")]
+    memory_hotplug: Option<MemoryHotplug>,
     /// Lab workaround (default 0, off): interrupt a vCPU that stayed inside KVM_RUN this
     /// long, so a timer interrupt lost by an emulated host CPU cannot leave it halted.
     #[arg(long, value_name = "MS")]
@@ -98,6 +106,25 @@ fn parse_serial(s: &str) -> Result<SerialOutput, String> {
             }
         }
     }
+}
+
+fn parse_memory_hotplug(s: &str) -> Result<MemoryHotplug, String> {
+    let mut parts = s.split(',');
+    let region = parts.next().unwrap_or_default();
+    let region_mib = region
+        .parse()
+        .map_err(|e| format!("region {region:?}: {e}"))?;
+    let mut block_mib = 2;
+    for p in parts {
+        let v = p
+            .strip_prefix("block=")
+            .ok_or_else(|| format!("unknown option {p:?} (expected block=MIB)"))?;
+        block_mib = v.parse().map_err(|e| format!("block {v:?}: {e}"))?;
+    }
+    Ok(MemoryHotplug {
+        region_mib,
+        block_mib,
+    })
 }
 
 fn parse_block(s: &str) -> Result<BlockConfig, String> {
@@ -212,6 +239,9 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     c.net.extend(cli.net);
     if cli.api_socket.is_some() {
         c.api_socket = cli.api_socket;
+    }
+    if cli.memory_hotplug.is_some() {
+        c.memory_hotplug = cli.memory_hotplug;
     }
     if let Some(ms) = cli.vcpu_nudge_ms {
         c.vcpu_nudge_ms = ms;

@@ -291,7 +291,9 @@ impl MmioTransport {
             // SHMLen / SHMBase: we expose no shared memory regions; per the spec a missing
             // region reads as all ones (a zero length would make drivers map nothing).
             0x0b0 | 0x0b4 | 0x0b8 | 0x0bc => 0xffff_ffff,
-            0x0fc => self.config_generation,
+            0x0fc => self
+                .config_generation
+                .wrapping_add(self.device.config_generation()),
             _ => 0,
         };
         data.copy_from_slice(&v.to_le_bytes());

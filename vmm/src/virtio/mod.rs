@@ -14,6 +14,7 @@
 pub mod blk;
 pub mod event;
 pub mod fs;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -42,6 +43,8 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     /// virtio-vsock.
     pub const VSOCK: u32 = 19;
+    /// virtio-mem (memory hot-plug).
+    pub const MEM: u32 = 24;
     /// virtio-fs.
     pub const FS: u32 = 26;
 }
@@ -231,6 +234,11 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn config_bytes(&self) -> Vec<u8> {
         Vec::new()
     }
+    /// A counter the device bumps whenever its config space changes on its own (added to
+    /// the transport's ConfigGeneration); 0 for a device whose config never changes.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Starts the device with the negotiated features and validated queues.
     fn activate(
         &mut self,
@@ -254,6 +262,8 @@ pub enum DeviceMetrics {
     Blk(blk::BlkMetrics),
     /// virtio-fs (vhost-user).
     Fs(fs::FsMetrics),
+    /// virtio-mem.
+    Mem(mem::MemMetrics),
     /// virtio-net.
     Net(net::NetMetrics),
     /// virtio-rng.

@@ -12,7 +12,9 @@ use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{BASE_CMDLINE, MmioBus, MmioSlot, RunOptions, Vm, VmHandle, VmmError, vcpu};
+use super::{
+    BASE_CMDLINE, HOTPLUG_CMDLINE, MmioBus, MmioSlot, RunOptions, Vm, VmHandle, VmmError, vcpu,
+};
 use crate::boot;
 use crate::config::{ConfigError, NetConfig, SerialOutput, VmConfig};
 use crate::cpu;
@@ -25,6 +27,7 @@ use crate::memory;
 use crate::mptable;
 use crate::nudge;
 use crate::state::VmState;
+use crate::virtio::mem::{MemControl, VirtioMem};
 use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::virtio::{self, VirtioDevice};
 
@@ -57,7 +60,12 @@ pub(super) struct VmBuilder {
     opts: RunOptions,
     kvm: Kvm,
     vm: VmFd,
+    /// RAM and the hot-plug region: what KVM, the devices and vhost backends see.
     mem: GuestMemoryMmap,
+    /// RAM only: where the kernel, initrd, boot tables and the e820/PVH map go.
+    ram: GuestMemoryMmap,
+    /// The virtio-mem device's state, when the VM has memory hot-plug.
+    mem_ctl: Option<Arc<MemControl>>,
     state: Arc<VmState>,
 }
 
@@ -70,16 +78,39 @@ impl VmBuilder {
         tracing::debug!(?format, kernel = %config.kernel.display(), "kernel image");
         let kvm = open_kvm(&opts)?;
         let vm = create_vm(&kvm)?;
-        // A vhost-user backend maps guest RAM: memfd-backed and shared only then.
-        let mem = memory::create(u64::from(config.memory_mib) << 20, !config.fs.is_empty())?;
-        memory::register(&vm, &mem)?;
+        // A vhost-user backend maps guest RAM: memfd-backed and shared only then. The
+        // hot-plug region is registered whole, up front (see memory.rs).
+        let hotplug = config.memory_hotplug.as_ref();
+        let g = memory::create_with_hotplug(
+            u64::from(config.memory_mib) << 20,
+            !config.fs.is_empty(),
+            hotplug.map_or(0, |h| u64::from(h.region_mib) << 20),
+        )?;
+        memory::register(&vm, &g.all)?;
+        let mem_ctl = match (g.hotplug, hotplug) {
+            (Some(region), Some(h)) => {
+                tracing::info!(
+                    addr = format_args!("{:#x}", region.addr()),
+                    region_mib = h.region_mib,
+                    block_mib = h.block_mib,
+                    "memory hot-plug region"
+                );
+                Some(Arc::new(MemControl::new(
+                    region,
+                    u64::from(h.block_mib) << 20,
+                )))
+            }
+            _ => None,
+        };
         let state = Arc::new(VmState::new(opts.start));
         Ok(VmBuilder {
             config,
             opts,
             kvm,
             vm,
-            mem,
+            mem: g.all,
+            ram: g.ram,
+            mem_ctl,
             state,
         })
     }
@@ -105,7 +136,7 @@ impl VmBuilder {
     }
 
     /// The virtio devices of the description, in the order of the guest contract: vsock,
-    /// block devices, fs devices, rng, net devices.
+    /// block devices, fs devices, rng, net devices, memory hot-plug.
     pub(super) fn virtio_devices(&self) -> Result<Vec<NamedDevice>, VmmError> {
         let c = &self.config;
         let mut devices: Vec<NamedDevice> = Vec::new();
@@ -132,6 +163,9 @@ impl VmBuilder {
             let name = format!("net{i}");
             let d = net_device(&name, n)?;
             devices.push((name, Box::new(d)));
+        }
+        if let Some(ctl) = &self.mem_ctl {
+            devices.push(("mem".into(), Box::new(VirtioMem::new(ctl.clone()))));
         }
         Ok(devices)
     }
@@ -166,6 +200,10 @@ impl VmBuilder {
                 transport: Mutex::new(t),
             }));
         }
+        if self.mem_ctl.is_some() {
+            cmdline.push(' ');
+            cmdline.push_str(HOTPLUG_CMDLINE);
+        }
         if !self.config.cmdline.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&self.config.cmdline);
@@ -176,8 +214,8 @@ impl VmBuilder {
     /// Loads kernel and initrd with `cmdline` and writes the MP table; returns the entry.
     pub(super) fn load_guest(&self, cmdline: &str) -> Result<boot::BootEntry, VmmError> {
         let c = &self.config;
-        let loaded = boot::load(&self.mem, &c.kernel, c.initrd.as_deref(), cmdline)?;
-        mptable::write(&self.mem, c.vcpus)?;
+        let loaded = boot::load(&self.ram, &c.kernel, c.initrd.as_deref(), cmdline)?;
+        mptable::write(&self.ram, c.vcpus)?;
         Ok(loaded.entry)
     }
 
@@ -194,7 +232,7 @@ impl VmBuilder {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             cpu::setup_common(&fd, &base_cpuid, id, n, tsc_deadline)?;
             if id == 0 {
-                cpu::setup_boot_vcpu(&fd, &self.mem, entry)?;
+                cpu::setup_boot_vcpu(&fd, &self.ram, entry)?;
             }
             fds.push(fd);
         }
@@ -216,6 +254,8 @@ impl VmBuilder {
             kvm: _,
             vm,
             mem,
+            ram: _,
+            mem_ctl,
             state,
         } = self;
         kick::install_handler().map_err(|e| VmmError::Io {
@@ -250,6 +290,7 @@ impl VmBuilder {
             mmio,
             cmdline: cmdline.into(),
             config: Arc::new(config),
+            memory_hotplug: mem_ctl,
             vcpus: Arc::new(Mutex::new(vcpus)),
         };
         if let Some(period) = nudge_period {

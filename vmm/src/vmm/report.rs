@@ -19,6 +19,15 @@ impl VmHandle {
                 })
                 .collect(),
             kernel: self.config.kernel.clone(),
+            memory_hotplug: self.memory_hotplug.as_ref().map(|c| {
+                let s = c.status();
+                MemoryHotplugInfo {
+                    block_mib: s.block >> 20,
+                    plugged_mib: s.plugged >> 20,
+                    region_mib: s.region >> 20,
+                    requested_mib: s.requested >> 20,
+                }
+            }),
             memory_mib: self.config.memory_mib,
             state: if self.state.stopping() {
                 "stopping"
@@ -61,7 +70,9 @@ pub struct VmInfo {
     pub devices: Vec<DeviceInfo>,
     /// The kernel image.
     pub kernel: std::path::PathBuf,
-    /// Guest RAM.
+    /// Hot-plug memory (virtio-mem) sizes, `null` without memory hot-plug.
+    pub memory_hotplug: Option<MemoryHotplugInfo>,
+    /// Guest RAM (without hot-plugged memory).
     pub memory_mib: u32,
     /// `running`, `paused` or `stopping`.
     pub state: &'static str,
@@ -69,6 +80,19 @@ pub struct VmInfo {
     pub uptime_ms: u64,
     /// vCPUs.
     pub vcpus: u8,
+}
+
+/// Memory hot-plug in [`VmInfo`] (MiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryHotplugInfo {
+    /// Plug/unplug granularity.
+    pub block_mib: u64,
+    /// Plugged by the guest now.
+    pub plugged_mib: u64,
+    /// The hot-plug region (the most the VM can grow by).
+    pub region_mib: u64,
+    /// Asked for by the host (API `memory`); the guest driver moves `plugged_mib` there.
+    pub requested_mib: u64,
 }
 
 /// One virtio-mmio device in [`VmInfo`].

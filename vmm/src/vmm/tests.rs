@@ -215,3 +215,119 @@ fn software_kvm_is_refused_with_reason() {
     assert_eq!(e.exit_code(), EXIT_KVM);
     assert!(e.to_string().contains("software KVM"), "{e}");
 }
+
+#[test]
+fn memory_hotplug_region_device_cmdline_and_api() {
+    if !kvm_usable() {
+        return;
+    }
+    use crate::api::{Request, handle};
+    use vm_memory::{Bytes, GuestAddress};
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("vmlinux");
+    std::fs::write(&k, pvh_elf(&[0xeb, 0xfe], 0x100_0000)).unwrap();
+    let mut c = VmConfig::with_kernel(&k);
+    c.memory_mib = 64;
+    c.serial = SerialOutput::None;
+    c.rng = true;
+    c.memory_hotplug = Some(crate::config::MemoryHotplug {
+        region_mib: 256,
+        block_mib: 4,
+    });
+    let opts = RunOptions {
+        allow_software_kvm: true,
+        ..Default::default()
+    };
+    let mut vm = Vm::start(c, opts).unwrap();
+    // The device comes last (rng keeps its window), with its command-line entry and the
+    // online policy.
+    let info = vm.info();
+    let names: Vec<_> = info.devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["rng", "mem"]);
+    assert!(
+        vm.cmdline.contains(&format!(
+            "virtio_mmio.device=4K@0xd0001000:6 {}",
+            super::HOTPLUG_CMDLINE
+        )),
+        "{}",
+        vm.cmdline
+    );
+    // KVM and the devices see the region at 4 GiB; the guest's memory map does not.
+    assert!(vm.mem.write_obj(7u64, GuestAddress(4 << 30)).is_ok());
+    assert!(
+        vm.mem
+            .write_obj(7u64, GuestAddress((4 << 30) + (256 << 20)))
+            .is_err()
+    );
+    let start_info: u32 = vm
+        .mem
+        .read_obj(GuestAddress(
+            crate::layout::PVH_START_INFO
+                + std::mem::offset_of!(
+                    linux_loader::loader::elf::start_info::hvm_start_info,
+                    memmap_entries
+                ) as u64,
+        ))
+        .unwrap();
+    assert_eq!(
+        start_info, 2,
+        "memmap_entries: low RAM and RAM above 1 MiB only"
+    );
+    for i in 0..2u64 {
+        let at = crate::layout::PVH_MEMMAP + i * 24;
+        let addr: u64 = vm.mem.read_obj(GuestAddress(at)).unwrap();
+        let size: u64 = vm.mem.read_obj(GuestAddress(at + 8)).unwrap();
+        assert!(addr + size <= 64 << 20, "{addr:#x}+{size:#x}");
+    }
+    let hp = info.memory_hotplug.unwrap();
+    assert_eq!(
+        (
+            hp.region_mib,
+            hp.block_mib,
+            hp.plugged_mib,
+            hp.requested_mib
+        ),
+        (256, 4, 0, 0)
+    );
+    let v = handle(&vm, Request::Memory { requested_mib: 128 });
+    assert_eq!(
+        v,
+        serde_json::json!({"ok": true, "requested_mib": 128, "plugged_mib": 0, "region_mib": 256})
+    );
+    assert_eq!(vm.info().memory_hotplug.unwrap().requested_mib, 128);
+    for (n, reason) in [
+        (6, "multiple of block_mib 4"),
+        (260, "exceeds region_mib 256"),
+    ] {
+        let v = handle(&vm, Request::Memory { requested_mib: n });
+        assert_eq!(v["ok"], false);
+        assert!(v["error"].as_str().unwrap().contains(reason), "{v}");
+    }
+    assert_eq!(vm.info().memory_hotplug.unwrap().requested_mib, 128);
+    vm.state.request_exit(ExitReason::PowerOff);
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(10))),
+        Some(ExitReason::PowerOff)
+    );
+}
+
+#[test]
+fn memory_request_without_hotplug_is_refused() {
+    if !kvm_usable() {
+        return;
+    }
+    let (mut vm, _dir) = spinning_vm();
+    assert_eq!(vm.info().memory_hotplug, None);
+    assert!(!vm.cmdline.contains("memhp_default_state"));
+    let v = crate::api::handle(&vm, crate::api::Request::Memory { requested_mib: 2 });
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["error"].as_str().unwrap().contains("no memory hot-plug"),
+        "{v}"
+    );
+    vm.state.request_exit(ExitReason::PowerOff);
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(10))),
+        Some(ExitReason::PowerOff)
+    );
+}
