@@ -474,9 +474,10 @@ impl Config {
         Ok(())
     }
 
-    /// The size of a sandbox VM holding containers with these limits: the defaults plus
-    /// the containers' CPU quotas (rounded up to whole vCPUs) and memory limits, capped by
-    /// the configured maxima.
+    /// A rough size of a VM holding containers with these limits, silently capped by the
+    /// configured maxima (for tools and tests that boot a VM by hand). Sandboxes are sized
+    /// by the runtime's policy (`carapace_runtime::sizing`), which refuses past the maxima
+    /// instead of capping and resizes the VM as containers join and leave.
     pub fn vm_resources(&self, limits: &[ContainerLimits]) -> VmResources {
         let h = &self.hypervisor;
         let mut millicpus: u64 = 0;

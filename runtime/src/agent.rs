@@ -182,6 +182,8 @@ pub trait AgentApi: Send + Sync {
     /// Waits (unbounded) for the next OOM kill in any container of the VM; returns the
     /// container's id.
     async fn next_oom_event(&self) -> Result<String, AgentError>;
+    /// Makes `count` vCPUs online in the guest (cpu0 included); returns how many are.
+    async fn set_online_cpus(&self, count: u32) -> Result<u32, AgentError>;
 }
 
 /// A connection to one agent, shared by everything that talks to that VM.
@@ -582,6 +584,18 @@ impl AgentApi for TtrpcAgent {
             .await
             .map(|e| e.container_id)
             .map_err(Self::rpc_err("GetOomEvent", "the sandbox"))
+    }
+
+    async fn set_online_cpus(&self, count: u32) -> Result<u32, AgentError> {
+        let req = carapace_protocol::agent::SetOnlineCpusRequest {
+            count,
+            ..Default::default()
+        };
+        self.client
+            .set_online_cpus(self.ctx(), &req)
+            .await
+            .map(|r| r.online)
+            .map_err(Self::rpc_err("SetOnlineCpus", "the sandbox"))
     }
 
     async fn configure_network(&self, plan: &NetworkPlan) -> Result<(), AgentError> {

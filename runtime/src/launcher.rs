@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_config::{Config, VhostNetMode, VmResources};
-use carapace_vm_config::{FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig, format_mac};
+use carapace_vm_config::{
+    FsConfig, MemoryHotplug, NetConfig, SerialOutput, VmConfig, VsockConfig, format_mac,
+};
 
 use crate::process::{ProcessError, ProcessRecord, spawn_detached_in};
 
@@ -152,11 +154,40 @@ pub struct VmPaths {
     pub nics: Vec<[u8; 6]>,
 }
 
-/// The VM description (`carapace-vmm`'s own `VmConfig`, crate `carapace-vm-config`).
+/// The host's online CPUs (`sysconf(_SC_NPROCESSORS_ONLN)`; 1 when unknown).
+pub fn host_online_cpus() -> u32 {
+    // SAFETY: sysconf reads a system value; it takes no pointers and has no side effects.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
+}
+
+/// The memory hot-plug region of a VM booting with `boot_mib` under `config`: what is left
+/// up to `hypervisor.max_memory_mib`, rounded down to the 128 MiB Linux memory block
+/// (none when nothing is left).
+pub fn hotplug_region(config: &Config, boot_mib: u32) -> Option<MemoryHotplug> {
+    let room = config.hypervisor.max_memory_mib.saturating_sub(boot_mib);
+    let region_mib = room - room % carapace_vm_config::HOTPLUG_ALIGN_MIB;
+    (region_mib > 0).then_some(MemoryHotplug {
+        region_mib,
+        block_mib: crate::sizing::DEFAULT_BLOCK_MIB,
+    })
+}
+
+/// The VM description (`carapace-vmm`'s own `VmConfig`, crate `carapace-vm-config`) of a
+/// VM that needs `res` at boot: it boots with `res.memory_mib` and a memory hot-plug
+/// region up to `hypervisor.max_memory_mib`, and with every vCPU it may ever use
+/// ([`crate::sizing::created_vcpus`]: `hypervisor.max_vcpus` capped by the host's online
+/// CPUs), of which the guest kernel starts `res.vcpus` (`maxcpus=`); the others wait,
+/// halted, until the agent brings them online (SetOnlineCpus).
 pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmConfig {
     let h = &config.hypervisor;
     // The VMM puts `console=ttyS0` first on every command line itself.
-    let mut cmdline = format!("carapace.log={}", config.debug.log_level.as_str());
+    let created = crate::sizing::created_vcpus(h, res.vcpus, host_online_cpus());
+    let mut cmdline = format!(
+        "carapace.log={} maxcpus={}",
+        config.debug.log_level.as_str(),
+        res.vcpus
+    );
     if paths.console.is_none() {
         // Nobody keeps the console: the kernel's boot messages would only cost time (two
         // port I/O exits per character, each a trip to the VMM); warnings still go out.
@@ -170,8 +201,10 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmC
     vm.initrd = Some(h.initrd.clone());
     vm.cmdline = cmdline;
     vm.memory_mib = res.memory_mib;
+    // The VMM adds the kernel parameters that online hot-plugged memory itself.
+    vm.memory_hotplug = hotplug_region(config, res.memory_mib);
     // The configuration's bounds are the VM description's (`MAX_VCPUS_LIMIT`).
-    vm.vcpus = u8::try_from(res.vcpus).unwrap_or(carapace_vm_config::MAX_VCPUS);
+    vm.vcpus = u8::try_from(created).unwrap_or(carapace_vm_config::MAX_VCPUS);
     vm.serial = match &paths.console {
         Some(p) => SerialOutput::File(p.clone()),
         None => SerialOutput::None,
@@ -365,7 +398,21 @@ mod tests {
         );
         assert_eq!(v.kernel, Path::new("/var/lib/carapace/guest/vmlinux"));
         assert_eq!(v.memory_mib, 512);
-        assert_eq!(v.vcpus, 2);
+        // every vCPU it may use (max_vcpus capped by the host), the needed ones started
+        assert_eq!(
+            u32::from(v.vcpus),
+            crate::sizing::created_vcpus(&config.hypervisor, 2, host_online_cpus())
+        );
+        assert!(v.vcpus >= 2);
+        assert!(v.cmdline.contains(" maxcpus=2"), "{}", v.cmdline);
+        // memory grows up to max_memory_mib (16384) in a region of 128 MiB multiples
+        let hp = v.memory_hotplug.as_ref().expect("hot-plug region");
+        assert_eq!((hp.region_mib, hp.block_mib), (16384 - 512, 2));
+        let mut small = Config::default();
+        small.hypervisor.max_memory_mib = 512 + 200;
+        assert_eq!(hotplug_region(&small, 512).map(|h| h.region_mib), Some(128));
+        small.hypervisor.max_memory_mib = 512 + 100;
+        assert_eq!(hotplug_region(&small, 512), None);
         assert_eq!(
             v.vsock.as_ref().unwrap().uds_path,
             Path::new("/r/x/vsock.sock")

@@ -110,6 +110,9 @@ pub struct GuestSpec {
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Resource limits, to size the VM.
     pub limits: ContainerLimits,
+    /// The number of CPUs in the spec's host CPU set (`linux.resources.cpu.cpus`), which is
+    /// taken out of the guest's spec ([`guest_resources`]) and sizes the VM instead.
+    pub cpuset_cpus: Option<u32>,
     /// Hostname, if the spec sets one.
     pub hostname: Option<String>,
     /// Whether the process wants a terminal.
@@ -382,6 +385,10 @@ pub fn translate(
                 .collect()
         })
         .unwrap_or_default();
+    let cpuset_cpus = match spec.pointer_mut("/linux/resources") {
+        Some(resources) => guest_resources(cid, resources),
+        None => None,
+    };
     let limits = ContainerLimits {
         cpu_quota_us: spec
             .pointer("/linux/resources/cpu/quota")
@@ -408,12 +415,51 @@ pub fn translate(
         binds,
         annotations,
         limits,
+        cpuset_cpus,
         hostname,
         terminal,
         netns,
         host_network,
         hooks,
     })
+}
+
+/// Makes an OCI `linux.resources` object fit the guest: the host's CPU and memory-node
+/// sets (`cpu.cpus`, `cpu.mems`) name host CPUs and NUMA nodes, which the guest does not
+/// have, so they are taken out (the container may use every online vCPU of the one guest
+/// node); returns the size of the CPU set, which sizes the VM instead
+/// ([`crate::sizing::Demand::of`]). A set that does not parse counts as none.
+pub fn guest_resources(cid: &str, resources: &mut Value) -> Option<u32> {
+    let cpu = resources.get_mut("cpu")?.as_object_mut()?;
+    let cpus = cpu.remove("cpus");
+    if let Some(mems) = cpu.remove("mems") {
+        tracing::debug!(cid, %mems, "host memory nodes are not the guest's: not applied in the guest");
+    }
+    let text = cpus.as_ref()?.as_str()?;
+    let count = cpu_list_len(text);
+    tracing::info!(
+        cid,
+        cpus = text,
+        ?count,
+        "host CPU set: sizes the VM, not applied in the guest"
+    );
+    count
+}
+
+/// The number of CPUs in a CPU list (`0-3,8`); `None` when malformed or empty.
+fn cpu_list_len(text: &str) -> Option<u32> {
+    let mut n: u32 = 0;
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?),
+            None => {
+                let c = part.trim().parse::<u32>().ok()?;
+                (c, c)
+            }
+        };
+        n = n.checked_add(hi.checked_sub(lo)?.checked_add(1)?)?;
+    }
+    (n > 0).then_some(n)
 }
 
 /// The default spec `carapace spec` writes: runc's shape (a `sh` with a terminal, rootfs
@@ -553,6 +599,25 @@ mod tests {
         assert_eq!(g.netns.as_deref(), Some(Path::new("/var/run/netns/cni-1")));
         assert_eq!(g.hostname.as_deref(), Some("carapace"));
         assert!(g.terminal);
+    }
+
+    #[test]
+    fn host_cpu_and_node_sets_leave_the_guest_spec_and_count_cpus() {
+        let mut r = json!({"cpu": {"quota": 1000, "cpus": "2-3,6", "mems": "0"}, "memory": {}});
+        assert_eq!(guest_resources("c", &mut r), Some(3));
+        assert_eq!(r, json!({"cpu": {"quota": 1000}, "memory": {}}));
+        for (set, n) in [
+            ("0", Some(1)),
+            ("", None),
+            ("3-1", None),
+            ("x", None),
+            ("0-4294967295", None),
+        ] {
+            let mut r = json!({"cpu": {"cpus": set}});
+            assert_eq!(guest_resources("c", &mut r), n, "{set:?}");
+            assert_eq!(r, json!({"cpu": {}}));
+        }
+        assert_eq!(guest_resources("c", &mut json!({"memory": {}})), None);
     }
 
     #[test]

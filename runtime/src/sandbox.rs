@@ -14,7 +14,8 @@
 //! off the executor, agent requests go over a [`Session`] the caller holds. Creating
 //! returns the session ([`create`](Runtime::create)); the shim keeps it for the VM's life,
 //! the CLI opens one per command ([`Runtime::session`]). Modules: `create` (sandboxes and
-//! pod containers), `ops` (start, kill, ps, exec), `delete` (delete and teardown).
+//! pod containers), `ops` (start, kill, ps, exec), `delete` (delete and teardown), `resize`
+//! (the VM sized to its containers: vCPUs online, memory plugged; resource updates).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -135,6 +136,20 @@ pub enum SandboxError {
     /// A `prestart`, `createRuntime` or `createContainer` hook failed: the create fails.
     #[error(transparent)]
     Hook(#[from] crate::hooks::HookError),
+    /// The pod's containers ask for more than its VM may have.
+    #[error(transparent)]
+    Sizing(#[from] crate::sizing::SizingError),
+    /// The VMM's control API (memory hot-plug).
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm_api::VmmApiError),
+    /// The VM could not be resized as asked.
+    #[error("resizing the VM of {id}: {what}")]
+    Resize {
+        /// The sandbox or container.
+        id: String,
+        /// What went wrong.
+        what: String,
+    },
     /// A blocking step (mounts, helper processes, teardown) panicked or was cancelled.
     #[error("a blocking sandbox step did not complete")]
     Blocking(#[source] tokio::task::JoinError),
@@ -461,5 +476,6 @@ impl Runtime {
 mod create;
 mod delete;
 mod ops;
+mod resize;
 #[cfg(test)]
 mod tests;

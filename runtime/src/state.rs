@@ -179,6 +179,32 @@ pub struct SandboxState {
     /// ([`crate::cgroup`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<crate::cgroup::HostCgroup>,
+    /// What this container adds to its VM's size ([`crate::sizing`]), from its limits at
+    /// create or at its last update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand: Option<crate::sizing::Demand>,
+    /// For a sandbox that owns a VM: its shape and current size, so that a later CLI call
+    /// or a restarted shim resizes from what the VM really is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmRecord>,
+}
+
+/// A VM's shape (fixed at boot) and its current size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// vCPUs the VMM created (the most the guest can bring online).
+    pub created_vcpus: u32,
+    /// Memory the VM booted with (MiB); hot-plugged memory comes on top.
+    pub boot_memory_mib: u32,
+    /// Size of the memory hot-plug region (MiB); 0: no hot-plug device.
+    pub hotplug_region_mib: u32,
+    /// Hot-plug block size (MiB).
+    pub hotplug_block_mib: u32,
+    /// The size before any container: the sandbox's `default_vcpus` and
+    /// `default_memory_mib` (its annotations may have changed the configuration's).
+    pub base: crate::sizing::Size,
+    /// The size applied last: vCPUs online in the guest, boot plus plugged memory.
+    pub size: crate::sizing::Size,
 }
 
 /// A sandbox's network: the plan read from its network namespace and, once made, the taps
@@ -472,6 +498,8 @@ impl SandboxState {
             network: None,
             hooks: None,
             host_cgroup: None,
+            demand: None,
+            vm: None,
         }
     }
 

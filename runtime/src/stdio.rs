@@ -334,6 +334,9 @@ mod tests {
         async fn next_oom_event(&self) -> Result<String, AgentError> {
             unreachable!()
         }
+        async fn set_online_cpus(&self, _: u32) -> Result<u32, AgentError> {
+            unreachable!()
+        }
         async fn configure_network(
             &self,
             _: &crate::network::NetworkPlan,

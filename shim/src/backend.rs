@@ -82,6 +82,16 @@ pub trait Backend: Send + Sync + 'static {
         session: Option<&Session>,
     ) -> Result<(), BackendError>;
 
+    /// Applies an OCI `linux.resources` object (JSON) to container `id`: its VM is
+    /// resized first (refused when the pod would pass its maxima), then the guest's cgroup
+    /// is updated, through `session`.
+    async fn update(
+        &self,
+        id: &str,
+        resources_json: &[u8],
+        session: &Session,
+    ) -> Result<(), BackendError>;
+
     /// Kills the VM that runs `id` at once (an agent that no longer answers cannot deliver
     /// a SIGKILL); the session to it breaks. Its state stays for `delete`.
     async fn kill_vm(&self, id: &str) -> Result<(), BackendError>;

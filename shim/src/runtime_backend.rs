@@ -181,6 +181,21 @@ impl Backend for RuntimeBackend {
         result.map_err(|e| BackendError::new("deleting", id, e))
     }
 
+    async fn update(
+        &self,
+        id: &str,
+        resources_json: &[u8],
+        session: &Session,
+    ) -> Result<(), BackendError> {
+        let runtime = self
+            .runtime_of(id)
+            .ok_or_else(|| BackendError::new("updating", id, "not created by this shim"))?;
+        runtime
+            .update_resources(id, resources_json, Some(session))
+            .await
+            .map_err(|e| BackendError::new("updating the resources of", id, e))
+    }
+
     async fn kill_vm(&self, id: &str) -> Result<(), BackendError> {
         let runtime = self.runtime_of(id).ok_or_else(|| {
             BackendError::new("killing the VM of", id, "not created by this shim")

@@ -594,17 +594,15 @@ impl Tasks {
         Ok(())
     }
 
-    /// Applies an OCI `linux.resources` object (JSON) to a container.
+    /// Applies an OCI `linux.resources` object (JSON) to a container: the backend resizes
+    /// its VM first, then updates the guest's cgroup.
     pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<(), TaskError> {
         let agent = self.agent_in(
             id,
             "update",
             &[ProcState::Created, ProcState::Running, ProcState::Paused],
         )?;
-        agent
-            .update_resources(id, &resources_json)
-            .await
-            .map_err(agent_err(id, ""))
+        Ok(self.backend.update(id, &resources_json, &agent).await?)
     }
 
     /// The container's cgroup statistics.

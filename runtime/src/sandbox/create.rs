@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::resize::Direction;
 use super::{AGENT_RETRY, FSD_SOCKET_TIMEOUT, Placement, Runtime, SandboxError, SandboxPaths};
 use super::{blocking, io_err};
 use crate::agent::{AgentError, Session, Share};
@@ -14,7 +15,8 @@ use crate::launcher::{FsRequest, VmPaths, VmRequest, check_image, vm_description
 use crate::network::AttachedTap;
 use crate::oci::{self, Bundle, GUEST_SHARED_DIR, SHARED_FS_TAG};
 use crate::process::{ProcessRecord, log_tail, wait_for_socket};
-use crate::state::{MountRecord, SandboxNetwork, SandboxState, Status};
+use crate::sizing::{self, Bounds, DEFAULT_BLOCK_MIB, Demand, Size};
+use crate::state::{MountRecord, SandboxNetwork, SandboxState, Status, VmRecord};
 use std::os::fd::AsFd;
 
 /// A VM cannot share the host's network: a spec without a network namespace (`docker run
@@ -103,10 +105,15 @@ impl Runtime {
                 field: format!("annotations.{}", e.annotation()),
                 reason: carapace_errors::chain(&e),
             })?;
+        // The VM's size at boot: refused here, before anything exists, when too large.
+        let demand = Demand::of(&guest.limits, guest.cpuset_cpus, DEFAULT_BLOCK_MIB);
+        let h = &vm_config.hypervisor;
+        let boot = sizing::size(h, &Bounds::new(h, None), &[(id.to_owned(), demand)], id)?;
         self.store.create_dir(id)?;
         let mut st = SandboxState::new(id, &bundle.dir, guest.annotations.clone());
         st.hooks = guest.hooks.clone();
-        match self.host_steps(&mut st, &guest, &paths, &vm_config) {
+        st.demand = Some(demand);
+        match self.host_steps(&mut st, &guest, &paths, &vm_config, boot) {
             Ok((vmm, spec_bytes, started)) => Ok(Booting {
                 hostname: guest.hostname.clone().unwrap_or_else(|| id.to_owned()),
                 st,
@@ -131,6 +138,7 @@ impl Runtime {
         guest: &oci::GuestSpec,
         paths: &SandboxPaths,
         vm_config: &carapace_config::Config,
+        boot: Size,
     ) -> Result<(ProcessRecord, Vec<u8>, Instant), SandboxError> {
         let id = st.id.clone();
         self.store.save(st)?;
@@ -186,7 +194,10 @@ impl Runtime {
             FSD_SOCKET_TIMEOUT,
         )?;
 
-        let resources = vm_config.vm_resources(&[guest.limits]);
+        let resources = carapace_config::VmResources {
+            vcpus: boot.vcpus,
+            memory_mib: boot.memory_mib,
+        };
         let desc = vm_description(
             vm_config,
             resources,
@@ -207,7 +218,26 @@ impl Runtime {
             serde_json::to_vec_pretty(&desc).unwrap_or_default(),
         )
         .map_err(io_err("writing", &paths.vm_json))?;
-        tracing::info!(id, ?resources, "starting VMM");
+        let hotplug = desc.memory_hotplug.as_ref();
+        st.vm = Some(VmRecord {
+            created_vcpus: u32::from(desc.vcpus),
+            boot_memory_mib: desc.memory_mib,
+            hotplug_region_mib: hotplug.map_or(0, |h| h.region_mib),
+            hotplug_block_mib: hotplug.map_or(DEFAULT_BLOCK_MIB, |h| h.block_mib),
+            base: Size {
+                vcpus: vm_config.hypervisor.default_vcpus,
+                memory_mib: vm_config.hypervisor.default_memory_mib,
+            },
+            size: boot,
+        });
+        self.store.save(st)?;
+        tracing::info!(
+            id,
+            ?resources,
+            created_vcpus = desc.vcpus,
+            hotplug_mib = hotplug.map_or(0, |h| h.region_mib),
+            "starting VMM"
+        );
         let started = Instant::now();
         let vmm = self.launcher.start_vmm(&VmRequest {
             description: paths.vm_json.clone(),
@@ -385,7 +415,16 @@ impl Runtime {
             Err(error) => {
                 let rt = self.clone();
                 let (st, sid) = (joining.st, sandbox_id.to_owned());
-                Err(blocking(move || Ok(rt.member_torn_down(&st, &sid, error))).await?)
+                let error = blocking(move || Ok(rt.member_torn_down(&st, &sid, error))).await?;
+                // The VM may have grown for it: back to what the others need.
+                let agent = match session {
+                    Some(s) => Some(s.clone()),
+                    None => self.connect(&joining.sandbox).await.ok(),
+                };
+                if let Some(agent) = agent {
+                    self.shrink_after_removal(sandbox_id, &agent).await;
+                }
+                Err(error)
             }
         }
     }
@@ -451,9 +490,16 @@ impl Runtime {
             Placement::HostAgent => sandbox_paths.shared.clone(),
         };
         let guest = oci::translate(bundle, cid, &guest_shared, sandbox.guest_pid)?;
+        // Refused here, before anything exists, when the pod would not fit its VM.
+        let block = sandbox
+            .vm
+            .map_or(DEFAULT_BLOCK_MIB, |v| v.hotplug_block_mib);
+        let demand = Demand::of(&guest.limits, guest.cpuset_cpus, block);
+        self.check_fits(sandbox_id, cid, Some(demand))?;
         self.store.create_dir(cid)?;
         let mut st = SandboxState::new(cid, &bundle.dir, guest.annotations.clone());
         st.sandbox_id = Some(sandbox_id.to_owned());
+        st.demand = Some(demand);
         st.hooks = guest.hooks.clone();
         let bound = (|| {
             self.store.save(&st)?;
@@ -482,6 +528,9 @@ impl Runtime {
             Some(s) => s.clone(),
             None => self.connect(&j.sandbox).await?,
         };
+        // The VM grows before the guest creates the container.
+        self.resize_vm(&j.sandbox.id, &j.st.id, &agent, Direction::Grow)
+            .await?;
         agent.create_container(&j.st.id, &j.spec_bytes).await?;
         j.st.status = Status::Created;
         self.store.save(&j.st)?;

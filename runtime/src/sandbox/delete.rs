@@ -78,11 +78,13 @@ impl Runtime {
             }
             Deleting::Member { st, sandbox_id } => {
                 let t = Instant::now();
+                let mut pod_agent = None;
                 if let Some(vmm) = self.vm_of(&st)
                     && vmm.is_alive()
                 {
                     match self.delete_session(session, &vmm, &sandbox_id).await {
                         Ok(agent) => {
+                            pod_agent = Some(agent.clone());
                             let connected = t.elapsed();
                             if let Err(e) = agent.remove_container(&st.id).await {
                                 tracing::warn!(id = st.id, error = %carapace_errors::Chain(&e), "RemoveContainer failed");
@@ -100,9 +102,10 @@ impl Runtime {
                     }
                 }
                 let rt = self.clone();
+                let sid = sandbox_id.clone();
                 blocking(move || {
                     let t = Instant::now();
-                    rt.teardown_member(&st, &sandbox_id)?;
+                    rt.teardown_member(&st, &sid)?;
                     tracing::info!(
                         id = st.id,
                         teardown_ms = t.elapsed().as_millis() as u64,
@@ -111,7 +114,12 @@ impl Runtime {
                     poststop(&st);
                     Ok(())
                 })
-                .await
+                .await?;
+                // Its share of the VM goes back (best effort; logged).
+                if let Some(agent) = pod_agent {
+                    self.shrink_after_removal(&sandbox_id, &agent).await;
+                }
+                Ok(())
             }
         }
     }

@@ -268,6 +268,13 @@ impl AgentApi for FakeAgent {
     async fn next_oom_event(&self) -> Result<String, AgentError> {
         self.call("next_oom_event").map(|()| "c1".into())
     }
+    async fn set_online_cpus(&self, count: u32) -> Result<u32, AgentError> {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("set_online_cpus {count}"));
+        self.call("set_online_cpus").map(|()| count)
+    }
     async fn configure_network(&self, plan: &NetworkPlan) -> Result<(), AgentError> {
         assert_eq!(plan.interfaces[0].name, "eth0");
         self.call("configure_network")
@@ -1123,5 +1130,95 @@ fn a_spec_asking_for_the_host_network_is_refused_before_anything_starts() {
         "{msg}"
     );
     assert!(f.events().is_empty(), "nothing started: {:?}", f.events());
+    f.assert_clean();
+}
+
+/// Writes `f.bundle`'s spec with these CPU (quota per 100 ms period) and memory limits.
+fn set_limits(f: &Fixture, quota_us: i64, memory: i64) {
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.bundle.join("config.json")).unwrap()).unwrap();
+    spec["linux"]["resources"] = serde_json::json!({
+        "cpu": {"quota": quota_us, "period": 100_000, "cpus": "0-1"},
+        "memory": {"limit": memory},
+    });
+    std::fs::write(f.bundle.join("config.json"), spec.to_string()).unwrap();
+}
+
+#[test]
+fn the_pods_vm_grows_as_containers_join_and_refuses_past_its_maximum() {
+    let f = fixture(Setup::default());
+    f.rt.create("c1", &f.bundle).unwrap();
+    // deterministic whatever this host's CPUs: the VM was created with 3 vCPUs
+    f.rt.store
+        .update("c1", |st| st.vm.as_mut().unwrap().created_vcpus = 3)
+        .unwrap();
+    let vm = f.rt.store.load("c1").unwrap().vm.unwrap();
+    assert_eq!(
+        vm.size,
+        crate::sizing::Size {
+            vcpus: 1,
+            memory_mib: 256
+        }
+    );
+    assert_eq!(vm.boot_memory_mib, 256);
+    // the VMM gets a hot-plug region up to max_memory_mib
+    assert_eq!(vm.hotplug_region_mib, 16384 - 256);
+
+    // 1.5 CPUs: 2 more vCPUs, online before the guest creates the container; no memory
+    set_limits(&f, 150_000, 0);
+    f.rt.create_in_sandbox("c1", "c2", &f.bundle).unwrap();
+    let events = f.events();
+    assert_eq!(
+        events[events.len() - 3..],
+        ["set_online_cpus 3", "set_online_cpus", "create_container"],
+        "{events:?}"
+    );
+    assert_eq!(f.rt.store.load("c1").unwrap().vm.unwrap().size.vcpus, 3);
+    // the host CPU set stays on the host
+    let guest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.tmp.path().join("run/c2/config.json")).unwrap())
+            .unwrap();
+    assert!(
+        guest["linux"]["resources"]["cpu"].get("cpus").is_none(),
+        "{guest}"
+    );
+
+    // one more CPU is past the VM's 3 vCPUs: refused naming it, nothing of it left
+    set_limits(&f, 100_000, 0);
+    let before = f.events().len();
+    let err = f.rt.create_in_sandbox("c1", "c3", &f.bundle).unwrap_err();
+    let msg = carapace_errors::chain(&err);
+    assert!(
+        msg.contains("c3") && msg.contains("4 vCPUs") && msg.contains("maximum of 3"),
+        "{msg}"
+    );
+    assert!(!f.tmp.path().join("run/c3").exists());
+    assert_eq!(f.rt.members("c1").unwrap(), ["c2"]);
+    assert!(
+        !f.events()[before..].contains(&"create_container".to_string()),
+        "{:?}",
+        f.events()
+    );
+
+    // c2 leaves: the VM shrinks back to the default
+    f.rt.delete("c2", true).unwrap();
+    assert_eq!(f.events().last().unwrap(), "set_online_cpus");
+    assert!(f.events().contains(&"set_online_cpus 1".to_string()));
+    assert_eq!(f.rt.store.load("c1").unwrap().vm.unwrap().size.vcpus, 1);
+    f.rt.delete("c1", true).unwrap();
+    f.assert_clean();
+}
+
+#[test]
+fn a_sandbox_too_large_to_boot_is_refused_before_anything_exists() {
+    let f = fixture(Setup::default());
+    set_limits(&f, 100_000, 20 << 30);
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    let msg = carapace_errors::chain(&err);
+    assert!(
+        msg.contains("c1") && msg.contains("memory") && msg.contains("16384"),
+        "{msg}"
+    );
+    assert!(f.events().is_empty(), "{:?}", f.events());
     f.assert_clean();
 }

@@ -267,6 +267,9 @@ impl AgentApi for FakeAgent {
         s.memory.mut_or_insert_default().usage = 4096 * pids;
         Ok(s)
     }
+    async fn set_online_cpus(&self, count: u32) -> Result<u32, AgentError> {
+        Ok(count)
+    }
     async fn next_oom_event(&self) -> Result<String, AgentError> {
         loop {
             if let Some(id) = self.ooms.lock().expect("lock").pop_front() {
@@ -344,6 +347,23 @@ impl Backend for FakeBackend {
             .push(format!("delete {id} {role:?}"));
         Ok(())
     }
+    async fn update(
+        &self,
+        id: &str,
+        resources_json: &[u8],
+        session: &Session,
+    ) -> Result<(), BackendError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("update {id}"));
+        // the runtime resizes the VM, then updates the guest through the session
+        session
+            .update_resources(id, resources_json)
+            .await
+            .map_err(|e| BackendError::new("updating", id, e))
+    }
+
     async fn kill_vm(&self, id: &str) -> Result<(), BackendError> {
         self.calls
             .lock()
@@ -925,6 +945,13 @@ async fn pause_resume_update_and_stats_reach_the_agent_with_their_events() {
 
     let json = br#"{"memory":{"limit":33554432}}"#.to_vec();
     f.tasks.update("c5", json).await.expect("update");
+    assert!(
+        f.backend
+            .calls
+            .lock()
+            .expect("lock")
+            .contains(&"update c5".to_owned())
+    );
     assert_eq!(
         f.backend.agent.updates.lock().expect("lock").clone(),
         [(

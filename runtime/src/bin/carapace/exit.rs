@@ -44,9 +44,12 @@ fn sandbox_exit_code(e: &SandboxError) -> u8 {
         SandboxError::State(s) => state_exit_code(s),
         SandboxError::Io { .. } => code::FAILURE,
         SandboxError::WrongStatus { .. } => code::CONFLICT,
-        SandboxError::Spec(_) => code::BAD_SPEC,
+        SandboxError::Spec(_) | SandboxError::Sizing(_) => code::BAD_SPEC,
         SandboxError::Image(_) => code::HOST,
-        SandboxError::Process(_) | SandboxError::VmmExited { .. } => code::HELPER,
+        SandboxError::Process(_)
+        | SandboxError::VmmExited { .. }
+        | SandboxError::Vmm(_)
+        | SandboxError::Resize { .. } => code::HELPER,
         SandboxError::Agent(_) | SandboxError::AgentTimeout { .. } => code::AGENT,
         SandboxError::Mount(_) => code::MOUNT,
         SandboxError::Teardown { .. } => code::TEARDOWN,
