@@ -1055,6 +1055,170 @@ fn vmm_two_vcpus_online() {
     });
 }
 
+/// The last `mem total_kib=N` the guest printed, and whether `mem touched_mib=` follows it.
+fn guest_mem_total(serial: &str) -> Option<(u64, bool)> {
+    let lines: Vec<&str> = serial.lines().collect();
+    let i = lines
+        .iter()
+        .rposition(|l| l.contains("vmm-guest-test: mem total_kib="))?;
+    let kib = lines[i]
+        .rsplit_once('=')
+        .and_then(|(_, n)| n.trim().parse().ok())?;
+    let touched = lines[i..].iter().any(|l| l.contains("mem touched_mib="));
+    Some((kib, touched))
+}
+
+/// The VMM process's resident memory (KiB).
+fn rss_kib(vm: &Vmm) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id()))
+        .expect("VMM /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Polls `info` until `memory_hotplug.plugged_mib` is `want`, or has not moved for 30 s, or
+/// `deadline` passed; returns the last value.
+fn wait_plugged(vm: &Vmm, want: u64, deadline: Duration) -> u64 {
+    let t = Instant::now();
+    let (mut last, mut moved) = (u64::MAX, Instant::now());
+    loop {
+        let info = vm.api(r#"{"cmd":"info"}"#);
+        let p = info["memory_hotplug"]["plugged_mib"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no plugged_mib in {info}"));
+        if p == want || t.elapsed() > deadline || moved.elapsed() > Duration::from_secs(30) {
+            return p;
+        }
+        if p != last {
+            (last, moved) = (p, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the guest's last MemTotal satisfies `ok` (and, with `touched`, the guest
+/// used the new memory after printing it).
+fn wait_guest_total(vm: &mut Vmm, touched: bool, ok: impl Fn(u64) -> bool) -> u64 {
+    let t = Instant::now();
+    while t.elapsed() < BOOT_DEADLINE {
+        if let Some((kib, t)) = guest_mem_total(&vm.serial())
+            && ok(kib)
+            && (t || !touched)
+        {
+            return kib;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "guest MemTotal never got there\nserial:\n{}\nvmm:\n{}",
+        vm.serial(),
+        vm.log()
+    );
+}
+
+/// virtio-mem: 256 MiB of RAM and a 512 MiB hot-plug region; the API asks for 256 MiB, the
+/// guest driver plugs them, the kernel onlines them (MemTotal grows) and the guest uses
+/// them; then the API asks for 0, the guest unplugs (the memory is in ZONE_MOVABLE with
+/// auto-movable, and free again) and the VMM gives it back to the host (its RSS drops).
+fn virtio_mem(f: &Fixture) {
+    let mut vm = Vmm::start(
+        f,
+        tempfile::tempdir().expect("tempdir"),
+        "mem",
+        &["--memory-hotplug", "512"],
+    );
+    vm.wait_serial("vmm-guest-test: mem total_kib=");
+    let (base_kib, _) = guest_mem_total(&vm.serial()).expect("MemTotal");
+    let info = vm.api(r#"{"cmd":"info"}"#);
+    assert_eq!(
+        info["memory_hotplug"],
+        serde_json::json!({"block_mib": 2, "plugged_mib": 0, "region_mib": 512, "requested_mib": 0}),
+        "{info}"
+    );
+    let cmdline = info["cmdline"].as_str().unwrap_or_default();
+    assert!(
+        cmdline.contains("memhp_default_state=online memory_hotplug.online_policy=auto-movable"),
+        "{cmdline}"
+    );
+    let mem_dev = info["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "mem"));
+    assert!(mem_dev.is_some(), "{info}");
+    for (n, why) in [(3, "multiple of block_mib"), (1024, "exceeds region_mib")] {
+        let r = vm.api(&format!(r#"{{"cmd":"memory","requested_mib":{n}}}"#));
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(r["error"].as_str().unwrap_or_default().contains(why), "{r}");
+    }
+    let rss_before = rss_kib(&vm);
+
+    let t = Instant::now();
+    let r = vm.api(r#"{"cmd":"memory","requested_mib":256}"#);
+    assert_eq!(
+        r,
+        serde_json::json!({"ok": true, "requested_mib": 256, "plugged_mib": 0, "region_mib": 512}),
+    );
+    let plugged = wait_plugged(&vm, 256, Duration::from_secs(180));
+    let plug_time = t.elapsed();
+    assert_eq!(plugged, 256, "serial:\n{}\nvmm:\n{}", vm.serial(), vm.log());
+    let grown_kib = wait_guest_total(&mut vm, true, |k| k >= base_kib + 250 * 1024);
+    assert!(
+        grown_kib <= base_kib + 256 * 1024,
+        "{base_kib} -> {grown_kib}"
+    );
+    let rss_plugged = rss_kib(&vm);
+
+    let t = Instant::now();
+    let r = vm.api(r#"{"cmd":"memory","requested_mib":0}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["requested_mib"], 0, "{r}");
+    let plugged = wait_plugged(&vm, 0, Duration::from_secs(180));
+    let unplug_time = t.elapsed();
+    // Everything comes back: the hot-plugged memory is all in ZONE_MOVABLE (auto-movable)
+    // and the guest freed what it used.
+    assert_eq!(plugged, 0, "serial:\n{}\nvmm:\n{}", vm.serial(), vm.log());
+    let shrunk_kib = wait_guest_total(&mut vm, false, |k| k <= base_kib + 1024);
+    let rss_after = rss_kib(&vm);
+    eprintln!(
+        "virtio-mem: guest MemTotal {base_kib} -> {grown_kib} -> {shrunk_kib} KiB; plug 256 MiB \
+         in {plug_time:?}, unplug in {unplug_time:?}; VMM RSS {rss_before} -> {rss_plugged} -> \
+         {rss_after} KiB"
+    );
+    assert!(
+        rss_plugged >= rss_before + 128 * 1024,
+        "the guest's use of the new memory did not show: RSS {rss_before} -> {rss_plugged} KiB"
+    );
+    assert!(
+        rss_after + 128 * 1024 <= rss_plugged,
+        "unplugged memory was not given back: RSS {rss_plugged} -> {rss_after} KiB"
+    );
+    let m = vm.api(r#"{"cmd":"metrics"}"#);
+    let d = &m["devices"]["mem"]["device"];
+    assert_eq!(d["errors"], 0, "{m}");
+    assert_eq!(d["discard_failures"], 0, "{m}");
+    assert!(
+        d["discarded_bytes"].as_u64().unwrap_or(0) >= 256 << 20,
+        "{m}"
+    );
+    let r = vm.api(r#"{"cmd":"shutdown","grace_secs":0}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+}
+
+/// Memory hot-plug and unplug with virtio-mem, seen from the guest and the host.
+#[test]
+fn vmm_virtio_mem_plug_and_unplug() {
+    let f = Fixture::get();
+    in_kvm(
+        module_path!(),
+        "vmm_virtio_mem_plug_and_unplug",
+        f.lab(),
+        || virtio_mem(&f),
+    );
+}
+
 /// API shutdown with a grace period presses Ctrl-Alt-Del on the guest's i8042 keyboard.
 fn shutdown_asks_guest(f: &Fixture) {
     // The guest's init disabled the kernel's C-A-D restart: it gets SIGINT and powers off.

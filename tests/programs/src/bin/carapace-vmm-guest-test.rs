@@ -19,6 +19,9 @@
 //!   run on;
 //! - `net=<a.b.c.d>/<prefix>`: give eth0 that address, bring it up and serve TCP echo on
 //!   port 7777 (one thread per connection);
+//! - `mem`: print `mem total_kib=N` (MemTotal) at start and whenever it changes (memory
+//!   hot-plug), checked every 200 ms; after it grows, touch that much memory minus 32 MiB
+//!   once (as a workload would), free it and print `mem touched_mib=M`;
 //! - `poweroff` / `reboot`: when everything else is done.
 //!
 //! It prints `vmm-guest-test: ready` first, then writes the boot-done marker (123) to port
@@ -277,6 +280,45 @@ fn echo_server() {
 }
 
 #[cfg(target_os = "linux")]
+fn mem_total_kib() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    m.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(target_os = "linux")]
+fn mem_watch() {
+    let mut last = mem_total_kib().unwrap_or(0);
+    say(&format!("mem total_kib={last}"));
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let Some(now) = mem_total_kib() else { continue };
+        if now == last {
+            continue;
+        }
+        say(&format!("mem total_kib={now}"));
+        if now > last {
+            let mib = usize::try_from((now - last) / 1024)
+                .unwrap_or(0)
+                .saturating_sub(32);
+            let mut v = vec![0u8; mib << 20];
+            for page in v.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            std::hint::black_box(&v);
+            drop(v);
+            say(&format!("mem touched_mib={mib}"));
+        }
+        last = now;
+    }
+}
+
+#[cfg(target_os = "linux")]
 fn net_echo(spec: &str) {
     use std::io::{Read, Write};
     let parsed = spec.split_once('/').and_then(|(a, p)| {
@@ -378,6 +420,9 @@ fn main() {
                     .unwrap_or_else(|e| format!("error {e}"));
                 let n = std::thread::available_parallelism().map_or(0, |n| n.get());
                 say(&format!("cpus online={} usable={n}", online.trim()));
+            }
+            "mem" => {
+                std::thread::spawn(mem_watch);
             }
             "poweroff" | "reboot" => finish = Some(item.clone()),
             f if f.starts_with("fs=") => {
