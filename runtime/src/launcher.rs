@@ -154,13 +154,6 @@ pub struct VmPaths {
     pub nics: Vec<[u8; 6]>,
 }
 
-/// The host's online CPUs (`sysconf(_SC_NPROCESSORS_ONLN)`; 1 when unknown).
-pub fn host_online_cpus() -> u32 {
-    // SAFETY: sysconf reads a system value; it takes no pointers and has no side effects.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    u32::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
-}
-
 /// The memory hot-plug region of a VM booting with `boot_mib` under `config`: what is left
 /// up to `hypervisor.max_memory_mib`, rounded down to the 128 MiB Linux memory block
 /// (none when nothing is left).
@@ -176,13 +169,12 @@ pub fn hotplug_region(config: &Config, boot_mib: u32) -> Option<MemoryHotplug> {
 /// The VM description (`carapace-vmm`'s own `VmConfig`, crate `carapace-vm-config`) of a
 /// VM that needs `res` at boot: it boots with `res.memory_mib` and a memory hot-plug
 /// region up to `hypervisor.max_memory_mib`, and with every vCPU it may ever use
-/// ([`crate::sizing::created_vcpus`]: `hypervisor.max_vcpus` capped by the host's online
-/// CPUs), of which the guest kernel starts `res.vcpus` (`maxcpus=`); the others wait,
+/// ([`crate::sizing::created_vcpus`]: `hypervisor.max_vcpus`), of which the guest kernel starts `res.vcpus` (`maxcpus=`); the others wait,
 /// halted, until the agent brings them online (SetOnlineCpus).
 pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmConfig {
     let h = &config.hypervisor;
     // The VMM puts `console=ttyS0` first on every command line itself.
-    let created = crate::sizing::created_vcpus(h, res.vcpus, host_online_cpus());
+    let created = crate::sizing::created_vcpus(h, res.vcpus);
     let mut cmdline = format!(
         "carapace.log={} maxcpus={}",
         config.debug.log_level.as_str(),
@@ -398,12 +390,8 @@ mod tests {
         );
         assert_eq!(v.kernel, Path::new("/var/lib/carapace/guest/vmlinux"));
         assert_eq!(v.memory_mib, 512);
-        // every vCPU it may use (max_vcpus capped by the host), the needed ones started
-        assert_eq!(
-            u32::from(v.vcpus),
-            crate::sizing::created_vcpus(&config.hypervisor, 2, host_online_cpus())
-        );
-        assert!(v.vcpus >= 2);
+        // every vCPU it may use (max_vcpus), the needed ones started
+        assert_eq!(u32::from(v.vcpus), config.hypervisor.max_vcpus);
         assert!(v.cmdline.contains(" maxcpus=2"), "{}", v.cmdline);
         // memory grows up to max_memory_mib (16384) in a region of 128 MiB multiples
         let hp = v.memory_hotplug.as_ref().expect("hot-plug region");

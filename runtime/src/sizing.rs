@@ -136,8 +136,8 @@ pub fn size(
             max: bounds.max_vcpus,
             why: if bounds.vcpus_from_vm {
                 format!(
-                    "the vCPUs this VM was created with: hypervisor.max_vcpus = {}, capped by \
-                     the host's online CPUs",
+                    "the vCPUs this VM was created with; hypervisor.max_vcpus is {} now, but a \
+                     VM keeps the vCPUs it booted with",
                     h.max_vcpus
                 )
             } else {
@@ -163,11 +163,14 @@ pub fn size(
 }
 
 /// The number of vCPUs the VMM creates for a VM that needs `needed` at boot: as many as it
-/// may ever use, `hypervisor.max_vcpus` capped by the host's online CPUs (`host_cpus`), and
-/// never fewer than `needed`. Those not needed yet wait, halted, for the guest to bring
-/// them online.
-pub fn created_vcpus(h: &Hypervisor, needed: u32, host_cpus: u32) -> u32 {
-    h.max_vcpus.min(host_cpus.max(1)).max(needed)
+/// may ever use, `hypervisor.max_vcpus`, and never fewer than `needed`. Those not needed
+/// yet wait, halted (an idle host thread each), for the guest to bring them online.
+///
+/// Not capped by the host's CPUs: Kubernetes lets a container's CPU limit exceed the node's
+/// CPUs, and such a pod must start (its vCPUs time-share the host's CPUs, as a runc
+/// container's threads would); `max_vcpus` is the operator's bound.
+pub fn created_vcpus(h: &Hypervisor, needed: u32) -> u32 {
+    h.max_vcpus.max(needed)
 }
 
 #[cfg(test)]
@@ -284,7 +287,7 @@ mod tests {
         // the VM's own vCPUs cap it further, and the error says so
         let e = size(&h, &Bounds::new(&h, Some(2)), &big_cpu, "greedy").unwrap_err();
         assert_eq!(e.max, 2);
-        assert!(e.to_string().contains("host's online CPUs"), "{e}");
+        assert!(e.to_string().contains("created with"), "{e}");
         let big_mem = [(
             "hog".to_owned(),
             Demand {
@@ -334,11 +337,12 @@ mod tests {
     }
 
     #[test]
-    fn the_vmm_creates_max_vcpus_capped_by_the_host_but_never_fewer_than_needed() {
-        let h = Hypervisor::default(); // max_vcpus 8
-        assert_eq!(created_vcpus(&h, 1, 64), 8);
-        assert_eq!(created_vcpus(&h, 1, 4), 4);
-        assert_eq!(created_vcpus(&h, 3, 2), 3);
-        assert_eq!(created_vcpus(&h, 1, 0), 1);
+    fn the_vmm_creates_max_vcpus_but_never_fewer_than_needed() {
+        let mut h = Hypervisor::default(); // max_vcpus 8
+        assert_eq!(created_vcpus(&h, 1), 8);
+        assert_eq!(created_vcpus(&h, 8), 8);
+        h.max_vcpus = 2;
+        assert_eq!(created_vcpus(&h, 1), 2);
+        assert_eq!(created_vcpus(&h, 3), 3);
     }
 }
