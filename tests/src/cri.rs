@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 mod stats;
 pub use k8s_cri::v1::LinuxContainerResources;
-pub use stats::Usage;
+pub use stats::{Usage, limits};
 
 /// Errors from CRI calls.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
-//! CRI statistics and exit reasons: `ContainerStats`, `PodSandboxStats` and the reason of
-//! `ContainerStatus`, what a kubelet's summary API and `kubectl describe` show.
+//! CRI statistics, exit reasons and resources: `ContainerStats`, `PodSandboxStats`, the reason
+//! of `ContainerStatus` and `UpdateContainerResources`, what a kubelet reads and resizes.
 
 use super::{Cri, CriError, PodSpec, call_err, cri};
 
@@ -124,5 +124,37 @@ impl Cri {
             .map(|st| st.as_str_name().to_owned())
             .unwrap_or_else(|_| format!("state {}", s.state));
         Ok((state, s.exit_code, s.reason))
+    }
+}
+
+impl Cri {
+    /// `UpdateContainerResources`: the container's new limits, as a kubelet sends them
+    /// for an in-place resize.
+    pub fn update_container_resources(
+        &mut self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<(), CriError> {
+        self.rt
+            .block_on(self.runtime.update_container_resources(
+                cri::UpdateContainerResourcesRequest {
+                    container_id: id.to_owned(),
+                    linux: Some(resources),
+                    ..Default::default()
+                },
+            ))
+            .map_err(call_err(format!("UpdateContainerResources {id}")))?;
+        Ok(())
+    }
+}
+
+/// Linux resources of `cpus` whole CPUs (quota over a 100 ms period) and `memory_mib` MiB,
+/// what a pod spec's `limits` become.
+pub fn limits(cpus: i64, memory_mib: i64) -> cri::LinuxContainerResources {
+    cri::LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: cpus * 100_000,
+        memory_limit_in_bytes: memory_mib << 20,
+        ..Default::default()
     }
 }
