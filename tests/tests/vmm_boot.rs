@@ -428,8 +428,9 @@ fn virtiofsd() -> Option<PathBuf> {
     .find(|p| p.is_file())
 }
 
-/// Reads a file through virtio-fs served by `daemon` (vhost-user backend).
-fn fs_read_through(f: &Fixture, daemon: &Path, extra: &[&str]) {
+/// Reads a file through virtio-fs served by `daemon` (vhost-user backend); `extra` goes to
+/// the daemon, `vm_extra` to the VMM.
+fn fs_read_through(f: &Fixture, daemon: &Path, extra: &[&str], vm_extra: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).expect("shared dir");
@@ -450,7 +451,9 @@ fn fs_read_through(f: &Fixture, daemon: &Path, extra: &[&str]) {
     }
     let fs_arg = format!("myfs={}", sock.display());
     let vm_dir = tempfile::tempdir().expect("tempdir");
-    let mut vm = Vmm::start(f, vm_dir, "fs=myfs,poweroff", &["--fs", &fs_arg]);
+    let mut vm_args = vec!["--fs", &fs_arg];
+    vm_args.extend_from_slice(vm_extra);
+    let mut vm = Vmm::start(f, vm_dir, "fs=myfs,poweroff", &vm_args);
     let code = vm.wait_exit(BOOT_DEADLINE);
     let _ = fsd.kill();
     let _ = fsd.wait();
@@ -474,7 +477,7 @@ fn vmm_virtio_fs_with_virtiofsd() {
         || {
             let daemon = virtiofsd()
                 .expect("virtiofsd is not installed (scripts/setup.sh installs it with cargo)");
-            fs_read_through(&f, &daemon, &["--sandbox", "none", "--cache", "never"]);
+            fs_read_through(&f, &daemon, &["--sandbox", "none", "--cache", "never"], &[]);
         },
     );
 }
@@ -487,7 +490,22 @@ fn vmm_virtio_fs_with_carapace_fsd() {
         "vmm_virtio_fs_with_carapace_fsd",
         f.lab(),
         || {
-            fs_read_through(&f, &f.fsd, &[]);
+            fs_read_through(&f, &f.fsd, &[], &[]);
+        },
+    );
+}
+
+/// With memory hot-plug the vhost-user backend gets a memory table with the (memfd-backed)
+/// hot-plug region too, and serves the guest as before.
+#[test]
+fn vmm_virtio_mem_with_vhost_user_fs() {
+    let f = Fixture::get();
+    in_kvm(
+        module_path!(),
+        "vmm_virtio_mem_with_vhost_user_fs",
+        f.lab(),
+        || {
+            fs_read_through(&f, &f.fsd, &[], &["--memory-hotplug", "512"]);
         },
     );
 }

@@ -20,8 +20,8 @@
 //! - `net=<a.b.c.d>/<prefix>`: give eth0 that address, bring it up and serve TCP echo on
 //!   port 7777 (one thread per connection);
 //! - `mem`: print `mem total_kib=N` (MemTotal) at start and whenever it changes (memory
-//!   hot-plug), checked every 200 ms; after it grows, touch that much memory minus 32 MiB
-//!   once (as a workload would), free it and print `mem touched_mib=M`;
+//!   hot-plug), checked every 200 ms; after it grows, touch as much memory as it grew since
+//!   start minus 32 MiB (as a workload would), free it and print `mem touched_mib=M`;
 //! - `poweroff` / `reboot`: when everything else is done.
 //!
 //! It prints `vmm-guest-test: ready` first, then writes the boot-done marker (123) to port
@@ -293,7 +293,8 @@ fn mem_total_kib() -> Option<u64> {
 
 #[cfg(target_os = "linux")]
 fn mem_watch() {
-    let mut last = mem_total_kib().unwrap_or(0);
+    let start = mem_total_kib().unwrap_or(0);
+    let mut last = start;
     say(&format!("mem total_kib={last}"));
     loop {
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -303,7 +304,7 @@ fn mem_watch() {
         }
         say(&format!("mem total_kib={now}"));
         if now > last {
-            let mib = usize::try_from((now - last) / 1024)
+            let mib = usize::try_from(now.saturating_sub(start) / 1024)
                 .unwrap_or(0)
                 .saturating_sub(32);
             let mut v = vec![0u8; mib << 20];
