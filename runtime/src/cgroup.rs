@@ -179,6 +179,7 @@ pub fn create(root: &Path, cgroups_path: &str) -> Result<HostCgroup, CgroupError
                 }
                 inherit_cpuset(dir)?;
             }
+            delegate_controllers(&h, &leaf);
             made.dirs.push(leaf);
         }
         Ok(())
@@ -188,6 +189,44 @@ pub fn create(root: &Path, cgroups_path: &str) -> Result<HostCgroup, CgroupError
         Err(e) => {
             remove(&made);
             Err(e)
+        }
+    }
+}
+
+/// cgroup v2: every directory above `leaf` (from the hierarchy's root down) passes the
+/// controllers it has on to its children (`cgroup.subtree_control`), as runc does for the
+/// cgroups it makes; without that the leaf has no `memory.current` or `cpu.max`, the pod's
+/// limits do not apply to the VM and `PodSandboxStats` reads zeros. A host whose init
+/// delegates them already (systemd, a kubelet) needs no write. Best effort: a level that
+/// refuses (e.g. it holds processes itself) is logged and the helpers still join.
+fn delegate_controllers(hierarchy: &Path, leaf: &Path) {
+    if !hierarchy.join("cgroup.controllers").exists() {
+        return;
+    }
+    let mut levels: Vec<&Path> = leaf.ancestors().skip(1).collect();
+    levels.retain(|p| p.starts_with(hierarchy));
+    for dir in levels.into_iter().rev() {
+        let Ok(available) = std::fs::read_to_string(dir.join("cgroup.controllers")) else {
+            continue;
+        };
+        let control = dir.join("cgroup.subtree_control");
+        let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+        let missing: Vec<String> = available
+            .split_whitespace()
+            .filter(|c| !enabled.split_whitespace().any(|e| e == *c))
+            .map(|c| format!("+{c}"))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        if let Err(e) = std::fs::write(&control, missing.join(" ")) {
+            tracing::warn!(
+                cgroup = %dir.display(),
+                controllers = %missing.join(" "),
+                error = %e,
+                "cannot pass cgroup controllers on to the sandbox's cgroup; its limits and \
+                 statistics may not cover the VM"
+            );
         }
     }
 }

@@ -135,6 +135,30 @@ fn create_makes_what_is_missing_and_remove_takes_only_that() {
 }
 
 #[test]
+fn v2_controllers_are_passed_down_to_the_sandbox() {
+    let v2 = fake_tree(true);
+    let r = v2.path();
+    // the kubelet's pod level exists and passes cpu on already; memory is missing
+    std::fs::create_dir(r.join("kubepods")).unwrap();
+    std::fs::write(r.join("kubepods/cgroup.controllers"), "cpu memory\n").unwrap();
+    std::fs::write(r.join("kubepods/cgroup.subtree_control"), "cpu\n").unwrap();
+    let cg = create(r, "/kubepods/sandbox").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(r.join("cgroup.subtree_control")).unwrap(),
+        "+cpu +memory +pids"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("kubepods/cgroup.subtree_control")).unwrap(),
+        "+memory"
+    );
+    // the leaf passes nothing on (it holds the helpers)
+    assert!(!r.join("kubepods/sandbox/cgroup.subtree_control").exists());
+    std::fs::remove_file(r.join("kubepods/cgroup.controllers")).unwrap();
+    std::fs::remove_file(r.join("kubepods/cgroup.subtree_control")).unwrap();
+    assert!(remove(&cg).is_empty());
+}
+
+#[test]
 fn a_failed_create_leaves_nothing() {
     let v2 = fake_tree(true);
     // a file where a directory must go
