@@ -26,8 +26,9 @@ pub const DEFAULT_BLOCK_MIB: u32 = 2;
 /// A VM too small for what its containers ask.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "container {container} makes its pod's VM need {asked} {unit} of {resource}, more than \
-     the maximum of {max} ({why})"
+    "container {container} makes its pod's VM need {asked} {unit}{of}, more than the maximum \
+     of {max} {unit} ({why})",
+    of = if .resource == .unit { String::new() } else { format!(" of {}", .resource) }
 )]
 pub struct SizingError {
     /// The container whose limits went past the maximum.

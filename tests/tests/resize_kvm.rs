@@ -13,7 +13,7 @@ use carapace_tests::cri::{ContainerSpec, Cri, PodNetwork, PodSpec, limits};
 use carapace_tests::kvm_test;
 
 /// What the guest shows a container: (online vCPUs, MemTotal KiB).
-fn shape(cri: &mut Cri, id: &str) -> (u32, u64) {
+fn shape(cri: &mut Cri, id: &str) -> Result<(u32, u64), String> {
     let (code, out, err) = cri
         .exec_sync(
             id,
@@ -24,24 +24,30 @@ fn shape(cri: &mut Cri, id: &str) -> (u32, u64) {
             ],
             Duration::from_secs(300),
         )
-        .expect("ExecSync shape");
-    assert_eq!(code, 0, "shape probe: {err}");
+        .map_err(|e| format!("ExecSync shape in {id}: {e}"))?;
+    if code != 0 {
+        return Err(format!("shape probe in {id} exited {code}: {err}{out}"));
+    }
     let mut lines = out.lines().map(|l| l.trim().parse::<u64>());
     match (lines.next(), lines.next()) {
-        (Some(Ok(cpus)), Some(Ok(kib))) => (cpus as u32, kib),
-        _ => panic!("shape probe printed {out:?}"),
+        (Some(Ok(cpus)), Some(Ok(kib))) => Ok((cpus as u32, kib)),
+        _ => Err(format!("shape probe in {id} printed {out:?}")),
     }
 }
 
 /// Polls the guest's shape until `ok` holds (vCPUs come online and memory is plugged
 /// before CreateContainer/Update return; a short grace covers the guest's onlining of
 /// hot-plugged memory blocks), returning the last shape seen.
-fn shape_until(cri: &mut Cri, id: &str, ok: impl Fn((u32, u64)) -> bool) -> (u32, u64) {
+fn shape_until(
+    cri: &mut Cri,
+    id: &str,
+    ok: impl Fn((u32, u64)) -> bool,
+) -> Result<(u32, u64), String> {
     let start = std::time::Instant::now();
     loop {
-        let s = shape(cri, id);
+        let s = shape(cri, id)?;
         if ok(s) || start.elapsed() > Duration::from_secs(30) {
-            return s;
+            return Ok(s);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -84,7 +90,7 @@ kvm_test! {
             .create_container(&pod_id, &pod, &sleeper("base", None))
             .unwrap_or_else(|e| fail("CreateContainer base", &e));
         cri.start_container(&base).unwrap_or_else(|e| fail("StartContainer base", &e));
-        let (cpus0, mem0) = shape(&mut cri, &base);
+        let (cpus0, mem0) = shape(&mut cri, &base).unwrap_or_else(|e| fail("shape", &e));
         println!("defaults: {cpus0} vCPUs, MemTotal {mem0} KiB");
         assert_eq!(cpus0, 1, "default vCPUs");
         assert!(mem0 < 256 * MIB && mem0 > 128 * MIB, "default MemTotal {mem0} KiB");
@@ -98,16 +104,18 @@ kvm_test! {
         let grown = |(c, m): (u32, u64), cpus: u32, mib: u64| {
             c == cpus && m >= mem0 + mib * MIB - 4 * MIB && m <= mem0 + mib * MIB + 4 * MIB
         };
-        let s = shape_until(&mut cri, &big, |s| grown(s, 3, 512));
+        let s = shape_until(&mut cri, &big, |s| grown(s, 3, 512))
+            .unwrap_or_else(|e| fail("shape", &e));
         println!("with big (2 CPUs, 512 MiB): {} vCPUs, MemTotal {} KiB", s.0, s.1);
         assert!(grown(s, 3, 512), "after big joined: {s:?} (defaults {cpus0}, {mem0} KiB)");
-        assert_eq!(shape(&mut cri, &base).0, 3, "base sees the pod's vCPUs too");
+        assert_eq!(shape(&mut cri, &base).unwrap_or_else(|e| fail("shape", &e)).0, 3, "base sees the pod's vCPUs too");
 
         // in-place resize of big to 1 CPU / 256 MiB: one vCPU goes offline; memory is
         // given back where the guest can unplug it (auto-movable zone), never grown
         cri.update_container_resources(&big, limits(1, 256))
             .unwrap_or_else(|e| fail("UpdateContainerResources big (1 CPU, 256 MiB)", &e));
-        let s = shape_until(&mut cri, &big, |(c, m)| c == 2 && m <= mem0 + 256 * MIB + 4 * MIB);
+        let s = shape_until(&mut cri, &big, |(c, m)| c == 2 && m <= mem0 + 256 * MIB + 4 * MIB)
+            .unwrap_or_else(|e| fail("shape", &e));
         println!("big updated (1 CPU, 256 MiB): {} vCPUs, MemTotal {} KiB", s.0, s.1);
         assert_eq!(s.0, 2, "vCPUs after the update");
         assert!(s.1 <= mem0 + 512 * MIB + 4 * MIB, "memory grew on a shrink: {s:?}");
@@ -120,7 +128,8 @@ kvm_test! {
         cri.start_container(&small).unwrap_or_else(|e| fail("StartContainer small", &e));
         let s = shape_until(&mut cri, &small, |(c, m)| {
             c == 3 && m >= mem0 + (256 + 128) * MIB - 4 * MIB
-        });
+        })
+        .unwrap_or_else(|e| fail("shape", &e));
         println!("with small (1 CPU, 128 MiB): {} vCPUs, MemTotal {} KiB", s.0, s.1);
         assert_eq!(s.0, 3, "vCPUs after small joined");
         assert!(s.1 >= mem0 + (256 + 128) * MIB - 4 * MIB, "memory after small: {s:?}");
@@ -139,7 +148,7 @@ kvm_test! {
             text.contains("maximum") && text.contains("vCPUs"),
             "the refusal does not name the maximum: {text}"
         );
-        assert_eq!(shape(&mut cri, &small).0, 3, "a refused container changed the VM");
+        assert_eq!(shape(&mut cri, &small).unwrap_or_else(|e| fail("shape", &e)).0, 3, "a refused container changed the VM");
         cri.remove_container(&greedy)
             .unwrap_or_else(|e| fail("RemoveContainer greedy", &e));
 
@@ -147,7 +156,7 @@ kvm_test! {
         cri.stop_container(&small, Duration::from_secs(5))
             .unwrap_or_else(|e| fail("StopContainer small", &e));
         cri.remove_container(&small).unwrap_or_else(|e| fail("RemoveContainer small", &e));
-        let s = shape_until(&mut cri, &big, |(c, _)| c == 2);
+        let s = shape_until(&mut cri, &big, |(c, _)| c == 2).unwrap_or_else(|e| fail("shape", &e));
         println!("small removed: {} vCPUs, MemTotal {} KiB", s.0, s.1);
         assert_eq!(s.0, 2, "vCPUs after small left");
         assert!(s.1 >= after_update.1 - 4 * MIB, "memory below big's share: {s:?}");
