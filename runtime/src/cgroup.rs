@@ -177,7 +177,7 @@ pub fn create(root: &Path, cgroups_path: &str) -> Result<HostCgroup, CgroupError
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(io("creating", dir)(e)),
                 }
-                inherit_cpuset(dir)?;
+                inherit_cpuset(&h, dir)?;
             }
             delegate_controllers(&h, &leaf);
             made.dirs.push(leaf);
@@ -232,7 +232,12 @@ fn delegate_controllers(hierarchy: &Path, leaf: &Path) {
 }
 
 /// A new v1 cpuset directory starts with no CPUs and no memory nodes: copy its parent's.
-fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
+/// On v2 an empty `cpuset.cpus` means "the parent's" (and the root has no such file):
+/// nothing to copy.
+fn inherit_cpuset(hierarchy: &Path, dir: &Path) -> Result<(), CgroupError> {
+    if hierarchy.join("cgroup.controllers").exists() {
+        return Ok(());
+    }
     for file in ["cpuset.cpus", "cpuset.mems"] {
         let own = dir.join(file);
         let Some(parent) = dir.parent() else { continue };

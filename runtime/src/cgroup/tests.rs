@@ -108,7 +108,7 @@ fn create_makes_what_is_missing_and_remove_takes_only_that() {
     // kernel creates them empty and they are filled)
     std::fs::write(r.join("cpuset/kubepods/cpuset.cpus"), "").unwrap();
     std::fs::write(r.join("cpuset/kubepods/cpuset.mems"), "").unwrap();
-    inherit_cpuset(&r.join("cpuset/kubepods")).unwrap();
+    inherit_cpuset(&r.join("cpuset"), &r.join("cpuset/kubepods")).unwrap();
     assert_eq!(
         std::fs::read_to_string(r.join("cpuset/kubepods/cpuset.cpus")).unwrap(),
         "0-1"
@@ -151,6 +151,16 @@ fn v2_controllers_are_passed_down_to_the_sandbox() {
         std::fs::read_to_string(r.join("kubepods/cgroup.subtree_control")).unwrap(),
         "+memory"
     );
+    // with cpuset passed down, a v2 directory has an empty cpuset.cpus (the parent's
+    // CPUs) and the root has none: nothing is copied, nothing fails (a second pod once
+    // failed here: "reading /sys/fs/cgroup/cpuset.cpus")
+    std::fs::write(r.join("kubepods/sandbox/cpuset.cpus"), "").unwrap();
+    inherit_cpuset(r, &r.join("kubepods/sandbox")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(r.join("kubepods/sandbox/cpuset.cpus")).unwrap(),
+        ""
+    );
+    std::fs::remove_file(r.join("kubepods/sandbox/cpuset.cpus")).unwrap();
     // the leaf passes nothing on (it holds the helpers)
     assert!(!r.join("kubepods/sandbox/cgroup.subtree_control").exists());
     std::fs::remove_file(r.join("kubepods/cgroup.controllers")).unwrap();
