@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, de::DeserializeOwned};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Largest answer line read (the `info` answer lists every device).
@@ -74,58 +74,14 @@ pub enum VmmApiError {
     },
 }
 
-/// One request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
-    /// VM facts and status.
-    Info,
-    /// Sets the hot-plugged memory the guest should have.
-    Memory {
-        /// MiB, within the region.
-        requested_mib: u32,
-    },
-}
-
-impl Request {
-    fn cmd(&self) -> &'static str {
-        match self {
-            Request::Info => "info",
-            Request::Memory { .. } => "memory",
-        }
-    }
-}
-
-/// The answer to `memory`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct MemoryAnswer {
-    /// What the guest is asked to have plugged.
-    pub requested_mib: u32,
-    /// What it has plugged now.
-    pub plugged_mib: u32,
-    /// The hot-plug region's size.
-    pub region_mib: u32,
-}
-
-/// The virtio-mem device's state in the `info` answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct HotplugInfo {
-    /// The hot-plug region's size.
-    pub region_mib: u32,
-    /// The block size.
-    pub block_mib: u32,
-    /// Plugged now.
-    pub plugged_mib: u32,
-    /// Requested.
-    pub requested_mib: u32,
-}
+pub use carapace_vm_config::api::{MemoryHotplugInfo, Request};
 
 /// The part of the `info` answer the runtime reads (the rest is ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Info {
     /// The memory hot-plug device, when the VM has one.
     #[serde(default)]
-    pub memory_hotplug: Option<HotplugInfo>,
+    pub memory_hotplug: Option<MemoryHotplugInfo>,
 }
 
 /// The `ok`/`error` envelope of every answer.
@@ -162,7 +118,7 @@ impl VmmClient {
 
     /// Sends `req` and returns its answer as `T`.
     pub async fn call<T: DeserializeOwned>(&self, req: &Request) -> Result<T, VmmApiError> {
-        let cmd = req.cmd();
+        let cmd = req.name();
         match tokio::time::timeout(self.timeout, self.exchange(req)).await {
             Ok(line) => self.parse(cmd, &line?),
             Err(_) => Err(VmmApiError::Timeout {
@@ -226,7 +182,7 @@ impl VmmClient {
 
     /// `info`.
     pub async fn info(&self) -> Result<Info, VmmApiError> {
-        self.call(&Request::Info).await
+        self.call(&Request::Info {}).await
     }
 
     /// Asks for `requested_mib` of hot-plugged memory and waits, polling `info`, until the
@@ -235,8 +191,8 @@ impl VmmClient {
         &self,
         requested_mib: u32,
         deadline: Duration,
-    ) -> Result<HotplugInfo, VmmApiError> {
-        let answer: MemoryAnswer = self.call(&Request::Memory { requested_mib }).await?;
+    ) -> Result<MemoryHotplugInfo, VmmApiError> {
+        let answer: MemoryHotplugInfo = self.call(&Request::Memory { requested_mib }).await?;
         tracing::debug!(?answer, "memory hot-plug requested");
         let start = Instant::now();
         loop {
@@ -302,24 +258,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn requests_are_the_protocols_lines() {
-        assert_eq!(
-            serde_json::to_string(&Request::Info).unwrap(),
-            r#"{"cmd":"info"}"#
-        );
-        assert_eq!(
-            serde_json::to_string(&Request::Memory { requested_mib: 512 }).unwrap(),
-            r#"{"cmd":"memory","requested_mib":512}"#
-        );
-    }
-
-    #[tokio::test]
     async fn memory_is_requested_then_info_polled_until_plugged() {
         let dir = tempfile::tempdir().unwrap();
         let seen = fake(
             dir.path(),
             vec![
-                "{\"ok\":true,\"requested_mib\":512,\"plugged_mib\":0,\"region_mib\":1024}\n"
+                "{\"ok\":true,\"block_mib\":2,\"requested_mib\":512,\"plugged_mib\":0,\"region_mib\":1024}\n"
                     .into(),
                 info_line(0, 512),
                 info_line(256, 512),
@@ -350,7 +294,7 @@ mod tests {
         fake(
             dir.path(),
             vec![
-                "{\"ok\":true,\"requested_mib\":512,\"plugged_mib\":0,\"region_mib\":1024}\n"
+                "{\"ok\":true,\"block_mib\":2,\"requested_mib\":512,\"plugged_mib\":0,\"region_mib\":1024}\n"
                     .into(),
                 info_line(128, 512),
             ],
@@ -397,7 +341,7 @@ mod tests {
             "{e:?}"
         );
         let e = c
-            .call::<MemoryAnswer>(&Request::Memory { requested_mib: 2 })
+            .call::<MemoryHotplugInfo>(&Request::Memory { requested_mib: 2 })
             .await
             .unwrap_err();
         assert!(

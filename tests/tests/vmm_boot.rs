@@ -1176,7 +1176,7 @@ fn virtio_mem(f: &Fixture) {
     let r = vm.api(r#"{"cmd":"memory","requested_mib":256}"#);
     assert_eq!(
         r,
-        serde_json::json!({"ok": true, "requested_mib": 256, "plugged_mib": 0, "region_mib": 512}),
+        serde_json::json!({"ok": true, "block_mib": 2, "requested_mib": 256, "plugged_mib": 0, "region_mib": 512}),
     );
     let plugged = wait_plugged(&vm, 256, Duration::from_secs(180));
     let plug_time = t.elapsed();

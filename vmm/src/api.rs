@@ -13,7 +13,7 @@
 //! - `{"cmd":"memory","requested_mib":N}` → sets the virtio-mem device's requested size to
 //!   N MiB of hot-plugged memory (a multiple of `block_mib`, at most `region_mib`; an error
 //!   otherwise, and on a VM without `memory_hotplug`) and answers at once with
-//!   `{"ok":true,"requested_mib":N,"plugged_mib":P,"region_mib":R}`: the guest driver plugs
+//!   `{"ok":true,"block_mib":B,"requested_mib":N,"plugged_mib":P,"region_mib":R}` (the shared type `carapace_vm_config::api::MemoryHotplugInfo`): the guest driver plugs
 //!   or unplugs asynchronously, `info`'s `memory_hotplug.plugged_mib` shows how far it got.
 //!
 //! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Lines are capped at 4 KiB.
@@ -22,8 +22,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use serde::Deserialize;
 
 use crate::exit::ExitReason;
 use crate::vmm::VmHandle;
@@ -47,30 +45,8 @@ pub enum ApiError {
     Thread(#[source] std::io::Error),
 }
 
-/// One request.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Request {
-    /// VM facts and status.
-    Info {},
-    /// Counters.
-    Metrics {},
-    /// Pause vCPUs.
-    Pause {},
-    /// Resume vCPUs.
-    Resume {},
-    /// Graceful-then-forced shutdown.
-    Shutdown {
-        /// Seconds to wait for the guest before forcing.
-        #[serde(default)]
-        grace_secs: Option<u32>,
-    },
-    /// Set the hot-plugged memory the guest should have.
-    Memory {
-        /// MiB of hot-plugged memory (beyond `memory_mib`).
-        requested_mib: u64,
-    },
-}
+/// One request (the contract is `carapace_vm_config::api`, shared with the runtime).
+pub use carapace_vm_config::api::Request;
 
 /// Executes a request against the VM.
 pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
@@ -119,12 +95,8 @@ pub fn handle(vm: &VmHandle, req: Request) -> serde_json::Value {
                     "this VM has no memory hot-plug (no memory_hotplug in its description)".into(),
                 );
             };
-            match ctl.set_requested(requested_mib) {
-                Ok(s) => ok(serde_json::json!({
-                    "requested_mib": s.requested >> 20,
-                    "plugged_mib": s.plugged >> 20,
-                    "region_mib": s.region >> 20,
-                })),
+            match ctl.set_requested(u64::from(requested_mib)) {
+                Ok(s) => ok_typed(&s.info()),
                 Err(e) => err(e.to_string()),
             }
         }

@@ -34,7 +34,8 @@ use crate::nudge;
 use crate::state::{ExitCounters, VmState};
 
 pub use bus::{MmioBus, MmioSlot};
-pub use report::{DeviceInfo, MemoryHotplugInfo, VmInfo, VmMetrics};
+pub use carapace_vm_config::api::MemoryHotplugInfo;
+pub use report::{DeviceInfo, VmInfo, VmMetrics};
 
 /// Kernel command line the VMM always passes (before device entries and the user's part).
 ///

@@ -2,6 +2,8 @@
 //! merged with CLI flags, validated before anything is created. The runtime builds the same
 //! type and writes it as `vm.json` (see README.md).
 
+pub mod api;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

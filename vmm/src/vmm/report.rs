@@ -1,6 +1,7 @@
 //! What the control API reports about a VM: `info` and `metrics`, typed.
 
 use super::VmHandle;
+use carapace_vm_config::api::MemoryHotplugInfo;
 
 impl VmHandle {
     /// Static facts and live status for the API's `info`.
@@ -19,15 +20,7 @@ impl VmHandle {
                 })
                 .collect(),
             kernel: self.config.kernel.clone(),
-            memory_hotplug: self.memory_hotplug.as_ref().map(|c| {
-                let s = c.status();
-                MemoryHotplugInfo {
-                    block_mib: s.block >> 20,
-                    plugged_mib: s.plugged >> 20,
-                    region_mib: s.region >> 20,
-                    requested_mib: s.requested >> 20,
-                }
-            }),
+            memory_hotplug: self.memory_hotplug.as_ref().map(|c| c.status().info()),
             memory_mib: self.config.memory_mib,
             state: if self.state.stopping() {
                 "stopping"
@@ -80,19 +73,6 @@ pub struct VmInfo {
     pub uptime_ms: u64,
     /// vCPUs.
     pub vcpus: u8,
-}
-
-/// Memory hot-plug in [`VmInfo`] (MiB).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct MemoryHotplugInfo {
-    /// Plug/unplug granularity.
-    pub block_mib: u64,
-    /// Plugged by the guest now.
-    pub plugged_mib: u64,
-    /// The hot-plug region (the most the VM can grow by).
-    pub region_mib: u64,
-    /// Asked for by the host (API `memory`); the guest driver moves `plugged_mib` there.
-    pub requested_mib: u64,
 }
 
 /// One virtio-mmio device in [`VmInfo`].

@@ -292,7 +292,9 @@ fn memory_hotplug_region_device_cmdline_and_api() {
     let v = handle(&vm, Request::Memory { requested_mib: 128 });
     assert_eq!(
         v,
-        serde_json::json!({"ok": true, "requested_mib": 128, "plugged_mib": 0, "region_mib": 256})
+        serde_json::json!({
+            "ok": true, "block_mib": 4, "requested_mib": 128, "plugged_mib": 0, "region_mib": 256
+        })
     );
     assert_eq!(vm.info().memory_hotplug.unwrap().requested_mib, 128);
     for (n, reason) in [

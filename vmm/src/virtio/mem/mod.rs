@@ -73,6 +73,20 @@ pub struct MemStatus {
     pub requested: u64,
 }
 
+impl MemStatus {
+    /// The sizes in MiB, as the control API reports them (a region is at most
+    /// `MAX_HOTPLUG_REGION_MIB`, so every size fits).
+    pub fn info(&self) -> carapace_vm_config::api::MemoryHotplugInfo {
+        let mib = |bytes: u64| u32::try_from(bytes / MIB).unwrap_or(u32::MAX);
+        carapace_vm_config::api::MemoryHotplugInfo {
+            block_mib: mib(self.block),
+            plugged_mib: mib(self.plugged),
+            region_mib: mib(self.region),
+            requested_mib: mib(self.requested),
+        }
+    }
+}
+
 /// Counters.
 #[derive(Debug, Default)]
 struct Counters {
