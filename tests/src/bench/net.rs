@@ -248,12 +248,12 @@ impl NetRun {
                 .create_container(&pod_id, &client, &spec)
                 .map_err(cri_err)?;
             cri.start_container(&id).map_err(cri_err)?;
-            cri.wait_exited(&id, self.timeout).map_err(cri_err)?;
+            let code = cri.wait_exited(&id, self.timeout).map_err(cri_err)?;
             let log = log_text(&log_path(&client.log_dir)).map_err(cri_err)?;
             received_mbps(&log).map_err(|reason| NetBenchError::Iperf {
                 what: format!("pod -> {ip} ({})", self.handler),
                 reason: format!(
-                    "{reason}\n--- client container output (tail)\n{}",
+                    "{reason}\n--- client container (exit {code}) output (tail)\n{}",
                     tail_lines(&log, 40)
                 ),
             })
