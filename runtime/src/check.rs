@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use carapace_config::{Config, FsDaemon};
+use carapace_config::{Config, FsDaemon, VhostNetMode};
 use serde::Serialize;
 
 use crate::launcher::is_executable;
@@ -38,6 +38,8 @@ pub struct HostFiles {
     pub cpuinfo: PathBuf,
     /// Loaded (and built-in) kernel modules: `/sys/module`.
     pub sys_module: PathBuf,
+    /// The vhost-net device.
+    pub vhost_net: PathBuf,
 }
 
 impl Default for HostFiles {
@@ -46,6 +48,7 @@ impl Default for HostFiles {
             kvm: "/dev/kvm".into(),
             cpuinfo: "/proc/cpuinfo".into(),
             sys_module: "/sys/module".into(),
+            vhost_net: crate::launcher::VHOST_NET_DEV.into(),
         }
     }
 }
@@ -194,6 +197,42 @@ fn check_binary(name: &'static str, key: &str, path: &Path, fix: &str) -> Check 
     }
 }
 
+/// Which data path pod NICs get (`network.vhost_net`): "auto" passes either way and says
+/// which, "on" fails without a usable device, "off" says it is off.
+fn check_vhost_net(mode: VhostNetMode, dev: &Path) -> Check {
+    const NAME: &str = "vhost-net";
+    const FIX: &str = "load the vhost_net module (modprobe vhost_net) and give the runtime \
+                       read-write access to the device";
+    let probe = std::fs::OpenOptions::new().read(true).write(true).open(dev);
+    match (mode, probe) {
+        (VhostNetMode::Off, _) => pass(
+            NAME,
+            "off (network.vhost_net = \"off\"): pod NICs use the VMM's userspace virtio-net".into(),
+        ),
+        (_, Ok(_)) => pass(
+            NAME,
+            format!("{} opens: pod NICs use vhost-net", dev.display()),
+        ),
+        (VhostNetMode::Auto, Err(e)) => pass(
+            NAME,
+            format!(
+                "{} cannot be opened ({e}): pod NICs use the VMM's userspace virtio-net, which is \
+                 slower; to use vhost-net, {FIX}",
+                dev.display()
+            ),
+        ),
+        (VhostNetMode::On, Err(e)) => fail(
+            NAME,
+            format!(
+                "{} cannot be opened ({e}) and network.vhost_net = \"on\": pods with a \
+                 network cannot start",
+                dev.display()
+            ),
+            format!("{FIX}, or set network.vhost_net = \"auto\""),
+        ),
+    }
+}
+
 /// Runs every check.
 pub fn run(config: &Config, host: &HostFiles) -> Vec<Check> {
     let h = &config.hypervisor;
@@ -223,6 +262,7 @@ pub fn run(config: &Config, host: &HostFiles) -> Vec<Check> {
             "install carapace-vmm (cargo build --release -p carapace-vmm)",
         ),
         check_binary("fs daemon", "fs.path", &config.fs.path, fs_fix),
+        check_vhost_net(config.network.vhost_net, &host.vhost_net),
     ]
 }
 
@@ -263,12 +303,36 @@ mod tests {
             kvm: p("kvm"),
             cpuinfo: p("cpuinfo"),
             sys_module: p("module"),
+            vhost_net: p("vhost-net"),
         };
         Host { tmp, files, config }
     }
 
     fn by_name<'a>(checks: &'a [Check], name: &str) -> &'a Check {
         checks.iter().find(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn vhost_net_is_reported_for_each_mode() {
+        let h = host("vmx", &["kvm_intel"]);
+        let dev = h.files.vhost_net.clone();
+        // no device: auto falls back (passes, says so), on fails with a fix, off passes
+        let auto = check_vhost_net(VhostNetMode::Auto, &dev);
+        assert!(auto.ok && auto.detail.contains("userspace"), "{auto:?}");
+        let on = check_vhost_net(VhostNetMode::On, &dev);
+        assert!(
+            !on.ok && on.hint.as_deref().unwrap().contains("modprobe"),
+            "{on:?}"
+        );
+        let off = check_vhost_net(VhostNetMode::Off, &dev);
+        assert!(off.ok && off.detail.contains("off"), "{off:?}");
+        // a device that opens read-write (a plain file stands in)
+        std::fs::write(&dev, b"").unwrap();
+        for mode in [VhostNetMode::Auto, VhostNetMode::On] {
+            let c = check_vhost_net(mode, &dev);
+            assert!(c.ok && c.detail.contains("use vhost-net"), "{c:?}");
+        }
+        assert!(by_name(&run(&h.config, &h.files), "vhost-net").ok);
     }
 
     #[test]
