@@ -1,6 +1,7 @@
 //! The task logic against a scripted in-memory agent and a recording backend.
 
 use super::*;
+use crate::backend::BackendError;
 use carapace_runtime::agent::{AgentApi, Chunk, ExitInfo, Share, Stream};
 use std::collections::VecDeque;
 use std::sync::Condvar;
