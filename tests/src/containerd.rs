@@ -194,6 +194,18 @@ impl Containerd {
         c
     }
 
+    /// [`Self::ctr_command`] under coreutils' `timeout secs`: a `ctr` that hangs ends with
+    /// status 124 instead of stalling its caller (benchmarks).
+    pub fn ctr_command_bounded(&self, secs: u64) -> Command {
+        let ctr = self.ctr_command();
+        let mut c = Command::new("timeout");
+        c.arg(secs.to_string())
+            .arg(ctr.get_program())
+            .args(ctr.get_args())
+            .stdin(Stdio::null());
+        c
+    }
+
     fn ctr_output(&self, args: &[&str]) -> std::io::Result<Output> {
         self.ctr_command().args(args).output()
     }

@@ -88,17 +88,9 @@ fn run() -> Result<()> {
     .trim()
     .to_owned();
     let start = Instant::now();
-    let mut child = Command::new("ctr")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args([
-            "--namespace",
-            "carapace-test",
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-        ])
+    let mut child = ctrd
+        .ctr_command()
+        .args(["run", "--rm", "--runtime", RUNTIME])
         .args([
             "--env",
             &format!("HOST_KERNEL={host_kernel}"),

@@ -7,21 +7,10 @@ use super::*;
 pub(super) fn time_to_first_output(ctrd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
     let start = Instant::now();
     // bounded: a start that never produces output becomes an error, not a stuck benchmark
-    let mut child = Command::new("timeout")
-        .arg(START_TIMEOUT_S.to_string())
-        .arg("ctr")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args([
-            "--namespace",
-            "carapace-test",
-            "run",
-            "--rm",
-            "--runtime",
-            runtime,
-        ])
+    let mut child = ctrd
+        .ctr_command_bounded(START_TIMEOUT_S)
+        .args(["run", "--rm", "--runtime", runtime])
         .args([IMAGE, id, "echo", "ready"])
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -168,11 +157,8 @@ pub(super) fn containers(
 /// `ctr run -d ... sleep 3600`, bounded by [`START_TIMEOUT_S`]; returns ms.
 pub(super) fn start_idle(ctrd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
     let start = Instant::now();
-    let ctr = ctrd.ctr_command();
-    let out = Command::new("timeout")
-        .arg(START_TIMEOUT_S.to_string())
-        .arg(ctr.get_program())
-        .args(ctr.get_args())
+    let out = ctrd
+        .ctr_command_bounded(START_TIMEOUT_S)
         .args([
             "run",
             "-d",

@@ -26,21 +26,10 @@ type FsMetric = (&'static str, &'static str, fn(&FsResult) -> f64);
 pub(super) fn fs_run(ctrd: &Containerd, runtime: &str, id: &str) -> Result<FsResult> {
     let script = fsbench::script();
     // bounded: a hung run must not stall the whole benchmark
-    let out = Command::new("timeout")
-        .arg(FS_RUN_TIMEOUT_S.to_string())
-        .arg("ctr")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args([
-            "--namespace",
-            "carapace-test",
-            "run",
-            "--rm",
-            "--runtime",
-            runtime,
-        ])
+    let out = ctrd
+        .ctr_command_bounded(FS_RUN_TIMEOUT_S)
+        .args(["run", "--rm", "--runtime", runtime])
         .args([IMAGE, id, "sh", "-c", &script])
-        .stdin(Stdio::null())
         .output()
         .context("running timeout ctr")?;
     if !out.status.success() {
