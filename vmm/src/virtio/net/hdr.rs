@@ -47,7 +47,7 @@ pub const OFFLOADS: u64 = F_CSUM
 
 /// The features the userspace device offers.
 pub fn offered(tap_vnet_hdr: bool) -> u64 {
-    let base = VIRTIO_F_VERSION_1 | F_MAC | F_MRG_RXBUF | F_INDIRECT_DESC;
+    let base = VIRTIO_F_VERSION_1 | F_MAC | F_MRG_RXBUF | F_INDIRECT_DESC | F_EVENT_IDX;
     if tap_vnet_hdr { base | OFFLOADS } else { base }
 }
 

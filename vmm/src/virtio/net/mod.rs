@@ -12,6 +12,7 @@
 //! malformed chains and refused headers are returned unused and counted.
 
 pub mod hdr;
+pub mod notify;
 pub mod rx;
 #[cfg(test)]
 mod tests;
@@ -46,6 +47,9 @@ pub const MIN_FRAME: usize = 14;
 const QUEUE_SIZE: u16 = 256;
 /// Frames moved per wake-up and direction before other events get a turn.
 const BATCH: usize = 256;
+/// TX passes per kick before other events get their turn (a driver that keeps adding
+/// chains while they are sent is served in batches).
+const TX_ROUNDS: usize = 4;
 
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
@@ -182,6 +186,10 @@ struct NetLoop {
     tap: Arc<Tap>,
     counters: Arc<NetCounters>,
     interrupt: Arc<Interrupt>,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    event_idx: bool,
+    rx_irq: notify::Suppress,
+    tx_irq: notify::Suppress,
     /// A frame read from the tap, with the tap's header if any: `rx_buf[..rx_len]`.
     rx_buf: Vec<u8>,
     rx_len: Option<usize>,
@@ -192,30 +200,33 @@ struct NetLoop {
 }
 
 impl NetLoop {
-    fn notify(mem: &GuestMemoryMmap, q: &mut Queue, interrupt: &Interrupt) {
-        if q.needs_notification(mem).unwrap_or(true) {
-            interrupt.notify_queue();
-        }
-    }
-
+    /// Sends the guest's TX chains until the ring is empty; with EVENT_IDX the driver is
+    /// then asked to kick at its next chain, and a chain that arrived meanwhile is taken
+    /// without waiting for a kick.
     fn tx(&mut self) -> Result<(), virtio_queue::Error> {
         let mut sink = TapSink { tap: &self.tap };
-        let n = process_tx(
-            &mut self.tx,
-            &self.mem,
-            self.features,
-            &mut sink,
-            &mut self.tx_buf,
-            &self.counters,
-            BATCH,
-        )?;
-        if n > 0 {
-            Self::notify(&self.mem, &mut self.tx, &self.interrupt);
+        for _ in 0..TX_ROUNDS {
+            let n = process_tx(
+                &mut self.tx,
+                &self.mem,
+                self.features,
+                &mut sink,
+                &mut self.tx_buf,
+                &self.counters,
+                BATCH,
+            )?;
+            if n > 0 && self.tx_irq.should_notify(&mut self.tx, &self.mem) {
+                self.interrupt.notify_queue();
+            }
+            if n == BATCH {
+                break;
+            }
+            if !notify::ask_kick_after(&self.tx, &self.mem, self.tx.next_avail(), self.event_idx)? {
+                return Ok(());
+            }
         }
-        if n == BATCH {
-            // More may be waiting: come back after the other events, as if kicked.
-            let _ = self.tx_evt.write(1);
-        }
+        // More may be waiting: come back after the other events, as if kicked.
+        let _ = self.tx_evt.write(1);
         Ok(())
     }
 
@@ -238,54 +249,74 @@ impl NetLoop {
         let mergeable = self.features & hdr::F_MRG_RXBUF != 0;
         let mut used = false;
         let mut budget = BATCH;
-        while budget > 0 {
-            budget -= 1;
-            let len = match self.rx_len {
-                Some(n) => n,
-                None => match self.tap.read_frame(&mut self.rx_buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // E.g. the interface was deleted: stop polling it (it would stay
-                        // readable/errored forever) instead of spinning; TX keeps counting
-                        // errors.
-                        tracing::warn!(error = %e, tap = self.tap.name(), "tap read failed, RX stops");
-                        self.tap_broken = true;
+        // The driver's avail index when a held frame last found too few buffers.
+        let mut asked_at: Option<u16> = None;
+        loop {
+            while budget > 0 {
+                budget -= 1;
+                let len = match self.rx_len {
+                    Some(n) => n,
+                    None => match self.tap.read_frame(&mut self.rx_buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            // E.g. the interface was deleted: stop polling it (it would stay
+                            // readable/errored forever) instead of spinning; TX keeps counting
+                            // errors.
+                            tracing::warn!(error = %e, tap = self.tap.name(), "tap read failed, RX stops");
+                            self.tap_broken = true;
+                            if self.tap_polled {
+                                let _ = ep.remove(self.tap.as_raw_fd());
+                                self.tap_polled = false;
+                            }
+                            break;
+                        }
+                    },
+                };
+                let Some((h, range)) = self.split_rx(len) else {
+                    self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.rx_len = None;
+                    continue;
+                };
+                match deliver_rx(
+                    &mut self.rx,
+                    &self.mem,
+                    &h,
+                    &self.rx_buf[range],
+                    mergeable,
+                    &self.counters,
+                )? {
+                    RxOutcome::NoBuffer => {
+                        self.rx_len = Some(len);
                         if self.tap_polled {
                             let _ = ep.remove(self.tap.as_raw_fd());
                             self.tap_polled = false;
                         }
                         break;
                     }
-                },
-            };
-            let Some((h, range)) = self.split_rx(len) else {
-                self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                self.rx_len = None;
-                continue;
-            };
-            match deliver_rx(
-                &mut self.rx,
-                &self.mem,
-                &h,
-                &self.rx_buf[range],
-                mergeable,
-                &self.counters,
-            )? {
-                RxOutcome::NoBuffer => {
-                    self.rx_len = Some(len);
-                    if self.tap_polled {
-                        let _ = ep.remove(self.tap.as_raw_fd());
-                        self.tap_polled = false;
+                    RxOutcome::Delivered | RxOutcome::Dropped => {
+                        self.rx_len = None;
+                        used = true;
                     }
-                    break;
-                }
-                RxOutcome::Delivered | RxOutcome::Dropped => {
-                    self.rx_len = None;
-                    used = true;
                 }
             }
+            if self.rx_len.is_some() {
+                // Out of buffers with a frame held: ask for a kick once the driver posts past
+                // what it has now, and look again if it already has (or has since the frame
+                // found too few).
+                let seen = notify::avail_idx(&self.rx, &self.mem)?;
+                let moved = notify::ask_kick_after(&self.rx, &self.mem, seen, self.event_idx)?;
+                if asked_at != Some(seen) || moved {
+                    asked_at = Some(seen);
+                    if budget > 0 {
+                        continue;
+                    }
+                    // No budget left: come back after the other events.
+                    let _ = self.rx_evt.write(1);
+                }
+            }
+            break;
         }
         if self.rx_len.is_none()
             && !self.tap_polled
@@ -296,8 +327,8 @@ impl NetLoop {
         {
             self.tap_polled = true;
         }
-        if used {
-            Self::notify(&self.mem, &mut self.rx, &self.interrupt);
+        if used && self.rx_irq.should_notify(&mut self.rx, &self.mem) {
+            self.interrupt.notify_queue();
         }
         Ok(())
     }
@@ -343,11 +374,18 @@ impl Net {
         txq: ActiveQueue,
         interrupt: Arc<Interrupt>,
     ) -> std::io::Result<Worker> {
+        let event_idx = features & hdr::F_EVENT_IDX != 0;
+        let (mut rx, mut tx) = (rxq.queue, txq.queue);
+        let rx_irq = notify::Suppress::new(&mut rx, event_idx);
+        let tx_irq = notify::Suppress::new(&mut tx, event_idx);
         let mut lp = NetLoop {
             mem,
             features,
-            rx: rxq.queue,
-            tx: txq.queue,
+            rx,
+            tx,
+            event_idx,
+            rx_irq,
+            tx_irq,
             rx_evt: rxq.event,
             tx_evt: txq.event,
             watch: IrqWatch::default(),

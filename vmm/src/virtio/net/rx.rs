@@ -32,8 +32,8 @@ pub enum RxOutcome {
 
 /// Makes `(head, len)` pairs used with one used-index update: all entries but the last are
 /// written past the published index (invisible to the driver), then `add_used` writes the
-/// last one and publishes the index with release ordering. Only without EVENT_IDX (the
-/// queue's count of added entries would be short by the entries written here).
+/// last one and publishes the index with release ordering. The queue's own count of added
+/// entries misses the ones written here, so interrupt decisions use [`super::notify`].
 fn add_used_batch(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
