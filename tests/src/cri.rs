@@ -396,23 +396,8 @@ impl Cri {
 
     /// `ContainerStatus`: (state name, exit code).
     pub fn container_state(&mut self, id: &str) -> Result<(String, i32), CriError> {
-        let call = format!("ContainerStatus {id}");
-        let r = self
-            .rt
-            .block_on(self.runtime.container_status(cri::ContainerStatusRequest {
-                container_id: id.to_owned(),
-                verbose: false,
-            }))
-            .map_err(call_err(call.clone()))?
-            .into_inner();
-        let s = r.status.ok_or(CriError::Incomplete {
-            call,
-            field: "status",
-        })?;
-        let state = cri::ContainerState::try_from(s.state)
-            .map(|st| st.as_str_name().to_owned())
-            .unwrap_or_else(|_| format!("state {}", s.state));
-        Ok((state, s.exit_code))
+        self.container_reason(id)
+            .map(|(state, code, _reason)| (state, code))
     }
 
     /// Polls `ContainerStatus` until the container exited; returns its exit code.

@@ -367,12 +367,44 @@ fn reboot_and_api(f: &Fixture) {
         vm.log()
     );
 
-    // API: pause, resume, shutdown with no grace forces the VM off with exit code 0.
-    let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "echo", &[]);
+    // API: pause, resume, shutdown with no grace forces the VM off with exit code 0. The
+    // guest's clock (kvmclock) keeps the host's time across a pause: after 3 s paused the
+    // guest does not lag behind by them.
+    let mut vm = Vmm::start(f, tempfile::tempdir().expect("tempdir"), "echo,clock", &[]);
     vm.wait_serial("echo server on vsock");
+    vm.wait_serial("clock ");
     assert_eq!(vm.api(r#"{"cmd":"pause"}"#)["state"], "paused");
     assert_eq!(vm.api(r#"{"cmd":"info"}"#)["state"], "paused");
+    std::thread::sleep(Duration::from_secs(3));
+    let before_resume = vm.serial().len();
     assert_eq!(vm.api(r#"{"cmd":"resume"}"#)["state"], "running");
+    let start = std::time::Instant::now();
+    let guest_now = loop {
+        let serial = vm.serial();
+        let line = serial
+            .get(before_resume..)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once("clock ").map(|(_, t)| t.trim()))
+            .find_map(|t| t.parse::<f64>().ok());
+        if let Some(t) = line {
+            break t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no clock line after resume\n{serial}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("host clock")
+        .as_secs_f64();
+    println!("after a 3 s pause: guest clock {guest_now:.3}, host {host_now:.3}");
+    assert!(
+        (host_now - guest_now).abs() < 2.0,
+        "guest clock {guest_now:.3} vs host {host_now:.3} after a 3 s pause"
+    );
     assert!(
         echo(vm.connect(1024), pattern(1000, 3)),
         "echo after resume"

@@ -425,6 +425,18 @@ fn main() {
             "mem" => {
                 std::thread::spawn(mem_watch);
             }
+            // The guest's wall clock twice a second, for the host to compare with its own.
+            "clock" => {
+                std::thread::spawn(|| {
+                    loop {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0.0, |d| d.as_secs_f64());
+                        say(&format!("clock {now:.3}"));
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                    }
+                });
+            }
             "poweroff" | "reboot" => finish = Some(item.clone()),
             f if f.starts_with("fs=") => {
                 let tag = &f[3..];
