@@ -635,7 +635,8 @@ fn annotations_size_the_vm_only_when_the_configuration_allows_them() {
     );
     env.assert_clean();
 
-    // allowed: the VM description has the pod's vCPUs
+    // allowed: the VM boots with the pod's vCPUs online (the guest starts `maxcpus` of
+    // the `max_vcpus` the VMM creates)
     let Some(env) = env_with("[runtime]\nenable_annotations = [\"hypervisor.default_vcpus\"]\n")
     else {
         return;
@@ -645,7 +646,9 @@ fn annotations_size_the_vm_only_when_the_configuration_allows_them() {
     assert_eq!(rc, 0);
     let vm: Value =
         serde_json::from_slice(&std::fs::read(env.root.join("a2/vm.json")).unwrap()).unwrap();
-    assert_eq!(vm["vcpus"], 2, "{vm}");
+    let cmdline = vm["cmdline"].as_str().unwrap_or_default();
+    assert!(cmdline.split(' ').any(|w| w == "maxcpus=2"), "{vm}");
+    assert_eq!(vm["vcpus"], 8, "max_vcpus: {vm}");
     assert!(env.run(&["delete", "--force", "a2"]).status.success());
     env.assert_clean();
 }
