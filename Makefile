@@ -3,8 +3,12 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
+# CI builds once in a fresh clone: incremental state would only fill the disk
+ifdef CI
+export CARGO_INCREMENTAL ?= 0
+endif
 
-.PHONY: setup build lint unit image fuzz lab-test test demo bench
+.PHONY: setup build lint unit image fuzz lab-test test demo bench soak
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +34,13 @@ image: setup
 lab-test: setup image
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p carapace-tests -- --test-threads=1
+
+# the soak at full size (tests/tests/soak_kvm.rs: 5 rounds of 5 containers in parallel,
+# counts before and after); `make test` runs it reduced (2 x 3) with the other lab tests
+soak: setup image
+	$(CARGO) build --workspace --bins
+	CARAPACE_SOAK_ROUNDS=$${CARAPACE_SOAK_ROUNDS:-5} CARAPACE_SOAK_PARALLEL=$${CARAPACE_SOAK_PARALLEL:-5} \
+		$(CARGO) test -p carapace-tests --test soak_kvm -- --include-ignored --nocapture --test-threads=1
 
 # the cargo-fuzz targets of guest-facing device code: built and run briefly
 fuzz: setup

@@ -22,6 +22,8 @@ PACKAGES=(
   # host-local, loopback, portmap in /usr/lib/cni; portmap and ipMasq drive iptables),
   # iperf3 for the throughput rows
   containernetworking-plugins iptables iperf3
+  # gVisor, the benchmarks' second peer (runsc driven by containerd's runc shim)
+  runsc
 )
 
 SUDO=""

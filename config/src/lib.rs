@@ -96,6 +96,8 @@ pub struct Config {
     pub runtime: Runtime,
     /// The sandbox VMs' NICs.
     pub network: Network,
+    /// How each sandbox's VMM is confined.
+    pub jail: Jail,
 }
 
 /// `[hypervisor]`
@@ -118,6 +120,8 @@ pub struct Hypervisor {
     pub max_vcpus: u32,
     /// Upper bound on a sandbox's memory (MiB).
     pub max_memory_mib: u32,
+    /// Give memory the guest frees back to the host (virtio-balloon free page reporting).
+    pub free_page_reporting: bool,
 }
 
 impl Default for Hypervisor {
@@ -131,6 +135,7 @@ impl Default for Hypervisor {
             default_memory_mib: 256,
             max_vcpus: 8,
             max_memory_mib: 16384,
+            free_page_reporting: true,
         }
     }
 }
@@ -254,6 +259,10 @@ pub struct Debug {
     pub log_level: LogLevel,
     /// Keep the guest console in the sandbox's `console.log`.
     pub console: bool,
+    /// For fault tests only: a file naming points of create, start, exec and delete at
+    /// which the runtime kills one of its own processes (the VMM, the fs daemon, itself);
+    /// read each time such a point is reached. Absent by default.
+    pub fault_plan: Option<PathBuf>,
 }
 
 impl Default for Debug {
@@ -261,6 +270,7 @@ impl Default for Debug {
         Self {
             log_level: LogLevel::Info,
             console: false,
+            fault_plan: None,
         }
     }
 }
@@ -315,6 +325,57 @@ impl VhostNetMode {
             VhostNetMode::On => "on",
             VhostNetMode::Off => "off",
         }
+    }
+}
+
+/// First uid (and gid) of the default jail range: 0x70000000. It lies above the
+/// subordinate ranges `useradd` hands out (/etc/subuid, 100000..600100000 by default) and
+/// above systemd's container range (524288..1879048191, `systemd-nspawn
+/// --private-users=pick`), below systemd's "foreign" range (0x7FFE0000..) and below 2^31,
+/// which some tools mishandle as a negative id.
+pub const DEFAULT_JAIL_UID_BASE: u32 = 0x7000_0000;
+/// Ids in the default jail range: one per running sandbox.
+pub const DEFAULT_JAIL_UID_COUNT: u32 = 65_536;
+/// The jail range must end at or below this id (2^31: ids from there on are read as
+/// negative by some tools, and `(uid_t)-1` means "unchanged" to the kernel).
+pub const JAIL_UID_END_LIMIT: u64 = 1 << 31;
+
+/// `[jail]`: each sandbox's VMM runs jailed (carapace-vmm's `jail`, vmm/README.md
+/// "Confinement"): new mount, IPC, UTS and network namespaces, its own directory as `/`,
+/// an unprivileged uid and gid of its own from `uid_base..uid_base + uid_count`, no
+/// capabilities, no_new_privs, resource limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Jail {
+    /// Jail every sandbox's VMM (the default). Off: VMMs run as root with the host's view
+    /// (still under their seccomp filters).
+    pub enabled: bool,
+    /// First uid (= gid) of the range jailed VMMs run as.
+    pub uid_base: u32,
+    /// How many ids the range has: at most this many sandboxes run at once.
+    pub uid_count: u32,
+    /// RLIMIT_NOFILE of a jailed VMM.
+    pub nofile: u64,
+    /// RLIMIT_NPROC of a jailed VMM (threads of its uid: one uid per sandbox).
+    pub nproc: u64,
+}
+
+impl Default for Jail {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uid_base: DEFAULT_JAIL_UID_BASE,
+            uid_count: DEFAULT_JAIL_UID_COUNT,
+            nofile: carapace_vm_config::DEFAULT_JAIL_NOFILE,
+            nproc: carapace_vm_config::DEFAULT_JAIL_NPROC,
+        }
+    }
+}
+
+impl Jail {
+    /// One past the last id of the range.
+    pub fn uid_end(&self) -> u64 {
+        u64::from(self.uid_base) + u64::from(self.uid_count)
     }
 }
 
@@ -384,7 +445,14 @@ impl Config {
             ("hypervisor.initrd", &h.initrd),
             ("fs.path", &self.fs.path),
             ("runtime.state_dir", &self.runtime.state_dir),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            self.debug
+                .fault_plan
+                .as_ref()
+                .map(|p| ("debug.fault_plan", p)),
+        ) {
             if !path.is_absolute() {
                 return Err(invalid(
                     key,
@@ -460,6 +528,7 @@ impl Config {
                 "must be a single line".into(),
             ));
         }
+        self.validate_jail(&invalid)?;
         for (key, ms) in [
             ("agent.boot_timeout_ms", self.agent.boot_timeout_ms),
             ("agent.request_timeout_ms", self.agent.request_timeout_ms),
@@ -470,6 +539,53 @@ impl Config {
                     format!("must be between 1 and 600000 ms, got {ms}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The `[jail]` checks (made whether or not it is enabled, so that turning it on later
+    /// cannot reveal a bad range).
+    fn validate_jail(
+        &self,
+        invalid: &impl Fn(&'static str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let j = &self.jail;
+        if j.uid_base < 1000 {
+            return Err(invalid(
+                "jail.uid_base",
+                format!(
+                    "must be at least 1000 (ids below belong to the system's own accounts), got {}",
+                    j.uid_base
+                ),
+            ));
+        }
+        if j.uid_count == 0 {
+            return Err(invalid(
+                "jail.uid_count",
+                "must be at least 1 (one id per running sandbox)".into(),
+            ));
+        }
+        if j.uid_end() > JAIL_UID_END_LIMIT {
+            return Err(invalid(
+                "jail.uid_count",
+                format!(
+                    "the range {}..{} passes 2^31 ({JAIL_UID_END_LIMIT}); lower jail.uid_base or jail.uid_count",
+                    j.uid_base,
+                    j.uid_end()
+                ),
+            ));
+        }
+        if j.nofile < 64 {
+            return Err(invalid(
+                "jail.nofile",
+                format!("must be at least 64, got {}", j.nofile),
+            ));
+        }
+        if j.nproc < 16 {
+            return Err(invalid(
+                "jail.nproc",
+                format!("must be at least 16, got {}", j.nproc),
+            ));
         }
         Ok(())
     }
@@ -626,6 +742,17 @@ mod tests {
                 "[hypervisor]\nkernel_params = \"a\\nb\"\n",
                 "hypervisor.kernel_params",
             ),
+            ("[jail]\nuid_base = 0\n", "jail.uid_base"),
+            ("[jail]\nuid_base = 999\n", "jail.uid_base"),
+            ("[jail]\nuid_count = 0\n", "jail.uid_count"),
+            (
+                "[jail]\nuid_base = 2147483000\nuid_count = 1000\n",
+                "jail.uid_count",
+            ),
+            ("[jail]\nnofile = 10\n", "jail.nofile"),
+            ("[jail]\nnproc = 1\n", "jail.nproc"),
+            // checked even when off, so that turning it on cannot reveal a bad range
+            ("[jail]\nenabled = false\nuid_count = 0\n", "jail.uid_count"),
         ];
         for (text, key) in cases {
             match parse(text) {
@@ -636,6 +763,23 @@ mod tests {
                 other => panic!("{text}: expected Invalid({key}), got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn jail_is_on_by_default_in_a_range_of_its_own() {
+        let j = Config::default().jail;
+        assert!(j.enabled);
+        assert_eq!((j.uid_base, j.uid_count), (0x7000_0000, 65_536));
+        assert_eq!(j.uid_end(), 0x7001_0000);
+        assert!(j.uid_end() <= JAIL_UID_END_LIMIT);
+        let c =
+            parse("[jail]\nenabled = false\nuid_base = 200000\nuid_count = 10\n").expect("valid");
+        assert!(!c.jail.enabled);
+        assert_eq!((c.jail.uid_base, c.jail.uid_count), (200_000, 10));
+        // the range may end exactly at 2^31
+        parse("[jail]\nuid_base = 2147483000\nuid_count = 648\n").expect("ends at 2^31");
+        assert!(parse("[jail]\nuid = 5\n").is_err(), "unknown key");
+        assert!(parse("[jail]\nenabled = \"yes\"\n").is_err());
     }
 
     #[test]

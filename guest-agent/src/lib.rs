@@ -7,6 +7,7 @@ pub mod cpus;
 pub mod ids;
 pub mod init;
 pub mod listen;
+pub mod memory;
 pub mod namespaces;
 pub mod network;
 pub mod oom;

@@ -220,6 +220,24 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
             .map_or(DEFAULT_STOP_GRACE, Duration::from_secs),
         cpu_sysfs: PathBuf::from(carapace_agent::cpus::SYSFS_CPU_ROOT),
     };
+    // The containers' cgroup root is bounded below MemTotal, so that a guest out of memory
+    // is an OOM kill in the containers' cgroups, not a global OOM (memory.rs). It exists
+    // before the agent serves, so no container starts unbounded.
+    if let Some(root) = &config.cgroup_root {
+        let reserve = settings
+            .memory_reserve_mib
+            .unwrap_or(carapace_agent::memory::DEFAULT_RESERVE_MIB);
+        let bounded = carapace_agent::cgroup::CgroupRoot::init(root)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| {
+                carapace_agent::memory::ContainersLimit::guest(root, reserve)
+                    .apply_and_follow_hotplug()
+                    .map_err(anyhow::Error::from)
+            });
+        if let Err(e) = bounded {
+            tracing::warn!(error = %format!("{e:#}"), "containers' memory not bounded: a guest out of memory is a global OOM");
+        }
+    }
     let rt = runtime()?;
     rt.block_on(carapace_agent::serve(&listen, config, || {
         if let Err(e) = sys::write_boot_marker() {

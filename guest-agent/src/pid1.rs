@@ -179,10 +179,16 @@ pub struct CmdlineSettings {
     /// `carapace.stop_grace_secs=<n>`: SIGTERM-to-SIGKILL grace of an orderly shutdown
     /// (default 5).
     pub stop_grace_secs: Option<u64>,
+    /// `carapace.memory_reserve_mib=<n>`: guest memory kept from the containers for the
+    /// agent and the kernel, besides 1/32 of MemTotal (default 32; memory.rs).
+    pub memory_reserve_mib: Option<u64>,
 }
 
 /// Largest accepted `carapace.stop_grace_secs` (an hour).
 pub const MAX_STOP_GRACE_SECS: u64 = 3600;
+
+/// Largest accepted `carapace.memory_reserve_mib` (64 GiB).
+pub const MAX_MEMORY_RESERVE_MIB: u64 = 65536;
 
 /// Parses the `carapace.` parameters of a kernel command line; unknown ones are ignored
 /// with their names returned for logging.
@@ -203,6 +209,10 @@ pub fn parse_cmdline(text: &str) -> (CmdlineSettings, Vec<String>) {
             "cgroup_root" if v.starts_with('/') => s.cgroup_root = Some(v.to_owned()),
             "stop_grace_secs" => match v.parse() {
                 Ok(n) if n <= MAX_STOP_GRACE_SECS => s.stop_grace_secs = Some(n),
+                _ => unknown.push(word.to_owned()),
+            },
+            "memory_reserve_mib" => match v.parse() {
+                Ok(n) if n <= MAX_MEMORY_RESERVE_MIB => s.memory_reserve_mib = Some(n),
                 _ => unknown.push(word.to_owned()),
             },
             _ => unknown.push(word.to_owned()),
@@ -238,18 +248,21 @@ mod tests {
     fn cmdline() {
         let (s, unknown) = parse_cmdline(
             "console=ttyS0 carapace.log=debug carapace.port=900 carapace.bogus=1 carapace.port=x \
-             carapace.port=2000 carapace.stop_grace_secs=7 carapace.stop_grace_secs=99999",
+             carapace.port=2000 carapace.stop_grace_secs=7 carapace.stop_grace_secs=99999 \
+             carapace.memory_reserve_mib=48 carapace.memory_reserve_mib=-1",
         );
         assert_eq!(s.log.as_deref(), Some("debug"));
         assert_eq!(s.port, Some(900), "an unprivileged port is refused");
         assert_eq!(s.stop_grace_secs, Some(7));
+        assert_eq!(s.memory_reserve_mib, Some(48));
         assert_eq!(
             unknown,
             vec![
                 "carapace.bogus=1",
                 "carapace.port=x",
                 "carapace.port=2000",
-                "carapace.stop_grace_secs=99999"
+                "carapace.stop_grace_secs=99999",
+                "carapace.memory_reserve_mib=-1"
             ]
         );
     }

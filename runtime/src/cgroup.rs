@@ -261,6 +261,15 @@ pub fn remove(cg: &HostCgroup) -> Vec<String> {
             match std::fs::remove_dir(dir) {
                 Ok(()) => break,
                 Err(e) if e.kind() == ErrorKind::NotFound => break,
+                // A parent this sandbox made first that now holds another sandbox's cgroup
+                // (two containers under ctr's /<namespace>/): it is theirs too, left as it is.
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::ENOTEMPTY))
+                        && holds_child_cgroup(dir) =>
+                {
+                    tracing::debug!(dir = %dir.display(), "cgroup holds another cgroup: left");
+                    break;
+                }
                 // still holds a process that is exiting (or a child cgroup someone else made)
                 Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
                     std::thread::sleep(Duration::from_millis(20));
@@ -273,6 +282,15 @@ pub fn remove(cg: &HostCgroup) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Whether the cgroup directory `dir` has a child cgroup (a subdirectory).
+fn holds_child_cgroup(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
 }
 
 /// The `cgroup.procs` files of a [`HostCgroup`], open for the helpers to join.

@@ -40,6 +40,14 @@ pub struct HostFiles {
     pub sys_module: PathBuf,
     /// The vhost-net device.
     pub vhost_net: PathBuf,
+    /// The user database (`/etc/passwd`), for users inside the jail's uid range.
+    pub passwd: PathBuf,
+    /// The group database (`/etc/group`).
+    pub group: PathBuf,
+    /// Subordinate uid ranges (`/etc/subuid`).
+    pub subuid: PathBuf,
+    /// Subordinate gid ranges (`/etc/subgid`).
+    pub subgid: PathBuf,
 }
 
 impl Default for HostFiles {
@@ -49,6 +57,10 @@ impl Default for HostFiles {
             cpuinfo: "/proc/cpuinfo".into(),
             sys_module: "/sys/module".into(),
             vhost_net: crate::launcher::VHOST_NET_DEV.into(),
+            passwd: "/etc/passwd".into(),
+            group: "/etc/group".into(),
+            subuid: "/etc/subuid".into(),
+            subgid: "/etc/subgid".into(),
         }
     }
 }
@@ -233,6 +245,142 @@ fn check_vhost_net(mode: VhostNetMode, dev: &Path) -> Check {
     }
 }
 
+/// Whether a jailed VMM can be made here (`[jail]`): the namespaces, the id change and
+/// no_new_privs, tried in a child ([`crate::jail::probe`]).
+fn check_jail_probe(jail: &carapace_config::Jail) -> Check {
+    const NAME: &str = "VMM jail";
+    if !jail.enabled {
+        return pass(
+            NAME,
+            "off (jail.enabled = false): VMMs run as root with the host's view, under their \
+             seccomp filters only"
+                .into(),
+        );
+    }
+    match crate::jail::probe::probe(jail.uid_base) {
+        Ok(()) => pass(
+            NAME,
+            format!(
+                "new mount, IPC, UTS and network namespaces, uid/gid {} without groups and \
+                 no_new_privs all work: each VMM runs jailed",
+                jail.uid_base
+            ),
+        ),
+        Err(e) => fail(
+            NAME,
+            format!(
+                "a jailed VMM cannot be made here ({}): sandboxes fail to start",
+                carapace_errors::chain(&e)
+            ),
+            "run the runtime as root (it needs CAP_SYS_ADMIN, CAP_SETUID and CAP_SETGID) on a \
+             kernel with mount, IPC, UTS and network namespaces; or set jail.enabled = false \
+             (VMMs then run as root, unconfined but for seccomp)",
+        ),
+    }
+}
+
+/// Entries of the host's user, group and subordinate-id files that fall in `range`: whoever
+/// holds such an id could signal or trace the VMM running as it.
+pub fn range_conflicts(
+    range: crate::jail::UidRange,
+    passwd: &str,
+    group: &str,
+    subuid: &str,
+    subgid: &str,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    for (file, text) in [("/etc/passwd", passwd), ("/etc/group", group)] {
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            let id = f.get(2).and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(id) = id.filter(|id| range.contains(*id)) {
+                found.push(format!("{file}: {} has id {id}", f[0]));
+            }
+        }
+    }
+    let (lo, hi) = (u64::from(range.base), range.last());
+    for (file, text) in [("/etc/subuid", subuid), ("/etc/subgid", subgid)] {
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            let (Some(start), Some(count)) = (
+                f.get(1).and_then(|v| v.trim().parse::<u64>().ok()),
+                f.get(2).and_then(|v| v.trim().parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            if count > 0 && start <= hi && start + count > lo {
+                found.push(format!(
+                    "{file}: {} has {start}..={}",
+                    f[0],
+                    start + count - 1
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Whether the jail's uid range is the VMMs' alone and has free ids.
+fn check_jail_range(config: &Config, host: &HostFiles) -> Option<Check> {
+    const NAME: &str = "jail uid range";
+    let jail = &config.jail;
+    if !jail.enabled {
+        return None;
+    }
+    let range = crate::jail::UidRange::of(jail);
+    let shown = format!(
+        "{}..={} (jail.uid_base, jail.uid_count)",
+        range.base,
+        range.last()
+    );
+    let read = |p: &Path| read_small(p).unwrap_or_default();
+    let conflicts = range_conflicts(
+        range,
+        &read(&host.passwd),
+        &read(&host.group),
+        &read(&host.subuid),
+        &read(&host.subgid),
+    );
+    if !conflicts.is_empty() {
+        return Some(fail(
+            NAME,
+            format!("{shown} overlaps ids in use: {}", conflicts.join("; ")),
+            "move the range (jail.uid_base) clear of every user, group and subordinate range",
+        ));
+    }
+    let claims = crate::jail::UidClaims::new(&config.runtime.state_dir);
+    Some(match claims.usage(range) {
+        Ok(u) if u.live >= range.count => fail(
+            NAME,
+            format!(
+                "{shown}: all {} ids are claimed by sandboxes that still exist ({})",
+                range.count,
+                claims.dir().display()
+            ),
+            "delete sandboxes or raise jail.uid_count",
+        ),
+        Ok(u) => pass(
+            NAME,
+            format!(
+                "{shown}: {} free, {} claimed by running sandboxes{}; no user, group or \
+                 subordinate range overlaps it",
+                range.count - u.live,
+                u.live,
+                if u.stale > 0 {
+                    format!(", {} left by sandboxes that are gone (reused)", u.stale)
+                } else {
+                    String::new()
+                }
+            ),
+        ),
+        Err(e) => fail(
+            NAME,
+            format!("{shown}: {}", carapace_errors::chain(&e)),
+            "make runtime.state_dir readable to the runtime (root)",
+        ),
+    })
+}
+
 /// Runs every check.
 pub fn run(config: &Config, host: &HostFiles) -> Vec<Check> {
     let h = &config.hypervisor;
@@ -263,7 +411,11 @@ pub fn run(config: &Config, host: &HostFiles) -> Vec<Check> {
         ),
         check_binary("fs daemon", "fs.path", &config.fs.path, fs_fix),
         check_vhost_net(config.network.vhost_net, &host.vhost_net),
+        check_jail_probe(&config.jail),
     ]
+    .into_iter()
+    .chain(check_jail_range(config, host))
+    .collect()
 }
 
 #[cfg(test)]
@@ -304,7 +456,12 @@ mod tests {
             cpuinfo: p("cpuinfo"),
             sys_module: p("module"),
             vhost_net: p("vhost-net"),
+            passwd: p("passwd"),
+            group: p("group"),
+            subuid: p("subuid"),
+            subgid: p("subgid"),
         };
+        config.runtime.state_dir = p("run");
         Host { tmp, files, config }
     }
 
@@ -389,6 +546,85 @@ mod tests {
             !f.ok && f.hint.as_deref().unwrap().contains("carapace-fsd"),
             "{f:?}"
         );
+    }
+
+    #[test]
+    fn the_jail_range_must_be_free_of_users_groups_and_subordinate_ranges() {
+        let range = crate::jail::UidRange {
+            base: 1_879_048_192,
+            count: 65_536,
+        };
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        let group = "root:x:0:\nusers:x:100:\n";
+        let subuid = "alice:100000:65536\n";
+        assert!(range_conflicts(range, passwd, group, subuid, subuid).is_empty());
+        let passwd = format!("{passwd}vmm:x:1879048200:5::/:/bin/false\n");
+        let group = format!("{group}odd:x:1879113727:\n");
+        // ends exactly at the range's first id / starts exactly past its last: no overlap
+        let subuid = "a:1879044096:4096\nb:1879113728:10\nc:1879113727:1\n";
+        let subgid = "d:1879000000:50000\n";
+        let found = range_conflicts(range, &passwd, &group, subuid, subgid);
+        assert_eq!(
+            found,
+            [
+                "/etc/passwd: vmm has id 1879048200",
+                "/etc/group: odd has id 1879113727",
+                "/etc/subuid: c has 1879113727..=1879113727",
+                "/etc/subgid: d has 1879000000..=1879049999",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_jail_is_reported_with_its_range_and_free_ids() {
+        let mut h = host("vmx", &["kvm_intel"]);
+        let range = by_name(&run(&h.config, &h.files), "jail uid range").clone();
+        assert!(range.ok && range.detail.contains("65536 free"), "{range:?}");
+        // a user in the range fails it, naming the user and the key
+        std::fs::write(&h.files.passwd, "vmm:x:1879048300:1::/:/bin/false\n").unwrap();
+        let c = by_name(&run(&h.config, &h.files), "jail uid range").clone();
+        assert!(
+            !c.ok
+                && c.detail.contains("vmm")
+                && c.hint.as_deref().unwrap().contains("jail.uid_base"),
+            "{c:?}"
+        );
+        std::fs::remove_file(&h.files.passwd).unwrap();
+        // every id claimed by a live sandbox: no free id
+        h.config.jail.uid_count = 1;
+        let state = h.config.runtime.state_dir.clone();
+        std::fs::create_dir_all(state.join("s1")).unwrap();
+        crate::jail::UidClaims::new(&state)
+            .claim(
+                crate::jail::UidRange::of(&h.config.jail),
+                "s1",
+                &state.join("s1"),
+            )
+            .unwrap();
+        let c = by_name(&run(&h.config, &h.files), "jail uid range").clone();
+        assert!(
+            !c.ok && c.hint.as_deref().unwrap().contains("jail.uid_count"),
+            "{c:?}"
+        );
+        // the probe: root jails, others are told to run as root
+        let probe = by_name(&run(&h.config, &h.files), "VMM jail").clone();
+        if nix::unistd::Uid::effective().is_root() {
+            assert!(probe.ok, "{probe:?}");
+        } else {
+            assert!(
+                !probe.ok && probe.hint.as_deref().unwrap().contains("root"),
+                "{probe:?}"
+            );
+        }
+        // off: reported as off, no range check
+        h.config.jail.enabled = false;
+        let checks = run(&h.config, &h.files);
+        let off = by_name(&checks, "VMM jail");
+        assert!(
+            off.ok && off.detail.contains("jail.enabled = false"),
+            "{off:?}"
+        );
+        assert!(checks.iter().all(|c| c.name != "jail uid range"));
     }
 
     #[test]

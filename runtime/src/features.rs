@@ -42,7 +42,7 @@ const MOUNT_OPTIONS: &[&str] = &[
 
 /// Namespaces the agent creates for each container in the guest (the network is the VM's,
 /// shared by the sandbox's containers).
-const NAMESPACES: &[&str] = &["ipc", "mount", "pid", "uts"];
+const NAMESPACES: &[&str] = &["cgroup", "ipc", "mount", "pid", "uts"];
 
 /// Linux capabilities, in kernel order (0 ..= 40), all known to the guest kernel.
 const CAPABILITIES: &[&str] = &[
@@ -153,6 +153,9 @@ mod tests {
         let hooks = f.hooks().clone().unwrap_or_default();
         assert!(hooks.iter().any(|h| h == "createRuntime"), "{hooks:?}");
         assert!(!hooks.iter().any(|h| h == "startContainer"), "{hooks:?}");
+        // what the guest agent creates (guest-agent/src/namespaces.rs); not the network
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(ns, &["cgroup", "ipc", "mount", "pid", "uts"]);
         let caps = v["linux"]["capabilities"].as_array().unwrap();
         assert_eq!(caps.len(), 41);
         for c in caps {

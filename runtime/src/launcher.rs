@@ -211,6 +211,7 @@ pub fn vm_description(config: &Config, res: VmResources, paths: &VmPaths) -> VmC
         request_queues: 1,
     }];
     vm.rng = true;
+    vm.free_page_reporting = h.free_page_reporting;
     vm.api_socket = Some(paths.api.clone());
     let vhost = !paths.nics.is_empty() && use_vhost_net(config.network.vhost_net, probe_vhost_net);
     vm.net = paths
@@ -407,6 +408,27 @@ mod tests {
         );
         assert_eq!(v.serial, SerialOutput::File("/r/x/console.log".into()));
         assert_eq!(v.fs[0].tag, "carapace");
+        assert!(v.free_page_reporting, "on by default");
+        let mut off = Config::default();
+        off.hypervisor.free_page_reporting = false;
+        let paths = VmPaths {
+            vsock: "/v".into(),
+            api: "/a".into(),
+            fs_socket: "/f".into(),
+            console: None,
+            nics: Vec::new(),
+        };
+        assert!(
+            !vm_description(
+                &off,
+                VmResources {
+                    vcpus: 1,
+                    memory_mib: 256
+                },
+                &paths
+            )
+            .free_page_reporting
+        );
         assert!(v.cmdline.ends_with(" quiet"));
         assert_eq!(v.cmdline.matches("quiet").count(), 1);
         assert!(!v.cmdline.contains("console="), "the VMM adds it");

@@ -7,14 +7,24 @@
 //! [`stdio`] (streaming a process's IO), [`check`] (can this host run sandboxes),
 //! [`features`] (the runc `features` document), [`network`] (a pod's CNI network
 //! namespace mirrored into the VM: inspection, taps and tc redirects), [`sizing`] (how big a
-//! pod's VM is), [`vmm_api`] (the VMM's control API: VM info, memory hot-plug).
+//! pod's VM is), [`vmm_api`] (the VMM's control API: VM info, memory hot-plug), [`jail`] (the VMM's
+//! jail directory and its uid per sandbox). For the
+//! CLI: [`keeper`] (the host processes that stand for container processes towards runc's
+//! callers), [`freezer`] (pause/resume), [`events`] (runc's stats and OOM events).
 
 pub mod agent;
 pub mod cgroup;
 pub mod check;
 pub mod console;
+pub mod events;
+pub mod exec_identity;
+pub mod exitwatch;
+pub mod faults;
 pub mod features;
+pub mod freezer;
 pub mod hooks;
+pub mod jail;
+pub mod keeper;
 pub mod launcher;
 pub mod mount_setattr;
 pub mod mounts;

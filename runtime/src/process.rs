@@ -95,6 +95,17 @@ pub enum ProcessError {
         #[source]
         source: nix::Error,
     },
+    /// Waiting for it to end failed (no pidfd).
+    #[error("cannot watch {what} (pid {pid}) for its exit")]
+    Watch {
+        /// Which helper.
+        what: &'static str,
+        /// Its pid.
+        pid: i32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A process as recorded in the state file.

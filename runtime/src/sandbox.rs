@@ -75,6 +75,18 @@ pub enum SandboxError {
         /// The end of the log.
         tail: String,
     },
+    /// The fs daemon exited while the guest was being set up: the guest's files are gone.
+    #[error(
+        "the fs daemon (pid {pid}) exited while the VM was being set up; its log {log} ends with:\n{tail}"
+    )]
+    FsDaemonExited {
+        /// Its pid.
+        pid: i32,
+        /// Its log.
+        log: PathBuf,
+        /// The end of the log.
+        tail: String,
+    },
     /// The agent did not answer in time.
     #[error("the guest agent did not answer on {socket} within {timeout:?}; see {log}")]
     AgentTimeout {
@@ -130,6 +142,9 @@ pub enum SandboxError {
     /// The pod's network namespace could not be mirrored into the VM.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// The VMM's jail could not be prepared (no free uid, the jail directory).
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// The sandbox's host cgroup could not be made or joined.
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
@@ -182,7 +197,10 @@ pub struct SandboxPaths {
     pub fsd_socket: PathBuf,
     /// fs daemon log.
     pub fsd_log: PathBuf,
-    /// VMM hybrid-vsock socket.
+    /// The VMM's jail directory, its `/` ([`crate::jail`]); with a host-mode agent only
+    /// the directory of its socket.
+    pub jail: PathBuf,
+    /// VMM hybrid-vsock socket, inside the jail (the VMM requires it there).
     pub vsock: PathBuf,
     /// VMM control API socket.
     pub api: PathBuf,
@@ -205,7 +223,8 @@ impl SandboxPaths {
             stage: dir.join("stage"),
             fsd_socket: dir.join("fsd.sock"),
             fsd_log: dir.join("fsd.log"),
-            vsock: dir.join("vsock.sock"),
+            jail: dir.join(crate::jail::JAIL_DIR),
+            vsock: dir.join(crate::jail::JAIL_DIR).join("vsock.sock"),
             api: dir.join("api.sock"),
             vmm_log: dir.join("vmm.log"),
             console: dir.join("console.log"),
@@ -304,6 +323,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(SandboxError::Blocking)?
 }
 
+/// The name of the user owning `path` (its uid when it has no name; empty when it cannot
+/// be read).
+fn owner_of(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return String::new();
+    };
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid())) {
+        Ok(Some(u)) => u.name,
+        _ => meta.uid().to_string(),
+    }
+}
+
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
     let path = path.to_path_buf();
     move |source| SandboxError::Io { op, path, source }
@@ -344,18 +376,26 @@ impl Runtime {
         }
     }
 
+    /// The jail uid claims: under `runtime.state_dir` whatever the state root (`--root`),
+    /// so that every state root of one configuration shares them ([`crate::jail`]).
+    pub fn jail_claims(&self) -> crate::jail::UidClaims {
+        crate::jail::UidClaims::new(&self.config.runtime.state_dir)
+    }
+
     /// The paths of sandbox `id`.
     pub fn paths(&self, id: &str) -> Result<SandboxPaths, SandboxError> {
         Ok(SandboxPaths::new(&self.store.dir(id)?))
     }
 
     /// The status as it is now: the recorded one, corrected by what is observable (a gone
-    /// VMM means stopped).
+    /// VMM means stopped; so does a gone keeper of the init, [`crate::keeper`]).
     pub fn live_status(&self, st: &SandboxState) -> Status {
         match st.status {
             Status::Creating | Status::Stopped => st.status,
             Status::Created | Status::Running => {
-                if st.exit.is_some() || !self.vm_of(st).is_some_and(|v| v.is_alive()) {
+                let keeper_gone = st.io_relay.is_some_and(|k| !k.is_alive());
+                if st.exit.is_some() || keeper_gone || !self.vm_of(st).is_some_and(|v| v.is_alive())
+                {
                     Status::Stopped
                 } else {
                     st.status
@@ -375,6 +415,7 @@ impl Runtime {
             // a pod's container is represented by the VMM of the pod's VM
             oci.pid = vm.map(|v| v.pid).unwrap_or(0);
         }
+        oci.owner = owner_of(&self.store.dir(id)?);
         Ok(oci)
     }
 
@@ -476,6 +517,7 @@ impl Runtime {
 mod create;
 mod delete;
 mod ops;
+pub use ops::Helper;
 mod resize;
 #[cfg(test)]
 mod tests;

@@ -151,9 +151,19 @@ pub struct SandboxState {
     /// The VMM.
     #[serde(default)]
     pub vmm: Option<ProcessRecord>,
-    /// The process relaying the container's stdio for detached `create`.
+    /// The init's keeper (`create`'s `carapace __keep ID`, [`crate::keeper`]): relays the
+    /// init's stdio, stands for it towards the caller (its pid is the OCI state's `pid`)
+    /// and exits with its status. Once it is gone the container counts as stopped.
     #[serde(default)]
     pub io_relay: Option<ProcessRecord>,
+    /// Keepers of processes started by `exec --detach` ([`crate::keeper`]), stopped by
+    /// `delete`; the ones gone are dropped at the next exec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec_keepers: Vec<ProcessRecord>,
+    /// The container is frozen (`carapace pause`, [`crate::freezer`]); its OCI status is
+    /// then `paused`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
     /// Host bind mounts made into the shared directory, in the order made.
     #[serde(default)]
     pub mounts: Vec<MountRecord>,
@@ -187,6 +197,10 @@ pub struct SandboxState {
     /// or a restarted shim resizes from what the VM really is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmRecord>,
+    /// For a sandbox whose VMM is jailed: the uid claimed for it and its jail directory
+    /// ([`crate::jail`]), given back by the teardown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailRecord>,
 }
 
 /// A VM's shape (fixed at boot) and its current size.
@@ -226,12 +240,22 @@ pub struct OciState {
     pub oci_version: String,
     /// Container id.
     pub id: String,
-    /// created, running, stopped (creating while `create` runs).
+    /// created, running, paused, stopped (creating while `create` runs).
     pub status: String,
-    /// The host pid representing the container (the VMM's): 0 once stopped.
+    /// The host pid representing the container (its init's keeper, else the VMM's): 0
+    /// once stopped.
     pub pid: i32,
     /// Absolute bundle path.
     pub bundle: String,
+    /// The container's root filesystem on the host (absolute), as runc prints it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rootfs: String,
+    /// Creation time, RFC 3339 UTC, as runc prints it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub created: String,
+    /// The user owning the container's state (runc's `owner`).
+    #[serde(default)]
+    pub owner: String,
     /// The spec's annotations (omitted when empty, as runc does).
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub annotations: BTreeMap<String, String>,
@@ -491,6 +515,8 @@ impl SandboxState {
             fsd: None,
             vmm: None,
             io_relay: None,
+            exec_keepers: Vec::new(),
+            paused: false,
             mounts: Vec::new(),
             guest_pid: None,
             exit: None,
@@ -500,25 +526,52 @@ impl SandboxState {
             host_cgroup: None,
             demand: None,
             vm: None,
+            jail: None,
         }
     }
 
     /// The OCI state object for a sandbox whose live status is `status` and whose VMM is
-    /// alive (`vmm_alive`): pid is the VMM's while it runs, 0 once stopped (as runc reports
-    /// 0 for a stopped container).
+    /// alive (`vmm_alive`): pid is the init's keeper's while it lives (a sandbox without a
+    /// keeper — the shim's — the VMM's while it runs), 0 once stopped (as runc reports 0
+    /// for a stopped container).
     pub fn oci(&self, status: Status, vmm_alive: bool) -> OciState {
-        let pid = match (&self.vmm, status, vmm_alive) {
-            (Some(p), s, true) if s != Status::Stopped => p.pid,
+        let pid = match (status, self.io_relay, &self.vmm) {
+            (Status::Stopped, _, _) => 0,
+            // the init's keeper stands for the container as long as it lives
+            (_, Some(keeper), _) if keeper.is_alive() => keeper.pid,
+            (_, Some(_), _) => 0,
+            (_, None, Some(vmm)) if vmm_alive => vmm.pid,
             _ => 0,
+        };
+        let status_name = if self.paused && status == Status::Running {
+            "paused"
+        } else {
+            status.as_str()
         };
         OciState {
             oci_version: OCI_VERSION.to_owned(),
             id: self.id.clone(),
-            status: status.as_str().to_owned(),
+            status: status_name.to_owned(),
             pid,
             bundle: self.bundle.display().to_string(),
+            rootfs: self
+                .rootfs()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            created: rfc3339_utc(self.created_unix),
+            owner: String::new(),
             annotations: self.annotations.clone(),
         }
+    }
+
+    /// The host directory bound as the container's root filesystem: the source of the
+    /// recorded mount onto `stage/<id>/rootfs`.
+    pub fn rootfs(&self) -> Option<&Path> {
+        let target = Path::new("stage").join(&self.id).join("rootfs");
+        self.mounts
+            .iter()
+            .find(|m| m.target.ends_with(&target))
+            .map(|m| m.source.as_path())
     }
 }
 
@@ -625,6 +678,12 @@ mod tests {
             pid: 1234,
             start_time: 1,
         });
+        st.created_unix = 1_795_280_161;
+        st.mounts.push(MountRecord {
+            source: "/bundles/c1/rootfs".into(),
+            target: "/run/carapace/c1/stage/c1/rootfs".into(),
+            read_only: false,
+        });
         let v = serde_json::to_value(st.oci(Status::Running, true)).unwrap();
         assert_eq!(
             v,
@@ -634,9 +693,29 @@ mod tests {
                 "status": "running",
                 "pid": 1234,
                 "bundle": "/bundles/c1",
+                "rootfs": "/bundles/c1/rootfs",
+                "created": "2026-11-21T16:56:01Z",
+                "owner": "",
                 "annotations": {"a": "b"}
             })
         );
+        // with a keeper, the keeper stands for the container (0 once it is gone)
+        st.io_relay = ProcessRecord::of(std::process::id() as i32);
+        let v = serde_json::to_value(st.oci(Status::Running, true)).unwrap();
+        assert_eq!(v["pid"], std::process::id());
+        st.io_relay = Some(ProcessRecord {
+            pid: i32::MAX,
+            start_time: 1,
+        });
+        let v = serde_json::to_value(st.oci(Status::Running, true)).unwrap();
+        assert_eq!(v["pid"], 0);
+        st.io_relay = None;
+        st.paused = true;
+        let v = serde_json::to_value(st.oci(Status::Running, true)).unwrap();
+        assert_eq!(v["status"], "paused");
+        // once stopped, a frozen container is stopped
+        assert_eq!(st.oci(Status::Stopped, true).status, "stopped");
+        st.paused = false;
         st.annotations.clear();
         let v = serde_json::to_value(st.oci(Status::Stopped, true)).unwrap();
         assert_eq!(v["pid"], 0);

@@ -32,6 +32,10 @@ pub struct HostIo {
     /// Copied to the process's stdin (closed at its end); None: stdin stays untouched.
     /// Read by a thread of its own: a blocking source (terminal, FIFO, file).
     pub stdin: Option<Box<dyn Read + Send>>,
+    /// Run once the process has exited, to end a `stdin` read that may block for ever (a
+    /// FIFO whose writer never comes or already left: the reading thread is stuck in
+    /// open(2) or read(2) otherwise). None: nothing to release.
+    pub stdin_release: Option<Box<dyn FnOnce() + Send>>,
     /// Receives stdout.
     pub stdout: Box<dyn AsyncWrite + Send + Unpin>,
     /// Receives stderr.
@@ -125,7 +129,11 @@ pub async fn stream_until_exit(
     if let Some(stdin) = io.stdin {
         copy_in(agent.clone(), cid.to_owned(), exec_id.to_owned(), stdin);
     }
-    let exit = agent.wait(cid, exec_id).await?;
+    let exit = agent.wait(cid, exec_id).await;
+    if let Some(release) = io.stdin_release {
+        release();
+    }
+    let exit = exit?;
     let drained = tokio::time::timeout(DRAIN_GRACE, async {
         for o in outputs {
             let _ = o.await;
@@ -189,11 +197,17 @@ nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
 /// The (rows, columns) of the terminal on stdout, if it is one.
 pub fn terminal_size() -> Option<(u32, u32)> {
     use std::io::IsTerminal;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     let stdout = std::io::stdout();
     if !stdout.is_terminal() {
         return None;
     }
+    size_of_terminal(stdout.as_fd())
+}
+
+/// The (rows, columns) of terminal `fd`; None when it is not a terminal or has no size.
+pub fn size_of_terminal(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u32, u32)> {
+    use std::os::fd::AsRawFd;
     let mut ws = libc::winsize {
         ws_row: 0,
         ws_col: 0,
@@ -201,8 +215,8 @@ pub fn terminal_size() -> Option<(u32, u32)> {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which points to a live
-    // local of exactly that type; the fd is stdout's, open for the whole call.
-    unsafe { tiocgwinsz(stdout.as_raw_fd(), &mut ws) }.ok()?;
+    // local of exactly that type; the fd is borrowed, so open for the whole call.
+    unsafe { tiocgwinsz(fd.as_raw_fd(), &mut ws) }.ok()?;
     (ws.ws_row > 0 && ws.ws_col > 0).then(|| (u32::from(ws.ws_row), u32::from(ws.ws_col)))
 }
 
@@ -379,6 +393,7 @@ mod tests {
             "c",
             "",
             HostIo {
+                stdin_release: None,
                 stdin: Some(Box::new(std::io::Cursor::new(b"hello, guest\n".to_vec()))),
                 stdout: Box::new(out.clone()),
                 stderr: Box::new(err.clone()),

@@ -3,6 +3,7 @@
 //! does through the agent session the backend hands out, which the shim keeps for the VM's
 //! life: every container of a pod, every stream and wait share it.
 
+use carapace_runtime::sandbox::Helper;
 use std::path::{Path, PathBuf};
 
 use carapace_runtime::agent::{ExitInfo, Session};
@@ -95,6 +96,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Kills the VM that runs `id` at once (an agent that no longer answers cannot deliver
     /// a SIGKILL); the session to it breaks. Its state stays for `delete`.
     async fn kill_vm(&self, id: &str) -> Result<(), BackendError>;
+
+    /// Resolves once `helper` of the VM of `id` has exited; never when it has none.
+    async fn helper_exited(&self, id: &str, helper: Helper) -> Result<(), BackendError>;
+
+    /// Fires fault point `point` for `id` when the configuration names a fault plan
+    /// (fault tests only; `carapace_runtime::faults`).
+    fn fault_point(&self, id: &str, point: carapace_runtime::faults::Point);
+
+    /// What is left to tell of the VM of `id` when it ended without the shim stopping it
+    /// (the end of the VMM's log and of the guest console); `None` while it runs.
+    fn vm_post_mortem(&self, id: &str) -> Option<String>;
 
     /// Cleans up after a shim that was killed (`shim delete`): whatever is left of `id`.
     async fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError>;

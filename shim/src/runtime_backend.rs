@@ -1,6 +1,7 @@
 //! The real backend: sandboxes from `carapace-runtime` (fs daemon + VMM + guest agent),
 //! configured by Carapace's configuration file.
 
+use carapace_runtime::sandbox::Helper;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -203,6 +204,26 @@ impl Backend for RuntimeBackend {
         runtime
             .kill_vm(id)
             .map_err(|e| BackendError::new("killing the VM of", id, e))
+    }
+
+    async fn helper_exited(&self, id: &str, helper: Helper) -> Result<(), BackendError> {
+        let runtime = self.runtime_of(id).ok_or_else(|| {
+            BackendError::new("watching the VM of", id, "not created by this shim")
+        })?;
+        runtime
+            .helper_exited(id, helper)
+            .await
+            .map_err(|e| BackendError::new("watching the VM of", id, e))
+    }
+
+    fn fault_point(&self, id: &str, point: carapace_runtime::faults::Point) {
+        if let Some(runtime) = self.runtime_of(id) {
+            runtime.fault_point(point, id);
+        }
+    }
+
+    fn vm_post_mortem(&self, id: &str) -> Option<String> {
+        self.runtime_of(id)?.vm_post_mortem(id)
     }
 
     async fn cleanup(&self, id: &str, bundle: &Path) -> Result<(), BackendError> {

@@ -298,6 +298,17 @@ impl Shim for Service {
         let role = Role::from_bundle(&self.bundle).unwrap_or(Role::Standalone);
         let grouping = role.vm_id(&opts.id).to_owned();
         let address = spawn(opts, &grouping, Vec::new()).await?;
+        // containerd reads `<bundle>/address` to reach the shims again after a restart
+        // (without it a restarted containerd takes every running shim for dead); the crate
+        // writes it only for a container joining a running shim. Atomically, as runc's
+        // shim does.
+        let file = self.bundle.join("address");
+        let tmp = self.bundle.join(".address.tmp");
+        let written = match tokio::fs::write(&tmp, &address).await {
+            Ok(()) => tokio::fs::rename(&tmp, &file).await,
+            Err(e) => Err(e),
+        };
+        written.map_err(|e| Error::Other(format!("cannot write {}: {e}", file.display())))?;
         Ok(address)
     }
 

@@ -92,16 +92,38 @@ impl StdioPaths {
     /// Opens the outputs now and the input (which blocks until containerd opens its write
     /// end) inside the returned [`HostIo`] lazily, on the copying thread.
     pub fn open(&self) -> Result<HostIo, StdioError> {
-        let stdin: Option<Box<dyn Read + Send>> = match target("stdin", &self.stdin)? {
-            Target::None => None,
-            Target::Path(path) | Target::File(path) => Some(Box::new(LazyFifo::new(path))),
-        };
+        let (stdin, stdin_release): (Option<Box<dyn Read + Send>>, _) =
+            match target("stdin", &self.stdin)? {
+                Target::None => (None, None),
+                Target::Path(path) | Target::File(path) => (
+                    Some(Box::new(LazyFifo::new(path.clone())) as Box<dyn Read + Send>),
+                    Some(Box::new(move || release_fifo(&path)) as Box<dyn FnOnce() + Send>),
+                ),
+            };
         Ok(HostIo {
             stdin,
+            stdin_release,
             stdout: open_out("stdout", &self.stdout)?,
             stderr: open_out("stderr", &self.stderr)?,
         })
     }
+}
+
+/// Ends a read of the stdin FIFO at `path` that would otherwise wait for ever once the
+/// process is gone: the reading thread sits in open(2) until a writer comes (containerd's
+/// client may have closed its end before, or never open it) and in read(2) until every
+/// writer left. Opening the FIFO for writing, without blocking, completes a waiting open;
+/// closing it again gives the reader end-of-file when no other writer holds it. Without a
+/// reader (it already finished) the open fails with ENXIO, which is fine.
+fn release_fifo(path: &std::path::Path) {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    if !std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+        return;
+    }
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
 }
 
 /// A FIFO opened for reading on first read, so that opening it cannot block the caller.
@@ -133,6 +155,42 @@ mod tests {
     use super::*;
     use std::io::Read;
     use tokio::io::AsyncWriteExt;
+
+    /// A stdin FIFO nobody ever writes to: the copying thread waits in open(2) until the
+    /// release after the process exited lets it finish (before, it stayed for ever: one
+    /// thread per such process in the shim, found by the soak).
+    #[test]
+    fn a_stdin_fifo_without_a_writer_is_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("stdin");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let out = dir.path().join("out");
+        let io = StdioPaths {
+            stdin: fifo.display().to_string(),
+            stdout: format!("file://{}", out.display()),
+            ..Default::default()
+        }
+        .open()
+        .expect("open");
+        let mut stdin = io.stdin.expect("stdin");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            tx.send(stdin.read(&mut buf).map_err(|e| e.to_string()))
+                .expect("send");
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the read waits for a writer"
+        );
+        (io.stdin_release.expect("a FIFO has a release"))();
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the release ends the read");
+        assert_eq!(got, Ok(0), "end of file");
+    }
 
     #[test]
     fn empty_paths_discard_output_and_have_no_stdin() {

@@ -23,6 +23,7 @@ pub const KILLED_STATUS: u32 = 128 + SIGKILL;
 const SIGKILL: u32 = 9;
 
 mod types;
+mod vm_watch;
 pub use types::{Event, Exit, ProcInfo, ProcState, TaskError};
 
 struct Proc {
@@ -52,6 +53,8 @@ struct Container {
     /// The shim killed this container's VM (its agent could not deliver a SIGKILL): its
     /// processes, lost with the VM, were killed.
     vm_killed: bool,
+    /// `delete` is tearing it down: its VM's helpers ending is no news.
+    deleting: bool,
     /// The session to the agent of this container's VM (shared by a pod's containers).
     agent: Session,
     init: Proc,
@@ -189,11 +192,13 @@ impl Tasks {
         tracing::info!(id = %req.id, ?role, "created");
         if role.owns_vm() {
             self.watch_oom(agent.clone(), &req.id);
+            self.watch_helpers(&req.id);
         }
         let container = Container {
             bundle: req.bundle.clone(),
             role,
             vm_killed: false,
+            deleting: false,
             agent,
             init: Proc::new(req.stdio.clone(), None),
             execs: HashMap::new(),
@@ -309,33 +314,11 @@ impl Tasks {
         });
         self.watch(agent, id, exec_id, pid, io);
         tracing::info!(process = %name, pid, "started");
+        if !exec_id.is_empty() {
+            self.backend
+                .fault_point(id, carapace_runtime::faults::Point::ExecStarted);
+        }
         Ok(pid)
-    }
-
-    /// Forwards the OOM kills the agent of a new VM reports, for as long as it answers
-    /// (the call fails once the VM is gone).
-    fn watch_oom(self: &Arc<Self>, agent: Session, vm: &str) {
-        let me = Arc::downgrade(self);
-        let vm = vm.to_owned();
-        tokio::spawn(async move {
-            loop {
-                match agent.next_oom_event().await {
-                    Ok(cid) => {
-                        let Some(me) = me.upgrade() else { return };
-                        if me.table().contains_key(&cid) {
-                            tracing::info!(id = %cid, "OOM kill in the guest");
-                            me.emit(Event::Oom { id: cid });
-                        } else {
-                            tracing::debug!(id = %cid, "OOM kill in a container not ours");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(vm, error = %carapace_errors::Chain(&e), "OOM events end");
-                        return;
-                    }
-                }
-            }
-        });
     }
 
     /// The agent of a container whose init is in one of `states`.
@@ -448,6 +431,7 @@ impl Tasks {
                         KILLED_STATUS
                     } else {
                         tracing::warn!(process = %proc_name(&id, &exec_id), error = %carapace_errors::Chain(&e), "lost the process; reporting it exited");
+                        me.tell_why_the_vm_ended(&id, &exec_id);
                         LOST_EXIT_STATUS
                     }
                 }
@@ -594,8 +578,8 @@ impl Tasks {
             return Ok((p.pid, exit.unwrap_or(never_started)));
         }
         let (bundle, role, pid, exit, agent) = {
-            let table = self.table();
-            let c = table.get(id).ok_or_else(|| TaskError::NotFound {
+            let mut table = self.table();
+            let c = table.get_mut(id).ok_or_else(|| TaskError::NotFound {
                 kind: "container",
                 id: id.to_owned(),
             })?;
@@ -607,6 +591,7 @@ impl Tasks {
                 });
             }
             let exit = *c.init.exit.borrow();
+            c.deleting = true;
             (
                 c.bundle.clone(),
                 c.role.clone(),

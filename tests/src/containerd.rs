@@ -59,6 +59,8 @@ pub struct RuntimeEntry {
     /// The handler's `ConfigPath` runtime option: the Carapace configuration its VMs are
     /// built from (one RuntimeClass per VM shape).
     pub config_path: Option<PathBuf>,
+    /// The runc shim's `BinaryName` option: a runc-compatible binary (gVisor's `runsc`).
+    pub binary_name: Option<PathBuf>,
 }
 
 /// A running private containerd. Dropping it stops containerd, kills what it started and
@@ -67,6 +69,11 @@ pub struct RuntimeEntry {
 pub struct Containerd {
     dir: PathBuf,
     child: Option<Child>,
+    /// What it was started with, to start it again ([`Self::start_daemon`]).
+    env: Vec<(String, PathBuf)>,
+    path: Option<String>,
+    /// `--log-level` for the next start (containerd's default when None).
+    pub log_level: Option<&'static str>,
 }
 
 impl Containerd {
@@ -109,17 +116,51 @@ impl Containerd {
                 path: conflist.clone(),
                 source,
             })?;
-        let log_path = dir.join("containerd.log");
-        let log = fs::File::create(&log_path).map_err(|source| ContainerdError::Io {
+        let mut me = Self {
+            dir: dir.to_path_buf(),
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_path_buf()))
+                .collect(),
+            log_level: None,
+            path: path_prepend.map(|p| {
+                let path = std::env::var("PATH").unwrap_or_default();
+                format!("{}:{path}", p.display())
+            }),
+        };
+        fs::File::create(me.dir.join("containerd.log")).map_err(|source| ContainerdError::Io {
             what: "cannot create",
-            path: log_path.clone(),
+            path: me.dir.join("containerd.log"),
             source,
         })?;
+        me.start_daemon()?;
+        Ok(me)
+    }
+
+    /// Starts the daemon (again) with its configuration, its log appended to; waits until
+    /// it answers.
+    pub fn start_daemon(&mut self) -> Result<(), ContainerdError> {
+        let config = self.dir.join("config.toml");
+        let log_path = self.dir.join("containerd.log");
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| ContainerdError::Io {
+                what: "cannot open",
+                path: log_path.clone(),
+                source,
+            })?;
         let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(&config).envs(env.iter().copied());
-        if let Some(p) = path_prepend {
-            let path = std::env::var("PATH").unwrap_or_default();
-            cmd.env("PATH", format!("{}:{path}", p.display()));
+        cmd.arg("--config").arg(&config);
+        if let Some(level) = self.log_level {
+            cmd.args(["--log-level", level]);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some(p) = &self.path {
+            cmd.env("PATH", p);
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -135,12 +176,25 @@ impl Containerd {
                 path: config.clone(),
                 source,
             })?;
-        let me = Self {
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        };
-        me.wait_ready(Duration::from_secs(60))?;
-        Ok(me)
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Stops the daemon only (SIGTERM, then SIGKILL after 10 s): its shims and their
+    /// containers go on running, as in a containerd restart or upgrade.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// containerd's socket.
@@ -417,6 +471,40 @@ pub fn with_carapace(
     Ok(ctrd)
 }
 
+/// A fresh temporary directory (named `prefix...`) holding a private containerd with the
+/// workspace's Carapace shim ([`with_carapace`]) and its configuration
+/// ([`carapace_config`], the console kept), `debug(the directory)` appended to that
+/// configuration's `[debug]` section. Returns (directory, runtime state dir, containerd).
+pub fn carapace_world(
+    prefix: &str,
+    debug: impl Fn(&Path) -> String,
+) -> Result<(tempfile::TempDir, PathBuf, Containerd), ContainerdError> {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|source| ContainerdError::Io {
+            what: "cannot create a temporary directory for",
+            path: PathBuf::from(prefix),
+            source,
+        })?;
+    let shim = crate::workspace_bin("containerd-shim-carapace-v2");
+    let bins = shim.parent().unwrap_or(Path::new("."));
+    let (config, state) = carapace_config(tmp.path(), bins, true)?;
+    let extra = debug(tmp.path());
+    if !extra.is_empty() {
+        let io = |source| ContainerdError::Io {
+            what: "cannot extend",
+            path: config.clone(),
+            source,
+        };
+        let mut text = fs::read_to_string(&config).map_err(io)?;
+        text.push_str(&extra);
+        fs::write(&config, text).map_err(io)?;
+    }
+    let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])?;
+    Ok((tmp, state, ctrd))
+}
+
 /// A second Carapace handler of [`CarapaceCri`], whose runtime options name a
 /// configuration with a bigger VM shape ([`BIG_SHAPE`]): a RuntimeClass of its own.
 pub const BIG_HANDLER: &str = "carapace-big";
@@ -462,6 +550,7 @@ impl CarapaceCri {
                     handler: BIG_HANDLER.into(),
                     runtime_type: CARAPACE_RUNTIME.into(),
                     config_path: Some(big),
+                    ..Default::default()
                 },
             ],
             Some(bins),
@@ -499,22 +588,23 @@ impl Drop for Containerd {
                 }
             }
         }
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM lets containerd unmount its snapshots; then make sure it is gone.
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // SIGTERM lets containerd unmount its snapshots; then make sure it is gone.
+        self.stop_daemon();
         unmount_under(&self.dir);
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Mount points at or under `dir` (this process's mount table).
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Unmounts every mount point at or below `dir`, deepest first.
@@ -623,11 +713,22 @@ state = "{d}/state"
             "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{}]\n      runtime_type = \"{}\"\n",
             r.handler, r.runtime_type
         ));
-        if let Some(path) = &r.config_path {
+        let options: Vec<String> = [
+            ("ConfigPath", &r.config_path),
+            ("BinaryName", &r.binary_name),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| {
+            value
+                .as_ref()
+                .map(|p| format!("      {key} = {:?}\n", p.display().to_string()))
+        })
+        .collect();
+        if !options.is_empty() {
             s.push_str(&format!(
-                "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{}.options]\n      ConfigPath = {:?}\n",
+                "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{}.options]\n{}",
                 r.handler,
-                path.display().to_string()
+                options.concat()
             ));
         }
     }
@@ -652,12 +753,30 @@ mod tests {
                     handler: "big".into(),
                     runtime_type: "io.containerd.carapace.v2".into(),
                     config_path: Some("/t/big.toml".into()),
+                    ..Default::default()
+                },
+                RuntimeEntry {
+                    handler: "gvisor".into(),
+                    runtime_type: "io.containerd.runc.v2".into(),
+                    binary_name: Some("/usr/bin/runsc".into()),
+                    ..Default::default()
                 },
             ],
         );
         let parsed: toml::Value = toml::from_str(&s).expect("valid TOML");
         let big = &parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["big"];
         assert_eq!(big["options"]["ConfigPath"].as_str(), Some("/t/big.toml"));
+        assert_eq!(big["options"].get("BinaryName"), None);
+        let gvisor =
+            &parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["gvisor"];
+        assert_eq!(
+            gvisor["options"]["BinaryName"].as_str(),
+            Some("/usr/bin/runsc")
+        );
+        assert_eq!(
+            gvisor["runtime_type"].as_str(),
+            Some("io.containerd.runc.v2")
+        );
         assert!(s.contains("root = \"/t/c/root\""));
         assert!(s.contains("address = \"/t/c/containerd.sock\""));
         assert!(

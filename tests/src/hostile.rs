@@ -250,6 +250,44 @@ pub fn log_sizes(dir: &Path) -> [(&'static str, u64); 3] {
         .map(|f| (f, fs::metadata(dir.join(f)).map_or(0, |m| m.len())))
 }
 
+/// What a containerd log says about pod `id`, bounded: from the shim's last "the VM ended
+/// on its own" report of it (with the lines of the VMM log and console it quotes, flood
+/// lines counted rather than shown), else the last lines naming the pod.
+pub fn about_pod(log: &str, id: &str) -> String {
+    const LINES: usize = 60;
+    const WIDTH: usize = 400;
+    let lines: Vec<&str> = log.lines().collect();
+    let report = lines
+        .iter()
+        .rposition(|l| l.contains(id) && l.contains("ended on its own"));
+    let picked: Vec<&str> = match report {
+        Some(at) => lines[at..].iter().take(LINES * 4).copied().collect(),
+        None => {
+            let named: Vec<&str> = lines.iter().filter(|l| l.contains(id)).copied().collect();
+            named[named.len().saturating_sub(LINES)..].to_vec()
+        }
+    };
+    let mut out = Vec::new();
+    let mut flood = 0;
+    for l in picked {
+        if l.contains("HOSTILE-") {
+            flood += 1;
+            continue;
+        }
+        if out.len() < LINES {
+            out.push(l.chars().take(WIDTH).collect::<String>());
+        }
+    }
+    if flood > 0 {
+        out.push(format!("({flood} flood lines not shown)"));
+    }
+    if out.is_empty() {
+        "(nothing)".to_owned()
+    } else {
+        out.join("\n")
+    }
+}
+
 /// The VMM's metrics (its API's `metrics` answer), parsed.
 pub fn metrics(dir: &Path) -> Option<serde_json::Value> {
     let line = crate::containerd::vmm_metrics(&dir.join("api.sock"))?;
@@ -303,6 +341,30 @@ pub fn listing(dir: &Path) -> Vec<(String, u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shims_report_of_a_lost_vm_is_picked_from_the_log() {
+        let log = "time=1 msg=\"other pod p2\"\n\
+                   time=2 msg=\"started\" id=p1\n\
+                   time=3 level=warn msg=\"the VM of p1 ended on its own: the VMM (pid 9) is gone; vmm.log ends with:\n\
+                   vmm: exiting: guest triple fault\n\
+                   HOSTILE-FLOOD xxxx\n\
+                   HOSTILE-FLOOD xxxx\n\
+                   [  3.1] Kernel panic\" id=p1\n";
+        let about = about_pod(log, "p1");
+        assert!(about.starts_with("time=3"), "{about}");
+        assert!(
+            about.contains("triple fault") && about.contains("Kernel panic"),
+            "{about}"
+        );
+        assert!(
+            about.contains("(2 flood lines not shown)") && !about.contains("p2"),
+            "{about}"
+        );
+        let plain = about_pod("a id=p1\nb id=p2\nc id=p1\n", "p1");
+        assert_eq!(plain, "a id=p1\nc id=p1");
+        assert_eq!(about_pod("", "p1"), "(nothing)");
+    }
 
     #[test]
     fn verdict_lines_are_parsed_by_attack() {

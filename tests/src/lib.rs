@@ -9,8 +9,10 @@
 pub mod bench;
 pub mod containerd;
 pub mod cri;
+pub mod faults;
 pub mod fixtures;
 pub mod hostile;
+pub mod jail;
 pub mod lab;
 pub mod net;
 

@@ -182,6 +182,8 @@ struct Target<'a> {
     victim: String,
     peak: BTreeMap<&'static str, Rss>,
     findings: Vec<String>,
+    /// containerd's log, where the shim says why a VM ended on its own.
+    ctrd_log: PathBuf,
 }
 
 impl<'a> Target<'a> {
@@ -216,6 +218,7 @@ impl<'a> Target<'a> {
             victim,
             peak: BTreeMap::new(),
             findings: Vec::new(),
+            ctrd_log: rig.ctrd.socket().with_file_name("containerd.log"),
         };
         t.victim_answers("before the attack");
         t.sample();
@@ -325,14 +328,26 @@ impl<'a> Target<'a> {
     fn check_and_remove(mut self, victim_must_answer: bool) -> Vec<String> {
         self.sample();
         println!("{}: after the attacks: {}", self.pod.name, self.figures());
+        let mut died = false;
         for (name, pid) in [
             ("vmm", self.pids.vmm),
             ("fsd", self.pids.fsd),
             ("shim", self.pids.shim),
         ] {
             if !hostile::alive(pid) {
+                died = true;
                 self.finding(format!("{name} (pid {pid}) died"));
             }
+        }
+        if died {
+            // what the shim logged when it lost the VM (the end of the VMM's log and of
+            // the guest console), before the state directory went
+            let log = std::fs::read_to_string(&self.ctrd_log).unwrap_or_default();
+            println!(
+                "{}: containerd log about the pod:\n{}",
+                self.pod.name,
+                hostile::about_pod(&log, &self.id)
+            );
         }
         for (name, bound) in ANON_BOUND_KIB {
             let anon = self.peak.get(name).map_or(0, |r| r.anon);

@@ -363,6 +363,21 @@ fn receive_terminal(listener: std::os::unix::net::UnixListener) -> std::fs::File
     unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
+/// Sets the window size of terminal `t` (TIOCSWINSZ on the master).
+fn set_size(t: &std::fs::File, rows: u16, cols: u16) {
+    use std::os::fd::AsRawFd;
+    let ws = nix::libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, a live local of that
+    // type; the descriptor is open for the call.
+    let r = unsafe { nix::libc::ioctl(t.as_raw_fd(), nix::libc::TIOCSWINSZ, &ws) };
+    assert_eq!(r, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn console_socket_receives_a_working_terminal() {
     use std::io::{Read, Write};
@@ -370,7 +385,7 @@ fn console_socket_receives_a_working_terminal() {
     let mut spec = fixtures::default_spec(&[
         "sh",
         "-c",
-        "read line; if [ -t 0 ]; then t=yes; else t=no; fi; echo got $line tty=$t",
+        "read line; if [ -t 0 ]; then t=yes; else t=no; fi; echo got $line tty=$t size=$(stty size)",
     ]);
     spec["process"]["terminal"] = json!(true);
     let b = env.bundle("b", &spec);
@@ -390,7 +405,11 @@ fn console_socket_receives_a_working_terminal() {
     );
     assert_eq!(rc, 0);
     let mut master = receiver.join().unwrap();
+    // the caller sizes the terminal (conmon: its own terminal's size) and the keeper
+    // passes it on to the container's
+    set_size(&master, 33, 101);
     assert!(env.run(&["start", "t1"]).status.success());
+    std::thread::sleep(std::time::Duration::from_millis(600));
     master.write_all(b"hello\n").unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 256];
@@ -408,8 +427,15 @@ fn console_socket_receives_a_working_terminal() {
         );
         seen.extend_from_slice(&buf[..n]);
     }
+    while !String::from_utf8_lossy(&seen).contains("101") {
+        let n = master.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
     let text = String::from_utf8_lossy(&seen);
-    assert!(text.contains("got hello tty=yes"), "{text}");
+    assert!(text.contains("got hello tty=yes size=33 101"), "{text}");
     env.wait_status("t1", "stopped");
     drop(master);
     assert!(env.run(&["delete", "t1"]).status.success());
@@ -562,7 +588,11 @@ fn oci_hooks_run_on_the_host_with_the_state_at_their_points() {
     let (rc, _) = env.run_to_files(&["create", "-b", b.to_str().unwrap(), "h1"], "h1");
     assert_eq!(rc, 0);
     assert_eq!(order(), "prestart\ncreateRuntime\ncreateContainer\n");
-    let pid = env.state("h1")["pid"].clone();
+    // While the create runs, the VM stands for the container (the init's keeper is
+    // started once the create succeeded): a live host process, the same for each hook.
+    let pid = hook_state("prestart")["pid"].clone();
+    let vmm = pid.as_i64().unwrap();
+    assert!(vmm > 0 && std::path::Path::new(&format!("/proc/{vmm}")).exists());
     for k in &kinds[..3] {
         let s = hook_state(k);
         assert_eq!(s["id"], "h1", "{k}: {s}");
@@ -577,6 +607,8 @@ fn oci_hooks_run_on_the_host_with_the_state_at_their_points() {
         order()
     );
     assert_eq!(hook_state("poststart")["status"], "running");
+    // from then on the init's keeper does
+    assert_eq!(hook_state("poststart")["pid"], env.state("h1")["pid"]);
     assert!(env.run(&["delete", "--force", "h1"]).status.success());
     assert!(order().ends_with("poststart\npoststop\n"), "{}", order());
     let s = hook_state("poststop");

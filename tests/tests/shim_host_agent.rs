@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_tests::containerd::{
-    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, Containerd, ContainerdError, with_carapace,
+    BUSYBOX_IMAGE as IMAGE, CARAPACE_RUNTIME as RUNTIME, Containerd, ContainerdError, mounts_under,
+    with_carapace,
 };
 use carapace_tests::workspace_bin;
 
@@ -402,18 +403,6 @@ fn pause_resume_update_metrics_and_oom_events() {
         "no TaskOOM event for oom1:\n{text}"
     );
 }
-}
-
-/// Mount points under `dir` (from this process's mountinfo).
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let prefix = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&prefix))
-        .map(str::to_owned)
-        .collect()
 }
 
 carapace_tests::cgroup2_test! {

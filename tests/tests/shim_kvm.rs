@@ -203,16 +203,8 @@ fn vm_world(
     std::path::PathBuf,
     carapace_tests::containerd::Containerd,
 ) {
-    let tmp = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .expect("tempdir");
-    let shim = workspace_bin("containerd-shim-carapace-v2");
-    let bins = shim.parent().expect("bin dir");
-    let (config, state) = carapace_config(tmp.path(), bins, true).expect("config");
-    let ctrd = with_carapace(tmp.path(), bins, &[("CARAPACE_CONFIG", config.as_path())])
-        .expect("containerd with Carapace");
-    (tmp, state, ctrd)
+    carapace_tests::containerd::carapace_world(prefix, |_| String::new())
+        .expect("containerd with Carapace")
 }
 
 kvm_test! {

@@ -1269,6 +1269,94 @@ fn vmm_virtio_mem_plug_and_unplug() {
     );
 }
 
+/// Free page reporting: the guest touches 128 MiB and frees it. With the balloon device the
+/// guest reports the freed memory and the VMM gives it back (its RSS falls); without it,
+/// the same guest doing the same leaves the VMM's RSS where it was (the control run, which
+/// shows the fall comes from the device).
+fn free_page_reporting(f: &Fixture) {
+    const TOUCHED_MIB: u64 = 128;
+    let touched_kib = TOUCHED_MIB * 1024;
+    let run = |reporting: bool| {
+        let extra: &[&str] = if reporting {
+            &["--free-page-reporting"]
+        } else {
+            &[]
+        };
+        let mut vm = Vmm::start(
+            f,
+            tempfile::tempdir().expect("tempdir"),
+            &format!("touch={TOUCHED_MIB}"),
+            extra,
+        );
+        vm.wait_serial("touch freed");
+        let freed = rss_kib(&vm);
+        assert!(
+            freed >= touched_kib,
+            "the guest touched {TOUCHED_MIB} MiB but the VMM's RSS is {freed} KiB\nserial:\n{}",
+            vm.serial()
+        );
+        // The guest reports free memory in batches, 2 s after enough of it gathered.
+        let t = Instant::now();
+        let wait = if reporting {
+            Duration::from_secs(90)
+        } else {
+            Duration::from_secs(10)
+        };
+        let mut now = freed;
+        while t.elapsed() < wait {
+            std::thread::sleep(Duration::from_millis(500));
+            now = rss_kib(&vm);
+            if reporting && now + touched_kib * 3 / 4 <= freed {
+                break;
+            }
+        }
+        let metrics = vm.api(r#"{"cmd":"metrics"}"#);
+        let r = vm.api(r#"{"cmd":"shutdown","grace_secs":0}"#);
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.log());
+        (freed, now, t.elapsed(), metrics)
+    };
+
+    let (freed, after, took, m) = run(true);
+    eprintln!(
+        "free page reporting: VMM RSS {freed} KiB after the guest freed {TOUCHED_MIB} MiB, \
+         {after} KiB {took:?} later; balloon {}",
+        m["devices"]["balloon"]["device"]
+    );
+    let d = &m["devices"]["balloon"]["device"];
+    assert_eq!(d["bad_ranges"], 0, "{m}");
+    assert_eq!(d["discard_failures"], 0, "{m}");
+    assert!(
+        d["reported_bytes"].as_u64().unwrap_or(0) >= (TOUCHED_MIB * 3 / 4) << 20,
+        "{m}"
+    );
+    assert!(
+        after + touched_kib * 3 / 4 <= freed,
+        "freed guest memory was not given back: RSS {freed} -> {after} KiB in {took:?}"
+    );
+
+    let (freed, after, took, m) = run(false);
+    eprintln!(
+        "without free page reporting: VMM RSS {freed} KiB after the guest freed \
+         {TOUCHED_MIB} MiB, {after} KiB {took:?} later"
+    );
+    assert!(m["devices"]["balloon"].is_null(), "{m}");
+    assert!(
+        after + touched_kib / 4 > freed,
+        "RSS fell without the device ({freed} -> {after} KiB): the test cannot tell what \
+         the device does"
+    );
+}
+
+/// Free page reporting through virtio-balloon gives memory the guest freed back to the host.
+#[test]
+fn vmm_free_page_reporting() {
+    let f = Fixture::get();
+    in_kvm(module_path!(), "vmm_free_page_reporting", f.lab(), || {
+        free_page_reporting(&f)
+    });
+}
+
 /// API shutdown with a grace period presses Ctrl-Alt-Del on the guest's i8042 keyboard.
 fn shutdown_asks_guest(f: &Fixture) {
     // The guest's init disabled the kernel's C-A-D restart: it gets SIGINT and powers off.

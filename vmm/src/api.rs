@@ -156,18 +156,30 @@ fn serve_conn(vm: &VmHandle, stream: UnixStream) {
 
 /// Binds `path` (replacing a stale socket) and serves requests on a thread.
 pub fn spawn(vm: VmHandle, path: &Path) -> Result<(), ApiError> {
+    serve(vm, bind(path)?)
+}
+
+/// Binds the API socket at `path` (replacing a stale socket). A jailed VMM binds before
+/// it enters its jail, where the path is out of reach, and serves later ([`serve`]).
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     if let Ok(m) = std::fs::symlink_metadata(path)
         && std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
     {
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+    UnixListener::bind(path).map_err(|source| ApiError::Bind {
         path: path.to_owned(),
         source,
-    })?;
+    })
+}
+
+/// Serves requests arriving on `listener` on a thread (one more per client).
+pub fn serve(vm: VmHandle, listener: UnixListener) -> Result<(), ApiError> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // Before the first client; client threads inherit the list.
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Api);
             for s in listener.incoming().flatten() {
                 let vm = vm.clone();
                 // One thread per client: a slow client cannot block others.

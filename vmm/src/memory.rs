@@ -63,7 +63,7 @@ pub enum MemoryError {
 #[derive(Debug, thiserror::Error)]
 pub enum DiscardError {
     /// The range is not inside the region.
-    #[error("range {offset:#x}+{len:#x} is outside the hot-plug region of {size:#x} bytes")]
+    #[error("range {offset:#x}+{len:#x} is outside the memory region of {size:#x} bytes")]
     OutOfRange {
         /// Offset in the region.
         offset: u64,
@@ -71,6 +71,14 @@ pub enum DiscardError {
         len: u64,
         /// Region size.
         size: u64,
+    },
+    /// The guest-physical range is not inside one region of guest memory.
+    #[error("guest range {addr:#x}+{len:#x} is not inside one region of guest memory")]
+    NotGuestMemory {
+        /// Guest-physical start.
+        addr: u64,
+        /// Length.
+        len: u64,
     },
     /// fallocate(PUNCH_HOLE) or madvise(MADV_DONTNEED) failed.
     #[error("{what} failed")]
@@ -113,49 +121,10 @@ impl HotplugRegion {
         self.region.len()
     }
 
-    /// Gives `[offset, offset + len)` of the region back to the host: a hole punched in the
-    /// memfd when the region is shared (vhost-user backends map the same file, so the pages
-    /// leave their mappings too), MADV_DONTNEED on the anonymous mapping otherwise. The
-    /// range reads as zeros afterwards.
+    /// Gives `[offset, offset + len)` of the region back to the host
+    /// ([`discard_in_region`]); the range reads as zeros afterwards.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiscardError> {
-        let size = self.size();
-        let out = || DiscardError::OutOfRange { offset, len, size };
-        let end = offset.checked_add(len).ok_or_else(out)?;
-        if end > size {
-            return Err(out());
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        if let Some(fo) = self.region.file_offset() {
-            let start = fo.start().checked_add(offset).ok_or_else(out)?;
-            rustix::fs::fallocate(
-                fo.file(),
-                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                start,
-                len,
-            )
-            .map_err(|e| DiscardError::Os {
-                what: "fallocate(PUNCH_HOLE) on the hot-plug memfd",
-                source: e.into(),
-            })?;
-            return Ok(());
-        }
-        let host = self
-            .region
-            .get_host_address(vm_memory::MemoryRegionAddress(offset))
-            .map_err(|_| out())?;
-        let len = usize::try_from(len).map_err(|_| out())?;
-        // SAFETY: [host, host + len) lies inside the region's own anonymous private mapping
-        // (checked above), which `self.region` keeps alive. MADV_DONTNEED only drops its
-        // pages (they read as zeros afterwards); no Rust reference points into guest memory
-        // (all access goes through vm-memory's volatile accessors).
-        unsafe { rustix::mm::madvise(host.cast(), len, rustix::mm::Advice::LinuxDontNeed) }.map_err(
-            |e| DiscardError::Os {
-                what: "madvise(MADV_DONTNEED) on the hot-plug region",
-                source: e.into(),
-            },
-        )
+        discard_in_region(&self.region, offset, len)
     }
 
     /// The host address of `offset` in the region (for tests that measure what is resident).
@@ -169,6 +138,73 @@ impl HotplugRegion {
     pub fn file(&self) -> Option<&File> {
         self.region.file_offset().map(FileOffset::file)
     }
+}
+
+/// Gives `[offset, offset + len)` of `region` back to the host: a hole punched in the
+/// memfd when the region is shared (vhost-user backends map the same file, so the pages
+/// leave their mappings too), MADV_DONTNEED on the anonymous mapping otherwise. The range
+/// reads as zeros afterwards; the guest touching it again gets fresh pages.
+pub fn discard_in_region(
+    region: &GuestRegionMmap,
+    offset: u64,
+    len: u64,
+) -> Result<(), DiscardError> {
+    let size = region.len();
+    let out = || DiscardError::OutOfRange { offset, len, size };
+    let end = offset.checked_add(len).ok_or_else(out)?;
+    if end > size {
+        return Err(out());
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    if let Some(fo) = region.file_offset() {
+        let start = fo.start().checked_add(offset).ok_or_else(out)?;
+        rustix::fs::fallocate(
+            fo.file(),
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            start,
+            len,
+        )
+        .map_err(|e| DiscardError::Os {
+            what: "fallocate(PUNCH_HOLE) on the guest memory memfd",
+            source: e.into(),
+        })?;
+        return Ok(());
+    }
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(offset))
+        .map_err(|_| out())?;
+    let len = usize::try_from(len).map_err(|_| out())?;
+    // SAFETY: [host, host + len) lies inside the region's own anonymous private mapping
+    // (checked above), which `region` keeps alive. MADV_DONTNEED only drops its pages (they
+    // read as zeros afterwards); no Rust reference points into guest memory (all access
+    // goes through vm-memory's volatile accessors).
+    unsafe { rustix::mm::madvise(host.cast(), len, rustix::mm::Advice::LinuxDontNeed) }.map_err(
+        |e| DiscardError::Os {
+            what: "madvise(MADV_DONTNEED) on guest memory",
+            source: e.into(),
+        },
+    )
+}
+
+/// Gives the guest-physical range `[addr, addr + len)` back to the host
+/// ([`discard_in_region`]); it must lie inside one region of `mem`.
+pub fn discard_guest_range(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u64,
+) -> Result<(), DiscardError> {
+    let bad = || DiscardError::NotGuestMemory {
+        addr: addr.raw_value(),
+        len,
+    };
+    let region = mem.find_region(addr).ok_or_else(bad)?;
+    let offset = addr.raw_value() - region.start_addr().raw_value();
+    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(bad());
+    }
+    discard_in_region(region, offset, len)
 }
 
 /// Guest RAM ranges `(start, size)` for `size_bytes` of memory, leaving the 32-bit MMIO hole.
@@ -353,21 +389,18 @@ pub(crate) mod tests {
         );
     }
 
-    /// Resident bytes of the mapping that starts at `host` (from /proc/self/smaps).
-    pub(crate) fn resident_bytes(host: *mut u8) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let start = format!("{:x}-", host as usize);
-        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
-        assert!(lines.next().is_some(), "no mapping at {start}");
-        let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
-        let kib: u64 = rss
-            .trim_start_matches("Rss:")
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .unwrap();
-        kib << 10
+    /// Resident bytes of `[host, host + len)` (mincore: exactly that range, whatever
+    /// mapping the kernel merged it into; smaps' per-mapping Rss counted a neighbouring
+    /// guest RAM mapping merged with the region, and a test failed in CI).
+    pub(crate) fn resident_bytes(host: *mut u8, len: u64) -> u64 {
+        const PAGE: usize = 4096;
+        let len = usize::try_from(len).unwrap();
+        let mut vec = vec![0u8; len.div_ceil(PAGE)];
+        // SAFETY: [host, host + len) is a live mapping of guest memory the caller owns, and
+        // `vec` has one byte per page of it for the kernel to fill; mincore reads nothing.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * PAGE as u64
     }
 
     fn hotplug_region_is_mapped_registered_and_gives_memory_back(shared: bool) {
@@ -384,12 +417,12 @@ pub(crate) mod tests {
         );
         let base = GuestAddress(4 << 30);
         let host = h.host_address(0).unwrap();
-        assert_eq!(resident_bytes(host), 0, "sparse until touched");
+        assert_eq!(resident_bytes(host, h.size()), 0, "sparse until touched");
         // Touch 16 MiB, then give back the first 8 MiB.
         for off in (0..16 << 20).step_by(4096) {
             g.all.write_obj(0x5a_u8, base.unchecked_add(off)).unwrap();
         }
-        let touched = resident_bytes(host);
+        let touched = resident_bytes(host, h.size());
         assert!(touched >= 16 << 20, "{touched}");
         let allocated = || {
             use std::os::unix::fs::MetadataExt;
@@ -397,7 +430,7 @@ pub(crate) mod tests {
         };
         let before = allocated();
         h.discard(0, 8 << 20).unwrap();
-        let after = resident_bytes(host);
+        let after = resident_bytes(host, h.size());
         assert!(after <= touched - (8 << 20), "{touched} -> {after}");
         if let (Some(before), Some(after)) = (before, allocated()) {
             assert!(before >= 16 << 20, "{before}");
@@ -422,5 +455,57 @@ pub(crate) mod tests {
     #[test]
     fn shared_hotplug_region() {
         hotplug_region_is_mapped_registered_and_gives_memory_back(true);
+    }
+
+    fn guest_ranges_are_given_back(shared: bool) {
+        let m = create(64 << 20, shared).unwrap();
+        let host = m
+            .find_region(GuestAddress(0))
+            .unwrap()
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .unwrap();
+        for off in (0..32 << 20).step_by(4096) {
+            m.write_obj(0x77_u8, GuestAddress(off)).unwrap();
+        }
+        let touched = resident_bytes(host, 64 << 20);
+        assert!(touched >= 32 << 20, "{touched}");
+        discard_guest_range(&m, GuestAddress(8 << 20), 16 << 20).unwrap();
+        let after = resident_bytes(host, 64 << 20);
+        assert!(after <= touched - (16 << 20), "{touched} -> {after}");
+        assert_eq!(m.read_obj::<u8>(GuestAddress(8 << 20)).unwrap(), 0);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress((24 << 20) - 4096)).unwrap(),
+            0
+        );
+        assert_eq!(m.read_obj::<u8>(GuestAddress(24 << 20)).unwrap(), 0x77);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress((8 << 20) - 4096)).unwrap(),
+            0x77
+        );
+        // Outside guest memory, across its end, overflowing: refused, nothing changes.
+        for (addr, len) in [
+            (64 << 20, 4096),
+            ((64 << 20) - 4096, 8192),
+            (4096, u64::MAX),
+        ] {
+            assert!(
+                matches!(
+                    discard_guest_range(&m, GuestAddress(addr), len),
+                    Err(DiscardError::NotGuestMemory { .. })
+                ),
+                "{addr:#x}+{len:#x}"
+            );
+        }
+        assert_eq!(m.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0x77);
+    }
+
+    #[test]
+    fn anonymous_guest_ranges_are_given_back() {
+        guest_ranges_are_given_back(false);
+    }
+
+    #[test]
+    fn shared_guest_ranges_are_given_back() {
+        guest_ranges_are_given_back(true);
     }
 }

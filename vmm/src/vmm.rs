@@ -43,9 +43,11 @@ pub use report::{DeviceInfo, VmInfo, VmMetrics};
 /// - `reboot=k`: reboot through the i8042 reset line (no ACPI in the guest);
 /// - `panic=-1`: reboot immediately on panic, so a dead guest ends the VMM;
 /// - `pci=off`: there is no PCI bus, devices are virtio-mmio;
-/// - `nomodule`: all drivers are built in;
 /// - `i8042.*`: probe only the controller's reset-relevant part, quickly.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+///
+/// (No `nomodule`: no kernel knows it, so the kernel handed it to /init as an argument.)
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// Kernel parameters the VMM adds (after the device entries) when the VM has memory
 /// hot-plug: memory the virtio-mem driver adds is onlined at once by the kernel (no udev
@@ -102,6 +104,9 @@ pub enum VmmError {
     /// Writing the MP table failed.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// The VMM could not enter its jail.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 impl VmmError {
@@ -176,12 +181,12 @@ impl Vm {
     /// Checks the host, builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig, opts: RunOptions) -> Result<Self, VmmError> {
         let b = builder::VmBuilder::new(config, opts)?;
-        let pio = b.legacy_devices()?;
+        let (pio, console) = b.legacy_devices()?;
         let devices = b.virtio_devices()?;
         let (bus, cmdline) = b.attach_mmio(devices)?;
         let entry = b.load_guest(&cmdline)?;
         let fds = b.vcpus(entry)?;
-        b.start(pio, bus, cmdline, fds)
+        b.start(pio, console, bus, cmdline, fds)
     }
 
     /// Waits until the VM stops (or `timeout`), then stops the vCPUs and flushes the console.

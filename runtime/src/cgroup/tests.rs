@@ -199,3 +199,20 @@ fn joined_opens_every_leaf() {
     assert!(Joined::open(&missing).is_err());
     assert!(remove(&cg).is_empty());
 }
+
+#[test]
+fn a_parent_shared_with_another_sandbox_is_left_to_it() {
+    // ctr's cgroups paths /<namespace>/<id>: the first sandbox makes /<namespace> too
+    let v2 = fake_tree(true);
+    let r = v2.path();
+    let first = create(r, "/ns/c1").unwrap();
+    assert!(first.created.contains(&r.join("ns")));
+    let second = create(r, "/ns/c2").unwrap();
+    assert!(!second.created.contains(&r.join("ns")));
+    // the first goes while the second lives: its leaf goes, the shared parent stays
+    assert_eq!(remove(&first), Vec::<String>::new());
+    assert!(!r.join("ns/c1").exists());
+    assert!(r.join("ns/c2").is_dir());
+    assert_eq!(remove(&second), Vec::<String>::new());
+    assert!(!r.join("ns/c2").exists());
+}

@@ -13,6 +13,9 @@ fn state(status: &str) -> OciState {
         status: status.into(),
         pid: 4242,
         bundle: "/b".into(),
+        rootfs: "/b/rootfs".into(),
+        created: "2026-12-06T00:00:00Z".into(),
+        owner: "root".into(),
         annotations: BTreeMap::from([("k".into(), "v".into())]),
     }
 }

@@ -10,6 +10,7 @@ use super::resize::Direction;
 use super::{AGENT_RETRY, FSD_SOCKET_TIMEOUT, Placement, Runtime, SandboxError, SandboxPaths};
 use super::{blocking, io_err};
 use crate::agent::{AgentError, Session, Share};
+use crate::faults::Point;
 use crate::hooks::HookKind;
 use crate::launcher::{FsRequest, VmPaths, VmRequest, check_image, vm_description};
 use crate::network::AttachedTap;
@@ -38,6 +39,10 @@ fn refuse_host_network(bundle: &Bundle, guest: &oci::GuestSpec) -> Result<(), Sa
     .into())
 }
 
+/// How long a create whose fs daemon exited waits for the VMM to follow (the daemon ends
+/// when the VMM disconnects, so a dying VMM is usually the cause).
+const VMM_FOLLOWS: Duration = Duration::from_secs(2);
+
 /// A sandbox whose host side is up: its VMM is booting the guest.
 #[derive(Debug)]
 struct Booting {
@@ -57,6 +62,31 @@ struct Joining {
     spec_bytes: Vec<u8>,
 }
 
+/// Runs `steps` unless the fs daemon `fsd` exits first: a guest whose files went with it
+/// would wait on them for ever (mounting the share, creating the container).
+async fn unless_fs_daemon_exits<T>(
+    fsd: Option<ProcessRecord>,
+    log: &Path,
+    steps: impl std::future::Future<Output = Result<T, SandboxError>>,
+) -> Result<T, SandboxError> {
+    let Some(fsd) = fsd else { return steps.await };
+    let gone = async {
+        if crate::exitwatch::exited(fsd).await.is_err() {
+            // cannot watch it (no pidfd): the steps decide alone
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        biased; // a daemon gone already fails the create at once
+        () = gone => Err(SandboxError::FsDaemonExited {
+            pid: fsd.pid,
+            log: log.to_path_buf(),
+            tail: log_tail(log),
+        }),
+        r = steps => r,
+    }
+}
+
 impl Runtime {
     /// Creates sandbox and container `id` from `bundle`; returns its state and the session
     /// to its agent, which the caller keeps for every later request to this VM. On error
@@ -69,8 +99,27 @@ impl Runtime {
         let rt = self.clone();
         let (id_owned, bundle) = (id.to_owned(), bundle.clone());
         let mut booting = blocking(move || rt.create_host(&id_owned, &bundle)).await?;
-        let created = match self.create_guest(&mut booting).await {
-            Ok(session) => self.creation_hooks(&booting.st).await.map(|()| session),
+        self.fault(Point::CreateVmmStarted, &booting.st);
+        let (fsd, fsd_log) = (booting.st.fsd, booting.paths.fsd_log.clone());
+        let guest = self.create_guest(&mut booting);
+        let created = match unless_fs_daemon_exits(fsd, &fsd_log, guest).await {
+            Ok(session) => {
+                self.fault(Point::CreateContainerCreated, &booting.st);
+                self.creation_hooks(&booting.st).await.map(|()| session)
+            }
+            // The fs daemon ends when its frontend, the VMM, goes: a VMM that is gone too
+            // (or goes within a moment) is the cause, and its log says why.
+            Err(error @ SandboxError::FsDaemonExited { .. }) => {
+                let deadline = Instant::now() + VMM_FOLLOWS;
+                while booting.vmm.is_alive() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if booting.vmm.is_alive() {
+                    Err(error)
+                } else {
+                    Err(self.vmm_exited(&booting.vmm, &booting.paths))
+                }
+            }
             Err(error) => Err(error),
         };
         match created {
@@ -142,6 +191,7 @@ impl Runtime {
     ) -> Result<(ProcessRecord, Vec<u8>, Instant), SandboxError> {
         let id = st.id.clone();
         self.store.save(st)?;
+        self.prepare_jail(st, paths)?;
         // Recorded before they exist, so that a crash in between still tears them down.
         st.mounts.push(MountRecord {
             source: PathBuf::from("tmpfs"),
@@ -198,7 +248,7 @@ impl Runtime {
             vcpus: boot.vcpus,
             memory_mib: boot.memory_mib,
         };
-        let desc = vm_description(
+        let mut desc = vm_description(
             vm_config,
             resources,
             &VmPaths {
@@ -213,6 +263,10 @@ impl Runtime {
                     .collect(),
             },
         );
+        desc.jail = st
+            .jail
+            .as_ref()
+            .map(|j| crate::jail::vm_section(&vm_config.jail, j));
         std::fs::write(
             &paths.vm_json,
             serde_json::to_vec_pretty(&desc).unwrap_or_default(),
@@ -251,6 +305,39 @@ impl Runtime {
         st.vmm = Some(vmm);
         self.store.save(st)?;
         Ok((vmm, spec_bytes, started))
+    }
+
+    /// Makes the jail directory (for every sandbox: the vsock socket lives there) and, for
+    /// a VM under `[jail] enabled`, claims the VMM's uid and records it before anything
+    /// else starts, so that every failure after this gives it back ([`crate::jail`]). No
+    /// free uid fails the create: never a VMM without its jail.
+    fn prepare_jail(
+        &self,
+        st: &mut SandboxState,
+        paths: &SandboxPaths,
+    ) -> Result<(), SandboxError> {
+        let root = crate::jail::make_root(&paths.dir)?;
+        if self.placement != Placement::Vm {
+            return Ok(());
+        }
+        if !self.config.jail.enabled {
+            tracing::warn!(
+                id = st.id,
+                "jail.enabled = false: the VMM runs as root with the host's view"
+            );
+            return Ok(());
+        }
+        let claims = self.jail_claims();
+        let range = crate::jail::UidRange::of(&self.config.jail);
+        let uid = claims.claim(range, &st.id, &paths.dir)?;
+        st.jail = Some(crate::jail::JailRecord {
+            uid,
+            gid: uid,
+            root,
+        });
+        self.store.save(st)?;
+        tracing::info!(id = st.id, uid, "the VMM runs jailed as uid and gid {uid}");
+        Ok(())
     }
 
     /// When the spec names a network namespace (CRI: the pod's, set up by CNI): reads its

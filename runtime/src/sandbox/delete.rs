@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{Runtime, STOP_GRACE, SandboxError, blocking};
 use crate::agent::Session;
+use crate::faults::Point;
 use crate::process::ProcessRecord;
 use crate::state::{SandboxState, StateError, Status};
 
@@ -68,6 +69,7 @@ impl Runtime {
                         }
                     }
                 }
+                self.fault(Point::DeleteGuestTold, &st);
                 let rt = self.clone();
                 blocking(move || {
                     rt.teardown_with_members(&st, members)?;
@@ -101,6 +103,7 @@ impl Runtime {
                         }
                     }
                 }
+                self.fault(Point::DeleteGuestTold, &st);
                 let rt = self.clone();
                 let sid = sandbox_id.clone();
                 blocking(move || {
@@ -222,10 +225,10 @@ impl Runtime {
         sandbox_id: &str,
     ) -> Result<(), SandboxError> {
         let mut problems = Vec::new();
-        if let Some(rec) = st.io_relay
-            && let Err(e) = rec.terminate("IO relay", STOP_GRACE)
-        {
-            problems.push(e.to_string());
+        for rec in st.io_relay.iter().chain(&st.exec_keepers) {
+            if let Err(e) = rec.terminate("keeper", STOP_GRACE) {
+                problems.push(e.to_string());
+            }
         }
         for m in st.mounts.iter().rev() {
             if let Err(e) = self.mounter.unmount(&m.target) {
@@ -273,11 +276,14 @@ impl Runtime {
     /// Idempotent; errors are collected so one failure does not stop the rest.
     pub fn teardown(&self, st: &SandboxState) -> Result<(), SandboxError> {
         let mut problems = Vec::new();
-        for (what, rec) in [
-            ("IO relay", st.io_relay),
-            ("VMM", st.vmm),
-            ("fs daemon", st.fsd),
-        ] {
+        // The VMM first: keepers ([`crate::keeper`]) forward SIGTERM to their guest process
+        // and exit when their VM is gone, which they then see at once.
+        let keepers = st.exec_keepers.iter().map(|k| ("exec keeper", Some(*k)));
+        for (what, rec) in [("VMM", st.vmm), ("init keeper", st.io_relay)]
+            .into_iter()
+            .chain(keepers)
+            .chain([("fs daemon", st.fsd)])
+        {
             if let Some(rec) = rec
                 && let Err(e) = rec.terminate(what, STOP_GRACE)
             {
@@ -306,6 +312,21 @@ impl Runtime {
                 id: st.id.clone(),
                 problems: problems.join("; "),
             });
+        }
+        // The VMM is gone: its uid goes back (the jail directory goes with the sandbox's).
+        if let Some(jail) = &st.jail {
+            let claims = self.jail_claims();
+            match claims.release(jail.uid, &dir) {
+                Ok(released) => {
+                    tracing::debug!(id = st.id, uid = jail.uid, released, "jail uid given back")
+                }
+                Err(e) => {
+                    return Err(SandboxError::Teardown {
+                        id: st.id.clone(),
+                        problems: carapace_errors::chain(&e),
+                    });
+                }
+            }
         }
         self.remove_dir(&st.id, &dir)
     }

@@ -4,10 +4,51 @@
 
 use super::{RECONNECT_TIMEOUT, Runtime, SandboxError, blocking};
 use crate::agent::Session;
+use crate::faults::Point;
+
+/// A helper process of a sandbox's VM ([`Runtime::helper_exited`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Helper {
+    /// The VMM.
+    Vmm,
+    /// The fs daemon.
+    FsDaemon,
+}
 use crate::hooks::HookKind;
 use crate::state::{SandboxState, Status};
 
+/// Text the guest may have written (its console; the VMM's log quotes it too), made fit
+/// for the caller's log: every line behind a `  | ` margin, so none can pass for a log
+/// record of its own, and control characters (escape sequences, carriage returns) shown
+/// as `?`. Its size is the caller's bound ([`crate::process::log_tail`]).
+fn quoted(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let clean: String = l
+                .chars()
+                .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+                .collect();
+            format!("  | {clean}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 impl Runtime {
+    /// Fires fault point `point` for `st` when the configuration names a fault plan
+    /// ([`crate::faults`]; fault tests only).
+    /// For a container of a pod, the VMM and fs daemon named are the pod's.
+    pub(super) fn fault(&self, point: Point, st: &SandboxState) {
+        let Some(plan) = self.config.debug.fault_plan.as_deref() else {
+            return;
+        };
+        let pod = st
+            .sandbox_id
+            .as_deref()
+            .and_then(|s| self.store.load(s).ok());
+        crate::faults::fire(Some(plan), point, pod.as_ref().unwrap_or(st));
+    }
+
     /// Connects to the agent of a running sandbox (for a container of a pod: the agent of
     /// the pod's VM).
     pub async fn connect(&self, st: &SandboxState) -> Result<Session, SandboxError> {
@@ -50,6 +91,7 @@ impl Runtime {
         self.store.save(&st)?;
         tracing::info!(id, guest_pid = pid, "started");
         drop(lock);
+        self.fault(Point::StartStarted, &st);
         if let Some(hooks) = st.hooks.clone() {
             let state = self.state(id)?;
             blocking(move || {
@@ -71,6 +113,74 @@ impl Runtime {
             vmm.signal("VMM", nix::sys::signal::Signal::SIGKILL)?;
         }
         Ok(())
+    }
+
+    /// What is left to tell of a VM that ended on its own: `None` while the VMM that runs
+    /// `id` is alive (or `id` has no VM); else its pid and the end of its log, plus the
+    /// end of the guest console when the console is kept. For the log of whoever finds
+    /// the VM gone (the shim, when it loses the VM's processes), before `delete` removes
+    /// the files.
+    pub fn vm_post_mortem(&self, id: &str) -> Option<String> {
+        let st = self.store.load(id).ok()?;
+        let vmm = self.vm_of(&st)?;
+        if vmm.is_alive() {
+            return None;
+        }
+        let paths = self
+            .paths(st.sandbox_id.as_deref().unwrap_or(&st.id))
+            .ok()?;
+        let mut text = format!(
+            "the VMM (pid {}) is gone; {} ends with:\n{}",
+            vmm.pid,
+            paths.vmm_log.display(),
+            quoted(&crate::process::log_tail(&paths.vmm_log))
+        );
+        if self.config.debug.console {
+            text.push_str(&format!(
+                "\nthe guest console {} ends with:\n{}",
+                paths.console.display(),
+                quoted(&crate::process::log_tail(&paths.console))
+            ));
+        }
+        Some(text)
+    }
+
+    /// Resolves once `helper` (the VMM or the fs daemon) of the VM that runs `id` has
+    /// exited (at once when it is gone already); never when that VM has none. For the
+    /// shim: without its fs daemon the guest's files are gone (it stops the VM rather than
+    /// leave its processes hanging on them); without its VMM a container never started
+    /// has ended too.
+    pub async fn helper_exited(&self, id: &str, helper: Helper) -> Result<(), SandboxError> {
+        let st = self.store.load(id)?;
+        let holder = match &st.sandbox_id {
+            Some(s) => self.store.load(s)?,
+            None => st,
+        };
+        let (rec, what) = match helper {
+            Helper::Vmm => (holder.vmm, "VMM"),
+            Helper::FsDaemon => (holder.fsd, "fs daemon"),
+        };
+        match rec {
+            Some(rec) => Ok(crate::exitwatch::exited(rec).await.map_err(|source| {
+                crate::process::ProcessError::Watch {
+                    what,
+                    pid: rec.pid,
+                    source,
+                }
+            })?),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Fires fault point `point` for container `id` when the configuration names a fault
+    /// plan ([`crate::faults`]): for points its caller reaches without the runtime (the
+    /// shim starts execs over its own session).
+    pub fn fault_point(&self, point: Point, id: &str) {
+        if self.config.debug.fault_plan.is_some()
+            && let Ok(st) = self.store.load(id)
+        {
+            self.fault(point, &st);
+        }
     }
 
     /// Signals the container's init (or every process with `all`).
@@ -110,6 +220,7 @@ impl Runtime {
         let agent = self.use_session(session, &st).await?;
         let bytes = serde_json::to_vec(process).unwrap_or_default();
         let pid = agent.exec_process(id, exec_id, &bytes).await?;
+        self.fault(Point::ExecStarted, &st);
         Ok((agent, pid))
     }
 }

@@ -137,8 +137,10 @@ impl FakeLauncher {
 impl Launcher for FakeLauncher {
     fn start_fs_daemon(&self, req: &FsRequest) -> Result<ProcessRecord, ProcessError> {
         self.events.lock().unwrap().push("fsd".into());
+        // <state>/<id>/shared
+        let id = req.shared_dir.parent().unwrap().file_name().unwrap();
         assert!(
-            req.shared_dir.join("c1/rootfs").exists(),
+            req.shared_dir.join(id).join("rootfs").exists(),
             "rootfs bound before fsd starts"
         );
         let rec = self.spawn("fs daemon", self.fsd, &req.log)?;
@@ -159,6 +161,18 @@ impl Launcher for FakeLauncher {
         );
         let nics = desc["net"].as_array().map_or(0, Vec::len);
         assert_eq!(nics, req.taps.len(), "one tap per NIC of the description");
+        // A jailed VMM: its vsock socket inside the jail directory (the VMM refuses
+        // otherwise), which exists, and an id of the configured range.
+        let vsock = PathBuf::from(desc["vsock"]["uds_path"].as_str().unwrap());
+        if let Some(jail) = desc.get("jail") {
+            let root = PathBuf::from(jail["root"].as_str().unwrap());
+            assert!(root.is_dir() && vsock.starts_with(&root), "{desc}");
+            let uid = jail["uid"].as_u64().unwrap();
+            assert!(
+                uid >= 0x7000_0000 && jail["gid"].as_u64() == Some(uid),
+                "{desc}"
+            );
+        }
         let rec = self.spawn("VMM", self.vmm, &req.log)?;
         if self.vmm == Daemon::Ok {
             self.listen(Path::new(desc["vsock"]["uds_path"].as_str().unwrap()));
@@ -527,6 +541,8 @@ fn fixture(s: Setup) -> Fixture {
         *field = p;
     }
     config.agent.boot_timeout_ms = 300;
+    // the jail's uid claims live under the configured state directory
+    config.runtime.state_dir = tmp.path().join("run");
     let events = Arc::new(Mutex::new(Vec::new()));
     let launcher = Arc::new(FakeLauncher {
         fsd: s.fsd,
@@ -570,6 +586,19 @@ fn fixture(s: Setup) -> Fixture {
 }
 
 impl Fixture {
+    /// The jail uids claimed under the state root.
+    fn jail_claims(&self) -> Vec<u32> {
+        let dir = self.tmp.path().join("run").join(crate::jail::CLAIMS_DIR);
+        let mut uids: Vec<u32> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        uids.sort();
+        uids
+    }
+
     fn events(&self) -> Vec<String> {
         self.events.lock().unwrap().clone()
     }
@@ -585,6 +614,9 @@ impl Fixture {
         );
         assert_eq!(self.rt.store.ids().unwrap(), Vec::<String>::new());
         assert!(!self.tmp.path().join("run/c1").exists());
+        assert_eq!(self.jail_claims(), Vec::<u32>::new(), "jail uid leaked");
+        let claims = self.tmp.path().join("run").join(crate::jail::CLAIMS_DIR);
+        assert!(!claims.exists(), "{} left", claims.display());
         assert_eq!(
             std::fs::read(self.bundle.join("rootfs/bin/precious")).unwrap(),
             b"keep me"
@@ -676,10 +708,31 @@ fn vmm_killed_midway_shows_stopped_and_delete_cleans_up() {
     let f = fixture(Setup::default());
     let st = f.rt.create("c1", &f.bundle).unwrap();
     f.rt.start("c1").unwrap();
+    assert_eq!(f.rt.vm_post_mortem("c1"), None, "the VM runs");
+    let log = f.rt.paths("c1").unwrap().vmm_log;
+    std::fs::write(
+        &log,
+        "vmm: exiting: guest triple fault (KVM shutdown exit)\nforged\r\x1b[2K level=error msg=ok\n",
+    )
+    .unwrap();
     st.vmm
         .unwrap()
         .terminate("VMM", Duration::from_secs(5))
         .unwrap();
+    let told = f.rt.vm_post_mortem("c1").expect("the VM is gone");
+    assert!(
+        told.contains(&format!("pid {}", st.vmm.unwrap().pid)) && told.contains("triple fault"),
+        "{told}"
+    );
+    // what the log holds is quoted: no line of it passes for a record of the caller's log
+    assert!(
+        told.contains("\n  | forged??[2K level=error msg=ok"),
+        "{told}"
+    );
+    assert!(
+        told.lines().skip(1).all(|l| l.starts_with("  | ")),
+        "{told}"
+    );
     assert_eq!(f.rt.state("c1").unwrap().status, "stopped");
     let err = f.rt.kill("c1", 15, false).unwrap_err();
     assert!(err.to_string().contains("stopped"), "{err}");
@@ -730,6 +783,26 @@ fn fs_daemon_that_cannot_start_or_dies_leaves_nothing() {
         &["fs daemon", "exited before creating", "injected failure"],
     );
     assert_eq!(f.events(), ["fsd"]);
+}
+
+#[test]
+fn fs_daemon_dying_once_the_vmm_runs_fails_the_create_and_leaves_nothing() {
+    let mut f = fixture(Setup::default());
+    let plan = f.tmp.path().join("faults");
+    std::fs::write(&plan, "create.vmm-started fsd\n").unwrap();
+    f.rt.config.debug.fault_plan = Some(plan.clone());
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    let chain = carapace_errors::chain(&err);
+    assert!(
+        chain.contains("the fs daemon") && chain.contains("exited while the VM was being set up"),
+        "{chain}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&plan).unwrap(),
+        "",
+        "the fault fired"
+    );
+    f.assert_clean();
 }
 
 #[test]
@@ -1222,3 +1295,5 @@ fn a_sandbox_too_large_to_boot_is_refused_before_anything_exists() {
     assert!(f.events().is_empty(), "{:?}", f.events());
     f.assert_clean();
 }
+
+mod jail;

@@ -3,6 +3,7 @@
 use super::*;
 use crate::backend::BackendError;
 use carapace_runtime::agent::{AgentApi, Chunk, ExitInfo, Share, Stream};
+use carapace_runtime::sandbox::Helper;
 use std::collections::VecDeque;
 use std::sync::Condvar;
 use std::time::Duration;
@@ -292,6 +293,10 @@ struct FakeBackend {
     agent: Arc<FakeAgent>,
     calls: Mutex<Vec<String>>,
     fail_create: bool,
+    /// Ends `helper_exited` for the fs daemon (one waiter per notification).
+    fsd_gone: tokio::sync::Notify,
+    /// Ends `helper_exited` for the VMM (every waiter).
+    vmm_gone: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
@@ -374,6 +379,29 @@ impl Backend for FakeBackend {
         self.agent.procs.lock().expect("lock").clear();
         self.agent.changed.notify_all();
         Ok(())
+    }
+
+    async fn helper_exited(&self, _: &str, helper: Helper) -> Result<(), BackendError> {
+        match helper {
+            Helper::FsDaemon => self.fsd_gone.notified().await,
+            Helper::Vmm => self.vmm_gone.notified().await,
+        }
+        Ok(())
+    }
+
+    fn fault_point(&self, id: &str, point: carapace_runtime::faults::Point) {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("fault {} {id}", point.name()));
+    }
+
+    fn vm_post_mortem(&self, id: &str) -> Option<String> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("vm_post_mortem {id}"));
+        Some("vmm.log ends with: guest triple fault".into())
     }
 
     async fn cleanup(&self, id: &str, _bundle: &Path) -> Result<(), BackendError> {
@@ -598,6 +626,114 @@ async fn a_sigkill_the_agent_cannot_deliver_kills_the_vm() {
         exits += usize::from(matches!(ev, Event::Exit { .. }));
     }
     assert_eq!(exits, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_that_ends_on_its_own_is_reported_once_with_what_its_logs_say() {
+    let f = fixture();
+    f.tasks
+        .create(f.request("c8", StdioPaths::default()))
+        .await
+        .expect("create");
+    f.tasks.start("c8", "").await.expect("start");
+    // the VM dies under the shim: every process of it is gone, nobody killed it
+    f.backend.agent.procs.lock().expect("lock").clear();
+    f.backend.agent.changed.notify_all();
+    assert_eq!(
+        f.tasks.wait("c8", "").await.expect("wait").status,
+        LOST_EXIT_STATUS
+    );
+    let asked = |f: &Fixture| {
+        f.backend
+            .calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|c| c.starts_with("vm_post_mortem"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(asked(&f), ["vm_post_mortem c8"]);
+    f.tasks.delete("c8", "").await.expect("delete");
+    assert_eq!(asked(&f).len(), 1, "asked once per VM");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_fs_daemon_that_exits_under_a_running_container_stops_its_vm() {
+    let f = fixture();
+    let kills = |f: &Fixture| {
+        f.backend
+            .calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|c| c.starts_with("kill_vm"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // a container whose init already ended: its fs daemon going is no news
+    f.backend.agent.script(
+        "c9",
+        "",
+        Script::Print {
+            out: vec![],
+            code: 0,
+        },
+    );
+    f.tasks
+        .create(f.request("c9", StdioPaths::default()))
+        .await
+        .expect("create");
+    f.tasks.start("c9", "").await.expect("start");
+    assert_eq!(f.tasks.wait("c9", "").await.expect("wait").status, 0);
+    f.backend.fsd_gone.notify_one();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(kills(&f).is_empty(), "{:?}", kills(&f));
+    f.tasks.delete("c9", "").await.expect("delete");
+
+    // a running one: the VM is stopped, its init reported lost
+    f.tasks
+        .create(f.request("c10", StdioPaths::default()))
+        .await
+        .expect("create");
+    f.tasks.start("c10", "").await.expect("start");
+    f.backend.fsd_gone.notify_one();
+    assert_eq!(
+        f.tasks.wait("c10", "").await.expect("wait").status,
+        LOST_EXIT_STATUS
+    );
+    assert_eq!(kills(&f), ["kill_vm c10"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_that_ends_before_its_container_starts_ends_the_container_once() {
+    let mut f = fixture();
+    f.tasks
+        .create(f.request("c11", StdioPaths::default()))
+        .await
+        .expect("create");
+    assert!(matches!(f.next_event().await, Event::Create { .. }));
+    tokio::time::sleep(Duration::from_millis(100)).await; // the watcher waits
+    f.backend.vmm_gone.notify_waiters();
+    assert_eq!(
+        f.tasks.wait("c11", "").await.expect("wait").status,
+        LOST_EXIT_STATUS
+    );
+    assert!(
+        matches!(f.next_event().await, Event::Exit { id, exit, .. } if id == "c11" && exit.status == LOST_EXIT_STATUS)
+    );
+    f.tasks.delete("c11", "").await.expect("delete");
+    assert!(matches!(f.next_event().await, Event::Delete { .. }));
+    assert!(f.events.try_recv().is_err(), "one exit only");
+    let told = f
+        .backend
+        .calls
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|c| c.starts_with("vm_post_mortem"))
+        .count();
+    assert_eq!(told, 1, "why the VM ended is logged once");
 }
 
 /// CRI stops a pod's containers right after they exit: the agent may refuse the signal

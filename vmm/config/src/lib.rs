@@ -3,6 +3,11 @@
 //! type and writes it as `vm.json` (see README.md).
 
 pub mod api;
+mod confine;
+
+pub use confine::{
+    DEFAULT_JAIL_NOFILE, DEFAULT_JAIL_NPROC, JailConfig, JailRlimits, SeccompAction, SeccompConfig,
+};
 
 use std::path::{Path, PathBuf};
 
@@ -266,6 +271,10 @@ pub struct VmConfig {
     /// Attach a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Attach a virtio-balloon device for free page reporting: memory the guest frees goes
+    /// back to the host (absent: false).
+    #[serde(default)]
+    pub free_page_reporting: bool,
     /// virtio-net devices on host taps.
     #[serde(default)]
     pub net: Vec<NetConfig>,
@@ -288,6 +297,13 @@ pub struct VmConfig {
     /// Memory hot-plug (a virtio-mem device); absent: none, the VM keeps `memory_mib`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_hotplug: Option<MemoryHotplug>,
+    /// Per-thread seccomp allow-lists; absent: on, violations kill the VMM (see
+    /// [`SeccompConfig`]).
+    #[serde(default)]
+    pub seccomp: SeccompConfig,
+    /// Confine the VMM before the guest runs (see [`JailConfig`]); absent: no jail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<JailConfig>,
 }
 
 fn default_memory() -> u32 {
@@ -314,12 +330,15 @@ impl VmConfig {
             block: Vec::new(),
             fs: Vec::new(),
             rng: false,
+            free_page_reporting: false,
             net: Vec::new(),
             api_socket: None,
             shutdown_timeout_secs: default_shutdown_timeout(),
             vcpu_nudge_ms: 0,
             irq_rescue_ms: 0,
             memory_hotplug: None,
+            seccomp: SeccompConfig::default(),
+            jail: None,
         }
     }
 
@@ -446,6 +465,9 @@ impl VmConfig {
         if let Some(h) = &self.memory_hotplug {
             h.validate()?;
         }
+        if let Some(j) = &self.jail {
+            j.validate(self.vsock.as_ref().map(|v| v.uds_path.as_path()))?;
+        }
         let n = self.block.len()
             + self.fs.len()
             + self.net.len()
@@ -497,6 +519,11 @@ mod tests {
         assert_eq!(c.memory_mib, 256);
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.serial, SerialOutput::Stdout);
+        assert_eq!(
+            c.seccomp.action,
+            SeccompAction::Kill,
+            "filters on when absent"
+        );
         let e = VmConfig::parse(r#"{"kernel":"/k","bogus":1}"#, Path::new("x.json")).unwrap_err();
         assert!(format!("{:?}", e).contains("bogus"), "{e:?}");
     }

@@ -8,6 +8,7 @@ use carapace_vmm::config::{
     BlockConfig, FsConfig, MemoryHotplug, NetConfig, SerialOutput, VmConfig, VsockConfig,
 };
 use carapace_vmm::exit::{EXIT_CONFIG, EXIT_VMM};
+use carapace_vmm::seccomp;
 use carapace_vmm::vmm::{RunOptions, Vm};
 use clap::Parser;
 
@@ -63,6 +64,10 @@ struct Cli {
     /// Attach a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// Attach a virtio-balloon device for free page reporting: memory the guest frees is
+    /// given back to the host.
+    #[arg(long)]
+    free_page_reporting: bool,
     /// virtio-net on a host tap: `tap=NAME[,mac=MAC]` (attach to or create the tap) or
     /// `fd=N[,mac=MAC]` (an open tap descriptor, IFF_TAP|IFF_NO_PI), either with
     /// `,vhost=on` to move frames through /dev/vhost-net (repeatable).
@@ -236,6 +241,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(VmConfig, bool)> {
     c.block.extend(cli.block);
     c.fs.extend(cli.fs);
     c.rng |= cli.rng;
+    c.free_page_reporting |= cli.free_page_reporting;
     c.net.extend(cli.net);
     if cli.api_socket.is_some() {
         c.api_socket = cli.api_socket;
@@ -291,7 +297,29 @@ fn main() {
         }
         return;
     }
-    let api = config.api_socket.clone();
+    // Every list is compiled now, before anything is created; each thread installs its
+    // own (see vmm/src/seccomp).
+    let seccomp = match seccomp::effective_action(&config.seccomp) {
+        Ok(a) => a,
+        Err(e) => {
+            print_chain(&e);
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = seccomp::configure(seccomp) {
+        print_chain(&e);
+        std::process::exit(EXIT_VMM);
+    }
+    let config_api = config.api_socket.clone();
+    // Bound before the VM starts: a jailed VMM cannot reach the path afterwards.
+    let api = match config.api_socket.as_deref().map(carapace_vmm::api::bind) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            print_chain(&e);
+            std::process::exit(EXIT_VMM);
+        }
+    };
     let mut vm = match Vm::start(
         config,
         RunOptions {
@@ -302,25 +330,36 @@ fn main() {
         Ok(vm) => vm,
         Err(e) => {
             print_chain(&e);
+            if let Some(p) = &config_api {
+                let _ = std::fs::remove_file(p);
+            }
             std::process::exit(e.exit_code());
         }
     };
-    if let Some(p) = api
-        && let Err(e) = carapace_vmm::api::spawn(vm.handle.clone(), &p)
+    if let Some(l) = api
+        && let Err(e) = carapace_vmm::api::serve(vm.handle.clone(), l)
             .with_context(|| "control API".to_string())
     {
         print_chain(e.as_ref());
+        std::process::exit(EXIT_VMM);
+    }
+    // From here the main thread only waits, stops the VM and cleans up.
+    if let Err(e) = seccomp::install(seccomp::ThreadKind::Main) {
+        print_chain(&e);
         std::process::exit(EXIT_VMM);
     }
     let reason = vm
         .wait(None)
         .unwrap_or(carapace_vmm::exit::ExitReason::PowerOff);
     tracing::info!(%reason, code = reason.code(), "VM stopped");
-    if let Some(p) = &vm.config.api_socket {
-        let _ = std::fs::remove_file(p);
-    }
-    if let Some(v) = &vm.config.vsock {
-        let _ = std::fs::remove_file(&v.uds_path);
+    // (A jailed VMM no longer sees these paths: its launcher removes them.)
+    if vm.config.jail.is_none() {
+        if let Some(p) = &vm.config.api_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(v) = &vm.config.vsock {
+            let _ = std::fs::remove_file(&v.uds_path);
+        }
     }
     // vsock sockets are removed when the devices drop; exit without unwinding vCPU threads.
     drop(vm);

@@ -28,7 +28,7 @@ struct Shared {
 }
 
 /// The guest-facing end: implements `Write` and never blocks on the destination.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BoundedOutput {
     shared: Arc<Shared>,
 }
@@ -44,12 +44,27 @@ pub struct OutputStats {
 
 impl BoundedOutput {
     /// Starts a writer thread draining into `dest`.
-    pub fn spawn(mut dest: Box<dyn Write + Send>) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared::default());
-        let s = shared.clone();
+    pub fn spawn(dest: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let out = Self::new();
+        out.start_writer(dest)?;
+        Ok(out)
+    }
+
+    /// An output whose bytes wait in the ring until [`BoundedOutput::start_writer`] (the VMM
+    /// opens the destination early and starts the thread once its jail is in place).
+    pub fn new() -> Self {
+        BoundedOutput {
+            shared: Arc::new(Shared::default()),
+        }
+    }
+
+    /// Starts the writer thread draining into `dest` (once).
+    pub fn start_writer(&self, mut dest: Box<dyn Write + Send>) -> std::io::Result<()> {
+        let s = self.shared.clone();
         std::thread::Builder::new()
             .name("console-out".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Console);
                 loop {
                     let chunk: Vec<u8> = {
                         let mut r = s.ring.lock().unwrap_or_else(|p| p.into_inner());
@@ -71,7 +86,7 @@ impl BoundedOutput {
                     }
                 }
             })?;
-        Ok(BoundedOutput { shared })
+        Ok(())
     }
 
     /// Counters.

@@ -271,6 +271,7 @@ impl VirtioDevice for Block {
         };
         let worker = Worker::spawn_single_queue(
             "virtio-blk",
+            crate::seccomp::ThreadKind::Block,
             queues.remove(0),
             mem,
             interrupt,

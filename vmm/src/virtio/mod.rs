@@ -11,6 +11,7 @@
 //! sizes are capped per device, and a malformed request fails that request or, at worst,
 //! puts the device into DEVICE_NEEDS_RESET. The VMM never panics on guest input.
 
+pub mod balloon;
 pub mod blk;
 pub mod event;
 pub mod fs;
@@ -41,6 +42,8 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// virtio-rng (entropy).
     pub const RNG: u32 = 4;
+    /// virtio-balloon (free page reporting only).
+    pub const BALLOON: u32 = 5;
     /// virtio-vsock.
     pub const VSOCK: u32 = 19;
     /// virtio-mem (memory hot-plug).
@@ -258,6 +261,8 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum DeviceMetrics {
+    /// virtio-balloon (free page reporting).
+    Balloon(balloon::BalloonMetrics),
     /// virtio-blk.
     Blk(blk::BlkMetrics),
     /// virtio-fs (vhost-user).

@@ -127,6 +127,7 @@ impl VirtioDevice for Rng {
         let counters = self.counters.clone();
         let worker = Worker::spawn_single_queue(
             "virtio-rng",
+            crate::seccomp::ThreadKind::Rng,
             queues.remove(0),
             mem,
             interrupt,

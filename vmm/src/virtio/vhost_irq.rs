@@ -59,7 +59,7 @@ pub fn spawn_relay(
     count: Arc<AtomicU64>,
     interrupt: Arc<Interrupt>,
 ) -> std::io::Result<Worker> {
-    Worker::spawn(name, move |mut lp| {
+    Worker::spawn(name, crate::seccomp::ThreadKind::VhostIrq, move |mut lp| {
         for (i, c) in calls.iter().enumerate() {
             if lp
                 .epoll()

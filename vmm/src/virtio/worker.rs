@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use super::event::{EpollSet, STOP_TOKEN};
 use super::event::{EventHandler, EventLoop, LoopError};
 use super::{ActiveQueue, Interrupt, IrqWatch};
+use crate::seccomp::ThreadKind;
 
 /// How often device workers look at their queues and interrupts whatever happened in
 /// between (ms; 0: never, the default). Set once per VMM process from the VM description's
@@ -53,19 +54,22 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Spawns `body(event_loop)` on a thread named `name`. The loop already ends on the
-    /// worker's stop eventfd ([`STOP_TOKEN`]) and has no timer; `body` registers the
-    /// device's descriptors, asks for a timer if it wants one and runs its handler.
-    pub fn spawn<F>(name: &str, body: F) -> std::io::Result<Self>
+    /// Spawns `body(event_loop)` on a thread named `name` (created by the spawner,
+    /// `spawner.rs`), which first installs the seccomp filter of `kind`. The loop already
+    /// ends on the worker's stop eventfd ([`STOP_TOKEN`]) and has no timer; `body`
+    /// registers the device's descriptors, asks for a timer if it wants one and runs its
+    /// handler.
+    pub fn spawn<F>(name: &str, kind: ThreadKind, body: F) -> std::io::Result<Self>
     where
         F: FnOnce(EventLoop) + Send + 'static,
     {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let lp = EventLoop::new()?;
         lp.stop_on(stop.as_raw_fd())?;
-        let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || body(lp))?;
+        let handle = crate::spawner::spawn(name, move || {
+            crate::seccomp::install_or_exit(kind);
+            body(lp)
+        })?;
         Ok(Worker {
             stop,
             handle: Some(handle),
@@ -83,42 +87,74 @@ impl Worker {
     }
 }
 
-/// The handler of a one-queue device (blk, rng).
-struct SingleQueue<F> {
-    queue: Queue,
-    event: EventFd,
+impl Worker {
+    /// Spawns the worker of a one-queue device (blk, rng, mem): `process` serves the
+    /// queue's available chains and says whether the used ring changed; it runs on every
+    /// kick and on every rescue tick (a kick may have been lost), and an interrupt left
+    /// unacknowledged for a whole tick is raised again. A queue error fails the device
+    /// (DEVICE_NEEDS_RESET). [`Worker::spawn_queues`] with one queue.
+    pub fn spawn_single_queue<E, F>(
+        name: &'static str,
+        kind: ThreadKind,
+        active: ActiveQueue,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        mut process: F,
+    ) -> std::io::Result<Self>
+    where
+        E: std::error::Error + 'static,
+        F: FnMut(&mut Queue, &GuestMemoryMmap) -> Result<bool, E> + Send + 'static,
+    {
+        Self::spawn_queues(name, kind, vec![active], mem, interrupt, move |_, q, m| {
+            process(q, m)
+        })
+    }
+}
+
+/// The handler of a device whose queues are served independently (blk, rng, mem with one
+/// queue; balloon with three): each queue's kick serves that queue.
+struct MultiQueue<F> {
+    queues: Vec<(Queue, EventFd)>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     process: F,
-    /// Kicked or rescue tick since the rings were last served.
-    serve: bool,
+    /// Per queue: kicked or rescue tick since it was last served.
+    serve: Vec<bool>,
     watch: IrqWatch,
 }
 
-impl<E, F> EventHandler for SingleQueue<F>
+impl<E, F> EventHandler for MultiQueue<F>
 where
     E: std::error::Error + 'static,
-    F: FnMut(&mut Queue, &GuestMemoryMmap) -> Result<bool, E>,
+    F: FnMut(usize, &mut Queue, &GuestMemoryMmap) -> Result<bool, E>,
 {
     type Error = E;
 
-    fn on_event(&mut self, _: &EpollSet, _: u64, _: EventSet) -> Result<(), E> {
-        let _ = self.event.read();
-        self.serve = true;
+    fn on_event(&mut self, _: &EpollSet, token: u64, _: EventSet) -> Result<(), E> {
+        if let Some((_, event)) = usize::try_from(token).ok().and_then(|i| self.queues.get(i)) {
+            let _ = event.read();
+            self.serve[token as usize] = true;
+        }
         Ok(())
     }
 
     fn on_timer(&mut self, _: &EpollSet) -> Result<(), E> {
         self.interrupt.rescue(&mut self.watch);
-        self.serve = true;
+        self.serve.fill(true);
         Ok(())
     }
 
     fn after_events(&mut self, _: &EpollSet) -> Result<(), E> {
-        if std::mem::take(&mut self.serve)
-            && (self.process)(&mut self.queue, &self.mem)?
-            && self.queue.needs_notification(&self.mem).unwrap_or(true)
-        {
+        let mut notify = false;
+        for (i, (queue, _)) in self.queues.iter_mut().enumerate() {
+            if std::mem::take(&mut self.serve[i])
+                && (self.process)(i, queue, &self.mem)?
+                && queue.needs_notification(&self.mem).unwrap_or(true)
+            {
+                notify = true;
+            }
+        }
+        if notify {
             self.interrupt.notify_queue();
         }
         Ok(())
@@ -126,35 +162,42 @@ where
 }
 
 impl Worker {
-    /// Spawns the worker of a one-queue device (blk, rng): `process` serves the queue's
-    /// available chains and says whether the used ring changed; it runs on every kick and on
-    /// every rescue tick (a kick may have been lost), and an interrupt left unacknowledged for
-    /// a whole tick is raised again. A queue error fails the device (DEVICE_NEEDS_RESET).
-    pub fn spawn_single_queue<E, F>(
+    /// Spawns the worker of a device whose queues are served independently:
+    /// `process(index, queue, mem)` serves one queue's available chains and says whether its
+    /// used ring changed; it runs for each kicked queue, and for all of them on a rescue
+    /// tick. A queue error fails the device (DEVICE_NEEDS_RESET).
+    pub fn spawn_queues<E, F>(
         name: &'static str,
-        active: ActiveQueue,
+        kind: ThreadKind,
+        active: Vec<ActiveQueue>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         process: F,
     ) -> std::io::Result<Self>
     where
         E: std::error::Error + 'static,
-        F: FnMut(&mut Queue, &GuestMemoryMmap) -> Result<bool, E> + Send + 'static,
+        F: FnMut(usize, &mut Queue, &GuestMemoryMmap) -> Result<bool, E> + Send + 'static,
     {
-        let ActiveQueue { queue, event } = active;
-        Self::spawn(name, move |mut lp| {
-            if lp.epoll().add(event.as_raw_fd(), 0, EventSet::IN).is_err() {
-                interrupt.fail("epoll");
-                return;
+        let queues: Vec<(Queue, EventFd)> =
+            active.into_iter().map(|a| (a.queue, a.event)).collect();
+        Self::spawn(name, kind, move |mut lp| {
+            for (i, (_, event)) in queues.iter().enumerate() {
+                if lp
+                    .epoll()
+                    .add(event.as_raw_fd(), i as u64, EventSet::IN)
+                    .is_err()
+                {
+                    interrupt.fail("epoll");
+                    return;
+                }
             }
             lp.set_timer(rescue_period());
-            let mut h = SingleQueue {
-                queue,
-                event,
+            let mut h = MultiQueue {
+                serve: vec![false; queues.len()],
+                queues,
                 mem,
                 interrupt,
                 process,
-                serve: false,
                 watch: IrqWatch::default(),
             };
             match lp.run(&mut h) {
@@ -189,20 +232,20 @@ mod tests {
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let (i2, served2) = (i.clone(), served.clone());
-        let mut w = Worker::spawn("test-worker", move |mut lp| {
-            lp.epoll().add(kick.as_raw_fd(), 0, EventSet::IN).unwrap();
+        let mut w = Worker::spawn("test-worker", ThreadKind::Rng, move |mut lp| {
+            let kick_fd = kick.as_raw_fd();
+            lp.epoll().add(kick_fd, 0, EventSet::IN).unwrap();
             lp.set_timer(rescue_period());
             assert_eq!(lp.timeout_ms(), -1, "epoll must block without a timeout");
-            let mut h = SingleQueue {
-                queue: Queue::new(16).unwrap(),
-                event: kick,
+            let mut h = MultiQueue {
+                queues: vec![(Queue::new(16).unwrap(), kick)],
                 mem: GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 4096)]).unwrap(),
                 interrupt: i2,
-                process: move |_: &mut Queue, _: &GuestMemoryMmap| {
+                process: move |_: usize, _: &mut Queue, _: &GuestMemoryMmap| {
                     served2.fetch_add(1, Ordering::SeqCst);
                     Ok::<bool, std::io::Error>(false)
                 },
-                serve: false,
+                serve: vec![false],
                 watch: IrqWatch::default(),
             };
             lp.run(&mut h).unwrap();

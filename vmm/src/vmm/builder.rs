@@ -115,10 +115,14 @@ impl VmBuilder {
         })
     }
 
-    /// Serial console (with its writer thread) and i8042 on the port bus, with their irqfds.
-    pub(super) fn legacy_devices(&self) -> Result<Arc<PioBus>, VmmError> {
-        let out = BoundedOutput::spawn(open_serial(&self.config.serial)?)
-            .map_err(io_err("cannot start the console writer thread"))?;
+    /// Serial console and i8042 on the port bus, with their irqfds; the console's
+    /// destination is opened now, its writer thread starts in [`VmBuilder::start`].
+    pub(super) fn legacy_devices(&self) -> Result<(Arc<PioBus>, ConsoleWriter), VmmError> {
+        let out = BoundedOutput::new();
+        let writer = ConsoleWriter {
+            out: out.clone(),
+            dest: open_serial(&self.config.serial)?,
+        };
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         self.vm
             .register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -127,12 +131,8 @@ impl VmBuilder {
         self.vm
             .register_irqfd(&kbd_irq, KBD_IRQ)
             .map_err(kvm_err("KVM_IRQFD (keyboard)"))?;
-        Ok(Arc::new(PioBus::new(
-            serial_irq,
-            kbd_irq,
-            out,
-            self.state.clone(),
-        )))
+        let pio = Arc::new(PioBus::new(serial_irq, kbd_irq, out, self.state.clone()));
+        Ok((pio, writer))
     }
 
     /// The virtio devices of the description, in the order of the guest contract: vsock,
@@ -141,8 +141,11 @@ impl VmBuilder {
         let c = &self.config;
         let mut devices: Vec<NamedDevice> = Vec::new();
         if let Some(v) = &c.vsock {
-            let d =
+            let mut d =
                 virtio::vsock::Vsock::new(v.guest_cid, &v.uds_path).map_err(device_err("vsock"))?;
+            if let Some(inside) = c.jail.as_ref().and_then(|j| j.inside(&v.uds_path)) {
+                d.set_connect_base(inside);
+            }
             devices.push(("vsock".into(), Box::new(d)));
         }
         for (i, b) in c.block.iter().enumerate() {
@@ -166,6 +169,9 @@ impl VmBuilder {
         }
         if let Some(ctl) = &self.mem_ctl {
             devices.push(("mem".into(), Box::new(VirtioMem::new(ctl.clone()))));
+        }
+        if c.free_page_reporting {
+            devices.push(("balloon".into(), Box::new(virtio::balloon::Balloon::new())));
         }
         Ok(devices)
     }
@@ -244,6 +250,7 @@ impl VmBuilder {
     pub(super) fn start(
         self,
         pio: Arc<PioBus>,
+        console: ConsoleWriter,
         bus: MmioBus,
         cmdline: String,
         fds: Vec<VcpuFd>,
@@ -263,6 +270,26 @@ impl VmBuilder {
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
         crate::virtio::worker::set_rescue_period_ms(config.irq_rescue_ms);
+        // Everything is open and no thread exists yet: the jail comes now.
+        if let Some(j) = &config.jail {
+            crate::jail::enter(j, &writable_image_sizes(&config))?;
+            tracing::info!(
+                root = %j.root.display(),
+                uid = j.uid,
+                gid = j.gid,
+                net_namespace = j.net_namespace,
+                "VMM jailed"
+            );
+        }
+        console
+            .out
+            .start_writer(console.dest)
+            .map_err(io_err("cannot start the console writer thread"))?;
+        // Device workers are created by the spawner, not by the vCPU that activates them
+        // (see spawner.rs): started before any vCPU runs.
+        if crate::seccomp::configured() {
+            crate::spawner::start().map_err(io_err("cannot start the worker spawner thread"))?;
+        }
 
         let mmio = Arc::new(bus);
         let entries = Arc::new(nudge::Entries::new(fds.len()));
@@ -298,7 +325,10 @@ impl VmBuilder {
             std::thread::Builder::new()
                 .name("vcpu-nudge".into())
                 .stack_size(64 * 1024)
-                .spawn(move || h.nudge_loop(&entries, period))
+                .spawn(move || {
+                    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Nudge);
+                    h.nudge_loop(&entries, period)
+                })
                 .map_err(io_err("cannot spawn the vCPU nudge thread"))?;
             tracing::warn!(
                 period_ms = period.as_millis(),
@@ -311,6 +341,21 @@ impl VmBuilder {
             _vm: vm,
         })
     }
+}
+
+/// The console's ring and its destination, joined by a writer thread at start.
+pub(super) struct ConsoleWriter {
+    out: BoundedOutput,
+    dest: Box<dyn Write + Send>,
+}
+
+/// Sizes of the writable block images (the jail's RLIMIT_FSIZE must exceed them).
+fn writable_image_sizes(c: &VmConfig) -> Vec<u64> {
+    c.block
+        .iter()
+        .filter(|b| !b.read_only)
+        .filter_map(|b| std::fs::metadata(&b.path).ok().map(|m| m.len()))
+        .collect()
 }
 
 /// Checks that this host's KVM can run Linux guests and opens it.

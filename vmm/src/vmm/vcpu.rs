@@ -24,6 +24,16 @@ pub(super) fn run(
     // SAFETY: `fd` lives in this function until it returns, and `_kick` is declared after
     // it, so the binding is dropped (cleared) before the vCPU's kvm_run mapping goes away.
     let _kick = unsafe { kick::Bound::bind(&mut fd) };
+    // Before the first KVM_RUN: from here on only the vCPU's allow-list.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+        state.request_exit(ExitReason::VmmError(format!(
+            "vCPU {id}: {}",
+            carapace_errors::Chain(&e)
+        )));
+        return;
+    }
+    // KVM_RUN entries of this vCPU, for the triple-fault report
+    let mut runs: u64 = 0;
     loop {
         // Re-arm before looking at the flags: a kick that came before this is seen as its
         // flag; one that comes after ends the next KVM_RUN at once.
@@ -40,6 +50,7 @@ pub(super) fn run(
         #[cfg(test)]
         state.test_hooks.before_run(id);
         entries.enter(id);
+        runs += 1;
         let exit = fd.run();
         entries.leave(id);
         // `running` lives until the exit is handled (and counted): a pause that saw no
@@ -71,6 +82,7 @@ pub(super) fn run(
                 return;
             }
             Ok(VcpuExit::Shutdown) => {
+                log_shutdown(id, &fd, runs);
                 state.guest_reset(true);
                 return;
             }
@@ -112,4 +124,26 @@ pub(super) fn run(
             }
         }
     }
+}
+
+/// Says where vCPU `id` was when KVM reported a shutdown (a triple fault, or the guest's
+/// own reset through one): its MP state (a vCPU the guest never started is
+/// `UNINITIALIZED`/`INIT_RECEIVED`), instruction pointer and control registers, and how
+/// many times it entered KVM_RUN. Best effort: a register read that fails is left out.
+fn log_shutdown(id: usize, fd: &VcpuFd, runs: u64) {
+    let mp = fd.get_mp_state().map(|m| m.mp_state).ok();
+    let regs = fd.get_regs().ok();
+    let sregs = fd.get_sregs().ok();
+    tracing::warn!(
+        vcpu = id,
+        mp_state = ?mp,
+        rip = ?regs.map(|r| format!("{:#x}", r.rip)),
+        rsp = ?regs.map(|r| format!("{:#x}", r.rsp)),
+        cr0 = ?sregs.map(|s| format!("{:#x}", s.cr0)),
+        cr3 = ?sregs.map(|s| format!("{:#x}", s.cr3)),
+        cr4 = ?sregs.map(|s| format!("{:#x}", s.cr4)),
+        efer = ?sregs.map(|s| format!("{:#x}", s.efer)),
+        runs,
+        "KVM shutdown exit (triple fault) on this vCPU"
+    );
 }

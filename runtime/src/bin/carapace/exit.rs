@@ -2,6 +2,9 @@
 
 use carapace_config::ConfigError;
 use carapace_runtime::agent::AgentError;
+use carapace_runtime::events::EventsError;
+use carapace_runtime::exec_identity::IdentityError;
+use carapace_runtime::keeper::KeeperError;
 use carapace_runtime::oci;
 use carapace_runtime::sandbox::SandboxError;
 use carapace_runtime::state::StateError;
@@ -48,6 +51,7 @@ fn sandbox_exit_code(e: &SandboxError) -> u8 {
         SandboxError::Image(_) => code::HOST,
         SandboxError::Process(_)
         | SandboxError::VmmExited { .. }
+        | SandboxError::FsDaemonExited { .. }
         | SandboxError::Vmm(_)
         | SandboxError::Resize { .. } => code::HELPER,
         SandboxError::Agent(_) | SandboxError::AgentTimeout { .. } => code::AGENT,
@@ -56,14 +60,42 @@ fn sandbox_exit_code(e: &SandboxError) -> u8 {
         SandboxError::WithTeardown { error, .. } => sandbox_exit_code(error),
         SandboxError::Network(_) => code::NETWORK,
         SandboxError::Hook(_) => code::HOOK,
-        SandboxError::Cgroup(_) => code::HOST,
+        SandboxError::Cgroup(_) | SandboxError::Jail(_) => code::HOST,
         SandboxError::Blocking(_) => code::FAILURE,
+    }
+}
+
+fn keeper_exit_code(e: &KeeperError) -> u8 {
+    match e {
+        KeeperError::Sandbox(s) => sandbox_exit_code(s),
+        KeeperError::State(s) => state_exit_code(s),
+        KeeperError::Agent(_) => code::AGENT,
+        // the keeper printed its own error; its exit code is that error's
+        KeeperError::KeeperFailed { code, .. } => u8::try_from(*code).unwrap_or(code::FAILURE),
+        KeeperError::Catch { .. }
+        | KeeperError::Spawn { .. }
+        | KeeperError::ReadyFd { .. }
+        | KeeperError::Io { .. }
+        | KeeperError::Blocking(_) => code::FAILURE,
     }
 }
 
 /// Maps an error chain to the exit code of its most specific known kind.
 pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
+        if let Some(k) = cause.downcast_ref::<KeeperError>() {
+            return keeper_exit_code(k);
+        }
+        if cause.downcast_ref::<IdentityError>().is_some() {
+            return code::USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<EventsError>() {
+            return match e {
+                EventsError::Sandbox(s) => sandbox_exit_code(s),
+                EventsError::Agent(_) => code::AGENT,
+                EventsError::Write(_) => code::FAILURE,
+            };
+        }
         if let Some(s) = cause.downcast_ref::<SandboxError>() {
             return sandbox_exit_code(s);
         }
@@ -112,6 +144,19 @@ mod tests {
         }
         .into();
         assert_eq!(exit_code(&ws), code::CONFLICT);
+        let kf: anyhow::Error = KeeperError::KeeperFailed {
+            exec_id: "e".into(),
+            code: 9,
+        }
+        .into();
+        assert_eq!(exit_code(&kf), code::AGENT);
+        let ks: anyhow::Error = KeeperError::Sandbox(SandboxError::WrongStatus {
+            id: "x".into(),
+            status: "stopped",
+            op: "exec a process",
+        })
+        .into();
+        assert_eq!(exit_code(&ks.context("exec")), code::CONFLICT);
         let cf: anyhow::Error = ChecksFailed { failed: 2 }.into();
         assert_eq!(exit_code(&cf), code::CHECK_FAILED);
         assert_eq!(exit_code(&anyhow::anyhow!("other")), code::FAILURE);

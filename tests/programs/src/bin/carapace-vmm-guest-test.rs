@@ -22,6 +22,9 @@
 //! - `mem`: print `mem total_kib=N` (MemTotal) at start and whenever it changes (memory
 //!   hot-plug), checked every 200 ms; after it grows, touch as much memory as it grew since
 //!   start minus 32 MiB (as a workload would), free it and print `mem touched_mib=M`;
+//! - `touch=<MiB>`: touch that much memory (one byte per page), print `touch done mib=N`,
+//!   free it (back to the guest kernel: the allocation is its own mapping) and print
+//!   `touch freed` (free page reporting tests watch the host side);
 //! - `poweroff` / `reboot`: when everything else is done.
 //!
 //! It prints `vmm-guest-test: ready` first, then writes the boot-done marker (123) to port
@@ -448,6 +451,19 @@ fn main() {
                 }
             }
             n if n.starts_with("net=") => net_echo(&n[4..]),
+            t if t.starts_with("touch=") => match t[6..].parse::<usize>() {
+                Ok(mib) => {
+                    let mut v = vec![0u8; mib << 20];
+                    for page in v.chunks_mut(4096) {
+                        page[0] = 1;
+                    }
+                    std::hint::black_box(&v);
+                    say(&format!("touch done mib={mib}"));
+                    drop(v);
+                    say("touch freed");
+                }
+                Err(e) => say(&format!("touch error {e}")),
+            },
             d if d.starts_with("dial=") => {
                 let port: u32 = d[5..].parse().unwrap_or(0);
                 let r = sys::connect(2, port).and_then(|mut s| {

@@ -9,7 +9,8 @@ pub(super) fn time_to_first_output(ctrd: &Containerd, runtime: &str, id: &str) -
     // bounded: a start that never produces output becomes an error, not a stuck benchmark
     let mut child = ctrd
         .ctr_command_bounded(START_TIMEOUT_S)
-        .args(["run", "--rm", "--runtime", runtime])
+        .args(["run", "--rm"])
+        .args(ctr_runtime_args(runtime))
         .args([IMAGE, id, "echo", "ready"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -74,32 +75,37 @@ pub(super) fn containers(
     oci_image_archive(&rootfs, IMAGE, &["sh"], work.path(), &archive)?;
     let ctrd = carapace_containerd(&work.path().join("containerd"), bins, &config)?;
     ctrd.import(&archive)?;
+    gvisor_wrapper(work.path())?;
 
     let mut carapace_ok = true;
     if container {
-        let (mut ours, mut peer) = (Vec::new(), Vec::new());
-        let mut failure = None;
+        let (mut ours, mut peer, mut gvisor) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut failure, mut gvisor_failure) = (None, None);
         for i in 0..runs {
-            // alternate who goes first so warm caches favour neither
-            for runtime in if i % 2 == 0 {
-                [CARAPACE, RUNC]
-            } else {
-                [RUNC, CARAPACE]
-            } {
-                if runtime == CARAPACE && failure.is_some() {
+            // rotate who goes first so warm caches favour nobody
+            let mut order = [CARAPACE, RUNC, GVISOR];
+            order.rotate_left(i % 3);
+            for runtime in order {
+                if (runtime == CARAPACE && failure.is_some())
+                    || (runtime == GVISOR && gvisor_failure.is_some())
+                {
                     continue;
                 }
                 let id = format!(
                     "start-{}-{i}",
-                    if runtime == RUNC { "runc" } else { "carapace" }
+                    match runtime {
+                        RUNC => "runc",
+                        GVISOR => "gvisor",
+                        _ => "carapace",
+                    }
                 );
                 match time_to_first_output(&ctrd, runtime, &id) {
                     Ok(ms) => {
                         progress(&format!("container_start run {i}: {runtime} {ms:.0} ms"));
-                        if runtime == RUNC {
-                            peer.push(ms)
-                        } else {
-                            ours.push(ms)
+                        match runtime {
+                            RUNC => peer.push(ms),
+                            GVISOR => gvisor.push(ms),
+                            _ => ours.push(ms),
                         }
                     }
                     Err(e) if runtime == CARAPACE => {
@@ -107,11 +113,17 @@ pub(super) fn containers(
                         progress(&diagnose(&ctrd, &state, &id));
                         failure = Some(format!("{e:#}"));
                     }
+                    // the second peer is a note when it cannot run, never a number
+                    Err(e) if runtime == GVISOR => {
+                        progress(&format!("container_start: gVisor failed: {e:#}"));
+                        gvisor_failure = Some(format!("{e:#}"));
+                    }
                     Err(e) => return Err(e.context("runc (the peer) failed")),
                 }
             }
         }
         let peer = Samples::new("runc (io.containerd.runc.v2)", "ms", peer);
+        let gvisor = Samples::new(GVISOR_LABEL, "ms", gvisor);
         match failure {
             Some(e) => {
                 carapace_ok = false;
@@ -130,9 +142,23 @@ pub(super) fn containers(
                     &peer,
                     Some("<= 3"),
                 )?);
+                if gvisor_failure.is_none() {
+                    report.rows.extend(percentile_rows(
+                        "container_start_vs_gvisor",
+                        &ours,
+                        &gvisor,
+                        None,
+                    )?);
+                }
                 report.samples.push(ours);
                 report.samples.push(peer);
             }
+        }
+        match gvisor_failure {
+            Some(e) => report.notes.push(format!(
+                "container_start_vs_gvisor: gVisor not measured: {e}"
+            )),
+            None => report.samples.push(gvisor),
         }
     }
 
@@ -159,16 +185,9 @@ pub(super) fn start_idle(ctrd: &Containerd, runtime: &str, id: &str) -> Result<f
     let start = Instant::now();
     let out = ctrd
         .ctr_command_bounded(START_TIMEOUT_S)
-        .args([
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            IMAGE,
-            id,
-            "sleep",
-            "3600",
-        ])
+        .args(["run", "-d"])
+        .args(ctr_runtime_args(runtime))
+        .args([IMAGE, id, "sleep", "3600"])
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("starting idle container {id} with {runtime}"))?;
@@ -225,6 +244,74 @@ pub(super) fn mem_available_kib() -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// The counts of idle sandboxes at which the `sandbox_memory` row is taken (and the last
+/// count reached).
+const MEMORY_AT: [usize; 3] = [1, 10, 30];
+
+/// The host's memory as a node operator sees it, taken after each idle start: how far
+/// MemAvailable fell since the first start, and the memory.current sum of the host cgroups
+/// holding the VMMs and fs daemons (the pods' cgroups: a cross-check).
+#[derive(Debug, Default)]
+struct NodeMemory {
+    /// MemAvailable before the first start (KiB).
+    base: u64,
+    /// (count, MemAvailable drop KiB, cgroup memory.current sum KiB or None).
+    at: Vec<(usize, u64, Option<u64>)>,
+}
+
+impl NodeMemory {
+    fn start() -> Result<Self> {
+        Ok(NodeMemory {
+            base: mem_available_kib().context("reading MemAvailable from /proc/meminfo")?,
+            at: Vec::new(),
+        })
+    }
+
+    /// Records the state after `n` starts.
+    fn sample(&mut self, n: usize, cgroups: Option<u64>) {
+        let now = mem_available_kib().unwrap_or(self.base);
+        self.at.push((n, self.base.saturating_sub(now), cgroups));
+    }
+
+    /// KiB per sandbox at count `n` (or the last count below it).
+    fn per_sandbox(&self, n: usize) -> Option<(usize, f64, Option<f64>)> {
+        let &(m, drop, cg) = self.at.iter().rev().find(|a| a.0 <= n)?;
+        let per = |v: u64| v as f64 / m as f64;
+        Some((m, per(drop), cg.map(per)))
+    }
+}
+
+/// memory.current (KiB) summed over the distinct cgroup v2 groups that hold a process named
+/// one of `names` (None on cgroup v1 or when none was found).
+fn cgroups_memory_kib(names: &[&str]) -> Option<u64> {
+    let mut groups = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let dir = entry.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        // comm is the program name cut to 15 bytes
+        if !names
+            .iter()
+            .any(|n| n.get(..15).unwrap_or(n) == comm.trim())
+        {
+            continue;
+        }
+        let Ok(cg) = std::fs::read_to_string(dir.join("cgroup")) else {
+            continue;
+        };
+        if let Some(path) = cg.lines().find_map(|l| l.strip_prefix("0::")) {
+            groups.insert(path.to_owned());
+        }
+    }
+    let mut sum = 0;
+    for g in &groups {
+        let text = std::fs::read_to_string(format!("/sys/fs/cgroup{g}/memory.current")).ok()?;
+        sum += text.trim().parse::<u64>().ok()? / 1024;
+    }
+    (!groups.is_empty()).then_some(sum)
 }
 
 /// PSS of Carapace's sandbox processes (KiB).
@@ -303,6 +390,7 @@ pub(super) fn sandboxes(
     let mut lat = Vec::new();
     let mut stop_reason = format!("bound of {max} reached");
     let (mut breakdown, mut last_breakdown) = (Vec::new(), String::new());
+    let mut node = NodeMemory::start()?;
     for n in 1..=max {
         let id = format!("idle-carapace-{n}");
         let ms =
@@ -311,6 +399,7 @@ pub(super) fn sandboxes(
         // An idle sandbox, not one still starting: the guest settled.
         std::thread::sleep(IDLE_SETTLE);
         let mem = sandbox_memory(if n == 1 { smaps_dir } else { None })?;
+        node.sample(n, cgroups_memory_kib(&["carapace-vmm", "carapace-fsd"]));
         let (pss, guest, procs) = (mem.pss, mem.guest, mem.procs);
         let by_name = mem
             .by_name
@@ -395,8 +484,13 @@ pub(super) fn sandboxes(
 
     // the peer under the same rule and bound
     let mut peer_lat = Vec::new();
+    let mut peer_node = NodeMemory::start()?;
     for n in 1..=max {
         peer_lat.push(start_idle(ctrd, RUNC, &format!("idle-runc-{n}"))?);
+        if MEMORY_AT.contains(&n) || n == max {
+            std::thread::sleep(IDLE_SETTLE);
+            peer_node.sample(n, None);
+        }
         if started_before_slowdown(&peer_lat, 2.0) < peer_lat.len()
             || mem_available_kib().is_some_and(|m| m < MIN_AVAILABLE_KIB)
         {
@@ -423,5 +517,102 @@ pub(super) fn sandboxes(
     report
         .samples
         .push(Samples::new("runc idle container start", "ms", peer_lat));
+    memory_rows(&node, &peer_node, "runc", report);
+
+    // the second peer: idle gVisor sandboxes, same rule and bound; a note if it cannot run
+    let mut gvisor_lat = Vec::new();
+    let mut gvisor_node = NodeMemory::start()?;
+    let mut gvisor_failure = None;
+    for n in 1..=max {
+        match start_idle(ctrd, GVISOR, &format!("idle-gvisor-{n}")) {
+            Ok(ms) => gvisor_lat.push(ms),
+            Err(e) => {
+                gvisor_failure = Some(format!("{e:#}"));
+                break;
+            }
+        }
+        if MEMORY_AT.contains(&n) || n == max {
+            std::thread::sleep(IDLE_SETTLE);
+            gvisor_node.sample(n, None);
+        }
+        if started_before_slowdown(&gvisor_lat, 2.0) < gvisor_lat.len()
+            || mem_available_kib().is_some_and(|m| m < MIN_AVAILABLE_KIB)
+        {
+            break;
+        }
+    }
+    match gvisor_failure {
+        Some(e) if gvisor_lat.is_empty() => report.notes.push(format!(
+            "sandbox_memory_vs_gvisor, density_vs_gvisor: gVisor not measured: {e}"
+        )),
+        failure => {
+            if let Some(e) = failure {
+                report.notes.push(format!(
+                    "gVisor idle sandbox {} failed to start: {e}",
+                    gvisor_lat.len() + 1
+                ));
+            }
+            report.rows.push(Row::new(
+                "density_vs_gvisor",
+                ours_density as f64,
+                started_before_slowdown(&gvisor_lat, 2.0) as f64,
+                GVISOR_LABEL,
+                "idle sandboxes",
+            ));
+            memory_rows(&node, &gvisor_node, "gvisor", report);
+            report
+                .samples
+                .push(Samples::new("gvisor idle sandbox start", "ms", gvisor_lat));
+        }
+    }
     Ok(())
+}
+
+/// The `sandbox_memory_at_N` rows: MemAvailable drop per idle sandbox at each count of
+/// [`MEMORY_AT`] reached and at the last, runc's per idle container as the peer.
+fn memory_rows(ours: &NodeMemory, peer: &NodeMemory, peer_name: &str, report: &mut Report) {
+    let last = ours.at.last().map_or(0, |a| a.0);
+    let mut counts: Vec<usize> = MEMORY_AT.iter().copied().filter(|&n| n <= last).collect();
+    counts.push(last);
+    counts.dedup();
+    let mut cross = Vec::new();
+    for n in counts {
+        let Some((n, ours_kib, cgroups)) = ours.per_sandbox(n) else {
+            continue;
+        };
+        let Some((peer_n, peer_kib, _)) = peer.per_sandbox(n) else {
+            continue;
+        };
+        let name = if peer_n == n {
+            peer_name.to_owned()
+        } else {
+            format!("{peer_name} at {peer_n}")
+        };
+        let row = if peer_name == "runc" {
+            format!("sandbox_memory_at_{n}")
+        } else {
+            format!("sandbox_memory_at_{n}_vs_{peer_name}")
+        };
+        report.rows.push(
+            Row::new(row, ours_kib, peer_kib, &name, "KiB/sandbox").target("<= 24576 (24 MiB)"),
+        );
+        if let Some(cg) = cgroups {
+            cross.push(format!("at {n}: {cg:.0}"));
+        }
+    }
+    if peer_name != "runc" {
+        return;
+    }
+    report.notes.push(format!(
+        "sandbox_memory: the host's MemAvailable drop per idle sandbox (guest memory, VMM, fs \
+         daemon, shim, page cache they pin; sampled {} s after each `ctr run -d`), against \
+         the drop per idle runc container in the same containerd; cross-check, memory.current \
+         of the pods' host cgroups (VMM + fs daemon, no shim) per sandbox, KiB: {}",
+        IDLE_SETTLE.as_secs(),
+        if cross.is_empty() {
+            "not available (cgroup v1 or no cgroup found)".to_owned()
+        } else {
+            cross.join(", ")
+        }
+    ));
 }

@@ -50,6 +50,51 @@ use pod::pod_phase;
 const IMAGE: &str = "docker.io/carapace/busybox:bench";
 const CARAPACE: &str = "io.containerd.carapace.v2";
 const RUNC: &str = "io.containerd.runc.v2";
+/// gVisor, the second peer: Debian's `runsc` driven by containerd's runc shim (`ctr run
+/// --runc-binary`; Debian ships no containerd-shim-runsc-v1). A name of the bench's own,
+/// never passed to containerd as a runtime ([`ctr_runtime_args`]).
+const GVISOR: &str = "gvisor";
+/// Debian's runsc (package `runsc`, installed by `make setup`).
+const GVISOR_BIN: &str = "/usr/bin/runsc";
+/// How the gVisor peer shows in rows and samples.
+const GVISOR_LABEL: &str = "gvisor (runsc, runc shim)";
+
+/// The runc-compatible binary the gVisor peer's containers are run with: a wrapper that
+/// adds `--network=host` (ctr's containers share the host's network namespace, which runsc
+/// refuses unless told; runc's containers get the same network), written by
+/// [`gvisor_wrapper`].
+static GVISOR_RUNC_BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Writes the gVisor wrapper into `dir` (once per run).
+fn gvisor_wrapper(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("runsc-host-network");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nexec {GVISOR_BIN} --network=host \"$@\"\n"),
+    )
+    .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
+    .with_context(|| format!("writing {}", path.display()))?;
+    let _ = GVISOR_RUNC_BINARY.set(path);
+    Ok(())
+}
+
+/// `ctr run` arguments that pick `runtime` (one of [`CARAPACE`], [`RUNC`], [`GVISOR`]).
+fn ctr_runtime_args(runtime: &str) -> Vec<String> {
+    if runtime == GVISOR {
+        let binary = GVISOR_RUNC_BINARY
+            .get()
+            .map_or_else(|| GVISOR_BIN.to_owned(), |p| p.display().to_string());
+        vec![
+            "--runtime".into(),
+            RUNC.into(),
+            "--runc-binary".into(),
+            binary,
+        ]
+    } else {
+        vec!["--runtime".into(), runtime.into()]
+    }
+}
 /// Kata Containers' published per-sandbox memory footprint, the one fixed reference.
 const KATA_PUBLISHED_KIB: f64 = 127_220.0;
 const KATA_NAME: &str = "kata (published 127,220 KB/sandbox, fixed reference)";
@@ -139,7 +184,7 @@ struct Cli {
     #[arg(long, default_value_t = 10)]
     runs: usize,
     /// Upper bound of the density run (ignored with --quick).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 30)]
     density_max: usize,
     /// Kernel for the boot phase (a PVH vmlinux).
     #[arg(long)]
@@ -228,6 +273,14 @@ fn run(cli: &Cli) -> Result<()> {
         } else {
             "kvm"
         }
+    ));
+    report.notes.push(format!(
+        "gvisor peer: {GVISOR_BIN} ({}), default platform, host network (as ctr gives runc), \
+         driven by containerd's runc shim",
+        sh(GVISOR_BIN, &["--version"])
+            .lines()
+            .next()
+            .unwrap_or("not installed")
     ));
     let started = Instant::now();
 
@@ -368,7 +421,16 @@ fn carapace_containerd_with(
         handler: (*handler).into(),
         runtime_type: CARAPACE.into(),
         config_path: Some(path.to_path_buf()),
+        ..Default::default()
     }));
+    // the second peer's CRI handler: runsc under the runc shim (pods bring their own network
+    // namespace, so no wrapper is needed here)
+    runtimes.push(RuntimeEntry {
+        handler: GVISOR.into(),
+        runtime_type: RUNC.into(),
+        binary_name: Some(GVISOR_BIN.into()),
+        ..Default::default()
+    });
     Containerd::start(dir, &runtimes, Some(bins), &[("CARAPACE_CONFIG", config)])
         .context("starting a private containerd with Carapace")
 }

@@ -29,28 +29,28 @@ pub(super) fn pod_phase(
         log_root: pods::log_root(work.path(), handler),
         timeout: Duration::from_secs(POD_TIMEOUT_S),
     };
-    let (carapace, runc) = (run_for("carapace"), run_for("runc"));
+    let (carapace, runc, gvisor) = (run_for("carapace"), run_for("runc"), run_for(GVISOR));
     let mut cri = carapace_tests::cri::Cri::connect(&ctrd.socket())?;
 
-    let (mut ours, mut peer) = (Vec::new(), Vec::new());
-    let mut failure = None;
+    let (mut ours, mut peer, mut second) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut failure, mut gvisor_failure) = (None, None);
     for i in 0..runs {
-        let order = if i % 2 == 0 {
-            [&carapace, &runc]
-        } else {
-            [&runc, &carapace]
-        };
+        // rotate who goes first
+        let mut order = [&carapace, &runc, &gvisor];
+        order.rotate_left(i % 3);
         for run in order {
-            if run.handler == "carapace" && failure.is_some() {
+            if (run.handler == "carapace" && failure.is_some())
+                || (run.handler == GVISOR && gvisor_failure.is_some())
+            {
                 continue;
             }
             match run.start_once(&mut cri, &format!("seq-{}-{i}", run.handler)) {
                 Ok(ms) => {
                     progress(&format!("pod_start run {i}: {} {ms:.0} ms", run.handler));
-                    if run.handler == "runc" {
-                        peer.push(ms);
-                    } else {
-                        ours.push(ms);
+                    match run.handler.as_str() {
+                        "runc" => peer.push(ms),
+                        GVISOR => second.push(ms),
+                        _ => ours.push(ms),
                     }
                 }
                 Err(e) if run.handler == "carapace" => {
@@ -62,11 +62,23 @@ pub(super) fn pod_phase(
                     ));
                     failure = Some(format!("{e:#}"));
                 }
+                // the second peer is a note when it cannot run, never a number
+                Err(e) if run.handler == GVISOR => {
+                    let e = anyhow::Error::from(e);
+                    progress(&format!("pod_start: gVisor failed: {e:#}"));
+                    gvisor_failure = Some(format!("{e:#}"));
+                }
                 Err(e) => return Err(anyhow::Error::from(e).context("runc pods (the peer) failed")),
             }
         }
     }
     let peer = Samples::new("runc pod_start (CRI handler runc)", "ms", peer);
+    let second = Samples::new(format!("{GVISOR_LABEL} pod_start"), "ms", second);
+    if let Some(e) = &gvisor_failure {
+        report
+            .notes
+            .push(format!("pod_start_vs_gvisor: gVisor not measured: {e}"));
+    }
     if let Some(e) = failure {
         report.notes.push(format!(
             "pod_start: Carapace not measured, a pod with handler carapace failed: {e}; runc p50 {:.0} ms",
@@ -79,6 +91,15 @@ pub(super) fn pod_phase(
     report
         .rows
         .extend(percentile_rows("pod_start", &ours, &peer, None)?);
+    if gvisor_failure.is_none() {
+        report.rows.extend(percentile_rows(
+            "pod_start_vs_gvisor",
+            &ours,
+            &second,
+            None,
+        )?);
+        report.samples.push(second);
+    }
     report.samples.push(ours);
     report.samples.push(peer);
 
@@ -113,8 +134,9 @@ pub(super) fn pod_phase(
         "pod_start: CRI RunPodSandbox -> CreateContainer -> StartContainer -> the container's \
          first line in its CRI log, the pod's own CNI network (bridge, host-local, portmap), \
          busybox image; {runs} pods one at a \
-         time (alternating handlers), then {parallel} at once from separate CRI connections; \
-         peer: runc handler in the same containerd"
+         time (rotating handlers), then {parallel} at once from separate CRI connections; \
+         peer: runc handler in the same containerd; second peer (one at a time only): handler \
+         {GVISOR}, runsc under the runc shim, same CNI"
     ));
     Ok(())
 }

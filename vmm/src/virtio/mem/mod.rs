@@ -383,6 +383,7 @@ impl VirtioDevice for VirtioMem {
         let ctl = self.ctl.clone();
         let worker = Worker::spawn_single_queue(
             "virtio-mem",
+            crate::seccomp::ThreadKind::Mem,
             queues.remove(0),
             mem,
             interrupt,

@@ -313,10 +313,10 @@ fn unplug_gives_memory_back(shared: bool) {
             .write_obj(1u8, GuestAddress(BASE).unchecked_add(off))
             .unwrap();
     }
-    let full = memory::tests::resident_bytes(host);
+    let full = memory::tests::resident_bytes(host, h.size());
     assert!(full >= 32 * MIB, "{full}");
     assert_eq!(run(&g, &ctl, &[(REQ_UNPLUG, BASE, 8)]), vec![ACK]);
-    let half = memory::tests::resident_bytes(host);
+    let half = memory::tests::resident_bytes(host, h.size());
     assert!(half <= full - 16 * MIB, "{full} -> {half}");
     assert_eq!(
         g.all.read_obj::<u8>(GuestAddress(BASE)).unwrap(),
@@ -328,7 +328,7 @@ fn unplug_gives_memory_back(shared: bool) {
         .write_obj(1u8, GuestAddress(BASE + 100 * MIB))
         .unwrap();
     assert_eq!(run(&g, &ctl, &[(REQ_UNPLUG_ALL, 0, 0)]), vec![ACK]);
-    assert_eq!(memory::tests::resident_bytes(host), 0);
+    assert_eq!(memory::tests::resident_bytes(host, h.size()), 0);
     if let Some(f) = h.file() {
         use std::os::unix::fs::MetadataExt;
         assert_eq!(f.metadata().unwrap().blocks(), 0);

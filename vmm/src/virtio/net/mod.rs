@@ -398,32 +398,36 @@ impl Net {
             tap_broken: false,
             tx_buf: Vec::new(),
         };
-        Worker::spawn("virtio-net", move |mut ev| {
-            let ep = ev.epoll();
-            if ep
-                .add(lp.rx_evt.as_raw_fd(), RX_TOKEN, EventSet::IN)
-                .is_err()
-                || ep
-                    .add(lp.tx_evt.as_raw_fd(), TX_TOKEN, EventSet::IN)
+        Worker::spawn(
+            "virtio-net",
+            crate::seccomp::ThreadKind::Net,
+            move |mut ev| {
+                let ep = ev.epoll();
+                if ep
+                    .add(lp.rx_evt.as_raw_fd(), RX_TOKEN, EventSet::IN)
                     .is_err()
-            {
-                lp.interrupt.fail("epoll");
-                return;
-            }
-            ev.set_timer(rescue_period());
-            // Frames queued on the tap before activation, and the tap's first registration.
-            let r = match lp.rx(ev.epoll()) {
-                Ok(()) => ev.run(&mut lp),
-                Err(e) => Err(LoopError::Handler(e)),
-            };
-            match r {
-                Ok(()) | Err(LoopError::Wait(_)) => {}
-                Err(LoopError::Handler(e)) => {
-                    crate::guest_warn!(error = %e, "virtio-net queue error");
-                    lp.interrupt.fail("queue error");
+                    || ep
+                        .add(lp.tx_evt.as_raw_fd(), TX_TOKEN, EventSet::IN)
+                        .is_err()
+                {
+                    lp.interrupt.fail("epoll");
+                    return;
                 }
-            }
-        })
+                ev.set_timer(rescue_period());
+                // Frames queued on the tap before activation, and the tap's first registration.
+                let r = match lp.rx(ev.epoll()) {
+                    Ok(()) => ev.run(&mut lp),
+                    Err(e) => Err(LoopError::Handler(e)),
+                };
+                match r {
+                    Ok(()) | Err(LoopError::Wait(_)) => {}
+                    Err(LoopError::Handler(e)) => {
+                        crate::guest_warn!(error = %e, "virtio-net queue error");
+                        lp.interrupt.fail("queue error");
+                    }
+                }
+            },
+        )
     }
 }
 

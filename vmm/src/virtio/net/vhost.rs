@@ -119,18 +119,22 @@ pub struct VhostNet {
     tap_hdr: bool,
     /// The memory and queue count of the running instance (for reset), and the relay.
     running: Option<(GuestMemoryMmap, usize, Worker)>,
+    /// VHOST_SET_OWNER was done (at the first activation).
+    owned: bool,
 }
 
 impl VhostNet {
-    /// Takes ownership of an open vhost-net descriptor (`VHOST_SET_OWNER`: this process)
-    /// and reads its features.
+    /// Takes an open vhost-net descriptor and reads its features. `VHOST_SET_OWNER` waits
+    /// for the first activation: it makes the kernel's vhost worker, since Linux 6.4 a
+    /// thread of this process, which must be born inside the jail (the jail needs a
+    /// single-threaded VMM, and a worker made before it would keep root's credentials,
+    /// namespaces and root).
     pub fn new(fd: File, tap_hdr: bool) -> Result<Self, VhostNetError> {
         let none = GuestMemoryMmap::default();
         let h = Handle {
             fd: &fd,
             mem: &none,
         };
-        h.set_owner().map_err(step("SET_OWNER"))?;
         let backend_features = h.get_features().map_err(step("GET_FEATURES"))?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
             return Err(VhostNetError::NotModern);
@@ -140,6 +144,7 @@ impl VhostNet {
             backend_features,
             tap_hdr,
             running: None,
+            owned: false,
         })
     }
 
@@ -230,6 +235,14 @@ impl VhostNet {
             let what = what.to_string();
             move |source| ActivateError::Backend { what, source }
         };
+        if !self.owned {
+            let h = Handle { fd: &self.fd, mem };
+            h.set_owner().map_err(|e| ActivateError::Backend {
+                what: format!("vhost-net SET_OWNER for tap {}", tap.name()),
+                source: std::io::Error::other(step("SET_OWNER")(e)),
+            })?;
+            self.owned = true;
+        }
         let calls = crate::virtio::vhost_irq::call_fds(queues.len()).map_err(io("call eventfd"))?;
         let n = queues.len();
         if let Err(e) = self.setup(mem, features, tap, &queues, &calls) {

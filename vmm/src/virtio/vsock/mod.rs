@@ -45,6 +45,9 @@ pub enum VsockError {
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
+    /// `<connect_base>_<port>` is where guest connections to host port P go: `uds_path`,
+    /// or the same socket's path inside the VMM's jail.
+    connect_base: PathBuf,
     listener: UnixListener,
     counters: Arc<VsockCounters>,
     worker: Option<Worker>,
@@ -65,10 +68,19 @@ impl Vsock {
         Ok(Vsock {
             guest_cid,
             uds_path: uds_path.to_owned(),
+            connect_base: uds_path.to_owned(),
             listener,
             counters: Arc::default(),
             worker: None,
         })
+    }
+}
+
+impl Vsock {
+    /// Guest connections to host port P go to `<base>_P` instead of `<uds_path>_P` (the
+    /// same place as seen from inside the VMM's jail).
+    pub fn set_connect_base(&mut self, base: PathBuf) {
+        self.connect_base = base;
     }
 }
 
@@ -209,21 +221,29 @@ impl VirtioDevice for Vsock {
             .listener
             .try_clone()
             .map_err(backend("listener clone"))?;
-        let (cid, path, counters) = (self.guest_cid, self.uds_path.clone(), self.counters.clone());
-        let worker = Worker::spawn("virtio-vsock", move |lp| {
-            let mux = match Muxer::new(cid, path, listener, lp.epoll().clone(), counters) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::error!(error = %e, "vsock backend failed to start");
-                    interrupt.fail("backend start");
-                    return;
+        let (cid, path, counters) = (
+            self.guest_cid,
+            self.connect_base.clone(),
+            self.counters.clone(),
+        );
+        let worker = Worker::spawn(
+            "virtio-vsock",
+            crate::seccomp::ThreadKind::Vsock,
+            move |lp| {
+                let mux = match Muxer::new(cid, path, listener, lp.epoll().clone(), counters) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(error = %e, "vsock backend failed to start");
+                        interrupt.fail("backend start");
+                        return;
+                    }
+                };
+                if let Err(e) = run(lp, mux, queues, mem, interrupt.clone()) {
+                    crate::guest_warn!(error = %e, "vsock device stopped");
+                    interrupt.fail("vsock queue error");
                 }
-            };
-            if let Err(e) = run(lp, mux, queues, mem, interrupt.clone()) {
-                crate::guest_warn!(error = %e, "vsock device stopped");
-                interrupt.fail("vsock queue error");
-            }
-        })
+            },
+        )
         .map_err(backend("worker thread"))?;
         self.worker = Some(worker);
         Ok(())

@@ -6,9 +6,9 @@ mod check;
 mod create;
 mod exec;
 mod info;
+mod keep;
 mod lifecycle;
 mod list;
-mod relay;
 mod run;
 
 use std::io::Write;
@@ -39,17 +39,26 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Create(a) => drop(create::create(g, &rt, a, true).await?),
         Cmd::Start { id } => lifecycle::start(&rt, id).await?,
         Cmd::State { id } => lifecycle::state(&rt, id)?,
+        Cmd::Pause { id } => lifecycle::pause(&rt, id).await?,
+        Cmd::Resume { id } => lifecycle::resume(&rt, id).await?,
+        Cmd::Update(a) => lifecycle::update(&rt, a).await?,
+        Cmd::Events {
+            id,
+            stats,
+            interval,
+        } => lifecycle::events(&rt, id, *stats, *interval).await?,
         Cmd::Kill { id, signal, all } => lifecycle::kill(&rt, id, signal, *all).await?,
         Cmd::Delete { id, force } => lifecycle::delete(&rt, id, *force).await?,
         Cmd::Run(a) => return run::run(g, &rt, a).await,
-        Cmd::Exec(a) => return exec::exec(&rt, a).await,
+        Cmd::Exec(a) => return exec::exec(g, &rt, a).await,
         Cmd::Ps { id, format } => lifecycle::ps(&rt, id, *format).await?,
         Cmd::List { format, quiet } => list::list(&rt, *format, *quiet)?,
         Cmd::Features => info::features()?,
         Cmd::Spec { bundle, .. } => info::spec(bundle)?,
         Cmd::Check { format } => check::check(&loaded, *format)?,
         Cmd::Env => info::env(&rt, &loaded)?,
-        Cmd::Relay { id } => relay::relay(&rt, id).await?,
+        Cmd::Keep(a) => return keep::keep(g, &rt, a).await,
+        Cmd::Guard { id, exec } => keep::guard(&rt, id, exec.as_deref()).await?,
     }
     Ok(0)
 }
@@ -66,6 +75,41 @@ fn runtime(g: &Global, loaded: &carapace_config::Loaded) -> Runtime {
         .clone()
         .unwrap_or_else(|| config.runtime.state_dir.clone());
     Runtime::from_config(config, root, g.host_agent.clone())
+}
+
+/// [`reexec`] for a keeper of container `id`: without `--log` its log goes to
+/// `keeper.log` in the container's state directory, not to its stderr, which is the
+/// container process's.
+fn reexec_keeper(g: &Global, rt: &Runtime, id: &str) -> anyhow::Result<std::process::Command> {
+    let mut cmd = reexec(g, rt)?;
+    if g.log.is_none() {
+        cmd.arg("--log").arg(rt.store.dir(id)?.join("keeper.log"));
+    }
+    Ok(cmd)
+}
+
+/// A command re-executing this binary with the same runtime (root, configuration, log,
+/// host agent) as this one; the caller adds the command.
+fn reexec(g: &Global, rt: &Runtime) -> anyhow::Result<std::process::Command> {
+    let exe = std::env::current_exe().context("locating the carapace binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--root").arg(rt.store.root());
+    if let Some(c) = &g.config {
+        cmd.arg("--config").arg(c);
+    }
+    if let Some(l) = &g.log {
+        cmd.arg("--log").arg(l);
+    }
+    if g.log_format == crate::cli::LogFormat::Json {
+        cmd.args(["--log-format", "json"]);
+    }
+    if g.debug {
+        cmd.arg("--debug");
+    }
+    if let Some(h) = &g.host_agent {
+        cmd.arg("--host-agent").arg(h);
+    }
+    Ok(cmd)
 }
 
 fn parse_signal(s: &str) -> anyhow::Result<u32> {
@@ -105,15 +149,11 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 /// This process's stdio as a container process's.
 fn host_io() -> HostIo {
     HostIo {
+        stdin_release: None,
         stdin: Some(Box::new(std::io::stdin())),
         stdout: Box::new(tokio::io::stdout()),
         stderr: Box::new(tokio::io::stderr()),
     }
-}
-
-/// The exit code for a container process's exit status.
-fn status_code(status: u32) -> u8 {
-    u8::try_from(status).unwrap_or(255)
 }
 
 #[cfg(test)]

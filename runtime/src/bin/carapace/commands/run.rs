@@ -1,22 +1,23 @@
 //! `run`: create, start, stream the stdio, wait and delete; exits with the container's
-//! status. With `--detach` (or a console socket) the relay carries the stdio.
+//! status. With `--detach` (or a console socket) the init's keeper carries the stdio.
 
 use std::time::Duration;
 
+use carapace_runtime::keeper::{self, Signals};
 use carapace_runtime::sandbox::Runtime;
 use carapace_runtime::state::Status;
-use carapace_runtime::stdio::{RawMode, forward_resizes, stream_until_exit, terminal_size};
+use carapace_runtime::stdio::{RawMode, forward_resizes, terminal_size};
 
-use super::{create::create, host_io, status_code};
+use super::{create::create, host_io};
 use crate::cli::{Global, RunArgs};
 
-/// How often an attached `run` with a relay looks whether the container stopped.
+/// How often an attached `run` with a keeper looks whether the container stopped.
 const EXIT_POLL: Duration = Duration::from_millis(50);
 
 pub(super) async fn run(g: &Global, rt: &Runtime, a: &RunArgs) -> anyhow::Result<u8> {
     let id = &a.create.id;
     if a.detach || a.create.console_socket.is_some() {
-        // The relay carries the stdio (or the console socket's terminal).
+        // The keeper carries the stdio (or the console socket's terminal).
         let (_, session) = create(g, rt, &a.create, true).await?;
         if let Err(e) = rt.start(id, Some(&session)).await {
             let _ = rt.delete(id, true, Some(&session)).await;
@@ -33,7 +34,7 @@ pub(super) async fn run(g: &Global, rt: &Runtime, a: &RunArgs) -> anyhow::Result
             tokio::time::sleep(EXIT_POLL).await;
         };
         rt.delete(id, true, Some(&session)).await?;
-        return Ok(status_code(exit));
+        return Ok(u8::try_from(exit).unwrap_or(u8::MAX));
     }
     let (st, agent) = create(g, rt, &a.create, false).await?;
     let result = async {
@@ -52,6 +53,8 @@ pub(super) async fn run(g: &Global, rt: &Runtime, a: &RunArgs) -> anyhow::Result
             Some((rows, cols)) => agent.resize(id, "", rows, cols).await.is_ok(),
             None => false,
         };
+        // From the start on, signals to `run` go to the container's init, as runc does.
+        let mut signals = Signals::catch()?;
         rt.start(id, Some(&agent)).await?;
         let _raw = if tty { RawMode::stdin() } else { None };
         if let Some((rows, cols)) = size {
@@ -60,11 +63,13 @@ pub(super) async fn run(g: &Global, rt: &Runtime, a: &RunArgs) -> anyhow::Result
             }
             forward_resizes(agent.clone(), id.clone(), String::new());
         }
-        let exit = stream_until_exit(&agent, id, "", host_io()).await?;
+        let exit = keeper::relay(&agent, id, "", host_io(), &mut signals).await?;
         rt.record_exit(id, exit)?;
-        anyhow::Ok(status_code(exit.exit_status))
+        anyhow::Ok(keeper::exit_code(&exit))
     }
     .await;
+    // No longer its keeper: the delete must not stop this very process.
+    let _ = rt.store.update(id, |st| st.io_relay = None);
     let deleted = rt.delete(id, true, Some(&agent)).await;
     let code = result?;
     deleted?;

@@ -1,0 +1,148 @@
+//! Can this host jail a VMM? A forked child does what the VMM's jail needs of the kernel
+//! and of our privileges — new mount, IPC, UTS and network namespaces, no supplementary
+//! groups, an unprivileged gid and uid, no_new_privs — and reports the first step that
+//! fails. The child makes raw system calls only (it is forked from a possibly
+//! multi-threaded process), then exits; nothing of it outlives the probe.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+
+/// The steps, in order, as the child reports them.
+const STEPS: [&str; 5] = [
+    "unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET)",
+    "setgroups([])",
+    "setresgid",
+    "setresuid",
+    "prctl(PR_SET_NO_NEW_PRIVS)",
+];
+
+/// Why jailing cannot work here.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// A step failed in the child.
+    #[error("{step} failed")]
+    Step {
+        /// The step.
+        step: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The probe itself could not run.
+    #[error("cannot run the jail probe: {what}")]
+    Probe {
+        /// What failed.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the steps in a child as id `uid` (also the gid).
+pub fn probe(uid: u32) -> Result<(), ProbeError> {
+    let probe_err = |what| {
+        move |e: nix::Error| ProbeError::Probe {
+            what,
+            source: std::io::Error::from(e),
+        }
+    };
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(probe_err("pipe"))?;
+    // SAFETY: the child only makes raw system calls (unshare, setgroups, setresgid,
+    // setresuid, prctl, write) and `_exit`, all async-signal-safe, on values prepared
+    // before the fork; it allocates nothing and takes no lock, so a fork of a
+    // multi-threaded parent is sound.
+    let fork = unsafe { nix::unistd::fork() }.map_err(probe_err("fork"))?;
+    match fork {
+        nix::unistd::ForkResult::Child => {
+            let fd = write.as_raw_fd();
+            // SAFETY: see above; `child` never returns.
+            unsafe { child(fd, uid) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(write);
+            let mut report = Vec::new();
+            let read_result = std::fs::File::from(read).read_to_end(&mut report);
+            let status = nix::sys::wait::waitpid(child, None).map_err(probe_err("waitpid"))?;
+            read_result.map_err(|source| ProbeError::Probe {
+                what: "reading the child's report",
+                source,
+            })?;
+            if let [step, e0, e1, e2, e3] = report[..] {
+                let step = STEPS.get(usize::from(step)).copied().unwrap_or("a step");
+                let errno = i32::from_le_bytes([e0, e1, e2, e3]);
+                return Err(ProbeError::Step {
+                    step,
+                    source: std::io::Error::from_raw_os_error(errno),
+                });
+            }
+            match status {
+                nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+                other => Err(ProbeError::Probe {
+                    what: "the child ended without a report",
+                    source: std::io::Error::other(format!("{other:?}")),
+                }),
+            }
+        }
+    }
+}
+
+/// The child: each step, reporting `[step, errno (4 bytes LE)]` on `fd` at the first
+/// failure; exits 0 when all passed.
+///
+/// # Safety
+/// Only in the child of a fork: it exits the process.
+unsafe fn child(fd: i32, uid: u32) -> ! {
+    let id = uid as libc::c_long;
+    let flags = (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET)
+        as libc::c_long;
+    let steps: [(libc::c_long, [libc::c_long; 5]); 5] = [
+        (libc::SYS_unshare, [flags, 0, 0, 0, 0]),
+        (libc::SYS_setgroups, [0, 0, 0, 0, 0]),
+        (libc::SYS_setresgid, [id, id, id, 0, 0]),
+        (libc::SYS_setresuid, [id, id, id, 0, 0]),
+        (
+            libc::SYS_prctl,
+            [libc::PR_SET_NO_NEW_PRIVS as libc::c_long, 1, 0, 0, 0],
+        ),
+    ];
+    for (i, (nr, a)) in steps.iter().enumerate() {
+        // SAFETY: raw system calls with integer arguments only (setgroups with size 0
+        // reads no list).
+        let r = unsafe { libc::syscall(*nr, a[0], a[1], a[2], a[3], a[4]) };
+        if r != 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            let e = errno.to_le_bytes();
+            let msg = [i as u8, e[0], e[1], e[2], e[3]];
+            // SAFETY: writing a stack buffer to our pipe.
+            unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+            // SAFETY: leaving at once, without the parent's exit handlers.
+            unsafe { libc::_exit(1) }
+        }
+    }
+    // SAFETY: leaving the child without running any of the parent's exit handlers.
+    unsafe { libc::_exit(0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_can_jail_and_others_are_told_which_step_fails() {
+        let root = nix::unistd::Uid::effective().is_root();
+        match probe(0x7000_0000) {
+            Ok(()) => assert!(root, "only root can change its uid"),
+            Err(ProbeError::Step { step, source }) => {
+                // Without privileges the first step already fails (EPERM); as root a
+                // kernel without one of the namespaces fails there too (EINVAL).
+                assert_eq!(step, STEPS[0], "{source}");
+                if !root {
+                    assert_eq!(source.raw_os_error(), Some(libc::EPERM), "{source}");
+                }
+            }
+            Err(e) => panic!("the probe did not run: {e}"),
+        }
+    }
+}
