@@ -138,7 +138,9 @@ impl Lab {
     /// [`Lab::run`], once more in a new lab machine when the first one died under the
     /// command: its own kernel panicked, it reset without a word, or it froze and the
     /// harness's heartbeat watchdog stopped it (tests/README.md, "Known limitation"). Either is a failure of the lab machine, not of the command, which never
-    /// got to report its exit status. The retry is said loudly on stderr with the console;
+    /// got to report its exit status. Likewise a command that failed while a nested guest
+    /// triple-faulted in the lab machine (the emulated CPU's: tests/README.md, The lab).
+    /// The retry is said loudly on stderr with the console or the first run's output;
     /// any other failure, and a second death, is returned.
     pub fn run_retrying_a_lab_panic<S: AsRef<OsStr>>(
         &self,
@@ -152,6 +154,19 @@ impl Lab {
                 eprintln!(
                     "{what}: the lab machine died (its own kernel panicked or it reset); \
                      running it once more in a new lab machine. Its console:\n{stderr}"
+                );
+                self.run(argv)
+            }
+            Ok(out)
+                if out.status != 0
+                    && nested_guest_triple_faulted(&out.stderr)
+                    && retries_allowed() =>
+            {
+                eprintln!(
+                    "{what}: failed while a nested guest triple-faulted in the lab machine \
+                     (the lab's emulated CPU: tests/README.md, The lab); running it once more \
+                     in a new lab machine. That run's output:\n{}\n{}",
+                    out.stdout, out.stderr
                 );
                 self.run(argv)
             }
@@ -217,6 +232,14 @@ pub fn retries_allowed() -> bool {
 /// exit status (tests/lab/run) or that machine's kernel panicked.
 fn lab_machine_died(stderr: &str) -> bool {
     stderr.contains("Kernel panic") || stderr.contains("without reporting the exit status")
+}
+
+/// Whether the lab harness saw a nested guest triple-fault (a KVM shutdown exit, traced by
+/// tests/lab/run) while the command ran.
+fn nested_guest_triple_faulted(stderr: &str) -> bool {
+    stderr
+        .lines()
+        .any(|l| l.starts_with("lab: a nested guest triple-faulted"))
 }
 
 /// Drops the harness's one-line "lab: ... running ..." notice from stderr.
@@ -394,6 +417,15 @@ mod tests {
     fn test_path_drops_the_crate_name() {
         assert_eq!(test_path("lab_kvm", "runs"), "runs");
         assert_eq!(test_path("lab_kvm::inner", "runs"), "inner::runs");
+    }
+
+    #[test]
+    fn a_nested_triple_fault_is_told_by_the_harness_line_only() {
+        let seen = "lab: /dev/kvm ...; running\nsome output\nlab: a nested guest triple-faulted (KVM shutdown exit) during the job; the last KVM events before it:\n";
+        assert!(nested_guest_triple_faulted(seen));
+        assert!(!nested_guest_triple_faulted(
+            "vmm: VM stopped reason=guest triple fault\ntest failed\n"
+        ));
     }
 
     #[test]
