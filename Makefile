@@ -8,7 +8,7 @@ ifdef CI
 export CARGO_INCREMENTAL ?= 0
 endif
 
-.PHONY: setup build lint unit image fuzz lab-test test demo bench soak
+.PHONY: setup build lint unit image fuzz lab-test test demo bench soak install uninstall deb
 
 setup:
 	@bash scripts/setup.sh
@@ -51,6 +51,19 @@ test: setup lint unit fuzz lab-test
 demo: setup image
 	@bash scripts/demo.sh
 
+
+# install on this node (PREFIX=/usr/local, SYSCONFDIR=/etc, DESTDIR= for staging): binaries,
+# guest image, /etc/carapace/configuration.toml, containerd's CRI drop-in; prints what it did
+install: setup image
+	@bash scripts/install.sh install
+
+# remove what `make install` recorded (a configuration changed since is kept)
+uninstall:
+	@bash scripts/install.sh uninstall
+
+# a Debian package of the same files: target/deb/carapace_<version>_amd64.deb
+deb: setup image
+	@bash scripts/install.sh deb
 
 # benchmarks side by side with the peers, written to bench/results/ (see bench/README.md);
 # `bash scripts/bench.sh --quick` is a short smoke run

@@ -16,6 +16,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod check;
 pub mod console;
+pub mod containerd_config;
 pub mod events;
 pub mod exec_identity;
 pub mod exitwatch;

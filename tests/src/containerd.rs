@@ -87,15 +87,6 @@ impl Containerd {
         path_prepend: Option<&Path>,
         env: &[(&str, &Path)],
     ) -> Result<Self, ContainerdError> {
-        for tool in ["containerd", "ctr"] {
-            if which(tool).is_none() {
-                return Err(ContainerdError::Missing(if tool == "ctr" {
-                    "ctr"
-                } else {
-                    "containerd"
-                }));
-            }
-        }
         fs::create_dir_all(dir).map_err(|source| ContainerdError::Io {
             what: "cannot create",
             path: dir.to_path_buf(),
@@ -107,6 +98,25 @@ impl Containerd {
             path: config.clone(),
             source,
         })?;
+        Self::start_configured(dir, path_prepend, env)
+    }
+
+    /// [`Containerd::start`] with the configuration already in `dir/config.toml` (e.g.
+    /// [`node_config`] with a drop-in imported, as `make install` leaves a node).
+    pub fn start_configured(
+        dir: &Path,
+        path_prepend: Option<&Path>,
+        env: &[(&str, &Path)],
+    ) -> Result<Self, ContainerdError> {
+        for tool in ["containerd", "ctr"] {
+            if which(tool).is_none() {
+                return Err(ContainerdError::Missing(if tool == "ctr" {
+                    "ctr"
+                } else {
+                    "containerd"
+                }));
+            }
+        }
         let cni_conf = dir.join("cni/conf");
         let conflist = cni_conf.join(CNI_CONFLIST);
         fs::create_dir_all(&cni_conf)
@@ -679,6 +689,12 @@ fn cni_conflist() -> String {
         ]
     })
     .to_string()
+}
+
+/// A node's containerd configuration keeping everything under `dir`: CRI with runc and
+/// the CNI plugins, as [`Containerd::start`] writes it with no extra runtime.
+pub fn node_config(dir: &Path) -> String {
+    config_toml(dir, &[])
 }
 
 /// containerd's configuration: everything under `dir`, CRI with runc and `runtimes`.

@@ -168,6 +168,13 @@ pub(crate) enum Cmd {
     },
     /// Print the effective configuration (TOML) and where it came from.
     Env,
+    /// Register Carapace with the node's containerd for CRI (Kubernetes): write a drop-in
+    /// holding the node's CRI section with a handler (RuntimeClass `handler`) whose pods
+    /// run in Carapace VMs built from this configuration (--config), and add it to the
+    /// main file's `imports`. containerd 1.6 replaces a whole plugin section with an
+    /// imported one, so run this again after changing containerd's CRI settings. Restart
+    /// containerd afterwards. With --remove, take both out again.
+    ContainerdConfig(ContainerdConfigArgs),
     /// Internal: the keeper of a container process (started by create and exec
     /// --detach): relays its stdio, forwards signals to it, exits with its status.
     #[command(name = "__keep", hide = true)]
@@ -182,6 +189,25 @@ pub(crate) enum Cmd {
         #[arg(long, value_name = "EXEC_ID")]
         exec: Option<String>,
     },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ContainerdConfigArgs {
+    /// containerd's main configuration file (created with `version = 2` if missing).
+    #[arg(long, value_name = "FILE", default_value = carapace_runtime::containerd_config::DEFAULT_MAIN)]
+    pub(crate) containerd_config: PathBuf,
+    /// The drop-in file to write.
+    #[arg(long, value_name = "FILE", default_value = carapace_runtime::containerd_config::DEFAULT_DROP_IN)]
+    pub(crate) drop_in: PathBuf,
+    /// The CRI handler name (a RuntimeClass's `handler`).
+    #[arg(long, default_value = "carapace")]
+    pub(crate) handler: String,
+    /// Remove the drop-in and its import instead.
+    #[arg(long)]
+    pub(crate) remove: bool,
+    /// Print what would be written; change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 
 use carapace_config::ConfigError;
 use carapace_runtime::agent::AgentError;
+use carapace_runtime::containerd_config::ContainerdConfigError;
 use carapace_runtime::events::EventsError;
 use carapace_runtime::exec_identity::IdentityError;
 use carapace_runtime::keeper::KeeperError;
@@ -113,6 +114,14 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<ChecksFailed>().is_some() {
             return code::CHECK_FAILED;
+        }
+        if let Some(e) = cause.downcast_ref::<ContainerdConfigError>() {
+            return match e {
+                ContainerdConfigError::Read { .. } | ContainerdConfigError::Render(_) => {
+                    code::FAILURE
+                }
+                _ => code::CONFIG,
+            };
         }
     }
     code::FAILURE

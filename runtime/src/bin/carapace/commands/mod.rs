@@ -3,6 +3,7 @@
 //! commands share.
 
 mod check;
+mod containerd;
 mod create;
 mod exec;
 mod info;
@@ -57,6 +58,7 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Spec { bundle, .. } => info::spec(bundle)?,
         Cmd::Check { format } => check::check(&loaded, *format)?,
         Cmd::Env => info::env(&rt, &loaded)?,
+        Cmd::ContainerdConfig(a) => containerd::containerd_config(&loaded, a)?,
         Cmd::Keep(a) => return keep::keep(g, &rt, a).await,
         Cmd::Guard { id, exec } => keep::guard(&rt, id, exec.as_deref()).await?,
     }
