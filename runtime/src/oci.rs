@@ -212,7 +212,8 @@ fn is_pod_namespace(path: &str, pod_init_pid: u32, kind: &str) -> bool {
 /// container's ipc, uts and (with a shared process namespace) pid namespaces at
 /// `/proc/<that pid>/ns/<type>`: those paths name the same namespaces inside the guest and
 /// are kept, so the pod's containers share them as on runc. Any other namespace path is a
-/// host path that means nothing in the guest and is dropped (a fresh namespace is made).
+/// host namespace the guest cannot join: the spec is refused, naming it (runc would join
+/// it; silently making a fresh one would hand the caller isolation it did not ask for).
 ///
 /// A network namespace with a path is the pod's network (CRI: the sandbox's names the CNI
 /// namespace, its containers' name the sandbox's): it becomes [`GuestSpec::netns`] and the
@@ -366,13 +367,14 @@ pub fn translate(
                 tracing::debug!(cid, kind, path, "joins the pod sandbox's namespace");
                 continue;
             }
-            o.remove("path");
-            tracing::warn!(
-                cid,
-                kind,
-                path,
-                "a namespace path from the host means nothing in the guest: a fresh namespace"
-            );
+            return Err(invalid(
+                "linux.namespaces",
+                format!(
+                    "the {kind} namespace at {path} is the host's (or another pod's): a \
+                     container in a VM cannot join it; leave out its path for a namespace of \
+                     its own, or create the container in the pod that owns it"
+                ),
+            ));
         }
     }
 
@@ -547,7 +549,7 @@ mod tests {
             json!({"cpu": {"quota": 50000, "period": 100000}, "memory": {"limit": 1048576}});
         spec["linux"]["namespaces"] = json!([
             {"type": "network", "path": "/var/run/netns/cni-1"},
-            {"type": "pid", "path": "/proc/1/ns/pid"}
+            {"type": "pid"}
         ]);
         spec["hooks"] = json!({"prestart": [{"path": "/bin/true"}]});
         let b = bundle(&spec);
@@ -652,7 +654,7 @@ mod tests {
             {"type": "uts", "path": "/proc/42/ns/uts"},
             {"type": "pid", "path": "/proc/42/ns/pid"},
             {"type": "mount"},
-            {"type": "cgroup", "path": "/proc/42/ns/cgroup"}
+            {"type": "cgroup"}
         ]);
         let b = bundle(&spec);
         let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
@@ -666,20 +668,27 @@ mod tests {
                 {"type": "cgroup"}
             ])
         );
-        // another pod's pid, a mismatched type, or no pod at all: fresh namespaces
-        spec["linux"]["namespaces"] = json!([
-            {"type": "ipc", "path": "/proc/43/ns/ipc"},
-            {"type": "uts", "path": "/proc/42/ns/ipc"}
-        ]);
-        let b = bundle(&spec);
-        let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), Some(42)).unwrap();
-        assert_eq!(
-            g.json["linux"]["namespaces"],
-            json!([{"type": "ipc"}, {"type": "uts"}])
-        );
-        let g = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), None).unwrap();
-        assert_eq!(g.json["linux"]["namespaces"][0], json!({"type": "ipc"}));
-        assert_eq!(g.netns, None);
+        // another pod's pid, a mismatched type, a namespace a pod does not share, or no
+        // pod at all: a namespace the guest cannot join, refused by name
+        for (ns, pod) in [
+            (json!({"type": "ipc", "path": "/proc/43/ns/ipc"}), Some(42)),
+            (json!({"type": "uts", "path": "/proc/42/ns/ipc"}), Some(42)),
+            (
+                json!({"type": "cgroup", "path": "/proc/42/ns/cgroup"}),
+                Some(42),
+            ),
+            (json!({"type": "ipc", "path": "/proc/42/ns/ipc"}), None),
+        ] {
+            spec["linux"]["namespaces"] = json!([ns.clone()]);
+            let b = bundle(&spec);
+            let e = tr(b.path(), "c", Path::new(GUEST_SHARED_DIR), pod).unwrap_err();
+            let msg = e.to_string() + &format!("{e:?}");
+            assert!(
+                matches!(&e, SpecError::Invalid { field, .. } if field == "linux.namespaces")
+                    && msg.contains(ns["path"].as_str().unwrap()),
+                "{ns}: {msg}"
+            );
+        }
     }
 
     #[test]
