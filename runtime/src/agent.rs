@@ -46,12 +46,29 @@ pub enum AgentError {
         target: String,
         /// Cause.
         #[source]
-        source: ttrpc::Error,
+        source: RpcFailure,
     },
     /// A fake agent's injected failure (tests).
     #[error("{0}")]
     Other(String),
 }
+
+/// Why an agent request failed, as ttrpc reported it. A status the agent sent back reads
+/// as its code and message (`INVALID_ARGUMENT: ...`), not as ttrpc's debug dump of the
+/// status message.
+#[derive(Debug)]
+pub struct RpcFailure(pub ttrpc::Error);
+
+impl std::fmt::Display for RpcFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            ttrpc::Error::RpcStatus(s) => write!(f, "{:?}: {}", s.code(), s.message()),
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
+impl std::error::Error for RpcFailure {}
 
 impl AgentError {
     /// Whether the agent gave no verdict at all: unreachable, the connection broken, or the
@@ -60,7 +77,7 @@ impl AgentError {
         !matches!(
             self,
             AgentError::Rpc {
-                source: ttrpc::Error::RpcStatus(_),
+                source: RpcFailure(ttrpc::Error::RpcStatus(_)),
                 ..
             }
         )
@@ -71,7 +88,7 @@ impl AgentError {
     pub fn is_wrong_state(&self) -> bool {
         matches!(
             self,
-            AgentError::Rpc { source: ttrpc::Error::RpcStatus(s), .. }
+            AgentError::Rpc { source: RpcFailure(ttrpc::Error::RpcStatus(s)), .. }
                 if s.code() == ttrpc::Code::FAILED_PRECONDITION
         )
     }
@@ -261,7 +278,7 @@ impl TtrpcAgent {
         move |source| AgentError::Rpc {
             method,
             target,
-            source,
+            source: RpcFailure(source),
         }
     }
 }
@@ -623,6 +640,27 @@ impl AgentApi for TtrpcAgent {
 mod tests {
     use super::*;
     use crate::network::{PlannedInterface, PlannedNeighbor, PlannedRoute};
+
+    #[test]
+    fn an_agent_status_reads_as_its_code_and_message() {
+        let e = AgentError::Rpc {
+            method: "CreateContainer",
+            target: "c1".into(),
+            source: RpcFailure(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                "process.args[0] \"nope\" not found in the rootfs",
+            ))),
+        };
+        let text = carapace_errors::chain(&e);
+        assert_eq!(
+            text,
+            "agent request CreateContainer for c1 failed: INVALID_ARGUMENT: process.args[0] \"nope\" not found in the rootfs"
+        );
+        assert!(!text.contains("special_fields") && !text.contains("Status {"));
+        assert!(!e.is_unanswered());
+        let broken = RpcFailure(ttrpc::Error::RemoteClosed);
+        assert!(!broken.to_string().is_empty());
+    }
 
     #[test]
     fn a_network_plan_becomes_the_agents_request_field_by_field() {

@@ -173,9 +173,11 @@ impl AgentApi for FakeAgent {
             return Err(AgentError::Rpc {
                 method: "SignalProcess",
                 target: key(cid, exec_id),
-                source: ttrpc::Error::RpcStatus(ttrpc::get_status(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    "is stopped, signal needs a live process",
+                source: carapace_runtime::agent::RpcFailure(ttrpc::Error::RpcStatus(
+                    ttrpc::get_status(
+                        ttrpc::Code::FAILED_PRECONDITION,
+                        "is stopped, signal needs a live process",
+                    ),
                 )),
             });
         }
