@@ -24,6 +24,8 @@ PACKAGES=(
   containernetworking-plugins iptables iperf3
   # gVisor, the benchmarks' second peer (runsc driven by containerd's runc shim)
   runsc
+  # podman, a real caller of the runc-compatible CLI (tests/tests/clients_kvm.rs)
+  podman
 )
 
 SUDO=""

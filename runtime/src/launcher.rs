@@ -87,8 +87,24 @@ impl BinaryLauncher {
     pub fn vmm_command(&self, req: &VmRequest) -> Command {
         let mut cmd = Command::new(&self.config.hypervisor.path);
         cmd.arg("--config").arg(&req.description);
-        cmd.env("RUST_LOG", self.config.debug.log_level.as_str());
+        cmd.env(
+            "RUST_LOG",
+            vmm_log_filter(self.config.debug.log_level.as_str()),
+        );
         cmd
+    }
+}
+
+/// The environment variable whose `tracing` directives are added to the VMM's log level
+/// (e.g. `carapace_vmm::discard=debug`: every guest memory range the VMM gives back),
+/// for looking into one subsystem without the whole VMM at debug level.
+pub const VMM_LOG_ENV: &str = "CARAPACE_VMM_LOG";
+
+/// The VMM's `RUST_LOG`: the configured level, then [`VMM_LOG_ENV`]'s directives if set.
+fn vmm_log_filter(level: &str) -> String {
+    match std::env::var(VMM_LOG_ENV) {
+        Ok(extra) if !extra.trim().is_empty() => format!("{level},{}", extra.trim()),
+        _ => level.to_owned(),
     }
 }
 

@@ -431,7 +431,7 @@ impl Tasks {
                         KILLED_STATUS
                     } else {
                         tracing::warn!(process = %proc_name(&id, &exec_id), error = %carapace_errors::Chain(&e), "lost the process; reporting it exited");
-                        me.tell_why_the_vm_ended(&id, &exec_id);
+                        me.tell_why_the_connection_ended(&id, &exec_id).await;
                         LOST_EXIT_STATUS
                     }
                 }

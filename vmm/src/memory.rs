@@ -158,6 +158,14 @@ pub fn discard_in_region(
     if len == 0 {
         return Ok(());
     }
+    // Every range given back, for matching against a guest fault (off by default:
+    // RUST_LOG=carapace_vmm::discard=debug).
+    tracing::debug!(
+        target: "carapace_vmm::discard",
+        gpa = format_args!("{:#x}", region.start_addr().raw_value().saturating_add(offset)),
+        len,
+        "guest memory range discarded"
+    );
     if let Some(fo) = region.file_offset() {
         let start = fo.start().checked_add(offset).ok_or_else(out)?;
         rustix::fs::fallocate(

@@ -8,6 +8,9 @@ use carapace_runtime::sandbox::Helper;
 
 use super::{Event, LOST_EXIT_STATUS, ProcState, Tasks};
 
+/// How long a lost agent connection waits for the VMM's exit before the post mortem.
+const VMM_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Tasks {
     /// Forwards the OOM kills the agent of a new VM reports, for as long as it answers
     /// (the call fails once the VM is gone).
@@ -109,13 +112,31 @@ impl Tasks {
     /// the guest console) when the init of the container that owns the VM is lost with
     /// it: once per VM, before `delete` removes those files.
     pub(super) fn tell_why_the_vm_ended(&self, id: &str, exec_id: &str) {
-        let owns_vm =
-            exec_id.is_empty() && self.table().get(id).is_some_and(|c| c.role.vm_id(id) == id);
-        if !owns_vm {
+        if !self.owns_vm(id, exec_id) {
             return;
         }
         if let Some(text) = self.backend.vm_post_mortem(id) {
             tracing::warn!(id, "the VM of {id} ended on its own: {text}");
         }
+    }
+
+    /// [`Self::tell_why_the_vm_ended`] for a process whose agent connection broke. A VMM
+    /// that is ending closes its descriptors (the agent's connection reads end of file)
+    /// before the kernel marks the process exited, so the post mortem first waits for the
+    /// VMM's exit itself, for at most [`VMM_EXIT_GRACE`]; a connection lost while the VMM
+    /// lives on is not a VM that ended, and nothing is logged.
+    pub(super) async fn tell_why_the_connection_ended(&self, id: &str, exec_id: &str) {
+        if !self.owns_vm(id, exec_id) {
+            return;
+        }
+        let exited = self.backend.helper_exited(id, Helper::Vmm);
+        if tokio::time::timeout(VMM_EXIT_GRACE, exited).await.is_err() {
+            tracing::debug!(id, "the agent's connection ended but the VMM still runs");
+        }
+        self.tell_why_the_vm_ended(id, exec_id);
+    }
+
+    fn owns_vm(&self, id: &str, exec_id: &str) -> bool {
+        exec_id.is_empty() && self.table().get(id).is_some_and(|c| c.role.vm_id(id) == id)
     }
 }
