@@ -20,7 +20,7 @@ use carapace_tests::{fixtures, kvm_test, workspace_bin};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use runtime_common::{Env, env, env_vm};
+use runtime_common::{Env, env, env_vm, receive_terminal};
 use serde_json::Value;
 
 /// How long a container process may take to end once it should (VM boots are not
@@ -364,27 +364,6 @@ fn pause_and_resume(env: &Env) {
     assert!(env.run(&["delete", "--force", "x4"]).status.success());
     reap_exited();
     env.assert_clean();
-}
-
-/// Receives the terminal master a console socket gets (runc's protocol).
-fn receive_terminal(listener: std::os::unix::net::UnixListener) -> std::fs::File {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let (s, _) = listener.accept().unwrap();
-    let mut buf = [0u8; 256];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
-    let fd = msg
-        .cmsgs()
-        .unwrap()
-        .find_map(|c| match c {
-            ControlMessageOwned::ScmRights(f) => f.first().copied(),
-            _ => None,
-        })
-        .expect("SCM_RIGHTS with the terminal");
-    // SAFETY: the fd was just received through SCM_RIGHTS; this process owns it alone.
-    unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
 /// `exec --detach --tty --console-socket`: the caller gets the terminal's master (as

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use carapace_tests::{fixtures, workspace_bin};
-use runtime_common::{env, env_with, script, stderr, stdout};
+use runtime_common::{env, env_with, receive_terminal, script, stderr, stdout};
 use serde_json::{Value, json};
 
 #[test]
@@ -340,27 +340,6 @@ fn features_spec_check_and_env() {
     let all_ok = checks.as_array().unwrap().iter().all(|c| c["ok"] == true);
     assert_eq!(c.status.success(), all_ok);
     assert!(Path::new(&env.root).read_dir().is_err());
-}
-
-/// Receives the terminal master fd a runtime sends to a console socket.
-fn receive_terminal(listener: std::os::unix::net::UnixListener) -> std::fs::File {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let (s, _) = listener.accept().unwrap();
-    let mut buf = [0u8; 256];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
-    let fd = msg
-        .cmsgs()
-        .unwrap()
-        .find_map(|c| match c {
-            ControlMessageOwned::ScmRights(f) => f.first().copied(),
-            _ => None,
-        })
-        .expect("SCM_RIGHTS with the terminal");
-    // SAFETY: the fd was just received through SCM_RIGHTS; this process owns it alone.
-    unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
 /// Sets the window size of terminal `t` (TIOCSWINSZ on the master).

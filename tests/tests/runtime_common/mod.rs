@@ -1,6 +1,7 @@
 //! Shared helpers of the `carapace` CLI end-to-end tests (runtime_host_agent.rs,
-//! runtime_kvm.rs): a private state root and configuration per test, the CLI runner, and
-//! the leftover census (processes, mounts, state entries, sockets).
+//! runtime_kvm.rs, cli_callers.rs): a private state root and configuration per test, the
+//! CLI runner, the leftover census (processes, mounts, state entries, sockets), and the
+//! console-socket receiver.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -208,4 +209,25 @@ pub fn script(env: &Env, name: &str, body: &str) -> PathBuf {
     std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
+}
+
+/// Receives the terminal master a console socket gets (runc's protocol).
+pub fn receive_terminal(listener: std::os::unix::net::UnixListener) -> std::fs::File {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (s, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+    let fd = msg
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmRights(f) => f.first().copied(),
+            _ => None,
+        })
+        .expect("SCM_RIGHTS with the terminal");
+    // SAFETY: the fd was just received through SCM_RIGHTS; this process owns it alone.
+    unsafe { std::fs::File::from_raw_fd(fd) }
 }
