@@ -114,31 +114,36 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Writes `text` to `path` atomically (a temporary file beside it, then a rename) unless the
-/// file already holds exactly that; creates the parent directory. Returns whether it wrote.
+/// file already holds exactly that; creates the parent directory and keeps the mode of the
+/// file it replaces. Returns whether it wrote; a failed write leaves no temporary file.
 fn write_if_changed(path: &Path, text: &str) -> anyhow::Result<bool> {
-    if fs::read_to_string(path).is_ok_and(|old| old == text) {
+    let old = fs::metadata(path).ok();
+    if old.is_some() && fs::read_to_string(path).is_ok_and(|o| o == text) {
         return Ok(false);
     }
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent directory", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile_in(dir, path)?;
-    tmp.1
-        .write_all(text.as_bytes())
-        .and_then(|()| tmp.1.sync_all())
-        .with_context(|| format!("writing {}", tmp.0.display()))?;
-    fs::rename(&tmp.0, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(true)
-}
-
-fn tempfile_in(dir: &Path, path: &Path) -> anyhow::Result<(PathBuf, fs::File)> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.carapace-{}", std::process::id()));
-    let file = fs::OpenOptions::new()
+    let written = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    Ok((tmp, file))
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            if let Some(m) = &old {
+                f.set_permissions(m.permissions())?;
+            }
+            f.sync_all()
+        })
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map(|()| true)
 }
