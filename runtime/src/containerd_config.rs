@@ -131,9 +131,9 @@ pub struct Handler<'a> {
 /// main configuration file is `main` (which may not exist yet).
 pub fn plan(main: &Path, drop_in: &Path, handler: &Handler) -> Result<Plan, ContainerdConfigError> {
     check_args(main, drop_in, handler)?;
-    let (mut doc, main_created) = match fs::read_to_string(main) {
-        Ok(text) => (parse(main, &text)?, false),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => (parse(main, "version = 2\n")?, true),
+    let (main_text, main_created) = match fs::read_to_string(main) {
+        Ok(text) => (text, false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => ("version = 2\n".to_owned(), true),
         Err(source) => {
             return Err(ContainerdConfigError::Read {
                 path: main.to_path_buf(),
@@ -141,12 +141,13 @@ pub fn plan(main: &Path, drop_in: &Path, handler: &Handler) -> Result<Plan, Cont
             });
         }
     };
+    let mut doc = parse(main, &main_text)?;
     check_version(main, &doc)?;
     let patterns = imports(main, &doc)?;
     // The effective CRI section: the main file's, replaced by each import's in order.
     let mut cri: Option<toml::Table> = None;
     let mut sources = Vec::new();
-    if let Some(t) = cri_section(main, &doc.to_string())? {
+    if let Some(t) = cri_section(main, &main_text)? {
         cri = Some(t);
         sources.push(main.to_path_buf());
     }
