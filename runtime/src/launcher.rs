@@ -87,9 +87,10 @@ impl BinaryLauncher {
     pub fn vmm_command(&self, req: &VmRequest) -> Command {
         let mut cmd = Command::new(&self.config.hypervisor.path);
         cmd.arg("--config").arg(&req.description);
+        let extra = std::env::var(VMM_LOG_ENV).ok();
         cmd.env(
             "RUST_LOG",
-            vmm_log_filter(self.config.debug.log_level.as_str()),
+            vmm_log_filter(self.config.debug.log_level.as_str(), extra.as_deref()),
         );
         cmd
     }
@@ -100,10 +101,11 @@ impl BinaryLauncher {
 /// for looking into one subsystem without the whole VMM at debug level.
 pub const VMM_LOG_ENV: &str = "CARAPACE_VMM_LOG";
 
-/// The VMM's `RUST_LOG`: the configured level, then [`VMM_LOG_ENV`]'s directives if set.
-fn vmm_log_filter(level: &str) -> String {
-    match std::env::var(VMM_LOG_ENV) {
-        Ok(extra) if !extra.trim().is_empty() => format!("{level},{}", extra.trim()),
+/// The VMM's `RUST_LOG`: the configured level, then the directives of [`VMM_LOG_ENV`]
+/// (`extra`) if set.
+fn vmm_log_filter(level: &str, extra: Option<&str>) -> String {
+    match extra.map(str::trim) {
+        Some(extra) if !extra.is_empty() => format!("{level},{extra}"),
         _ => level.to_owned(),
     }
 }
@@ -342,6 +344,16 @@ pub fn is_executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vmm_log_filter_adds_the_extra_directives_to_the_level() {
+        assert_eq!(vmm_log_filter("info", None), "info");
+        assert_eq!(vmm_log_filter("warn", Some("  ")), "warn");
+        assert_eq!(
+            vmm_log_filter("info", Some(" carapace_vmm::discard=debug ")),
+            "info,carapace_vmm::discard=debug"
+        );
+    }
 
     #[test]
     fn fs_command_has_the_shared_flags() {
