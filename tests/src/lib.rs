@@ -15,6 +15,7 @@ pub mod hostile;
 pub mod jail;
 pub mod lab;
 pub mod net;
+pub mod terminal;
 
 use std::path::PathBuf;
 

@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use carapace_tests::containerd::{carapace_config, sandbox_logs};
+use carapace_tests::terminal::run_in_a_terminal;
 use carapace_tests::{fixtures, kvm_test, workspace_bin};
 
 const IMAGE: &str = "localhost/carapace/busybox:latest";
@@ -41,19 +42,10 @@ impl Podman {
         c
     }
 
-    /// `args` with a terminal as podman's stdin and stdout (`script` gives it a pty), as
-    /// `podman run -it` from a shell.
+    /// `args` with a terminal as podman's stdin, stdout, stderr and controlling terminal,
+    /// as `podman run -it` from a shell.
     fn run_in_a_terminal(&self, args: &[&str]) -> Output {
-        let cmd = self.command(args);
-        let line: Vec<String> = std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''")))
-            .collect();
-        Command::new("script")
-            .args(["-qec", &line.join(" "), "/dev/null"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run script")
+        run_in_a_terminal(&self.command(args)).expect("run podman on a terminal")
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -167,8 +159,9 @@ kvm_test! {
         let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
         assert!(
             text.lines().any(|l| l.contains("/dev/pts/")) && text.contains("tty-ok"),
-            "podman run -it: {text:?} {}",
-            String::from_utf8_lossy(&out.stderr)
+            "podman run -it ({}): {text:?}\n{}",
+            out.status,
+            sandbox_logs(&podman.state)
         );
         assert_eq!(out.status.code(), Some(4), "{text:?}");
 

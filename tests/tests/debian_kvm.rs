@@ -10,26 +10,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use carapace_tests::containerd::{
-    CARAPACE_RUNTIME as RUNTIME, Containerd, carapace_config, sandbox_logs, with_carapace,
+    CARAPACE_RUNTIME as RUNTIME, carapace_config, sandbox_logs, with_carapace,
 };
 use carapace_tests::fixtures::{debian_rootfs_tar, oci_image_archive_from_layer};
 use carapace_tests::lab::{Lab, in_kvm};
+use carapace_tests::terminal::run_in_a_terminal;
 use carapace_tests::workspace_bin;
 
 const GUEST_DIR: &str = "/var/lib/carapace/guest";
 const DEBIAN_IMAGE: &str = "docker.io/carapace/debian:bookworm";
-
-/// `ctr` with its arguments as one shell-quoted command line (for `script -c`).
-fn ctr_line(ctrd: &Containerd, args: &[&str]) -> String {
-    let c = ctrd.ctr_command();
-    std::iter::once(c.get_program())
-        .chain(c.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .chain(args.iter().map(|a| (*a).to_owned()))
-        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 #[test]
 fn a_debian_image_runs_in_a_microvm_and_execs_with_and_without_a_tty() {
@@ -133,25 +122,20 @@ fn body(layer_tar: &Path) {
         "tty || true",
     ]);
     assert_eq!(out.trim(), "not a tty", "{out}");
-    // ctr -t needs a terminal of its own: `script` gives it a pty
-    let line = ctr_line(
-        &ctrd,
-        &[
-            "task",
-            "exec",
-            "-t",
-            "--exec-id",
-            "tty",
-            "deb2",
-            "bash",
-            "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo has-a-tty; t=$(tty) && [ -c \"$t\" ] && echo \"tty=$t\"; stty size",
-        ],
-    );
-    let out = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .output()
-        .expect("script");
+    // ctr -t needs a terminal of its own
+    let mut exec = ctrd.ctr_command();
+    exec.args([
+        "task",
+        "exec",
+        "-t",
+        "--exec-id",
+        "tty",
+        "deb2",
+        "bash",
+        "-c",
+        "[ -t 0 ] && [ -t 1 ] && echo has-a-tty; t=$(tty) && [ -c \"$t\" ] && echo \"tty=$t\"; stty size",
+    ]);
+    let out = run_in_a_terminal(&exec).expect("ctr task exec -t on a terminal");
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     assert!(
         out.status.success(),
