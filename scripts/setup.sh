@@ -16,16 +16,17 @@ PACKAGES=(
   protobuf-compiler
   # container peers and tooling for end-to-end tests and benchmarks (pgrep: procps)
   containerd runc iproute2 e2fsprogs procps
-  # the Debian-root test image (tests: fixtures::debian_rootfs) and pty-backed ctr -t (script)
-  debootstrap bsdutils
+  # the Debian-root test image (tests: fixtures::debian_rootfs) and setsid (util-linux)
+  debootstrap util-linux
   # pod networking: CNI plugins for the tests' and benchmarks' containerd (bridge,
   # host-local, loopback, portmap in /usr/lib/cni; portmap and ipMasq drive iptables),
   # iperf3 for the throughput rows
   containernetworking-plugins iptables iperf3
   # gVisor, the benchmarks' second peer (runsc driven by containerd's runc shim)
   runsc
-  # podman, a real caller of the runc-compatible CLI (tests/tests/clients_kvm.rs)
-  podman
+  # podman and docker, real callers of the runc-compatible CLI (tests/tests/clients_kvm.rs;
+  # the test starts a dockerd of its own)
+  podman docker.io
 )
 
 SUDO=""

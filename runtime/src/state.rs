@@ -1,5 +1,11 @@
 //! Persisted sandbox state: `<root>/<id>/state.json`.
 //!
+//! The state directory also holds the sandbox's sockets, and a socket's path must fit a
+//! socket address (107 bytes). Runc's callers name the root (docker: `--root
+//! /var/run/docker/runtime-runc/moby`) and use 64-character ids, which do not fit: a
+//! sandbox whose `<root>/<id>` is too long lives in `<root>/~<hash of the id>` instead (the
+//! id also written to `.id` in it), found from the id by the same computation.
+//!
 //! Every CLI call is a new process, and a restarted shim must take over a sandbox it did
 //! not start, so everything needed to find and control a sandbox lives in this file: the
 //! pids of the helper processes together with their start times (a pid alone could have
@@ -23,6 +29,17 @@ pub const STATE_FILE: &str = "state.json";
 pub const OCI_VERSION: &str = "1.2.0";
 /// Longest accepted sandbox / container id.
 pub const MAX_ID_LEN: usize = 128;
+/// The longest path of a socket inside a sandbox's state directory, relative to it
+/// (`jail/vsock.sock`; `sandbox::SandboxPaths` checks its sockets against it).
+pub const LONGEST_SOCKET: usize = 15;
+/// The longest socket path the kernel takes (`sun_path` holds 108 bytes with its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+/// First character of a hashed state directory's name (never in an id).
+const HASHED: char = '~';
+/// Hex digits of the id's SHA-256 in a hashed directory's name (128 bits).
+const HASH_DIGITS: usize = 32;
+/// The file naming the id in a hashed state directory.
+const ID_FILE: &str = ".id";
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +70,17 @@ pub enum StateError {
         id: String,
         /// The state file looked for.
         path: PathBuf,
+    },
+    /// Not even a hashed state directory under the root fits the sandbox's sockets.
+    #[error(
+        "the state root {root} is too long: a sandbox's sockets under it would not fit a \
+         socket address ({max} bytes); choose a shorter --root or runtime.state_dir"
+    )]
+    RootTooLong {
+        /// The root.
+        root: PathBuf,
+        /// The longest socket path.
+        max: usize,
     },
     /// Reading or writing state failed.
     #[error("{op} {path}")]
@@ -308,6 +336,19 @@ pub fn validate_id(id: &str) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The name of `id`'s hashed state directory.
+fn hashed_name(id: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+    format!("{HASHED}{}", &digest[..HASH_DIGITS])
+}
+
+fn is_hashed(dir: &Path) -> bool {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(HASHED))
+}
+
 /// The directory holding every sandbox's state directory.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -325,10 +366,23 @@ impl StateStore {
         &self.root
     }
 
-    /// The state directory of `id` (not checked for existence).
+    /// The state directory of `id` (not checked for existence): `<root>/<id>`, or
+    /// `<root>/~<hash>` where that would not leave room for the sandbox's sockets.
     pub fn dir(&self, id: &str) -> Result<PathBuf, StateError> {
         validate_id(id)?;
-        Ok(self.root.join(id))
+        let fits = |dir: &Path| dir.as_os_str().len() + 1 + LONGEST_SOCKET <= SOCKET_PATH_MAX;
+        let plain = self.root.join(id);
+        if fits(&plain) {
+            return Ok(plain);
+        }
+        let hashed = self.root.join(hashed_name(id));
+        if fits(&hashed) {
+            return Ok(hashed);
+        }
+        Err(StateError::RootTooLong {
+            root: self.root.clone(),
+            max: SOCKET_PATH_MAX,
+        })
     }
 
     /// Creates the state directory of a new sandbox; fails if it exists.
@@ -344,6 +398,15 @@ impl StateStore {
                 source,
             })?;
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) if is_hashed(&dir) => {
+                let path = dir.join(ID_FILE);
+                fs::write(&path, id).map_err(|source| StateError::Io {
+                    op: "writing",
+                    path,
+                    source,
+                })?;
+                Ok(dir)
+            }
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StateError::Exists {
                 id: id.to_owned(),
@@ -425,11 +488,20 @@ impl StateStore {
                 path: self.root.clone(),
                 source,
             })?;
-            if let Some(name) = entry.file_name().to_str()
-                && validate_id(name).is_ok()
-                && entry.file_type().is_ok_and(|t| t.is_dir())
-            {
-                ids.push(name.to_owned());
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if validate_id(&name).is_ok() {
+                ids.push(name);
+            } else if name.starts_with(HASHED) {
+                // the id it holds, if that id's directory is this one
+                let id = fs::read_to_string(entry.path().join(ID_FILE)).unwrap_or_default();
+                if self.dir(&id).is_ok_and(|d| d == entry.path()) {
+                    ids.push(id);
+                }
             }
         }
         ids.sort();
@@ -608,6 +680,48 @@ mod tests {
             let err = validate_id(bad).expect_err(bad);
             assert!(err.to_string().contains("invalid container id"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_long_root_and_id_get_a_hashed_directory_that_fits_the_sockets() {
+        let tmp = tempfile::tempdir().unwrap();
+        // docker's root for its runc-style runtimes, under the temporary directory
+        let root = tmp.path().join("var/run/docker/runtime-runc/moby");
+        let store = StateStore::new(&root);
+        let id = "7003e27d1bbdb0dcb63f651381e85e046e8765f92293f453ed9ab13629662a23";
+        let short = "c1";
+        let dir = store.create_dir(id).unwrap();
+        assert_eq!(dir.parent(), Some(root.as_path()));
+        let name = dir.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(
+            name.starts_with(HASHED) && name.len() == 1 + HASH_DIGITS,
+            "{name}"
+        );
+        assert!(dir.as_os_str().len() + 1 + LONGEST_SOCKET <= SOCKET_PATH_MAX);
+        // the same id finds the same directory; a short id keeps its plain one
+        assert_eq!(store.dir(id).unwrap(), dir);
+        assert_eq!(store.create_dir(short).unwrap(), root.join(short));
+        let st = SandboxState::new(id, Path::new("/b"), BTreeMap::new());
+        store.save(&st).unwrap();
+        assert_eq!(store.load(id).unwrap().id, id);
+        assert_eq!(store.ids().unwrap(), vec![id.to_owned(), short.to_owned()]);
+        // a hashed-looking directory that is not its id's is no sandbox
+        fs::create_dir(root.join(format!("{HASHED}{}", "0".repeat(HASH_DIGITS)))).unwrap();
+        fs::write(
+            root.join(format!("{HASHED}{}", "0".repeat(HASH_DIGITS)))
+                .join(ID_FILE),
+            short,
+        )
+        .unwrap();
+        assert_eq!(store.ids().unwrap().len(), 2);
+        store.remove(id).unwrap();
+        assert_eq!(store.ids().unwrap(), vec![short.to_owned()]);
+
+        // a root too long for even a hashed directory: a clear error naming it
+        let long = StateStore::new(tmp.path().join("r".repeat(80)));
+        let err = long.create_dir(id).unwrap_err();
+        assert!(matches!(err, StateError::RootTooLong { .. }), "{err}");
+        assert!(err.to_string().contains("--root"), "{err}");
     }
 
     #[test]

@@ -1297,3 +1297,16 @@ fn a_sandbox_too_large_to_boot_is_refused_before_anything_exists() {
 }
 
 mod jail;
+
+#[test]
+fn the_state_store_leaves_room_for_every_socket_of_a_sandbox() {
+    let p = SandboxPaths::new(Path::new(""));
+    for sock in [&p.vsock, &p.api, &p.fsd_socket] {
+        assert!(
+            sock.as_os_str().len() <= crate::state::LONGEST_SOCKET,
+            "{} is longer than state::LONGEST_SOCKET",
+            sock.display()
+        );
+    }
+    assert_eq!(p.vsock.as_os_str().len(), crate::state::LONGEST_SOCKET);
+}

@@ -39,6 +39,7 @@ fn state_exit_code(e: &StateError) -> u8 {
     match e {
         StateError::NotFound { .. } => code::NOT_FOUND,
         StateError::Exists { .. } | StateError::InvalidId { .. } => code::CONFLICT,
+        StateError::RootTooLong { .. } => code::CONFIG,
         StateError::Io { .. } | StateError::Corrupt { .. } => code::FAILURE,
     }
 }
