@@ -414,6 +414,17 @@ fn prepare_exec(p: &Process) -> Result<(CString, Vec<CString>, Vec<CString>), In
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     let prog = &args[0];
     let resolved = if prog.contains('/') {
+        // checked here, before the container is reported created, as a name found in PATH
+        // is: a create that cannot start its process fails, not the start
+        let md = std::fs::metadata(prog)
+            .map_err(|e| InitError::Config(format!("executable {prog:?}: {e}")))?;
+        let runnable = md.is_file()
+            && nix::unistd::access(prog.as_str(), nix::unistd::AccessFlags::X_OK).is_ok();
+        if !runnable {
+            return Err(InitError::Config(format!(
+                "executable {prog:?} is not a file this user may execute"
+            )));
+        }
         PathBuf::from(prog)
     } else {
         path_var
@@ -470,6 +481,9 @@ fn parse_options(opts: &[String]) -> (MsFlags, MsFlags, bool, Vec<String>) {
             "relatime" => flags |= MsFlags::MS_RELATIME,
             "norelatime" => flags &= !MsFlags::MS_RELATIME,
             "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "nostrictatime" => flags &= !MsFlags::MS_STRICTATIME,
+            // the kernel's defaults: rw, suid, dev, exec, async
+            "defaults" => {}
             "bind" => flags |= MsFlags::MS_BIND,
             "rbind" => {
                 flags |= MsFlags::MS_BIND;
@@ -720,6 +734,18 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
     nix::unistd::chdir("/").ctx(|| "chdir /".into())?;
     let linux = spec.linux().as_ref();
+    // The root's propagation, as asked (it was made private above, with everything else)
+    if let Some(p) = linux.and_then(|l| l.rootfs_propagation().as_ref()) {
+        let (flags, prop, _, data) = parse_options(std::slice::from_ref(p));
+        if prop.is_empty() || !flags.is_empty() || !data.is_empty() {
+            return Err(InitError::Config(format!(
+                "linux.rootfsPropagation {p:?} is not a propagation (shared, slave, private, \
+                 unbindable, or their r-prefixed forms)"
+            )));
+        }
+        mount(None::<&str>, "/", None::<&str>, prop, None::<&str>)
+            .ctx(|| format!("applying linux.rootfsPropagation {p:?}"))?;
+    }
     // Sysctls before the masked and read-only paths: /proc/sys is usually read-only.
     for (k, v) in linux
         .and_then(|l| l.sysctl().as_ref())
@@ -809,3 +835,24 @@ fn setup_rootfs(spec: &Spec) -> Result<(), InitError> {
 
 /// Re-export so the agent can refer to the pid type without nix.
 pub type ChildPid = Pid;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mount_option_the_runtime_advertises_is_applied_not_passed_as_data() {
+        for o in carapace_protocol::MOUNT_OPTIONS {
+            let (_, _, _, data) = parse_options(&[(*o).to_owned()]);
+            assert!(data.is_empty(), "{o} would reach the filesystem as data");
+        }
+        let opts =
+            |o: &[&str]| parse_options(&o.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        let (flags, ..) = opts(&["strictatime", "nostrictatime", "defaults"]);
+        assert!(flags.is_empty());
+        let (_, prop, recursive, data) = opts(&["rbind", "rslave", "size=1m"]);
+        assert_eq!(prop, MsFlags::MS_SLAVE | MsFlags::MS_REC);
+        assert!(recursive);
+        assert_eq!(data, ["size=1m"]);
+    }
+}

@@ -6,39 +6,7 @@ use serde_json::{Value, json};
 use crate::state::OCI_VERSION;
 
 /// Mount options passed through to mount(2) in the guest.
-const MOUNT_OPTIONS: &[&str] = &[
-    "async",
-    "atime",
-    "bind",
-    "defaults",
-    "dev",
-    "diratime",
-    "dirsync",
-    "exec",
-    "mand",
-    "noatime",
-    "nodev",
-    "nodiratime",
-    "noexec",
-    "nomand",
-    "norelatime",
-    "nostrictatime",
-    "nosuid",
-    "private",
-    "rbind",
-    "relatime",
-    "remount",
-    "ro",
-    "rprivate",
-    "rshared",
-    "rslave",
-    "rw",
-    "shared",
-    "slave",
-    "strictatime",
-    "suid",
-    "sync",
-];
+use carapace_protocol::MOUNT_OPTIONS;
 
 /// Namespaces the agent creates for each container in the guest (the network is the VM's,
 /// shared by the sandbox's containers).

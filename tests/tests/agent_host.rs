@@ -587,15 +587,24 @@ async fn bad_input_gets_typed_errors_and_the_agent_survives() {
     start(&a, "climb").await;
     assert_eq!(read_all(&a, "climb", "", false).await, b"inside\n");
     assert!(!outside.exists());
-    // A missing executable fails at start with the reason.
-    let s = spec(a.dir.path(), &["/no/such/binary"]);
-    create(&a, "noexe", &s).await.unwrap();
-    let e = a
-        .client
-        .start_container(ctx(), &creq("noexe"))
-        .await
-        .unwrap_err();
-    assert!(msg(&e).contains("/no/such/binary"), "{}", msg(&e));
+    // A missing executable fails at create with the reason, named by path as by name,
+    // and so does a file that is not executable; the id stays free.
+    for (id, prog) in [
+        ("noexe", "/no/such/binary"),
+        ("noname", "no-such-binary"),
+        ("notx", "/etc/passwd"),
+    ] {
+        let mut s = spec(a.dir.path(), &[prog]);
+        if prog == "/etc/passwd" {
+            let root = PathBuf::from(s["root"]["path"].as_str().unwrap());
+            std::fs::create_dir_all(root.join("etc")).unwrap();
+            std::fs::write(root.join("etc/passwd"), "root:x:0:0::/:/bin/sh\n").unwrap();
+        }
+        let e = create(&a, id, &s).await.unwrap_err();
+        assert!(msg(&e).contains(prog), "{id}: {}", msg(&e));
+        s["process"]["args"] = json!(["true"]);
+        create(&a, id, &s).await.expect("the id is free again");
+    }
     // A bad seccomp profile is refused at create.
     let mut s = spec(a.dir.path(), &["true"]);
     s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_NOTIFY"});
@@ -1391,4 +1400,53 @@ async fn terminal_without_a_devpts_mount_is_a_clear_error() {
     );
     let (out, _, w) = run(&a, "after", &["echo", "still-serving"]).await;
     assert_eq!((out.as_str(), w.exit_status), ("still-serving\n", 0));
+}
+
+#[tokio::test]
+async fn mounts_given_as_a_plain_oci_runtime_gets_them() {
+    let a = start_agent(&[]).await;
+    let data = a.dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("marker"), "bound\n").unwrap();
+    let mut s = spec(
+        a.dir.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /data/marker; \
+             grep ' /data ' /proc/self/mountinfo | grep -q shared: && echo data-shared; \
+             grep ' /slave ' /proc/self/mountinfo | grep -q master: && echo slave-is-slave; \
+             grep -E '^[0-9]+ [0-9]+ [0-9:]+ [^ ]+ / ' /proc/self/mountinfo | grep -q shared: \
+               && echo root-shared",
+        ],
+    );
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    // a bind given only by its options (no type), with a propagation flag
+    mounts.push(
+        json!({"destination": "/data", "source": data, "options": ["rbind", "rw", "rshared"]}),
+    );
+    // a bind of that shared mount (inside the rootfs by then) made its slave
+    let rootfs = PathBuf::from(s["root"]["path"].as_str().unwrap());
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    mounts.push(json!({"destination": "/slave", "source": rootfs.join("data"), "options": ["bind", "slave"]}));
+    s["linux"]["rootfsPropagation"] = json!("shared");
+    create(&a, "mnt", &s).await.expect("create");
+    start(&a, "mnt").await;
+    let out = String::from_utf8_lossy(&read_all(&a, "mnt", "", false).await).into_owned();
+    let err = String::from_utf8_lossy(&read_all(&a, "mnt", "", true).await).into_owned();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["bound", "data-shared", "slave-is-slave", "root-shared"],
+        "{err}"
+    );
+
+    // a rootfsPropagation that is no propagation is refused at create, naming it
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["linux"]["rootfsPropagation"] = json!("sideways");
+    let e = create(&a, "badprop", &s).await.unwrap_err();
+    assert!(
+        msg(&e).contains("rootfsPropagation") && msg(&e).contains("sideways"),
+        "{}",
+        msg(&e)
+    );
 }

@@ -224,6 +224,44 @@ fn bad_spec_fails_clearly_and_leaves_nothing() {
 }
 
 #[test]
+fn flags_runc_callers_pass_are_accepted_and_unknown_ones_named() {
+    let Some(env) = env() else { return };
+    let b = env.bundle("b", &fixtures::default_spec(&["echo", "ok"]));
+    // what containerd's runc shim, conmon and docker pass: accepted (cgroups and the
+    // root's pivot are the guest's business; the log is JSON lines)
+    let out = env.run(&[
+        "--systemd-cgroup",
+        "--log-format",
+        "json",
+        "run",
+        "--no-pivot",
+        "--no-new-keyring",
+        "-b",
+        b.to_str().unwrap(),
+        "r1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "ok");
+    let log = std::fs::read_to_string(env.tmp.path().join("carapace.log")).unwrap();
+    assert!(log.lines().count() > 0);
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    // an unknown flag: a usage error naming it
+    let out = env.run(&["run", "--no-such-flag", "-b", b.to_str().unwrap(), "r2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--no-such-flag"), "{}", stderr(&out));
+    // a bundle whose rootfs is missing: refused naming it, nothing left
+    let mut spec = fixtures::default_spec(&["true"]);
+    spec["root"]["path"] = json!("no-such-rootfs");
+    let b = env.bundle("c", &spec);
+    let out = env.run(&["create", "-b", b.to_str().unwrap(), "r3"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-rootfs"), "{}", stderr(&out));
+    env.assert_clean();
+}
+
+#[test]
 fn missing_kernel_fails_before_anything_starts() {
     let Some(mut env) = env_with("[hypervisor]\nkernel = \"/nonexistent/carapace/vmlinux\"\n")
     else {

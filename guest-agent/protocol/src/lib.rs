@@ -67,3 +67,42 @@ pub const MAX_READ_CHUNK: u32 = 1 << 20;
 
 /// Upper bound on bytes in one `WriteStdin` request.
 pub const MAX_WRITE_CHUNK: usize = 2 << 20;
+
+/// The mount options (`mounts[].options`) the agent applies as mount flags or propagation
+/// in the guest; any other option is passed to the filesystem as data. The runtime's
+/// `features` lists exactly these.
+pub const MOUNT_OPTIONS: &[&str] = &[
+    "async",
+    "atime",
+    "bind",
+    "defaults",
+    "dev",
+    "diratime",
+    "dirsync",
+    "exec",
+    "mand",
+    "noatime",
+    "nodev",
+    "nodiratime",
+    "noexec",
+    "nomand",
+    "norelatime",
+    "nostrictatime",
+    "nosuid",
+    "private",
+    "rbind",
+    "relatime",
+    "remount",
+    "ro",
+    "rprivate",
+    "rshared",
+    "rslave",
+    "runbindable",
+    "rw",
+    "shared",
+    "slave",
+    "strictatime",
+    "suid",
+    "sync",
+    "unbindable",
+];
