@@ -51,6 +51,8 @@ pub enum InitKind {
     /// New container: namespaces created or joined as planned (see
     /// [`crate::namespaces`]), rootfs from the spec.
     Create {
+        /// The container's id (for its startContainer hooks' state).
+        id: String,
         spec: Box<Spec>,
         namespaces: Vec<NsPlan>,
     },
@@ -76,6 +78,9 @@ pub enum InitError {
     },
     #[error("invalid config: {0}")]
     Config(String),
+    /// A startContainer hook failed.
+    #[error("{0}")]
+    Hook(String),
     #[error(transparent)]
     Path(#[from] crate::ids::IdError),
     #[error(transparent)]
@@ -307,6 +312,9 @@ fn child(
         }
     } else {
         drop(start);
+    }
+    if let InitKind::Create { spec, id, .. } = &cfg.kind {
+        crate::start_hooks::run(spec, &crate::start_hooks::state(spec, id))?;
     }
     if nnp {
         crate::seccomp::install(&programs)?;

@@ -16,6 +16,7 @@ pub mod process;
 pub mod reaper;
 pub mod seccomp;
 pub mod service;
+pub mod start_hooks;
 pub mod stream;
 pub mod sys;
 

@@ -85,8 +85,8 @@ pub fn document() -> Value {
     json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": OCI_VERSION,
-        // Run on the host (crate::hooks); startContainer would have to run inside the VM.
-        "hooks": ["prestart", "createRuntime", "createContainer", "poststart", "poststop"],
+        // On the host (crate::hooks), startContainer in the container, inside the VM.
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"],
         "mountOptions": MOUNT_OPTIONS,
         "linux": {
             "namespaces": NAMESPACES,
@@ -120,7 +120,7 @@ mod tests {
         assert_eq!(f.oci_version_max(), OCI_VERSION);
         let hooks = f.hooks().clone().unwrap_or_default();
         assert!(hooks.iter().any(|h| h == "createRuntime"), "{hooks:?}");
-        assert!(!hooks.iter().any(|h| h == "startContainer"), "{hooks:?}");
+        assert!(hooks.iter().any(|h| h == "startContainer"), "{hooks:?}");
         // what the guest agent creates (guest-agent/src/namespaces.rs); not the network
         let ns = v["linux"]["namespaces"].as_array().unwrap();
         assert_eq!(ns, &["cgroup", "ipc", "mount", "pid", "uts"]);

@@ -8,7 +8,9 @@
 //!   in the runtime's; those namespaces are inside the guest, out of the host's reach, so it
 //!   runs on the host, in the runtime's namespaces, right after `createRuntime`;
 //! - `startContainer`: its path resolves inside the container, which only the guest can
-//!   see: refused when the spec is read (a clear error, never silently skipped);
+//!   see: the guest runs it (the spec the guest gets keeps this list only; the container's
+//!   init runs each hook in the container's namespaces, with its identity, after `start` and
+//!   before the process is executed; a failing hook fails the start);
 //! - `poststart` (status `running`) after `start`, `poststop` (status `stopped`) once
 //!   `delete` removed everything: a failing one is logged and the rest still run.
 //!
@@ -122,18 +124,6 @@ fn output_suffix(output: &str) -> String {
 
 /// What is wrong with a spec's `hooks`, for the spec error naming the field.
 pub fn check(hooks: &Hooks) -> Result<(), (String, String)> {
-    if hooks
-        .start_container()
-        .as_ref()
-        .is_some_and(|l| !l.is_empty())
-    {
-        return Err((
-            "hooks.startContainer".into(),
-            "startContainer hooks run inside the container's namespaces, which are inside \
-             the virtual machine where no host program can run; not supported"
-                .into(),
-        ));
-    }
     let kinds = [
         HookKind::Prestart,
         HookKind::CreateRuntime,
@@ -141,9 +131,14 @@ pub fn check(hooks: &Hooks) -> Result<(), (String, String)> {
         HookKind::Poststart,
         HookKind::Poststop,
     ];
-    for kind in kinds {
-        for (i, hook) in kind.of(hooks).iter().enumerate() {
-            let field = format!("hooks.{}[{i}]", kind.name());
+    let start = (
+        "startContainer",
+        hooks.start_container().as_deref().unwrap_or_default(),
+    );
+    let lists = kinds.iter().map(|k| (k.name(), k.of(hooks))).chain([start]);
+    for (name, list) in lists {
+        for (i, hook) in list.iter().enumerate() {
+            let field = format!("hooks.{name}[{i}]");
             if !hook.path().is_absolute() {
                 return Err((
                     format!("{field}.path"),

@@ -320,13 +320,17 @@ pub fn translate(
         }
     }
 
-    // Hooks run on the host (crate::hooks); the guest never sees them.
+    // Hooks run on the host (crate::hooks), except startContainer's, which run in the
+    // container: the guest's spec keeps that list only.
     let hooks = match spec.as_object_mut().and_then(|o| o.remove("hooks")) {
         None | Some(Value::Null) => None,
         Some(h) => {
             let hooks: oci_spec::runtime::Hooks =
                 serde_json::from_value(h).map_err(|e| invalid("hooks", e.to_string()))?;
             crate::hooks::check(&hooks).map_err(|(field, reason)| invalid(&field, reason))?;
+            if let Some(start) = hooks.start_container().as_ref().filter(|l| !l.is_empty()) {
+                spec["hooks"] = serde_json::json!({ "startContainer": start });
+            }
             Some(hooks)
         }
     };
@@ -601,6 +605,24 @@ mod tests {
         assert_eq!(g.netns.as_deref(), Some(Path::new("/var/run/netns/cni-1")));
         assert_eq!(g.hostname.as_deref(), Some("carapace"));
         assert!(g.terminal);
+        // startContainer hooks run in the container: the guest gets that list, only it
+        let mut spec = default_spec();
+        spec["hooks"] = json!({
+            "prestart": [{"path": "/bin/true"}],
+            "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "true"]}]
+        });
+        let b = bundle(&spec);
+        let g = tr(b.path(), "c1", Path::new(GUEST_SHARED_DIR), None).unwrap();
+        assert_eq!(
+            g.json["hooks"],
+            json!({"startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "true"]}]})
+        );
+        assert_eq!(
+            g.hooks
+                .as_ref()
+                .map(|h| h.prestart().as_ref().map(Vec::len)),
+            Some(Some(1))
+        );
     }
 
     #[test]
@@ -626,8 +648,8 @@ mod tests {
     fn hooks_that_cannot_run_are_refused_naming_the_field() {
         for (hooks, field) in [
             (
-                json!({"startContainer": [{"path": "/bin/true"}]}),
-                "hooks.startContainer",
+                json!({"startContainer": [{"path": "bin/true"}]}),
+                "hooks.startContainer[0].path",
             ),
             (
                 json!({"poststop": [{"path": "true"}]}),

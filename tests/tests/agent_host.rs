@@ -1450,3 +1450,58 @@ async fn mounts_given_as_a_plain_oci_runtime_gets_them() {
         msg(&e)
     );
 }
+
+#[tokio::test]
+async fn start_container_hooks_run_in_the_container_before_its_process() {
+    let a = start_agent(&[]).await;
+    // the hook writes its state and a mark inside the container; the process reads both
+    let mut s = spec(
+        a.dir.path(),
+        &["sh", "-c", "cat /tmp/mark; cat /tmp/state; echo; echo $$"],
+    );
+    s["hooks"] = json!({"startContainer": [
+        {"path": "/bin/sh", "args": ["sh", "-c", "cat > /tmp/state; echo hook \"$HOOKVAR\" > /tmp/mark"],
+         "env": ["HOOKVAR=set"]}
+    ]});
+    create(&a, "hk", &s).await.expect("create");
+    start(&a, "hk").await;
+    let out = String::from_utf8_lossy(&read_all(&a, "hk", "", false).await).into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"hook set"), "{out}");
+    let state: serde_json::Value = serde_json::from_str(lines[1]).expect("state JSON");
+    assert_eq!(state["id"], "hk");
+    assert_eq!(state["status"], "created");
+    // the state's pid is the process's own (the hook ran in its pid namespace, before exec)
+    assert_eq!(state["pid"].to_string(), lines[2], "{out}");
+    assert_eq!(wait(&a, "hk", "").await.exit_status, 0);
+
+    // a failing hook fails the start, naming it; the process never runs
+    let mut s = spec(a.dir.path(), &["sh", "-c", "echo ran"]);
+    s["hooks"] = json!({"startContainer": [{"path": "/bin/false"}]});
+    create(&a, "hkfail", &s).await.expect("create");
+    let e = a
+        .client
+        .start_container(ctx(), &creq("hkfail"))
+        .await
+        .unwrap_err();
+    assert!(
+        msg(&e).contains("startContainer[0] /bin/false exited with status 1"),
+        "{}",
+        msg(&e)
+    );
+    assert!(read_all(&a, "hkfail", "", false).await.is_empty());
+
+    // one past its timeout is killed and fails the start
+    let mut s = spec(a.dir.path(), &["true"]);
+    s["hooks"] =
+        json!({"startContainer": [{"path": "/bin/sleep", "args": ["sleep", "60"], "timeout": 1}]});
+    create(&a, "hkslow", &s).await.expect("create");
+    let t0 = std::time::Instant::now();
+    let e = a
+        .client
+        .start_container(ctx(), &creq("hkslow"))
+        .await
+        .unwrap_err();
+    assert!(msg(&e).contains("timeout of 1 s"), "{}", msg(&e));
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}

@@ -654,13 +654,27 @@ fn oci_hooks_run_on_the_host_with_the_state_at_their_points() {
     assert_eq!(order(), "prestart\ncreateRuntime\n");
     env.assert_clean();
 
-    // A startContainer hook cannot run (it belongs inside the VM): refused up front.
-    spec["hooks"] = json!({"startContainer": [recording_hook(&rec, "startContainer", false)]});
+    // A startContainer hook runs in the container (a program of the container's, in the
+    // guest), before the process: its mark is there for the process to read.
+    let mut spec = fixtures::default_spec(&["cat", "/tmp/started"]);
+    spec["hooks"] = json!({"startContainer": [{
+        "path": "/bin/sh",
+        "args": ["sh", "-c", "grep -o '\"status\":\"created\"' > /tmp/started"]
+    }]});
     let b = env.bundle("b3", &spec);
-    let (rc, out) = env.run_to_files(&["create", "-b", b.to_str().unwrap(), "h3"], "h3");
-    let err = std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
-    assert_eq!(rc, 6, "{err}");
-    assert!(err.contains("hooks.startContainer"), "{err}");
+    let out = env.run(&["run", "-b", b.to_str().unwrap(), "h3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "\"status\":\"created\"");
+    // ... and a failing one fails the start, naming it
+    spec["hooks"] = json!({"startContainer": [{"path": "/bin/false"}]});
+    let b = env.bundle("b4", &spec);
+    let out = env.run(&["run", "-b", b.to_str().unwrap(), "h4"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("hooks.startContainer[0] /bin/false"),
+        "{}",
+        stderr(&out)
+    );
     env.assert_clean();
 }
 

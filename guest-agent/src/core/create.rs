@@ -83,6 +83,7 @@ impl Core {
             seccomp: seccomp.clone(),
             wait_start: true,
             kind: InitKind::Create {
+                id: id.to_owned(),
                 spec: Box::new(spec),
                 namespaces,
             },
