@@ -464,12 +464,32 @@ fn update_limits(env: &Env) {
         let out = env.run(&["exec", "x6", "cat", &format!("/sys/fs/cgroup/{file}")]);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
+    // the guest's memory, in KiB (the container's /proc is the guest's)
+    let guest_kib = || -> u64 {
+        let out = env.run(&["exec", "x6", "grep", "MemTotal", "/proc/meminfo"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = guest_kib();
     assert!(
         env.run(&["update", "--memory", "96m", "--pids-limit", "77", "x6"])
             .status
             .success()
     );
     assert_eq!(read("memory.max"), (96u64 << 20).to_string());
+    // the VM grew for the new limit (hot-plugged memory; the guest plugs it on its own)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while guest_kib() < before + 90 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not grow for the 96 MiB limit: {before} KiB before, {} KiB now",
+            guest_kib()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert_eq!(read("pids.max"), "77");
     let mut child = env
         .cmd(&["update", "--resources", "-", "x6"])
@@ -511,6 +531,32 @@ fn update_limits(env: &Env) {
         let ev: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(ev["type"], "stats", "{line}");
     }
+    // an out-of-memory kill in the container (a shell holding 150 MB in a variable, past
+    // the 96 MiB limit) comes out of the same stream as an oom event
+    let hog = env.run(&[
+        "exec",
+        "x6",
+        "sh",
+        "-c",
+        "x=$(head -c 150000000 /dev/zero | tr '\\000' a); echo survived ${#x}",
+    ]);
+    assert!(!String::from_utf8_lossy(&hog.stdout).contains("survived"));
+    let mut seen = Vec::new();
+    let oom = loop {
+        let Some(Ok(line)) = lines.next() else {
+            break false;
+        };
+        let ev: Value = serde_json::from_str(&line).unwrap();
+        if ev["type"] == "oom" {
+            assert_eq!(ev["id"], "x6", "{line}");
+            break true;
+        }
+        seen.push(ev["type"].to_string());
+        if seen.len() > 600 {
+            break false;
+        }
+    };
+    assert!(oom, "no oom event in the stream; saw {seen:?}");
     stream.kill().unwrap();
     stream.wait().unwrap();
     let bad = env.run(&["update", "--memory", "lots", "x6"]);
