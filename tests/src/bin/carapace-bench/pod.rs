@@ -1,6 +1,10 @@
-//! The pod phase: CRI RunPodSandbox to first log line, Carapace's handler vs runc's.
+//! The pod phase: CRI RunPodSandbox to first log line, Carapace's handler vs runc's, and
+//! Carapace with its VMM jail on (the default) vs off: what the jail costs a pod's start.
 
 use super::*;
+
+/// The CRI handler whose configuration turns the VMM jail off.
+const NOJAIL: &str = "carapace-nojail";
 
 /// `pod_start` rows: CRI pods with Carapace's handler vs runc's, one at a time (alternating
 /// who goes first) and `parallel` at once. A failing Carapace start becomes a note; a failing
@@ -19,8 +23,18 @@ pub(super) fn pod_phase(
     let (config, _state) =
         carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
     check_guest_image(&cli.guest_dir)?;
+    // the same configuration with the VMM jail off, for the jail's cost
+    let nojail_config = work.path().join("nojail.toml");
+    let text = std::fs::read_to_string(&config).context("reading the configuration")?;
+    std::fs::write(&nojail_config, format!("{text}[jail]\nenabled = false\n"))
+        .context("writing the jail-off configuration")?;
     progress("pod_start: starting a private containerd with the CRI images");
-    let ctrd = carapace_containerd(&work.path().join("containerd"), bins, &config)?;
+    let ctrd = carapace_containerd_with(
+        &work.path().join("containerd"),
+        bins,
+        &config,
+        &[(NOJAIL, &nojail_config)],
+    )?;
     ctrd.import_cri_images(work.path())?;
     let run_for = |handler: &str| PodRun {
         socket: ctrd.socket(),
@@ -30,17 +44,20 @@ pub(super) fn pod_phase(
         timeout: Duration::from_secs(POD_TIMEOUT_S),
     };
     let (carapace, runc, gvisor) = (run_for("carapace"), run_for("runc"), run_for(GVISOR));
+    let nojail = run_for(NOJAIL);
     let mut cri = carapace_tests::cri::Cri::connect(&ctrd.socket())?;
 
     let (mut ours, mut peer, mut second) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut failure, mut gvisor_failure) = (None, None);
+    let mut unjailed = Vec::new();
+    let (mut failure, mut gvisor_failure, mut nojail_failure) = (None, None, None);
     for i in 0..runs {
         // rotate who goes first
-        let mut order = [&carapace, &runc, &gvisor];
-        order.rotate_left(i % 3);
+        let mut order = [&carapace, &runc, &gvisor, &nojail];
+        order.rotate_left(i % 4);
         for run in order {
             if (run.handler == "carapace" && failure.is_some())
                 || (run.handler == GVISOR && gvisor_failure.is_some())
+                || (run.handler == NOJAIL && nojail_failure.is_some())
             {
                 continue;
             }
@@ -50,6 +67,7 @@ pub(super) fn pod_phase(
                     match run.handler.as_str() {
                         "runc" => peer.push(ms),
                         GVISOR => second.push(ms),
+                        NOJAIL => unjailed.push(ms),
                         _ => ours.push(ms),
                     }
                 }
@@ -61,6 +79,13 @@ pub(super) fn pod_phase(
                         last_lines(&ctrd.log(), 40, "\n")
                     ));
                     failure = Some(format!("{e:#}"));
+                }
+                Err(e) if run.handler == NOJAIL => {
+                    let e = anyhow::Error::from(e);
+                    progress(&format!(
+                        "pod_start: carapace with the jail off failed: {e:#}"
+                    ));
+                    nojail_failure = Some(format!("{e:#}"));
                 }
                 // the second peer is a note when it cannot run, never a number
                 Err(e) if run.handler == GVISOR => {
@@ -100,6 +125,25 @@ pub(super) fn pod_phase(
         )?);
         report.samples.push(second);
     }
+    let unjailed = Samples::new(
+        "carapace pod_start, VMM jail off (CRI handler carapace-nojail)",
+        "ms",
+        unjailed,
+    );
+    match &nojail_failure {
+        None => {
+            report.rows.extend(percentile_rows(
+                "pod_start_jail_on_vs_off",
+                &ours,
+                &unjailed,
+                None,
+            )?);
+            report.samples.push(unjailed);
+        }
+        Some(e) => report.notes.push(format!(
+            "pod_start_jail_on_vs_off: Carapace with the jail off not measured: {e}"
+        )),
+    }
     report.samples.push(ours);
     report.samples.push(peer);
 
@@ -136,7 +180,9 @@ pub(super) fn pod_phase(
          busybox image; {runs} pods one at a \
          time (rotating handlers), then {parallel} at once from separate CRI connections; \
          peer: runc handler in the same containerd; second peer (one at a time only): handler \
-         {GVISOR}, runsc under the runc shim, same CNI"
+         {GVISOR}, runsc under the runc shim, same CNI; pod_start_jail_on_vs_off: the same \
+         pods with Carapace's VMM jail on (handler carapace, the default) against off (handler \
+         {NOJAIL}, `[jail] enabled = false`), the jail's cost"
     ));
     Ok(())
 }
