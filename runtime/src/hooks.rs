@@ -77,6 +77,16 @@ impl HookKind {
 /// A hook that did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
+    /// The pid hooks would be given lives in the host's network namespace.
+    #[error(
+        "the spec's hooks would be given pid {pid} as the container's, a process in the host's \
+         network namespace (the VMM runs without its jail): a hook setting up the container's \
+         network there (docker's does) would change the host's; turn [jail] enabled back on"
+    )]
+    HostNetwork {
+        /// The pid in the state.
+        pid: i32,
+    },
     /// The program could not be started.
     #[error("{kind} hook {path} could not be started")]
     Spawn {
@@ -163,6 +173,23 @@ pub fn check(hooks: &Hooks) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+/// Refuses to give hooks a pid in the runtime's own (the host's) network namespace. Hooks
+/// take `/proc/<pid>/ns/net` for the container's network (docker's prestart hook configures
+/// its networks there): with the jail on, the VMM's pid names a namespace of its own; with
+/// it off, the host's.
+pub fn check_pid_isolated(state: &OciState) -> Result<(), HookError> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+    match (
+        ns(format!("/proc/{}/ns/net", state.pid)),
+        ns("/proc/self/ns/net".into()),
+    ) {
+        (Ok(theirs), Ok(ours)) if theirs != ours => Ok(()),
+        // the same namespace, or one that cannot be told apart: not isolated
+        _ => Err(HookError::HostNetwork { pid: state.pid }),
+    }
 }
 
 /// Runs the hooks of `kind` in order with `state` on their stdin; stops at the first that

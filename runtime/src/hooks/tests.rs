@@ -214,3 +214,33 @@ fn check_names_the_field_that_is_wrong() {
     assert!(check(&prestart(vec![sh("true", &["A=1"], Some(5))])).is_ok());
     assert!(check(&Hooks::default()).is_ok());
 }
+
+#[test]
+fn hooks_are_never_given_a_pid_in_the_hosts_network_namespace() {
+    let mut s = state("creating");
+    s.pid = std::process::id() as i32;
+    let e = check_pid_isolated(&s).expect_err("our own pid");
+    assert!(e.to_string().contains("host's network namespace"), "{e}");
+    s.pid = i32::MAX; // no such process: cannot be told apart, refused
+    assert!(check_pid_isolated(&s).is_err());
+    // a process in a network namespace of its own (needs root to create one)
+    let Ok(mut child) = std::process::Command::new("unshare")
+        .args(["--net", "sleep", "30"])
+        .spawn()
+    else {
+        return;
+    };
+    let own = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while own(child.id()) == own(std::process::id()) && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    s.pid = child.id() as i32;
+    let isolated = own(child.id()) != own(std::process::id());
+    let r = check_pid_isolated(&s);
+    let _ = child.kill();
+    let _ = child.wait();
+    if isolated {
+        r.expect("a pid with a network namespace of its own");
+    }
+}

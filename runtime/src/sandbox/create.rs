@@ -525,6 +525,18 @@ impl Runtime {
         };
         let mut state = self.state(&st.id)?;
         state.status = Status::Creating.as_str().to_owned();
+        // (a host-mode agent runs containers on the host, no isolation at all: tests only)
+        if self.placement == Placement::Vm
+            && [
+                HookKind::Prestart,
+                HookKind::CreateRuntime,
+                HookKind::CreateContainer,
+            ]
+            .iter()
+            .any(|k| !k.of(&hooks).is_empty())
+        {
+            crate::hooks::check_pid_isolated(&state)?;
+        }
         blocking(move || {
             for kind in [
                 HookKind::Prestart,
