@@ -227,6 +227,63 @@ fn exec_pids_signals_and_kill(env: &Env) {
     assert_eq!(reap(pid), 5);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "from-exec\n");
 
+    // stdin and stderr flow through the keeper too: what the caller gave reaches the
+    // process, what it writes to stderr reaches the caller's stderr
+    let input = env.tmp.path().join("exec6.in");
+    std::fs::write(&input, "to-stdin\n").unwrap();
+    let (outp, errp) = (
+        env.tmp.path().join("exec6.out"),
+        env.tmp.path().join("exec6.err"),
+    );
+    let st = env
+        .cmd(&[
+            "exec",
+            "-d",
+            "--pid-file",
+            exec_file.to_str().unwrap(),
+            "x2",
+            "sh",
+            "-c",
+            "cat; echo to-err >&2; exit 6",
+        ])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .stdout(std::fs::File::create(&outp).unwrap())
+        .stderr(std::fs::File::create(&errp).unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pid = read_pid(&exec_file);
+    assert_keeper(env, "x2", pid);
+    assert_eq!(reap(pid), 6);
+    assert_eq!(std::fs::read_to_string(&outp).unwrap(), "to-stdin\n");
+    let err = std::fs::read_to_string(&errp).unwrap();
+    assert!(err.contains("to-err"), "{err}");
+
+    // in the foreground, `exec --pid-file` names itself: it stands for the process and
+    // exits with its status
+    let fg_file = env.tmp.path().join("exec-fg.pid");
+    let mut fg = env
+        .cmd(&[
+            "exec",
+            "--pid-file",
+            fg_file.to_str().unwrap(),
+            "x2",
+            "sh",
+            "-c",
+            "sleep 1; exit 7",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + EXIT_DEADLINE;
+    while !fg_file.exists() {
+        assert!(Instant::now() < deadline, "exec wrote no pid file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read_pid(&fg_file), fg.id() as i32);
+    assert_eq!(fg.wait().unwrap().code(), Some(7));
+
     // SIGTERM sent straight to the exec's pid reaches the process (its trap says 4)
     let (pid, _) = exec_detached(
         env,
