@@ -170,7 +170,18 @@ impl Core {
         shutdown: tokio::sync::mpsc::UnboundedSender<ShutdownKind>,
         set_clock: SetClock,
     ) -> std::io::Result<Arc<Self>> {
-        let reaper = Reaper::default();
+        Self::with_reaper(config, shutdown, set_clock, Reaper::default())
+    }
+
+    /// [`Core::with_clock`] collecting exits into `reaper` (whose reaping task this
+    /// starts). Every reaper of a process drains `waitpid(-1)`: cores sharing one process
+    /// (unit tests) share one reaper, or one would take the exits another waits for.
+    pub(crate) fn with_reaper(
+        config: Config,
+        shutdown: tokio::sync::mpsc::UnboundedSender<ShutdownKind>,
+        set_clock: SetClock,
+        reaper: Reaper,
+    ) -> std::io::Result<Arc<Self>> {
         reaper.start()?;
         let cgroups = match &config.cgroup_root {
             Some(p) => match CgroupRoot::init(p) {

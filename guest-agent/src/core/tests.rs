@@ -27,6 +27,13 @@ pub(crate) fn fake_clock(ts: TimeSpec) -> nix::Result<()> {
 }
 
 /// A core in `mode` without cgroups, its clock faked.
+/// The one reaper of this test process: the tests run in parallel threads of one process,
+/// and a reaper of each test's own would take exits another test waits for.
+fn shared_reaper() -> crate::reaper::Reaper {
+    static REAPER: std::sync::OnceLock<crate::reaper::Reaper> = std::sync::OnceLock::new();
+    REAPER.get_or_init(crate::reaper::Reaper::default).clone()
+}
+
 pub(crate) fn core(mode: Mode) -> Arc<Core> {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let config = Config {
@@ -35,7 +42,7 @@ pub(crate) fn core(mode: Mode) -> Arc<Core> {
         stop_grace: Duration::from_millis(100),
         cpu_sysfs: PathBuf::from("/nonexistent/cpus"),
     };
-    Core::with_clock(config, tx, fake_clock).unwrap()
+    Core::with_reaper(config, tx, fake_clock, shared_reaper()).unwrap()
 }
 
 fn pipe() -> (OwnedFd, OwnedFd) {
@@ -423,7 +430,10 @@ pub(crate) fn core_with_cpus(mode: Mode, present: u32) -> (Arc<Core>, tempfile::
         stop_grace: Duration::from_millis(100),
         cpu_sysfs: dir.path().to_path_buf(),
     };
-    (Core::with_clock(config, tx, fake_clock).unwrap(), dir)
+    (
+        Core::with_reaper(config, tx, fake_clock, shared_reaper()).unwrap(),
+        dir,
+    )
 }
 
 #[tokio::test]
