@@ -1310,3 +1310,24 @@ fn the_state_store_leaves_room_for_every_socket_of_a_sandbox() {
     }
     assert_eq!(p.vsock.as_os_str().len(), crate::state::LONGEST_SOCKET);
 }
+
+/// The fake VMM is a host process in the host's network namespace, as an unjailed VMM is:
+/// a spec with creation hooks is refused rather than run with its pid, and nothing is left.
+#[test]
+fn creation_hooks_are_refused_a_pid_in_the_hosts_network_namespace() {
+    let f = fixture(Setup::default());
+    let path = f.bundle.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let marker = f.tmp.path().join("hook-ran");
+    spec["hooks"] = serde_json::json!({"prestart": [{
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!("touch {}", marker.display())]
+    }]});
+    std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let err = f.rt.create("c1", &f.bundle).unwrap_err();
+    let chain = carapace_errors::chain(&err);
+    assert!(chain.contains("host's network namespace"), "{chain}");
+    assert!(!marker.exists(), "the hook ran");
+    f.assert_clean();
+}
