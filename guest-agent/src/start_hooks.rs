@@ -80,10 +80,15 @@ fn run_one(i: usize, hook: &Hook, input: &[u8]) -> Result<(), InitError> {
             op: format!("running {what}"),
             source,
         })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // a hook that does not read its state may close stdin: not an error
-        let _ = stdin.write_all(input);
-    }
+    // stdin from a thread of its own: a hook that does not read a state larger than the
+    // pipe's buffer must not keep its timeout from being enforced (a hook that closes
+    // stdin is no error)
+    let writer = child.stdin.take().map(|mut stdin| {
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        })
+    });
     let deadline = hook
         .timeout()
         .filter(|t| *t > 0)
@@ -109,6 +114,10 @@ fn run_one(i: usize, hook: &Hook, input: &[u8]) -> Result<(), InitError> {
         }
         std::thread::sleep(POLL);
     };
+    // the hook exited: its end of the pipe is gone, so the writer has returned
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     if status.success() {
         return Ok(());
     }

@@ -1491,8 +1491,10 @@ async fn start_container_hooks_run_in_the_container_before_its_process() {
     );
     assert!(read_all(&a, "hkfail", "", false).await.is_empty());
 
-    // one past its timeout is killed and fails the start
+    // one past its timeout is killed and fails the start, even when it never reads a state
+    // larger than a pipe holds (256 KiB of annotations)
     let mut s = spec(a.dir.path(), &["true"]);
+    s["annotations"] = json!({"big": "x".repeat(256 << 10)});
     s["hooks"] =
         json!({"startContainer": [{"path": "/bin/sleep", "args": ["sleep", "60"], "timeout": 1}]});
     create(&a, "hkslow", &s).await.expect("create");
