@@ -182,6 +182,10 @@ pub struct CmdlineSettings {
     /// `carapace.memory_reserve_mib=<n>`: guest memory kept from the containers for the
     /// agent and the kernel, besides 1/32 of MemTotal (default 32; memory.rs).
     pub memory_reserve_mib: Option<u64>,
+    /// The kernel's own `quiet`: nobody keeps the console (the runtime adds it then), so
+    /// the agent too writes only warnings and errors there. Every byte on the 8250
+    /// console costs the guest two port I/O exits.
+    pub quiet: bool,
 }
 
 /// Largest accepted `carapace.stop_grace_secs` (an hour).
@@ -196,6 +200,9 @@ pub fn parse_cmdline(text: &str) -> (CmdlineSettings, Vec<String>) {
     let mut s = CmdlineSettings::default();
     let mut unknown = Vec::new();
     for word in text.split_whitespace() {
+        if word == "quiet" {
+            s.quiet = true;
+        }
         let Some(rest) = word.strip_prefix("carapace.") else {
             continue;
         };
@@ -255,6 +262,13 @@ mod tests {
         assert_eq!(s.port, Some(900), "an unprivileged port is refused");
         assert_eq!(s.stop_grace_secs, Some(7));
         assert_eq!(s.memory_reserve_mib, Some(48));
+        assert!(!s.quiet);
+        assert!(
+            parse_cmdline("console=ttyS0 quiet carapace.log=info")
+                .0
+                .quiet
+        );
+        assert!(!parse_cmdline("carapace.quiet quieter").0.quiet);
         assert_eq!(
             unknown,
             vec![
