@@ -382,15 +382,37 @@ pub fn carapace_config(
     bins: &Path,
     console: bool,
 ) -> Result<(PathBuf, PathBuf), ContainerdError> {
+    carapace_config_with(dir, bins, console, "", None)
+}
+
+/// [`carapace_config`] with `hypervisor.kernel_params` set to `kernel_params` (added to
+/// the guest kernel's command line) and, with `guest`, the guest image (`vmlinux`,
+/// `initramfs.cpio.gz`) from that directory instead of the installed one.
+pub fn carapace_config_with(
+    dir: &Path,
+    bins: &Path,
+    console: bool,
+    kernel_params: &str,
+    guest: Option<&Path>,
+) -> Result<(PathBuf, PathBuf), ContainerdError> {
     let state = dir.join("run");
     let config = dir.join("configuration.toml");
     let mut text = format!(
-        "[hypervisor]\npath = {:?}\n[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n\
-         [agent]\nboot_timeout_ms = 300000\n",
+        "[hypervisor]\npath = {:?}\nkernel_params = {kernel_params:?}\n",
         bins.join("carapace-vmm").display().to_string(),
+    );
+    if let Some(g) = guest {
+        text.push_str(&format!(
+            "kernel = {:?}\ninitrd = {:?}\n",
+            g.join("vmlinux").display().to_string(),
+            g.join("initramfs.cpio.gz").display().to_string()
+        ));
+    }
+    text.push_str(&format!(
+        "[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n[agent]\nboot_timeout_ms = 300000\n",
         bins.join("carapace-fsd").display().to_string(),
         state.display().to_string()
-    );
+    ));
     if console {
         text.push_str("[debug]\nconsole = true\n");
     }

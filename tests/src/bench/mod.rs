@@ -7,6 +7,7 @@ pub mod merge;
 pub mod net;
 pub mod parse;
 pub mod pods;
+pub mod timeline;
 
 use serde_json::{Value, json};
 use std::fmt::Write as _;

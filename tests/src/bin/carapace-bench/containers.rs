@@ -53,14 +53,7 @@ pub(super) fn containers(
     density_max: Option<usize>,
     report: &mut Report,
 ) -> Result<()> {
-    for b in SANDBOX_PROCS {
-        if !bins.join(b).is_file() {
-            bail!(Usage(format!(
-                "{} is not built (cargo build --release --workspace --bins)",
-                bins.join(b).display()
-            )));
-        }
-    }
+    check_sandbox_binaries(bins)?;
     check_guest_image(&cli.guest_dir)?;
     let work = tempfile::Builder::new()
         .prefix("carapace-bench-")
@@ -69,10 +62,7 @@ pub(super) fn containers(
     let (config, state) =
         carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
     progress("building a busybox image and starting a private containerd");
-    let rootfs = work.path().join("image-rootfs");
-    busybox_rootfs(&rootfs)?;
-    let archive = work.path().join("busybox.tar");
-    oci_image_archive(&rootfs, IMAGE, &["sh"], work.path(), &archive)?;
+    let archive = busybox_image(work.path())?;
     let ctrd = carapace_containerd(&work.path().join("containerd"), bins, &config)?;
     ctrd.import(&archive)?;
     gvisor_wrapper(work.path())?;

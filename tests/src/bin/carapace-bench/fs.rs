@@ -57,10 +57,7 @@ pub(super) fn fs_phase(cli: &Cli, bins: &Path, runs: usize, report: &mut Report)
         .prefix("carapace-bench-fs-")
         .tempdir()
         .context("creating a work directory")?;
-    let rootfs = work.path().join("image-rootfs");
-    busybox_rootfs(&rootfs)?;
-    let archive = work.path().join("busybox.tar");
-    oci_image_archive(&rootfs, IMAGE, &["sh"], work.path(), &archive)?;
+    let archive = busybox_image(work.path())?;
     let mut daemons = vec![("carapace-fsd", bins.join("carapace-fsd"))];
     match virtiofsd_path(cli) {
         Some(p) => daemons.push(("virtiofsd", p)),

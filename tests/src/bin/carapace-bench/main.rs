@@ -12,7 +12,10 @@
 //!   short, bounded; runc under the same rule is the peer;
 //! - pod: CRI RunPodSandbox -> the container's first log line, one pod at a time and
 //!   `--pod-parallel` pods at once, Carapace's handler vs runc's, in one private containerd;
-//! - fs: file I/O on the container's root file system, carapace-fsd vs virtiofsd vs runc.
+//! - fs: file I/O on the container's root file system, carapace-fsd vs virtiofsd vs runc;
+//! - net: TCP throughput and round trips into CNI pods, Carapace's two data paths vs runc;
+//! - timeline: one cold `ctr run` split into its steps (shim, fs daemon, VMM, guest kernel
+//!   with its slowest initcalls, agent, creates, process), from the logs it leaves.
 //!
 //! `--only PHASE... --partial FILE` runs some phases and writes their report to FILE;
 //! `--merge FILE... --out DIR` joins such partial reports into the report files
@@ -40,12 +43,14 @@ mod containers;
 mod fs;
 mod net;
 mod pod;
+mod timeline;
 
 use boot::boot;
 use containers::containers;
 use fs::fs_phase;
 use net::{NET_ROUNDS, net_phase};
 use pod::pod_phase;
+use timeline::timeline_phase;
 
 const IMAGE: &str = "docker.io/carapace/busybox:bench";
 const CARAPACE: &str = "io.containerd.carapace.v2";
@@ -112,6 +117,8 @@ const START_TIMEOUT_S: u64 = 300;
 const FS_RUN_TIMEOUT_S: u64 = 300;
 /// How long after `ctr run -d` returned an idle sandbox's memory is sampled.
 const IDLE_SETTLE: Duration = Duration::from_secs(12);
+/// Timed starts of the timeline phase (after an untimed warm-up start).
+const TIMELINE_RUNS: usize = 3;
 /// Density stops when MemAvailable falls below this.
 const MIN_AVAILABLE_KIB: u64 = 512 * 1024;
 
@@ -123,17 +130,19 @@ enum Phase {
     Pod,
     Fs,
     Net,
+    Timeline,
 }
 
 impl Phase {
     /// All phases, in the order a run measures them and a merged report lists them.
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Boot,
         Self::Container,
         Self::Sandbox,
         Self::Pod,
         Self::Fs,
         Self::Net,
+        Self::Timeline,
     ];
 
     /// The name on the command line (clap's).
@@ -152,6 +161,7 @@ impl Phase {
             Self::Pod => "pod_start",
             Self::Fs => "fs_*",
             Self::Net => "net_*",
+            Self::Timeline => "timeline",
         }
     }
 
@@ -224,6 +234,10 @@ struct Cli {
     /// finding where its memory goes).
     #[arg(long)]
     smaps_dir: Option<PathBuf>,
+    /// Also save the logs each timeline start is read from (containerd's, the VMM's, the
+    /// guest's kernel log) in DIR/<container id>/.
+    #[arg(long, value_name = "DIR")]
+    timeline_logs: Option<PathBuf>,
 }
 
 fn progress(msg: &str) {
@@ -326,6 +340,13 @@ fn run(cli: &Cli) -> Result<()> {
         if let Err(e) = net_phase(cli, &bins, rounds, &mut report) {
             progress(&format!("net phase failed: {e:#}"));
             report.notes.push(format!("net_*: not measured: {e:#}"));
+        }
+    }
+    if !skipped(cli, Phase::Timeline, &mut report) {
+        let runs = if cli.quick { 1 } else { TIMELINE_RUNS };
+        if let Err(e) = timeline_phase(cli, &bins, runs, &mut report) {
+            progress(&format!("timeline phase failed: {e:#}"));
+            report.notes.push(format!("timeline: not measured: {e:#}"));
         }
     }
     let took = started.elapsed().as_secs_f64();
@@ -433,6 +454,28 @@ fn carapace_containerd_with(
     });
     Containerd::start(dir, &runtimes, Some(bins), &[("CARAPACE_CONFIG", config)])
         .context("starting a private containerd with Carapace")
+}
+
+/// The busybox image of the ctr phases, as an OCI archive in `work` for `ctr import`.
+fn busybox_image(work: &Path) -> Result<PathBuf> {
+    let rootfs = work.join("image-rootfs");
+    busybox_rootfs(&rootfs)?;
+    let archive = work.join("busybox.tar");
+    oci_image_archive(&rootfs, IMAGE, &["sh"], work, &archive)?;
+    Ok(archive)
+}
+
+/// The sandbox's host programs must be built.
+fn check_sandbox_binaries(bins: &Path) -> Result<()> {
+    for b in SANDBOX_PROCS {
+        if !bins.join(b).is_file() {
+            bail!(Usage(format!(
+                "{} is not built (cargo build --release --workspace --bins)",
+                bins.join(b).display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The guest image the Carapace phases boot must be there.
