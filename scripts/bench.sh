@@ -43,9 +43,9 @@ cargo build --release --quiet --workspace --bins
 # The boot comparison boots the same kernel and initramfs with both VMMs; its /init is the
 # VMM's test guest (prints a ready line, echoes on vsock), built static.
 target=x86_64-unknown-linux-gnu
-say "building the boot-benchmark guest (carapace-vmm-guest-test as /init)"
+say "building the boot-benchmark guest (carapace-vmm-guest-test as /init) and carapace-fsio"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet --target "$target" \
-  -p carapace-test-programs --bin carapace-vmm-guest-test
+  -p carapace-test-programs --bin carapace-vmm-guest-test --bin carapace-fsio
 boot_image=target/bench/boot-image
 target/release/carapace-image build --out-dir "$boot_image" -j 2 \
   --agent "target/$target/release/carapace-vmm-guest-test" >&2

@@ -1,7 +1,9 @@
 //! The file-system workload of `make bench`: a busybox shell script run inside a container
 //! (its root file system: virtio-fs under Carapace, the host's overlayfs under runc) that
 //! prints timestamps from `/proc/uptime` (busybox `date` has no sub-second format; reading
-//! uptime is a shell builtin, so no process start is timed), and its parser.
+//! uptime is a shell builtin, so no process start is timed), and its parser. When the image
+//! has `/carapace-fsio` (a static program of carapace-test-programs: busybox has no fio), the
+//! script also runs 4 KiB random writes and reads with it.
 
 use super::parse::ParseError;
 
@@ -9,6 +11,12 @@ use super::parse::ParseError;
 pub const SEQ_MIB: u32 = 32;
 /// Files created, then listed with their attributes, then removed.
 pub const META_FILES: u32 = 500;
+/// Where the random-I/O program is in the image.
+pub const FSIO_PATH: &str = "/carapace-fsio";
+/// The random-I/O file's size (MiB) and the number of 4 KiB writes, then reads.
+pub const RAND_MIB: u32 = 16;
+/// See [`RAND_MIB`].
+pub const RAND_OPS: u32 = 2000;
 
 /// The script, for `sh -c`.
 pub fn script() -> String {
@@ -18,7 +26,8 @@ pub fn script() -> String {
          dd if=/fsbench.dat of=/dev/null bs=1M 2>/dev/null; t read; \
          mkdir /fsmeta; cd /fsmeta; i=0; \
          while [ $i -lt {META_FILES} ]; do : > f$i; i=$((i+1)); done; \
-         ls -l > /dev/null; rm -f f*; t meta"
+         ls -l > /dev/null; rm -f f*; t meta; \
+         if [ -x {FSIO_PATH} ]; then {FSIO_PATH} /fsbench.rand {RAND_MIB} {RAND_OPS}; fi"
     )
 }
 
@@ -31,6 +40,10 @@ pub struct FsResult {
     pub seq_read_mib_s: f64,
     /// Metadata operations (create, stat, unlink per file) per second.
     pub metadata_ops_s: f64,
+    /// 4 KiB random writes (then one fsync) per second, when the image has the program.
+    pub rand_write_iops: Option<f64>,
+    /// 4 KiB random reads per second, likewise.
+    pub rand_read_iops: Option<f64>,
 }
 
 /// Parses the script's output (other lines are ignored). A phase that took less than the
@@ -56,10 +69,27 @@ pub fn parse(stdout: &str) -> Result<FsResult, ParseError> {
         stamp("meta")?,
     );
     let secs = |a: f64, b: f64| (b - a).max(0.01);
+    let iops = |key: &'static str| -> Result<Option<f64>, ParseError> {
+        let Some(v) = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("FSIO {key} ")))
+        else {
+            return Ok(None);
+        };
+        match v.trim().parse::<f64>() {
+            Ok(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+            _ => Err(ParseError::BadLine {
+                file: "fs workload output",
+                line: v.to_owned(),
+            }),
+        }
+    };
     Ok(FsResult {
         seq_write_mib_s: f64::from(SEQ_MIB) / secs(start, write),
         seq_read_mib_s: f64::from(SEQ_MIB) / secs(write, read),
         metadata_ops_s: f64::from(3 * META_FILES) / secs(read, meta),
+        rand_write_iops: iops("rand_write_iops")?,
+        rand_read_iops: iops("rand_read_iops")?,
     })
 }
 
@@ -75,6 +105,14 @@ mod tests {
         assert_eq!(r.seq_write_mib_s, f64::from(SEQ_MIB) / 2.0);
         assert_eq!(r.seq_read_mib_s, f64::from(SEQ_MIB) / 0.5);
         assert_eq!(r.metadata_ops_s, f64::from(3 * META_FILES) / 2.5);
+        assert_eq!((r.rand_write_iops, r.rand_read_iops), (None, None));
+        let with = format!("{out}FSIO rand_write_iops 812.5\nFSIO rand_read_iops 2000.0\n");
+        let r = parse(&with).expect("parse");
+        assert_eq!(
+            (r.rand_write_iops, r.rand_read_iops),
+            (Some(812.5), Some(2000.0))
+        );
+        assert!(parse(&format!("{out}FSIO rand_read_iops NaN\n")).is_err());
         // same tick: bounded by the clock's resolution, not infinite
         let same = out.replace("102.50", "102.00");
         assert_eq!(
@@ -102,5 +140,6 @@ mod tests {
             assert!(s.contains(&format!("t {phase}")), "{s}");
         }
         assert!(s.contains("conv=fsync"));
+        assert!(s.contains(&format!("{FSIO_PATH} /fsbench.rand {RAND_MIB} {RAND_OPS}")));
     }
 }

@@ -19,8 +19,19 @@ pub(super) fn virtiofsd_path(cli: &Cli) -> Option<PathBuf> {
     })
 }
 
-/// (row name, unit, extractor) of one file-system row.
-type FsMetric = (&'static str, &'static str, fn(&FsResult) -> f64);
+/// (row name, unit, extractor) of one file-system row; None when a run did not measure it.
+type FsMetric = (&'static str, &'static str, fn(&FsResult) -> Option<f64>);
+
+/// The static carapace-fsio for the random-I/O rows (scripts/bench.sh builds it), if built.
+fn fsio_path(cli: &Cli, bins: &Path) -> Option<PathBuf> {
+    cli.fsio
+        .clone()
+        .or_else(|| {
+            bins.parent()
+                .map(|t| t.join("x86_64-unknown-linux-gnu/release/carapace-fsio"))
+        })
+        .filter(|p| p.is_file())
+}
 
 /// Runs the fs workload once in a container; its root file system is what is measured.
 pub(super) fn fs_run(ctrd: &Containerd, runtime: &str, id: &str) -> Result<FsResult> {
@@ -57,7 +68,16 @@ pub(super) fn fs_phase(cli: &Cli, bins: &Path, runs: usize, report: &mut Report)
         .prefix("carapace-bench-fs-")
         .tempdir()
         .context("creating a work directory")?;
-    let archive = busybox_image(work.path())?;
+    let fsio = fsio_path(cli, bins);
+    if fsio.is_none() {
+        report.notes.push(
+            "fs_rand_*: not measured: carapace-fsio is not built (scripts/bench.sh builds it \
+             static: cargo build --release --target x86_64-unknown-linux-gnu -p \
+             carapace-test-programs --bin carapace-fsio)"
+                .into(),
+        );
+    }
+    let archive = busybox_image_with(work.path(), fsio.as_deref())?;
     let mut daemons = vec![("carapace-fsd", bins.join("carapace-fsd"))];
     match virtiofsd_path(cli) {
         Some(p) => daemons.push(("virtiofsd", p)),
@@ -114,53 +134,73 @@ pub(super) fn fs_phase(cli: &Cli, bins: &Path, runs: usize, report: &mut Report)
             results.push((daemon, ours));
         }
     }
-    let metrics: [FsMetric; 3] = [
-        ("fs_seq_write", "MiB/s", |r| r.seq_write_mib_s),
-        ("fs_seq_read", "MiB/s", |r| r.seq_read_mib_s),
-        ("fs_metadata", "ops/s", |r| r.metadata_ops_s),
+    let metrics: [FsMetric; 5] = [
+        ("fs_seq_write", "MiB/s", |r| Some(r.seq_write_mib_s)),
+        ("fs_seq_read", "MiB/s", |r| Some(r.seq_read_mib_s)),
+        ("fs_metadata", "ops/s", |r| Some(r.metadata_ops_s)),
+        ("fs_rand_write_4k", "IOPS", |r| r.rand_write_iops),
+        ("fs_rand_read_4k", "IOPS", |r| r.rand_read_iops),
     ];
-    let median = |v: &[FsResult], f: fn(&FsResult) -> f64, label: &str| {
-        Samples::new(label, "", v.iter().map(f).collect()).percentile(50.0)
+    // every run's value, or None when a run lacks it (no row then)
+    let values = |v: &[FsResult], f: fn(&FsResult) -> Option<f64>| -> Option<Vec<f64>> {
+        v.iter().map(f).collect::<Option<Vec<f64>>>()
     };
     let fsd = results.iter().find(|r| r.0 == "carapace-fsd").map(|r| &r.1);
     let vfs = results.iter().find(|r| r.0 == "virtiofsd").map(|r| &r.1);
     for (name, unit, f) in metrics {
-        if let Some(fsd) = fsd {
-            report.rows.push(Row::new(
-                name,
-                median(fsd, f, "carapace-fsd")?,
-                median(&host, f, "host")?,
-                "host file system (runc, overlayfs)",
+        let host_v = values(&host, f);
+        let fsd_v = fsd.and_then(|v| values(v, f));
+        let vfs_v = vfs.and_then(|v| values(v, f));
+        let set = |label: &str, v: &Option<Vec<f64>>| {
+            v.as_ref()
+                .map(|v| Samples::new(format!("{label} {name}"), unit, v.clone()))
+        };
+        let (h, o, p) = (
+            set("runc (host)", &host_v),
+            set("carapace-fsd", &fsd_v),
+            set("virtiofsd", &vfs_v),
+        );
+        let row = |row: String, a: &Samples, b: &Samples, peer: &str| -> Result<Row> {
+            Ok(Row::new(
+                row,
+                a.percentile(50.0)?,
+                b.percentile(50.0)?,
+                peer,
                 unit,
-            ));
-            if let Some(vfs) = vfs {
-                report.rows.push(Row::new(
-                    format!("{name}_vs_virtiofsd"),
-                    median(fsd, f, "carapace-fsd")?,
-                    median(vfs, f, "virtiofsd")?,
-                    "virtiofsd (same VMM, same guest)",
-                    unit,
-                ));
-            }
+            ))
+        };
+        const HOST: &str = "host file system (runc, overlayfs)";
+        if let (Some(o), Some(h)) = (&o, &h) {
+            report.rows.push(row(name.to_owned(), o, h, HOST)?);
         }
-        if let Some(vfs) = vfs {
-            report.rows.push(Row::new(
-                format!("{name}_virtiofsd_vs_host"),
-                median(vfs, f, "virtiofsd")?,
-                median(&host, f, "host")?,
-                "host file system (runc, overlayfs)",
-                unit,
-            ));
+        if let (Some(o), Some(p)) = (&o, &p) {
+            report.rows.push(row(
+                format!("{name}_vs_virtiofsd"),
+                o,
+                p,
+                "virtiofsd (same VMM, same guest)",
+            )?);
         }
+        if let (Some(p), Some(h)) = (&p, &h) {
+            report
+                .rows
+                .push(row(format!("{name}_virtiofsd_vs_host"), p, h, HOST)?);
+        }
+        report.samples.extend([o, p, h].into_iter().flatten());
     }
     report.notes.push(format!(
         "fs_*: inside a container, on its root file system (virtio-fs under Carapace with \
          cache=never, overlayfs on the host under runc): {} MiB dd write with fsync, the same \
-         file read back, {} files created, listed with attributes and removed; medians of \
-         {runs} run(s); higher is better (ratio > 1 means ours is faster). Times come from \
-         /proc/uptime (10 ms resolution)",
+         file read back, {} files created, listed with attributes and removed (times from \
+         /proc/uptime, 10 ms resolution); fs_rand_*: carapace-fsio, {} 4 KiB writes at random \
+         offsets of a {} MiB file then one fsync, then {} 4 KiB random reads (in-process \
+         clock); medians of {runs} run(s), every run in the samples; higher is better (ratio \
+         > 1 means ours is faster)",
         fsbench::SEQ_MIB,
-        fsbench::META_FILES
+        fsbench::META_FILES,
+        fsbench::RAND_OPS,
+        fsbench::RAND_MIB,
+        fsbench::RAND_OPS
     ));
     Ok(())
 }

@@ -234,6 +234,10 @@ struct Cli {
     /// finding where its memory goes).
     #[arg(long)]
     smaps_dir: Option<PathBuf>,
+    /// The static carapace-fsio for the fs phase's random-I/O rows (default: the workspace's
+    /// target/x86_64-unknown-linux-gnu/release/carapace-fsio, which scripts/bench.sh builds).
+    #[arg(long, value_name = "PATH")]
+    fsio: Option<PathBuf>,
     /// Also save the logs each timeline start is read from (containerd's, the VMM's, the
     /// guest's kernel log) in DIR/<container id>/.
     #[arg(long, value_name = "DIR")]
@@ -458,8 +462,18 @@ fn carapace_containerd_with(
 
 /// The busybox image of the ctr phases, as an OCI archive in `work` for `ctr import`.
 fn busybox_image(work: &Path) -> Result<PathBuf> {
+    busybox_image_with(work, None)
+}
+
+/// [`busybox_image`] with the static program `fsio` as `/carapace-fsio` when given.
+fn busybox_image_with(work: &Path, fsio: Option<&Path>) -> Result<PathBuf> {
     let rootfs = work.join("image-rootfs");
     busybox_rootfs(&rootfs)?;
+    if let Some(p) = fsio {
+        let dest = rootfs.join(fsbench::FSIO_PATH.trim_start_matches('/'));
+        std::fs::copy(p, &dest)
+            .with_context(|| format!("copying {} into the image", p.display()))?;
+    }
     let archive = work.join("busybox.tar");
     oci_image_archive(&rootfs, IMAGE, &["sh"], work, &archive)?;
     Ok(archive)
