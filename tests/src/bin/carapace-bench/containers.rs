@@ -53,12 +53,7 @@ pub(super) fn containers(
     density_max: Option<usize>,
     report: &mut Report,
 ) -> Result<()> {
-    check_sandbox_binaries(bins)?;
-    check_guest_image(&cli.guest_dir)?;
-    let work = tempfile::Builder::new()
-        .prefix("carapace-bench-")
-        .tempdir()
-        .context("creating a work directory")?;
+    let work = sandbox_work_dir(cli, bins)?;
     let (config, state) =
         carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
     progress("building a busybox image and starting a private containerd");

@@ -479,6 +479,17 @@ fn busybox_image_with(work: &Path, fsio: Option<&Path>) -> Result<PathBuf> {
     Ok(archive)
 }
 
+/// A work directory for a phase that runs Carapace sandboxes through `ctr`, once their host
+/// programs and the guest image are there.
+fn sandbox_work_dir(cli: &Cli, bins: &Path) -> Result<tempfile::TempDir> {
+    check_sandbox_binaries(bins)?;
+    check_guest_image(&cli.guest_dir)?;
+    tempfile::Builder::new()
+        .prefix("carapace-bench-")
+        .tempdir()
+        .context("creating a work directory")
+}
+
 /// The sandbox's host programs must be built.
 fn check_sandbox_binaries(bins: &Path) -> Result<()> {
     for b in SANDBOX_PROCS {

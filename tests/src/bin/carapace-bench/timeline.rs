@@ -18,8 +18,8 @@ use time::OffsetDateTime;
 
 use crate::containers::time_to_first_output;
 use crate::{
-    CARAPACE, Cli, IMAGE, START_TIMEOUT_S, busybox_image, carapace_containerd, check_guest_image,
-    check_sandbox_binaries, last_lines, progress,
+    CARAPACE, Cli, IMAGE, START_TIMEOUT_S, busybox_image, carapace_containerd, last_lines,
+    progress, sandbox_work_dir,
 };
 
 /// Added to the guest kernel's command line in this phase: times every initcall into the
@@ -36,12 +36,7 @@ pub(super) fn timeline_phase(
     runs: usize,
     report: &mut Report,
 ) -> Result<()> {
-    check_sandbox_binaries(bins)?;
-    check_guest_image(&cli.guest_dir)?;
-    let work = tempfile::Builder::new()
-        .prefix("carapace-bench-")
-        .tempdir()
-        .context("creating a work directory")?;
+    let work = sandbox_work_dir(cli, bins)?;
     let (config, state) = carapace_config_with(
         work.path(),
         bins,
