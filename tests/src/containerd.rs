@@ -398,9 +398,13 @@ pub fn carapace_config_with(
     let state = dir.join("run");
     let config = dir.join("configuration.toml");
     let mut text = format!(
-        "[hypervisor]\npath = {:?}\nkernel_params = {kernel_params:?}\n",
+        "[hypervisor]\npath = {:?}\n",
         bins.join("carapace-vmm").display().to_string(),
     );
+    // only when asked: callers add their own [hypervisor] keys to this file
+    if !kernel_params.is_empty() {
+        text.push_str(&format!("kernel_params = {kernel_params:?}\n"));
+    }
     if let Some(g) = guest {
         text.push_str(&format!(
             "kernel = {:?}\ninitrd = {:?}\n",
