@@ -169,10 +169,15 @@ impl NetRun {
             command: vec![
                 "sh".into(),
                 "-c".into(),
+                // The bench waits for HTTP, then runs iperf3 clients at once: httpd starts
+                // only when iperf3 listens (its port in LISTEN state, 0A, in the kernel's
+                // tables), or a quick client may find nothing there yet.
                 format!(
                     "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && \
-                     busybox httpd -p {HTTP_PORT} -h /tmp/www && \
-                     exec iperf3 -s -p {IPERF_PORT}"
+                     iperf3 -s -p {IPERF_PORT} & \
+                     until grep -q ':{IPERF_PORT:04X} [0-9A-F:]* 0A' /proc/net/tcp /proc/net/tcp6 \
+                     2>/dev/null; do sleep 0.1; done; \
+                     exec busybox httpd -f -p {HTTP_PORT} -h /tmp/www"
                 ),
             ],
             ..Default::default()
