@@ -193,15 +193,7 @@ fn run_guest(args: Args) -> anyhow::Result<ExitCode> {
     let cad = nix::sys::reboot::set_cad_enabled(false);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (settings, unknown) = pid1::parse_cmdline(&cmdline);
-    let filter = if settings.quiet {
-        // what nobody keeps is not worth two VM exits per byte: warnings and errors only
-        "warn".to_owned()
-    } else {
-        args.log
-            .clone()
-            .or(settings.log.clone())
-            .unwrap_or_else(|| "info".into())
-    };
+    let filter = settings.console_filter(args.log.as_deref());
     init_logging(&filter, true);
     for u in unknown {
         tracing::warn!(parameter = %u, "unknown or invalid carapace.* kernel parameter ignored");

@@ -188,6 +188,21 @@ pub struct CmdlineSettings {
     pub quiet: bool,
 }
 
+impl CmdlineSettings {
+    /// The tracing filter of the agent's console log: `--log` (`from_args`), else
+    /// `carapace.log`, else `info`; under `quiet` warnings and errors only, whatever those
+    /// say (what nobody keeps is not worth two VM exits per byte).
+    pub fn console_filter(&self, from_args: Option<&str>) -> String {
+        if self.quiet {
+            return "warn".to_owned();
+        }
+        from_args
+            .or(self.log.as_deref())
+            .unwrap_or("info")
+            .to_owned()
+    }
+}
+
 /// Largest accepted `carapace.stop_grace_secs` (an hour).
 pub const MAX_STOP_GRACE_SECS: u64 = 3600;
 
@@ -279,6 +294,17 @@ mod tests {
                 "carapace.memory_reserve_mib=-1"
             ]
         );
+    }
+
+    #[test]
+    fn quiet_caps_the_console_log_at_warnings() {
+        let (loud, _) = parse_cmdline("console=ttyS0 carapace.log=debug");
+        assert_eq!(loud.console_filter(None), "debug");
+        assert_eq!(loud.console_filter(Some("trace")), "trace");
+        assert_eq!(CmdlineSettings::default().console_filter(None), "info");
+        let (quiet, _) = parse_cmdline("console=ttyS0 carapace.log=debug quiet");
+        assert_eq!(quiet.console_filter(None), "warn");
+        assert_eq!(quiet.console_filter(Some("trace")), "warn");
     }
 
     #[test]
