@@ -86,7 +86,11 @@ pub fn workspace_root(dir: &Path) -> Result<PathBuf, AgentError> {
     }
 }
 
-/// Builds the agent statically in release mode and returns the executable's path.
+/// The cargo profile the agent is built with (the workspace's `[profile.guest]`: release,
+/// optimised for size, fat LTO, no symbols).
+pub const AGENT_PROFILE: &str = "guest";
+
+/// Builds the agent statically with [`AGENT_PROFILE`] and returns the executable's path.
 pub fn build(workspace: &Path) -> Result<PathBuf, AgentError> {
     let mut rustflags = std::env::var("RUSTFLAGS").unwrap_or_default();
     if !rustflags.contains("crt-static") {
@@ -97,7 +101,8 @@ pub fn build(workspace: &Path) -> Result<PathBuf, AgentError> {
     }
     let args = [
         "build",
-        "--release",
+        "--profile",
+        AGENT_PROFILE,
         "-p",
         AGENT_PACKAGE,
         "--target",

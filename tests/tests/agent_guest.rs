@@ -56,7 +56,8 @@ fn static_agent() -> PathBuf {
     let st = Command::new(cargo)
         .args([
             "build",
-            "--release",
+            "--profile",
+            "guest",
             "-p",
             "carapace-agent",
             "--target",
@@ -70,7 +71,7 @@ fn static_agent() -> PathBuf {
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    target_dir.join(TARGET).join("release/carapace-agent")
+    target_dir.join(TARGET).join("guest/carapace-agent")
 }
 
 fn initramfs(agent: &Path, out: &Path) {
