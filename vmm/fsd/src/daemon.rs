@@ -16,6 +16,8 @@ use vmm_sys_util::timerfd::TimerFd;
 /// costs seconds, not a hung guest.
 pub const WATCHDOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
+use carapace_idmap::IdMap;
+
 use crate::backend::{BackendError, FsBackend, WATCHDOG_EVENT};
 use crate::config::{ConfigError, FsConfig, SandboxMode};
 use crate::guard::GuardedFs;
@@ -34,6 +36,9 @@ pub struct DaemonOptions {
     pub fs: FsConfig,
     /// Sandbox mode.
     pub sandbox: SandboxMode,
+    /// Serve as root of this id block's user namespace (`--idmap`); only with
+    /// [`SandboxMode::Namespace`].
+    pub idmap: Option<IdMap>,
 }
 
 /// Errors of a daemon run.
@@ -97,6 +102,23 @@ pub fn open_fs(cfg: &FsConfig, root: &Path) -> io::Result<ServedFs> {
 /// Serves one vhost-user connection, then returns.
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     let cfg = &opts.fs;
+    let namespace = opts.sandbox == SandboxMode::Namespace;
+    // The id block's user namespace is made first, while the daemon is still root of the
+    // host's (every step up to pivot_into needs that), and entered after pivot_into.
+    let userns = match opts.idmap {
+        Some(map) if namespace => Some((
+            sandbox::new_idmap_ns(map).map_err(DaemonError::Sandbox)?,
+            map,
+        )),
+        Some(_) => {
+            return Err(DaemonError::Config(ConfigError::OutOfRange {
+                field: "--idmap",
+                reason: "needs --sandbox namespace".to_owned(),
+            }));
+        }
+        None => None,
+    };
+    // Needs CAP_SYS_RESOURCE of the host's user namespace: before entering the block's.
     match sandbox::raise_nofile_limit() {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
@@ -105,7 +127,6 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         listener,
         lock: _socket_lock,
     } = socket::listen(&opts.socket_path)?;
-    let namespace = opts.sandbox == SandboxMode::Namespace;
     let export = if namespace {
         sandbox::enter_namespaces(&cfg.shared_dir, cfg.readonly).map_err(DaemonError::Sandbox)?
     } else {
@@ -117,6 +138,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     })?;
     if namespace {
         sandbox::pivot_into(&cfg.shared_dir).map_err(DaemonError::Sandbox)?;
+    }
+    // Still single-threaded here: the tracing subscriber, the socket and the passthrough
+    // start no thread; the vhost-user daemon and the worker pool start theirs below.
+    if let Some((ns, map)) = userns {
+        sandbox::enter_idmap(ns, map).map_err(DaemonError::Sandbox)?;
+        tracing::info!("serving as uid {} (root of id block {map})", map.host_base);
     }
     // Created and armed before seccomp, which then only needs read() on it.
     let watchdog = TimerFd::new()
@@ -160,6 +187,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         readonly = cfg.readonly,
         cache = ?cfg.cache,
         sandbox = ?opts.sandbox,
+        idmap = %opts.idmap.map_or_else(|| "none".to_owned(), |m| m.to_string()),
         "waiting for the vhost-user frontend"
     );
     let mut listener = Listener::from(listener);

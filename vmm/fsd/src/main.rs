@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use carapace_fsd::config::{CacheMode, FsConfig, SandboxMode};
 use carapace_fsd::daemon::{self, DaemonError, DaemonOptions};
-use clap::Parser;
+use carapace_idmap::IdMap;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -15,7 +16,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// The daemon listens on --socket-path, serves one VMM connection, and exits when the VMM
 /// disconnects. By default it confines itself (own mount namespace with the shared dir
 /// as its root, seccomp allow-list, no_new_privs, capabilities reduced to file ownership
-/// ones), which needs root; use --sandbox none to run unprivileged.
+/// ones), which needs root; use --sandbox none to run unprivileged. With --idmap it
+/// serves as root of a block of host ids instead of as host root.
 ///
 /// Exit codes: 0 clean exit, 2 usage, 3 shared dir missing or not a directory,
 /// 4 permission denied, 5 socket error (in use, directory missing), 6 sandbox failure,
@@ -65,11 +67,33 @@ struct Args {
     #[arg(long, value_enum, default_value = "plain")]
     layout: LayoutArg,
 
+    /// Serve as root of the id block BASE:COUNT (decimal host ids BASE .. BASE+COUNT-1):
+    /// host uid and gid BASE, capabilities only over files whose ids are in the block.
+    ///
+    /// The daemon makes a user namespace mapping its ids 0 .. COUNT-1 to host ids
+    /// BASE .. BASE+COUNT-1 (uids and gids) while it is still root, sets up the namespace
+    /// sandbox as root, then joins that user namespace as its root and drops capabilities
+    /// as usual. Only with --sandbox namespace (needs root at start).
+    ///
+    /// The served tree must consist of idmapped mounts with the same mapping (an id n on
+    /// disk shows as host id BASE+n), so the guest sees and writes the ids on disk. What
+    /// does not work: ids >= COUNT (creating or chowning as them fails with EINVAL; files
+    /// owned by them show as 65534 and are used through their "other" permission bits),
+    /// trusted.* xattrs (EPERM), device nodes (EPERM; refused anyway). Directories of the
+    /// shared dir that are not on such a mount (host root's) show as 65534:65534 and are
+    /// reachable only through their "other" permission bits, read-only.
+    #[arg(long, value_name = "BASE:COUNT", value_parser = parse_idmap)]
+    idmap: Option<IdMap>,
+
     /// Let the guest set setuid/setgid bits and `security.capability` everywhere (by
     /// default: only in `<cid>/rootfs` trees of a sandbox layout; elsewhere the bits are
     /// stripped from chmod/create modes and cleared by writes, and the xattr is refused).
     #[arg(long)]
     allow_setid: bool,
+}
+
+fn parse_idmap(s: &str) -> Result<IdMap, String> {
+    IdMap::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -82,6 +106,14 @@ fn main() -> ExitCode {
     // Before any thread exists (see carapace-footprint).
     carapace_footprint::one_malloc_arena();
     let args = Args::parse();
+    if args.idmap.is_some() && args.sandbox == SandboxMode::None {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--idmap needs --sandbox namespace (it cannot be used with --sandbox none)",
+            )
+            .exit();
+    }
     // `Targets` (target=level directives), not `EnvFilter`: the same syntax for what we
     // need without the regex engine (~260 KB of code) in the daemon.
     let filter: Targets = match args.log_level.parse() {
@@ -132,5 +164,6 @@ fn run(args: &Args) -> Result<(), DaemonError> {
         socket_path: args.socket_path.clone(),
         fs,
         sandbox: args.sandbox,
+        idmap: args.idmap,
     })
 }

@@ -9,13 +9,20 @@
 //!    [`pivot_into`]: `pivot_root` into that tmpfs (made read-only) and detach the old
 //!    root, so no host path but the shared dir exists in the daemon's view of the world.
 //!
+//! 3. With an id block (`--idmap`), [`enter_idmap`]: the daemon joins the user namespace
+//!    of the block (made by [`new_idmap_ns`] before phase 1, while the daemon was still
+//!    root of the host's) as its root, i.e. host uid and gid `BASE`, with capabilities
+//!    only in that namespace. Its mount namespace stays owned by the host's user
+//!    namespace, so from then on it can neither mount nor unmount anything.
+//!
 //! Then [`restrict`] (both modes): no_new_privs, drop every capability except those a
 //! file server acting for the guest's users needs, and the seccomp allow-list.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability, CapsHashSet};
+use carapace_idmap::{IdMap, IdmapError};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
 use nix::unistd::{chdir, pivot_root};
@@ -65,6 +72,28 @@ pub enum SandboxError {
     /// seccomp failed.
     #[error("cannot install seccomp filter")]
     Seccomp(#[source] SeccompError),
+    /// A step of running on an id block (`--idmap`) failed.
+    #[error("id block {map}: cannot {step}")]
+    Idmap {
+        /// What was being done.
+        step: &'static str,
+        /// The block.
+        map: IdMap,
+        /// Underlying error.
+        #[source]
+        source: IdmapError,
+    },
+    /// The daemon was not single-threaded when it had to join the id block's user
+    /// namespace (the kernel refuses `setns(CLONE_NEWUSER)` then).
+    #[error(
+        "id block {map}: cannot enter its user namespace: the daemon has {threads} threads, it must have one"
+    )]
+    Threads {
+        /// The block.
+        map: IdMap,
+        /// Threads counted in /proc/self/status.
+        threads: usize,
+    },
 }
 
 fn mount_err<'a>(
@@ -208,6 +237,40 @@ pub fn pivot_into(staging: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Makes the user namespace of the id block `map` (ids `0 .. COUNT` are host ids `BASE ..`),
+/// for [`enter_idmap`]. Needs root of the host's user namespace: called before phase 1.
+pub fn new_idmap_ns(map: IdMap) -> Result<OwnedFd, SandboxError> {
+    carapace_idmap::new_userns(map).map_err(|source| SandboxError::Idmap {
+        step: "create its user namespace",
+        map,
+        source,
+    })
+}
+
+/// Phase 3 (with `--idmap`), after [`pivot_into`] and before [`restrict`]: joins `userns`
+/// (from [`new_idmap_ns`]) as its root, so the daemon is host uid and gid `BASE` with no
+/// supplementary groups, holding every capability of that namespace and none of the
+/// host's (restrict then reduces them to [`KEPT_CAPS`]). The process must be
+/// single-threaded: checked first, for a clear error.
+pub fn enter_idmap(userns: OwnedFd, map: IdMap) -> Result<(), SandboxError> {
+    // /proc is the daemon's own (mounted in phase 1).
+    let threads = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        });
+    if let Some(threads) = threads.filter(|&t| t != 1) {
+        return Err(SandboxError::Threads { map, threads });
+    }
+    carapace_idmap::enter(&userns).map_err(|source| SandboxError::Idmap {
+        step: "enter its user namespace",
+        map,
+        source,
+    })
+}
+
 /// Capabilities the file server keeps: acting as the guest's users on their files.
 /// CAP_DAC_READ_SEARCH is needed by fuse-backend-rs's `link` (`linkat(fd, "",
 /// AT_EMPTY_PATH)`, which kernels before 6.10 allow only with it); its dangerous use,
@@ -223,8 +286,10 @@ pub const KEPT_CAPS: &[Capability] = &[
     Capability::CAP_SETFCAP,
 ];
 
-/// no_new_privs, capability drop, seccomp. Works for root and unprivileged users (an
-/// unprivileged process has no capabilities to drop).
+/// no_new_privs, capability drop, seccomp. Works for root, for root of an id block's user
+/// namespace (the sets read and changed are then that namespace's capabilities, and the
+/// bounding set shrinks the same way) and for unprivileged users (an unprivileged process
+/// has no capabilities to drop).
 pub fn restrict() -> Result<(), SandboxError> {
     nix::sys::prctl::set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
     drop_caps()?;

@@ -286,3 +286,172 @@ fn exits_cleanly_when_the_frontend_goes_away() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn idmap_usage_errors_name_the_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let shared = d.path().to_str().unwrap();
+    let base = ["--socket-path", sock, "--shared-dir", shared];
+    for bad in ["5:0", "x", "0:65536", "2147483647:2", "1879113728"] {
+        let (code, err) = run_err(&[&base[..], &["--idmap", bad]].concat());
+        assert_eq!(code, 2, "--idmap {bad}: {err}");
+        assert!(err.contains("--idmap") && err.contains(bad), "{err}");
+    }
+    let (code, err) = run_err(
+        &[
+            &base[..],
+            &["--sandbox", "none", "--idmap", "1879113728:65536"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--idmap") && err.contains("--sandbox none"),
+        "{err}"
+    );
+}
+
+/// An idmapped clone of a directory, attached for the test; detached on drop.
+struct IdmappedMount<'a>(&'a Path);
+
+impl<'a> IdmappedMount<'a> {
+    /// `None` (with the reason printed) where the file system has no idmapped mounts.
+    fn new(src: &Path, at: &'a Path, map: carapace_idmap::IdMap) -> Option<Self> {
+        use std::os::fd::AsFd;
+        let ns = carapace_idmap::new_userns(map).unwrap();
+        let tree = match carapace_idmap::clone_idmapped(src, ns.as_fd(), false) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipped: {}", carapace_errors::Chain(&e));
+                return None;
+            }
+        };
+        rustix::mount::move_mount(
+            tree.as_fd(),
+            "",
+            rustix::fs::CWD,
+            at,
+            rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .unwrap();
+        Some(IdmappedMount(at))
+    }
+}
+
+impl Drop for IdmappedMount<'_> {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn idmap_serves_as_root_of_the_id_block() {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        eprintln!("skipped: --idmap needs root (a user namespace and idmapped mounts)");
+        return;
+    }
+    const BASE: u32 = 0x7001_0000;
+    let map = carapace_idmap::IdMap {
+        host_base: BASE,
+        count: 65536,
+    };
+    let d = tempfile::tempdir_in("/var/tmp").unwrap();
+    let src = d.path().join("src");
+    let at = d.path().join("at");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::create_dir(&at).unwrap();
+    for (name, id) in [("user", 1000), ("root", 0)] {
+        let f = src.join(name);
+        std::fs::write(&f, b"x").unwrap();
+        std::os::unix::fs::chown(&f, Some(id), Some(id)).unwrap();
+    }
+    let Some(_mount) = IdmappedMount::new(&src, &at, map) else {
+        return;
+    };
+    // Through the mount, host root sees the block's ids.
+    assert_eq!(
+        std::fs::metadata(at.join("user")).unwrap().uid(),
+        BASE + 1000
+    );
+    assert_eq!(std::fs::metadata(at.join("root")).unwrap().uid(), BASE);
+
+    let sock = d.path().join("s.sock");
+    let mut child = spawn(&sock, &at, &["--idmap", "1879113728:65536"]);
+    wait_sandboxed(&mut child);
+    assert!(sock.exists());
+    let pid = child.id();
+    let block_root = ["1879113728"; 4].join(" ");
+    let words = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(
+        status_field(pid, "Uid").map(words),
+        Some(block_root.clone())
+    );
+    assert_eq!(status_field(pid, "Gid").map(words), Some(block_root));
+    assert_eq!(status_field(pid, "Groups").as_deref(), Some(""));
+    assert_eq!(status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
+    assert_eq!(status_field(pid, "Seccomp").as_deref(), Some("2"));
+    for file in ["uid_map", "gid_map"] {
+        let m = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+        assert_eq!(words(m), "0 1879113728 65536", "{file}");
+    }
+    let ours = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let its = std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_ne!(ours, its, "the daemon is in the host's user namespace");
+    // The capability drop happened in its namespace too, bounding set included.
+    let allowed: u64 = [0u32, 1, 2, 3, 4, 6, 7, 31].iter().map(|b| 1u64 << b).sum();
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let v = u64::from_str_radix(&status_field(pid, set).unwrap(), 16).unwrap();
+        assert_eq!(v & !allowed, 0, "{set} = {v:x}");
+        assert_ne!(v, 0, "{set}: the block's root keeps the file capabilities");
+    }
+    assert_eq!(
+        status_field(pid, "CapAmb").as_deref(),
+        Some("0000000000000000")
+    );
+    // Its mount namespace is the sandbox's, with the idmapped export.
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    let points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(points, ["/", "/shared", "/proc"], "{mounts}");
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(
+        info.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some("/shared") && l.contains("idmapped")),
+        "{info}"
+    );
+
+    // It still serves a frontend (the vhost-user threads start after the switch), and
+    // exits cleanly when it goes away.
+    drop(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon still running 20 s after the frontend disconnected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "daemon exit status {status}: {log}");
+    assert!(
+        log.contains("serving as uid 1879113728 (root of id block 1879113728:65536)"),
+        "{log}"
+    );
+    // The source kept its real ids.
+    assert_eq!(std::fs::metadata(src.join("user")).unwrap().uid(), 1000);
+}
