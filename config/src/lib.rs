@@ -334,8 +334,14 @@ impl VhostNetMode {
 /// --private-users=pick`), below systemd's "foreign" range (0x7FFE0000..) and below 2^31,
 /// which some tools mishandle as a negative id.
 pub const DEFAULT_JAIL_UID_BASE: u32 = 0x7000_0000;
-/// Ids in the default jail range: one per running sandbox.
-pub const DEFAULT_JAIL_UID_COUNT: u32 = 65_536;
+/// Ids in the default jail range: one per running sandbox, so at most this many jailed
+/// sandboxes at once (each also takes an id block of the fs daemon's range).
+pub const DEFAULT_JAIL_UID_COUNT: u32 = 4_000;
+/// First id of the default fs daemon range: right after the VMMs' 65536-id slot.
+pub const DEFAULT_JAIL_FS_UID_BASE: u32 = 0x7001_0000;
+/// Ids in each sandbox's fs daemon block: the container ids a jailed fs daemon can serve
+/// (0 .. 65535, what Kubernetes' user namespaces give a pod too).
+pub const DEFAULT_JAIL_FS_IDS: u32 = 65_536;
 /// The jail range must end at or below this id (2^31: ids from there on are read as
 /// negative by some tools, and `(uid_t)-1` means "unchanged" to the kernel).
 pub const JAIL_UID_END_LIMIT: u64 = 1 << 31;
@@ -358,6 +364,15 @@ pub struct Jail {
     pub nofile: u64,
     /// RLIMIT_NPROC of a jailed VMM (threads of its uid: one uid per sandbox).
     pub nproc: u64,
+    /// Jail the fs daemon too (the default; carapace-fsd only): it serves the sandbox's
+    /// files as root of a user namespace that maps the sandbox's block of `fs_ids` ids,
+    /// through idmapped mounts of the rootfs layers and volumes.
+    pub fs_daemon: bool,
+    /// First id of the fs daemons' blocks: the sandbox whose VMM has uid `uid_base + k`
+    /// gets `fs_uid_base + k * fs_ids .. + fs_ids`.
+    pub fs_uid_base: u32,
+    /// Ids per fs daemon block: container files and processes may use ids below this.
+    pub fs_ids: u32,
 }
 
 impl Default for Jail {
@@ -368,6 +383,9 @@ impl Default for Jail {
             uid_count: DEFAULT_JAIL_UID_COUNT,
             nofile: carapace_vm_config::DEFAULT_JAIL_NOFILE,
             nproc: carapace_vm_config::DEFAULT_JAIL_NPROC,
+            fs_daemon: true,
+            fs_uid_base: DEFAULT_JAIL_FS_UID_BASE,
+            fs_ids: DEFAULT_JAIL_FS_IDS,
         }
     }
 }
@@ -376,6 +394,22 @@ impl Jail {
     /// One past the last id of the range.
     pub fn uid_end(&self) -> u64 {
         u64::from(self.uid_base) + u64::from(self.uid_count)
+    }
+
+    /// One past the last id of the fs daemons' blocks.
+    pub fn fs_end(&self) -> u64 {
+        u64::from(self.fs_uid_base) + u64::from(self.uid_count) * u64::from(self.fs_ids)
+    }
+
+    /// The fs daemon's block (first host id, count) of the sandbox whose VMM runs as
+    /// `vmm_uid`, or None when that uid is not in the range.
+    pub fn fs_block(&self, vmm_uid: u32) -> Option<(u32, u32)> {
+        let k = vmm_uid.checked_sub(self.uid_base)?;
+        if k >= self.uid_count {
+            return None;
+        }
+        let base = u64::from(self.fs_uid_base) + u64::from(k) * u64::from(self.fs_ids);
+        Some((u32::try_from(base).ok()?, self.fs_ids))
     }
 }
 
@@ -575,6 +609,49 @@ impl Config {
                 ),
             ));
         }
+        if j.fs_uid_base < 1000 {
+            return Err(invalid(
+                "jail.fs_uid_base",
+                format!("must be at least 1000, got {}", j.fs_uid_base),
+            ));
+        }
+        if j.fs_ids < 1000 {
+            return Err(invalid(
+                "jail.fs_ids",
+                format!(
+                    "must be at least 1000 (container files and users need the low ids), got {}",
+                    j.fs_ids
+                ),
+            ));
+        }
+        if j.fs_end() > JAIL_UID_END_LIMIT {
+            return Err(invalid(
+                "jail.fs_ids",
+                format!(
+                    "the fs daemons' blocks {}..{} (jail.uid_count blocks of jail.fs_ids ids from jail.fs_uid_base) pass 2^31 ({JAIL_UID_END_LIMIT}); lower jail.uid_count, jail.fs_ids or jail.fs_uid_base",
+                    j.fs_uid_base,
+                    j.fs_end()
+                ),
+            ));
+        }
+        if u64::from(j.fs_uid_base) < j.uid_end() && u64::from(j.uid_base) < j.fs_end() {
+            return Err(invalid(
+                "jail.fs_uid_base",
+                format!(
+                    "the fs daemons' blocks {}..{} overlap the VMMs' range {}..{}",
+                    j.fs_uid_base,
+                    j.fs_end(),
+                    j.uid_base,
+                    j.uid_end()
+                ),
+            ));
+        }
+        if j.enabled && j.fs_daemon && self.fs.daemon == FsDaemon::Virtiofsd {
+            return Err(invalid(
+                "jail.fs_daemon",
+                "only carapace-fsd runs jailed; with fs.daemon = \"virtiofsd\" set jail.fs_daemon = false".into(),
+            ));
+        }
         if j.nofile < 64 {
             return Err(invalid(
                 "jail.nofile",
@@ -670,7 +747,7 @@ mod tests {
     fn empty_file_means_defaults_and_partial_files_override_keys() {
         assert_eq!(parse("").expect("empty"), Config::default());
         let c = parse(
-            "[hypervisor]\ndefault_vcpus = 2\n[fs]\ndaemon = \"virtiofsd\"\ncache = \"never\"\n",
+            "[hypervisor]\ndefault_vcpus = 2\n[fs]\ndaemon = \"virtiofsd\"\ncache = \"never\"\n[jail]\nfs_daemon = false\n",
         )
         .expect("partial");
         assert_eq!(c.hypervisor.default_vcpus, 2);
@@ -750,6 +827,14 @@ mod tests {
                 "jail.uid_count",
             ),
             ("[jail]\nnofile = 10\n", "jail.nofile"),
+            ("[jail]\nfs_uid_base = 5\n", "jail.fs_uid_base"),
+            ("[jail]\nfs_ids = 10\n", "jail.fs_ids"),
+            ("[fs]\ndaemon = \"virtiofsd\"\n", "jail.fs_daemon"),
+            ("[jail]\nuid_count = 65536\n", "jail.fs_ids"),
+            (
+                "[jail]\nuid_base = 1879113728\nuid_count = 10\n",
+                "jail.fs_uid_base",
+            ),
             ("[jail]\nnproc = 1\n", "jail.nproc"),
             // checked even when off, so that turning it on cannot reveal a bad range
             ("[jail]\nenabled = false\nuid_count = 0\n", "jail.uid_count"),
@@ -769,9 +854,15 @@ mod tests {
     fn jail_is_on_by_default_in_a_range_of_its_own() {
         let j = Config::default().jail;
         assert!(j.enabled);
-        assert_eq!((j.uid_base, j.uid_count), (0x7000_0000, 65_536));
-        assert_eq!(j.uid_end(), 0x7001_0000);
-        assert!(j.uid_end() <= JAIL_UID_END_LIMIT);
+        assert_eq!((j.uid_base, j.uid_count), (0x7000_0000, 4_000));
+        assert!(j.uid_end() <= u64::from(j.fs_uid_base));
+        assert!(j.fs_daemon);
+        // The fs blocks end below systemd's foreign range (0x7FFE0000).
+        assert!(j.fs_end() <= 0x7FFE_0000, "{:#x}", j.fs_end());
+        assert_eq!(j.fs_block(0x7000_0000), Some((0x7001_0000, 65_536)));
+        assert_eq!(j.fs_block(0x7000_0002), Some((0x7003_0000, 65_536)));
+        assert_eq!(j.fs_block(0x7000_0000 + 4_000), None);
+        assert_eq!(j.fs_block(5), None);
         let c =
             parse("[jail]\nenabled = false\nuid_base = 200000\nuid_count = 10\n").expect("valid");
         assert!(!c.jail.enabled);

@@ -279,6 +279,42 @@ fn check_jail_probe(jail: &carapace_config::Jail) -> Check {
     }
 }
 
+/// Whether the fs daemon can run jailed here (`[jail] fs_daemon`): an overlay of idmapped
+/// layers, made and removed in a scratch directory under the state directory.
+fn check_fs_jail_probe(config: &Config) -> Check {
+    const NAME: &str = "fs daemon jail";
+    let jail = &config.jail;
+    if !jail.enabled || !jail.fs_daemon {
+        return pass(
+            NAME,
+            "off (jail.enabled or jail.fs_daemon false): the fs daemon runs as root in its own \
+             namespaces, under its seccomp filter"
+                .into(),
+        );
+    }
+    match crate::jail::probe::fs_probe(&config.runtime.state_dir, jail) {
+        Ok(()) => pass(
+            NAME,
+            format!(
+                "an overlay of idmapped layers works under {}: each fs daemon serves as root \
+                 of its own block of {} ids",
+                config.runtime.state_dir.display(),
+                jail.fs_ids
+            ),
+        ),
+        Err(e) => fail(
+            NAME,
+            format!(
+                "a jailed fs daemon cannot serve files here ({}): sandboxes fail to start",
+                carapace_errors::chain(&e)
+            ),
+            "run the runtime as root on Linux 5.19 or later whose file systems support \
+             idmapped mounts (tmpfs from 6.3; not NFS or 9p), or set jail.fs_daemon = false \
+             (the fs daemon then runs as root)",
+        ),
+    }
+}
+
 /// Entries of the host's user, group and subordinate-id files that fall in `range`: whoever
 /// holds such an id could signal or trace the VMM running as it.
 pub fn range_conflicts(
@@ -348,6 +384,31 @@ fn check_jail_range(config: &Config, host: &HostFiles) -> Option<Check> {
             "move the range (jail.uid_base) clear of every user, group and subordinate range",
         ));
     }
+    if jail.fs_daemon {
+        let fs_range = crate::jail::UidRange {
+            base: jail.fs_uid_base,
+            count: u32::try_from(jail.fs_end() - u64::from(jail.fs_uid_base)).unwrap_or(u32::MAX),
+        };
+        let conflicts = range_conflicts(
+            fs_range,
+            &read(&host.passwd),
+            &read(&host.group),
+            &read(&host.subuid),
+            &read(&host.subgid),
+        );
+        if !conflicts.is_empty() {
+            return Some(fail(
+                NAME,
+                format!(
+                    "the fs daemons' blocks {}..={} (jail.fs_uid_base, jail.uid_count x jail.fs_ids) overlap ids in use: {}",
+                    fs_range.base,
+                    fs_range.last(),
+                    conflicts.join("; ")
+                ),
+                "move the blocks (jail.fs_uid_base) clear of every user, group and subordinate range",
+            ));
+        }
+    }
     let claims = crate::jail::UidClaims::new(&config.runtime.state_dir);
     Some(match claims.usage(range) {
         Ok(u) if u.live >= range.count => fail(
@@ -412,6 +473,7 @@ pub fn run(config: &Config, host: &HostFiles) -> Vec<Check> {
         check_binary("fs daemon", "fs.path", &config.fs.path, fs_fix),
         check_vhost_net(config.network.vhost_net, &host.vhost_net),
         check_jail_probe(&config.jail),
+        check_fs_jail_probe(config),
     ]
     .into_iter()
     .chain(check_jail_range(config, host))
@@ -579,7 +641,27 @@ mod tests {
     fn the_jail_is_reported_with_its_range_and_free_ids() {
         let mut h = host("vmx", &["kvm_intel"]);
         let range = by_name(&run(&h.config, &h.files), "jail uid range").clone();
-        assert!(range.ok && range.detail.contains("65536 free"), "{range:?}");
+        assert!(range.ok && range.detail.contains("4000 free"), "{range:?}");
+        // the fs daemons' blocks are checked too
+        std::fs::write(&h.files.subuid, "bob:1879179264:65536\n").unwrap();
+        let c = by_name(&run(&h.config, &h.files), "jail uid range").clone();
+        assert!(
+            !c.ok
+                && c.detail.contains("bob")
+                && c.hint.as_deref().unwrap().contains("jail.fs_uid_base"),
+            "{c:?}"
+        );
+        std::fs::remove_file(&h.files.subuid).unwrap();
+        // the fs daemon's probe: root makes the overlay of idmapped layers here
+        let fs = by_name(&run(&h.config, &h.files), "fs daemon jail").clone();
+        if nix::unistd::Uid::effective().is_root() {
+            assert!(fs.ok, "{fs:?}");
+        } else {
+            assert!(
+                !fs.ok && fs.hint.as_deref().unwrap().contains("jail.fs_daemon"),
+                "{fs:?}"
+            );
+        }
         // a user in the range fails it, naming the user and the key
         std::fs::write(&h.files.passwd, "vmm:x:1879048300:1::/:/bin/false\n").unwrap();
         let c = by_name(&run(&h.config, &h.files), "jail uid range").clone();
@@ -625,6 +707,7 @@ mod tests {
             "{off:?}"
         );
         assert!(checks.iter().all(|c| c.name != "jail uid range"));
+        assert!(by_name(&checks, "fs daemon jail").detail.starts_with("off"));
     }
 
     #[test]

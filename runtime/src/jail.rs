@@ -76,6 +76,30 @@ pub struct JailRecord {
     pub gid: u32,
     /// The directory that is its `/`.
     pub root: PathBuf,
+    /// The fs daemon's id block under `[jail] fs_daemon` (absent: it runs as root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsBlock>,
+}
+
+/// The block of host ids a jailed fs daemon serves through: namespace ids `0 .. count`
+/// are host ids `base .. base + count`, and the daemon runs as `base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsBlock {
+    /// First host id (the daemon's uid and gid).
+    pub base: u32,
+    /// How many ids.
+    pub count: u32,
+}
+
+impl FsBlock {
+    /// The id mapping of the block.
+    pub fn idmap(&self) -> carapace_idmap::IdMap {
+        carapace_idmap::IdMap {
+            host_base: self.base,
+            count: self.count,
+        }
+    }
 }
 
 /// The ids jailed VMMs may run as: `base .. base + count`.

@@ -26,6 +26,9 @@ pub struct FsRequest {
     pub log: PathBuf,
     /// The sandbox's host cgroup, joined before exec.
     pub cgroup: Option<std::sync::Arc<crate::cgroup::Joined>>,
+    /// The jailed daemon's id block (`--idmap`): it serves as root of a user namespace
+    /// mapping it. None: it runs as root.
+    pub idmap: Option<carapace_idmap::IdMap>,
 }
 
 /// How to start the VMM.
@@ -77,6 +80,9 @@ impl BinaryLauncher {
             cmd.arg("--layout").arg("sandbox");
             if fs.allow_setid {
                 cmd.arg("--allow-setid");
+            }
+            if let Some(map) = req.idmap {
+                cmd.arg("--idmap").arg(map.to_string());
             }
         }
         cmd.args(&fs.extra_args);
@@ -365,6 +371,7 @@ mod tests {
             socket: "/run/carapace/x/fsd.sock".into(),
             log: "/run/carapace/x/fsd.log".into(),
             cgroup: None,
+            idmap: None,
         });
         assert_eq!(cmd.get_program(), "/usr/local/bin/carapace-fsd");
         let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
@@ -392,6 +399,7 @@ mod tests {
             socket: "/f.sock".into(),
             log: "/f.log".into(),
             cgroup: None,
+            idmap: None,
         });
         assert!(
             !cmd.get_args()

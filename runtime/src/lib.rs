@@ -27,7 +27,6 @@ pub mod hooks;
 pub mod jail;
 pub mod keeper;
 pub mod launcher;
-pub mod mount_setattr;
 pub mod mounts;
 pub mod network;
 pub mod oci;

@@ -21,13 +21,14 @@
 //!   first, so a crash between mount and save leaks nothing.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 
-use crate::mount_setattr;
+use carapace_idmap::mount_setattr;
 
 /// Errors of mount operations.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,17 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    /// Making a bind the jailed fs daemon sees through its id block failed.
+    #[error(
+        "cannot bind {source_path} idmapped for the jailed fs daemon (jail.fs_daemon = false runs it as root instead)"
+    )]
+    Idmap {
+        /// The source.
+        source_path: PathBuf,
+        /// Cause.
+        #[source]
+        source: carapace_idmap::IdmapError,
+    },
     /// umount2(2) failed.
     #[error("cannot unmount {target}")]
     Unmount {
@@ -78,6 +90,10 @@ pub struct BindOptions {
     pub read_only: bool,
     /// With the mounts beneath the source (`rbind`; `bind` when false).
     pub recursive: bool,
+    /// Seen through the jailed fs daemon's id block: the bind is an idmapped mount with
+    /// this mapping, and a source that is an overlay's root is mounted anew from its
+    /// layers, each idmapped (`carapace_idmap::mount_idmapped`).
+    pub idmap: Option<carapace_idmap::IdMap>,
 }
 
 /// The mount operations the runtime needs (a seam for tests without privileges).
@@ -268,22 +284,64 @@ impl Mounter for SysMounter {
             read_only: opts.read_only,
             source: e,
         };
-        let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
-        if opts.recursive {
-            flags |= OpenTreeFlags::AT_RECURSIVE;
-        }
-        let tree =
-            rustix::mount::open_tree(rustix::fs::CWD, source, flags).map_err(|e| err(e.into()))?;
+        // A jailed fs daemon sees the bind through its id block: a user namespace with the
+        // block's mapping is the bind's id mapping, and an overlay (whose mounts cannot be
+        // idmapped) is made anew from its layers, each idmapped.
+        let userns = match opts.idmap {
+            Some(map) => Some(
+                carapace_idmap::new_userns(map).map_err(|e| MountError::Idmap {
+                    source_path: source.to_path_buf(),
+                    source: e,
+                })?,
+            ),
+            None => None,
+        };
+        let overlay = match (opts.idmap, &userns) {
+            (Some(map), Some(ns)) => overlay_at(source)
+                .map(|super_options| {
+                    self.remount_overlay(source, stage, &super_options, map, ns.as_fd())
+                })
+                .transpose()?,
+            _ => None,
+        };
+        let idmapped_clone = overlay.is_none() && userns.is_some();
+        let tree = match overlay {
+            Some(tree) => tree,
+            None => {
+                let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+                if opts.recursive {
+                    flags |= OpenTreeFlags::AT_RECURSIVE;
+                }
+                rustix::mount::open_tree(rustix::fs::CWD, source, flags)
+                    .map_err(|e| err(e.into()))?
+            }
+        };
         mount_setattr::set(
             &tree,
             mount_setattr::Attrs {
                 read_only: opts.read_only,
                 nosuid_nodev: true,
                 private: true,
+                idmap: userns
+                    .as_ref()
+                    .filter(|_| idmapped_clone)
+                    .map(|ns| ns.as_fd()),
             },
             opts.recursive,
         )
-        .map_err(err)?;
+        .map_err(|e| {
+            if idmapped_clone {
+                MountError::Idmap {
+                    source_path: source.to_path_buf(),
+                    source: carapace_idmap::IdmapError::Idmap {
+                        path: source.to_path_buf(),
+                        source: e,
+                    },
+                }
+            } else {
+                err(e)
+            }
+        })?;
         rustix::mount::move_mount(
             &tree,
             "",
@@ -311,25 +369,109 @@ impl Mounter for SysMounter {
     }
 }
 
-/// Decodes the octal escapes (`\040` for a space, ...) mountinfo uses in paths.
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+impl SysMounter {
+    /// Mounts the overlay whose root is `source` (its options as mountinfo shows them)
+    /// anew from its layers, each idmapped by `userns`, and returns it detached. The
+    /// layer clones are staged in a directory of the sandbox's own, beside `stage` (never
+    /// under anything the guest can write), which is removed again.
+    fn remount_overlay(
+        &self,
+        source: &Path,
+        stage: &Path,
+        super_options: &str,
+        map: carapace_idmap::IdMap,
+        userns: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<OwnedFd, MountError> {
+        let idmap_err = |e| MountError::Idmap {
+            source_path: source.to_path_buf(),
+            source: e,
+        };
+        let mut overlay =
+            carapace_idmap::Overlay::from_mountinfo_options(super_options).map_err(idmap_err)?;
+        if overlay.has_relative_lower() {
+            // containerd's shim shortens a long lowerdir option to paths relative to the
+            // layers' common directory, `<root>/snapshots/`, which also holds the upper
+            // layer's snapshot (`<root>/snapshots/<n>/fs`).
+            let base = overlay
+                .upper
+                .as_deref()
+                .and_then(Path::parent)
+                .and_then(Path::parent)
+                .map(Path::to_path_buf);
+            match base {
+                Some(base) => overlay.resolve_relative_lower(&base),
+                None => {
+                    return Err(idmap_err(carapace_idmap::IdmapError::OverlayOption {
+                        option: "lowerdir".to_owned(),
+                        reason: "relative lower layers without an upper layer to find them by",
+                    }));
+                }
+            }
+            if let Some(missing) = overlay.lower.iter().find(|p| !p.is_dir()) {
+                return Err(idmap_err(carapace_idmap::IdmapError::OverlayOption {
+                    option: format!("lowerdir={}", missing.display()),
+                    reason: "a relative lower layer is not beside the upper layer's snapshot",
+                }));
+            }
+        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let parent = stage.parent().unwrap_or(stage);
+        let staging = parent.join(format!("idmap-{}-{n}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|source| MountError::MountPoint {
+                path: staging.clone(),
+                source,
+            })?;
+        let made = carapace_idmap::mount_idmapped(&overlay, map, userns, &staging);
+        let _ = std::fs::remove_dir(&staging);
+        tracing::debug!(
+            source = %source.display(),
+            layers = overlay.lower.len(),
+            "overlay mounted anew from idmapped layers"
+        );
+        made.map_err(idmap_err)
+    }
+}
+
+/// The super options of the overlay mounted at `source` (the topmost mount there), from
+/// `/proc/self/mountinfo`; None when `source` is not an overlay's mount point.
+fn overlay_at(source: &Path) -> Option<String> {
+    let source = std::fs::canonicalize(source).ok()?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    overlay_in_mountinfo(&text, &source)
+}
+
+/// [`overlay_at`] on a given mountinfo text.
+fn overlay_in_mountinfo(mountinfo: &str, source: &Path) -> Option<String> {
+    let mut found = None;
+    for line in mountinfo.lines() {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(first), Some(second)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        let Some(point) = first.split(' ').nth(4) else {
+            continue;
+        };
+        let mut rest = second.split(' ');
+        let (Some(fstype), Some(_src), Some(super_options)) =
+            (rest.next(), rest.next(), rest.next())
+        else {
+            continue;
+        };
+        if Path::new(&unescape(point)) == source {
+            // A later line is a mount on top of an earlier one.
+            found = (fstype == "overlay").then(|| super_options.to_owned());
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    found
+}
+
+/// Decodes the octal escapes (`\040` for a space, ...) mountinfo uses in paths.
+fn unescape(field: &str) -> String {
+    carapace_idmap::overlay::unescape_mountinfo(field)
 }
 
 /// Mount points (field 5 of mountinfo) at or below `dir`, deepest first, each once.
@@ -420,6 +562,109 @@ mod tests {
         }
     }
 
+    #[test]
+    fn overlays_are_found_in_mountinfo() {
+        let text = "\
+36 25 0:31 / /b/rootfs rw,relatime shared:1 - overlay overlay rw,lowerdir=/l1:/l0,upperdir=/u/fs,workdir=/u/work
+37 25 0:32 / /b/other rw - tmpfs tmpfs rw
+38 36 0:33 / /b/rootfs rw - tmpfs tmpfs rw
+39 25 0:34 / /b/with\\040space rw - overlay overlay rw,lowerdir=/x
+";
+        assert_eq!(
+            overlay_in_mountinfo(text, Path::new("/b/with space")).as_deref(),
+            Some("rw,lowerdir=/x")
+        );
+        // Covered by a later mount: not an overlay any more.
+        assert_eq!(overlay_in_mountinfo(text, Path::new("/b/rootfs")), None);
+        assert_eq!(overlay_in_mountinfo(text, Path::new("/b/other")), None);
+        let first_only = text.lines().next().unwrap();
+        assert_eq!(
+            overlay_in_mountinfo(first_only, Path::new("/b/rootfs")).as_deref(),
+            Some("rw,lowerdir=/l1:/l0,upperdir=/u/fs,workdir=/u/work")
+        );
+    }
+
+    /// The jailed fs daemon's view (needs root and idmapped mounts; tmpfs has them since
+    /// Linux 6.3): a rootfs overlay is mounted anew from idmapped layers and a volume is an
+    /// idmapped bind, so a file with id `k` shows as the block's `base + k` on the host
+    /// side of the export, while the source keeps its ids.
+    #[test]
+    fn idmapped_binds_show_ids_in_the_block() {
+        if !root() {
+            return;
+        }
+        let map = carapace_idmap::IdMap {
+            host_base: 0x7001_0000,
+            count: 65536,
+        };
+        let sb = Sandbox::new();
+        let src = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = |n: &str| src.path().join(n);
+        for d in ["lower", "snap", "snap/fs", "snap/work", "rootfs", "vol"] {
+            std::fs::create_dir(p(d)).unwrap();
+        }
+        for (f, uid) in [("lower/etc", 0), ("lower/home", 1000), ("vol/data", 1000)] {
+            std::fs::write(p(f), b"x").unwrap();
+            std::os::unix::fs::chown(p(f), Some(uid), Some(uid)).unwrap();
+        }
+        // The rootfs as the shim mounts it.
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            p("lower").display(),
+            p("snap/fs").display(),
+            p("snap/work").display()
+        );
+        mount(
+            Some("overlay"),
+            &p("rootfs"),
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .unwrap();
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+            }
+        }
+        let _rootfs = Unmount(p("rootfs"));
+        let opts = |recursive| BindOptions {
+            read_only: false,
+            recursive,
+            idmap: Some(map),
+        };
+        let rootfs =
+            match SysMounter.bind(&p("rootfs"), &sb.stage(), Path::new("c/rootfs"), opts(true)) {
+                Ok(t) => t,
+                Err(e @ MountError::Idmap { .. }) => {
+                    eprintln!("skipped: {}", carapace_errors::Chain(&e));
+                    return;
+                }
+                Err(e) => panic!("{}", carapace_errors::Chain(&e)),
+            };
+        SysMounter
+            .bind(&p("vol"), &sb.stage(), Path::new("c/mounts/0"), opts(false))
+            .unwrap();
+        let uid = |f: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(f).unwrap());
+        assert_eq!(uid(&rootfs.join("etc")), map.host_base);
+        assert_eq!(uid(&rootfs.join("home")), map.host_base + 1000);
+        let export = sb.shared().join("c");
+        assert_eq!(uid(&export.join("rootfs/home")), map.host_base + 1000);
+        assert_eq!(uid(&export.join("mounts/0/data")), map.host_base + 1000);
+        assert_eq!(uid(&p("vol/data")), 1000);
+        // The layer clones were staged beside the stage and are gone.
+        let left: Vec<_> = std::fs::read_dir(sb.tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("idmap-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        // Teardown finds every mount under the sandbox (the Sandbox guard unmounts them).
+        let under = SysMounter.mounts_under(sb.tmp.path());
+        assert!(under.contains(&rootfs), "{under:?}");
+    }
+
     /// Runs only as root (CAP_SYS_ADMIN); the project's test machines run tests as root.
     #[test]
     fn binds_appear_in_the_export_with_their_flags_and_unmount_is_idempotent() {
@@ -435,10 +680,12 @@ mod tests {
         let ro = BindOptions {
             read_only: true,
             recursive: true,
+            idmap: None,
         };
         let rw = BindOptions {
             read_only: false,
             recursive: true,
+            idmap: None,
         };
         m.bind(src.path(), &sb.stage(), Path::new("c/rootfs"), ro)
             .unwrap();
@@ -506,6 +753,7 @@ mod tests {
             BindOptions {
                 read_only: true,
                 recursive: true,
+                idmap: None,
             },
         );
         let nr = m.bind(
@@ -515,6 +763,7 @@ mod tests {
             BindOptions {
                 read_only: false,
                 recursive: false,
+                idmap: None,
             },
         );
         let shared = sb.shared();
@@ -555,6 +804,7 @@ mod tests {
                 BindOptions {
                     read_only: false,
                     recursive: true,
+                    idmap: None,
                 },
             )
             .unwrap_err();

@@ -90,11 +90,13 @@ pub struct BindPlan {
 }
 
 impl BindPlan {
-    /// The mount options for [`crate::mounts::Mounter::bind`].
-    pub fn options(&self) -> crate::mounts::BindOptions {
+    /// The mount options for [`crate::mounts::Mounter::bind`], idmapped with `idmap`
+    /// when the fs daemon is jailed.
+    pub fn options(&self, idmap: Option<carapace_idmap::IdMap>) -> crate::mounts::BindOptions {
         crate::mounts::BindOptions {
             read_only: self.read_only,
             recursive: self.recursive,
+            idmap,
         }
     }
 }

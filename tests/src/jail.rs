@@ -27,6 +27,28 @@ pub fn jailed_vmm(state: &Path, id: &str) -> Option<JailedVmm> {
     })
 }
 
+/// A jailed fs daemon as the runtime recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailedFsd {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// First host id of its block (its uid and gid).
+    pub base: u32,
+    /// Ids in the block.
+    pub count: u32,
+}
+
+/// The fs daemon and its id block recorded for sandbox `id` (None when it is not jailed).
+pub fn jailed_fsd(state: &Path, id: &str) -> Option<JailedFsd> {
+    let text = std::fs::read(state.join(id).join("state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    Some(JailedFsd {
+        pid: u32::try_from(v["fsd"]["pid"].as_u64()?).ok()?,
+        base: u32::try_from(v["jail"]["fs"]["base"].as_u64()?).ok()?,
+        count: u32::try_from(v["jail"]["fs"]["count"].as_u64()?).ok()?,
+    })
+}
+
 /// The fields of `/proc/<pid>/status` (or of one thread's, `/proc/<pid>/task/<tid>/status`
 /// when `tid` is given), each value trimmed.
 pub fn status(pid: u32, tid: Option<&str>) -> BTreeMap<String, String> {

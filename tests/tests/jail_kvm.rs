@@ -13,13 +13,15 @@ use carapace_tests::containerd::{
 };
 use carapace_tests::faults::{ctr, task_status};
 use carapace_tests::jail::{
-    JailedVmm, claimed_uids, jailed_vmm, processes_of_uid, status, threads,
+    JailedVmm, claimed_uids, jailed_fsd, jailed_vmm, processes_of_uid, status, threads,
 };
 use carapace_tests::{kvm_test, workspace_bin};
 
 /// The default `[jail]` range.
 const UID_BASE: u32 = 0x7000_0000;
-const UID_COUNT: u32 = 65_536;
+const UID_COUNT: u32 = 4_000;
+/// The default first id of the fs daemons' blocks (`jail.fs_uid_base`).
+const FS_UID_BASE: u32 = 0x7001_0000;
 
 /// What is wrong with the jail of `vmm` while its VM runs (empty: nothing).
 fn jail_findings(id: &str, vmm: &JailedVmm) -> Vec<String> {
@@ -139,7 +141,7 @@ kvm_test! {
             .expect("carapace check");
         let checks: serde_json::Value = serde_json::from_slice(&check.stdout)
             .unwrap_or_else(|e| fail("carapace check output", &format!("{e}: {}", String::from_utf8_lossy(&check.stdout))));
-        for name in ["VMM jail", "jail uid range"] {
+        for name in ["VMM jail", "jail uid range", "fs daemon jail"] {
             let c = checks.as_array().and_then(|a| a.iter().find(|c| c["name"] == name));
             println!("jail: check {name}: {c:?}");
             assert!(c.is_some_and(|c| c["ok"] == true), "check {name}: {c:?}");
@@ -173,6 +175,50 @@ kvm_test! {
         want.sort();
         if claimed_uids(&state) != want {
             wrong.push(format!("claims {:?}, want {want:?}", claimed_uids(&state)));
+        }
+        // The fs daemons: each root of its own id block (host uid = the block's first id),
+        // the block the one of its sandbox's VMM uid, under its filter, and the guest sees
+        // and writes real ids through it.
+        for (id, vmm) in ["j1", "j2"].iter().zip(&vmms) {
+            let Some(fsd) = jailed_fsd(&state, id) else {
+                wrong.push(format!("{id}: no jailed fs daemon in its state"));
+                continue;
+            };
+            let want_base = FS_UID_BASE + (vmm.uid - UID_BASE) * 65536;
+            if (fsd.base, fsd.count) != (want_base, 65536) {
+                wrong.push(format!("{id}: fs block {}:{}, want {want_base}:65536", fsd.base, fsd.count));
+            }
+            let st = status(fsd.pid, None);
+            let base = fsd.base.to_string();
+            for key in ["Uid", "Gid"] {
+                let v = st.get(key).map(|v| v.split_whitespace().collect::<Vec<_>>());
+                if v.as_deref() != Some(&[&*base, &*base, &*base, &*base][..]) {
+                    wrong.push(format!("{id}: fs daemon {key} {v:?}, want {base} in all four"));
+                }
+            }
+            for (key, want) in [("NoNewPrivs", "1"), ("Seccomp", "2"), ("Groups", "")] {
+                if st.get(key).map(String::as_str) != Some(want) {
+                    wrong.push(format!("{id}: fs daemon {key} {:?}, want {want}", st.get(key)));
+                }
+            }
+            let map = std::fs::read_to_string(format!("/proc/{}/uid_map", fsd.pid)).unwrap_or_default();
+            if map.split_whitespace().collect::<Vec<_>>() != ["0", &*base, "65536"] {
+                wrong.push(format!("{id}: fs daemon uid_map {map:?}"));
+            }
+            // Real ids in the guest: a file of the image is root's, a new one chowned to 1000
+            // is 1000 on the host's side of the container's rootfs.
+            let out = ctr(&ctrd, 120, &["task", "exec", "--exec-id", "e2", id, "sh", "-c",
+                "stat -c %u /bin/busybox && touch /owned && chown 1000:1000 /owned && stat -c %u:%g /owned"])
+                .unwrap_or_else(|e| fail(&format!("ids in {id}"), &e));
+            if out.split_whitespace().collect::<Vec<_>>() != ["0", "1000:1000"] {
+                wrong.push(format!("{id}: the guest sees {out:?}, want 0 and 1000:1000"));
+            }
+            let bundle_file = tmp.path().join("containerd/state/io.containerd.runtime.v2.task/carapace-test").join(id).join("rootfs/owned");
+            match std::fs::metadata(&bundle_file) {
+                Ok(m) if (m.uid(), m.gid()) == (1000, 1000) => {}
+                Ok(m) => wrong.push(format!("{id}: {} is {}:{} on the host, want 1000:1000", bundle_file.display(), m.uid(), m.gid())),
+                Err(e) => wrong.push(format!("{id}: {}: {e}", bundle_file.display())),
+            }
         }
         if !wrong.is_empty() {
             fail("the jail", &wrong.join("\n"));
@@ -209,9 +255,12 @@ kvm_test! {
             if claimed_uids(&state) != [vmms[1].uid] {
                 left.push(format!("claims {:?}, want only j2's {}", claimed_uids(&state), vmms[1].uid));
             }
-            let procs = processes_of_uid(vmms[0].uid);
-            if !procs.is_empty() {
-                left.push(format!("processes of uid {}: {procs:?}", vmms[0].uid));
+            let fs_uid = FS_UID_BASE + (vmms[0].uid - UID_BASE) * 65536;
+            for uid in [vmms[0].uid, fs_uid] {
+                let procs = processes_of_uid(uid);
+                if !procs.is_empty() {
+                    left.push(format!("processes of uid {uid}: {procs:?}"));
+                }
             }
             if left.is_empty() {
                 break;

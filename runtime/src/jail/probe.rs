@@ -28,6 +28,15 @@ pub enum ProbeError {
         #[source]
         source: std::io::Error,
     },
+    /// The fs daemon's id mapping cannot be made here.
+    #[error("an overlay of idmapped layers cannot be made in {dir}")]
+    Idmap {
+        /// The scratch directory.
+        dir: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: carapace_idmap::IdmapError,
+    },
     /// The probe itself could not run.
     #[error("cannot run the jail probe: {what}")]
     Probe {
@@ -123,6 +132,69 @@ unsafe fn child(fd: i32, uid: u32) -> ! {
     }
     // SAFETY: leaving the child without running any of the parent's exit handlers.
     unsafe { libc::_exit(0) }
+}
+
+/// Can this host jail the fs daemon? In a scratch directory under `state_dir` (removed
+/// again), makes a one-layer overlay with an upper layer from idmapped layers with the
+/// first block of `[jail]`, the way a rootfs is mounted for a jailed daemon, and checks
+/// that a file of id 1000 shows as the block's id 1000.
+pub fn fs_probe(
+    state_dir: &std::path::Path,
+    jail: &carapace_config::Jail,
+) -> Result<(), ProbeError> {
+    let io = |what: &'static str| move |source: std::io::Error| ProbeError::Probe { what, source };
+    let (base, count) = jail
+        .fs_block(jail.uid_base)
+        .ok_or_else(|| ProbeError::Probe {
+            what: "the first fs block of [jail]",
+            source: std::io::Error::from_raw_os_error(libc::ERANGE),
+        })?;
+    let map = carapace_idmap::IdMap {
+        host_base: base,
+        count,
+    };
+    std::fs::create_dir_all(state_dir).map_err(io("creating runtime.state_dir"))?;
+    let dir = state_dir.join(format!(".fs-jail-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(io("creating the probe directory"))?;
+    let result = (|| {
+        for d in ["lower", "upper", "upper/fs", "upper/work", "staging"] {
+            std::fs::create_dir(dir.join(d)).map_err(io("creating the probe's layers"))?;
+        }
+        let file = dir.join("lower/f");
+        std::fs::write(&file, b"probe").map_err(io("writing the probe's file"))?;
+        std::os::unix::fs::chown(&file, Some(1000), Some(1000))
+            .map_err(io("chown of the probe's file"))?;
+        let idmap_err = |source| ProbeError::Idmap {
+            dir: dir.clone(),
+            source,
+        };
+        let overlay = carapace_idmap::Overlay {
+            lower: vec![dir.join("lower")],
+            upper: Some(dir.join("upper/fs")),
+            work: Some(dir.join("upper/work")),
+            other: Vec::new(),
+        };
+        let ns = carapace_idmap::new_userns(map).map_err(idmap_err)?;
+        let tree = carapace_idmap::mount_idmapped(
+            &overlay,
+            map,
+            std::os::fd::AsFd::as_fd(&ns),
+            &dir.join("staging"),
+        )
+        .map_err(idmap_err)?;
+        let st = rustix::fs::statat(&tree, "f", rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io("stat through the overlay")(e.into()))?;
+        if st.st_uid != base + 1000 {
+            return Err(ProbeError::Probe {
+                what: "the overlay shows id 1000 as another id than the block's",
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 #[cfg(test)]

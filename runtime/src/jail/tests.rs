@@ -248,6 +248,7 @@ fn the_jail_directory_is_0755_and_the_description_section_has_the_ids() {
         uid: 1_879_048_200,
         gid: 1_879_048_200,
         root: root.clone(),
+        fs: None,
     };
     let section = vm_section(&jail, &rec);
     assert_eq!((section.uid, section.gid), (rec.uid, rec.gid));

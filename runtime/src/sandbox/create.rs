@@ -205,7 +205,8 @@ impl Runtime {
         });
         self.store.save(st)?;
         self.mounter.prepare_export(&paths.stage, &paths.shared)?;
-        self.bind_all(st, guest, paths)?;
+        let idmap = st.jail.as_ref().and_then(|j| j.fs).map(|b| b.idmap());
+        self.bind_all(st, guest, paths, idmap)?;
         let taps = self.attach_network(st, guest)?;
         let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
         std::fs::write(&paths.guest_spec, &spec_bytes)
@@ -233,6 +234,7 @@ impl Runtime {
             socket: paths.fsd_socket.clone(),
             log: paths.fsd_log.clone(),
             cgroup: cgroup.clone(),
+            idmap: st.jail.as_ref().and_then(|j| j.fs).map(|b| b.idmap()),
         })?;
         st.fsd = Some(fsd);
         self.store.save(st)?;
@@ -330,13 +332,37 @@ impl Runtime {
         let claims = self.jail_claims();
         let range = crate::jail::UidRange::of(&self.config.jail);
         let uid = claims.claim(range, &st.id, &paths.dir)?;
+        let jail = &self.config.jail;
+        let fs = if jail.fs_daemon {
+            // The claim lies in the range, which validation keeps within the blocks.
+            jail.fs_block(uid)
+                .map(|(base, count)| crate::jail::FsBlock { base, count })
+        } else {
+            tracing::warn!(
+                id = st.id,
+                "jail.fs_daemon = false: the fs daemon runs as root (in its own namespaces)"
+            );
+            None
+        };
         st.jail = Some(crate::jail::JailRecord {
             uid,
             gid: uid,
             root,
+            fs,
         });
         self.store.save(st)?;
         tracing::info!(id = st.id, uid, "the VMM runs jailed as uid and gid {uid}");
+        if let Some(b) = fs {
+            tracing::info!(
+                id = st.id,
+                base = b.base,
+                count = b.count,
+                "the fs daemon serves as uid {} (root of ids {}..{})",
+                b.base,
+                b.base,
+                u64::from(b.base) + u64::from(b.count) - 1
+            );
+        }
         Ok(())
     }
 
@@ -602,7 +628,9 @@ impl Runtime {
         st.hooks = guest.hooks.clone();
         let bound = (|| {
             self.store.save(&st)?;
-            self.bind_all(&mut st, &guest, &sandbox_paths)?;
+            // The pod's fs daemon serves the member's files through the pod's id block.
+            let idmap = sandbox.jail.as_ref().and_then(|j| j.fs).map(|b| b.idmap());
+            self.bind_all(&mut st, &guest, &sandbox_paths, idmap)?;
             let spec_bytes = serde_json::to_vec_pretty(&guest.json).unwrap_or_default();
             let spec_path = self.paths(&st.id)?.guest_spec;
             std::fs::write(&spec_path, &spec_bytes).map_err(io_err("writing", &spec_path))?;
@@ -637,12 +665,14 @@ impl Runtime {
         Ok(agent)
     }
 
-    /// Binds every source of `guest` under the sandbox's stage (recorded first).
+    /// Binds every source of `guest` under the sandbox's stage (recorded first), idmapped
+    /// with the pod's fs daemon block when it has one.
     fn bind_all(
         &self,
         st: &mut SandboxState,
         guest: &oci::GuestSpec,
         sandbox_paths: &SandboxPaths,
+        idmap: Option<carapace_idmap::IdMap>,
     ) -> Result<(), SandboxError> {
         for bind in &guest.binds {
             st.mounts.push(MountRecord {
@@ -655,7 +685,7 @@ impl Runtime {
                 &bind.source,
                 &sandbox_paths.stage,
                 &bind.target,
-                bind.options(),
+                bind.options(idmap),
             )?;
         }
         Ok(())

@@ -95,10 +95,13 @@ pub(super) fn fs_phase(cli: &Cli, bins: &Path, runs: usize, report: &mut Report)
             &config,
             format!(
                 "[hypervisor]\npath = {:?}\n[fs]\ndaemon = {daemon:?}\npath = {:?}\ncache = \"never\"\n\
-                 [runtime]\nstate_dir = {:?}\n[agent]\nboot_timeout_ms = 300000\n",
+                 [runtime]\nstate_dir = {:?}\n[agent]\nboot_timeout_ms = 300000\n\
+                 [jail]\nfs_daemon = {}\n",
                 bins.join("carapace-vmm").display().to_string(),
                 path.display().to_string(),
-                dir.join("run").display().to_string()
+                dir.join("run").display().to_string(),
+                // virtiofsd cannot run jailed; ours runs as shipped (jailed)
+                daemon == "carapace-fsd"
             ),
         )
         .context("writing the Carapace configuration")?;
