@@ -370,13 +370,9 @@ fn check_jail_range(config: &Config, host: &HostFiles) -> Option<Check> {
         range.last()
     );
     let read = |p: &Path| read_small(p).unwrap_or_default();
-    let conflicts = range_conflicts(
-        range,
-        &read(&host.passwd),
-        &read(&host.group),
-        &read(&host.subuid),
-        &read(&host.subgid),
-    );
+    let files = [&host.passwd, &host.group, &host.subuid, &host.subgid].map(|p| read(p));
+    let conflicts_in = |r| range_conflicts(r, &files[0], &files[1], &files[2], &files[3]);
+    let conflicts = conflicts_in(range);
     if !conflicts.is_empty() {
         return Some(fail(
             NAME,
@@ -389,13 +385,7 @@ fn check_jail_range(config: &Config, host: &HostFiles) -> Option<Check> {
             base: jail.fs_uid_base,
             count: u32::try_from(jail.fs_end() - u64::from(jail.fs_uid_base)).unwrap_or(u32::MAX),
         };
-        let conflicts = range_conflicts(
-            fs_range,
-            &read(&host.passwd),
-            &read(&host.group),
-            &read(&host.subuid),
-            &read(&host.subgid),
-        );
+        let conflicts = conflicts_in(fs_range);
         if !conflicts.is_empty() {
             return Some(fail(
                 NAME,

@@ -176,17 +176,7 @@ fn namespace_sandbox_is_applied() {
     assert_eq!(status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
     assert_eq!(status_field(pid, "Seccomp").as_deref(), Some("2"));
     // Only the file-ownership capabilities are left, in every set.
-    // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID SETGID SETUID SETFCAP
-    let allowed: u64 = [0u32, 1, 2, 3, 4, 6, 7, 31].iter().map(|b| 1u64 << b).sum();
-    for set in ["CapEff", "CapPrm", "CapBnd"] {
-        let v = u64::from_str_radix(&status_field(pid, set).unwrap(), 16).unwrap();
-        assert_eq!(v & !allowed, 0, "{set} = {v:x}");
-        assert_ne!(v, 0, "{set}: root keeps the file capabilities");
-    }
-    assert_eq!(
-        status_field(pid, "CapAmb").as_deref(),
-        Some("0000000000000000")
-    );
+    assert_file_caps_only(pid);
 
     // Room for one descriptor per inode of a large rootfs: at least our hard limit
     // (raised further where CAP_SYS_RESOURCE allows).
@@ -402,16 +392,7 @@ fn idmap_serves_as_root_of_the_id_block() {
     let its = std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
     assert_ne!(ours, its, "the daemon is in the host's user namespace");
     // The capability drop happened in its namespace too, bounding set included.
-    let allowed: u64 = [0u32, 1, 2, 3, 4, 6, 7, 31].iter().map(|b| 1u64 << b).sum();
-    for set in ["CapEff", "CapPrm", "CapBnd"] {
-        let v = u64::from_str_radix(&status_field(pid, set).unwrap(), 16).unwrap();
-        assert_eq!(v & !allowed, 0, "{set} = {v:x}");
-        assert_ne!(v, 0, "{set}: the block's root keeps the file capabilities");
-    }
-    assert_eq!(
-        status_field(pid, "CapAmb").as_deref(),
-        Some("0000000000000000")
-    );
+    assert_file_caps_only(pid);
     // Its mount namespace is the sandbox's, with the idmapped export.
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
     let points: Vec<&str> = mounts
@@ -454,4 +435,19 @@ fn idmap_serves_as_root_of_the_id_block() {
     );
     // The source kept its real ids.
     assert_eq!(std::fs::metadata(src.join("user")).unwrap().uid(), 1000);
+}
+
+/// Only the file-ownership capabilities (CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID
+/// SETGID SETUID SETFCAP) are left in every set of `pid`, and they are there.
+fn assert_file_caps_only(pid: u32) {
+    let allowed: u64 = [0u32, 1, 2, 3, 4, 6, 7, 31].iter().map(|b| 1u64 << b).sum();
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let v = u64::from_str_radix(&status_field(pid, set).unwrap(), 16).unwrap();
+        assert_eq!(v & !allowed, 0, "{set} = {v:x}");
+        assert_ne!(v, 0, "{set}: the daemon keeps the file capabilities");
+    }
+    assert_eq!(
+        status_field(pid, "CapAmb").as_deref(),
+        Some("0000000000000000")
+    );
 }
