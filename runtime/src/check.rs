@@ -630,6 +630,7 @@ mod tests {
     #[test]
     fn the_jail_is_reported_with_its_range_and_free_ids() {
         let mut h = host("vmx", &["kvm_intel"]);
+        h.config.jail.fs_daemon = true;
         let range = by_name(&run(&h.config, &h.files), "jail uid range").clone();
         assert!(range.ok && range.detail.contains("4000 free"), "{range:?}");
         // the fs daemons' blocks are checked too

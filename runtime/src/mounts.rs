@@ -427,6 +427,14 @@ impl SysMounter {
             })?;
         let made = carapace_idmap::mount_idmapped(&overlay, map, userns, &staging);
         let _ = std::fs::remove_dir(&staging);
+        if made.is_err() {
+            tracing::warn!(
+                source = %source.display(),
+                mountinfo = super_options,
+                ?overlay,
+                "the overlay could not be mounted anew from idmapped layers"
+            );
+        }
         tracing::debug!(
             source = %source.display(),
             layers = overlay.lower.len(),

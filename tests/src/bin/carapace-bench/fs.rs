@@ -100,7 +100,7 @@ pub(super) fn fs_phase(cli: &Cli, bins: &Path, runs: usize, report: &mut Report)
                 bins.join("carapace-vmm").display().to_string(),
                 path.display().to_string(),
                 dir.join("run").display().to_string(),
-                // virtiofsd cannot run jailed; ours runs as shipped (jailed)
+                // virtiofsd cannot run jailed; ours runs jailed, so that its cost shows
                 daemon == "carapace-fsd"
             ),
         )
