@@ -208,11 +208,7 @@ fn namespace_sandbox_is_applied() {
     assert!(std::path::Path::new(&format!("{root}/shared/inside")).exists());
     // Its mount table has nothing else.
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
-    let points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .collect();
-    assert_eq!(points, ["/", "/shared", "/proc"], "{mounts}");
+    assert_eq!(mount_points(&mounts), ["/", "/shared", "/proc"], "{mounts}");
     let root_opts = mounts
         .lines()
         .next()
@@ -395,11 +391,7 @@ fn idmap_serves_as_root_of_the_id_block() {
     assert_file_caps_only(pid);
     // Its mount namespace is the sandbox's, with the idmapped export.
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
-    let points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .collect();
-    assert_eq!(points, ["/", "/shared", "/proc"], "{mounts}");
+    assert_eq!(mount_points(&mounts), ["/", "/shared", "/proc"], "{mounts}");
     let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     assert!(
         info.lines()
@@ -450,4 +442,12 @@ fn assert_file_caps_only(pid: u32) {
         status_field(pid, "CapAmb").as_deref(),
         Some("0000000000000000")
     );
+}
+
+/// The mount points of a `/proc/<pid>/mounts` text, in order.
+fn mount_points(mounts: &str) -> Vec<&str> {
+    mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect()
 }
