@@ -96,6 +96,16 @@ pub struct BindOptions {
     pub idmap: Option<carapace_idmap::IdMap>,
 }
 
+/// What [`Mounter::bind`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    /// The mount point.
+    pub target: PathBuf,
+    /// A directory it made outside the stage that must go once the mount is undone (the
+    /// work directory of an overlay mounted anew from idmapped layers).
+    pub scratch: Option<PathBuf>,
+}
+
 /// The mount operations the runtime needs (a seam for tests without privileges).
 pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Makes `stage` a fresh host-only tmpfs in a shared peer group of its own and `export`
@@ -103,14 +113,15 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// later under `stage` appear under `export`, also in the fs daemon's copy of it.
     fn prepare_export(&self, stage: &Path, export: &Path) -> Result<(), MountError>;
     /// Bind-mounts `source` (file or directory) at `stage/rel`, creating the mount point
-    /// to match without following symlinks or crossing mounts; returns the mount point.
+    /// to match without following symlinks or crossing mounts; returns the mount point
+    /// (and what else it made).
     fn bind(
         &self,
         source: &Path,
         stage: &Path,
         rel: &Path,
         opts: BindOptions,
-    ) -> Result<PathBuf, MountError>;
+    ) -> Result<Bound, MountError>;
     /// Unmounts `target` (lazily, not following a symlink); a target that is not mounted
     /// is not an error.
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
@@ -275,7 +286,7 @@ impl Mounter for SysMounter {
         stage: &Path,
         rel: &Path,
         opts: BindOptions,
-    ) -> Result<PathBuf, MountError> {
+    ) -> Result<Bound, MountError> {
         let point = make_mount_point(source, stage, rel)?;
         let target = stage.join(rel);
         let err = |e: std::io::Error| MountError::Bind {
@@ -305,8 +316,12 @@ impl Mounter for SysMounter {
             _ => None,
         };
         let idmapped_clone = overlay.is_none() && userns.is_some();
+        let mut scratch = None;
         let tree = match overlay {
-            Some(tree) => tree,
+            Some((tree, work)) => {
+                scratch = Some(work);
+                tree
+            }
             None => {
                 let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
                 if opts.recursive {
@@ -350,7 +365,7 @@ impl Mounter for SysMounter {
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
         .map_err(|e| err(e.into()))?;
-        Ok(target)
+        Ok(Bound { target, scratch })
     }
 
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
@@ -381,7 +396,7 @@ impl SysMounter {
         super_options: &str,
         map: carapace_idmap::IdMap,
         userns: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<OwnedFd, MountError> {
+    ) -> Result<(OwnedFd, PathBuf), MountError> {
         let idmap_err = |e| MountError::Idmap {
             source_path: source.to_path_buf(),
             source: e,
@@ -416,6 +431,24 @@ impl SysMounter {
         }
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A work directory of our own beside the upper layer (overlayfs needs it on the
+        // upper layer's mount): the caller's mount keeps its own, which a second overlay
+        // must not share (a volatile overlay's refuses it outright).
+        let Some(upper_dir) = overlay.upper.as_deref().and_then(Path::parent) else {
+            return Err(idmap_err(carapace_idmap::IdmapError::OverlayOption {
+                option: "upperdir".to_owned(),
+                reason: "a container rootfs overlay needs an upper layer",
+            }));
+        };
+        let work = upper_dir.join(format!("{WORK_PREFIX}{}-{n}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .map_err(|source| MountError::MountPoint {
+                path: work.clone(),
+                source,
+            })?;
+        overlay.work = Some(work.clone());
         let parent = stage.parent().unwrap_or(stage);
         let staging = parent.join(format!("idmap-{}-{n}", std::process::id()));
         std::fs::DirBuilder::new()
@@ -428,6 +461,7 @@ impl SysMounter {
         let made = carapace_idmap::mount_idmapped(&overlay, map, userns, &staging);
         let _ = std::fs::remove_dir(&staging);
         if made.is_err() {
+            let _ = std::fs::remove_dir_all(&work);
             tracing::warn!(
                 source = %source.display(),
                 mountinfo = super_options,
@@ -440,7 +474,32 @@ impl SysMounter {
             layers = overlay.lower.len(),
             "overlay mounted anew from idmapped layers"
         );
-        made.map_err(idmap_err)
+        made.map(|tree| (tree, work)).map_err(idmap_err)
+    }
+}
+
+/// The name prefix of the work directories the runtime makes beside an upper layer.
+pub const WORK_PREFIX: &str = "carapace-work-";
+
+/// Removes a scratch directory [`Mounter::bind`] made (after its mount is undone); one
+/// that is already gone is not an error. Only a directory named with [`WORK_PREFIX`] is
+/// touched, whatever a damaged state file says.
+pub fn remove_scratch(dir: &Path) -> Result<(), MountError> {
+    if !dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(WORK_PREFIX))
+    {
+        return Err(MountError::BadTarget {
+            path: dir.to_path_buf(),
+        });
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(MountError::MountPoint {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -616,8 +675,9 @@ mod tests {
             std::os::unix::fs::chown(p(f), Some(uid), Some(uid)).unwrap();
         }
         // The rootfs as the shim mounts it.
+        // Volatile, as podman mounts it: its work directory refuses a second overlay.
         let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "volatile,lowerdir={},upperdir={},workdir={}",
             p("lower").display(),
             p("snap/fs").display(),
             p("snap/work").display()
@@ -642,7 +702,7 @@ mod tests {
             recursive,
             idmap: Some(map),
         };
-        let rootfs =
+        let bound =
             match SysMounter.bind(&p("rootfs"), &sb.stage(), Path::new("c/rootfs"), opts(true)) {
                 Ok(t) => t,
                 Err(e @ MountError::Idmap { .. }) => {
@@ -651,9 +711,26 @@ mod tests {
                 }
                 Err(e) => panic!("{}", carapace_errors::Chain(&e)),
             };
-        SysMounter
+        let rootfs = bound.target.clone();
+        // Its own work directory beside the upper layer (the shim's mount keeps its own,
+        // which a volatile overlay would not share).
+        let work = bound.scratch.clone().expect("a work directory of its own");
+        assert_eq!(
+            work.parent(),
+            Some(p("snap").as_path()),
+            "{}",
+            work.display()
+        );
+        assert!(
+            work.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(WORK_PREFIX)
+        );
+        let vol = SysMounter
             .bind(&p("vol"), &sb.stage(), Path::new("c/mounts/0"), opts(false))
             .unwrap();
+        assert_eq!(vol.scratch, None);
         let uid = |f: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(f).unwrap());
         assert_eq!(uid(&rootfs.join("etc")), map.host_base);
         assert_eq!(uid(&rootfs.join("home")), map.host_base + 1000);
@@ -671,6 +748,9 @@ mod tests {
         // Teardown finds every mount under the sandbox (the Sandbox guard unmounts them).
         let under = SysMounter.mounts_under(sb.tmp.path());
         assert!(under.contains(&rootfs), "{under:?}");
+        SysMounter.unmount(&rootfs).unwrap();
+        remove_scratch(&work).unwrap();
+        assert!(!work.exists());
     }
 
     /// Runs only as root (CAP_SYS_ADMIN); the project's test machines run tests as root.

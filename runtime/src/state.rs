@@ -146,6 +146,10 @@ pub struct MountRecord {
     pub target: PathBuf,
     /// Mounted read-only.
     pub read_only: bool,
+    /// A work directory the runtime made for an overlay it mounted anew from idmapped
+    /// layers (beside the upper layer, on its file system): removed once unmounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<PathBuf>,
 }
 
 /// How the container's init process ended.
@@ -743,6 +747,7 @@ mod tests {
             source: "/b/rootfs".into(),
             target: dir.join("shared/c1/rootfs"),
             read_only: true,
+            scratch: None,
         });
         store.save(&st).unwrap();
         assert_eq!(store.load("c1").unwrap(), st);
@@ -797,6 +802,7 @@ mod tests {
             source: "/bundles/c1/rootfs".into(),
             target: "/run/carapace/c1/stage/c1/rootfs".into(),
             read_only: false,
+            scratch: None,
         });
         let v = serde_json::to_value(st.oci(Status::Running, true)).unwrap();
         assert_eq!(

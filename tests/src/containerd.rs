@@ -374,6 +374,17 @@ impl Containerd {
     }
 }
 
+/// The environment variable that turns the fs daemon's jail on (`[jail] fs_daemon`) in
+/// every configuration [`carapace_config`] writes: `CARAPACE_TEST_FS_JAIL=1 make lab-test`
+/// runs the end-to-end tests with it (the lab passes the environment in). Tests that add
+/// a `[jail]` table of their own must not add one then.
+pub const FS_JAIL_ENV: &str = "CARAPACE_TEST_FS_JAIL";
+
+/// Whether [`FS_JAIL_ENV`] is `1`.
+pub fn fs_jail_forced() -> bool {
+    std::env::var(FS_JAIL_ENV).is_ok_and(|v| v == "1")
+}
+
 /// Writes `<dir>/configuration.toml` for Carapace: the VMM and fs daemon from `bins`, state
 /// under `<dir>/run`, a 300 s agent deadline (the lab emulates the CPU) and, with `console`,
 /// the guest console logged to each sandbox's `console.log`. Returns (config, state dir).
@@ -419,6 +430,9 @@ pub fn carapace_config_with(
     ));
     if console {
         text.push_str("[debug]\nconsole = true\n");
+    }
+    if fs_jail_forced() {
+        text.push_str("[jail]\nfs_daemon = true\n");
     }
     fs::write(&config, text).map_err(|source| ContainerdError::Io {
         what: "cannot write",

@@ -197,11 +197,13 @@ impl Runtime {
             source: PathBuf::from("tmpfs"),
             target: paths.stage.clone(),
             read_only: false,
+            scratch: None,
         });
         st.mounts.push(MountRecord {
             source: paths.stage.clone(),
             target: paths.shared.clone(),
             read_only: true,
+            scratch: None,
         });
         self.store.save(st)?;
         self.mounter.prepare_export(&paths.stage, &paths.shared)?;
@@ -679,14 +681,21 @@ impl Runtime {
                 source: bind.source.clone(),
                 target: sandbox_paths.stage.join(&bind.target),
                 read_only: bind.read_only,
+                scratch: None,
             });
             self.store.save(st)?;
-            self.mounter.bind(
+            let bound = self.mounter.bind(
                 &bind.source,
                 &sandbox_paths.stage,
                 &bind.target,
                 bind.options(idmap),
             )?;
+            if bound.scratch.is_some()
+                && let Some(rec) = st.mounts.last_mut()
+            {
+                rec.scratch = bound.scratch;
+                self.store.save(st)?;
+            }
         }
         Ok(())
     }

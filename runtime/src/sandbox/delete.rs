@@ -40,6 +40,17 @@ fn poststop(st: &SandboxState) {
 }
 
 impl Runtime {
+    /// Undoes one recorded mount and removes the scratch directory it made; the problems.
+    fn undo_mount(&self, m: &crate::state::MountRecord) -> Option<String> {
+        if let Err(e) = self.mounter.unmount(&m.target) {
+            return Some(e.to_string());
+        }
+        let scratch = m.scratch.as_deref()?;
+        crate::mounts::remove_scratch(scratch)
+            .err()
+            .map(|e| carapace_errors::chain(&e))
+    }
+
     /// Deletes the sandbox: stops the guest, the VMM and the fs daemon, undoes the mounts
     /// and removes the state directory. A running container needs `force`. Without
     /// `force` a missing container is an error (as runc); with it, success. `session` is
@@ -231,9 +242,7 @@ impl Runtime {
             }
         }
         for m in st.mounts.iter().rev() {
-            if let Err(e) = self.mounter.unmount(&m.target) {
-                problems.push(e.to_string());
-            }
+            problems.extend(self.undo_mount(m));
         }
         // Unmounting under the stage propagates to the export (and the fs daemon's copy);
         // whatever is left in either is swept.
@@ -302,9 +311,7 @@ impl Runtime {
             problems.extend(crate::cgroup::remove(cg));
         }
         for m in st.mounts.iter().rev() {
-            if let Err(e) = self.mounter.unmount(&m.target) {
-                problems.push(e.to_string());
-            }
+            problems.extend(self.undo_mount(m));
         }
         let dir = self.store.dir(&st.id)?;
         if !problems.is_empty() {

@@ -430,7 +430,7 @@ impl Mounter for FakeMounter {
         stage: &Path,
         rel: &Path,
         opts: BindOptions,
-    ) -> Result<PathBuf, MountError> {
+    ) -> Result<crate::mounts::Bound, MountError> {
         drop(make_mount_point(source, stage, rel)?);
         let target = stage.join(rel);
         if self.fail_bind_of.is_some_and(|s| target.ends_with(s)) {
@@ -447,7 +447,10 @@ impl Mounter for FakeMounter {
         {
             self.mounted.lock().unwrap().insert(export.join(rel));
         }
-        Ok(target)
+        Ok(crate::mounts::Bound {
+            target,
+            scratch: None,
+        })
     }
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         if let Some(dir) = self.vanish_on_unmount.lock().unwrap().take() {
