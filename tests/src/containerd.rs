@@ -423,16 +423,20 @@ pub fn carapace_config_with(
             g.join("initramfs.cpio.gz").display().to_string()
         ));
     }
+    // [jail] (when forced) before the tables callers extend by appending keys ([agent],
+    // [debug]: the file's last table)
     text.push_str(&format!(
-        "[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n[agent]\nboot_timeout_ms = 300000\n",
+        "[fs]\npath = {:?}\n{}[runtime]\nstate_dir = {:?}\n[agent]\nboot_timeout_ms = 300000\n",
         bins.join("carapace-fsd").display().to_string(),
+        if fs_jail_forced() {
+            "[jail]\nfs_daemon = true\n"
+        } else {
+            ""
+        },
         state.display().to_string()
     ));
     if console {
         text.push_str("[debug]\nconsole = true\n");
-    }
-    if fs_jail_forced() {
-        text.push_str("[jail]\nfs_daemon = true\n");
     }
     fs::write(&config, text).map_err(|source| ContainerdError::Io {
         what: "cannot write",

@@ -248,14 +248,26 @@ fn nested_guest_triple_faulted(stderr: &str) -> bool {
         .any(|l| l.starts_with("lab: a nested guest triple-faulted"))
 }
 
-/// Drops the harness's one-line "lab: ... running ..." notice from stderr.
+/// Drops the harness's notices from the start of stderr: the one-line "lab: ... running
+/// ..." notice, and before it the "waiting for it" line of a job that waited for the lab
+/// lock.
 fn strip_notice(stderr: &str) -> String {
-    match stderr.split_once('\n') {
-        Some((first, rest)) if first.starts_with("lab: ") && first.contains("running") => {
-            rest.to_owned()
+    let mut rest = stderr;
+    while let Some((first, after)) = rest.split_once('\n') {
+        if !first.starts_with("lab: ") {
+            break;
         }
-        _ => stderr.to_owned(),
+        let waited = first.contains("waiting for it");
+        let mode = first.contains("running");
+        rest = after;
+        if !waited && mode {
+            break;
+        }
+        if !waited && !mode {
+            return stderr.to_owned();
+        }
     }
+    rest.to_owned()
 }
 
 /// Path of the `tests/lab/run` harness script of this checkout.
@@ -446,6 +458,13 @@ mod tests {
         let s = "lab: no vmx/svm; running inside a QEMU-TCG machine\nreal error\n";
         assert_eq!(strip_notice(s), "real error\n");
         assert_eq!(strip_notice("other\n"), "other\n");
+        // a job that waited for the lab lock first says so
+        let waited = "lab: another lab machine is running on this host; waiting for it (LAB_LOCK=none to skip)\nlab: no vmx/svm; running inside a QEMU-TCG machine\nreal error\nlab: later\n";
+        assert_eq!(strip_notice(waited), "real error\nlab: later\n");
+        assert_eq!(
+            strip_notice("lab: something else\nx\n"),
+            "lab: something else\nx\n"
+        );
     }
 
     #[test]
