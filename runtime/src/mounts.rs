@@ -441,23 +441,14 @@ impl SysMounter {
             }));
         };
         let work = upper_dir.join(format!("{WORK_PREFIX}{}-{n}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&work)
-            .map_err(|source| MountError::MountPoint {
-                path: work.clone(),
-                source,
-            })?;
+        private_dir(&work)?;
         overlay.work = Some(work.clone());
         let parent = stage.parent().unwrap_or(stage);
         let staging = parent.join(format!("idmap-{}-{n}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&staging)
-            .map_err(|source| MountError::MountPoint {
-                path: staging.clone(),
-                source,
-            })?;
+        if let Err(e) = private_dir(&staging) {
+            let _ = std::fs::remove_dir(&work);
+            return Err(e);
+        }
         let made = carapace_idmap::mount_idmapped(&overlay, map, userns, &staging);
         let _ = std::fs::remove_dir(&staging);
         if made.is_err() {
@@ -476,6 +467,17 @@ impl SysMounter {
         );
         made.map(|tree| (tree, work)).map_err(idmap_err)
     }
+}
+
+/// Creates the directory `path`, mode 0700 (root's alone); it must not exist.
+fn private_dir(path: &Path) -> Result<(), MountError> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| MountError::MountPoint {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The name prefix of the work directories the runtime makes beside an upper layer.
