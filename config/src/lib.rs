@@ -364,8 +364,8 @@ pub struct Jail {
     pub nofile: u64,
     /// RLIMIT_NPROC of a jailed VMM (threads of its uid: one uid per sandbox).
     pub nproc: u64,
-    /// Jail the fs daemon too (carapace-fsd only; off by default for now, see the shipped
-    /// configuration.toml): it serves the sandbox's files as root of a user namespace that
+    /// Jail the fs daemon too (carapace-fsd only, on by default; with virtiofsd it must be
+    /// set false): it serves the sandbox's files as root of a user namespace that
     /// maps the sandbox's block of `fs_ids` ids, through idmapped mounts of the rootfs
     /// layers and volumes.
     pub fs_daemon: bool,
@@ -384,7 +384,7 @@ impl Default for Jail {
             uid_count: DEFAULT_JAIL_UID_COUNT,
             nofile: carapace_vm_config::DEFAULT_JAIL_NOFILE,
             nproc: carapace_vm_config::DEFAULT_JAIL_NPROC,
-            fs_daemon: false,
+            fs_daemon: true,
             fs_uid_base: DEFAULT_JAIL_FS_UID_BASE,
             fs_ids: DEFAULT_JAIL_FS_IDS,
         }
@@ -748,7 +748,8 @@ mod tests {
     fn empty_file_means_defaults_and_partial_files_override_keys() {
         assert_eq!(parse("").expect("empty"), Config::default());
         let c = parse(
-            "[hypervisor]\ndefault_vcpus = 2\n[fs]\ndaemon = \"virtiofsd\"\ncache = \"never\"\n",
+            "[hypervisor]\ndefault_vcpus = 2\n[fs]\ndaemon = \"virtiofsd\"\ncache = \"never\"\n\
+             [jail]\nfs_daemon = false\n",
         )
         .expect("partial");
         assert_eq!(c.hypervisor.default_vcpus, 2);
@@ -860,10 +861,7 @@ mod tests {
         assert!(j.enabled);
         assert_eq!((j.uid_base, j.uid_count), (0x7000_0000, 4_000));
         assert!(j.uid_end() <= u64::from(j.fs_uid_base));
-        assert!(
-            !j.fs_daemon,
-            "off until it works under every caller (configuration.toml)"
-        );
+        assert!(j.fs_daemon, "the fs daemon is jailed too");
         // The fs blocks end below systemd's foreign range (0x7FFE0000).
         assert!(j.fs_end() <= 0x7FFE_0000, "{:#x}", j.fs_end());
         assert_eq!(j.fs_block(0x7000_0000), Some((0x7001_0000, 65_536)));

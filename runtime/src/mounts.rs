@@ -755,6 +755,28 @@ mod tests {
         assert!(!work.exists());
     }
 
+    /// Teardown removes only what the remount made: a directory named with the prefix
+    /// (gone already is fine), never another path a corrupted record names.
+    #[test]
+    fn only_work_directories_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let other = tmp.path().join("fs");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("keep"), b"x").unwrap();
+        let err = remove_scratch(&other).unwrap_err();
+        assert!(matches!(err, MountError::BadTarget { .. }), "{err}");
+        assert!(other.join("keep").exists());
+        let err = remove_scratch(Path::new("/")).unwrap_err();
+        assert!(matches!(err, MountError::BadTarget { .. }), "{err}");
+        let work = tmp.path().join(format!("{WORK_PREFIX}1-0"));
+        std::fs::create_dir_all(work.join("work/index")).unwrap();
+        std::os::unix::fs::symlink(&other, work.join("work/link")).unwrap();
+        remove_scratch(&work).unwrap();
+        assert!(!work.exists());
+        assert!(other.join("keep").exists(), "a link inside is not followed");
+        remove_scratch(&work).unwrap();
+    }
+
     /// Runs only as root (CAP_SYS_ADMIN); the project's test machines run tests as root.
     #[test]
     fn binds_appear_in_the_export_with_their_flags_and_unmount_is_idempotent() {

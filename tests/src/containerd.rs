@@ -374,17 +374,6 @@ impl Containerd {
     }
 }
 
-/// The environment variable that turns the fs daemon's jail on (`[jail] fs_daemon`) in
-/// every configuration [`carapace_config`] writes: `CARAPACE_TEST_FS_JAIL=1 make lab-test`
-/// runs the end-to-end tests with it (the lab passes the environment in). Tests that add
-/// a `[jail]` table of their own must not add one then.
-pub const FS_JAIL_ENV: &str = "CARAPACE_TEST_FS_JAIL";
-
-/// Whether [`FS_JAIL_ENV`] is `1`.
-pub fn fs_jail_forced() -> bool {
-    std::env::var(FS_JAIL_ENV).is_ok_and(|v| v == "1")
-}
-
 /// Writes `<dir>/configuration.toml` for Carapace: the VMM and fs daemon from `bins`, state
 /// under `<dir>/run`, a 300 s agent deadline (the lab emulates the CPU) and, with `console`,
 /// the guest console logged to each sandbox's `console.log`. Returns (config, state dir).
@@ -423,16 +412,10 @@ pub fn carapace_config_with(
             g.join("initramfs.cpio.gz").display().to_string()
         ));
     }
-    // [jail] (when forced) before the tables callers extend by appending keys ([agent],
-    // [debug]: the file's last table)
+    // callers extend the last tables by appending keys ([agent], [debug])
     text.push_str(&format!(
-        "[fs]\npath = {:?}\n{}[runtime]\nstate_dir = {:?}\n[agent]\nboot_timeout_ms = 300000\n",
+        "[fs]\npath = {:?}\n[runtime]\nstate_dir = {:?}\n[agent]\nboot_timeout_ms = 300000\n",
         bins.join("carapace-fsd").display().to_string(),
-        if fs_jail_forced() {
-            "[jail]\nfs_daemon = true\n"
-        } else {
-            ""
-        },
         state.display().to_string()
     ));
     if console {

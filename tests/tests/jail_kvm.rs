@@ -123,14 +123,8 @@ kvm_test! {
     fn jailed_vmms_run_unprivileged_in_their_own_root_and_are_cleaned_up_when_killed() {
         assert!(carapace_tests::is_root(), "needs root (containerd, mounts)");
         let (tmp, state, ctrd) =
-            carapace_world("carapace-jail-", |_| {
-                // the fs daemons' jail is on here, whether or not the environment asks
-                if carapace_tests::containerd::fs_jail_forced() {
-                    String::new()
-                } else {
-                    "[jail]\nfs_daemon = true\n".into()
-                }
-            }).expect("containerd with Carapace");
+            // the defaults: both jails on
+            carapace_world("carapace-jail-", |_| String::new()).expect("containerd with Carapace");
         let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
             panic!(
                 "{what}: {e}\n{}\ncontainerd log (end):\n{}",

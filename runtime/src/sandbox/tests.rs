@@ -411,6 +411,9 @@ struct FakeMounter {
     /// A directory removed at the first unmount (another process finishing its own delete
     /// in the middle of ours).
     vanish_on_unmount: Mutex<Option<PathBuf>>,
+    /// An idmapped rootfs bind makes a work directory beside its source, as the real
+    /// remount of an overlay does (`crate::mounts::WORK_PREFIX`).
+    work_beside_rootfs: bool,
 }
 
 impl Mounter for FakeMounter {
@@ -447,10 +450,16 @@ impl Mounter for FakeMounter {
         {
             self.mounted.lock().unwrap().insert(export.join(rel));
         }
-        Ok(crate::mounts::Bound {
-            target,
-            scratch: None,
-        })
+        let scratch = (self.work_beside_rootfs && opts.idmap.is_some() && rel.ends_with("rootfs"))
+            .then(|| {
+                let work = source
+                    .parent()
+                    .unwrap()
+                    .join(format!("{}fake", crate::mounts::WORK_PREFIX));
+                std::fs::create_dir(&work).unwrap();
+                work
+            });
+        Ok(crate::mounts::Bound { target, scratch })
     }
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         if let Some(dir) = self.vanish_on_unmount.lock().unwrap().take() {
@@ -767,6 +776,42 @@ fn failing_bind_leaves_nothing() {
         &["cannot bind-mount", "mounts/0", "read-only"],
     );
     assert!(f.events().is_empty(), "no daemon started: {:?}", f.events());
+}
+
+/// The fs daemon is jailed by default: its rootfs is bound idmapped, and the work
+/// directory that remount makes beside the upper layer is recorded and removed at delete,
+/// and when the create fails after it.
+#[test]
+fn the_rootfs_remount_work_directory_goes_with_the_sandbox() {
+    let setup = |fsd| Setup {
+        fsd,
+        mounter: FakeMounter {
+            work_beside_rootfs: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let f = fixture(setup(Daemon::Ok));
+    assert!(f.rt.config.jail.fs_daemon);
+    let work = f.bundle.join(format!("{}fake", crate::mounts::WORK_PREFIX));
+    f.rt.create("c1", &f.bundle).unwrap();
+    let saved = f.rt.store.load("c1").unwrap();
+    let jail = saved.jail.as_ref().expect("jailed");
+    let fs = jail.fs.expect("an fs block");
+    assert_eq!(
+        f.rt.config.jail.fs_block(jail.uid),
+        Some((fs.base, fs.count))
+    );
+    let rootfs = &saved.mounts[2];
+    assert_eq!(rootfs.scratch.as_deref(), Some(work.as_path()));
+    assert!(work.is_dir());
+    f.rt.delete("c1", true).unwrap();
+    assert!(!work.exists(), "{} left", work.display());
+    f.assert_clean();
+
+    let f = create_fails(setup(Daemon::SpawnFails), &["cannot start fs daemon"]);
+    let work = f.bundle.join(format!("{}fake", crate::mounts::WORK_PREFIX));
+    assert!(!work.exists(), "{} left", work.display());
 }
 
 #[test]
