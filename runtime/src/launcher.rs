@@ -45,6 +45,8 @@ pub struct VmRequest<'a> {
     pub taps: &'a [std::os::fd::BorrowedFd<'a>],
     /// The sandbox's host cgroup, joined before exec.
     pub cgroup: Option<std::sync::Arc<crate::cgroup::Joined>>,
+    /// Start it as PID 1 of a PID namespace of its own (a jailed VMM).
+    pub pid_namespace: bool,
 }
 
 /// Starts the helper daemons.
@@ -120,7 +122,14 @@ impl Launcher for BinaryLauncher {
     fn start_fs_daemon(&self, req: &FsRequest) -> Result<ProcessRecord, ProcessError> {
         let mut cmd = self.fs_command(req);
         cmd.env("RUST_LOG", self.config.debug.log_level.as_str());
-        spawn_detached_in("fs daemon", cmd, &req.log, &[], req.cgroup.as_deref())
+        spawn_detached_in(
+            "fs daemon",
+            cmd,
+            &req.log,
+            &[],
+            req.cgroup.as_deref(),
+            false,
+        )
     }
 
     fn start_vmm(&self, req: &VmRequest<'_>) -> Result<ProcessRecord, ProcessError> {
@@ -130,6 +139,7 @@ impl Launcher for BinaryLauncher {
             &req.log,
             req.taps,
             req.cgroup.as_deref(),
+            req.pid_namespace,
         )
     }
 }
@@ -158,7 +168,14 @@ impl Launcher for HostAgentLauncher {
             .arg(format!("unix://{}", req.vsock.display()))
             .arg("--log")
             .arg(self.inner.config.debug.log_level.as_str());
-        spawn_detached_in("host-mode agent", cmd, &req.log, &[], req.cgroup.as_deref())
+        spawn_detached_in(
+            "host-mode agent",
+            cmd,
+            &req.log,
+            &[],
+            req.cgroup.as_deref(),
+            false,
+        )
     }
 }
 

@@ -240,17 +240,19 @@ pub fn spawn_detached_with_fds(
     log: &Path,
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<ProcessRecord, ProcessError> {
-    spawn_detached_in(what, cmd, log, fds, None)
+    spawn_detached_in(what, cmd, log, fds, None, false)
 }
 
 /// [`spawn_detached_with_fds`], the child joining the cgroup `cgroup` before exec (so all
-/// it allocates is charged there).
+/// it allocates is charged there) and, with `new_pid_ns`, running as PID 1 of a PID
+/// namespace of its own ([`enter_new_pid_ns`]; the record is its pid in ours).
 pub fn spawn_detached_in(
     what: &'static str,
     mut cmd: Command,
     log: &Path,
     fds: &[std::os::fd::BorrowedFd<'_>],
     cgroup: Option<&crate::cgroup::Joined>,
+    new_pid_ns: bool,
 ) -> Result<ProcessRecord, ProcessError> {
     let log_err = |source| ProcessError::Log {
         what,
@@ -280,19 +282,55 @@ pub fn spawn_detached_in(
     {
         *slot = fd.as_raw_fd();
     }
-    exec_hygiene(&mut cmd, raw, count, join);
     let program = PathBuf::from(cmd.get_program());
-    tracing::debug!(what, ?cmd, "spawning");
-    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+    let spawn_err = |source| ProcessError::Spawn {
         what,
-        program,
+        program: program.clone(),
         source,
-    })?;
-    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
-    // The child is deliberately not waited on here: it outlives this handle.
-    // `is_alive` reaps it if it becomes our zombie.
-    drop(child);
+    };
+    // The pid of a process started in a new PID namespace comes back through this pipe
+    // (close-on-exec: neither end reaches the program).
+    let pid_pipe = if new_pid_ns {
+        Some(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?)
+    } else {
+        None
+    };
+    let report = pid_pipe.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
+    exec_hygiene(&mut cmd, raw, count, join, report);
+    tracing::debug!(what, ?cmd, new_pid_ns, "spawning");
+    let mut child = cmd.spawn().map_err(spawn_err)?;
     drop(passed);
+    let pid = match pid_pipe {
+        None => {
+            // The child is deliberately not waited on here: it outlives this handle.
+            // `is_alive` reaps it if it becomes our zombie.
+            let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+            drop(child);
+            pid
+        }
+        Some((r, w)) => {
+            drop(w);
+            // Every other copy of the write end is closed now: the intermediate process's
+            // when it exited, the new child's at exec (which `spawn` waited for).
+            let mut buf = [0u8; 4];
+            let read = std::io::Read::read_exact(&mut fs::File::from(r), &mut buf);
+            // Reap the intermediate process. The caller may reap every child itself (the
+            // shim does): then it is gone already (ECHILD), and the pipe alone tells.
+            match child.wait() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {}
+                Err(e) => return Err(spawn_err(e)),
+            }
+            match read {
+                Ok(()) => i32::from_ne_bytes(buf),
+                Err(e) => {
+                    return Err(spawn_err(std::io::Error::other(format!(
+                        "the process that makes its PID namespace did not report the pid: {e}"
+                    ))));
+                }
+            }
+        }
+    };
     Ok(ProcessRecord::of(pid).unwrap_or(ProcessRecord { pid, start_time: 0 }))
 }
 
@@ -303,6 +341,7 @@ pub(crate) fn hygiene(cmd: &mut Command) {
         [0; MAX_PASSED_FDS],
         0,
         [-1; crate::cgroup::MAX_HIERARCHIES],
+        -1,
     );
 }
 
@@ -315,18 +354,22 @@ pub(crate) fn hygiene(cmd: &mut Command) {
 ///   (`close_range(3 + passed, ~0, CLOSE_RANGE_CLOEXEC)`), so the VMM and the fs daemon
 ///   never hold whatever the shim or the CLI had open without `O_CLOEXEC` (sockets, other
 ///   sandboxes' files). Marking rather than closing keeps the pipe through which `Command`
-///   learns that exec failed.
+///   learns that exec failed;
+/// - with `report` (a descriptor, -1 for none), a PID namespace of its own
+///   ([`enter_new_pid_ns`]), entered after the cgroup and before the descriptors are
+///   placed.
 fn exec_hygiene(
     cmd: &mut Command,
     passed: [i32; MAX_PASSED_FDS],
     count: usize,
     join: [i32; crate::cgroup::MAX_HIERARCHIES],
+    report: i32,
 ) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the hook runs in the forked child before exec and only makes system calls
-    // (write, pthread_sigmask through nix with a set built on the stack, dup2,
-    // close_range), all async-signal-safe; it allocates nothing (the descriptors are
-    // copied arrays).
+    // (write, pthread_sigmask through nix with a set built on the stack, unshare, fork,
+    // _exit, dup2, close_range), all async-signal-safe; it allocates nothing (the
+    // descriptors are copied arrays).
     unsafe {
         cmd.pre_exec(move || {
             // first, before passfd may reuse these numbers: join the cgroup
@@ -336,6 +379,9 @@ fn exec_hygiene(
             nix::sys::signal::SigSet::empty()
                 .thread_set_mask()
                 .map_err(std::io::Error::from)?;
+            if report >= 0 {
+                enter_new_pid_ns(report)?;
+            }
             crate::passfd::install(&passed[..count])?;
             mark_inherited_fds_cloexec(3 + count as u32)
         });
@@ -352,6 +398,41 @@ fn join_cgroup(fd: i32) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Goes on in a new PID namespace, for a process between fork and exec: `unshare
+/// (CLONE_NEWPID)` places only the caller's *next* child there, so this forks once more.
+/// The first process writes the new child's pid (in its own namespace, the spawner's) to
+/// `report` and exits, which `Command::spawn`'s caller waits for; the new child, PID 1 of
+/// the namespace, returns and goes on to exec. It is adopted by the spawner's subreaper
+/// (or init) like any orphan, and ends the namespace when it exits. Async-signal-safe.
+fn enter_new_pid_ns(report: i32) -> std::io::Result<()> {
+    // SAFETY: unshare takes a flag word and touches no memory of ours.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: this process is the single-threaded child of a fork that has not exec'd yet
+    // (a `pre_exec` hook): forking it again is sound, and both sides only go on with
+    // async-signal-safe calls.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => Ok(()),
+        child => {
+            let bytes = child.to_ne_bytes();
+            // SAFETY: writes `bytes.len()` bytes from a stack array to a descriptor the
+            // spawner keeps open until this process has exited.
+            let n = unsafe { libc::write(report, bytes.as_ptr().cast(), bytes.len()) };
+            let ok = usize::try_from(n) == Ok(bytes.len());
+            if !ok {
+                // Nobody would know the child's pid: it must not run.
+                // SAFETY: kill takes a pid and a signal; `child` is our own child.
+                unsafe { libc::kill(child, libc::SIGKILL) };
+            }
+            // SAFETY: _exit ends this intermediate process at once, running nothing of the
+            // spawner's copied state (no destructors, no atexit handlers).
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
     }
 }
 
@@ -461,6 +542,55 @@ mod tests {
             "the caller's descriptor {} (or another) reached the helper",
             leaky.as_raw_fd()
         );
+    }
+
+    /// A helper started with `new_pid_ns` is PID 1 of a namespace of its own, recorded by
+    /// its pid in ours, with the passed descriptors and the log as without it; the
+    /// intermediate process is reaped. Needs root (CAP_SYS_ADMIN for the namespace).
+    #[test]
+    fn a_helper_can_start_as_pid_1_of_its_own_namespace() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("ns.log");
+        let passed = fs::File::open("/dev/null").unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo pid=$$; readlink /proc/self/fd/3; exec sleep 60");
+        let rec = spawn_detached_in(
+            "namespaced",
+            cmd,
+            &log,
+            &[std::os::fd::AsFd::as_fd(&passed)],
+            None,
+            true,
+        )
+        .unwrap();
+        assert!(rec.start_time != 0 && rec.is_alive());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&log).unwrap().contains("/dev/null") {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(POLL);
+        }
+        assert_eq!(fs::read_to_string(&log).unwrap(), "pid=1\n/dev/null\n");
+        let status = fs::read_to_string(format!("/proc/{}/status", rec.pid)).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert_eq!(
+            nspid.split_whitespace().skip(1).collect::<Vec<_>>(),
+            [rec.pid.to_string().as_str(), "1"],
+            "{nspid}"
+        );
+        let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+        assert_ne!(ns(&rec.pid.to_string()), ns("self"));
+        // The init of a namespace ignores SIGTERM it has no handler for; SIGKILL ends it.
+        rec.signal("namespaced", Signal::SIGKILL).unwrap();
+        assert!(rec.wait_gone(Duration::from_secs(10)));
     }
 
     #[test]

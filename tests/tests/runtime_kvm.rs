@@ -175,7 +175,7 @@ kvm_test! {
         std::fs::write(&desc_path, serde_json::to_string(&desc).unwrap()).unwrap();
         let log = tmp.path().join("vmm.log");
         let vmm = BinaryLauncher { config: config.clone() }
-            .start_vmm(&VmRequest { description: desc_path, vsock: paths.vsock.clone(), log: log.clone(), taps: &[], cgroup: None })
+            .start_vmm(&VmRequest { description: desc_path, vsock: paths.vsock.clone(), log: log.clone(), taps: &[], cgroup: None, pid_namespace: false })
             .expect("starting carapace-vmm");
         let connector = TtrpcConnector {
             transport: Transport::HybridVsock,

@@ -12,11 +12,13 @@
 //!    effective, saved): changing uid from 0 clears every capability;
 //! 5. no_new_privs.
 //!
-//! PID namespace: not created. `unshare(CLONE_NEWPID)` only places the caller's future
+//! PID namespace: not made here. `unshare(CLONE_NEWPID)` only places the caller's future
 //! children in it, and the VMM has none (its seccomp lists kill a `clone` without
-//! CLONE_THREAD; `clone3` gets ENOSYS). Without `/proc` in the jail and with a uid of its
-//! own, the VMM neither sees nor can signal other processes. A launcher that wants the VMM
-//! inside a PID namespace creates it (e.g. `clone(CLONE_NEWPID)` before exec).
+//! CLONE_THREAD; `clone3` gets ENOSYS). Carapace's runtime starts a jailed VMM as PID 1 of
+//! a namespace of its own (`carapace_runtime::process::spawn_detached_in`), so it neither
+//! sees nor could signal another process even without its filters; as that namespace's
+//! init it ignores signals it has no handler for, hence the SIGTERM handler
+//! ([`crate::term`]).
 //!
 //! The namespaces a thread is in, and its root, belong to that thread and to the threads
 //! it creates later: so the jail needs a single-threaded process, and says so otherwise.

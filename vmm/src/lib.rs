@@ -21,5 +21,6 @@ pub mod nudge;
 pub mod seccomp;
 pub mod spawner;
 pub mod state;
+pub mod term;
 pub mod virtio;
 pub mod vmm;

@@ -303,6 +303,9 @@ impl Runtime {
             log: paths.vmm_log.clone(),
             taps: &taps.iter().map(|t| t.fd.as_fd()).collect::<Vec<_>>(),
             cgroup,
+            // the jail's PID namespace: made by the launcher, since a process can only
+            // start in one, never move into it
+            pid_namespace: st.jail.is_some(),
         })?;
         // The VMM holds the taps now; ours close here.
         drop(taps);

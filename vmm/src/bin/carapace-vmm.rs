@@ -297,6 +297,11 @@ fn main() {
         }
         return;
     }
+    // Before any thread exists; a jailed VMM is its PID namespace's init (term.rs).
+    if let Err(e) = carapace_vmm::term::install() {
+        print_chain(&e);
+        std::process::exit(EXIT_VMM);
+    }
     // Every list is compiled now, before anything is created; each thread installs its
     // own (see vmm/src/seccomp).
     let seccomp = match seccomp::effective_action(&config.seccomp) {
