@@ -261,8 +261,8 @@ fn check_jail_probe(jail: &carapace_config::Jail) -> Check {
         Ok(()) => pass(
             NAME,
             format!(
-                "new mount, IPC, UTS and network namespaces, uid/gid {} without groups and \
-                 no_new_privs all work: each VMM runs jailed",
+                "new mount, IPC, UTS, network and PID namespaces, uid/gid {} without groups \
+                 and no_new_privs all work: each VMM runs jailed",
                 jail.uid_base
             ),
         ),
@@ -273,7 +273,7 @@ fn check_jail_probe(jail: &carapace_config::Jail) -> Check {
                 carapace_errors::chain(&e)
             ),
             "run the runtime as root (it needs CAP_SYS_ADMIN, CAP_SETUID and CAP_SETGID) on a \
-             kernel with mount, IPC, UTS and network namespaces; or set jail.enabled = false \
+             kernel with mount, IPC, UTS, network and PID namespaces; or set jail.enabled = false \
              (VMMs then run as root, unconfined but for seccomp)",
         ),
     }

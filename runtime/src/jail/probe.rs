@@ -1,5 +1,6 @@
 //! Can this host jail a VMM? A forked child does what the VMM's jail needs of the kernel
-//! and of our privileges — new mount, IPC, UTS and network namespaces, no supplementary
+//! and of our privileges — new mount, IPC, UTS, network and PID namespaces (the PID
+//! namespace as its launcher makes it: for the child's children), no supplementary
 //! groups, an unprivileged gid and uid, no_new_privs — and reports the first step that
 //! fails. The child makes raw system calls only (it is forked from a possibly
 //! multi-threaded process), then exits; nothing of it outlives the probe.
@@ -9,7 +10,7 @@ use std::os::fd::AsRawFd;
 
 /// The steps, in order, as the child reports them.
 const STEPS: [&str; 5] = [
-    "unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET)",
+    "unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWPID)",
     "setgroups([])",
     "setresgid",
     "setresuid",
@@ -104,8 +105,11 @@ pub fn probe(uid: u32) -> Result<(), ProbeError> {
 /// Only in the child of a fork: it exits the process.
 unsafe fn child(fd: i32, uid: u32) -> ! {
     let id = uid as libc::c_long;
-    let flags = (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET)
-        as libc::c_long;
+    let flags = (libc::CLONE_NEWNS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWPID) as libc::c_long;
     let steps: [(libc::c_long, [libc::c_long; 5]); 5] = [
         (libc::SYS_unshare, [flags, 0, 0, 0, 0]),
         (libc::SYS_setgroups, [0, 0, 0, 0, 0]),
