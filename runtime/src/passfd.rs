@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use crate::process::MAX_PASSED_FDS;
 
 /// Duplicates live at or above this number, far from the targets 3..3+MAX_PASSED_FDS.
-const FLOOR: RawFd = 256;
+pub(crate) const FLOOR: RawFd = 256;
 
 /// The high duplicates of the descriptors to pass, kept open until the child has exec'd.
 #[derive(Debug)]

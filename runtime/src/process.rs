@@ -310,8 +310,8 @@ pub fn spawn_detached_in(
         }
         Some((r, w)) => {
             drop(w);
-            // Every other copy of the write end is closed now: the intermediate process's
-            // when it exited, the new child's at exec (which `spawn` waited for).
+            // The intermediate process writes the pid once the new child has exec'd (which
+            // `spawn` waited for) and exits: then no write end is left.
             let mut buf = [0u8; 4];
             let read = std::io::Read::read_exact(&mut fs::File::from(r), &mut buf);
             // Reap the intermediate process. The caller may reap every child itself (the
@@ -403,13 +403,35 @@ fn join_cgroup(fd: i32) -> std::io::Result<()> {
 
 /// Goes on in a new PID namespace, for a process between fork and exec: `unshare
 /// (CLONE_NEWPID)` places only the caller's *next* child there, so this forks once more.
-/// The first process writes the new child's pid (in its own namespace, the spawner's) to
-/// `report` and exits, which `Command::spawn`'s caller waits for; the new child, PID 1 of
-/// the namespace, returns and goes on to exec. It is adopted by the spawner's subreaper
-/// (or init) like any orphan, and ends the namespace when it exits. Async-signal-safe.
+/// The new child, PID 1 of the namespace, returns and goes on to exec. The first process
+/// waits until the new child has exec'd or died (the end of a close-on-exec pipe), then
+/// writes the child's pid (in its own namespace, the spawner's) to `report` and exits.
+/// Waiting keeps `Command::spawn` sound when the exec fails: it then waits for the first
+/// process, which must not be gone (reaped by a caller that reaps every child, as the
+/// shim does) before the error arrives. The new child is adopted by the spawner's
+/// subreaper (or init) like any orphan, and ends the namespace when it exits.
+/// Async-signal-safe.
 fn enter_new_pid_ns(report: i32) -> std::io::Result<()> {
     // SAFETY: unshare takes a flag word and touches no memory of ours.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut exec = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the two-element array it is given.
+    if unsafe { libc::pipe2(exec.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Above where the passed descriptors go (3, 4, ...), so that placing them cannot close
+    // the new child's end early.
+    let high = |fd: i32| {
+        // SAFETY: fcntl takes integers; `fd` is one of the pipe's, ours.
+        let h = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, crate::passfd::FLOOR) };
+        // SAFETY: closes the low original, ours, duplicated (or not) just before.
+        unsafe { libc::close(fd) };
+        h
+    };
+    let (r, w) = (high(exec[0]), high(exec[1]));
+    if r < 0 || w < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: this process is the single-threaded child of a fork that has not exec'd yet
@@ -417,8 +439,23 @@ fn enter_new_pid_ns(report: i32) -> std::io::Result<()> {
     // async-signal-safe calls.
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()),
-        0 => Ok(()),
+        0 => {
+            // SAFETY: closes our copy of the read end; the write end closes at exec.
+            unsafe { libc::close(r) };
+            Ok(())
+        }
         child => {
+            // SAFETY: closes our copy of the write end, ours.
+            unsafe { libc::close(w) };
+            let mut byte = 0u8;
+            // EOF: the child exec'd or died; nothing is ever written.
+            loop {
+                // SAFETY: reads at most one byte into a one-byte stack buffer.
+                let n = unsafe { libc::read(r, (&raw mut byte).cast(), 1) };
+                if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    break;
+                }
+            }
             let bytes = child.to_ne_bytes();
             // SAFETY: writes `bytes.len()` bytes from a stack array to a descriptor the
             // spawner keeps open until this process has exited.
@@ -591,6 +628,30 @@ mod tests {
         // The init of a namespace ignores SIGTERM it has no handler for; SIGKILL ends it.
         rec.signal("namespaced", Signal::SIGKILL).unwrap();
         assert!(rec.wait_gone(Duration::from_secs(10)));
+    }
+
+    /// A program that cannot be executed in its new PID namespace is a clear error
+    /// (std waits for the intermediate process then, which is still there to be waited for).
+    #[test]
+    fn a_missing_program_in_a_new_pid_namespace_is_an_error() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let err = spawn_detached_in(
+            "nothing",
+            Command::new("/nonexistent/helper"),
+            &dir.path().join("log"),
+            &[],
+            None,
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ProcessError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{err:?}"
+        );
     }
 
     #[test]
