@@ -55,7 +55,15 @@ pub(super) fn containers(
 ) -> Result<()> {
     let work = sandbox_work_dir(cli, bins)?;
     let (config, state) =
-        carapace_config(work.path(), bins, false).context("writing the Carapace configuration")?;
+        carapace_config_with(work.path(), bins, false, &cli.guest_kernel_params, None)
+            .context("writing the Carapace configuration")?;
+    if !cli.guest_kernel_params.is_empty() {
+        report.notes.push(format!(
+            "container and sandbox phases: guest kernel parameters added: {:?} \
+             (--guest-kernel-params)",
+            cli.guest_kernel_params
+        ));
+    }
     progress("building a busybox image and starting a private containerd");
     let archive = busybox_image(work.path())?;
     let ctrd = carapace_containerd(&work.path().join("containerd"), bins, &config)?;

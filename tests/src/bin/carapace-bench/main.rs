@@ -34,7 +34,7 @@ use carapace_tests::bench::parse::{
 };
 use carapace_tests::bench::pods::{self, PodRun};
 use carapace_tests::bench::{Report, Row, Samples, percentile_rows};
-use carapace_tests::containerd::{Containerd, RuntimeEntry, carapace_config};
+use carapace_tests::containerd::{Containerd, RuntimeEntry, carapace_config, carapace_config_with};
 use carapace_tests::fixtures::{busybox_rootfs, oci_image_archive};
 use clap::{Parser, ValueEnum};
 
@@ -238,6 +238,11 @@ struct Cli {
     /// target/x86_64-unknown-linux-gnu/release/carapace-fsio, which scripts/bench.sh builds).
     #[arg(long, value_name = "PATH")]
     fsio: Option<PathBuf>,
+    /// Guest kernel parameters added to Carapace's configuration (`hypervisor.kernel_params`)
+    /// in the container and sandbox phases, for measuring one against the default in
+    /// separate runs (e.g. `page_reporting.page_reporting_order=3`); the report notes them.
+    #[arg(long, value_name = "PARAMS", default_value = "")]
+    guest_kernel_params: String,
     /// Also save the logs each timeline start is read from (containerd's, the VMM's, the
     /// guest's kernel log) in DIR/<container id>/.
     #[arg(long, value_name = "DIR")]
