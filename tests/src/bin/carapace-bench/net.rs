@@ -166,6 +166,6 @@ pub(super) fn net_phase(cli: &Cli, bins: &Path, rounds: usize, report: &mut Repo
 
 /// How many VM post-mortems in containerd's log name a guest triple fault (the shim logs
 /// one when a VM ends on its own, quoting the VMM's last lines).
-fn triple_faults(ctrd: &carapace_tests::containerd::Containerd) -> usize {
+pub(super) fn triple_faults(ctrd: &carapace_tests::containerd::Containerd) -> usize {
     ctrd.log().matches("guest triple fault").count()
 }
