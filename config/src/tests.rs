@@ -115,6 +115,8 @@ fn validation_names_the_key() {
             "[fs]\ndaemon = \"virtiofsd\"\n[jail]\nfs_daemon = true\n",
             "jail.fs_daemon",
         ),
+        // on by default: naming virtiofsd alone is refused, never run unjailed silently
+        ("[fs]\ndaemon = \"virtiofsd\"\n", "jail.fs_daemon"),
         ("[jail]\nuid_count = 65536\n", "jail.fs_ids"),
         (
             "[jail]\nuid_base = 1879113728\nuid_count = 10\n",
