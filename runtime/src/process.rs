@@ -581,13 +581,22 @@ mod tests {
         );
     }
 
+    /// Whether the test runs as root (a PID namespace needs CAP_SYS_ADMIN); says it skips
+    /// otherwise.
+    fn as_root() -> bool {
+        let root = nix::unistd::Uid::effective().is_root();
+        if !root {
+            eprintln!("skipped: needs root");
+        }
+        root
+    }
+
     /// A helper started with `new_pid_ns` is PID 1 of a namespace of its own, recorded by
     /// its pid in ours, with the passed descriptors and the log as without it; the
     /// intermediate process is reaped. Needs root (CAP_SYS_ADMIN for the namespace).
     #[test]
     fn a_helper_can_start_as_pid_1_of_its_own_namespace() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: needs root");
+        if !as_root() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -634,8 +643,7 @@ mod tests {
     /// (std waits for the intermediate process then, which is still there to be waited for).
     #[test]
     fn a_missing_program_in_a_new_pid_namespace_is_an_error() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: needs root");
+        if !as_root() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

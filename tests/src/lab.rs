@@ -252,22 +252,15 @@ fn nested_guest_triple_faulted(stderr: &str) -> bool {
 /// ..." notice, and before it the "waiting for it" line of a job that waited for the lab
 /// lock.
 fn strip_notice(stderr: &str) -> String {
-    let mut rest = stderr;
-    while let Some((first, after)) = rest.split_once('\n') {
-        if !first.starts_with("lab: ") {
-            break;
-        }
-        let waited = first.contains("waiting for it");
-        let mode = first.contains("running");
-        rest = after;
-        if !waited && mode {
-            break;
-        }
-        if !waited && !mode {
-            return stderr.to_owned();
+    // `s` without its first line when that is a notice `is` says it is
+    fn drop_line(s: &str, is: fn(&str) -> bool) -> &str {
+        match s.split_once('\n') {
+            Some((first, rest)) if first.starts_with("lab: ") && is(first) => rest,
+            _ => s,
         }
     }
-    rest.to_owned()
+    let rest = drop_line(stderr, |l| l.contains("waiting for it"));
+    drop_line(rest, |l| l.contains("running")).to_owned()
 }
 
 /// Path of the `tests/lab/run` harness script of this checkout.

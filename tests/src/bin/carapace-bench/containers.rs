@@ -175,17 +175,9 @@ pub(super) fn containers(
 /// Deletes container `id` and its task, whatever state they are in (best effort: each
 /// step bounded, failures ignored).
 fn discard(ctrd: &Containerd, id: &str) {
-    for args in [
-        &["task", "delete", "-f", id][..],
-        &["container", "delete", id][..],
-    ] {
-        let _ = ctrd
-            .ctr_command_bounded(START_TIMEOUT_S)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
+    use carapace_tests::faults::ctr;
+    let _ = ctr(ctrd, START_TIMEOUT_S, &["task", "delete", "-f", id]);
+    let _ = ctr(ctrd, START_TIMEOUT_S, &["container", "delete", id]);
 }
 
 /// Starts an idle container in the background; returns the time `ctr run -d` took (ms).
